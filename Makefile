@@ -1,0 +1,43 @@
+# Two entry points: `make demo` and `make test`. Each creates the virtual environment it needs.
+PYTHON ?= python3
+VENV := .venv
+CONVERT_VENV := .venv-convert
+# CPU build of torch that lies on these machines' disk; installed first so nothing pulls a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
+# out of the core install.
+CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install install-convert demo test test-core test-convert lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/pip install --quiet -e '.[dev,elpv]'
+	touch $@
+
+$(CONVERT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(CONVERT_VENV)
+	$(CONVERT_VENV)/bin/pip install --quiet $(CONVERT_TORCH_SPEC)
+	$(CONVERT_VENV)/bin/pip install --quiet -e '.[convert,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+install-convert: $(CONVERT_VENV)/.installed
+
+demo: install
+	$(VENV)/bin/hf-fsad demo --out demo_output
+
+test-core: install
+	$(VENV)/bin/python -m pytest -q
+
+test-convert: install-convert
+	$(CONVERT_VENV)/bin/python -m pytest -q -m convert
+
+test: test-core test-convert
+
+lint: install
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf $(VENV) $(CONVERT_VENV) demo_output

@@ -1,0 +1,39 @@
+"""hf_fsad: few-shot image anomaly detection with CLIP, the Hugging Face way.
+
+Importing the package registers every method with `AutoConfig`/`AutoModel` and the
+`image-anomaly-detection` pipeline task (see `hf_fsad.registry`), so `AutoModel.from_pretrained` needs no
+`trust_remote_code`. Public classes are imported on first use to keep `import hf_fsad` fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .registry import METHODS, install_registration_hooks
+
+__version__ = "0.1.0"
+
+_LAZY_ATTRIBUTES = {
+    "AnomalyDetectionOutput": "hf_fsad.modeling_base",
+    "FsadPreTrainedModel": "hf_fsad.modeling_base",
+    "ReferenceBank": "hf_fsad.modeling_base",
+    "FsadConfig": "hf_fsad.configuration_base",
+    "ImageAnomalyDetectionPipeline": "hf_fsad.pipeline",
+    "WinClipConfig": "hf_fsad.models.winclip.configuration_winclip",
+    "WinClipModel": "hf_fsad.models.winclip.modeling_winclip",
+}
+
+__all__ = ["METHODS", "__version__", *_LAZY_ATTRIBUTES]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+    raise AttributeError(f"module 'hf_fsad' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+install_registration_hooks()

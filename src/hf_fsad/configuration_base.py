@@ -1,0 +1,36 @@
+"""Config base shared by every method (kept apart from the modeling code so configs import light)."""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+from transformers import CLIPConfig, PreTrainedConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+class FsadConfig(PreTrainedConfig):
+    """Base config of every hf_fsad method.
+
+    Args:
+        clip_config: the CLIP backbone's `CLIPConfig` (or its dict).
+        image_size: side of the square model input in pixels; defaults to the CLIP vision tower's size.
+            Other sizes interpolate the position embeddings.
+        image_mean, image_std: normalisation of the image processor (OpenAI CLIP values by default).
+        default_class_name: class word used when no class name is given.
+    """
+
+    sub_configs_defaults = {"clip_config": CLIPConfig}
+
+    clip_config: dict | CLIPConfig | None = None
+    image_size: int | None = None
+    image_mean: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
+    default_class_name: str = "object"
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        patch_size = self.clip_config.vision_config.patch_size
+        if self.image_size is None:
+            self.image_size = self.clip_config.vision_config.image_size
+        if self.image_size < patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")

@@ -1,0 +1,213 @@
+"""What every method shares: config base, model base, output type and the reference bank."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessorPil, CLIPTokenizer, PreTrainedModel
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+from transformers.utils import ModelOutput
+
+from .backbones.clip import ClipBackbone
+from .configuration_base import FsadConfig
+
+BANK_FORMAT_VERSION = "1"
+# Config keys that say nothing about how features are computed.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "auto_map")
+
+
+@dataclass
+class AnomalyDetectionOutput(ModelOutput):
+    """Output of every method.
+
+    image_scores: (B,) higher = more anomalous.
+    anomaly_maps: (B, H, W) at input resolution, or None for image-level-only methods.
+    branch_scores: name -> (B,) per-branch image scores, to explain which cue fired.
+    """
+
+    image_scores: torch.Tensor | None = None
+    anomaly_maps: torch.Tensor | None = None
+    branch_scores: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ReferenceBank:
+    """A method's k-shot "prompt": reference features and text embeddings, saved as safetensors.
+
+    Build one with `model.build_reference_bank(...)`; it only fits the model type and config that built it.
+    """
+
+    model_type: str
+    config_hash: str
+    class_name: str
+    k: int
+    tensors: dict[str, torch.Tensor]
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the bank to one `.safetensors` file (atomically)."""
+        path = Path(path)
+        metadata = {
+            "format": "hf_fsad.reference_bank",
+            "format_version": BANK_FORMAT_VERSION,
+            "model_type": self.model_type,
+            "config_hash": self.config_hash,
+            "class_name": self.class_name,
+            "k": str(self.k),
+        }
+        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
+        temporary = path.with_name(path.name + ".tmp")
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ReferenceBank:
+        """Read a bank written by `save`."""
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != "hf_fsad.reference_bank":
+            raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
+        return cls(
+            model_type=metadata["model_type"],
+            config_hash=metadata["config_hash"],
+            class_name=metadata["class_name"],
+            k=int(metadata["k"]),
+            tensors=load_file(str(path)),
+        )
+
+    def to(self, device: torch.device | str) -> ReferenceBank:
+        tensors = {name: tensor.to(device) for name, tensor in self.tensors.items()}
+        return ReferenceBank(self.model_type, self.config_hash, self.class_name, self.k, tensors)
+
+
+def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str = "pixel_values") -> None:
+    """Raise a ValueError naming the problem when `pixel_values` cannot be a batch of RGB images."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}.")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor (normalised pixels from `model.image_processor()`), "
+            f"got dtype {pixel_values.dtype}."
+        )
+    if pixel_values.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}.")
+    if pixel_values.shape[0] == 0:
+        raise ValueError(f"{name} holds no images (batch size 0).")
+    if pixel_values.shape[1] != 3:
+        raise ValueError(f"{name} must have 3 (RGB) channels, got {pixel_values.shape[1]}.")
+    height, width = pixel_values.shape[-2:]
+    if height < patch_size or width < patch_size:
+        raise ValueError(f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size.")
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(f"{name} contains NaN or infinite values.")
+
+
+class FsadPreTrainedModel(PreTrainedModel):
+    """Base of every method: a frozen CLIP backbone (`self.backbone`) plus the method's own parts.
+
+    `from_pretrained` loads the CLIP tokenizer saved beside the weights and freezes the backbone;
+    `save_pretrained` writes the tokenizer and the image processor config with the weights, so a saved
+    directory or Hub repo is self-contained.
+    """
+
+    config_class = FsadConfig
+    base_model_prefix = "fsad"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def __init__(self, config: FsadConfig):
+        super().__init__(config)
+        self.backbone = ClipBackbone(config.clip_config)
+        self.freeze_backbone()
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        CLIPPreTrainedModel._init_weights(self.backbone.clip, module)
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer | None:
+        return self.backbone.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: CLIPTokenizer | None) -> None:
+        self.backbone.tokenizer = tokenizer
+
+    def freeze_backbone(self) -> None:
+        """Freeze the CLIP weights (done after loading: `requires_grad_` in `__init__` does not survive it)."""
+        self.backbone.clip.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "revision", "token", "local_files_only", "force_download")
+            if key in kwargs
+        }
+        model.tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        model.freeze_backbone()
+        return model
+
+    @classmethod
+    def from_clip(cls, clip_name_or_path: str | os.PathLike, **config_kwargs) -> FsadPreTrainedModel:
+        """A fresh method model around a pretrained CLIP (a Hub id or a local `CLIPModel` directory)."""
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(clip_name_or_path)
+        model = cls(cls.config_class(clip_config=clip.config, **config_kwargs))
+        model.backbone.clip.load_state_dict(clip.state_dict())
+        model.tokenizer = CLIPTokenizer.from_pretrained(clip_name_or_path)
+        model.freeze_backbone()
+        return model.eval()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        self.image_processor().save_pretrained(save_directory)
+
+    def image_processor(self) -> CLIPImageProcessorPil:
+        """The preprocessing this model expects: RGB, bicubic resize to a square of `config.image_size`,
+        CLIP normalisation. Images are resized whole (no crop) so maps align with the original image."""
+        size = self.config.image_size
+        return CLIPImageProcessorPil(
+            size={"height": size, "width": size},
+            do_center_crop=False,
+            image_mean=list(self.config.image_mean),
+            image_std=list(self.config.image_std),
+        )
+
+    def config_hash(self) -> str:
+        """Fingerprint of the config and backbone weights; a reference bank only fits a matching model."""
+        config = {k: v for k, v in self.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        clip = self.backbone.clip
+        for weight in (clip.visual_projection.weight, clip.text_projection.weight):
+            digest.update(weight.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
+        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)
+
+    def check_bank(self, bank: ReferenceBank) -> ReferenceBank:
+        """Raise a clear error when `bank` was built by another model type or config; else the bank on our device."""
+        if not isinstance(bank, ReferenceBank):
+            raise ValueError(f"reference_bank must be a ReferenceBank, got {type(bank).__name__}.")
+        if bank.model_type != self.config.model_type:
+            raise ValueError(
+                f"This reference bank was built by a '{bank.model_type}' model, but this model is "
+                f"'{self.config.model_type}'. Rebuild the bank with `model.build_reference_bank(...)`."
+            )
+        expected = self.config_hash()
+        if bank.config_hash != expected:
+            raise ValueError(
+                f"This reference bank was built by a '{bank.model_type}' model with another config or backbone "
+                f"(bank hash {bank.config_hash}, model hash {expected}). Rebuild it with this model."
+            )
+        return bank.to(self.device)

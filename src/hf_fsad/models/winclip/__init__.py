@@ -1,0 +1,1 @@
+"""WinCLIP / WinCLIP+: `configuration_winclip.WinClipConfig`, `modeling_winclip.WinClipModel`."""

@@ -1,0 +1,38 @@
+"""WinCLIP / WinCLIP+ configuration."""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+from ...configuration_base import FsadConfig
+
+
+class WinClipConfig(FsadConfig):
+    """Config of `WinClipModel`: zero-shot WinCLIP, and WinCLIP+ when the bank holds normal references.
+
+    Args:
+        window_scales: window sides in patches (2 and 3 = 32 and 48 px at patch 16), stride 1.
+        temperature: softmax temperature of the class score (0.07, CLIP's).
+        normalize_prompt_embeddings: True (default, WinCLIP paper and InCTRL) L2-normalises every prompt
+            embedding before averaging an ensemble and re-normalises the mean; False averages raw embeddings
+            as anomalib does (for score parity with anomalib).
+        inherited: see `FsadConfig` (clip_config, image_size, image_mean, image_std, default_class_name).
+
+    Maps are the patch-grid scores upsampled bilinearly to the input size, without smoothing (as WinCLIP).
+    """
+
+    model_type = "winclip"
+
+    window_scales: list[int] = field(default_factory=lambda: [2, 3])
+    temperature: float = 0.07
+    normalize_prompt_embeddings: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.window_scales = [int(scale) for scale in self.window_scales]
+        grid = self.image_size // self.clip_config.vision_config.patch_size
+        for scale in self.window_scales:
+            if not 1 <= scale <= grid:
+                raise ValueError(f"window scale {scale} does not fit the {grid}x{grid} patch grid.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}.")
