@@ -155,14 +155,22 @@ class FsadPreTrainedModel(PreTrainedModel):
         return model
 
     @classmethod
-    def from_clip(cls, clip_name_or_path: str | os.PathLike, **config_kwargs) -> FsadPreTrainedModel:
-        """A fresh method model around a pretrained CLIP (a Hub id or a local `CLIPModel` directory)."""
+    def from_clip(
+        cls, clip_name_or_path: str | os.PathLike, hub_kwargs: dict | None = None, **config_kwargs
+    ) -> FsadPreTrainedModel:
+        """A fresh method model around a pretrained CLIP (a Hub id or a local `CLIPModel` directory).
+
+        hub_kwargs go to both `from_pretrained` calls (e.g. `local_files_only`, `revision`, `token`);
+        config_kwargs set the method's config fields.
+        """
         from transformers import CLIPModel
 
-        clip = CLIPModel.from_pretrained(clip_name_or_path)
+        hub_kwargs = hub_kwargs or {}
+        clip = CLIPModel.from_pretrained(clip_name_or_path, **hub_kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
         model = cls(cls.config_class(clip_config=clip.config, **config_kwargs))
         model.backbone.clip.load_state_dict(clip.state_dict())
-        model.tokenizer = CLIPTokenizer.from_pretrained(clip_name_or_path)
+        model.tokenizer = tokenizer
         model.freeze_backbone()
         return model.eval()
 

@@ -1,0 +1,198 @@
+"""`hf-fsad` command line: score, convert, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            paths.append(path)
+    return paths
+
+
+def read_image(path: Path):
+    """Open an image as RGB, or raise ValueError saying why it cannot be used."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ValueError("file not found") from None
+    except UnidentifiedImageError:
+        raise ValueError("not a readable image") from None
+    except OSError as error:
+        raise ValueError(f"cannot read image ({error})") from None
+
+
+def _readable_images(paths: Sequence[Path], what: str, on_skip=None) -> Iterator[tuple[Path, object]]:
+    """(path, RGB image) for each readable file; each unreadable one is reported on stderr and skipped."""
+    for path in paths:
+        try:
+            yield path, read_image(path)
+        except ValueError as error:
+            print(f"skipped {what} {path}: {error}", file=sys.stderr)
+            if on_skip is not None:
+                on_skip()
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    name, counter = stem, 1
+    while name in used:
+        counter += 1
+        name = f"{stem}-{counter}"
+    used.add(name)
+    return name
+
+
+def score(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModel
+
+    import hf_fsad  # noqa: F401  (registers the methods)
+    from hf_fsad.modeling_base import ReferenceBank
+    from hf_fsad.visualization import heatmap_overlay
+
+    if args.bank and args.reference:
+        print("error: give either --bank or --reference, not both", file=sys.stderr)
+        return 2
+    model = AutoModel.from_pretrained(args.model).to(args.device).eval()
+    processor = model.image_processor()
+
+    if args.bank:
+        bank = ReferenceBank.load(args.bank)
+    else:
+        references = None
+        if args.reference:
+            images = [image for _, image in _readable_images(expand_inputs(args.reference), "reference")]
+            if not images:
+                print("error: none of the --reference images could be read", file=sys.stderr)
+                return 1
+            references = processor(images, return_tensors="pt").pixel_values
+        with torch.no_grad():
+            bank = model.build_reference_bank(references, class_name=args.class_name)
+    if args.save_bank:
+        bank.save(args.save_bank)
+
+    paths = expand_inputs(args.inputs)
+    heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
+    if heatmap_dir:
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    used_names: set[str] = set()
+    output = Path(args.output)
+    temporary = output.with_name(output.name + ".tmp")
+    scored = 0
+    with open(temporary, "w") as sink, tqdm(total=len(paths), desc="scoring", unit="img") as progress:
+        readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
+        for batch in _batches(readable, args.batch_size):
+            pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
+            with torch.no_grad():
+                result = model(pixel_values, reference_bank=bank)
+            for index, (path, image) in enumerate(batch):
+                record = {
+                    "path": str(path),
+                    "score": float(result.image_scores[index]),
+                    "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+                    "heatmap": None,
+                }
+                if heatmap_dir and result.anomaly_maps is not None:
+                    target = heatmap_dir / f"{_unique_name(path.stem, used_names)}.heatmap.png"
+                    overlay = heatmap_overlay(image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range)
+                    overlay.save(target)
+                    record["heatmap"] = str(target)
+                sink.write(json.dumps(record) + "\n")
+                scored += 1
+            progress.update(len(batch))
+    os.replace(temporary, output)
+    print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
+    return 0 if scored else 1
+
+
+def convert(args: argparse.Namespace) -> int:
+    from hf_fsad.backbones.convert import convert_open_clip
+
+    output = convert_open_clip(args.open_clip, args.pretrained, args.output_dir)
+    print(f"saved CLIPModel, tokenizer and image processor to {output}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from hf_fsad.demo import run_demo
+
+    report = run_demo(Path(args.out), backbone=args.backbone, k=args.k)
+    print(f"report: {report}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-fsad", description="Few-shot image anomaly detection with CLIP.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    score_parser = commands.add_parser("score", help="score images for anomalies")
+    score_parser.add_argument("inputs", nargs="+", help="image files or directories")
+    score_parser.add_argument("--model", required=True, help="saved model directory or Hub id")
+    score_parser.add_argument("--reference", nargs="+", help="normal reference images or directories")
+    score_parser.add_argument("--class-name", help="object name for the text prompts (default: the model's)")
+    score_parser.add_argument("--bank", help="reuse a reference bank saved with --save-bank")
+    score_parser.add_argument("--save-bank", help="save the reference bank (.safetensors) for later runs")
+    score_parser.add_argument("--output", required=True, help="results file (JSON lines)")
+    score_parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG)")
+    score_parser.add_argument(
+        "--heatmap-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+        help="scores at the ends of the colour scale (default: each map's own min and max)",
+    )
+    score_parser.add_argument("--batch-size", type=int, default=8)
+    score_parser.add_argument("--device", default="cpu")
+    score_parser.set_defaults(handler=score)
+
+    convert_parser = commands.add_parser("convert", help="convert an open_clip checkpoint to transformers")
+    convert_parser.add_argument("--open-clip", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240")
+    convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
+    convert_parser.add_argument("output_dir")
+    convert_parser.set_defaults(handler=convert)
+
+    demo_parser = commands.add_parser("demo", help="score a generated toy dataset and write a report")
+    demo_parser.add_argument("--out", default="demo_output")
+    demo_parser.add_argument("--backbone", default="openai/clip-vit-base-patch16")
+    demo_parser.add_argument("--k", type=int, default=2, help="number of normal references")
+    demo_parser.set_defaults(handler=demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
