@@ -19,8 +19,16 @@ from .backbones.clip import ClipBackbone
 from .configuration_base import FsadConfig
 
 BANK_FORMAT_VERSION = "1"
-# Config keys that say nothing about how features are computed.
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "auto_map")
+# Config keys that say nothing about how features are computed (and change on save/load).
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "auto_map"}
+
+
+def _without_volatile_keys(config: dict) -> dict:
+    return {
+        key: _without_volatile_keys(value) if isinstance(value, dict) else value
+        for key, value in config.items()
+        if key not in _VOLATILE_CONFIG_KEYS
+    }
 
 
 @dataclass
@@ -193,7 +201,7 @@ class FsadPreTrainedModel(PreTrainedModel):
 
     def config_hash(self) -> str:
         """Fingerprint of the config and backbone weights; a reference bank only fits a matching model."""
-        config = {k: v for k, v in self.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        config = _without_volatile_keys(self.config.to_dict())
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
         clip = self.backbone.clip
         for weight in (clip.visual_projection.weight, clip.text_projection.weight):

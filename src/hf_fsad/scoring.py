@@ -40,14 +40,17 @@ def window_masks(grid_size: tuple[int, int], scale: int, stride: int = 1) -> tor
 def harmonic_aggregation(window_scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Per patch, the harmonic mean of the scores of the windows covering it.
 
-    window_scores: (B, W) positive scores; masks: (W, P) from `window_masks`. Returns (B, P).
-    One matrix product instead of a loop over positions.
+    window_scores: (B, W) non-negative scores; masks: (W, P) from `window_masks`. Returns (B, P).
+    One matrix product instead of a loop over positions. A zero score makes the mean exactly zero.
     """
     masks = masks.to(window_scores.dtype)
     coverage = masks.sum(dim=0)
     if torch.any(coverage == 0):
         raise ValueError("Some patches are covered by no window; use stride 1 or a smaller scale.")
-    return coverage / (window_scores.reciprocal() @ masks)
+    reciprocal = window_scores.reciprocal()
+    is_zero = torch.isinf(reciprocal)
+    means = coverage / (reciprocal.masked_fill(is_zero, 0.0) @ masks)
+    return means.masked_fill((is_zero.to(masks.dtype) @ masks) > 0, 0.0)
 
 
 def harmonic_mean(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:

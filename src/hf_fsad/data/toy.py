@@ -119,5 +119,8 @@ def load_toy(category: str = "stripes", seed: int = 0, **kwargs) -> DatasetDict:
     """
     splits = toy_examples(category=category, seed=seed, **kwargs)
     return DatasetDict(
-        {name: Dataset.from_list(examples, features=FEATURES) for name, examples in splits.items()}
+        {
+            name: Dataset.from_dict({key: [ex[key] for ex in examples] for key in FEATURES}, features=FEATURES)
+            for name, examples in splits.items()
+        }
     )

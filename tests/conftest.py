@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random CLIP backbones (no pretrained weights can be fetched here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
+from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from hf_fsad.testing import byte_level_clip_tokenizer, save_random_clip, tiny_clip_config
+
+
+def make_tiny_winclip(seed: int = 0, **config) -> WinClipModel:
+    torch.manual_seed(seed)
+    model = WinClipModel(WinClipConfig(clip_config=tiny_clip_config(), **config)).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    return model
+
+
+@pytest.fixture
+def make_winclip():
+    """Factory of tiny random WinCLIP models: make_winclip(seed=0, **config)."""
+    return make_tiny_winclip
+
+
+@pytest.fixture
+def tiny_winclip() -> WinClipModel:
+    return make_tiny_winclip()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A saved random tiny CLIPModel + tokenizer, loadable with `from_clip`."""
+    return save_random_clip(tiny_clip_config(), tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def saved_winclip_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("winclip")
+    make_tiny_winclip().save_pretrained(directory)
+    return str(directory)

@@ -1,0 +1,76 @@
+"""The shared backbone against transformers' own CLIP forward passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_fsad.scoring import window_token_indices
+
+
+@pytest.fixture
+def backbone(tiny_winclip):
+    return tiny_winclip.backbone
+
+
+def test_block_outputs_match_transformers_hidden_states(backbone):
+    pixels = torch.randn(2, 3, 240, 240)
+    features = backbone.encode_image(pixels, layers=[1, 2])
+    reference = backbone.clip.vision_model(pixel_values=pixels, output_hidden_states=True)
+    torch.testing.assert_close(features.hidden_states[1], reference.hidden_states[1])
+    torch.testing.assert_close(features.hidden_states[2], reference.hidden_states[2])
+    torch.testing.assert_close(features.last_hidden_state, reference.last_hidden_state)
+    assert features.grid_size == (15, 15)
+
+
+def test_projected_cls_is_clip_image_embedding(backbone):
+    pixels = torch.randn(2, 3, 240, 240)
+    features = backbone.encode_image(pixels)
+    expected = backbone.clip.get_image_features(pixel_values=pixels).pooler_output
+    torch.testing.assert_close(backbone.project(features.last_hidden_state[:, 0]), expected)
+
+
+def test_other_sizes_interpolate_position_embeddings(backbone):
+    pixels = torch.randn(1, 3, 160, 192)
+    features = backbone.encode_image(pixels)
+    expected = backbone.clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(features.last_hidden_state, expected)
+    assert features.grid_size == (10, 12)
+
+
+def test_missing_block_is_rejected(backbone):
+    with pytest.raises(ValueError, match="blocks 1..2"):
+        backbone.encode_image(torch.randn(1, 3, 240, 240), layers=[3])
+
+
+def test_window_embeddings_match_one_window_at_a_time(backbone):
+    """The batched pass equals running single windows (CLS + window tokens) through the tower by hand."""
+    pixels = torch.randn(2, 3, 240, 240)
+    features = backbone.encode_image(pixels)
+    batched = backbone.encode_windows(features.embeddings, features.grid_size, [2, 3])
+    vision = backbone.clip.vision_model
+    for scale, embeddings in zip([2, 3], batched):
+        indices = window_token_indices((15, 15), scale)
+        assert embeddings.shape == (2, len(indices), backbone.clip.config.projection_dim)
+        for window in (0, 17, len(indices) - 1):
+            tokens = torch.cat([features.embeddings[:, :1], features.embeddings[:, 1:][:, indices[window]]], dim=1)
+            hidden = vision.pre_layrnorm(tokens)
+            for layer in vision.encoder.layers:
+                hidden = layer(hidden, None)
+            expected = backbone.clip.visual_projection(vision.post_layernorm(hidden[:, 0]))
+            torch.testing.assert_close(embeddings[:, window], expected)
+
+
+def test_text_embeddings_are_cached_and_match_clip(backbone):
+    prompts = ["a photo of a screw.", "a photo of a damaged screw."]
+    first = backbone.encode_text(prompts)
+    assert backbone.encode_text(list(prompts)) is first
+    tokens = backbone.tokenizer(prompts, padding=True, return_tensors="pt")
+    expected = backbone.clip.get_text_features(**tokens).pooler_output
+    torch.testing.assert_close(first, expected)
+
+
+def test_text_without_tokenizer_explains(backbone):
+    backbone.tokenizer = None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        backbone.encode_text(["a photo of a screw."])

@@ -1,0 +1,191 @@
+"""WinCLIP/WinCLIP+ end to end: detection on toy data, saving and loading, banks, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+import hf_fsad
+from hf_fsad.data import load_toy
+from hf_fsad.metrics import image_auroc, pixel_auroc
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
+from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from hf_fsad.prompts import winclip_prompts
+from hf_fsad.scoring import class_scores, ensemble_text_embedding
+
+
+def _pixels(model, images):
+    return model.image_processor()(list(images), return_tensors="pt").pixel_values
+
+
+def _masks(masks, size=240):
+    return np.stack([np.zeros((size, size), bool) if m is None else np.asarray(m.resize((size, size))) > 127 for m in masks])
+
+
+@pytest.mark.parametrize("category", ["stripes", "weave", "grid"])
+def test_two_shot_detects_and_localises_planted_defects(tiny_winclip, category):
+    """Random weights, but memory-bank association must still separate planted defects; a wiring bug
+    (wrong tokens, misaligned windows, unflipped distances) lands near 0.5."""
+    dataset = load_toy(category, num_train=2, num_test_good=10, num_test_anomalous=15, seed=1)
+    test = dataset["test"]
+    with torch.no_grad():
+        bank = tiny_winclip.build_reference_bank(_pixels(tiny_winclip, dataset["train"]["image"]), class_name="tile")
+        output = tiny_winclip(_pixels(tiny_winclip, test["image"]), reference_bank=bank)
+    assert bank.k == 2
+    assert output.anomaly_maps.shape == (25, 240, 240)
+    assert image_auroc(test["label"], output.image_scores) >= 0.85
+    assert pixel_auroc(_masks(test["mask"]), output.anomaly_maps.numpy()) >= 0.85
+
+
+def test_zero_shot_scores_are_the_text_branch(tiny_winclip):
+    images = load_toy("stripes", num_train=0, num_test_good=2, num_test_anomalous=2)["test"]["image"]
+    pixels = _pixels(tiny_winclip, images)
+    with torch.no_grad():
+        output = tiny_winclip(pixels)  # no bank: zero-shot with the default class name
+        features = tiny_winclip.backbone.encode_image(pixels)
+        image_embeddings = tiny_winclip.backbone.project(features.last_hidden_state[:, 0])
+        normal, anomalous = winclip_prompts("object")
+        text = torch.stack([ensemble_text_embedding(tiny_winclip.backbone.encode_text(p)) for p in (normal, anomalous)])
+    assert torch.isfinite(output.anomaly_maps).all() and torch.isfinite(output.image_scores).all()
+    torch.testing.assert_close(output.image_scores, class_scores(image_embeddings, text, 0.07))
+    assert set(output.branch_scores) == {"zero_shot"}
+    assert (output.anomaly_maps >= 0).all() and (output.anomaly_maps <= 1).all()
+
+
+def test_few_shot_fusion_halves_the_branches(tiny_winclip):
+    dataset = load_toy("grid", num_train=2, num_test_good=1, num_test_anomalous=1)
+    with torch.no_grad():
+        bank = tiny_winclip.build_reference_bank(_pixels(tiny_winclip, dataset["train"]["image"]))
+        output = tiny_winclip(_pixels(tiny_winclip, dataset["test"]["image"]), reference_bank=bank)
+    expected = (output.branch_scores["zero_shot"] + output.branch_scores["few_shot"]) / 2
+    torch.testing.assert_close(output.image_scores, expected)
+
+
+def test_reference_image_scores_itself_as_normal(tiny_winclip):
+    """A reference image queried against its own bank has zero association distance everywhere."""
+    image = load_toy("stripes", num_train=1)["train"]["image"]
+    pixels = _pixels(tiny_winclip, image)
+    with torch.no_grad():
+        bank = tiny_winclip.build_reference_bank(pixels)
+        output = tiny_winclip(pixels, reference_bank=bank)
+    assert output.branch_scores["few_shot"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prompt_averaging_variant_changes_text_embeddings(make_winclip):
+    normalised = make_winclip(normalize_prompt_embeddings=True).text_embeddings("screw")
+    raw = make_winclip(normalize_prompt_embeddings=False).text_embeddings("screw")
+    assert not torch.allclose(torch.nn.functional.normalize(raw, dim=-1), normalised)
+
+
+def test_save_and_auto_load_reproduce_outputs(tiny_winclip, tmp_path):
+    pixels = torch.randn(2, 3, 240, 240)
+    bank = tiny_winclip.build_reference_bank(torch.randn(2, 3, 240, 240), class_name="screw")
+    with torch.no_grad():
+        expected = tiny_winclip(pixels, reference_bank=bank)
+    tiny_winclip.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.bin"))
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), WinClipConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, WinClipModel)
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())
+    with torch.no_grad():
+        reloaded = loaded(pixels, reference_bank=bank)
+    assert torch.equal(reloaded.image_scores, expected.image_scores)
+    assert torch.equal(reloaded.anomaly_maps, expected.anomaly_maps)
+
+
+def test_from_clip_wraps_a_saved_clip(tiny_clip_dir):
+    model = WinClipModel.from_clip(tiny_clip_dir, window_scales=[2])
+    assert model.config.window_scales == [2]
+    assert not any(p.requires_grad for p in model.parameters())
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    torch.testing.assert_close(model.backbone.clip.visual_projection.weight, clip.visual_projection.weight)
+    output = model(torch.randn(1, 3, 240, 240))
+    assert torch.isfinite(output.image_scores).all()
+
+
+def test_bank_round_trip_reproduces_scores(tiny_winclip, tmp_path):
+    pixels = torch.randn(2, 3, 240, 240)
+    bank = tiny_winclip.build_reference_bank(torch.randn(2, 3, 240, 240), class_name="screw")
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = ReferenceBank.load(tmp_path / "bank.safetensors")
+    assert (loaded.class_name, loaded.k, loaded.model_type) == ("screw", 2, "winclip")
+    with torch.no_grad():
+        assert torch.equal(tiny_winclip(pixels, reference_bank=loaded).image_scores,
+                           tiny_winclip(pixels, reference_bank=bank).image_scores)
+
+
+def test_bank_from_another_config_is_refused(tiny_winclip, make_winclip):
+    bank = make_winclip(temperature=0.05).build_reference_bank(class_name="screw")
+    with pytest.raises(ValueError, match="another config or backbone"):
+        tiny_winclip(torch.randn(1, 3, 240, 240), reference_bank=bank)
+
+
+def test_bank_from_other_weights_is_refused(tiny_winclip, make_winclip):
+    bank = make_winclip(seed=1).build_reference_bank(class_name="screw")
+    with pytest.raises(ValueError, match="another config or backbone"):
+        tiny_winclip(torch.randn(1, 3, 240, 240), reference_bank=bank)
+
+
+def test_bank_from_another_method_is_refused(tiny_winclip):
+    bank = tiny_winclip.build_reference_bank()
+    bank.model_type = "metacan"
+    with pytest.raises(ValueError, match="built by a 'metacan' model"):
+        tiny_winclip(torch.randn(1, 3, 240, 240), reference_bank=bank)
+
+
+def test_file_that_is_not_a_bank_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an hf_fsad reference bank"):
+        ReferenceBank.load(tmp_path / "other.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (torch.randn(1, 1, 240, 240), "3 \\(RGB\\) channels"),
+        (torch.randn(1, 4, 240, 240), "3 \\(RGB\\) channels"),
+        (torch.full((1, 3, 240, 240), float("nan")), "NaN or infinite"),
+        (torch.randn(1, 3, 8, 8), "smaller than the 16-pixel patch"),
+        (torch.zeros(1, 3, 240, 240, dtype=torch.uint8), "floating-point"),
+        (torch.randn(3, 240, 240), "shape \\(B, 3, H, W\\)"),
+        (np.zeros((1, 3, 240, 240), np.float32), "must be a torch.Tensor"),
+    ],
+)
+def test_bad_pixels_are_named(tiny_winclip, pixels, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_winclip(pixels)
+
+
+def test_empty_reference_set_is_refused(tiny_winclip):
+    with pytest.raises(ValueError, match="reference set is empty"):
+        tiny_winclip.build_reference_bank(torch.empty(0, 3, 240, 240))
+
+
+def test_bad_reference_pixels_are_named(tiny_winclip):
+    with pytest.raises(ValueError, match="reference_pixel_values contains NaN"):
+        tiny_winclip.build_reference_bank(torch.full((1, 3, 240, 240), float("inf")))
+
+
+def test_bad_config_values_are_refused(make_winclip):
+    with pytest.raises(ValueError, match="window scale 16 does not fit"):
+        make_winclip(window_scales=[2, 16])
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        make_winclip(temperature=0)
+
+
+def test_empty_class_name_is_refused(tiny_winclip):
+    with pytest.raises(ValueError, match="class_name must be a non-empty string"):
+        tiny_winclip.text_embeddings("  ")
+
+
+def test_package_exports_the_classes():
+    assert hf_fsad.WinClipModel is WinClipModel
+    assert "winclip" in hf_fsad.METHODS
