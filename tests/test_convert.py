@@ -11,10 +11,10 @@ import torch
 
 open_clip = pytest.importorskip("open_clip", reason="needs the `convert` extra (open_clip_torch)")
 
-from hf_fsad.backbones.convert import clip_from_open_clip_model, tokenizer_from_bpe  # noqa: E402
-from hf_fsad.cli import main  # noqa: E402
-from hf_fsad.models.winclip.modeling_winclip import WinClipModel  # noqa: E402
-from hf_fsad.prompts import winclip_prompts  # noqa: E402
+from hf_fsad.backbones.convert import clip_from_open_clip_model, tokenizer_from_bpe
+from hf_fsad.cli import main
+from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from hf_fsad.prompts import winclip_prompts
 
 pytestmark = pytest.mark.convert
 

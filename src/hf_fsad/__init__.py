@@ -23,7 +23,17 @@ _LAZY_ATTRIBUTES = {
     "WinClipModel": "hf_fsad.models.winclip.modeling_winclip",
 }
 
-__all__ = ["METHODS", "__version__", *_LAZY_ATTRIBUTES]
+__all__ = [  # noqa: RUF022  (grouped as above)
+    "METHODS",
+    "__version__",
+    "AnomalyDetectionOutput",
+    "FsadPreTrainedModel",
+    "ReferenceBank",
+    "FsadConfig",
+    "ImageAnomalyDetectionPipeline",
+    "WinClipConfig",
+    "WinClipModel",
+]
 
 
 def __getattr__(name: str):

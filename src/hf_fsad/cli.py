@@ -62,6 +62,12 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
+def _save_atomically(image, target: Path) -> None:
+    temporary = target.with_name(target.name + ".tmp")
+    image.save(temporary, format="PNG")
+    os.replace(temporary, target)
+
+
 def _unique_name(stem: str, used: set[str]) -> str:
     name, counter = stem, 1
     while name in used:
@@ -87,7 +93,11 @@ def score(args: argparse.Namespace) -> int:
     processor = model.image_processor()
 
     if args.bank:
-        bank = ReferenceBank.load(args.bank)
+        try:
+            bank = model.check_bank(ReferenceBank.load(args.bank))
+        except ValueError as error:
+            print(f"error: --bank {args.bank}: {error}", file=sys.stderr)
+            return 2
     else:
         references = None
         if args.reference:
@@ -109,28 +119,31 @@ def score(args: argparse.Namespace) -> int:
     output = Path(args.output)
     temporary = output.with_name(output.name + ".tmp")
     scored = 0
-    with open(temporary, "w") as sink, tqdm(total=len(paths), desc="scoring", unit="img") as progress:
-        readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
-        for batch in _batches(readable, args.batch_size):
-            pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
-            with torch.no_grad():
-                result = model(pixel_values, reference_bank=bank)
-            for index, (path, image) in enumerate(batch):
-                record = {
-                    "path": str(path),
-                    "score": float(result.image_scores[index]),
-                    "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
-                    "heatmap": None,
-                }
-                if heatmap_dir and result.anomaly_maps is not None:
-                    target = heatmap_dir / f"{_unique_name(path.stem, used_names)}.heatmap.png"
-                    overlay = heatmap_overlay(image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range)
-                    overlay.save(target)
-                    record["heatmap"] = str(target)
-                sink.write(json.dumps(record) + "\n")
-                scored += 1
-            progress.update(len(batch))
-    os.replace(temporary, output)
+    try:
+        with open(temporary, "w") as sink, tqdm(total=len(paths), desc="scoring", unit="img") as progress:
+            readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
+            for batch in _batches(readable, args.batch_size):
+                pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
+                with torch.no_grad():
+                    result = model(pixel_values, reference_bank=bank)
+                for index, (path, image) in enumerate(batch):
+                    record = {
+                        "path": str(path),
+                        "score": float(result.image_scores[index]),
+                        "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+                        "heatmap": None,
+                    }
+                    if heatmap_dir and result.anomaly_maps is not None:
+                        target = heatmap_dir / f"{_unique_name(path.stem, used_names)}.heatmap.png"
+                        overlay = heatmap_overlay(image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range)
+                        _save_atomically(overlay, target)
+                        record["heatmap"] = str(target)
+                    sink.write(json.dumps(record) + "\n")
+                    scored += 1
+                progress.update(len(batch))
+        os.replace(temporary, output)
+    finally:
+        temporary.unlink(missing_ok=True)
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
     return 0 if scored else 1
 

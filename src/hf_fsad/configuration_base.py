@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import field
+from typing import ClassVar
 
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -19,7 +20,7 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
     """
 
-    sub_configs_defaults = {"clip_config": CLIPConfig}
+    sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
 
     clip_config: dict | CLIPConfig | None = None
     image_size: int | None = None

@@ -116,8 +116,10 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
         "|---|---|---|",
         *[f"| {category} | {image:.3f} | {pixel:.3f} |" for category, image, pixel in rows],
         "",
-        "Each row: the test image, its true defect mask, and the anomaly map over the image "
-        "(jet colours, red = anomalous, one colour scale per category).",
+        (
+            "Each row: the test image, its true defect mask, and the anomaly map over the image "
+            "(jet colours, red = anomalous, one colour scale per category)."
+        ),
         "",
         *[f"![{category}]({name})" for name, category in figures],
         "",

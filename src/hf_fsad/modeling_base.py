@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPTokenizer, PreTrainedModel
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
@@ -76,9 +76,14 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceBank:
-        """Read a bank written by `save`."""
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        """Read a bank written by `save`; a ValueError says why a file is not one."""
+        if not Path(path).is_file():
+            raise ValueError(f"Reference bank {path} does not exist.")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except SafetensorError as error:
+            raise ValueError(f"{path} is not an hf_fsad reference bank (not a safetensors file: {error}).") from None
         if metadata.get("format") != "hf_fsad.reference_bank":
             raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
         return cls(
@@ -95,9 +100,9 @@ class ReferenceBank:
 
 
 def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str = "pixel_values") -> None:
-    """Raise a ValueError naming the problem when `pixel_values` cannot be a batch of RGB images."""
+    """Raise an error naming the problem when `pixel_values` cannot be a batch of RGB images."""
     if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}.")
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}.")
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"{name} must be a floating-point tensor (normalised pixels from `model.image_processor()`), "
@@ -214,7 +219,7 @@ class FsadPreTrainedModel(PreTrainedModel):
     def check_bank(self, bank: ReferenceBank) -> ReferenceBank:
         """Raise a clear error when `bank` was built by another model type or config; else the bank on our device."""
         if not isinstance(bank, ReferenceBank):
-            raise ValueError(f"reference_bank must be a ReferenceBank, got {type(bank).__name__}.")
+            raise TypeError(f"reference_bank must be a ReferenceBank, got {type(bank).__name__}.")
         if bank.model_type != self.config.model_type:
             raise ValueError(
                 f"This reference bank was built by a '{bank.model_type}' model, but this model is "

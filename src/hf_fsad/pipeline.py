@@ -38,7 +38,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, FsadPreTrainedModel):
-            raise ValueError(f"{TASK} needs an hf_fsad model, got {type(self.model).__name__}.")
+            raise TypeError(f"{TASK} needs an hf_fsad model, got {type(self.model).__name__}.")
         if self.image_processor is None:
             self.image_processor = self.model.image_processor()
 

@@ -73,9 +73,9 @@ def _imports_settled(just_loaded: str | None = None) -> bool:
     """True when no transformers or hf_fsad module is half-way through its import (registering then would
     recurse into partially initialised modules)."""
     for name, module in list(sys.modules.items()):
-        if name.startswith(_WATCHED) and name != just_loaded:
-            if getattr(getattr(module, "__spec__", None), "_initializing", False):
-                return False
+        initializing = getattr(getattr(module, "__spec__", None), "_initializing", False)
+        if initializing and name.startswith(_WATCHED) and name != just_loaded:
+            return False
     return True
 
 

@@ -40,16 +40,26 @@ def clip_config(
         return max(width // 64, 2) if width >= 128 else 2
 
     return CLIPConfig(
-        vision_config=dict(
-            hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
-            num_attention_heads=heads(vision_width), image_size=image_size, patch_size=patch_size,
-            hidden_act=hidden_act,
-        ),
-        text_config=dict(
-            hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=text_layers,
-            num_attention_heads=heads(text_width), vocab_size=CLIP_VOCAB_SIZE, hidden_act=hidden_act,
-            bos_token_id=CLIP_VOCAB_SIZE - 2, eos_token_id=CLIP_VOCAB_SIZE - 1, pad_token_id=CLIP_VOCAB_SIZE - 1,
-        ),
+        vision_config={
+            "hidden_size": vision_width,
+            "intermediate_size": 4 * vision_width,
+            "num_hidden_layers": vision_layers,
+            "num_attention_heads": heads(vision_width),
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "hidden_act": hidden_act,
+        },
+        text_config={
+            "hidden_size": text_width,
+            "intermediate_size": 4 * text_width,
+            "num_hidden_layers": text_layers,
+            "num_attention_heads": heads(text_width),
+            "vocab_size": CLIP_VOCAB_SIZE,
+            "hidden_act": hidden_act,
+            "bos_token_id": CLIP_VOCAB_SIZE - 2,
+            "eos_token_id": CLIP_VOCAB_SIZE - 1,
+            "pad_token_id": CLIP_VOCAB_SIZE - 1,
+        },
         projection_dim=projection_dim,
     )
 

@@ -39,7 +39,8 @@ def tokenizer_from_bpe(bpe_path: str | os.PathLike, context_length: int = 77) ->
     Vocabulary order as CLIP's: 256 byte characters, the same with `</w>`, one token per merge, then the
     start and end tokens (ids 49406 and 49407 for the standard file).
     """
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_BPE_MERGES + 1]]
     alphabet = list(bytes_to_unicode().values())
     tokens = alphabet + [character + "</w>" for character in alphabet] + ["".join(merge) for merge in merges]
@@ -77,29 +78,29 @@ def clip_config_from_open_clip(model) -> CLIPConfig:
     patch_size = visual.conv1.kernel_size[0]
     grid = visual.grid_size[0]
     return CLIPConfig(
-        vision_config=dict(
-            hidden_size=vision_width,
-            intermediate_size=vision_block.mlp.c_fc.out_features,
-            num_hidden_layers=len(visual.transformer.resblocks),
-            num_attention_heads=vision_block.attn.num_heads,
-            image_size=grid * patch_size,
-            patch_size=patch_size,
-            hidden_act="quick_gelu" if quick_gelu else "gelu",
-            layer_norm_eps=visual.ln_pre.eps,
-        ),
-        text_config=dict(
-            hidden_size=text_width,
-            intermediate_size=text_block.mlp.c_fc.out_features,
-            num_hidden_layers=len(model.transformer.resblocks),
-            num_attention_heads=text_block.attn.num_heads,
-            vocab_size=model.vocab_size,
-            max_position_embeddings=model.context_length,
-            hidden_act="quick_gelu" if quick_gelu else "gelu",
-            layer_norm_eps=model.ln_final.eps,
-            bos_token_id=model.vocab_size - 2,
-            eos_token_id=model.vocab_size - 1,
-            pad_token_id=model.vocab_size - 1,
-        ),
+        vision_config={
+            "hidden_size": vision_width,
+            "intermediate_size": vision_block.mlp.c_fc.out_features,
+            "num_hidden_layers": len(visual.transformer.resblocks),
+            "num_attention_heads": vision_block.attn.num_heads,
+            "image_size": grid * patch_size,
+            "patch_size": patch_size,
+            "hidden_act": "quick_gelu" if quick_gelu else "gelu",
+            "layer_norm_eps": visual.ln_pre.eps,
+        },
+        text_config={
+            "hidden_size": text_width,
+            "intermediate_size": text_block.mlp.c_fc.out_features,
+            "num_hidden_layers": len(model.transformer.resblocks),
+            "num_attention_heads": text_block.attn.num_heads,
+            "vocab_size": model.vocab_size,
+            "max_position_embeddings": model.context_length,
+            "hidden_act": "quick_gelu" if quick_gelu else "gelu",
+            "layer_norm_eps": model.ln_final.eps,
+            "bos_token_id": model.vocab_size - 2,
+            "eos_token_id": model.vocab_size - 1,
+            "pad_token_id": model.vocab_size - 1,
+        },
         projection_dim=visual.proj.shape[1],
         logit_scale_init_value=float(model.logit_scale.detach()),
     )

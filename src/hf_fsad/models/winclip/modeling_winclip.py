@@ -11,9 +11,9 @@ from ...scoring import (
     ensemble_text_embedding,
     fuse_zero_few_shot,
     upsample_maps,
-    window_masks,
     winclip_few_shot_map,
     winclip_zero_shot_map,
+    window_masks,
 )
 from .configuration_winclip import WinClipConfig
 
