@@ -10,7 +10,7 @@ from PIL import Image
 
 from hf_fsad import cli
 from hf_fsad.cli import main
-from hf_fsad.data.toy import toy_examples
+from hf_fsad.data.toy import toy_records
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 
 
@@ -18,15 +18,15 @@ from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 def toy_files(tmp_path_factory):
     """Two normal references and 2 good + 2 anomalous queries (one not square) as PNG files."""
     root = tmp_path_factory.mktemp("toy_files")
-    splits = toy_examples("stripes", num_train=2, num_test_good=2, num_test_anomalous=2, seed=3)
+    splits = toy_records("stripes", num_train=2, num_test_good=2, num_test_anomalous=2, seed=3)
     (root / "refs").mkdir()
     (root / "queries").mkdir()
     for index, example in enumerate(splits["train"]):
-        example["image"].save(root / "refs" / f"ref{index}.png")
+        example.image.save(root / "refs" / f"ref{index}.png")
     queries = []
     for index, example in enumerate(splits["test"]):
-        image = example["image"].resize((240, 200)) if index == 0 else example["image"]
-        path = root / "queries" / f"{example['defect_type']}{index}.png"
+        image = example.image.resize((240, 200)) if index == 0 else example.image
+        path = root / "queries" / f"{example.defect_type}{index}.png"
         image.save(path)
         queries.append(path)
     return root, queries

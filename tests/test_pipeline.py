@@ -8,13 +8,13 @@ import torch
 from transformers import pipeline
 
 import hf_fsad  # noqa: F401  (registers the task)
-from hf_fsad.data.toy import toy_examples
+from hf_fsad.data.toy import toy_records
 from hf_fsad.pipeline import ImageAnomalyDetectionPipeline
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return toy_examples("weave", num_train=2, num_test_good=1, num_test_anomalous=2, seed=5)
+    return toy_records("weave", num_train=2, num_test_good=1, num_test_anomalous=2, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def test_task_loads_an_hf_fsad_model(pipe):
 
 
 def test_results_match_the_model(pipe, toy):
-    references = [example["image"] for example in toy["train"]]
-    queries = [example["image"] for example in toy["test"]]
+    references = [example.image for example in toy["train"]]
+    queries = [example.image for example in toy["test"]]
     queries[1] = queries[1].resize((300, 180))
     results = pipe(queries, reference_images=references, class_name="fabric")
 
@@ -52,8 +52,8 @@ def test_results_match_the_model(pipe, toy):
 
 
 def test_a_saved_bank_gives_the_same_results(pipe, toy):
-    references = [example["image"] for example in toy["train"]]
-    queries = [example["image"] for example in toy["test"]]
+    references = [example.image for example in toy["train"]]
+    queries = [example.image for example in toy["test"]]
     bank = pipe.build_reference_bank(references, class_name="fabric")
     direct = pipe(queries, reference_images=references, class_name="fabric")
     reused = pipe(queries, reference_bank=bank)
@@ -61,14 +61,14 @@ def test_a_saved_bank_gives_the_same_results(pipe, toy):
 
 
 def test_zero_shot_without_references(pipe, toy):
-    result = pipe(toy["test"][0]["image"], class_name="fabric")
+    result = pipe(toy["test"][0].image, class_name="fabric")
     assert np.isfinite(result["score"])
     assert set(result["branch_scores"]) == {"zero_shot"}
 
 
 def test_conflicting_or_empty_references_are_refused(pipe, toy):
-    image = toy["test"][0]["image"]
-    bank = pipe.build_reference_bank([toy["train"][0]["image"]])
+    image = toy["test"][0].image
+    bank = pipe.build_reference_bank([toy["train"][0].image])
     with pytest.raises(ValueError, match="either reference_images or reference_bank"):
         pipe(image, reference_images=[image], reference_bank=bank)
     with pytest.raises(ValueError, match="reference_images is empty"):

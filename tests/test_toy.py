@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_fsad.data.toy import FEATURES, TOY_CATEGORIES, TOY_DEFECTS, load_toy, toy_examples
+from hf_fsad.data.common import FEATURES
+from hf_fsad.data.toy import TOY_CATEGORIES, TOY_DEFECTS, load_toy, toy_records
 
 
 def test_same_seed_same_images_other_seed_other_images():
-    first, again, other = (toy_examples("grid", seed=s, num_train=1) for s in (0, 0, 1))
-    assert np.array_equal(np.asarray(first["test"][-1]["image"]), np.asarray(again["test"][-1]["image"]))
-    assert not np.array_equal(np.asarray(first["train"][0]["image"]), np.asarray(other["train"][0]["image"]))
+    first, again, other = (toy_records("grid", seed=s, num_train=1) for s in (0, 0, 1))
+    assert np.array_equal(np.asarray(first["test"][-1].image), np.asarray(again["test"][-1].image))
+    assert not np.array_equal(np.asarray(first["train"][0].image), np.asarray(other["train"][0].image))
 
 
 @pytest.mark.parametrize("category", sorted(TOY_CATEGORIES))
@@ -33,10 +34,10 @@ def test_labels_masks_and_defect_types_agree(category):
 
 def test_planted_pixels_are_exactly_the_masked_ones():
     """The defect changes the texture only inside its mask: outside it, the image is the defect-free one."""
-    clean = toy_examples("stripes", num_train=0, num_test_good=1, num_test_anomalous=0, seed=4)["test"][0]
-    damaged = toy_examples("stripes", num_train=0, num_test_good=0, num_test_anomalous=1, seed=4)["test"][0]
-    difference = np.abs(np.asarray(clean["image"], int) - np.asarray(damaged["image"], int)).sum(-1)
-    mask = np.asarray(damaged["mask"]) > 0
+    clean = toy_records("stripes", num_train=0, num_test_good=1, num_test_anomalous=0, seed=4)["test"][0]
+    damaged = toy_records("stripes", num_train=0, num_test_good=0, num_test_anomalous=1, seed=4)["test"][0]
+    difference = np.abs(np.asarray(clean.image, int) - np.asarray(damaged.image, int)).sum(-1)
+    mask = np.asarray(damaged.mask) > 0
     assert not difference[~mask].any()
     assert (difference[mask] > 0).mean() > 0.9
 
@@ -53,4 +54,4 @@ def test_empty_split_keeps_the_features():
 )
 def test_unknown_names_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        toy_examples(**kwargs)
+        toy_records(**kwargs)

@@ -7,9 +7,11 @@ defect whose mask marks exactly the changed pixels. Used by the tests and the of
 from __future__ import annotations
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import DatasetDict
 from PIL import Image as PILImage
 from PIL import ImageDraw
+
+from .common import Record, build_dataset_dict
 
 # category -> (spatial frequency in cycles per image, orientation in radians, base RGB, pattern RGB amplitude)
 TOY_CATEGORIES: dict[str, tuple[float, float, tuple[int, int, int], tuple[int, int, int]]] = {
@@ -18,18 +20,6 @@ TOY_CATEGORIES: dict[str, tuple[float, float, tuple[int, int, int], tuple[int, i
     "grid": (10.0, np.pi / 2, (90, 140, 110), (40, 60, 40)),
 }
 TOY_DEFECTS: tuple[str, ...] = ("scratch", "blob", "discoloration")
-
-FEATURES = Features(
-    {
-        "image": Image(),
-        "mask": Image(),
-        "label": ClassLabel(names=["good", "anomaly"]),
-        "category": Value("string"),
-        "defect_type": Value("string"),
-        "path": Value("string"),
-    }
-)
-
 
 def _texture(rng: np.random.Generator, category: str, size: int) -> np.ndarray:
     frequency, angle, base, amplitude = TOY_CATEGORIES[category]
@@ -74,7 +64,7 @@ def _plant_defect(rng: np.random.Generator, image: np.ndarray, defect: str) -> t
     return np.clip(damaged, 0, 255), mask
 
 
-def toy_examples(
+def toy_records(
     category: str = "stripes",
     num_train: int = 8,
     num_test_good: int = 8,
@@ -82,8 +72,8 @@ def toy_examples(
     image_size: int = 240,
     defects: tuple[str, ...] = TOY_DEFECTS,
     seed: int = 0,
-) -> dict[str, list[dict]]:
-    """Split name -> examples (dicts with PIL image, PIL mask or None, label, category, defect_type, path)."""
+) -> dict[str, list[Record]]:
+    """Split name -> records with PIL images and exact PIL masks (None for normal images)."""
     if category not in TOY_CATEGORIES:
         raise ValueError(f"Unknown toy category {category!r}; choose from {sorted(TOY_CATEGORIES)}.")
     unknown = set(defects) - set(TOY_DEFECTS)
@@ -91,20 +81,14 @@ def toy_examples(
         raise ValueError(f"Toy defects must be a non-empty subset of {TOY_DEFECTS}, got {defects}.")
     rng = np.random.default_rng(seed)
 
-    def example(split: str, index: int, defect: str | None) -> dict:
+    def example(split: str, index: int, defect: str | None) -> Record:
         image = _texture(rng, category, image_size)
         mask = None
         if defect is not None:
             image, defect_mask = _plant_defect(rng, image, defect)
             mask = PILImage.fromarray((defect_mask * 255).astype(np.uint8), mode="L")
-        return {
-            "image": PILImage.fromarray(image.astype(np.uint8)),
-            "mask": mask,
-            "label": int(defect is not None),
-            "category": category,
-            "defect_type": defect or "good",
-            "path": f"toy/{category}/{split}/{defect or 'good'}/{index:03d}.png",
-        }
+        path = f"toy/{category}/{split}/{defect or 'good'}/{index:03d}.png"
+        return Record(PILImage.fromarray(image.astype(np.uint8)), int(defect is not None), category, defect or "good", path, mask)
 
     train = [example("train", i, None) for i in range(num_train)]
     test = [example("test", i, None) for i in range(num_test_good)]
@@ -113,14 +97,9 @@ def toy_examples(
 
 
 def load_toy(category: str = "stripes", seed: int = 0, **kwargs) -> DatasetDict:
-    """The toy benchmark as a DatasetDict (train: normal only; test: normal + anomalous with masks).
+    """One toy category as a DatasetDict (train: normal only; test: normal + anomalous with masks).
 
-    kwargs: num_train, num_test_good, num_test_anomalous, image_size, defects (see `toy_examples`).
+    kwargs: num_train, num_test_good, num_test_anomalous, image_size, defects (see `toy_records`).
+    `load_benchmark("toy", category=None)` gives all categories.
     """
-    splits = toy_examples(category=category, seed=seed, **kwargs)
-    return DatasetDict(
-        {
-            name: Dataset.from_dict({key: [ex[key] for ex in examples] for key in FEATURES}, features=FEATURES)
-            for name, examples in splits.items()
-        }
-    )
+    return build_dataset_dict(toy_records(category=category, seed=seed, **kwargs), "toy")

@@ -1,34 +1,51 @@
-"""Detection metrics on numpy arrays."""
+"""Anomaly detection metrics: plain functions, and each as an `evaluate` module loadable offline.
+
+```python
+import evaluate
+from hf_fsad.metrics import module_path
+auroc = evaluate.load(module_path("image_auroc"))
+auroc.compute(references=[0, 1, 1], predictions=[0.1, 0.8, 0.3])
+```
+"""
 
 from __future__ import annotations
 
-import numpy as np
-from sklearn.metrics import roc_auc_score
+from pathlib import Path
+
+from .functional import (
+    IMAGE_METRICS,
+    PIXEL_METRICS,
+    f1_max,
+    image_auprc,
+    image_auroc,
+    image_f1_max,
+    pixel_auprc,
+    pixel_aupro,
+    pixel_auroc,
+    pixel_f1_max,
+)
+
+METRICS = {**IMAGE_METRICS, **PIXEL_METRICS}
 
 
-def _check_both_classes(labels: np.ndarray, what: str) -> None:
-    present = np.unique(labels)
-    if present.size < 2:
-        raise ValueError(
-            f"{what} AUROC needs both normal and anomalous samples, but every {what.lower()} label is "
-            f"{int(present[0]) if present.size else 'missing'}."
-        )
+def module_path(name: str) -> str:
+    """Path of the `evaluate` module of metric `name`, for `evaluate.load`."""
+    if name not in METRICS:
+        raise ValueError(f"Unknown metric {name!r}; available: {', '.join(METRICS)}.")
+    return str(Path(__file__).parent / name / f"{name}.py")
 
 
-def image_auroc(labels, scores) -> float:
-    """Area under the ROC curve of image scores (labels: 1 = anomalous)."""
-    labels, scores = np.asarray(labels).astype(int).ravel(), np.asarray(scores, dtype=np.float64).ravel()
-    if labels.shape != scores.shape:
-        raise ValueError(f"{labels.size} labels but {scores.size} scores.")
-    _check_both_classes(labels, "Image")
-    return float(roc_auc_score(labels, scores))
-
-
-def pixel_auroc(masks, maps) -> float:
-    """Area under the ROC curve over all pixels of all images (masks: nonzero = anomalous pixel)."""
-    masks, maps = np.asarray(masks), np.asarray(maps, dtype=np.float64)
-    if masks.shape != maps.shape:
-        raise ValueError(f"Masks of shape {masks.shape} do not match anomaly maps of shape {maps.shape}.")
-    labels = (masks.ravel() > 0).astype(int)
-    _check_both_classes(labels, "Pixel")
-    return float(roc_auc_score(labels, maps.ravel()))
+__all__ = [
+    "IMAGE_METRICS",
+    "METRICS",
+    "PIXEL_METRICS",
+    "f1_max",
+    "image_auprc",
+    "image_auroc",
+    "image_f1_max",
+    "module_path",
+    "pixel_auprc",
+    "pixel_aupro",
+    "pixel_auroc",
+    "pixel_f1_max",
+]

@@ -1,0 +1,160 @@
+"""What every benchmark builder shares: the features, records -> `datasets.Dataset`, layout errors, splits.
+
+A builder scans a folder into `Record`s (cheap: paths, labels, crop boxes) and `build_dataset_dict` turns
+them into a `DatasetDict` with `Dataset.from_generator`, decoding images only there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets.exceptions import DatasetGenerationError
+from PIL import Image as PILImage
+
+LABEL_NAMES = ("good", "anomaly")
+FEATURES = Features(
+    {
+        "image": Image(),
+        "mask": Image(),
+        "label": ClassLabel(names=list(LABEL_NAMES)),
+        "category": Value("string"),
+        "defect_type": Value("string"),
+        "path": Value("string"),
+    }
+)
+
+
+class BenchmarkLayoutError(ValueError):
+    """A benchmark folder is missing or not in the dataset's published layout."""
+
+
+def require_dir(path: Path, layout: str) -> Path:
+    """`path` if it is a directory, else a BenchmarkLayoutError naming it and the expected `layout`."""
+    if not path.is_dir():
+        raise BenchmarkLayoutError(f"Expected the folder {path}, but it does not exist. Expected layout: {layout}")
+    return path
+
+
+def require_file(path: Path, layout: str) -> Path:
+    if not path.is_file():
+        raise BenchmarkLayoutError(f"Expected the file {path}, but it does not exist. Expected layout: {layout}")
+    return path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+# An image source: a file path, an array (H, W) or (H, W, 3) of uint8, or a PIL image.
+ImageSource = str | os.PathLike | np.ndarray | PILImage.Image
+
+
+@dataclass
+class Record:
+    """One example before decoding. `crop` is a (left, upper, right, lower) box applied to image and mask;
+    `mask` None means a normal image (for anomalous images without pixel labels, too)."""
+
+    image: ImageSource
+    label: int
+    category: str
+    defect_type: str
+    path: str
+    mask: ImageSource | None = None
+    crop: tuple[int, int, int, int] | None = None
+
+
+def open_image(source: ImageSource) -> PILImage.Image:
+    if isinstance(source, PILImage.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return PILImage.fromarray(source)
+    with PILImage.open(source) as image:
+        image.load()
+        return image
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, read from its header."""
+    with PILImage.open(path) as image:
+        return image.size
+
+
+def binary_mask(source: ImageSource) -> PILImage.Image:
+    """A mask as mode "L" with 0 (normal) and 255 (anomalous): every non-zero pixel counts as anomalous."""
+    values = np.asarray(open_image(source).convert("L"))
+    return PILImage.fromarray(np.where(values > 0, 255, 0).astype(np.uint8), mode="L")
+
+
+def _decode(record: Record) -> dict:
+    on_disk = isinstance(record.image, (str, os.PathLike))
+    # Uncropped files stay paths: `datasets` stores the path and decodes the image lazily.
+    image = None if on_disk and record.crop is None else open_image(record.image)
+    mask = None
+    if record.mask is not None:
+        mask = binary_mask(record.mask)
+        size = image.size if image is not None else image_size(record.image)
+        if mask.size != size:
+            raise BenchmarkLayoutError(
+                f"The mask of {record.path} is {mask.size[0]}x{mask.size[1]} but the image is "
+                f"{size[0]}x{size[1]}: masks must align with their images."
+            )
+    if record.crop is not None:
+        image = image.crop(record.crop)
+        mask = mask.crop(record.crop) if mask is not None else None
+    return {
+        "image": str(record.image) if image is None else image,
+        "mask": mask,
+        "label": record.label,
+        "category": record.category,
+        "defect_type": record.defect_type,
+        "path": record.path,
+    }
+
+
+def _generate(records: Sequence[Record]) -> Iterator[dict]:
+    for record in records:
+        yield _decode(record)
+
+
+def build_dataset(records: Sequence[Record], name: str, split: str) -> Dataset:
+    """Records -> Dataset (decoded by `Dataset.from_generator`); `name` becomes `info.dataset_name`."""
+    if not records:
+        dataset = Dataset.from_dict({key: [] for key in FEATURES}, features=FEATURES, split=split)
+    else:
+        try:
+            dataset = Dataset.from_generator(
+                _generate, features=FEATURES, gen_kwargs={"records": list(records)}, split=split
+            )
+        except DatasetGenerationError as error:
+            if isinstance(error.__cause__, BenchmarkLayoutError):
+                raise error.__cause__ from None
+            raise
+    dataset.info.dataset_name = name
+    return dataset
+
+
+def build_dataset_dict(splits: dict[str, Sequence[Record]], name: str) -> DatasetDict:
+    """`{"train": records, "test": records}` -> DatasetDict; train must hold normal images only."""
+    anomalous = [record.path for record in splits["train"] if record.label != 0]
+    if anomalous:
+        raise ValueError(f"The train split must hold normal images only, but has {len(anomalous)} anomalous ones.")
+    return DatasetDict({split: build_dataset(records, name, split) for split, records in splits.items()})
+
+
+def split_normals(
+    records: Sequence[Record], train_fraction: float, seed: int
+) -> tuple[list[Record], list[Record]]:
+    """Seeded split of normal records into (train, test); the order of `records` does not matter."""
+    ordered = sorted(records, key=lambda record: record.path)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    num_train = round(train_fraction * len(ordered))
+    return [ordered[i] for i in order[:num_train]], [ordered[i] for i in order[num_train:]]
