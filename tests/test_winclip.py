@@ -193,3 +193,28 @@ def test_empty_class_name_is_refused(tiny_winclip):
 def test_package_exports_the_classes():
     assert hf_fsad.WinClipModel is WinClipModel
     assert "winclip" in hf_fsad.METHODS
+
+
+def test_feature_key_follows_weights_and_feature_config(make_winclip):
+    base = make_winclip()
+    assert base.feature_key() == make_winclip(temperature=0.01).feature_key()  # scoring-only option
+    assert base.feature_key() != make_winclip(window_scales=[2]).feature_key()
+    assert base.feature_key() != make_winclip(seed=1).feature_key()
+
+
+def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
+    references = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(0))
+    from_pixels = tiny_winclip.build_reference_bank(references, class_name="tile")
+    from_features = tiny_winclip.build_reference_bank(
+        class_name="tile", reference_features=tiny_winclip.encode_images(references)
+    )
+    assert from_features.k == from_pixels.k == 2
+    for name, tensor in from_pixels.tensors.items():
+        torch.testing.assert_close(from_features.tensors[name], tensor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        tiny_winclip.build_reference_bank(references, reference_features=tiny_winclip.encode_images(references))
+
+
+def test_input_of_another_size_is_refused(tiny_winclip):
+    with pytest.raises(ValueError, match="takes 240x240 .*image_processor"):
+        tiny_winclip(torch.randn(1, 3, 224, 224))

@@ -1,4 +1,4 @@
-"""`hf-fsad` command line: score, convert, demo."""
+"""`hf-fsad` command line: score, benchmark, convert, demo."""
 
 from __future__ import annotations
 
@@ -156,6 +156,46 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_method(source: str):
+    """`PATH_OR_HUB_ID` (a saved hf_fsad model) or `METHOD@CLIP` (a fresh method on a CLIP checkpoint)."""
+    from transformers import AutoModel
+
+    import hf_fsad  # noqa: F401  (registers the methods)
+    from hf_fsad.registry import model_class
+
+    method, at, clip = source.partition("@")
+    if at:
+        return model_class(method).from_clip(clip)
+    return AutoModel.from_pretrained(source)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    from hf_fsad.benchmark import DatasetSpec, FeatureCache, profile_models, run_benchmark
+    from hf_fsad.data import load_benchmark
+
+    models = {}
+    for entry in args.methods:
+        label, equals, source = entry.rpartition("=")
+        source = source if equals else entry
+        models[label or Path(source.split("@")[-1]).name or source] = load_method(source).to(args.device).eval()
+    datasets = [DatasetSpec.parse(text) for text in args.datasets]
+    out = Path(args.out)
+    if args.profile:
+        spec = datasets[0]
+        data = load_benchmark(spec.name, spec.root, spec.categories[0] if spec.categories else None)
+        images = data["test"].select(range(min(data["test"].num_rows, args.batch_size + 2)))["image"]
+        profile_models(models, images, out / "profile", ks=args.profile_k, batch_size=args.batch_size)
+        print(f"profile: {out / 'profile' / 'profile.md'}")
+        return 0
+    cache = FeatureCache(args.feature_cache or out / "feature_cache")
+    results = run_benchmark(models, datasets, args.k, args.seeds, out, args.batch_size, cache, args.title)
+    print(
+        f"{len(results['cells'])} cells ({results['skipped_cells']} already done), feature-cache hit rate "
+        f"{100 * results['feature_cache']['hit_rate']:.1f} %, {results['wall_seconds']:.0f} s -> {out / 'results.md'}"
+    )
+    return 0
+
+
 def demo(args: argparse.Namespace) -> int:
     from hf_fsad.demo import run_demo
 
@@ -190,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
     convert_parser.add_argument("output_dir")
     convert_parser.set_defaults(handler=convert)
+
+    bench_parser = commands.add_parser("benchmark", help="evaluate methods on benchmarks (papers' protocol)")
+    bench_parser.add_argument(
+        "--methods", nargs="+", required=True,
+        help="[LABEL=]PATH_OR_HUB_ID of a saved model, or [LABEL=]METHOD@CLIP for a fresh method on a CLIP",
+    )
+    bench_parser.add_argument("--datasets", nargs="+", required=True, help="NAME[:ROOT[:CATEGORY]], e.g. elpv mvtec_ad:/data/mvtec")
+    bench_parser.add_argument("--k", nargs="+", type=int, default=[2, 4, 8], help="shots (0 = zero-shot)")
+    bench_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    bench_parser.add_argument("--out", required=True, help="output directory (results.json, results.md, plots/)")
+    bench_parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
+    bench_parser.add_argument("--title", help="heading of the results table (say here if weights are random)")
+    bench_parser.add_argument("--batch-size", type=int, default=8)
+    bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument("--profile", action="store_true", help="measure latency, memory and k-scaling instead")
+    bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
+    bench_parser.set_defaults(handler=benchmark)
 
     demo_parser = commands.add_parser("demo", help="score a generated toy dataset and write a report")
     demo_parser.add_argument("--out", default="demo_output")

@@ -15,7 +15,7 @@ from .metrics import image_auroc, pixel_auroc
 from .models.winclip.configuration_winclip import WinClipConfig
 from .models.winclip.modeling_winclip import WinClipModel
 from .testing import byte_level_clip_tokenizer, vit_b16_config
-from .visualization import heatmap_overlay
+from .visualization import mask_array, save_heatmap_panels
 
 DEMO_CATEGORIES = ("stripes", "weave")
 
@@ -54,34 +54,6 @@ def load_demo_model(backbone: str) -> tuple[WinClipModel, bool]:
     return model, False
 
 
-def _mask_array(mask, size: int) -> np.ndarray:
-    if mask is None:
-        return np.zeros((size, size), dtype=bool)
-    return np.asarray(mask.resize((size, size))) > 127
-
-
-def _save_panels(path: Path, test, indices, maps, masks, scores, size: int) -> None:
-    """One row per shown test image: image | true mask | heatmap overlay (shared colour scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    value_range = (float(maps.min()), float(maps.max()))
-    figure, axes = plt.subplots(len(indices), 3, figsize=(7.5, 2.5 * len(indices)), squeeze=False)
-    for row, index in zip(axes, indices):
-        image = test[index]["image"].resize((size, size))
-        panels = (image, masks[index], heatmap_overlay(image, maps[index], value_range))
-        titles = (test[index]["defect_type"], "true mask", f"score {float(scores[index]):.4f}")
-        for axis, panel, title in zip(row, panels, titles):
-            axis.imshow(panel, cmap="gray")
-            axis.set_title(title, fontsize=9)
-            axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(path, dpi=80)
-    plt.close(figure)
-
-
 def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: int = 2) -> Path:
     """Score the toy categories with WinCLIP+ k-shot; write report.md and heatmap PNGs to `out_dir`."""
     started = time.perf_counter()
@@ -98,11 +70,18 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
             bank = model.build_reference_bank(references, class_name="textured surface")
             output = model(processor(list(test["image"]), return_tensors="pt").pixel_values, reference_bank=bank)
         maps = output.anomaly_maps.numpy()
-        masks = np.stack([_mask_array(mask, size) for mask in test["mask"]])
+        masks = np.stack([mask_array(mask, size) for mask in test["mask"]])
         rows.append((category, image_auroc(test["label"], output.image_scores), pixel_auroc(masks, maps)))
         shown = [i for i, label in enumerate(test["label"]) if label][:3] + [0]
         figure = out_dir / f"heatmaps_{category}.png"
-        _save_panels(figure, test, shown, maps, masks, output.image_scores, size)
+        save_heatmap_panels(
+            figure,
+            [test[i]["image"] for i in shown],
+            masks[shown],
+            maps[shown],
+            [test[i]["defect_type"] for i in shown],
+            [float(output.image_scores[i]) for i in shown],
+        )
         figures.append((figure.name, category))
 
     weights = f"pretrained `{backbone}`" if pretrained else "a randomly initialised ViT-B/16 backbone"

@@ -204,6 +204,50 @@ class FsadPreTrainedModel(PreTrainedModel):
             image_std=list(self.config.image_std),
         )
 
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid of a `config.image_size` input."""
+        side = self.config.image_size // self.backbone.patch_size
+        return side, side
+
+    def check_input_size(self, pixel_values: torch.Tensor) -> None:
+        """Raise unless the images are `config.image_size` squares (what `image_processor()` makes)."""
+        size = self.config.image_size
+        if tuple(pixel_values.shape[-2:]) != (size, size):
+            height, width = pixel_values.shape[-2:]
+            raise ValueError(
+                f"pixel_values are {height}x{width} images, but this model takes {size}x{size} "
+                "(config.image_size): preprocess with `model.image_processor()`."
+            )
+
+    def feature_spec(self) -> dict:
+        """What `encode_images` computes besides the weights; equal specs on equal backbones share cached
+        features. Methods whose features depend on more config fields extend this."""
+        return {"image_size": self.config.image_size, "image_mean": self.config.image_mean, "image_std": self.config.image_std}
+
+    def feature_key(self) -> str:
+        """Fingerprint of `encode_images`: the vision weights (hashed once; they are frozen) + `feature_spec()`."""
+        if getattr(self, "_vision_weights_digest", None) is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.backbone.clip.vision_model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            digest.update(self.backbone.clip.visual_projection.weight.detach().float().cpu().numpy().tobytes())
+            self._vision_weights_digest = digest.hexdigest()
+        spec = json.dumps(self.feature_spec(), sort_keys=True, default=str)
+        return hashlib.sha256((self._vision_weights_digest + spec).encode()).hexdigest()[:16]
+
+    def forward(
+        self, pixel_values: torch.Tensor, reference_bank: ReferenceBank | None = None, return_dict: bool = True
+    ) -> AnomalyDetectionOutput | tuple:
+        """Score a batch (B, 3, S, S), S = `config.image_size`. Without a bank: the method's default
+        (zero-shot with `config.default_class_name` for methods with text prompts).
+
+        Every method implements `encode_images` (per-image features), `score_features` (features + bank ->
+        output) and `build_reference_bank`; keeping encoding apart lets features be cached and reused.
+        """
+        output = self.score_features(self.encode_images(pixel_values), reference_bank)
+        return output if return_dict else output.to_tuple()
+
     def config_hash(self) -> str:
         """Fingerprint of the config and backbone weights; a reference bank only fits a matching model."""
         config = _without_volatile_keys(self.config.to_dict())

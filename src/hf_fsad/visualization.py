@@ -28,3 +28,33 @@ def heatmap_overlay(
     colours = colormaps["jet"](np.asarray(resized))[..., :3]
     heat = Image.fromarray((colours * 255).astype(np.uint8))
     return Image.blend(image.convert("RGB"), heat, alpha)
+
+
+def mask_array(mask: Image.Image | None, size: int) -> np.ndarray:
+    """A benchmark mask (PIL or None for normal images) as a boolean (size, size) array."""
+    if mask is None:
+        return np.zeros((size, size), dtype=bool)
+    return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def save_heatmap_panels(
+    path, images: list[Image.Image], masks: np.ndarray, maps: np.ndarray, titles: list[str], scores: list[float]
+) -> None:
+    """One row per image: image | true mask | heatmap overlay, all maps on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    value_range = (float(np.min(maps)), float(np.max(maps)))
+    figure, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
+    for row, image, mask, anomaly_map, title, score in zip(axes, images, masks, maps, titles, scores):
+        image = image.convert("RGB").resize(anomaly_map.shape[::-1])
+        panels = (image, mask, heatmap_overlay(image, anomaly_map, value_range))
+        for axis, panel, caption in zip(row, panels, (title, "true mask", f"score {score:.4f}")):
+            axis.imshow(panel, cmap="gray")
+            axis.set_title(caption, fontsize=9)
+            axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)

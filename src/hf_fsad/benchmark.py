@@ -1,0 +1,484 @@
+"""The evaluation runner: methods x datasets x k-shots x seeds -> results.json, a Markdown table, plots.
+
+```python
+from hf_fsad.benchmark import DatasetSpec, run_benchmark
+run_benchmark({"winclip": model}, [DatasetSpec("elpv")], ks=[2, 4], seeds=[0, 1, 2], out_dir="runs/elpv")
+```
+
+Protocol: per (dataset, category), k references are drawn from the normal training pool by a seeded
+sampler and written to a manifest (`out/manifests/...`, reused on reruns, so a rerun is exact); the whole
+test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained on another dataset records
+it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
+per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
+reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import ReferenceManifest, load_benchmark, sample_references
+from .metrics import IMAGE_METRICS, PIXEL_METRICS
+from .modeling_base import FsadPreTrainedModel
+from .visualization import mask_array, save_heatmap_panels
+
+# Prompt class words where the category name is not a good one.
+CLASS_NAMES = {
+    "elpv": "solar cell",
+    "headct": "head CT scan",
+    "brainmri": "brain MRI scan",
+    "aitex": "fabric",
+    "ksdd": "metal surface",
+    "sdd": "metal surface",
+    "mnist": "handwritten digit",
+    "sklearn_digits": "handwritten digit",
+    "toy": "textured surface",
+}
+METRIC_NAMES = [*IMAGE_METRICS, *PIXEL_METRICS]
+
+
+def class_name_for(dataset: str, category: str) -> str:
+    return CLASS_NAMES.get(dataset, category.replace("_", " "))
+
+
+@dataclass
+class DatasetSpec:
+    """A benchmark to run: `load_benchmark(name, root, category, **options)` for each category."""
+
+    name: str
+    root: str | None = None
+    categories: list[str] | None = None  # None: every category the data holds
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        """`name`, `name:root` or `name:root:category` (the CLI's form)."""
+        name, _, rest = text.partition(":")
+        root, _, category = rest.partition(":")
+        return cls(name, root or None, [category] if category else None)
+
+
+class FeatureCache:
+    """Per-image features keyed by (model.feature_key(), image id), in memory or as safetensors on disk."""
+
+    recent_requests = 2
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self._memory: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        # The last few stacked requests (a cell asks for its references, then the same test set again).
+        self._recent: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def _file(self, key: str, image_id: str) -> Path:
+        return self.directory / key / f"{hashlib.sha1(image_id.encode()).hexdigest()}.safetensors"
+
+    def _get(self, key: str, image_id: str) -> dict[str, torch.Tensor] | None:
+        if self.directory is None:
+            return self._memory.get((key, image_id))
+        file = self._file(key, image_id)
+        return load_file(file) if file.is_file() else None
+
+    def _put(self, key: str, image_id: str, features: dict[str, torch.Tensor]) -> None:
+        if self.directory is None:
+            self._memory[(key, image_id)] = features
+            return
+        file = self._file(key, image_id)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = file.with_name(file.name + ".tmp")
+        save_file({name: tensor.contiguous() for name, tensor in features.items()}, temporary)
+        os.replace(temporary, file)
+
+    def features(
+        self, model: FsadPreTrainedModel, dataset: Dataset, rows: Sequence[int], batch_size: int = 8, desc: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """Stacked `model.encode_images` features of `dataset[rows]`, encoding only the images not cached."""
+        key = model.feature_key()
+        prefix = dataset.info.dataset_name or "dataset"
+        ids = [f"{prefix}:{path}" for path in dataset.select(rows)["path"]]
+        request = (key, tuple(ids))
+        if request in self._recent:
+            self.hits += len(ids)
+            return self._recent[request]
+        found = {image_id: self._get(key, image_id) for image_id in ids}
+        missing = [row for row, image_id in zip(rows, ids) if found[image_id] is None]
+        self.hits += len(ids) - len(missing)
+        self.misses += len(missing)
+        processor = model.image_processor()
+        for start in tqdm(range(0, len(missing), batch_size), desc=desc or "encoding", unit="batch", disable=not missing):
+            batch = dataset.select(missing[start : start + batch_size])
+            pixel_values = processor([image.convert("RGB") for image in batch["image"]], return_tensors="pt").pixel_values
+            encoded = model.encode_images(pixel_values)
+            for index, path in enumerate(batch["path"]):
+                features = {name: tensor[index].detach().cpu().clone() for name, tensor in encoded.items()}
+                self._put(key, f"{prefix}:{path}", features)
+                found[f"{prefix}:{path}"] = features
+        stacked = {name: torch.stack([found[image_id][name] for image_id in ids]) for name in found[ids[0]]}
+        self._recent[request] = stacked
+        while len(self._recent) > self.recent_requests:
+            self._recent.pop(next(iter(self._recent)))
+        return stacked
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _cell_id(cell: dict) -> str:
+    return "|".join(str(cell[key]) for key in ("method", "dataset", "category", "k", "seed"))
+
+
+def _manifest(out_dir: Path, train: Dataset, dataset: str, category: str, k: int, seed: int) -> ReferenceManifest:
+    path = out_dir / "manifests" / dataset / category / f"k{k}-seed{seed}.json"
+    if path.is_file():
+        return ReferenceManifest.load(path)
+    manifest = sample_references(train, k, seed, category)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest.save(path)
+    return manifest
+
+
+def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None) -> dict:
+    values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
+    for name, function in PIXEL_METRICS.items():
+        values[name] = function(masks, maps) if masks is not None else None
+    return values
+
+
+def _test_masks(test: Dataset, size: int) -> np.ndarray | None:
+    """Boolean masks at the model's input size, or None unless every anomalous test image has a mask:
+    pixel metrics are then left out (e.g. ELPV has image labels only)."""
+    masks, labels = test["mask"], test["label"]
+    if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
+        return None
+    return np.stack([mask_array(mask, size) for mask in masks])
+
+
+@torch.no_grad()
+def _score(model: FsadPreTrainedModel, features: dict, bank, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    scores, maps = [], []
+    count = next(iter(features.values())).shape[0]
+    for start in range(0, count, batch_size):
+        output = model.score_features({n: t[start : start + batch_size] for n, t in features.items()}, bank)
+        scores.append(output.image_scores.float().cpu().numpy())
+        if output.anomaly_maps is not None:
+            maps.append(output.anomaly_maps.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps) if maps else None
+
+
+def run_benchmark(
+    models: dict[str, FsadPreTrainedModel],
+    datasets: Sequence[DatasetSpec],
+    ks: Sequence[int] = (2, 4, 8),
+    seeds: Sequence[int] = (0, 1, 2),
+    out_dir: str | os.PathLike = "benchmark_results",
+    batch_size: int = 8,
+    feature_cache: FeatureCache | None = None,
+    title: str | None = None,
+    num_heatmaps: int = 4,
+) -> dict:
+    """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
+    results dict (cells + feature-cache statistics + wall time)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "results.json"
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    cells = {_cell_id(cell): cell for cell in previous.get("cells", [])}
+    cache = feature_cache or FeatureCache(out_dir / "feature_cache")
+    started = time.perf_counter()
+    skipped = 0
+
+    for spec in datasets:
+        for category, train, test in _category_splits(spec):
+            labels = np.asarray(test["label"])
+            seed_zero_outputs = {}
+            for method, model in models.items():
+                masks = _test_masks(test, model.config.image_size)
+                for k in ks:
+                    for seed in seeds if k > 0 else seeds[:1]:
+                        cell = {"method": method, "dataset": spec.name, "category": category, "k": k, "seed": seed}
+                        if _cell_id(cell) in cells:
+                            skipped += 1
+                            continue
+                        cell_started = time.perf_counter()
+                        reference_features, manifest = None, None
+                        if k > 0:
+                            manifest = _manifest(out_dir, train, spec.name, category, k, seed)
+                            row_of = {path: row for row, path in enumerate(train["path"])}
+                            rows = [row_of[image_id] for image_id in manifest.image_ids]
+                            reference_features = cache.features(model, train, rows, batch_size, "references")
+                        test_features = cache.features(
+                            model, test, range(test.num_rows), batch_size, f"{method} {spec.name}/{category} test"
+                        )
+                        bank = model.build_reference_bank(
+                            class_name=class_name_for(spec.name, category), reference_features=reference_features
+                        )
+                        scores, maps = _score(model, test_features, bank, batch_size)
+                        cell.update(
+                            trained_on=getattr(model.config, "trained_on", None),
+                            metrics=_metrics(labels, scores, masks, maps),
+                            num_test=int(test.num_rows),
+                            reference_ids=manifest.image_ids if manifest else [],
+                            seconds=time.perf_counter() - cell_started,
+                            image_scores=scores.tolist(),
+                        )
+                        cells[_cell_id(cell)] = cell
+                        if seed == seeds[0]:
+                            seed_zero_outputs[(method, k)] = (scores, maps, masks)
+                        _write_results(results_file, cells, cache, started, skipped)
+            if seed_zero_outputs:
+                _plot_category(out_dir, spec.name, category, test, labels, seed_zero_outputs, num_heatmaps)
+
+    results = _write_results(results_file, cells, cache, started, skipped)
+    plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
+    _atomic_write(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
+    return results
+
+
+def _category_splits(spec: DatasetSpec):
+    """(category, train, test) for each category of `spec`."""
+    if spec.categories:
+        for category in spec.categories:
+            data = load_benchmark(spec.name, spec.root, category, **spec.options)
+            yield category, data["train"], data["test"]
+        return
+    data = load_benchmark(spec.name, spec.root, None, **spec.options)
+    for category in sorted(set(data["test"]["category"])):
+        yield category, _only(data["train"], category), _only(data["test"], category)
+
+
+def _only(dataset: Dataset, category: str) -> Dataset:
+    return dataset.filter(lambda name: name == category, input_columns="category")
+
+
+def _write_results(path: Path, cells: dict, cache: FeatureCache, started: float, skipped: int) -> dict:
+    results = {
+        "cells": list(cells.values()),
+        "feature_cache": {"hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hit_rate},
+        "skipped_cells": skipped,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _atomic_write(path, json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def _plot_category(out_dir, dataset, category, test, labels, outputs, num_heatmaps) -> None:
+    """ROC curves of every (method, k) at the first seed; heatmaps of the last one with maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    plot_dir = out_dir / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    roc_path = plot_dir / f"roc_{dataset}_{category}.png"
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    for (method, k), (scores, _, _) in outputs.items():
+        false_positive, true_positive, _ = roc_curve(labels, scores)
+        axis.plot(false_positive, true_positive, label=f"{method} k={k}")
+    axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{dataset} / {category}")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(roc_path, dpi=90)
+    plt.close(figure)
+
+    with_maps = [(key, value) for key, value in outputs.items() if value[1] is not None]
+    if with_maps and num_heatmaps > 0:
+        (method, k), (scores, maps, masks) = with_maps[-1]
+        shown = [i for i in np.argsort(-scores) if labels[i]][: num_heatmaps - 1] + [int(np.argmin(scores))]
+        size = maps.shape[-1]
+        masks = masks if masks is not None else np.zeros((len(labels), size, size), dtype=bool)
+        heatmap_path = plot_dir / f"heatmaps_{dataset}_{category}.png"
+        save_heatmap_panels(
+            heatmap_path,
+            [test[int(i)]["image"] for i in shown],
+            masks[shown],
+            maps[shown],
+            [f"{method} k={k}: {test[int(i)]['defect_type']}" for i in shown],
+            [float(scores[i]) for i in shown],
+        )
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.mean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def results_markdown(results: dict, title: str | None = None, plots: Sequence[str] = ()) -> str:
+    """Tables in the papers' style: per dataset, method x k rows, metrics x100 as mean ± std over seeds of
+    the mean over categories; then image/pixel AUROC per category."""
+    cells = results["cells"]
+    lines = [f"# {title or 'hf_fsad benchmark'}", ""]
+    for dataset in sorted({cell["dataset"] for cell in cells}):
+        in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
+        metrics = [name for name in METRIC_NAMES if any(cell["metrics"][name] is not None for cell in in_dataset)]
+        lines += [f"## {dataset}", "", "| method | k | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        rows = sorted({(cell["method"], cell["k"], cell.get("trained_on")) for cell in in_dataset}, key=str)
+        for method, k, trained_on in rows:
+            group = [c for c in in_dataset if (c["method"], c["k"], c.get("trained_on")) == (method, k, trained_on)]
+            label = method if trained_on is None else f"{method} (trained on {trained_on})"
+            values = []
+            for name in metrics:
+                per_seed = {}
+                for cell in group:
+                    if cell["metrics"][name] is not None:
+                        per_seed.setdefault(cell["seed"], []).append(cell["metrics"][name])
+                values.append(_mean_std([statistics.mean(v) for v in per_seed.values()]))
+            lines.append(f"| {label} | {k} | " + " | ".join(values) + " |")
+        categories = sorted({cell["category"] for cell in in_dataset})
+        columns = sorted({(cell["method"], cell["k"]) for cell in in_dataset}, key=str)
+        per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
+        if len(categories) > 1:
+            for name in per_category:
+                lines += ["", f"{name} per category:", "", "| category | " + " | ".join(f"{m} k={k}" for m, k in columns) + " |"]
+                lines.append("|---|" + "---|" * len(columns))
+                for category in categories:
+                    entries = [
+                        _mean_std([c["metrics"][name] for c in in_dataset if (c["method"], c["k"], c["category"]) == (m, k, category)])
+                        for m, k in columns
+                    ]
+                    lines.append(f"| {category} | " + " | ".join(entries) + " |")
+        lines.append("")
+    cache = results["feature_cache"]
+    lines += [
+        (f"Metrics x100, mean ± std over seeds. Feature cache: {cache['hits']} hits, {cache['misses']} misses "
+        f"(hit rate {100 * cache['hit_rate']:.1f} %). Wall time of this run: {results['wall_seconds']:.0f} s."),
+        "",
+    ]
+    lines += [f"![{Path(name).stem}](plots/{name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class ProfileRow:
+    method: str
+    per_image_seconds: float
+    images_per_second: float
+    setup_seconds: float
+    peak_memory_mb: float
+    k_scaling: dict[int, float]
+
+
+def _median_seconds(function, repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+@torch.no_grad()
+def profile_models(
+    models: dict[str, FsadPreTrainedModel],
+    images: Sequence,
+    out_dir: str | os.PathLike,
+    ks: Sequence[int] = (2, 8, 32, 128, 256),
+    batch_size: int = 8,
+    repeats: int = 3,
+) -> list[ProfileRow]:
+    """Per-image latency (batch 1), images/s (batch `batch_size`), setup (prompts + 2 references), peak
+    memory, and per-image latency as the bank grows to k references. For k beyond the images given, the 2
+    encoded references are repeated: the search costs the same as for k distinct images.
+
+    Peak memory is the process's peak resident size on CPU (it only grows, so read it per method in the
+    order run) and the peak allocated memory on CUDA.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [_profile_model(method, model, images, ks, batch_size, repeats) for method, model in models.items()]
+    _write_profile(out_dir, rows, ks)
+    return rows
+
+
+def _profile_model(
+    method: str, model: FsadPreTrainedModel, images: Sequence, ks: Sequence[int], batch_size: int, repeats: int
+) -> ProfileRow:
+    pixels = model.image_processor()([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
+    if pixels.shape[0] < batch_size + 2:
+        raise ValueError(f"Profiling needs at least {batch_size + 2} images, got {pixels.shape[0]}.")
+    references, queries = pixels[:2], pixels[2 : 2 + batch_size]
+
+    def setup():
+        model.backbone._text_cache.clear()
+        return model.build_reference_bank(references)
+
+    setup_seconds = _median_seconds(setup, repeats)
+    bank = setup()
+    per_image = _median_seconds(_scorer(model, queries[:1], bank), repeats)
+    batch = _median_seconds(_scorer(model, queries, bank), repeats)
+    reference_features = model.encode_images(references)
+    scaling = {}
+    for k in ks:
+        repeat = -(-k // 2)
+        tiled = {name: tensor.repeat_interleave(repeat, dim=0)[:k] for name, tensor in reference_features.items()}
+        scaling[k] = _median_seconds(_scorer(model, queries[:1], model.build_reference_bank(reference_features=tiled)), repeats)
+    return ProfileRow(method, per_image, batch_size / batch, setup_seconds, _peak_memory_mb(model.device), scaling)
+
+
+def _scorer(model: FsadPreTrainedModel, pixel_values: torch.Tensor, bank):
+    return lambda: model(pixel_values, reference_bank=bank)
+
+
+def _write_profile(out_dir: Path, rows: list[ProfileRow], ks: Sequence[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    _atomic_write(out_dir / "profile.json", json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+    lines = [
+        "| method | per image (s, batch 1) | images/s | setup: prompts + 2 refs (s) | peak memory (MB) | "
+        + " | ".join(f"k={k} (× k={ks[0]})" for k in ks) + " |",
+        "|---|---|---|---|---|" + "---|" * len(ks),
+    ]
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    for row in rows:
+        base = row.k_scaling[ks[0]]
+        ratios = " | ".join(f"{row.k_scaling[k]:.3f} s ({row.k_scaling[k] / base:.2f}×)" for k in ks)
+        lines.append(
+            f"| {row.method} | {row.per_image_seconds:.3f} | {row.images_per_second:.2f} | {row.setup_seconds:.2f} "
+            f"| {row.peak_memory_mb:.0f} | {ratios} |"
+        )
+        axis.plot(list(ks), [row.k_scaling[k] / base for k in ks], marker="o", label=row.method)
+    axis.set(xscale="log", xlabel="references k", ylabel=f"per-image latency / latency at k={ks[0]}")
+    axis.set_xticks(list(ks), [str(k) for k in ks])
+    axis.axhline(2.0, color="grey", linestyle=":", label="2×")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_dir / "profile_k_scaling.png", dpi=90)
+    plt.close(figure)
+    _atomic_write(out_dir / "profile.md", "\n".join(lines) + "\n\n![k scaling](profile_k_scaling.png)\n")

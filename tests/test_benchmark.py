@@ -1,0 +1,144 @@
+"""The evaluation runner: exact cells, manifests that replay, features encoded once, reruns that skip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_fsad.benchmark import DatasetSpec, FeatureCache, profile_models, results_markdown, run_benchmark
+from hf_fsad.cli import main
+from hf_fsad.data import load_benchmark
+from hf_fsad.metrics import image_auroc, pixel_aupro
+from hf_fsad.visualization import mask_array
+
+TOY = {"num_train": 4, "num_test_good": 3, "num_test_anomalous": 3, "image_size": 96}
+SPEC = DatasetSpec("toy", categories=["stripes"], options=TOY)
+
+
+class CountingEncoder:
+    """Counts the images a model encodes."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._encode = model.encode_images
+        model.encode_images = self
+
+    def __call__(self, pixel_values):
+        self.count += pixel_values.shape[0]
+        return self._encode(pixel_values)
+
+
+def cell(results, **key):
+    (found,) = [c for c in results["cells"] if all(c[name] == value for name, value in key.items())]
+    return found
+
+
+def test_cells_match_direct_scoring_and_features_are_encoded_once(make_winclip, tmp_path):
+    model = make_winclip()
+    encoder = CountingEncoder(model)
+    results = run_benchmark({"winclip": model}, [SPEC], ks=[0, 2], seeds=[0, 1], out_dir=tmp_path, title="toy (random)")
+
+    assert len(results["cells"]) == 3  # zero-shot once, k=2 for two seeds
+    data = load_benchmark("toy", category="stripes", **TOY)
+    references = {image_id for c in results["cells"] for image_id in c["reference_ids"]}
+    assert encoder.count == data["test"].num_rows + len(references)
+    assert results["feature_cache"]["misses"] == encoder.count
+    assert results["feature_cache"]["hits"] > 0
+
+    two_shot = cell(results, k=2, seed=0)
+    train = data["train"]
+    chosen = train.select([train["path"].index(i) for i in two_shot["reference_ids"]])
+    processor = model.image_processor()
+    pixels = lambda images: processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values  # noqa: E731
+    with torch.no_grad():
+        bank = model.build_reference_bank(pixels(chosen["image"]), class_name="textured surface")
+        expected = model(pixels(data["test"]["image"]), reference_bank=bank)
+    np.testing.assert_allclose(two_shot["image_scores"], expected.image_scores.numpy(), rtol=1e-5)
+    labels = data["test"]["label"]
+    assert two_shot["metrics"]["image_auroc"] == pytest.approx(image_auroc(labels, expected.image_scores.numpy()))
+    masks = np.stack([mask_array(mask, 240) for mask in data["test"]["mask"]])
+    assert two_shot["metrics"]["pixel_aupro"] == pytest.approx(pixel_aupro(masks, expected.anomaly_maps.numpy()), abs=1e-6)
+
+    seeds = [tuple(cell(results, k=2, seed=s)["reference_ids"]) for s in (0, 1)]
+    assert seeds[0] != seeds[1]
+    table = (tmp_path / "results.md").read_text()
+    assert table.startswith("# toy (random)") and "| winclip | 2 |" in table and "pixel_aupro" in table
+    assert (tmp_path / "plots" / "roc_toy_stripes.png").is_file()
+    assert (tmp_path / "plots" / "heatmaps_toy_stripes.png").is_file()
+
+
+def test_rerun_skips_finished_cells_and_manifests_replay_exactly(make_winclip, tmp_path):
+    first = run_benchmark({"winclip": make_winclip()}, [SPEC], ks=[2], seeds=[0, 1], out_dir=tmp_path)
+    model = make_winclip()
+    encoder = CountingEncoder(model)
+    again = run_benchmark({"winclip": model}, [SPEC], ks=[2], seeds=[0, 1], out_dir=tmp_path)
+    assert again["skipped_cells"] == 2 and encoder.count == 0
+    assert again["cells"] == first["cells"]
+
+    (tmp_path / "results.json").unlink()  # recompute every cell from the saved manifests and features
+    replay = run_benchmark({"winclip": model}, [SPEC], ks=[2], seeds=[0, 1], out_dir=tmp_path)
+    assert encoder.count == 0  # all features came from the on-disk cache
+    for old, new in zip(first["cells"], replay["cells"]):
+        assert new["reference_ids"] == old["reference_ids"]
+        assert new["image_scores"] == old["image_scores"]
+
+
+def test_methods_sharing_a_backbone_share_features(make_winclip, tmp_path):
+    plain, cooler = make_winclip(), make_winclip(temperature=0.05)
+    assert plain.feature_key() == cooler.feature_key()
+    encoder = CountingEncoder(cooler)
+    results = run_benchmark({"plain": plain, "cooler": cooler}, [SPEC], ks=[0], seeds=[0], out_dir=tmp_path)
+    assert encoder.count == 0
+    scores = [cell(results, method=m)["image_scores"] for m in ("plain", "cooler")]
+    assert scores[0] != scores[1]
+
+
+def test_pixel_metrics_are_left_out_without_masks():
+    metrics = {"image_auroc": 0.8, "image_auprc": 0.7, "image_f1_max": 0.6}
+    metrics |= {name: None for name in ("pixel_auroc", "pixel_auprc", "pixel_f1_max", "pixel_aupro")}
+    cells = [
+        {"method": "m", "dataset": "elpv", "category": c, "k": 2, "seed": s, "metrics": metrics}
+        for c in ("mono", "poly") for s in (0, 1)
+    ]
+    table = results_markdown({"cells": cells, "feature_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75}, "wall_seconds": 5})
+    assert "| m | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in table
+    assert "pixel" not in table.split("Metrics")[0].replace("pixel_auroc per category", "")
+    assert "hit rate 75.0 %" in table
+
+
+def test_feature_cache_in_memory_counts(make_winclip):
+    model, cache = make_winclip(), FeatureCache()
+    data = load_benchmark("toy", category="grid", **TOY)["test"]
+    first = cache.features(model, data, [0, 1])
+    assert (cache.hits, cache.misses) == (0, 2)
+    second = cache.features(model, data, [1, 2])
+    assert (cache.hits, cache.misses) == (1, 3)
+    torch.testing.assert_close(first["patch_tokens"][1], second["patch_tokens"][0], rtol=0, atol=0)
+
+
+def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path):
+    images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
+    (row,) = profile_models({"winclip": make_winclip()}, images, tmp_path, ks=(2, 8), batch_size=2, repeats=1)
+    assert row.per_image_seconds > 0 and row.images_per_second > 0 and row.setup_seconds > 0
+    assert row.peak_memory_mb > 0 and set(row.k_scaling) == {2, 8}
+    assert json.loads((tmp_path / "profile.json").read_text())[0]["method"] == "winclip"
+    assert "k=8 (× k=2)" in (tmp_path / "profile.md").read_text()
+    assert (tmp_path / "profile_k_scaling.png").is_file()
+
+
+def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, capsys):
+    status = main([
+        "benchmark", "--methods", f"w=winclip@{tiny_clip_dir}", "--datasets", "toy::grid",
+        "--k", "0", "--seeds", "0", "--out", str(tmp_path),
+    ])
+    assert status == 0
+    assert "1 cells (0 already done)" in capsys.readouterr().out
+    assert cell(json.loads((tmp_path / "results.json").read_text()), method="w")["category"] == "grid"
+
+
+def test_dataset_spec_parsing():
+    assert DatasetSpec.parse("elpv") == DatasetSpec("elpv")
+    assert DatasetSpec.parse("mvtec_ad:/data/mvtec:screw") == DatasetSpec("mvtec_ad", "/data/mvtec", ["screw"])
