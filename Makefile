@@ -37,7 +37,7 @@ test-convert: install-convert
 test: test-core test-convert
 
 lint: install
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(CONVERT_VENV) demo_output

@@ -78,8 +78,8 @@ def profile(layers: int, repeats: int, batch_size: int) -> dict:
             ("WinCLIP zero-shot, per image (batch 1)", zero_shot, zero_shot / bare),
             ("WinCLIP+ 2-shot, per image (batch 1)", few_shot, few_shot / bare),
             (
-                f"WinCLIP+ 2-shot, per image (batch {batch_size}; bare at this batch = "
-                f"{bare_batch / batch_size / bare:.2f}x)",
+                (f"WinCLIP+ 2-shot, per image (batch {batch_size}; bare at this batch = "
+                f"{bare_batch / batch_size / bare:.2f}x)"),
                 few_shot_batch / batch_size,
                 few_shot_batch / batch_size / bare,
             ),

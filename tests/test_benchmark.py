@@ -52,7 +52,7 @@ def test_cells_match_direct_scoring_and_features_are_encoded_once(make_winclip, 
     train = data["train"]
     chosen = train.select([train["path"].index(i) for i in two_shot["reference_ids"]])
     processor = model.image_processor()
-    pixels = lambda images: processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values  # noqa: E731
+    pixels = lambda images: processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values
     with torch.no_grad():
         bank = model.build_reference_bank(pixels(chosen["image"]), class_name="textured surface")
         expected = model(pixels(data["test"]["image"]), reference_bank=bank)
@@ -142,3 +142,11 @@ def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, ca
 def test_dataset_spec_parsing():
     assert DatasetSpec.parse("elpv") == DatasetSpec("elpv")
     assert DatasetSpec.parse("mvtec_ad:/data/mvtec:screw") == DatasetSpec("mvtec_ad", "/data/mvtec", ["screw"])
+
+
+def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):
+    model = make_winclip()
+    model.config.trained_on = "mvtec_ad"
+    results = run_benchmark({"winclip": model}, [SPEC], ks=[0], seeds=[0], out_dir=tmp_path)
+    assert results["cells"][0]["trained_on"] == "mvtec_ad"
+    assert "| winclip (trained on mvtec_ad) | 0 |" in (tmp_path / "results.md").read_text()

@@ -213,7 +213,7 @@ def run_benchmark(
     for spec in datasets:
         for category, train, test in _category_splits(spec):
             labels = np.asarray(test["label"])
-            seed_zero_outputs = {}
+            first_seed_scores, shown_maps = {}, None
             for method, model in models.items():
                 masks = _test_masks(test, model.config.image_size)
                 for k in ks:
@@ -222,39 +222,56 @@ def run_benchmark(
                         if _cell_id(cell) in cells:
                             skipped += 1
                             continue
-                        cell_started = time.perf_counter()
-                        reference_features, manifest = None, None
-                        if k > 0:
-                            manifest = _manifest(out_dir, train, spec.name, category, k, seed)
-                            row_of = {path: row for row, path in enumerate(train["path"])}
-                            rows = [row_of[image_id] for image_id in manifest.image_ids]
-                            reference_features = cache.features(model, train, rows, batch_size, "references")
-                        test_features = cache.features(
-                            model, test, range(test.num_rows), batch_size, f"{method} {spec.name}/{category} test"
-                        )
-                        bank = model.build_reference_bank(
-                            class_name=class_name_for(spec.name, category), reference_features=reference_features
-                        )
-                        scores, maps = _score(model, test_features, bank, batch_size)
-                        cell.update(
-                            trained_on=getattr(model.config, "trained_on", None),
-                            metrics=_metrics(labels, scores, masks, maps),
-                            num_test=int(test.num_rows),
-                            reference_ids=manifest.image_ids if manifest else [],
-                            seconds=time.perf_counter() - cell_started,
-                            image_scores=scores.tolist(),
-                        )
-                        cells[_cell_id(cell)] = cell
-                        if seed == seeds[0]:
-                            seed_zero_outputs[(method, k)] = (scores, maps, masks)
+                        split = _CategorySplit(spec.name, category, train, test, labels, masks)
+                        scores, maps, values = _run_cell(model, cache, out_dir, split, k, seed, batch_size)
+                        cells[_cell_id(cell)] = cell | values
                         _write_results(results_file, cells, cache, started, skipped)
-            if seed_zero_outputs:
-                _plot_category(out_dir, spec.name, category, test, labels, seed_zero_outputs, num_heatmaps)
+                        if seed == seeds[0]:
+                            first_seed_scores[(method, k)] = scores
+                            shown_maps = (method, k, scores, maps, masks) if maps is not None else shown_maps
+            if first_seed_scores:
+                _plot_category(out_dir, spec.name, category, test, labels, first_seed_scores, shown_maps, num_heatmaps)
 
     results = _write_results(results_file, cells, cache, started, skipped)
     plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
     _atomic_write(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
     return results
+
+
+@dataclass
+class _CategorySplit:
+    dataset: str
+    category: str
+    train: Dataset
+    test: Dataset
+    labels: np.ndarray
+    masks: np.ndarray | None  # at the model's input size; None: no pixel metrics
+
+
+def _run_cell(
+    model: FsadPreTrainedModel, cache: FeatureCache, out_dir: Path, split: _CategorySplit, k: int, seed: int, batch_size: int
+) -> tuple:
+    """Score the test split with k references drawn with `seed`: (scores, maps, cell values)."""
+    dataset, category, train, test = split.dataset, split.category, split.train, split.test
+    started = time.perf_counter()
+    reference_features, manifest = None, None
+    if k > 0:
+        manifest = _manifest(out_dir, train, dataset, category, k, seed)
+        row_of = {path: row for row, path in enumerate(train["path"])}
+        rows = [row_of[image_id] for image_id in manifest.image_ids]
+        reference_features = cache.features(model, train, rows, batch_size, "references")
+    test_features = cache.features(model, test, range(test.num_rows), batch_size, f"{dataset}/{category} test")
+    bank = model.build_reference_bank(class_name=class_name_for(dataset, category), reference_features=reference_features)
+    scores, maps = _score(model, test_features, bank, batch_size)
+    values = {
+        "trained_on": model.config.trained_on,
+        "metrics": _metrics(split.labels, scores, split.masks, maps),
+        "num_test": int(test.num_rows),
+        "reference_ids": manifest.image_ids if manifest else [],
+        "seconds": time.perf_counter() - started,
+        "image_scores": scores.tolist(),
+    }
+    return scores, maps, values
 
 
 def _category_splits(spec: DatasetSpec):
@@ -284,8 +301,8 @@ def _write_results(path: Path, cells: dict, cache: FeatureCache, started: float,
     return results
 
 
-def _plot_category(out_dir, dataset, category, test, labels, outputs, num_heatmaps) -> None:
-    """ROC curves of every (method, k) at the first seed; heatmaps of the last one with maps."""
+def _plot_category(out_dir, dataset, category, test, labels, scores_by_cell, shown_maps, num_heatmaps) -> None:
+    """ROC curves of every (method, k) at the first seed; heatmaps of the last cell that has maps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -294,33 +311,29 @@ def _plot_category(out_dir, dataset, category, test, labels, outputs, num_heatma
 
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
-    roc_path = plot_dir / f"roc_{dataset}_{category}.png"
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    for (method, k), (scores, _, _) in outputs.items():
+    for (method, k), scores in scores_by_cell.items():
         false_positive, true_positive, _ = roc_curve(labels, scores)
         axis.plot(false_positive, true_positive, label=f"{method} k={k}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{dataset} / {category}")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(roc_path, dpi=90)
+    figure.savefig(plot_dir / f"roc_{dataset}_{category}.png", dpi=90)
     plt.close(figure)
 
-    with_maps = [(key, value) for key, value in outputs.items() if value[1] is not None]
-    if with_maps and num_heatmaps > 0:
-        (method, k), (scores, maps, masks) = with_maps[-1]
-        shown = [i for i in np.argsort(-scores) if labels[i]][: num_heatmaps - 1] + [int(np.argmin(scores))]
-        size = maps.shape[-1]
-        masks = masks if masks is not None else np.zeros((len(labels), size, size), dtype=bool)
-        heatmap_path = plot_dir / f"heatmaps_{dataset}_{category}.png"
-        save_heatmap_panels(
-            heatmap_path,
-            [test[int(i)]["image"] for i in shown],
-            masks[shown],
-            maps[shown],
-            [f"{method} k={k}: {test[int(i)]['defect_type']}" for i in shown],
-            [float(scores[i]) for i in shown],
-        )
+    if shown_maps is None or num_heatmaps < 1:
+        return
+    method, k, scores, maps, masks = shown_maps
+    shown = [i for i in np.argsort(-scores) if labels[i]][: num_heatmaps - 1] + [int(np.argmin(scores))]
+    save_heatmap_panels(
+        plot_dir / f"heatmaps_{dataset}_{category}.png",
+        [test[int(i)]["image"] for i in shown],
+        masks[shown] if masks is not None else None,
+        maps[shown],
+        [f"{method} k={k}: {test[int(i)]['defect_type']}" for i in shown],
+        [float(scores[i]) for i in shown],
+    )
 
 
 def _mean_std(values: list[float]) -> str:

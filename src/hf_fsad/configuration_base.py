@@ -18,6 +18,8 @@ class FsadConfig(PreTrainedConfig):
             Other sizes interpolate the position embeddings.
         image_mean, image_std: normalisation of the image processor (OpenAI CLIP values by default).
         default_class_name: class word used when no class name is given.
+        trained_on: the dataset a trained method was fitted on (None for training-free methods); the
+            benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -27,6 +29,7 @@ class FsadConfig(PreTrainedConfig):
     image_mean: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
+    trained_on: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

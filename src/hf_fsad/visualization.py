@@ -38,9 +38,15 @@ def mask_array(mask: Image.Image | None, size: int) -> np.ndarray:
 
 
 def save_heatmap_panels(
-    path, images: list[Image.Image], masks: np.ndarray, maps: np.ndarray, titles: list[str], scores: list[float]
+    path,
+    images: list[Image.Image],
+    masks: np.ndarray | None,
+    maps: np.ndarray,
+    titles: list[str],
+    scores: list[float],
 ) -> None:
-    """One row per image: image | true mask | heatmap overlay, all maps on one colour scale."""
+    """One row per image: image | true mask | heatmap overlay, all maps on one colour scale.
+    masks None: the data has image labels only, and the middle panel says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +54,17 @@ def save_heatmap_panels(
 
     value_range = (float(np.min(maps)), float(np.max(maps)))
     figure, axes = plt.subplots(len(images), 3, figsize=(7.5, 2.5 * len(images)), squeeze=False)
-    for row, image, mask, anomaly_map, title, score in zip(axes, images, masks, maps, titles, scores):
+    for index, (row, image, anomaly_map, title, score) in enumerate(zip(axes, images, maps, titles, scores)):
         image = image.convert("RGB").resize(anomaly_map.shape[::-1])
+        mask = masks[index] if masks is not None else np.zeros(anomaly_map.shape, dtype=bool)
         panels = (image, mask, heatmap_overlay(image, anomaly_map, value_range))
         for axis, panel, caption in zip(row, panels, (title, "true mask", f"score {score:.4f}")):
             axis.imshow(panel, cmap="gray")
             axis.set_title(caption, fontsize=9)
             axis.axis("off")
+        if masks is None:
+            row[1].text(0.5, 0.5, "no pixel labels\n(image labels only)", color="white", ha="center", va="center",
+                        transform=row[1].transAxes, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)
