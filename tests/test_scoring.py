@@ -148,3 +148,77 @@ def test_upsample_maps_bilinear():
     result = scoring.upsample_maps(maps, (1, 4))[0, 0]
     # half-pixel centres: 0, 0.25, 0.75, 1
     assert result.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
+
+
+# --- anomalous memory ------------------------------------------------------------------------------------
+
+def test_nearest_cosine_and_both_associations_by_hand():
+    query = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    memory = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    half = 2**-0.5
+    torch.testing.assert_close(scoring.nearest_cosine(query, memory), torch.tensor([[half, half]]))
+    torch.testing.assert_close(scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2]))
+    torch.testing.assert_close(scoring.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2]))
+
+
+def test_mask_to_patch_grid_flags_any_pixel():
+    masks = torch.zeros(1, 4, 6, dtype=torch.bool)
+    masks[0, 1, 5] = True  # one pixel in patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
+    assert scoring.mask_to_patch_grid(masks, 2).tolist() == [[False, False, True, False, False, False]]
+
+
+def test_overlapping_windows_by_hand():
+    masks = scoring.window_masks((3, 3), 2)  # windows at (0,0), (0,1), (1,0), (1,1)
+    flags = torch.zeros(1, 9, dtype=torch.bool)
+    flags[0, 2] = True  # patch (0, 2): only windows starting at column 1 of row 0 cover it
+    assert scoring.overlapping_windows(flags, masks).tolist() == [[False, True, False, False]]
+    flags[0, 4] = True  # the centre patch is in every window
+    assert scoring.overlapping_windows(flags, masks).tolist() == [[True, True, True, True]]
+
+
+def test_level_image_scores_take_each_maximum():
+    maps = [torch.tensor([[0.1, 0.5], [0.3, 0.2]]), torch.tensor([[0.9, 0.0], [0.4, 0.6]])]
+    torch.testing.assert_close(scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]))
+
+
+def test_baseline_weights_average_three_groups():
+    weights = scoring.baseline_score_weights(4)
+    scores = torch.tensor([0.3, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
+    expected = (0.3 + (0.1 + 0.2 + 0.3 + 0.4) / 4 + (0.5 + 0.6 + 0.7 + 0.8) / 4) / 3
+    assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "normal", "student_t"])
+def test_sampled_weights_are_seeded_non_negative_and_normalised(distribution):
+    draw = lambda seed: scoring.sample_score_weights(50, 9, distribution, torch.Generator().manual_seed(seed))
+    weights = draw(0)
+    assert weights.shape == (50, 9) and (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(50, dtype=torch.float64))
+    torch.testing.assert_close(draw(0), weights, rtol=0, atol=0)
+    assert not torch.equal(draw(1), weights)
+    with pytest.raises(ValueError, match="Unknown weight distribution"):
+        scoring.sample_score_weights(1, 9, "cauchy")
+
+
+def test_pairwise_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    assert float(scoring.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        scoring.pairwise_auroc(scores, torch.ones(6))
+
+
+def test_weight_search_picks_the_perfect_score():
+    """Score 0 separates the validation set perfectly, scores 1 and 2 are noise: the chosen vector must be
+    dominated by score 0, and reach AUROC 1."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    noise = torch.rand(12, 2, generator=generator, dtype=torch.float64)
+    scores = torch.cat([labels[:, None].double(), noise], dim=1)
+    candidates = scoring.sample_score_weights(200, 3, "uniform", generator)
+    weights, auroc = scoring.select_score_weights(scores, labels, candidates)
+    assert auroc == 1.0
+    assert int(torch.argmax(weights)) == 0
+    assert auroc == float(scoring.pairwise_auroc(candidates @ scores.T, labels).max())

@@ -21,6 +21,8 @@ _LAZY_ATTRIBUTES = {
     "ImageAnomalyDetectionPipeline": "hf_fsad.pipeline",
     "WinClipConfig": "hf_fsad.models.winclip.configuration_winclip",
     "WinClipModel": "hf_fsad.models.winclip.modeling_winclip",
+    "AnomalousMemoryConfig": "hf_fsad.models.anomalous_memory.configuration_anomalous_memory",
+    "AnomalousMemoryModel": "hf_fsad.models.anomalous_memory.modeling_anomalous_memory",
 }
 
 __all__ = [  # noqa: RUF022  (grouped as above)
@@ -33,6 +35,8 @@ __all__ = [  # noqa: RUF022  (grouped as above)
     "ImageAnomalyDetectionPipeline",
     "WinClipConfig",
     "WinClipModel",
+    "AnomalousMemoryConfig",
+    "AnomalousMemoryModel",
 ]
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 # model_type -> (module, config class name, model class name); a new method adds one line.
 METHODS: dict[str, tuple[str, str, str]] = {
     "winclip": ("hf_fsad.models.winclip", "WinClipConfig", "WinClipModel"),
+    "anomalous_memory": ("hf_fsad.models.anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
 }
 
 

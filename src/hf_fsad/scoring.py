@@ -69,23 +69,33 @@ def class_scores(
     return (similarity / temperature).softmax(dim=-1)[..., 1]
 
 
-def reference_association(
-    query: torch.Tensor, reference: torch.Tensor, chunk_size: int = 4096
-) -> torch.Tensor:
-    """Distance of each query item to its nearest reference item: min over references of (1 - cos) / 2.
+def nearest_cosine(query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Cosine similarity of each query item to its most similar memory item.
 
-    query: (B, N, D); reference: (M, D), all items of all reference images pooled. Returns (B, N).
-    Queries are processed in chunks so memory stays bounded for large reference sets.
+    query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries are
+    processed in chunks so memory stays bounded for large banks.
     """
-    if reference.shape[0] == 0:
-        raise ValueError("The reference memory is empty: build the bank from at least one image.")
-    reference = F.normalize(reference, dim=-1)
+    if memory.shape[0] == 0:
+        raise ValueError("The memory is empty: build the bank from at least one image (or region).")
+    memory = F.normalize(memory, dim=-1)
     flat = F.normalize(query, dim=-1).reshape(-1, query.shape[-1])
-    nearest = torch.cat(
-        [(chunk @ reference.T).amax(dim=-1) for chunk in flat.split(chunk_size)]
-    )
+    nearest = torch.cat([(chunk @ memory.T).amax(dim=-1) for chunk in flat.split(chunk_size)])
+    return nearest.reshape(query.shape[:-1])
+
+
+def reference_association(query: torch.Tensor, reference: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """WinCLIP+ distance to the nearest normal reference item: (1 - max cos) / 2, in [0, 1]. (B, N)."""
     # clamp: rounding can push cos a hair above 1, and harmonic means need non-negative scores
-    return ((1 - nearest).clamp_min(0) / 2).reshape(query.shape[:-1])
+    return ((1 - nearest_cosine(query, reference, chunk_size)).clamp_min(0) / 2)
+
+
+def anomalous_association(query: torch.Tensor, anomalous: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+    """Similarity to the most similar anomalous-memory item: (1 + max cos) / 2, in [0, 1]. (B, N).
+
+    High when a query item looks like a stored defect; mapped to [0, 1] like the reference distance so
+    both memories aggregate over windows the same way.
+    """
+    return ((1 + nearest_cosine(query, anomalous, chunk_size)) / 2).clamp(0, 1)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -135,3 +145,72 @@ def fuse_zero_few_shot(
     """WinCLIP+ fusion: map = mean of both maps; image score = mean of the zero-shot score and the
     few-shot map's maximum. Maps are (B, P); returns (map, image_scores)."""
     return (zero_shot_map + few_shot_map) / 2, (zero_shot_image_scores + few_shot_map.amax(dim=-1)) / 2
+
+
+# --- Anomalous memory (papers/anomalous-samples-fsad.txt) -------------------------------------------------
+
+def mask_to_patch_grid(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W) pixel masks -> (B, P) patch flags: a patch is anomalous when any of its pixels is."""
+    pooled = F.max_pool2d(masks.float().unsqueeze(1), kernel_size=patch_size, stride=patch_size)
+    return pooled.flatten(1) > 0
+
+
+def overlapping_windows(patch_flags: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, P) patch flags, (W, P) window masks -> (B, W): windows that overlap a flagged patch."""
+    return (patch_flags.float() @ masks.float().T) > 0
+
+
+def level_image_scores(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Per-level patch maps [(B, P)] -> (B, L): each level's maximum over patches (its image score)."""
+    return torch.stack([level.amax(dim=-1) for level in maps], dim=-1)
+
+
+def baseline_score_weights(num_levels: int) -> torch.Tensor:
+    """The paper's baseline over [text, reference x L, anomalous x L]: the mean of three groups, each memory
+    group the mean of its levels: [1/3, 1/(3L) x L, 1/(3L) x L]."""
+    memory = torch.full((num_levels,), 1 / (3 * num_levels), dtype=torch.float64)
+    return torch.cat([torch.tensor([1 / 3], dtype=torch.float64), memory, memory])
+
+
+WEIGHT_DISTRIBUTIONS = ("uniform", "normal", "student_t")
+
+
+def sample_score_weights(
+    num_samples: int, num_scores: int, distribution: str = "uniform", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(num_samples, num_scores) Monte-Carlo weight vectors, non-negative and summing to 1.
+
+    uniform: U(0, 1) per weight (the paper's choice); normal: |N(0, 1)|; student_t: |t(3)|.
+    """
+    shape = (num_samples, num_scores)
+    if distribution == "uniform":
+        raw = torch.rand(shape, generator=generator, dtype=torch.float64)
+    elif distribution == "normal":
+        raw = torch.randn(shape, generator=generator, dtype=torch.float64).abs()
+    elif distribution == "student_t":
+        normal = torch.randn(shape, generator=generator, dtype=torch.float64)
+        chi2 = torch.randn((*shape, 3), generator=generator, dtype=torch.float64).pow(2).sum(-1)
+        raw = (normal / (chi2 / 3).sqrt()).abs()
+    else:
+        raise ValueError(f"Unknown weight distribution {distribution!r}; choose from {WEIGHT_DISTRIBUTIONS}.")
+    return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def pairwise_auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """AUROC of each row of `scores` (n, V) against `labels` (V,), exactly: the share of (anomalous, normal)
+    pairs ordered correctly, ties counting one half."""
+    labels = labels.bool()
+    if labels.all() or not labels.any():
+        raise ValueError("Weight validation needs both normal and anomalous validation images.")
+    difference = scores[:, labels, None] - scores[:, None, ~labels]
+    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean(dim=(1, 2))
+
+
+def select_score_weights(
+    validation_scores: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """The candidate weight vector (n, S) whose combined score has the best validation AUROC (the first on
+    ties), and that AUROC. validation_scores: (V, S) per-image score vectors."""
+    aurocs = pairwise_auroc(candidates @ validation_scores.double().T, labels)
+    best = int(torch.argmax(aurocs))
+    return candidates[best], float(aurocs[best])

@@ -1,0 +1,1 @@
+"""Anomalous-memory multi-score method (papers/anomalous-samples-fsad.txt), built on WinCLIP+."""

@@ -1,0 +1,207 @@
+"""Anomalous memory: WinCLIP+ that also learns from defective samples (papers/anomalous-samples-fsad.txt)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+from ...augmentation import augment_views
+from ...modeling_base import AnomalyDetectionOutput, ReferenceBank, validate_pixel_values
+from ...scoring import (
+    anomalous_association,
+    baseline_score_weights,
+    class_scores,
+    harmonic_aggregation,
+    level_image_scores,
+    mask_to_patch_grid,
+    overlapping_windows,
+    reference_association,
+    sample_score_weights,
+    select_score_weights,
+    upsample_maps,
+    winclip_zero_shot_map,
+    window_masks,
+)
+from ..winclip.modeling_winclip import WinClipModel
+from .configuration_anomalous_memory import AnomalousMemoryConfig
+
+
+class AnomalousMemoryModel(WinClipModel):
+    """Nine scores per image — text zero-shot, distance to the normal memory and similarity to the anomalous
+    memory at four scales (16 px patches, 32/48/112 px windows) — combined with a weight vector stored in
+    the bank (the paper's baseline, or the best of a Monte-Carlo draw on augmented samples).
+
+    The anomalous memory holds the items (patches, windows) of anomalous references that overlap their
+    masks; their other items join the normal memory, so one annotated defective image gives both memories.
+    An anomalous reference given without a mask puts all its items in the anomalous memory (a trade-off:
+    its normal parts then look like defects, so normal references are needed beside it).
+    """
+
+    config_class = AnomalousMemoryConfig
+
+    def level_names(self) -> list[str]:
+        return ["patch", *(f"window{scale}" for scale in self.config.window_scales)]
+
+    def score_names(self) -> list[str]:
+        levels = self.level_names()
+        return ["text", *(f"reference.{name}" for name in levels), *(f"anomalous.{name}" for name in levels)]
+
+    def _level_items(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Per level (B, items, dim): patch tokens, then the window embeddings of each scale."""
+        return [features["patch_tokens"], *(features[f"window_embeddings.{s}"] for s in self.config.window_scales)]
+
+    def _anomalous_item_flags(self, masks: torch.Tensor | None, count: int) -> list[torch.Tensor]:
+        """Per level (A, items) bool: which items of each anomalous reference overlap its mask."""
+        grid = self.grid_size()
+        window_sets = [window_masks(grid, scale).to(self.device) for scale in self.config.window_scales]
+        if masks is None:
+            num_items = [grid[0] * grid[1], *(w.shape[0] for w in window_sets)]
+            return [torch.ones(count, n, dtype=torch.bool, device=self.device) for n in num_items]
+        size = self.config.image_size
+        if masks.ndim != 3 or tuple(masks.shape) != (count, size, size):
+            raise ValueError(
+                f"anomalous_masks must have shape ({count}, {size}, {size}) (one mask per anomalous reference, at "
+                f"config.image_size), got {tuple(masks.shape)}."
+            )
+        empty = [index for index, mask in enumerate(masks) if not mask.any()]
+        if empty:
+            raise ValueError(
+                f"The masks of anomalous references {empty} mark no anomalous pixel; pass anomalous_masks=None "
+                "for references without pixel labels."
+            )
+        patches = mask_to_patch_grid(masks.to(self.device), self.backbone.patch_size)
+        return [patches, *(overlapping_windows(patches, windows) for windows in window_sets)]
+
+    @torch.no_grad()
+    def build_reference_bank(
+        self,
+        reference_pixel_values: torch.Tensor | None = None,
+        class_name: str | None = None,
+        reference_features: dict[str, torch.Tensor] | None = None,
+        anomalous_pixel_values: torch.Tensor | None = None,
+        anomalous_masks: torch.Tensor | None = None,
+        anomalous_features: dict[str, torch.Tensor] | None = None,
+    ) -> ReferenceBank:
+        """Bank with the normal memory (normal references + the unmasked items of anomalous ones), the
+        anomalous memory (masked items) and the baseline score weights.
+
+        anomalous_masks: (A, S, S) with S = config.image_size, non-zero = defect; None = no pixel labels.
+        Features from `encode_images` may stand in for either set of images.
+        """
+        normal = self._features_of(reference_pixel_values, reference_features, "reference_pixel_values")
+        anomalous = self._features_of(anomalous_pixel_values, anomalous_features, "anomalous_pixel_values")
+        if anomalous is None:
+            raise ValueError(
+                "The anomalous memory needs at least one anomalous reference (anomalous_pixel_values); "
+                "with normal references only, use WinClipModel."
+            )
+        count = anomalous["patch_tokens"].shape[0]
+        flags = self._anomalous_item_flags(anomalous_masks, count)
+        class_name = class_name or self.config.default_class_name
+        tensors = {"text_embeddings": self.text_embeddings(class_name), "score_weights": baseline_score_weights(self.config.num_levels)}
+        normal_items = self._level_items(normal) if normal is not None else [None] * self.config.num_levels
+        for name, items, level_flags, normal_level in zip(self.level_names(), self._level_items(anomalous), flags, normal_items):
+            parts = [items[~level_flags]] + ([normal_level.flatten(0, 1)] if normal_level is not None else [])
+            tensors[f"reference.{name}"] = torch.cat(parts)
+            tensors[f"anomalous.{name}"] = items[level_flags]
+            if tensors[f"reference.{name}"].shape[0] == 0:
+                raise ValueError(
+                    "The normal memory is empty: give normal references, or anomalous masks that leave normal "
+                    "regions."
+                )
+        k = normal["patch_tokens"].shape[0] if normal is not None else 0
+        tensors["num_anomalous"] = torch.tensor(count)
+        return self.make_bank(class_name, k, tensors)
+
+    def _features_of(self, pixel_values, features, name: str) -> dict[str, torch.Tensor] | None:
+        if pixel_values is not None and features is not None:
+            raise ValueError(f"Give {name} or its features, not both.")
+        if pixel_values is None:
+            return features
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0:
+            raise ValueError(f"{name} is empty: give at least one image, or None.")
+        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
+        return self.encode_images(pixel_values)
+
+    @torch.no_grad()
+    def score_features(
+        self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
+    ) -> AnomalyDetectionOutput:
+        if reference_bank is None:
+            raise ValueError(
+                "AnomalousMemoryModel needs a reference bank with an anomalous reference: "
+                "model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...)."
+            )
+        bank = self.check_bank(reference_bank)
+        text = bank.tensors["text_embeddings"]
+        grid = self.grid_size()
+        windows = [window_masks(grid, scale).to(text.device) for scale in self.config.window_scales]
+
+        zero_shot = class_scores(features["image_embeddings"], text, self.config.temperature)
+        window_text = [
+            class_scores(features[f"window_embeddings.{scale}"], text, self.config.temperature)
+            for scale in self.config.window_scales
+        ]
+        text_map = winclip_zero_shot_map(zero_shot, window_text, windows)
+
+        def level_maps(association, memory: str) -> list[torch.Tensor]:
+            maps = []
+            for level, (name, items) in enumerate(zip(self.level_names(), self._level_items(features))):
+                scores = association(items, bank.tensors[f"{memory}.{name}"])
+                maps.append(scores if level == 0 else harmonic_aggregation(scores, windows[level - 1]))
+            return maps
+
+        reference_maps = level_maps(reference_association, "reference")
+        anomalous_maps = level_maps(anomalous_association, "anomalous")
+        scores = torch.cat(
+            [zero_shot[:, None], level_image_scores(reference_maps), level_image_scores(anomalous_maps)], dim=-1
+        )
+        weights = bank.tensors["score_weights"].to(scores)
+        patch_map = torch.einsum("s,sbp->bp", weights, torch.stack([text_map, *reference_maps, *anomalous_maps]))
+        size = self.config.image_size
+        return AnomalyDetectionOutput(
+            image_scores=scores @ weights,
+            anomaly_maps=upsample_maps(patch_map.reshape(-1, *grid), (size, size)),
+            branch_scores={name: scores[:, index] for index, name in enumerate(self.score_names())},
+        )
+
+    @torch.no_grad()
+    def validate_weights(
+        self, reference_bank: ReferenceBank, validation_pixel_values: torch.Tensor, validation_labels: Sequence[int]
+    ) -> ReferenceBank:
+        """The bank with the Monte-Carlo weight vector that ranks the validation images best.
+
+        Draws `config.num_weight_samples` vectors from `config.weight_distribution` (seed
+        `config.weight_seed`) and keeps the one with the best validation AUROC; the bank then also holds
+        `validation_auroc`.
+        """
+        labels = torch.as_tensor(list(validation_labels))
+        if labels.numel() != validation_pixel_values.shape[0]:
+            raise ValueError(f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images.")
+        output = self(validation_pixel_values, reference_bank=reference_bank)
+        scores = torch.stack([output.branch_scores[name] for name in self.score_names()], dim=-1)
+        generator = torch.Generator().manual_seed(self.config.weight_seed)
+        candidates = sample_score_weights(
+            self.config.num_weight_samples, scores.shape[-1], self.config.weight_distribution, generator
+        )
+        weights, auroc = select_score_weights(scores.cpu(), labels, candidates)
+        tensors = reference_bank.tensors | {"score_weights": weights, "validation_auroc": torch.tensor(auroc)}
+        return ReferenceBank(reference_bank.model_type, reference_bank.config_hash, reference_bank.class_name, reference_bank.k, tensors)
+
+    def validation_set(
+        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Augmented views (`config.num_validation_views` per image, seeded) of normal and anomalous samples,
+        preprocessed, with their labels: the paper's validation set."""
+        views, labels = [], []
+        for label, images in ((0, normal_images), (1, anomalous_images)):
+            for index, image in enumerate(images):
+                seed = self.config.weight_seed * 1000 + 2 * index + label
+                augmented = augment_views(image, self.config.num_validation_views, seed)
+                views += augmented
+                labels += [label] * len(augmented)
+        if not views or len(set(labels)) < 2:
+            raise ValueError("Weight validation needs at least one normal and one anomalous image.")
+        return self.image_processor()(views, return_tensors="pt").pixel_values, labels

@@ -1,0 +1,183 @@
+"""Anomalous memory: memories from masks, the nine scores, weight validation, round trips, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel
+
+from hf_fsad import scoring
+from hf_fsad.data.toy import toy_records
+from hf_fsad.metrics import image_auroc
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+
+def make_model(seed: int = 0, **config) -> AnomalousMemoryModel:
+    torch.manual_seed(seed)
+    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config(), **config)).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def pixels(model, images):
+    return model.image_processor()(list(images), return_tensors="pt").pixel_values
+
+
+def mask_tensor(mask, size=240):
+    return torch.from_numpy(np.asarray(mask.resize((size, size))) > 127)
+
+
+@pytest.fixture(scope="module")
+def images():
+    torch.manual_seed(1)
+    return torch.randn(3, 3, 240, 240)
+
+
+def corner_mask():
+    """A defect covering exactly the top-left 16 px patch."""
+    mask = torch.zeros(1, 240, 240, dtype=torch.bool)
+    mask[0, :16, :16] = True
+    return mask
+
+
+def test_masked_items_form_the_anomalous_memory(model, images):
+    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    features = model.encode_images(images[1:2])
+    grid = 15
+    assert bank.tensors["anomalous.patch"].shape[0] == 1
+    torch.testing.assert_close(bank.tensors["anomalous.patch"][0], features["patch_tokens"][0, 0])
+    for scale in (2, 3, 7):  # the corner patch lies in exactly one window per scale
+        assert bank.tensors[f"anomalous.window{scale}"].shape[0] == 1
+        torch.testing.assert_close(bank.tensors[f"anomalous.window{scale}"][0], features[f"window_embeddings.{scale}"][0, 0])
+        windows = (grid - scale + 1) ** 2
+        assert bank.tensors[f"reference.window{scale}"].shape[0] == windows + windows - 1
+    assert bank.tensors["reference.patch"].shape[0] == 225 + 224  # normal image + unmasked anomalous patches
+    torch.testing.assert_close(bank.tensors["score_weights"], scoring.baseline_score_weights(4))
+    assert bank.k == 1 and int(bank.tensors["num_anomalous"]) == 1
+
+
+def test_nine_scores_and_their_baseline_combination(model, images):
+    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    output = model(images[2:], reference_bank=bank)
+    assert list(output.branch_scores) == model.score_names() and len(model.score_names()) == 9
+    features = model.encode_images(images[2:])
+    text = bank.tensors["text_embeddings"]
+    torch.testing.assert_close(output.branch_scores["text"], scoring.class_scores(features["image_embeddings"], text))
+    reference_patch = scoring.reference_association(features["patch_tokens"], bank.tensors["reference.patch"]).amax(-1)
+    torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch)
+    masks = scoring.window_masks((15, 15), 7)
+    anomalous_windows = scoring.anomalous_association(features["window_embeddings.7"], bank.tensors["anomalous.window7"])
+    expected = scoring.harmonic_aggregation(anomalous_windows, masks).amax(-1)
+    torch.testing.assert_close(output.branch_scores["anomalous.window7"], expected)
+    stacked = torch.stack([output.branch_scores[name] for name in model.score_names()], -1).double()
+    baseline = stacked[:, 0] / 3 + stacked[:, 1:5].mean(-1) / 3 + stacked[:, 5:].mean(-1) / 3
+    torch.testing.assert_close(output.image_scores.double(), baseline, rtol=1e-6, atol=1e-7)
+    assert output.anomaly_maps.shape == (1, 240, 240)
+
+
+def test_maskless_anomalous_reference_goes_wholly_to_the_anomalous_memory(model, images):
+    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2])
+    assert bank.tensors["anomalous.patch"].shape[0] == 225
+    assert bank.tensors["reference.patch"].shape[0] == 225  # only the normal reference
+    with pytest.raises(ValueError, match="normal memory is empty"):
+        model.build_reference_bank(anomalous_pixel_values=images[1:2])
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        (torch.zeros(1, 240, 240, dtype=torch.bool), "mark no anomalous pixel"),
+        (torch.ones(1, 224, 224, dtype=torch.bool), r"shape \(1, 240, 240\)"),
+        (torch.ones(2, 240, 240, dtype=torch.bool), r"shape \(1, 240, 240\)"),
+    ],
+    ids=["all-zero", "wrong-size", "wrong-count"],
+)
+def test_bad_masks_are_refused(model, images, masks, message):
+    with pytest.raises(ValueError, match=message):
+        model.build_reference_bank(images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=masks)
+
+
+def test_the_method_needs_an_anomalous_reference(model, images):
+    with pytest.raises(ValueError, match="at least one anomalous reference"):
+        model.build_reference_bank(images[:1])
+    with pytest.raises(ValueError, match="needs a reference bank"):
+        model(images[:1])
+
+
+def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
+    """Same random backbone: WinCLIP+ with one normal reference vs the anomalous memory with that reference
+    plus one annotated defect of the type tested (the discolorations random features find hardest)."""
+    winclip = make_winclip()
+    anomalous = make_model()
+    anomalous.backbone.load_state_dict(winclip.backbone.state_dict())
+    results = {}
+    for category in ("stripes", "grid"):
+        records = toy_records(category, num_train=1, num_test_good=10, num_test_anomalous=11, defects=("discoloration",), seed=1)
+        defect, test = records["test"][10], records["test"][:10] + records["test"][11:]
+        labels = [record.label for record in test]
+        queries, normal = pixels(winclip, [r.image for r in test]), pixels(winclip, [records["train"][0].image])
+        with torch.no_grad():
+            baseline = winclip(queries, reference_bank=winclip.build_reference_bank(normal, "tile")).image_scores
+            bank = anomalous.build_reference_bank(
+                normal, "tile", anomalous_pixel_values=pixels(anomalous, [defect.image]),
+                anomalous_masks=mask_tensor(defect.mask)[None],
+            )
+            ours = anomalous(queries, reference_bank=bank).image_scores
+        results[category] = (image_auroc(labels, baseline), image_auroc(labels, ours))
+    for winclip_auroc, ours_auroc in results.values():
+        assert ours_auroc > winclip_auroc, results
+
+
+def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
+    records = toy_records("grid", num_train=1, num_test_good=0, num_test_anomalous=1, defects=("blob",), seed=2)
+    normal, defect = records["train"][0], records["test"][0]
+    bank = model.build_reference_bank(
+        anomalous_pixel_values=pixels(model, [defect.image]), anomalous_masks=mask_tensor(defect.mask)[None]
+    )
+    views, labels = model.validation_set([normal.image], [defect.image])
+    assert views.shape == (10, 3, 240, 240) and labels == [0] * 5 + [1] * 5
+    validated = model.validate_weights(bank, views, labels)
+    again = model.validate_weights(bank, *model.validation_set([normal.image], [defect.image]))
+    torch.testing.assert_close(validated.tensors["score_weights"], again.tensors["score_weights"], rtol=0, atol=0)
+    weights = validated.tensors["score_weights"]
+    assert weights.shape == (9,) and float(weights.sum()) == pytest.approx(1.0)
+    scores = torch.stack([model(views, reference_bank=validated).branch_scores[n] for n in model.score_names()], -1)
+    assert float(validated.tensors["validation_auroc"]) == pytest.approx(image_auroc(labels, scores.double() @ weights))
+
+    validated.save(tmp_path / "bank.safetensors")
+    reloaded = ReferenceBank.load(tmp_path / "bank.safetensors")
+    torch.testing.assert_close(reloaded.tensors["score_weights"], weights, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="labels for"):
+        model.validate_weights(bank, views, labels[:3])
+
+
+def test_save_load_round_trip_reproduces_scores(model, images, tmp_path):
+    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    expected = model(images[2:], reference_bank=bank)
+    model.save_pretrained(tmp_path / "model")
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = AutoModel.from_pretrained(tmp_path / "model")
+    assert isinstance(loaded, AnomalousMemoryModel) and loaded.config.window_scales == [2, 3, 7]
+    output = loaded(images[2:], reference_bank=ReferenceBank.load(tmp_path / "bank.safetensors"))
+    torch.testing.assert_close(output.image_scores, expected.image_scores, rtol=0, atol=0)
+    for name, value in expected.branch_scores.items():
+        torch.testing.assert_close(output.branch_scores[name], value, rtol=0, atol=0)
+
+
+def test_winclip_bank_is_refused(model, make_winclip, images):
+    with pytest.raises(ValueError, match="built by a 'winclip' model"):
+        model(images[:1], reference_bank=make_winclip().build_reference_bank(images[:1]))
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="weight_distribution"):
+        AnomalousMemoryConfig(clip_config=tiny_clip_config(), weight_distribution="cauchy")
