@@ -169,7 +169,7 @@ def test_pixels_that_are_not_a_tensor_are_named(tiny_winclip):
 
 
 def test_empty_reference_set_is_refused(tiny_winclip):
-    with pytest.raises(ValueError, match="reference set is empty"):
+    with pytest.raises(ValueError, match="reference set reference_pixel_values is empty"):
         tiny_winclip.build_reference_bank(torch.empty(0, 3, 240, 240))
 
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from ...augmentation import augment_views
-from ...modeling_base import AnomalyDetectionOutput, ReferenceBank, validate_pixel_values
+from ...modeling_base import AnomalyDetectionOutput, ReferenceBank
 from ...scoring import (
     anomalous_association,
     baseline_score_weights,
@@ -90,8 +90,8 @@ class AnomalousMemoryModel(WinClipModel):
         anomalous_masks: (A, S, S) with S = config.image_size, non-zero = defect; None = no pixel labels.
         Features from `encode_images` may stand in for either set of images.
         """
-        normal = self._features_of(reference_pixel_values, reference_features, "reference_pixel_values")
-        anomalous = self._features_of(anomalous_pixel_values, anomalous_features, "anomalous_pixel_values")
+        normal = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
+        anomalous = self.features_of(anomalous_pixel_values, anomalous_features, "anomalous_pixel_values")
         if anomalous is None:
             raise ValueError(
                 "The anomalous memory needs at least one anomalous reference (anomalous_pixel_values); "
@@ -114,16 +114,6 @@ class AnomalousMemoryModel(WinClipModel):
         k = normal["patch_tokens"].shape[0] if normal is not None else 0
         tensors["num_anomalous"] = torch.tensor(count)
         return self.make_bank(class_name, k, tensors)
-
-    def _features_of(self, pixel_values, features, name: str) -> dict[str, torch.Tensor] | None:
-        if pixel_values is not None and features is not None:
-            raise ValueError(f"Give {name} or its features, not both.")
-        if pixel_values is None:
-            return features
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0:
-            raise ValueError(f"{name} is empty: give at least one image, or None.")
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
-        return self.encode_images(pixel_values)
 
     @torch.no_grad()
     def score_features(

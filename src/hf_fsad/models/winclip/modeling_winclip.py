@@ -61,6 +61,20 @@ class WinClipModel(FsadPreTrainedModel):
             **{f"window_embeddings.{scale}": window for scale, window in zip(self.config.window_scales, windows)},
         }
 
+    def features_of(
+        self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str
+    ) -> dict[str, torch.Tensor] | None:
+        """Features of an image set given as pixels (encoded here) or as `encode_images` features; None if
+        neither is given."""
+        if pixel_values is None:
+            return features
+        if features is not None:
+            raise ValueError(f"Give {name} or its features, not both.")
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0:
+            raise ValueError(f"The reference set {name} is empty: give at least one image, or None.")
+        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
+        return self.encode_images(pixel_values)
+
     @torch.no_grad()
     def build_reference_bank(
         self,
@@ -75,13 +89,7 @@ class WinClipModel(FsadPreTrainedModel):
         """
         class_name = class_name or self.config.default_class_name
         tensors = {"text_embeddings": self.text_embeddings(class_name)}
-        if reference_pixel_values is not None:
-            if reference_features is not None:
-                raise ValueError("Give reference_pixel_values or reference_features, not both.")
-            if isinstance(reference_pixel_values, torch.Tensor) and reference_pixel_values.shape[0] == 0:
-                raise ValueError("The reference set is empty: give at least one normal image, or None for zero-shot.")
-            validate_pixel_values(reference_pixel_values, self.backbone.patch_size, "reference_pixel_values")
-            reference_features = self.encode_images(reference_pixel_values)
+        reference_features = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
         k = 0
         if reference_features is not None:
             k = reference_features["patch_tokens"].shape[0]
