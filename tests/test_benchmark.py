@@ -150,3 +150,34 @@ def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):
     results = run_benchmark({"winclip": model}, [SPEC], ks=[0], seeds=[0], out_dir=tmp_path)
     assert results["cells"][0]["trained_on"] == "mvtec_ad"
     assert "| winclip (trained on mvtec_ad) | 0 |" in (tmp_path / "results.md").read_text()
+
+
+def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip, tmp_path):
+    from hf_fsad.benchmark import Protocol
+    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+    winclip = make_winclip()
+    anomalous = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+    anomalous.tokenizer = byte_level_clip_tokenizer()
+    anomalous.backbone.load_state_dict(winclip.backbone.state_dict())
+    protocol = Protocol(anomalous_shots=(0, 1), num_validation=1, max_test=4)
+    spec = DatasetSpec("toy", categories=["grid"], options=TOY)
+    results = run_benchmark(
+        {"winclip": winclip, "memory": anomalous}, [spec], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path, protocol=protocol
+    )
+    keys = sorted((c["method"], c["k"], c["anomalous"], c["seed"]) for c in results["cells"])
+    assert keys == [
+        ("memory", 0, 1, 0), ("memory", 0, 1, 1), ("memory", 1, 1, 0), ("memory", 1, 1, 1),
+        ("winclip", 0, 0, 0), ("winclip", 1, 0, 0), ("winclip", 1, 0, 1),
+    ]
+    for seed in (0, 1):
+        seed_cells = [c for c in results["cells"] if c["seed"] == seed]
+        assert {c["num_test"] for c in seed_cells} == {4}
+        anomalous_ids = {tuple(c["anomalous_ids"]) for c in seed_cells if c["method"] == "memory"}
+        assert len(anomalous_ids) == 1 and len(next(iter(anomalous_ids))) == 1
+    memory_cell = cell(results, method="memory", k=0, seed=0)
+    assert 0.0 <= memory_cell["validation_auroc"] <= 1.0
+    assert cell(results, method="winclip", k=1, seed=0)["validation_auroc"] is None
+    assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()

@@ -343,11 +343,26 @@ def test_reference_sampling_errors(mvtec_root, tmp_path):
     train = load_benchmark("mvtec_ad", root=mvtec_root)["train"]
     with pytest.raises(ValueError, match="pass category="):
         sample_references(train, k=1, seed=0)
-    with pytest.raises(ValueError, match="k=4 references: category 'bottle' has 3"):
+    with pytest.raises(ValueError, match=r"k=4 references \(\+0 for validation\): category .bottle. has 3"):
         sample_references(train, k=4, seed=0, category="bottle")
     manifest = ReferenceManifest("mvtec_ad", "bottle", 1, 0, ["bottle/train/good/999.png"])
-    with pytest.raises(ValueError, match="not in the train split"):
+    with pytest.raises(ValueError, match="not in the split"):
         manifest.select(train)
     (tmp_path / "bad.json").write_text('{"k": 1}')
     with pytest.raises(ValueError, match="not a reference manifest"):
         ReferenceManifest.load(tmp_path / "bad.json")
+
+
+def test_anomalous_protocol_sampling(mvtec_root):
+    data = load_benchmark("mvtec_ad", root=mvtec_root, category="bottle")
+    manifest = sample_references(data["train"], k=1, seed=0, test=data["test"], num_anomalous=1, num_validation=1, max_test=2)
+    assert len(manifest.anomalous_ids) == 1 and manifest.anomalous_ids[0].startswith("bottle/test/broken/")
+    assert len(manifest.validation_ids) == 1 and manifest.validation_ids[0] not in manifest.image_ids
+    assert len(manifest.test_ids) == 2 and manifest.anomalous_ids[0] not in manifest.test_ids
+    for k in (0, 2):  # the test side does not depend on k
+        other = sample_references(data["train"], k=k, seed=0, test=data["test"], num_anomalous=1, max_test=2)
+        assert (other.anomalous_ids, other.test_ids) == (manifest.anomalous_ids, manifest.test_ids)
+    with pytest.raises(ValueError, match="pass test="):
+        sample_references(data["train"], k=1, seed=0, num_anomalous=1)
+    with pytest.raises(ValueError, match="Cannot draw 3 anomalous references"):
+        sample_references(data["train"], k=1, seed=0, test=data["test"], num_anomalous=3)

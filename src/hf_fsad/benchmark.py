@@ -147,14 +147,49 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _cell_id(cell: dict) -> str:
-    return "|".join(str(cell[key]) for key in ("method", "dataset", "category", "k", "seed"))
+    keys = ("method", "dataset", "category", "k", "seed")
+    return "|".join([*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))])
 
 
-def _manifest(out_dir: Path, train: Dataset, dataset: str, category: str, k: int, seed: int) -> ReferenceManifest:
-    path = out_dir / "manifests" / dataset / category / f"k{k}-seed{seed}.json"
+@dataclass(frozen=True)
+class Protocol:
+    """How references and test images are drawn per (category, seed).
+
+    anomalous_shots: numbers of anomalous references to run (0 = normal references only); they are drawn
+    from the test split's anomalous images and every cell of a seed leaves out the same
+    max(anomalous_shots) images, so methods compare on one test set. num_validation: normal train images
+    kept for weight validation (methods with `validate_weights`). max_test: cap on scored test images
+    (seeded subset; the anomalous-memory paper scores up to 100 per class).
+    """
+
+    anomalous_shots: tuple[int, ...] = (0,)
+    num_validation: int = 0
+    max_test: int | None = None
+
+    def manifest_name(self, k: int, seed: int) -> str:
+        name = f"k{k}-a{max(self.anomalous_shots)}-seed{seed}"
+        name += f"-val{self.num_validation}" if self.num_validation else ""
+        return name + (f"-max{self.max_test}" if self.max_test is not None else "") + ".json"
+
+    @property
+    def draws_from_test(self) -> bool:
+        return max(self.anomalous_shots) > 0 or self.max_test is not None
+
+
+def _manifest(out_dir: Path, split: _CategorySplit, k: int, seed: int, protocol: Protocol) -> ReferenceManifest:
+    path = out_dir / "manifests" / split.dataset / split.category / protocol.manifest_name(k, seed)
     if path.is_file():
         return ReferenceManifest.load(path)
-    manifest = sample_references(train, k, seed, category)
+    manifest = sample_references(
+        split.train,
+        k,
+        seed,
+        split.category,
+        test=split.test if protocol.draws_from_test else None,
+        num_anomalous=max(protocol.anomalous_shots),
+        num_validation=protocol.num_validation,
+        max_test=protocol.max_test,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest.save(path)
     return manifest
@@ -174,6 +209,20 @@ def _test_masks(test: Dataset, size: int) -> np.ndarray | None:
     if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
         return None
     return np.stack([mask_array(mask, size) for mask in masks])
+
+
+def _reference_masks(references: Dataset, size: int) -> torch.Tensor | None:
+    """Masks of anomalous references at the model's input size; None when any lacks one (the method then
+    treats them as references without pixel labels)."""
+    masks = references["mask"]
+    if any(mask is None for mask in masks):
+        return None
+    return torch.from_numpy(np.stack([mask_array(mask, size) for mask in masks]))
+
+
+def _rows(dataset: Dataset, image_ids: Sequence[str]) -> list[int]:
+    index = {path: row for row, path in enumerate(dataset["path"])}
+    return [index[image_id] for image_id in image_ids]
 
 
 @torch.no_grad()
@@ -198,9 +247,15 @@ def run_benchmark(
     feature_cache: FeatureCache | None = None,
     title: str | None = None,
     num_heatmaps: int = 4,
+    protocol: Protocol | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
-    results dict (cells + feature-cache statistics + wall time)."""
+    results dict (cells + feature-cache statistics + wall time).
+
+    A cell is (method, dataset, category, k, anomalous references, seed). Methods that need anomalous
+    references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0.
+    """
+    protocol = protocol or Protocol()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
@@ -212,25 +267,28 @@ def run_benchmark(
 
     for spec in datasets:
         for category, train, test in _category_splits(spec):
-            labels = np.asarray(test["label"])
-            first_seed_scores, shown_maps = {}, None
+            split = _CategorySplit(spec.name, category, train, test)
+            first_seed_scores, shown = {}, None
             for method, model in models.items():
-                masks = _test_masks(test, model.config.image_size)
-                for k in ks:
-                    for seed in seeds if k > 0 else seeds[:1]:
-                        cell = {"method": method, "dataset": spec.name, "category": category, "k": k, "seed": seed}
-                        if _cell_id(cell) in cells:
-                            skipped += 1
-                            continue
-                        split = _CategorySplit(spec.name, category, train, test, labels, masks)
-                        scores, maps, values = _run_cell(model, cache, out_dir, split, k, seed, batch_size)
-                        cells[_cell_id(cell)] = cell | values
-                        _write_results(results_file, cells, cache, started, skipped)
-                        if seed == seeds[0]:
-                            first_seed_scores[(method, k)] = scores
-                            shown_maps = (method, k, scores, maps, masks) if maps is not None else shown_maps
+                for anomalous in protocol.anomalous_shots:
+                    if (anomalous > 0) != model.needs_anomalous_references:
+                        continue
+                    for k in ks:
+                        zero_shot = k == 0 and anomalous == 0
+                        for seed in seeds[:1] if zero_shot else seeds:
+                            cell = {"method": method, "dataset": spec.name, "category": category, "k": k, "seed": seed}
+                            cell["anomalous"] = anomalous
+                            if _cell_id(cell) in cells:
+                                skipped += 1
+                                continue
+                            run = _run_cell(model, cache, out_dir, split, (k, anomalous, seed), protocol, batch_size)
+                            cells[_cell_id(cell)] = cell | run.values
+                            _write_results(results_file, cells, cache, started, skipped)
+                            if seed == seeds[0]:
+                                first_seed_scores[(method, k, anomalous)] = (run.scores, run.labels)
+                                shown = (method, k, run) if run.maps is not None else shown
             if first_seed_scores:
-                _plot_category(out_dir, spec.name, category, test, labels, first_seed_scores, shown_maps, num_heatmaps)
+                _plot_category(out_dir, split, first_seed_scores, shown, num_heatmaps)
 
     results = _write_results(results_file, cells, cache, started, skipped)
     plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
@@ -244,34 +302,64 @@ class _CategorySplit:
     category: str
     train: Dataset
     test: Dataset
+
+
+@dataclass
+class _CellRun:
+    scores: np.ndarray
+    maps: np.ndarray | None
     labels: np.ndarray
-    masks: np.ndarray | None  # at the model's input size; None: no pixel metrics
+    masks: np.ndarray | None
+    test: Dataset
+    values: dict
 
 
 def _run_cell(
-    model: FsadPreTrainedModel, cache: FeatureCache, out_dir: Path, split: _CategorySplit, k: int, seed: int, batch_size: int
-) -> tuple:
-    """Score the test split with k references drawn with `seed`: (scores, maps, cell values)."""
-    dataset, category, train, test = split.dataset, split.category, split.train, split.test
+    model: FsadPreTrainedModel,
+    cache: FeatureCache,
+    out_dir: Path,
+    split: _CategorySplit,
+    shots: tuple[int, int, int],
+    protocol: Protocol,
+    batch_size: int,
+) -> _CellRun:
+    """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
+    k, anomalous, seed = shots
     started = time.perf_counter()
-    reference_features, manifest = None, None
+    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test
+    manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
+    test = split.test
+    if manifest is not None and manifest.test_ids is not None:
+        test = split.test.select(_rows(split.test, manifest.test_ids))
+    size = model.config.image_size
+    bank_inputs = {"class_name": class_name_for(split.dataset, split.category)}
     if k > 0:
-        manifest = _manifest(out_dir, train, dataset, category, k, seed)
-        row_of = {path: row for row, path in enumerate(train["path"])}
-        rows = [row_of[image_id] for image_id in manifest.image_ids]
-        reference_features = cache.features(model, train, rows, batch_size, "references")
-    test_features = cache.features(model, test, range(test.num_rows), batch_size, f"{dataset}/{category} test")
-    bank = model.build_reference_bank(class_name=class_name_for(dataset, category), reference_features=reference_features)
+        bank_inputs["reference_features"] = cache.features(model, split.train, _rows(split.train, manifest.image_ids), batch_size, "references")
+    anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
+    if anomalous_ids:
+        rows = _rows(split.test, anomalous_ids)
+        bank_inputs["anomalous_features"] = cache.features(model, split.test, rows, batch_size, "anomalous references")
+        bank_inputs["anomalous_masks"] = _reference_masks(split.test.select(rows), size)
+    bank = model.build_reference_bank(**bank_inputs)
+    if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
+        normals = split.train.select(_rows(split.train, manifest.validation_ids))["image"]
+        views, view_labels = model.validation_set(normals, split.test.select(_rows(split.test, anomalous_ids))["image"])
+        bank = model.validate_weights(bank, views, view_labels)
+    test_features = cache.features(model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test")
     scores, maps = _score(model, test_features, bank, batch_size)
+    labels, masks = np.asarray(test["label"]), _test_masks(test, size)
+    validation_auroc = bank.tensors.get("validation_auroc")
     values = {
         "trained_on": model.config.trained_on,
-        "metrics": _metrics(split.labels, scores, split.masks, maps),
+        "metrics": _metrics(labels, scores, masks, maps),
         "num_test": int(test.num_rows),
         "reference_ids": manifest.image_ids if manifest else [],
+        "anomalous_ids": anomalous_ids,
+        "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
-    return scores, maps, values
+    return _CellRun(scores, maps, labels, masks, test, values)
 
 
 def _category_splits(spec: DatasetSpec):
@@ -301,8 +389,12 @@ def _write_results(path: Path, cells: dict, cache: FeatureCache, started: float,
     return results
 
 
-def _plot_category(out_dir, dataset, category, test, labels, scores_by_cell, shown_maps, num_heatmaps) -> None:
-    """ROC curves of every (method, k) at the first seed; heatmaps of the last cell that has maps."""
+def _shots_label(k: int, anomalous: int) -> str:
+    return f"{k}" if not anomalous else f"{k} + {anomalous} anomalous"
+
+
+def _plot_category(out_dir: Path, split: _CategorySplit, scores_by_cell: dict, shown, num_heatmaps: int) -> None:
+    """ROC curves of every (method, k, anomalous) at the first seed; heatmaps of the last cell with maps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -311,28 +403,29 @@ def _plot_category(out_dir, dataset, category, test, labels, scores_by_cell, sho
 
     plot_dir = out_dir / "plots"
     plot_dir.mkdir(exist_ok=True)
+    name = f"{split.dataset}_{split.category}"
     figure, axis = plt.subplots(figsize=(4.5, 4.5))
-    for (method, k), scores in scores_by_cell.items():
+    for (method, k, anomalous), (scores, labels) in scores_by_cell.items():
         false_positive, true_positive, _ = roc_curve(labels, scores)
-        axis.plot(false_positive, true_positive, label=f"{method} k={k}")
+        axis.plot(false_positive, true_positive, label=f"{method} k={_shots_label(k, anomalous)}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{dataset} / {category}")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{split.dataset} / {split.category}")
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(plot_dir / f"roc_{dataset}_{category}.png", dpi=90)
+    figure.savefig(plot_dir / f"roc_{name}.png", dpi=90)
     plt.close(figure)
 
-    if shown_maps is None or num_heatmaps < 1:
+    if shown is None or num_heatmaps < 1:
         return
-    method, k, scores, maps, masks = shown_maps
-    shown = [i for i in np.argsort(-scores) if labels[i]][: num_heatmaps - 1] + [int(np.argmin(scores))]
+    method, k, run = shown
+    picked = [i for i in np.argsort(-run.scores) if run.labels[i]][: num_heatmaps - 1] + [int(np.argmin(run.scores))]
     save_heatmap_panels(
-        plot_dir / f"heatmaps_{dataset}_{category}.png",
-        [test[int(i)]["image"] for i in shown],
-        masks[shown] if masks is not None else None,
-        maps[shown],
-        [f"{method} k={k}: {test[int(i)]['defect_type']}" for i in shown],
-        [float(scores[i]) for i in shown],
+        plot_dir / f"heatmaps_{name}.png",
+        [run.test[int(i)]["image"] for i in picked],
+        run.masks[picked] if run.masks is not None else None,
+        run.maps[picked],
+        [f"{method} k={k}: {run.test[int(i)]['defect_type']}" for i in picked],
+        [float(run.scores[i]) for i in picked],
     )
 
 
@@ -352,9 +445,11 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
         metrics = [name for name in METRIC_NAMES if any(cell["metrics"][name] is not None for cell in in_dataset)]
         lines += [f"## {dataset}", "", "| method | k | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-        rows = sorted({(cell["method"], cell["k"], cell.get("trained_on")) for cell in in_dataset}, key=str)
-        for method, k, trained_on in rows:
-            group = [c for c in in_dataset if (c["method"], c["k"], c.get("trained_on")) == (method, k, trained_on)]
+        def row_key(cell: dict) -> tuple:
+            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on")
+
+        for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}, key=str):
+            group = [c for c in in_dataset if row_key(c) == (method, k, anomalous, trained_on)]
             label = method if trained_on is None else f"{method} (trained on {trained_on})"
             values = []
             for name in metrics:
@@ -363,18 +458,22 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                     if cell["metrics"][name] is not None:
                         per_seed.setdefault(cell["seed"], []).append(cell["metrics"][name])
                 values.append(_mean_std([statistics.mean(v) for v in per_seed.values()]))
-            lines.append(f"| {label} | {k} | " + " | ".join(values) + " |")
+            lines.append(f"| {label} | {_shots_label(k, anomalous)} | " + " | ".join(values) + " |")
         categories = sorted({cell["category"] for cell in in_dataset})
-        columns = sorted({(cell["method"], cell["k"]) for cell in in_dataset}, key=str)
+        columns = sorted({(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset}, key=str)
         per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
         if len(categories) > 1:
             for name in per_category:
-                lines += ["", f"{name} per category:", "", "| category | " + " | ".join(f"{m} k={k}" for m, k in columns) + " |"]
+                headers = " | ".join(f"{m} k={_shots_label(k, a)}" for m, k, a in columns)
+                lines += ["", f"{name} per category:", "", f"| category | {headers} |"]
                 lines.append("|---|" + "---|" * len(columns))
                 for category in categories:
                     entries = [
-                        _mean_std([c["metrics"][name] for c in in_dataset if (c["method"], c["k"], c["category"]) == (m, k, category)])
-                        for m, k in columns
+                        _mean_std([
+                            c["metrics"][name] for c in in_dataset
+                            if (c["method"], c["k"], c.get("anomalous", 0), c["category"]) == (m, k, a, category)
+                        ])
+                        for m, k, a in columns
                     ]
                     lines.append(f"| {category} | " + " | ".join(entries) + " |")
         lines.append("")

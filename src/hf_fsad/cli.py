@@ -170,7 +170,7 @@ def load_method(source: str):
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from hf_fsad.benchmark import DatasetSpec, FeatureCache, profile_models, run_benchmark
+    from hf_fsad.benchmark import DatasetSpec, FeatureCache, Protocol, profile_models, run_benchmark
     from hf_fsad.data import load_benchmark
 
     models = {}
@@ -188,7 +188,10 @@ def benchmark(args: argparse.Namespace) -> int:
         print(f"profile: {out / 'profile' / 'profile.md'}")
         return 0
     cache = FeatureCache(args.feature_cache or out / "feature_cache")
-    results = run_benchmark(models, datasets, args.k, args.seeds, out, args.batch_size, cache, args.title)
+    protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test)
+    results = run_benchmark(
+        models, datasets, args.k, args.seeds, out, args.batch_size, cache, args.title, protocol=protocol
+    )
     print(
         f"{len(results['cells'])} cells ({results['skipped_cells']} already done), feature-cache hit rate "
         f"{100 * results['feature_cache']['hit_rate']:.1f} %, {results['wall_seconds']:.0f} s -> {out / 'results.md'}"
@@ -239,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--datasets", nargs="+", required=True, help="NAME[:ROOT[:CATEGORY]], e.g. elpv mvtec_ad:/data/mvtec")
     bench_parser.add_argument("--k", nargs="+", type=int, default=[2, 4, 8], help="shots (0 = zero-shot)")
     bench_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    bench_parser.add_argument(
+        "--anomalous", nargs="+", type=int, default=[0],
+        help="anomalous references drawn from the test split, for methods that use them (e.g. 1)",
+    )
+    bench_parser.add_argument("--validation", type=int, default=0, help="normal train images kept for weight validation")
+    bench_parser.add_argument("--max-test", type=int, help="score at most this many test images per category (seeded)")
     bench_parser.add_argument("--out", required=True, help="output directory (results.json, results.md, plots/)")
     bench_parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
     bench_parser.add_argument("--title", help="heading of the results table (say here if weights are random)")

@@ -133,6 +133,8 @@ class FsadPreTrainedModel(PreTrainedModel):
     base_model_prefix = "fsad"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    # Whether the method's banks need anomalous references (the benchmark runner gives them only then).
+    needs_anomalous_references = False
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
