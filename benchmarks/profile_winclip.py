@@ -27,7 +27,9 @@ from hf_fsad.prompts import winclip_prompts
 from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config
 
 
-def median_seconds(function: Callable[[], object], repeats: int, before: Callable[[], None] | None = None) -> float:
+def median_seconds(
+    function: Callable[[], object], repeats: int, before: Callable[[], None] | None = None
+) -> float:
     """Median wall time of `function` over `repeats` calls after one warm-up; `before` runs untimed."""
     times = []
     for attempt in range(repeats + 1):
@@ -60,7 +62,9 @@ def profile(layers: int, repeats: int, batch_size: int) -> dict:
     bare = median_seconds(lambda: model.backbone.clip.vision_model(pixel_values=queries[:1]), repeats)
     bare_batch = median_seconds(lambda: model.backbone.clip.vision_model(pixel_values=queries), repeats)
     text_setup = median_seconds(lambda: model.build_reference_bank(None, "bottle"), repeats, clear_text_cache)
-    setup = median_seconds(lambda: model.build_reference_bank(references, "bottle"), repeats, clear_text_cache)
+    setup = median_seconds(
+        lambda: model.build_reference_bank(references, "bottle"), repeats, clear_text_cache
+    )
     zero_shot_bank = model.build_reference_bank(None, "bottle")
     few_shot_bank = model.build_reference_bank(references, "bottle")
     zero_shot = median_seconds(lambda: model(queries[:1], reference_bank=zero_shot_bank), repeats)
@@ -78,8 +82,10 @@ def profile(layers: int, repeats: int, batch_size: int) -> dict:
             ("WinCLIP zero-shot, per image (batch 1)", zero_shot, zero_shot / bare),
             ("WinCLIP+ 2-shot, per image (batch 1)", few_shot, few_shot / bare),
             (
-                (f"WinCLIP+ 2-shot, per image (batch {batch_size}; bare at this batch = "
-                f"{bare_batch / batch_size / bare:.2f}x)"),
+                (
+                    f"WinCLIP+ 2-shot, per image (batch {batch_size}; bare at this batch = "
+                    f"{bare_batch / batch_size / bare:.2f}x)"
+                ),
                 few_shot_batch / batch_size,
                 few_shot_batch / batch_size / bare,
             ),

@@ -30,7 +30,19 @@ from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config
 
 CAVEAT = "random ViT-B-16-plus-240-sized backbone ({layers} vision blocks): the pipeline working, not the methods' accuracy"
-ANOMALOUS_PROTOCOL = ["--anomalous", "0", "1", "--validation", "1", "--max-test", "100", "--seeds", "0", "1", "2"]
+ANOMALOUS_PROTOCOL = [
+    "--anomalous",
+    "0",
+    "1",
+    "--validation",
+    "1",
+    "--max-test",
+    "100",
+    "--seeds",
+    "0",
+    "1",
+    "2",
+]
 
 
 def save_random_models(folder: Path, layers: int) -> tuple[str, str]:

@@ -50,14 +50,18 @@ def corner_mask():
 
 
 def test_masked_items_form_the_anomalous_memory(model, images):
-    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    bank = model.build_reference_bank(
+        images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
+    )
     features = model.encode_images(images[1:2])
     grid = 15
     assert bank.tensors["anomalous.patch"].shape[0] == 1
     torch.testing.assert_close(bank.tensors["anomalous.patch"][0], features["patch_tokens"][0, 0])
     for scale in (2, 3, 7):  # the corner patch lies in exactly one window per scale
         assert bank.tensors[f"anomalous.window{scale}"].shape[0] == 1
-        torch.testing.assert_close(bank.tensors[f"anomalous.window{scale}"][0], features[f"window_embeddings.{scale}"][0, 0])
+        torch.testing.assert_close(
+            bank.tensors[f"anomalous.window{scale}"][0], features[f"window_embeddings.{scale}"][0, 0]
+        )
         windows = (grid - scale + 1) ** 2
         assert bank.tensors[f"reference.window{scale}"].shape[0] == windows + windows - 1
     assert bank.tensors["reference.patch"].shape[0] == 225 + 224  # normal image + unmasked anomalous patches
@@ -66,16 +70,24 @@ def test_masked_items_form_the_anomalous_memory(model, images):
 
 
 def test_nine_scores_and_their_baseline_combination(model, images):
-    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    bank = model.build_reference_bank(
+        images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
+    )
     output = model(images[2:], reference_bank=bank)
     assert list(output.branch_scores) == model.score_names() and len(model.score_names()) == 9
     features = model.encode_images(images[2:])
     text = bank.tensors["text_embeddings"]
-    torch.testing.assert_close(output.branch_scores["text"], scoring.class_scores(features["image_embeddings"], text))
-    reference_patch = scoring.reference_association(features["patch_tokens"], bank.tensors["reference.patch"]).amax(-1)
+    torch.testing.assert_close(
+        output.branch_scores["text"], scoring.class_scores(features["image_embeddings"], text)
+    )
+    reference_patch = scoring.reference_association(
+        features["patch_tokens"], bank.tensors["reference.patch"]
+    ).amax(-1)
     torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch)
     masks = scoring.window_masks((15, 15), 7)
-    anomalous_windows = scoring.anomalous_association(features["window_embeddings.7"], bank.tensors["anomalous.window7"])
+    anomalous_windows = scoring.anomalous_association(
+        features["window_embeddings.7"], bank.tensors["anomalous.window7"]
+    )
     expected = scoring.harmonic_aggregation(anomalous_windows, masks).amax(-1)
     torch.testing.assert_close(output.branch_scores["anomalous.window7"], expected)
     stacked = torch.stack([output.branch_scores[name] for name in model.score_names()], -1).double()
@@ -121,14 +133,23 @@ def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
     anomalous.backbone.load_state_dict(winclip.backbone.state_dict())
     results = {}
     for category in ("stripes", "grid"):
-        records = toy_records(category, num_train=1, num_test_good=10, num_test_anomalous=11, defects=("discoloration",), seed=1)
+        records = toy_records(
+            category, num_train=1, num_test_good=10, num_test_anomalous=11, defects=("discoloration",), seed=1
+        )
         defect, test = records["test"][10], records["test"][:10] + records["test"][11:]
         labels = [record.label for record in test]
-        queries, normal = pixels(winclip, [r.image for r in test]), pixels(winclip, [records["train"][0].image])
+        queries, normal = (
+            pixels(winclip, [r.image for r in test]),
+            pixels(winclip, [records["train"][0].image]),
+        )
         with torch.no_grad():
-            baseline = winclip(queries, reference_bank=winclip.build_reference_bank(normal, "tile")).image_scores
+            baseline = winclip(
+                queries, reference_bank=winclip.build_reference_bank(normal, "tile")
+            ).image_scores
             bank = anomalous.build_reference_bank(
-                normal, "tile", anomalous_pixel_values=pixels(anomalous, [defect.image]),
+                normal,
+                "tile",
+                anomalous_pixel_values=pixels(anomalous, [defect.image]),
                 anomalous_masks=mask_tensor(defect.mask)[None],
             )
             ours = anomalous(queries, reference_bank=bank).image_scores
@@ -138,7 +159,9 @@ def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
 
 
 def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
-    records = toy_records("grid", num_train=1, num_test_good=0, num_test_anomalous=1, defects=("blob",), seed=2)
+    records = toy_records(
+        "grid", num_train=1, num_test_good=0, num_test_anomalous=1, defects=("blob",), seed=2
+    )
     normal, defect = records["train"][0], records["test"][0]
     bank = model.build_reference_bank(
         anomalous_pixel_values=pixels(model, [defect.image]), anomalous_masks=mask_tensor(defect.mask)[None]
@@ -147,11 +170,17 @@ def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
     assert views.shape == (10, 3, 240, 240) and labels == [0] * 5 + [1] * 5
     validated = model.validate_weights(bank, views, labels)
     again = model.validate_weights(bank, *model.validation_set([normal.image], [defect.image]))
-    torch.testing.assert_close(validated.tensors["score_weights"], again.tensors["score_weights"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        validated.tensors["score_weights"], again.tensors["score_weights"], rtol=0, atol=0
+    )
     weights = validated.tensors["score_weights"]
     assert weights.shape == (9,) and float(weights.sum()) == pytest.approx(1.0)
-    scores = torch.stack([model(views, reference_bank=validated).branch_scores[n] for n in model.score_names()], -1)
-    assert float(validated.tensors["validation_auroc"]) == pytest.approx(image_auroc(labels, scores.double() @ weights))
+    scores = torch.stack(
+        [model(views, reference_bank=validated).branch_scores[n] for n in model.score_names()], -1
+    )
+    assert float(validated.tensors["validation_auroc"]) == pytest.approx(
+        image_auroc(labels, scores.double() @ weights)
+    )
 
     validated.save(tmp_path / "bank.safetensors")
     reloaded = ReferenceBank.load(tmp_path / "bank.safetensors")
@@ -161,7 +190,9 @@ def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
 
 
 def test_save_load_round_trip_reproduces_scores(model, images, tmp_path):
-    bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask())
+    bank = model.build_reference_bank(
+        images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
+    )
     expected = model(images[2:], reference_bank=bank)
     model.save_pretrained(tmp_path / "model")
     bank.save(tmp_path / "bank.safetensors")

@@ -33,7 +33,9 @@ def test_projected_cls_is_clip_image_embedding(backbone):
 def test_other_sizes_interpolate_position_embeddings(backbone):
     pixels = torch.randn(1, 3, 160, 192)
     features = backbone.encode_image(pixels)
-    expected = backbone.clip.vision_model(pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state
+    expected = backbone.clip.vision_model(
+        pixel_values=pixels, interpolate_pos_encoding=True
+    ).last_hidden_state
     torch.testing.assert_close(features.last_hidden_state, expected)
     assert features.grid_size == (10, 12)
 
@@ -53,7 +55,9 @@ def test_window_embeddings_match_one_window_at_a_time(backbone):
         indices = window_token_indices((15, 15), scale)
         assert embeddings.shape == (2, len(indices), backbone.clip.config.projection_dim)
         for window in (0, 17, len(indices) - 1):
-            tokens = torch.cat([features.embeddings[:, :1], features.embeddings[:, 1:][:, indices[window]]], dim=1)
+            tokens = torch.cat(
+                [features.embeddings[:, :1], features.embeddings[:, 1:][:, indices[window]]], dim=1
+            )
             hidden = vision.pre_layrnorm(tokens)
             for layer in vision.encoder.layers:
                 hidden = layer(hidden, None)

@@ -39,7 +39,9 @@ def cell(results, **key):
 def test_cells_match_direct_scoring_and_features_are_encoded_once(make_winclip, tmp_path):
     model = make_winclip()
     encoder = CountingEncoder(model)
-    results = run_benchmark({"winclip": model}, [SPEC], ks=[0, 2], seeds=[0, 1], out_dir=tmp_path, title="toy (random)")
+    results = run_benchmark(
+        {"winclip": model}, [SPEC], ks=[0, 2], seeds=[0, 1], out_dir=tmp_path, title="toy (random)"
+    )
 
     assert len(results["cells"]) == 3  # zero-shot once, k=2 for two seeds
     data = load_benchmark("toy", category="stripes", **TOY)
@@ -58,9 +60,13 @@ def test_cells_match_direct_scoring_and_features_are_encoded_once(make_winclip, 
         expected = model(pixels(data["test"]["image"]), reference_bank=bank)
     np.testing.assert_allclose(two_shot["image_scores"], expected.image_scores.numpy(), rtol=1e-5)
     labels = data["test"]["label"]
-    assert two_shot["metrics"]["image_auroc"] == pytest.approx(image_auroc(labels, expected.image_scores.numpy()))
+    assert two_shot["metrics"]["image_auroc"] == pytest.approx(
+        image_auroc(labels, expected.image_scores.numpy())
+    )
     masks = np.stack([mask_array(mask, 240) for mask in data["test"]["mask"]])
-    assert two_shot["metrics"]["pixel_aupro"] == pytest.approx(pixel_aupro(masks, expected.anomaly_maps.numpy()), abs=1e-6)
+    assert two_shot["metrics"]["pixel_aupro"] == pytest.approx(
+        pixel_aupro(masks, expected.anomaly_maps.numpy()), abs=1e-6
+    )
 
     seeds = [tuple(cell(results, k=2, seed=s)["reference_ids"]) for s in (0, 1)]
     assert seeds[0] != seeds[1]
@@ -101,9 +107,12 @@ def test_pixel_metrics_are_left_out_without_masks():
     metrics |= {name: None for name in ("pixel_auroc", "pixel_auprc", "pixel_f1_max", "pixel_aupro")}
     cells = [
         {"method": "m", "dataset": "elpv", "category": c, "k": 2, "seed": s, "metrics": metrics}
-        for c in ("mono", "poly") for s in (0, 1)
+        for c in ("mono", "poly")
+        for s in (0, 1)
     ]
-    table = results_markdown({"cells": cells, "feature_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75}, "wall_seconds": 5})
+    table = results_markdown(
+        {"cells": cells, "feature_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75}, "wall_seconds": 5}
+    )
     assert "| m | 2 | 80.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in table
     assert "pixel" not in table.split("Metrics")[0].replace("pixel_auroc per category", "")
     assert "hit rate 75.0 %" in table
@@ -130,10 +139,21 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path):
 
 
 def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, capsys):
-    status = main([
-        "benchmark", "--methods", f"w=winclip@{tiny_clip_dir}", "--datasets", "toy::grid",
-        "--k", "0", "--seeds", "0", "--out", str(tmp_path),
-    ])
+    status = main(
+        [
+            "benchmark",
+            "--methods",
+            f"w=winclip@{tiny_clip_dir}",
+            "--datasets",
+            "toy::grid",
+            "--k",
+            "0",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert status == 0
     assert "1 cells (0 already done)" in capsys.readouterr().out
     assert cell(json.loads((tmp_path / "results.json").read_text()), method="w")["category"] == "grid"
@@ -141,7 +161,9 @@ def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, ca
 
 def test_dataset_spec_parsing():
     assert DatasetSpec.parse("elpv") == DatasetSpec("elpv")
-    assert DatasetSpec.parse("mvtec_ad:/data/mvtec:screw") == DatasetSpec("mvtec_ad", "/data/mvtec", ["screw"])
+    assert DatasetSpec.parse("mvtec_ad:/data/mvtec:screw") == DatasetSpec(
+        "mvtec_ad", "/data/mvtec", ["screw"]
+    )
 
 
 def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):
@@ -165,12 +187,22 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     protocol = Protocol(anomalous_shots=(0, 1), num_validation=1, max_test=4)
     spec = DatasetSpec("toy", categories=["grid"], options=TOY)
     results = run_benchmark(
-        {"winclip": winclip, "memory": anomalous}, [spec], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path, protocol=protocol
+        {"winclip": winclip, "memory": anomalous},
+        [spec],
+        ks=[0, 1],
+        seeds=[0, 1],
+        out_dir=tmp_path,
+        protocol=protocol,
     )
     keys = sorted((c["method"], c["k"], c["anomalous"], c["seed"]) for c in results["cells"])
     assert keys == [
-        ("memory", 0, 1, 0), ("memory", 0, 1, 1), ("memory", 1, 1, 0), ("memory", 1, 1, 1),
-        ("winclip", 0, 0, 0), ("winclip", 1, 0, 0), ("winclip", 1, 0, 1),
+        ("memory", 0, 1, 0),
+        ("memory", 0, 1, 1),
+        ("memory", 1, 1, 0),
+        ("memory", 1, 1, 1),
+        ("winclip", 0, 0, 0),
+        ("winclip", 1, 0, 0),
+        ("winclip", 1, 0, 1),
     ]
     for seed in (0, 1):
         seed_cells = [c for c in results["cells"] if c["seed"] == seed]

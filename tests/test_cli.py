@@ -39,7 +39,9 @@ def _read(path):
 def _expected_scores(model_dir, root, queries):
     model = WinClipModel.from_pretrained(model_dir)
     processor = model.image_processor()
-    load = lambda paths: processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
+    load = lambda paths: (
+        processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
+    )
     with torch.no_grad():
         bank = model.build_reference_bank(load(sorted((root / "refs").iterdir())))
         return model(load(queries), reference_bank=bank).image_scores.tolist()
@@ -52,11 +54,25 @@ def test_scores_match_the_model_and_bad_files_are_skipped(saved_winclip_dir, toy
     missing = tmp_path / "missing.png"
     output = tmp_path / "results.jsonl"
 
-    status = main([
-        "score", "--model", saved_winclip_dir, "--reference", str(root / "refs"), "--output", str(output),
-        "--heatmaps", str(tmp_path / "maps"), "--batch-size", "3",
-        str(queries[0]), str(broken), *map(str, queries[1:]), str(missing),
-    ])
+    status = main(
+        [
+            "score",
+            "--model",
+            saved_winclip_dir,
+            "--reference",
+            str(root / "refs"),
+            "--output",
+            str(output),
+            "--heatmaps",
+            str(tmp_path / "maps"),
+            "--batch-size",
+            "3",
+            str(queries[0]),
+            str(broken),
+            *map(str, queries[1:]),
+            str(missing),
+        ]
+    )
 
     assert status == 0
     errors = capsys.readouterr().err
@@ -75,7 +91,21 @@ def test_saved_bank_reproduces_scores(saved_winclip_dir, toy_files, tmp_path):
     inputs = list(map(str, queries))
     first, second, bank = tmp_path / "first.jsonl", tmp_path / "second.jsonl", tmp_path / "bank.safetensors"
     common = ["score", "--model", saved_winclip_dir, "--class-name", "tile"]
-    assert main([*common, "--reference", str(root / "refs"), "--save-bank", str(bank), "--output", str(first), *inputs]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--reference",
+                str(root / "refs"),
+                "--save-bank",
+                str(bank),
+                "--output",
+                str(first),
+                *inputs,
+            ]
+        )
+        == 0
+    )
     assert main([*common, "--bank", str(bank), "--output", str(second), *inputs]) == 0
     assert [r["score"] for r in _read(first)] == [r["score"] for r in _read(second)]
 
@@ -86,7 +116,18 @@ def test_bank_of_another_model_is_reported(saved_winclip_dir, toy_files, tmp_pat
     other = make_winclip(seed=7)
     with torch.no_grad():
         other.build_reference_bank(None, class_name="tile").save(bank)
-    status = main(["score", "--model", saved_winclip_dir, "--bank", str(bank), "--output", str(tmp_path / "r.jsonl"), str(queries[0])])
+    status = main(
+        [
+            "score",
+            "--model",
+            saved_winclip_dir,
+            "--bank",
+            str(bank),
+            "--output",
+            str(tmp_path / "r.jsonl"),
+            str(queries[0]),
+        ]
+    )
     assert status == 2
     assert "another config or backbone" in capsys.readouterr().err
 
@@ -109,7 +150,18 @@ def test_failed_run_leaves_previous_results_untouched(saved_winclip_dir, toy_fil
 
     monkeypatch.setattr("hf_fsad.visualization.heatmap_overlay", failing_overlay)
     with pytest.raises(RuntimeError, match="disk full"):
-        main(["score", "--model", saved_winclip_dir, "--output", str(output), "--heatmaps", str(tmp_path / "maps"), *map(str, queries)])
+        main(
+            [
+                "score",
+                "--model",
+                saved_winclip_dir,
+                "--output",
+                str(output),
+                "--heatmaps",
+                str(tmp_path / "maps"),
+                *map(str, queries),
+            ]
+        )
     assert output.read_text() == "previous results\n"
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -124,4 +176,9 @@ def test_directories_expand_to_images_only(tmp_path):
     for name in ("b.png", "a.JPG", "notes.txt", "sub/c.tif"):
         (tmp_path / name).write_bytes(b"")
     expanded = cli.expand_inputs([str(tmp_path), str(tmp_path / "notes.txt")])
-    assert [p.relative_to(tmp_path).as_posix() for p in expanded] == ["a.JPG", "b.png", "sub/c.tif", "notes.txt"]
+    assert [p.relative_to(tmp_path).as_posix() for p in expanded] == [
+        "a.JPG",
+        "b.png",
+        "sub/c.tif",
+        "notes.txt",
+    ]

@@ -42,6 +42,7 @@ def mask_array(mask):
 
 # --- MVTec AD ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def mvtec_root(tmp_path):
     for category in ("bottle", "screw"):
@@ -51,7 +52,10 @@ def mvtec_root(tmp_path):
         save_image(base / "test" / "good" / "000.png", noise(10))
         for index in range(2):
             save_image(base / "test" / "broken" / f"{index:03d}.png", noise(20 + index))
-            save_image(base / "ground_truth" / "broken" / f"{index:03d}_mask.png", box_mask((16, 16), (2, 6, 3 + index, 9)))
+            save_image(
+                base / "ground_truth" / "broken" / f"{index:03d}_mask.png",
+                box_mask((16, 16), (2, 6, 3 + index, 9)),
+            )
     (tmp_path / "license.txt").write_text("not a category")
     return tmp_path
 
@@ -114,6 +118,7 @@ def test_missing_root_and_unknown_benchmark(tmp_path):
 
 # --- VisA ------------------------------------------------------------------------------------------------
 
+
 def test_visa_follows_the_split_csv(tmp_path):
     rows = ["object,split,label,image,mask"]
     for index in range(3):
@@ -139,6 +144,7 @@ def test_visa_follows_the_split_csv(tmp_path):
 
 # --- ELPV ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def elpv_root(tmp_path):
     lines = []
@@ -157,7 +163,9 @@ def test_elpv_labels_split_and_uncertain_cells(elpv_root):
     assert dataset["train"].num_rows == 6  # 75 % of 8 normal cells
     test = dataset["test"]
     assert test["label"].count(0) == 2 and test["label"].count(1) == 3
-    assert not {"images/mono0011.png", "images/mono0012.png"} & (set(test["path"]) | set(dataset["train"]["path"]))
+    assert not {"images/mono0011.png", "images/mono0012.png"} & (
+        set(test["path"]) | set(dataset["train"]["path"])
+    )
     again = load_benchmark("elpv", root=elpv_root, category="mono")
     other = load_benchmark("elpv", root=elpv_root, category="mono", seed=1)
     assert again["train"]["path"] == dataset["train"]["path"]
@@ -179,6 +187,7 @@ def test_elpv_from_the_installed_package():
 
 # --- HeadCT / BrainMRI -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["headct", "brainmri"])
 def test_normal_abnormal_folders(tmp_path, name):
     for index in range(8):
@@ -195,6 +204,7 @@ def test_normal_abnormal_folders(tmp_path, name):
 
 
 # --- AITEX -----------------------------------------------------------------------------------------------
+
 
 def test_aitex_tiles(tmp_path):
     save_image(tmp_path / "NODefect_images" / "2311694-2040n7u" / "0001_000_00.png", noise(1, (256, 1024)))
@@ -220,6 +230,7 @@ def test_aitex_tiles(tmp_path):
 
 # --- KolektorSDD -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["ksdd", "sdd"])
 def test_ksdd_thirds(tmp_path, name):
     for part in range(3):
@@ -237,6 +248,7 @@ def test_ksdd_thirds(tmp_path, name):
 
 
 # --- MNIST, digits, CIFAR-10 -----------------------------------------------------------------------------
+
 
 def write_idx(path, array, compress=False):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
@@ -298,12 +310,18 @@ def test_toy_all_categories():
 
 # --- Hub layout ------------------------------------------------------------------------------------------
 
+
 def test_hub_layout_round_trip_is_self_contained(mvtec_root, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
-    original = {category: load_benchmark("mvtec_ad", root=mvtec_root, category=category) for category in ("bottle", "screw")}
+    original = {
+        category: load_benchmark("mvtec_ad", root=mvtec_root, category=category)
+        for category in ("bottle", "screw")
+    }
     for category, dataset in original.items():
         write_hub_layout(dataset, repo, category, benchmark="mvtec_ad")
-    expected = [(row["path"], np.asarray(row["image"]), mask_array(row["mask"])) for row in original["screw"]["test"]]
+    expected = [
+        (row["path"], np.asarray(row["image"]), mask_array(row["mask"])) for row in original["screw"]["test"]
+    ]
     shutil.rmtree(mvtec_root)  # the repo must not point at the source files
 
     loaded = load_benchmark("mvtec_ad", root=repo, category="screw")
@@ -325,11 +343,14 @@ def test_hub_layout_round_trip_is_self_contained(mvtec_root, tmp_path_factory):
 
 # --- k-shot manifests ------------------------------------------------------------------------------------
 
+
 def test_reference_sampling_is_seeded_and_manifests_replay(mvtec_root, tmp_path):
     train = load_benchmark("mvtec_ad", root=mvtec_root)["train"]
     first = sample_references(train, k=2, seed=0, category="bottle")
     assert first == sample_references(train.shuffle(seed=5), k=2, seed=0, category="bottle")
-    draws = {tuple(sample_references(train, k=2, seed=seed, category="bottle").image_ids) for seed in range(6)}
+    draws = {
+        tuple(sample_references(train, k=2, seed=seed, category="bottle").image_ids) for seed in range(6)
+    }
     assert len(draws) > 1
     assert all(image_id.startswith("bottle/train/good/") for image_id in first.image_ids)
 
@@ -355,7 +376,9 @@ def test_reference_sampling_errors(mvtec_root, tmp_path):
 
 def test_anomalous_protocol_sampling(mvtec_root):
     data = load_benchmark("mvtec_ad", root=mvtec_root, category="bottle")
-    manifest = sample_references(data["train"], k=1, seed=0, test=data["test"], num_anomalous=1, num_validation=1, max_test=2)
+    manifest = sample_references(
+        data["train"], k=1, seed=0, test=data["test"], num_anomalous=1, num_validation=1, max_test=2
+    )
     assert len(manifest.anomalous_ids) == 1 and manifest.anomalous_ids[0].startswith("bottle/test/broken/")
     assert len(manifest.validation_ids) == 1 and manifest.validation_ids[0] not in manifest.image_ids
     assert len(manifest.test_ids) == 2 and manifest.anomalous_ids[0] not in manifest.test_ids

@@ -41,7 +41,9 @@ def test_pixel_auroc_and_auprc_agree_with_sklearn():
     masks = rng.random((3, 8, 8)) > 0.8
     maps = masks + rng.normal(size=(3, 8, 8))
     assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
-    assert pixel_auprc(masks, maps) == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert pixel_auprc(masks, maps) == pytest.approx(
+        average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12
+    )
 
 
 def test_f1_max_by_hand():
@@ -75,7 +77,9 @@ def straightforward_aupro(masks, maps, fpr_limit=0.3):
     for threshold in np.unique(maps)[::-1]:
         positive = maps >= threshold
         fpr = (positive & normal).sum() / normal.sum()
-        overlaps = [(positive[i] & region).sum() / region.sum() for i, rs in enumerate(regions) for region in rs]
+        overlaps = [
+            (positive[i] & region).sum() / region.sum() for i, rs in enumerate(regions) for region in rs
+        ]
         points.append((fpr, float(np.mean(overlaps))))
     area = 0.0
     for (x0, y0), (x1, y1) in itertools.pairwise(points):
@@ -99,7 +103,9 @@ def test_aupro_matches_the_straightforward_definition(seed):
     maps = masks * rng.random() + rng.random((3, 12, 12))
     maps = np.round(maps, 2)  # ties, to exercise their handling
     for limit in (0.05, 0.3, 1.0):
-        assert pixel_aupro(masks, maps, limit) == pytest.approx(straightforward_aupro(masks, maps, limit), abs=1e-6)
+        assert pixel_aupro(masks, maps, limit) == pytest.approx(
+            straightforward_aupro(masks, maps, limit), abs=1e-6
+        )
 
 
 @pytest.mark.parametrize(

@@ -33,5 +33,7 @@ def test_core_closure_has_no_heavy_vision_stacks():
 
 def test_heavy_vision_stacks_are_only_in_the_convert_extra():
     extras = [Requirement(line) for line in metadata.requires("hf-fsad")]
-    convert = {canonicalize_name(r.name) for r in extras if r.marker and r.marker.evaluate({"extra": "convert"})}
+    convert = {
+        canonicalize_name(r.name) for r in extras if r.marker and r.marker.evaluate({"extra": "convert"})
+    }
     assert "open-clip-torch" in convert

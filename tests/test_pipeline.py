@@ -35,7 +35,9 @@ def test_results_match_the_model(pipe, toy):
 
     processor, model = pipe.model.image_processor(), pipe.model
     with torch.no_grad():
-        bank = model.build_reference_bank(processor(references, return_tensors="pt").pixel_values, class_name="fabric")
+        bank = model.build_reference_bank(
+            processor(references, return_tensors="pt").pixel_values, class_name="fabric"
+        )
         expected = model(processor(queries, return_tensors="pt").pixel_values, reference_bank=bank)
     assert [r["score"] for r in results] == pytest.approx(expected.image_scores.tolist(), rel=1e-5)
     for name, values in expected.branch_scores.items():

@@ -21,7 +21,9 @@ assert "image-anomaly-detection" in PIPELINE_REGISTRY.get_supported_tasks()
 
 
 def run_python(code: str) -> str:
-    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=False
+    )
     assert completed.returncode == 0, completed.stderr
     return completed.stdout
 
@@ -36,7 +38,14 @@ def run_python(code: str) -> str:
         "import hf_fsad\nfrom transformers.pipelines import pipeline",
         "from hf_fsad.models.winclip.modeling_winclip import WinClipModel",
     ],
-    ids=["hf_fsad", "transformers-first", "automodel-first", "pipelines-first", "pipelines-after", "modeling-only"],
+    ids=[
+        "hf_fsad",
+        "transformers-first",
+        "automodel-first",
+        "pipelines-first",
+        "pipelines-after",
+        "modeling-only",
+    ],
 )
 def test_methods_are_registered_in_any_import_order(imports):
     run_python(imports + "\n" + CHECK_REGISTERED)

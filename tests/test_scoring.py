@@ -130,9 +130,13 @@ def test_few_shot_map_averages_patch_and_window_levels():
     reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
     reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    result = scoring.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[0]
+    result = scoring.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
+        0
+    ]
     window_score = (1 - 1 / math.sqrt(2)) / 2
-    assert result.tolist() == pytest.approx([window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2])
+    assert result.tolist() == pytest.approx(
+        [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]
+    )
 
 
 def test_fuse_zero_few_shot():
@@ -152,13 +156,18 @@ def test_upsample_maps_bilinear():
 
 # --- anomalous memory ------------------------------------------------------------------------------------
 
+
 def test_nearest_cosine_and_both_associations_by_hand():
     query = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
     memory = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
     half = 2**-0.5
     torch.testing.assert_close(scoring.nearest_cosine(query, memory), torch.tensor([[half, half]]))
-    torch.testing.assert_close(scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2]))
-    torch.testing.assert_close(scoring.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2]))
+    torch.testing.assert_close(
+        scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2])
+    )
+    torch.testing.assert_close(
+        scoring.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2])
+    )
 
 
 def test_mask_to_patch_grid_flags_any_pixel():

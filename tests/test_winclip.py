@@ -22,7 +22,12 @@ def _pixels(model, images):
 
 
 def _masks(masks, size=240):
-    return np.stack([np.zeros((size, size), bool) if m is None else np.asarray(m.resize((size, size))) > 127 for m in masks])
+    return np.stack(
+        [
+            np.zeros((size, size), bool) if m is None else np.asarray(m.resize((size, size))) > 127
+            for m in masks
+        ]
+    )
 
 
 @pytest.mark.parametrize("category", ["stripes", "weave", "grid"])
@@ -32,7 +37,9 @@ def test_two_shot_detects_and_localises_planted_defects(tiny_winclip, category):
     dataset = load_toy(category, num_train=2, num_test_good=10, num_test_anomalous=15, seed=1)
     test = dataset["test"]
     with torch.no_grad():
-        bank = tiny_winclip.build_reference_bank(_pixels(tiny_winclip, dataset["train"]["image"]), class_name="tile")
+        bank = tiny_winclip.build_reference_bank(
+            _pixels(tiny_winclip, dataset["train"]["image"]), class_name="tile"
+        )
         output = tiny_winclip(_pixels(tiny_winclip, test["image"]), reference_bank=bank)
     assert bank.k == 2
     assert output.anomaly_maps.shape == (25, 240, 240)
@@ -48,7 +55,9 @@ def test_zero_shot_scores_are_the_text_branch(tiny_winclip):
         features = tiny_winclip.backbone.encode_image(pixels)
         image_embeddings = tiny_winclip.backbone.project(features.last_hidden_state[:, 0])
         normal, anomalous = winclip_prompts("object")
-        text = torch.stack([ensemble_text_embedding(tiny_winclip.backbone.encode_text(p)) for p in (normal, anomalous)])
+        text = torch.stack(
+            [ensemble_text_embedding(tiny_winclip.backbone.encode_text(p)) for p in (normal, anomalous)]
+        )
     assert torch.isfinite(output.anomaly_maps).all() and torch.isfinite(output.image_scores).all()
     torch.testing.assert_close(output.image_scores, class_scores(image_embeddings, text, 0.07))
     assert set(output.branch_scores) == {"zero_shot"}
@@ -116,8 +125,10 @@ def test_bank_round_trip_reproduces_scores(tiny_winclip, tmp_path):
     loaded = ReferenceBank.load(tmp_path / "bank.safetensors")
     assert (loaded.class_name, loaded.k, loaded.model_type) == ("screw", 2, "winclip")
     with torch.no_grad():
-        assert torch.equal(tiny_winclip(pixels, reference_bank=loaded).image_scores,
-                           tiny_winclip(pixels, reference_bank=bank).image_scores)
+        assert torch.equal(
+            tiny_winclip(pixels, reference_bank=loaded).image_scores,
+            tiny_winclip(pixels, reference_bank=bank).image_scores,
+        )
 
 
 def test_bank_from_another_config_is_refused(tiny_winclip, make_winclip):
@@ -212,7 +223,9 @@ def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
     for name, tensor in from_pixels.tensors.items():
         torch.testing.assert_close(from_features.tensors[name], tensor, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not both"):
-        tiny_winclip.build_reference_bank(references, reference_features=tiny_winclip.encode_images(references))
+        tiny_winclip.build_reference_bank(
+            references, reference_features=tiny_winclip.encode_images(references)
+        )
 
 
 def test_input_of_another_size_is_refused(tiny_winclip):

@@ -29,7 +29,9 @@ def _transform(
     picture = picture.rotate(angle, resample=resample, fillcolor=fill)
     skew = (1, shear, -shear * picture.size[1] / 2, 0, 1, 0)
     picture = picture.transform(picture.size, Image.Transform.AFFINE, skew, resample=resample, fillcolor=fill)
-    return picture.transform(picture.size, Image.Transform.PERSPECTIVE, coefficients, resample=resample, fillcolor=fill)
+    return picture.transform(
+        picture.size, Image.Transform.PERSPECTIVE, coefficients, resample=resample, fillcolor=fill
+    )
 
 
 def augment_views(image: Image.Image, num_views: int = 5, seed: int = 0) -> list[Image.Image]:

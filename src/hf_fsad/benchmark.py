@@ -110,7 +110,12 @@ class FeatureCache:
         os.replace(temporary, file)
 
     def features(
-        self, model: FsadPreTrainedModel, dataset: Dataset, rows: Sequence[int], batch_size: int = 8, desc: str = ""
+        self,
+        model: FsadPreTrainedModel,
+        dataset: Dataset,
+        rows: Sequence[int],
+        batch_size: int = 8,
+        desc: str = "",
     ) -> dict[str, torch.Tensor]:
         """Stacked `model.encode_images` features of `dataset[rows]`, encoding only the images not cached."""
         key = model.feature_key()
@@ -125,9 +130,13 @@ class FeatureCache:
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
         processor = model.image_processor()
-        for start in tqdm(range(0, len(missing), batch_size), desc=desc or "encoding", unit="batch", disable=not missing):
+        for start in tqdm(
+            range(0, len(missing), batch_size), desc=desc or "encoding", unit="batch", disable=not missing
+        ):
             batch = dataset.select(missing[start : start + batch_size])
-            pixel_values = processor([image.convert("RGB") for image in batch["image"]], return_tensors="pt").pixel_values
+            pixel_values = processor(
+                [image.convert("RGB") for image in batch["image"]], return_tensors="pt"
+            ).pixel_values
             encoded = model.encode_images(pixel_values)
             for index, path in enumerate(batch["path"]):
                 features = {name: tensor[index].detach().cpu().clone() for name, tensor in encoded.items()}
@@ -176,7 +185,9 @@ class Protocol:
         return max(self.anomalous_shots) > 0 or self.max_test is not None
 
 
-def _manifest(out_dir: Path, split: _CategorySplit, k: int, seed: int, protocol: Protocol) -> ReferenceManifest:
+def _manifest(
+    out_dir: Path, split: _CategorySplit, k: int, seed: int, protocol: Protocol
+) -> ReferenceManifest:
     path = out_dir / "manifests" / split.dataset / split.category / protocol.manifest_name(k, seed)
     if path.is_file():
         return ReferenceManifest.load(path)
@@ -195,7 +206,9 @@ def _manifest(out_dir: Path, split: _CategorySplit, k: int, seed: int, protocol:
     return manifest
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None) -> dict:
+def _metrics(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None
+) -> dict:
     values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
     for name, function in PIXEL_METRICS.items():
         values[name] = function(masks, maps) if masks is not None else None
@@ -226,7 +239,9 @@ def _rows(dataset: Dataset, image_ids: Sequence[str]) -> list[int]:
 
 
 @torch.no_grad()
-def _score(model: FsadPreTrainedModel, features: dict, bank, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _score(
+    model: FsadPreTrainedModel, features: dict, bank, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
     scores, maps = [], []
     count = next(iter(features.values())).shape[0]
     for start in range(0, count, batch_size):
@@ -276,17 +291,29 @@ def run_benchmark(
                     for k in ks:
                         zero_shot = k == 0 and anomalous == 0
                         for seed in seeds[:1] if zero_shot else seeds:
-                            cell = {"method": method, "dataset": spec.name, "category": category, "k": k, "seed": seed}
+                            cell = {
+                                "method": method,
+                                "dataset": spec.name,
+                                "category": category,
+                                "k": k,
+                                "seed": seed,
+                            }
                             cell["anomalous"] = anomalous
                             if _cell_id(cell) in cells:
                                 skipped += 1
                                 continue
-                            run = _run_cell(model, cache, out_dir, split, (k, anomalous, seed), protocol, batch_size)
+                            run = _run_cell(
+                                model, cache, out_dir, split, (k, anomalous, seed), protocol, batch_size
+                            )
                             cells[_cell_id(cell)] = cell | run.values
                             _write_results(results_file, cells, cache, started, skipped)
                             if seed == seeds[0]:
                                 first_seed_scores[(method, k, anomalous)] = (run.scores, run.labels)
-                                shown = (method, k, run) if run.maps is not None else shown
+                                shown = (
+                                    (f"{method} k={_shots_label(k, anomalous)}", run)
+                                    if run.maps is not None
+                                    else shown
+                                )
             if first_seed_scores:
                 _plot_category(out_dir, split, first_seed_scores, shown, num_heatmaps)
 
@@ -334,18 +361,26 @@ def _run_cell(
     size = model.config.image_size
     bank_inputs = {"class_name": class_name_for(split.dataset, split.category)}
     if k > 0:
-        bank_inputs["reference_features"] = cache.features(model, split.train, _rows(split.train, manifest.image_ids), batch_size, "references")
+        bank_inputs["reference_features"] = cache.features(
+            model, split.train, _rows(split.train, manifest.image_ids), batch_size, "references"
+        )
     anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
     if anomalous_ids:
         rows = _rows(split.test, anomalous_ids)
-        bank_inputs["anomalous_features"] = cache.features(model, split.test, rows, batch_size, "anomalous references")
+        bank_inputs["anomalous_features"] = cache.features(
+            model, split.test, rows, batch_size, "anomalous references"
+        )
         bank_inputs["anomalous_masks"] = _reference_masks(split.test.select(rows), size)
     bank = model.build_reference_bank(**bank_inputs)
     if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
         normals = split.train.select(_rows(split.train, manifest.validation_ids))["image"]
-        views, view_labels = model.validation_set(normals, split.test.select(_rows(split.test, anomalous_ids))["image"])
+        views, view_labels = model.validation_set(
+            normals, split.test.select(_rows(split.test, anomalous_ids))["image"]
+        )
         bank = model.validate_weights(bank, views, view_labels)
-    test_features = cache.features(model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test")
+    test_features = cache.features(
+        model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
+    )
     scores, maps = _score(model, test_features, bank, batch_size)
     labels, masks = np.asarray(test["label"]), _test_masks(test, size)
     validation_auroc = bank.tensors.get("validation_auroc")
@@ -393,7 +428,9 @@ def _shots_label(k: int, anomalous: int) -> str:
     return f"{k}" if not anomalous else f"{k} + {anomalous} anomalous"
 
 
-def _plot_category(out_dir: Path, split: _CategorySplit, scores_by_cell: dict, shown, num_heatmaps: int) -> None:
+def _plot_category(
+    out_dir: Path, split: _CategorySplit, scores_by_cell: dict, shown, num_heatmaps: int
+) -> None:
     """ROC curves of every (method, k, anomalous) at the first seed; heatmaps of the last cell with maps."""
     import matplotlib
 
@@ -409,7 +446,9 @@ def _plot_category(out_dir: Path, split: _CategorySplit, scores_by_cell: dict, s
         false_positive, true_positive, _ = roc_curve(labels, scores)
         axis.plot(false_positive, true_positive, label=f"{method} k={_shots_label(k, anomalous)}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{split.dataset} / {split.category}")
+    axis.set(
+        xlabel="false positive rate", ylabel="true positive rate", title=f"{split.dataset} / {split.category}"
+    )
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(plot_dir / f"roc_{name}.png", dpi=90)
@@ -417,14 +456,16 @@ def _plot_category(out_dir: Path, split: _CategorySplit, scores_by_cell: dict, s
 
     if shown is None or num_heatmaps < 1:
         return
-    method, k, run = shown
-    picked = [i for i in np.argsort(-run.scores) if run.labels[i]][: num_heatmaps - 1] + [int(np.argmin(run.scores))]
+    label, run = shown
+    picked = [i for i in np.argsort(-run.scores) if run.labels[i]][: num_heatmaps - 1] + [
+        int(np.argmin(run.scores))
+    ]
     save_heatmap_panels(
         plot_dir / f"heatmaps_{name}.png",
         [run.test[int(i)]["image"] for i in picked],
         run.masks[picked] if run.masks is not None else None,
         run.maps[picked],
-        [f"{method} k={k}: {run.test[int(i)]['defect_type']}" for i in picked],
+        [f"{label}: {run.test[int(i)]['defect_type']}" for i in picked],
         [float(run.scores[i]) for i in picked],
     )
 
@@ -443,8 +484,16 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
     lines = [f"# {title or 'hf_fsad benchmark'}", ""]
     for dataset in sorted({cell["dataset"] for cell in cells}):
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
-        metrics = [name for name in METRIC_NAMES if any(cell["metrics"][name] is not None for cell in in_dataset)]
-        lines += [f"## {dataset}", "", "| method | k | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+        metrics = [
+            name for name in METRIC_NAMES if any(cell["metrics"][name] is not None for cell in in_dataset)
+        ]
+        lines += [
+            f"## {dataset}",
+            "",
+            "| method | k | " + " | ".join(metrics) + " |",
+            "|---|---|" + "---|" * len(metrics),
+        ]
+
         def row_key(cell: dict) -> tuple:
             return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on")
 
@@ -460,7 +509,9 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                 values.append(_mean_std([statistics.mean(v) for v in per_seed.values()]))
             lines.append(f"| {label} | {_shots_label(k, anomalous)} | " + " | ".join(values) + " |")
         categories = sorted({cell["category"] for cell in in_dataset})
-        columns = sorted({(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset}, key=str)
+        columns = sorted(
+            {(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset}, key=str
+        )
         per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
         if len(categories) > 1:
             for name in per_category:
@@ -469,18 +520,24 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                 lines.append("|---|" + "---|" * len(columns))
                 for category in categories:
                     entries = [
-                        _mean_std([
-                            c["metrics"][name] for c in in_dataset
-                            if (c["method"], c["k"], c.get("anomalous", 0), c["category"]) == (m, k, a, category)
-                        ])
+                        _mean_std(
+                            [
+                                c["metrics"][name]
+                                for c in in_dataset
+                                if (c["method"], c["k"], c.get("anomalous", 0), c["category"])
+                                == (m, k, a, category)
+                            ]
+                        )
                         for m, k, a in columns
                     ]
                     lines.append(f"| {category} | " + " | ".join(entries) + " |")
         lines.append("")
     cache = results["feature_cache"]
     lines += [
-        (f"Metrics x100, mean ± std over seeds. Feature cache: {cache['hits']} hits, {cache['misses']} misses "
-        f"(hit rate {100 * cache['hit_rate']:.1f} %). Wall time of this run: {results['wall_seconds']:.0f} s."),
+        (
+            f"Metrics x100, mean ± std over seeds. Feature cache: {cache['hits']} hits, {cache['misses']} misses "
+            f"(hit rate {100 * cache['hit_rate']:.1f} %). Wall time of this run: {results['wall_seconds']:.0f} s."
+        ),
         "",
     ]
     lines += [f"![{Path(name).stem}](plots/{name})" for name in plots]
@@ -531,15 +588,24 @@ def profile_models(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [_profile_model(method, model, images, ks, batch_size, repeats) for method, model in models.items()]
+    rows = [
+        _profile_model(method, model, images, ks, batch_size, repeats) for method, model in models.items()
+    ]
     _write_profile(out_dir, rows, ks)
     return rows
 
 
 def _profile_model(
-    method: str, model: FsadPreTrainedModel, images: Sequence, ks: Sequence[int], batch_size: int, repeats: int
+    method: str,
+    model: FsadPreTrainedModel,
+    images: Sequence,
+    ks: Sequence[int],
+    batch_size: int,
+    repeats: int,
 ) -> ProfileRow:
-    pixels = model.image_processor()([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
+    pixels = model.image_processor()(
+        [image.convert("RGB") for image in images], return_tensors="pt"
+    ).pixel_values
     if pixels.shape[0] < batch_size + 2:
         raise ValueError(f"Profiling needs at least {batch_size + 2} images, got {pixels.shape[0]}.")
     references, queries = pixels[:2], pixels[2 : 2 + batch_size]
@@ -556,9 +622,15 @@ def _profile_model(
     scaling = {}
     for k in ks:
         repeat = -(-k // 2)
-        tiled = {name: tensor.repeat_interleave(repeat, dim=0)[:k] for name, tensor in reference_features.items()}
-        scaling[k] = _median_seconds(_scorer(model, queries[:1], model.build_reference_bank(reference_features=tiled)), repeats)
-    return ProfileRow(method, per_image, batch_size / batch, setup_seconds, _peak_memory_mb(model.device), scaling)
+        tiled = {
+            name: tensor.repeat_interleave(repeat, dim=0)[:k] for name, tensor in reference_features.items()
+        }
+        scaling[k] = _median_seconds(
+            _scorer(model, queries[:1], model.build_reference_bank(reference_features=tiled)), repeats
+        )
+    return ProfileRow(
+        method, per_image, batch_size / batch, setup_seconds, _peak_memory_mb(model.device), scaling
+    )
 
 
 def _scorer(model: FsadPreTrainedModel, pixel_values: torch.Tensor, bank):
@@ -574,7 +646,8 @@ def _write_profile(out_dir: Path, rows: list[ProfileRow], ks: Sequence[int]) -> 
     _atomic_write(out_dir / "profile.json", json.dumps([asdict(row) for row in rows], indent=1) + "\n")
     lines = [
         "| method | per image (s, batch 1) | images/s | setup: prompts + 2 refs (s) | peak memory (MB) | "
-        + " | ".join(f"k={k} (× k={ks[0]})" for k in ks) + " |",
+        + " | ".join(f"k={k} (× k={ks[0]})" for k in ks)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(ks),
     ]
     figure, axis = plt.subplots(figsize=(5, 3.5))

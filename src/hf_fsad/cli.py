@@ -130,12 +130,16 @@ def score(args: argparse.Namespace) -> int:
                     record = {
                         "path": str(path),
                         "score": float(result.image_scores[index]),
-                        "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+                        "branch_scores": {
+                            k: float(v[index]) for k, v in (result.branch_scores or {}).items()
+                        },
                         "heatmap": None,
                     }
                     if heatmap_dir and result.anomaly_maps is not None:
                         target = heatmap_dir / f"{_unique_name(path.stem, used_names)}.heatmap.png"
-                        overlay = heatmap_overlay(image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range)
+                        overlay = heatmap_overlay(
+                            image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range
+                        )
                         _save_atomically(overlay, target)
                         record["heatmap"] = str(target)
                     sink.write(json.dumps(record) + "\n")
@@ -177,7 +181,9 @@ def benchmark(args: argparse.Namespace) -> int:
     for entry in args.methods:
         label, equals, source = entry.rpartition("=")
         source = source if equals else entry
-        models[label or Path(source.split("@")[-1]).name or source] = load_method(source).to(args.device).eval()
+        models[label or Path(source.split("@")[-1]).name or source] = (
+            load_method(source).to(args.device).eval()
+        )
     datasets = [DatasetSpec.parse(text) for text in args.datasets]
     out = Path(args.out)
     if args.profile:
@@ -208,7 +214,9 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-fsad", description="Few-shot image anomaly detection with CLIP.")
+    parser = argparse.ArgumentParser(
+        prog="hf-fsad", description="Few-shot image anomaly detection with CLIP."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     score_parser = commands.add_parser("score", help="score images for anomalies")
@@ -221,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument("--output", required=True, help="results file (JSON lines)")
     score_parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG)")
     score_parser.add_argument(
-        "--heatmap-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
+        "--heatmap-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
         help="scores at the ends of the colour scale (default: each map's own min and max)",
     )
     score_parser.add_argument("--batch-size", type=int, default=8)
@@ -229,31 +240,48 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.set_defaults(handler=score)
 
     convert_parser = commands.add_parser("convert", help="convert an open_clip checkpoint to transformers")
-    convert_parser.add_argument("--open-clip", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240")
+    convert_parser.add_argument(
+        "--open-clip", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240"
+    )
     convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
     convert_parser.add_argument("output_dir")
     convert_parser.set_defaults(handler=convert)
 
     bench_parser = commands.add_parser("benchmark", help="evaluate methods on benchmarks (papers' protocol)")
     bench_parser.add_argument(
-        "--methods", nargs="+", required=True,
+        "--methods",
+        nargs="+",
+        required=True,
         help="[LABEL=]PATH_OR_HUB_ID of a saved model, or [LABEL=]METHOD@CLIP for a fresh method on a CLIP",
     )
-    bench_parser.add_argument("--datasets", nargs="+", required=True, help="NAME[:ROOT[:CATEGORY]], e.g. elpv mvtec_ad:/data/mvtec")
+    bench_parser.add_argument(
+        "--datasets", nargs="+", required=True, help="NAME[:ROOT[:CATEGORY]], e.g. elpv mvtec_ad:/data/mvtec"
+    )
     bench_parser.add_argument("--k", nargs="+", type=int, default=[2, 4, 8], help="shots (0 = zero-shot)")
     bench_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     bench_parser.add_argument(
-        "--anomalous", nargs="+", type=int, default=[0],
+        "--anomalous",
+        nargs="+",
+        type=int,
+        default=[0],
         help="anomalous references drawn from the test split, for methods that use them (e.g. 1)",
     )
-    bench_parser.add_argument("--validation", type=int, default=0, help="normal train images kept for weight validation")
-    bench_parser.add_argument("--max-test", type=int, help="score at most this many test images per category (seeded)")
-    bench_parser.add_argument("--out", required=True, help="output directory (results.json, results.md, plots/)")
+    bench_parser.add_argument(
+        "--validation", type=int, default=0, help="normal train images kept for weight validation"
+    )
+    bench_parser.add_argument(
+        "--max-test", type=int, help="score at most this many test images per category (seeded)"
+    )
+    bench_parser.add_argument(
+        "--out", required=True, help="output directory (results.json, results.md, plots/)"
+    )
     bench_parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
     bench_parser.add_argument("--title", help="heading of the results table (say here if weights are random)")
     bench_parser.add_argument("--batch-size", type=int, default=8)
     bench_parser.add_argument("--device", default="cpu")
-    bench_parser.add_argument("--profile", action="store_true", help="measure latency, memory and k-scaling instead")
+    bench_parser.add_argument(
+        "--profile", action="store_true", help="measure latency, memory and k-scaling instead"
+    )
     bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
     bench_parser.set_defaults(handler=benchmark)
 

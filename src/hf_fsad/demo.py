@@ -68,7 +68,9 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
         test = dataset["test"]
         with torch.no_grad():
             bank = model.build_reference_bank(references, class_name="textured surface")
-            output = model(processor(list(test["image"]), return_tensors="pt").pixel_values, reference_bank=bank)
+            output = model(
+                processor(list(test["image"]), return_tensors="pt").pixel_values, reference_bank=bank
+            )
         maps = output.anomaly_maps.numpy()
         masks = np.stack([mask_array(mask, size) for mask in test["mask"]])
         rows.append((category, image_auroc(test["label"], output.image_scores), pixel_auroc(masks, maps)))
@@ -89,7 +91,9 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
         f"# hf_fsad demo: WinCLIP+ {k}-shot on toy textures",
         "",
         f"Backbone: {weights}.",
-        "" if pretrained else "Random weights: these scores show the pipeline working, not WinCLIP's accuracy.",
+        ""
+        if pretrained
+        else "Random weights: these scores show the pipeline working, not WinCLIP's accuracy.",
         "",
         "| category | image AUROC | pixel AUROC |",
         "|---|---|---|",

@@ -83,7 +83,9 @@ class ReferenceBank:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
         except SafetensorError as error:
-            raise ValueError(f"{path} is not an hf_fsad reference bank (not a safetensors file: {error}).") from None
+            raise ValueError(
+                f"{path} is not an hf_fsad reference bank (not a safetensors file: {error})."
+            ) from None
         if metadata.get("format") != "hf_fsad.reference_bank":
             raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
         return cls(
@@ -102,7 +104,9 @@ class ReferenceBank:
 def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str = "pixel_values") -> None:
     """Raise an error naming the problem when `pixel_values` cannot be a batch of RGB images."""
     if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}.")
+        raise TypeError(
+            f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}."
+        )
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"{name} must be a floating-point tensor (normalised pixels from `model.image_processor()`), "
@@ -116,7 +120,9 @@ def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str
         raise ValueError(f"{name} must have 3 (RGB) channels, got {pixel_values.shape[1]}.")
     height, width = pixel_values.shape[-2:]
     if height < patch_size or width < patch_size:
-        raise ValueError(f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size.")
+        raise ValueError(
+            f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size."
+        )
     if not torch.isfinite(pixel_values).all():
         raise ValueError(f"{name} contains NaN or infinite values.")
 
@@ -224,7 +230,11 @@ class FsadPreTrainedModel(PreTrainedModel):
     def feature_spec(self) -> dict:
         """What `encode_images` computes besides the weights; equal specs on equal backbones share cached
         features. Methods whose features depend on more config fields extend this."""
-        return {"image_size": self.config.image_size, "image_mean": self.config.image_mean, "image_std": self.config.image_std}
+        return {
+            "image_size": self.config.image_size,
+            "image_mean": self.config.image_mean,
+            "image_std": self.config.image_std,
+        }
 
     def feature_key(self) -> str:
         """Fingerprint of `encode_images`: the vision weights (hashed once; they are frozen) + `feature_spec()`."""
@@ -233,13 +243,18 @@ class FsadPreTrainedModel(PreTrainedModel):
             for name, tensor in sorted(self.backbone.clip.vision_model.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().float().cpu().numpy().tobytes())
-            digest.update(self.backbone.clip.visual_projection.weight.detach().float().cpu().numpy().tobytes())
+            digest.update(
+                self.backbone.clip.visual_projection.weight.detach().float().cpu().numpy().tobytes()
+            )
             self._vision_weights_digest = digest.hexdigest()
         spec = json.dumps(self.feature_spec(), sort_keys=True, default=str)
         return hashlib.sha256((self._vision_weights_digest + spec).encode()).hexdigest()[:16]
 
     def forward(
-        self, pixel_values: torch.Tensor, reference_bank: ReferenceBank | None = None, return_dict: bool = True
+        self,
+        pixel_values: torch.Tensor,
+        reference_bank: ReferenceBank | None = None,
+        return_dict: bool = True,
     ) -> AnomalyDetectionOutput | tuple:
         """Score a batch (B, 3, S, S), S = `config.image_size`. Without a bank: the method's default
         (zero-shot with `config.default_class_name` for methods with text prompts).

@@ -51,12 +51,16 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             if isinstance(reference_images, (str, bytes)) or not isinstance(reference_images, Sequence):
                 reference_images = [reference_images]
             if len(reference_images) == 0:
-                raise ValueError("reference_images is empty: give at least one normal image, or leave it out.")
+                raise ValueError(
+                    "reference_images is empty: give at least one normal image, or leave it out."
+                )
             images = [load_image(image) for image in reference_images]
             pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return self.model.build_reference_bank(pixel_values, class_name=class_name)
 
-    def _sanitize_parameters(self, reference_images=None, reference_bank=None, class_name=None, heatmap_range=None):
+    def _sanitize_parameters(
+        self, reference_images=None, reference_bank=None, class_name=None, heatmap_range=None
+    ):
         if reference_bank is not None and reference_images is not None:
             raise ValueError("Give either reference_images or reference_bank, not both.")
         forward_params = {}
@@ -71,7 +75,9 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         image = load_image(image)
         return {"pixel_values": self.image_processor(image, return_tensors="pt").pixel_values, "image": image}
 
-    def _forward(self, model_inputs: dict[str, Any], reference_bank: ReferenceBank | None = None) -> dict[str, Any]:
+    def _forward(
+        self, model_inputs: dict[str, Any], reference_bank: ReferenceBank | None = None
+    ) -> dict[str, Any]:
         output = self.model(model_inputs["pixel_values"], reference_bank=reference_bank)
         return {"output": output, "image": model_inputs["image"]}
 
@@ -86,7 +92,10 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         if output.anomaly_maps is not None:
             width, height = image.size
             anomaly_map = torch.nn.functional.interpolate(
-                output.anomaly_maps[:1, None].float(), size=(height, width), mode="bilinear", align_corners=False
+                output.anomaly_maps[:1, None].float(),
+                size=(height, width),
+                mode="bilinear",
+                align_corners=False,
             )[0, 0]
             result["anomaly_map"] = anomaly_map.cpu().numpy().astype(np.float32)
             result["heatmap"] = heatmap_overlay(image, result["anomaly_map"], heatmap_range)
@@ -98,4 +107,6 @@ def register_pipeline() -> None:
     from transformers import AutoModel
 
     if TASK not in PIPELINE_REGISTRY.get_supported_tasks():
-        PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=ImageAnomalyDetectionPipeline, pt_model=AutoModel, type="image")
+        PIPELINE_REGISTRY.register_pipeline(
+            TASK, pipeline_class=ImageAnomalyDetectionPipeline, pt_model=AutoModel, type="image"
+        )

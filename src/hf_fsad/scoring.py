@@ -83,13 +83,17 @@ def nearest_cosine(query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 
     return nearest.reshape(query.shape[:-1])
 
 
-def reference_association(query: torch.Tensor, reference: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+def reference_association(
+    query: torch.Tensor, reference: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
     """WinCLIP+ distance to the nearest normal reference item: (1 - max cos) / 2, in [0, 1]. (B, N)."""
     # clamp: rounding can push cos a hair above 1, and harmonic means need non-negative scores
-    return ((1 - nearest_cosine(query, reference, chunk_size)).clamp_min(0) / 2)
+    return (1 - nearest_cosine(query, reference, chunk_size)).clamp_min(0) / 2
 
 
-def anomalous_association(query: torch.Tensor, anomalous: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
+def anomalous_association(
+    query: torch.Tensor, anomalous: torch.Tensor, chunk_size: int = 4096
+) -> torch.Tensor:
     """Similarity to the most similar anomalous-memory item: (1 + max cos) / 2, in [0, 1]. (B, N).
 
     High when a query item looks like a stored defect; mapped to [0, 1] like the reference distance so
@@ -148,6 +152,7 @@ def fuse_zero_few_shot(
 
 
 # --- Anomalous memory (papers/anomalous-samples-fsad.txt) -------------------------------------------------
+
 
 def mask_to_patch_grid(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, H, W) pixel masks -> (B, P) patch flags: a patch is anomalous when any of its pixels is."""

@@ -22,7 +22,9 @@ def heatmap_overlay(
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {anomaly_map.shape}.")
-    low, high = value_range if value_range is not None else (float(anomaly_map.min()), float(anomaly_map.max()))
+    low, high = (
+        value_range if value_range is not None else (float(anomaly_map.min()), float(anomaly_map.max()))
+    )
     scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
     resized = Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR)
     colours = colormaps["jet"](np.asarray(resized))[..., :3]
@@ -63,8 +65,16 @@ def save_heatmap_panels(
             axis.set_title(caption, fontsize=9)
             axis.axis("off")
         if masks is None:
-            row[1].text(0.5, 0.5, "no pixel labels\n(image labels only)", color="white", ha="center", va="center",
-                        transform=row[1].transAxes, fontsize=9)
+            row[1].text(
+                0.5,
+                0.5,
+                "no pixel labels\n(image labels only)",
+                color="white",
+                ha="center",
+                va="center",
+                transform=row[1].transAxes,
+                fontsize=9,
+            )
     figure.tight_layout()
     figure.savefig(path, dpi=80)
     plt.close(figure)

@@ -62,11 +62,15 @@ class ClipBackbone(nn.Module):
         """One vision pass; `layers` are the 1-based blocks whose raw tokens to keep."""
         for layer in layers:
             if not 1 <= layer <= self.num_blocks:
-                raise ValueError(f"Block {layer} does not exist: the vision tower has blocks 1..{self.num_blocks}.")
+                raise ValueError(
+                    f"Block {layer} does not exist: the vision tower has blocks 1..{self.num_blocks}."
+                )
         vision = self.clip.vision_model
         height, width = pixel_values.shape[-2:]
         native = self.clip.config.vision_config.image_size
-        embeddings = vision.embeddings(pixel_values, interpolate_pos_encoding=(height, width) != (native, native))
+        embeddings = vision.embeddings(
+            pixel_values, interpolate_pos_encoding=(height, width) != (native, native)
+        )
         last, kept = self._run_blocks(vision.pre_layrnorm(embeddings), keep=layers)
         grid = (height // self.patch_size, width // self.patch_size)
         return VisionFeatures(embeddings, kept, last, grid)

@@ -56,14 +56,17 @@ def _check_supported(model) -> None:
         "a final LayerNorm after pooling": getattr(visual, "final_ln_after_pool", False),
         "pooling other than the class token": getattr(visual, "pool_type", "tok") != "tok",
         "no LayerNorm before the transformer": isinstance(getattr(visual, "ln_pre", None), torch.nn.Identity),
-        "text pooling other than argmax/eos": getattr(model, "text_pool_type", "argmax") not in ("argmax", "eos"),
+        "text pooling other than argmax/eos": getattr(model, "text_pool_type", "argmax")
+        not in ("argmax", "eos"),
         "layer scale": not isinstance(visual.transformer.resblocks[0].ls_1, torch.nn.Identity),
     }
     found = [name for name, present in unsupported.items() if present]
     if not hasattr(model, "token_embedding"):
         found.append("a text tower other than open_clip's built-in transformer")
     if found:
-        raise ValueError(f"This open_clip model cannot be expressed as a transformers CLIPModel: {', '.join(found)}.")
+        raise ValueError(
+            f"This open_clip model cannot be expressed as a transformers CLIPModel: {', '.join(found)}."
+        )
 
 
 def clip_config_from_open_clip(model) -> CLIPConfig:
@@ -145,7 +148,9 @@ def convert_state_dict(state: dict[str, torch.Tensor], config: CLIPConfig) -> di
     converted |= _convert_blocks(
         state, "visual.transformer", "vision_model.encoder", config.vision_config.num_hidden_layers
     )
-    converted |= _convert_blocks(state, "transformer", "text_model.encoder", config.text_config.num_hidden_layers)
+    converted |= _convert_blocks(
+        state, "transformer", "text_model.encoder", config.text_config.num_hidden_layers
+    )
     return {name: tensor.detach().clone().contiguous() for name, tensor in converted.items()}
 
 
@@ -156,7 +161,9 @@ def clip_from_open_clip_model(model) -> CLIPModel:
     missing, unexpected = clip.load_state_dict(convert_state_dict(model.state_dict(), config), strict=False)
     missing = [name for name in missing if not name.endswith("position_ids")]
     if missing or unexpected:
-        raise RuntimeError(f"Conversion left parameters unmatched: missing {missing}, unexpected {unexpected}.")
+        raise RuntimeError(
+            f"Conversion left parameters unmatched: missing {missing}, unexpected {unexpected}."
+        )
     return clip.eval()
 
 
@@ -181,7 +188,9 @@ def convert_open_clip(model_name: str, pretrained: str | None, output_dir: str |
     try:
         import open_clip
     except ImportError as error:
-        raise ImportError("Converting open_clip checkpoints needs the `convert` extra: pip install 'hf-fsad[convert]'.") from error
+        raise ImportError(
+            "Converting open_clip checkpoints needs the `convert` extra: pip install 'hf-fsad[convert]'."
+        ) from error
 
     model = open_clip.create_model(model_name, pretrained=pretrained).eval()
     clip = clip_from_open_clip_model(model)

@@ -97,13 +97,21 @@ def build_mvtec_ad(root: Path, category: str | None, seed: int) -> Splits:
         base = root / name
         for file in _require_images(base / "train" / "good", MVTEC_AD_LAYOUT):
             splits["train"].append(Record(str(file), 0, name, "good", _relative(file, root)))
-        for defect_dir in sorted(d for d in require_dir(base / "test", MVTEC_AD_LAYOUT).iterdir() if d.is_dir()):
+        for defect_dir in sorted(
+            d for d in require_dir(base / "test", MVTEC_AD_LAYOUT).iterdir() if d.is_dir()
+        ):
             defect = defect_dir.name
             for file in _require_images(defect_dir, MVTEC_AD_LAYOUT):
                 mask = None
                 if defect != "good":
-                    mask = str(require_file(base / "ground_truth" / defect / f"{file.stem}_mask.png", MVTEC_AD_LAYOUT))
-                splits["test"].append(Record(str(file), int(defect != "good"), name, defect, _relative(file, root), mask))
+                    mask = str(
+                        require_file(
+                            base / "ground_truth" / defect / f"{file.stem}_mask.png", MVTEC_AD_LAYOUT
+                        )
+                    )
+                splits["test"].append(
+                    Record(str(file), int(defect != "good"), name, defect, _relative(file, root), mask)
+                )
     return splits
 
 
@@ -121,7 +129,9 @@ def build_visa(root: Path, category: str | None, seed: int) -> Splits:
         rows = list(csv.DictReader(handle))
     missing_columns = {"object", "split", "label", "image", "mask"} - set(rows[0] if rows else {})
     if missing_columns:
-        raise BenchmarkLayoutError(f"{split_file} lacks the columns {sorted(missing_columns)}. Expected layout: {VISA_LAYOUT}")
+        raise BenchmarkLayoutError(
+            f"{split_file} lacks the columns {sorted(missing_columns)}. Expected layout: {VISA_LAYOUT}"
+        )
     found = sorted({row["object"] for row in rows})
     chosen = set(_choose_categories(found, category, root, VISA_LAYOUT))
     splits: Splits = {"train": [], "test": []}
@@ -129,12 +139,16 @@ def build_visa(root: Path, category: str | None, seed: int) -> Splits:
         if row["object"] not in chosen:
             continue
         if row["split"] not in splits or row["label"] not in ("normal", "anomaly"):
-            raise BenchmarkLayoutError(f"{split_file}: unexpected split {row['split']!r} or label {row['label']!r}.")
+            raise BenchmarkLayoutError(
+                f"{split_file}: unexpected split {row['split']!r} or label {row['label']!r}."
+            )
         anomalous = row["label"] == "anomaly"
         image = require_file(root / row["image"], VISA_LAYOUT)
         mask = str(require_file(root / row["mask"], VISA_LAYOUT)) if anomalous else None
         defect = "anomaly" if anomalous else "good"
-        splits[row["split"]].append(Record(str(image), int(anomalous), row["object"], defect, row["image"], mask))
+        splits[row["split"]].append(
+            Record(str(image), int(anomalous), row["object"], defect, row["image"], mask)
+        )
     return splits
 
 
@@ -164,7 +178,9 @@ def build_elpv(root: Path, category: str | None, seed: int, train_fraction: floa
             continue
         fields = line.split()
         if len(fields) != 3:
-            raise BenchmarkLayoutError(f"{labels} line {number} is not '<image> <probability> <type>': {line!r}")
+            raise BenchmarkLayoutError(
+                f"{labels} line {number} is not '<image> <probability> <type>': {line!r}"
+            )
         entries.append((fields[0], float(fields[1]), fields[2]))
     found = sorted({kind for _, _, kind in entries})
     splits: Splits = {"train": [], "test": []}
@@ -186,16 +202,24 @@ def build_elpv(root: Path, category: str | None, seed: int, train_fraction: floa
 
 # --- HeadCT, BrainMRI ------------------------------------------------------------------------------------
 
+
 def _normal_abnormal_layout(name: str) -> str:
     return f"ROOT/normal/*.png|jpg (normal scans) and ROOT/abnormal/*.png|jpg ({name} with findings)"
 
 
-def build_normal_abnormal(root: Path, category: str | None, seed: int, name: str, train_fraction: float = 0.75) -> Splits:
+def build_normal_abnormal(
+    root: Path, category: str | None, seed: int, name: str, train_fraction: float = 0.75
+) -> Splits:
     """One category; a seeded `train_fraction` of the normal scans is the reference pool, the rest test."""
     layout = _normal_abnormal_layout(name)
     _choose_categories([name], category, root, layout)
-    normal = [Record(str(f), 0, name, "good", _relative(f, root)) for f in _require_images(root / "normal", layout)]
-    abnormal = [Record(str(f), 1, name, "abnormal", _relative(f, root)) for f in _require_images(root / "abnormal", layout)]
+    normal = [
+        Record(str(f), 0, name, "good", _relative(f, root)) for f in _require_images(root / "normal", layout)
+    ]
+    abnormal = [
+        Record(str(f), 1, name, "abnormal", _relative(f, root))
+        for f in _require_images(root / "abnormal", layout)
+    ]
     train, test = split_normals(normal, train_fraction, seed)
     return {"train": train, "test": test + abnormal}
 
@@ -216,7 +240,9 @@ def _aitex_tiles(file: Path) -> tuple[list[tuple[int, int, int, int]], str]:
         raise BenchmarkLayoutError(f"{file.name} is not named NNNN_DDD_FF. Expected layout: {AITEX_LAYOUT}")
     width, height = image_size(file)
     if width % AITEX_TILE_WIDTH:
-        raise BenchmarkLayoutError(f"{file} is {width} px wide, not a multiple of {AITEX_TILE_WIDTH} px tiles.")
+        raise BenchmarkLayoutError(
+            f"{file} is {width} px wide, not a multiple of {AITEX_TILE_WIDTH} px tiles."
+        )
     boxes = [(x, 0, x + AITEX_TILE_WIDTH, height) for x in range(0, width, AITEX_TILE_WIDTH)]
     return boxes, f"fabric{match.group(2)}"
 
@@ -225,7 +251,9 @@ def _aitex_mask(root: Path, file: Path) -> np.ndarray:
     """The union of an image's masks as a 0/255 uint8 array (some images have several)."""
     masks = sorted((root / "Mask_images").glob(f"{file.stem}_mask*.png"))
     if not masks:
-        raise BenchmarkLayoutError(f"No mask for {file} in {root / 'Mask_images'}. Expected layout: {AITEX_LAYOUT}")
+        raise BenchmarkLayoutError(
+            f"No mask for {file} in {root / 'Mask_images'}. Expected layout: {AITEX_LAYOUT}"
+        )
     return np.max([np.asarray(binary_mask(mask)) for mask in masks], axis=0)
 
 
@@ -263,7 +291,9 @@ def build_aitex(root: Path, category: str | None, seed: int, train_fraction: flo
 
 # --- KolektorSDD -----------------------------------------------------------------------------------------
 
-KSDD_LAYOUT = "ROOT/kosNN/PartN.jpg with its mask ROOT/kosNN/PartN_label.bmp (the published KolektorSDD folders)"
+KSDD_LAYOUT = (
+    "ROOT/kosNN/PartN.jpg with its mask ROOT/kosNN/PartN_label.bmp (the published KolektorSDD folders)"
+)
 
 
 def build_ksdd(root: Path, category: str | None, seed: int, train_fraction: float = 0.75) -> Splits:
@@ -318,12 +348,20 @@ def _idx_file(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
         if candidate.is_file():
             return candidate
-    raise BenchmarkLayoutError(f"Expected the file {root / stem} (or .gz), but it does not exist. Expected layout: {MNIST_LAYOUT}")
+    raise BenchmarkLayoutError(
+        f"Expected the file {root / stem} (or .gz), but it does not exist. Expected layout: {MNIST_LAYOUT}"
+    )
 
 
 def _even_odd_records(images: np.ndarray, digits: np.ndarray, split: str, category: str) -> list[Record]:
     return [
-        Record(image, int(digit % 2), category, "good" if digit % 2 == 0 else f"digit_{digit}", f"{split}/{index:05d}")
+        Record(
+            image,
+            int(digit % 2),
+            category,
+            "good" if digit % 2 == 0 else f"digit_{digit}",
+            f"{split}/{index:05d}",
+        )
         for index, (image, digit) in enumerate(zip(images, digits.tolist()))
     ]
 
@@ -337,13 +375,17 @@ def build_mnist(root: Path, category: str | None, seed: int) -> Splits:
         images = read_idx(_idx_file(root, f"{prefix}-images-idx3-ubyte"))
         digits = read_idx(_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or digits.shape != images.shape[:1]:
-            raise BenchmarkLayoutError(f"MNIST {prefix} files disagree: images {images.shape}, labels {digits.shape}.")
+            raise BenchmarkLayoutError(
+                f"MNIST {prefix} files disagree: images {images.shape}, labels {digits.shape}."
+            )
         records = _even_odd_records(images, digits, split, "mnist")
         splits[split] = [record for record in records if record.label == 0] if split == "train" else records
     return splits
 
 
-def build_sklearn_digits(root: Path | None, category: str | None, seed: int, train_fraction: float = 0.75) -> Splits:
+def build_sklearn_digits(
+    root: Path | None, category: str | None, seed: int, train_fraction: float = 0.75
+) -> Splits:
     """scikit-learn's bundled 8x8 digits (1,797 images, offline), even normal and odd anomalous like `mnist`:
     a stand-in for MNIST, not MNIST. A seeded `train_fraction` of the even digits is the reference pool."""
     from sklearn.datasets import load_digits
@@ -356,7 +398,9 @@ def build_sklearn_digits(root: Path | None, category: str | None, seed: int, tra
     return {"train": train, "test": test + [r for r in records if r.label == 1]}
 
 
-CIFAR10_LAYOUT = "ROOT/data_batch_1.bin ... data_batch_5.bin and ROOT/test_batch.bin (CIFAR-10 binary version)"
+CIFAR10_LAYOUT = (
+    "ROOT/data_batch_1.bin ... data_batch_5.bin and ROOT/test_batch.bin (CIFAR-10 binary version)"
+)
 _CIFAR_RECORD = 1 + 32 * 32 * 3
 
 
@@ -384,10 +428,17 @@ def build_cifar10(root: Path, category: str | None, seed: int) -> Splits:
         target = CIFAR10_CLASSES.index(name)
         splits["train"] += [
             Record(image, 0, name, "good", f"train/{index:05d}")
-            for index, (image, label) in enumerate(zip(train_images, train_labels)) if label == target
+            for index, (image, label) in enumerate(zip(train_images, train_labels))
+            if label == target
         ]
         splits["test"] += [
-            Record(image, int(label != target), name, "good" if label == target else CIFAR10_CLASSES[label], f"test/{index:05d}")
+            Record(
+                image,
+                int(label != target),
+                name,
+                "good" if label == target else CIFAR10_CLASSES[label],
+                f"test/{index:05d}",
+            )
             for index, (image, label) in enumerate(zip(test_images, test_labels))
         ]
     return splits
@@ -408,7 +459,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "mvtec_ad": BenchmarkSpec(build_mvtec_ad, MVTEC_AD_LAYOUT, MVTEC_AD_CATEGORIES),
     "visa": BenchmarkSpec(build_visa, VISA_LAYOUT, VISA_CATEGORIES),
     "elpv": BenchmarkSpec(build_elpv, ELPV_LAYOUT, ("mono", "poly"), elpv_package_root),
-    "headct": BenchmarkSpec(partial(build_normal_abnormal, name="headct"), _normal_abnormal_layout("headct"), ("headct",)),
+    "headct": BenchmarkSpec(
+        partial(build_normal_abnormal, name="headct"), _normal_abnormal_layout("headct"), ("headct",)
+    ),
     "brainmri": BenchmarkSpec(
         partial(build_normal_abnormal, name="brainmri"), _normal_abnormal_layout("brainmri"), ("brainmri",)
     ),
@@ -416,7 +469,9 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "ksdd": BenchmarkSpec(build_ksdd, KSDD_LAYOUT, ("ksdd",)),
     "sdd": BenchmarkSpec(build_ksdd, KSDD_LAYOUT, ("ksdd",)),
     "mnist": BenchmarkSpec(build_mnist, MNIST_LAYOUT, ("mnist",)),
-    "sklearn_digits": BenchmarkSpec(build_sklearn_digits, "bundled with scikit-learn", ("digits",), lambda: None),
+    "sklearn_digits": BenchmarkSpec(
+        build_sklearn_digits, "bundled with scikit-learn", ("digits",), lambda: None
+    ),
     "cifar10": BenchmarkSpec(build_cifar10, CIFAR10_LAYOUT, CIFAR10_CLASSES),
     "toy": BenchmarkSpec(build_toy, "generated", tuple(TOY_CATEGORIES), lambda: None),
 }

@@ -36,13 +36,17 @@ class BenchmarkLayoutError(ValueError):
 def require_dir(path: Path, layout: str) -> Path:
     """`path` if it is a directory, else a BenchmarkLayoutError naming it and the expected `layout`."""
     if not path.is_dir():
-        raise BenchmarkLayoutError(f"Expected the folder {path}, but it does not exist. Expected layout: {layout}")
+        raise BenchmarkLayoutError(
+            f"Expected the folder {path}, but it does not exist. Expected layout: {layout}"
+        )
     return path
 
 
 def require_file(path: Path, layout: str) -> Path:
     if not path.is_file():
-        raise BenchmarkLayoutError(f"Expected the file {path}, but it does not exist. Expected layout: {layout}")
+        raise BenchmarkLayoutError(
+            f"Expected the file {path}, but it does not exist. Expected layout: {layout}"
+        )
     return path
 
 
@@ -146,7 +150,9 @@ def build_dataset_dict(splits: dict[str, Sequence[Record]], name: str) -> Datase
     """`{"train": records, "test": records}` -> DatasetDict; train must hold normal images only."""
     anomalous = [record.path for record in splits["train"] if record.label != 0]
     if anomalous:
-        raise ValueError(f"The train split must hold normal images only, but has {len(anomalous)} anomalous ones.")
+        raise ValueError(
+            f"The train split must hold normal images only, but has {len(anomalous)} anomalous ones."
+        )
     return DatasetDict({split: build_dataset(records, name, split) for split, records in splits.items()})
 
 

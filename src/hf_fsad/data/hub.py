@@ -27,7 +27,11 @@ BENCHMARK_KEY = "hf_fsad_benchmark"
 
 def _embedded(dataset: Dataset) -> Dataset:
     """`dataset` with image files read into the table (paths alone would not travel with the repo)."""
-    return dataset.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
+    return (
+        dataset.with_format("arrow")
+        .map(embed_table_storage, batched=True, keep_in_memory=True)
+        .with_format(None)
+    )
 
 
 def write_hub_layout(
@@ -56,7 +60,9 @@ def write_hub_layout(
     configs.append({"config_name": config_name, "data_files": data_files})
     metadata["configs"] = sorted(configs, key=lambda config: config["config_name"])
     if not readme.is_file():
-        readme.write_text(f"# {benchmark or 'Anomaly detection benchmark'}\n\nWritten by hf_fsad (`push_benchmark`).\n")
+        readme.write_text(
+            f"# {benchmark or 'Anomaly detection benchmark'}\n\nWritten by hf_fsad (`push_benchmark`).\n"
+        )
     metadata_save(readme, metadata)
     return folder
 
@@ -108,7 +114,9 @@ def load_hub_benchmark(name: str, root: str | os.PathLike, category: str | None 
         parts = [dataset_dict[split] for dataset_dict in loaded]
         for part in parts:
             if part.features != FEATURES:
-                raise ValueError(f"{root} split {split!r} does not have the benchmark features: {part.features}.")
+                raise ValueError(
+                    f"{root} split {split!r} does not have the benchmark features: {part.features}."
+                )
         splits[split] = concatenate_datasets(parts)
         splits[split].info.dataset_name = name
     return DatasetDict(splits)

@@ -71,7 +71,11 @@ def _only_category(dataset: Dataset, category: str | None) -> tuple[str, list[tu
         if len(categories) != 1:
             raise ValueError(f"The split holds several categories ({', '.join(categories)}); pass category=.")
         category = categories[0]
-    rows = [(path, label) for path, label, name in zip(dataset["path"], dataset["label"], dataset["category"]) if name == category]
+    rows = [
+        (path, label)
+        for path, label, name in zip(dataset["path"], dataset["label"], dataset["category"])
+        if name == category
+    ]
     return category, rows
 
 
@@ -99,7 +103,9 @@ def sample_references(
             f"Cannot draw k={k} references (+{num_validation} for validation): category {category!r} has "
             f"{len(pool)} normal training images."
         )
-    chosen = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=k + num_validation, replace=False)]
+    chosen = [
+        pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=k + num_validation, replace=False)
+    ]
     manifest = ReferenceManifest(train.info.dataset_name or "unknown", category, k, seed, chosen[:k])
     manifest.validation_ids = chosen[k:]
     if test is None:
@@ -109,9 +115,13 @@ def sample_references(
     _, test_rows = _only_category(test, category)
     anomalous_pool = sorted(path for path, label in test_rows if label == 1)
     if num_anomalous > len(anomalous_pool):
-        raise ValueError(f"Cannot draw {num_anomalous} anomalous references: category {category!r} has {len(anomalous_pool)}.")
+        raise ValueError(
+            f"Cannot draw {num_anomalous} anomalous references: category {category!r} has {len(anomalous_pool)}."
+        )
     test_rng = np.random.default_rng([seed, 1])
-    manifest.anomalous_ids = [anomalous_pool[i] for i in test_rng.choice(len(anomalous_pool), num_anomalous, replace=False)]
+    manifest.anomalous_ids = [
+        anomalous_pool[i] for i in test_rng.choice(len(anomalous_pool), num_anomalous, replace=False)
+    ]
     remaining = sorted(path for path, _ in test_rows if path not in set(manifest.anomalous_ids))
     if max_test is not None and len(remaining) > max_test:
         remaining = sorted(remaining[i] for i in test_rng.choice(len(remaining), max_test, replace=False))

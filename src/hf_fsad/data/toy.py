@@ -21,6 +21,7 @@ TOY_CATEGORIES: dict[str, tuple[float, float, tuple[int, int, int], tuple[int, i
 }
 TOY_DEFECTS: tuple[str, ...] = ("scratch", "blob", "discoloration")
 
+
 def _texture(rng: np.random.Generator, category: str, size: int) -> np.ndarray:
     frequency, angle, base, amplitude = TOY_CATEGORIES[category]
     y, x = np.mgrid[0:size, 0:size] / size
@@ -88,7 +89,14 @@ def toy_records(
             image, defect_mask = _plant_defect(rng, image, defect)
             mask = PILImage.fromarray((defect_mask * 255).astype(np.uint8), mode="L")
         path = f"toy/{category}/{split}/{defect or 'good'}/{index:03d}.png"
-        return Record(PILImage.fromarray(image.astype(np.uint8)), int(defect is not None), category, defect or "good", path, mask)
+        return Record(
+            PILImage.fromarray(image.astype(np.uint8)),
+            int(defect is not None),
+            category,
+            defect or "good",
+            path,
+            mask,
+        )
 
     train = [example("train", i, None) for i in range(num_train)]
     test = [example("test", i, None) for i in range(num_test_good)]

@@ -40,7 +40,9 @@ class AnomalousMemoryConfig(WinClipConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.weight_distribution not in WEIGHT_DISTRIBUTIONS:
-            raise ValueError(f"weight_distribution must be one of {WEIGHT_DISTRIBUTIONS}, got {self.weight_distribution!r}.")
+            raise ValueError(
+                f"weight_distribution must be one of {WEIGHT_DISTRIBUTIONS}, got {self.weight_distribution!r}."
+            )
         if self.num_weight_samples < 1 or self.num_validation_views < 1:
             raise ValueError("num_weight_samples and num_validation_views must be at least 1.")
 

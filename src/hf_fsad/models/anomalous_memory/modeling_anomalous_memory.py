@@ -51,7 +51,10 @@ class AnomalousMemoryModel(WinClipModel):
 
     def _level_items(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """Per level (B, items, dim): patch tokens, then the window embeddings of each scale."""
-        return [features["patch_tokens"], *(features[f"window_embeddings.{s}"] for s in self.config.window_scales)]
+        return [
+            features["patch_tokens"],
+            *(features[f"window_embeddings.{s}"] for s in self.config.window_scales),
+        ]
 
     def _anomalous_item_flags(self, masks: torch.Tensor | None, count: int) -> list[torch.Tensor]:
         """Per level (A, items) bool: which items of each anomalous reference overlap its mask."""
@@ -101,9 +104,14 @@ class AnomalousMemoryModel(WinClipModel):
         count = anomalous["patch_tokens"].shape[0]
         flags = self._anomalous_item_flags(anomalous_masks, count)
         class_name = class_name or self.config.default_class_name
-        tensors = {"text_embeddings": self.text_embeddings(class_name), "score_weights": baseline_score_weights(self.config.num_levels)}
+        tensors = {
+            "text_embeddings": self.text_embeddings(class_name),
+            "score_weights": baseline_score_weights(self.config.num_levels),
+        }
         normal_items = self._level_items(normal) if normal is not None else [None] * self.config.num_levels
-        for name, items, level_flags, normal_level in zip(self.level_names(), self._level_items(anomalous), flags, normal_items):
+        for name, items, level_flags, normal_level in zip(
+            self.level_names(), self._level_items(anomalous), flags, normal_items
+        ):
             parts = [items[~level_flags]] + ([normal_level.flatten(0, 1)] if normal_level is not None else [])
             tensors[f"reference.{name}"] = torch.cat(parts)
             tensors[f"anomalous.{name}"] = items[level_flags]
@@ -147,10 +155,13 @@ class AnomalousMemoryModel(WinClipModel):
         reference_maps = level_maps(reference_association, "reference")
         anomalous_maps = level_maps(anomalous_association, "anomalous")
         scores = torch.cat(
-            [zero_shot[:, None], level_image_scores(reference_maps), level_image_scores(anomalous_maps)], dim=-1
+            [zero_shot[:, None], level_image_scores(reference_maps), level_image_scores(anomalous_maps)],
+            dim=-1,
         )
         weights = bank.tensors["score_weights"].to(scores)
-        patch_map = torch.einsum("s,sbp->bp", weights, torch.stack([text_map, *reference_maps, *anomalous_maps]))
+        patch_map = torch.einsum(
+            "s,sbp->bp", weights, torch.stack([text_map, *reference_maps, *anomalous_maps])
+        )
         size = self.config.image_size
         return AnomalyDetectionOutput(
             image_scores=scores @ weights,
@@ -160,7 +171,10 @@ class AnomalousMemoryModel(WinClipModel):
 
     @torch.no_grad()
     def validate_weights(
-        self, reference_bank: ReferenceBank, validation_pixel_values: torch.Tensor, validation_labels: Sequence[int]
+        self,
+        reference_bank: ReferenceBank,
+        validation_pixel_values: torch.Tensor,
+        validation_labels: Sequence[int],
     ) -> ReferenceBank:
         """The bank with the Monte-Carlo weight vector that ranks the validation images best.
 
@@ -170,7 +184,9 @@ class AnomalousMemoryModel(WinClipModel):
         """
         labels = torch.as_tensor(list(validation_labels))
         if labels.numel() != validation_pixel_values.shape[0]:
-            raise ValueError(f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images.")
+            raise ValueError(
+                f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images."
+            )
         output = self(validation_pixel_values, reference_bank=reference_bank)
         scores = torch.stack([output.branch_scores[name] for name in self.score_names()], dim=-1)
         generator = torch.Generator().manual_seed(self.config.weight_seed)
@@ -179,7 +195,13 @@ class AnomalousMemoryModel(WinClipModel):
         )
         weights, auroc = select_score_weights(scores.cpu(), labels, candidates)
         tensors = reference_bank.tensors | {"score_weights": weights, "validation_auroc": torch.tensor(auroc)}
-        return ReferenceBank(reference_bank.model_type, reference_bank.config_hash, reference_bank.class_name, reference_bank.k, tensors)
+        return ReferenceBank(
+            reference_bank.model_type,
+            reference_bank.config_hash,
+            reference_bank.class_name,
+            reference_bank.k,
+            tensors,
+        )
 
     def validation_set(
         self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]

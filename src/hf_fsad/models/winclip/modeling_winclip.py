@@ -36,8 +36,10 @@ class WinClipModel(FsadPreTrainedModel):
         """(2, P) ensemble embeddings of the normal and anomalous states of `class_name`."""
         normalize = self.config.normalize_prompt_embeddings
         return torch.stack(
-            [ensemble_text_embedding(self.backbone.encode_text(prompts), normalize)
-             for prompts in winclip_prompts(class_name)]
+            [
+                ensemble_text_embedding(self.backbone.encode_text(prompts), normalize)
+                for prompts in winclip_prompts(class_name)
+            ]
         )
 
     def feature_spec(self) -> dict:
@@ -54,11 +56,16 @@ class WinClipModel(FsadPreTrainedModel):
         self.check_input_size(pixel_values)
         features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype))
         last = features.last_hidden_state
-        windows = self.backbone.encode_windows(features.embeddings, features.grid_size, self.config.window_scales)
+        windows = self.backbone.encode_windows(
+            features.embeddings, features.grid_size, self.config.window_scales
+        )
         return {
             "image_embeddings": self.backbone.project(last[:, 0]),
             "patch_tokens": self.backbone.post_norm(last[:, 1:]),
-            **{f"window_embeddings.{scale}": window for scale, window in zip(self.config.window_scales, windows)},
+            **{
+                f"window_embeddings.{scale}": window
+                for scale, window in zip(self.config.window_scales, windows)
+            },
         }
 
     def features_of(
@@ -89,11 +96,16 @@ class WinClipModel(FsadPreTrainedModel):
         """
         class_name = class_name or self.config.default_class_name
         tensors = {"text_embeddings": self.text_embeddings(class_name)}
-        reference_features = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
+        reference_features = self.features_of(
+            reference_pixel_values, reference_features, "reference_pixel_values"
+        )
         k = 0
         if reference_features is not None:
             k = reference_features["patch_tokens"].shape[0]
-            for name in ["patch_tokens", *(f"window_embeddings.{scale}" for scale in self.config.window_scales)]:
+            for name in [
+                "patch_tokens",
+                *(f"window_embeddings.{scale}" for scale in self.config.window_scales),
+            ]:
                 tensors[name] = reference_features[name].flatten(0, 1)
         return self.make_bank(class_name, k, tensors)
 
@@ -128,4 +140,6 @@ class WinClipModel(FsadPreTrainedModel):
 
         size = self.config.image_size
         anomaly_maps = upsample_maps(patch_map.reshape(-1, *grid), (size, size))
-        return AnomalyDetectionOutput(image_scores=image_scores, anomaly_maps=anomaly_maps, branch_scores=branch_scores)
+        return AnomalyDetectionOutput(
+            image_scores=image_scores, anomaly_maps=anomaly_maps, branch_scores=branch_scores
+        )
