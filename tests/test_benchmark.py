@@ -126,14 +126,25 @@ def test_feature_cache_in_memory_counts(make_winclip):
     second = cache.features(model, data, [1, 2])
     assert (cache.hits, cache.misses) == (1, 3)
     torch.testing.assert_close(first["patch_tokens"][1], second["patch_tokens"][0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="No images to encode"):
+        cache.features(model, data, [])
 
 
-def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path):
+@pytest.mark.parametrize("method", ["winclip", "anomalous_memory"])
+def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, method):
+    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+    model = make_winclip()
+    if method == "anomalous_memory":
+        model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+        model.tokenizer = byte_level_clip_tokenizer()
     images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
-    (row,) = profile_models({"winclip": make_winclip()}, images, tmp_path, ks=(2, 8), batch_size=2, repeats=1)
+    (row,) = profile_models({method: model}, images, tmp_path, ks=(2, 8), batch_size=2, repeats=1)
     assert row.per_image_seconds > 0 and row.images_per_second > 0 and row.setup_seconds > 0
     assert row.peak_memory_mb > 0 and set(row.k_scaling) == {2, 8}
-    assert json.loads((tmp_path / "profile.json").read_text())[0]["method"] == "winclip"
+    assert json.loads((tmp_path / "profile.json").read_text())[0]["method"] == method
     assert "k=8 (× k=2)" in (tmp_path / "profile.md").read_text()
     assert (tmp_path / "profile_k_scaling.png").is_file()
 

@@ -118,6 +118,8 @@ class FeatureCache:
         desc: str = "",
     ) -> dict[str, torch.Tensor]:
         """Stacked `model.encode_images` features of `dataset[rows]`, encoding only the images not cached."""
+        if not rows:
+            raise ValueError(f"No images to encode ({desc or 'empty selection'}).")
         key = model.feature_key()
         prefix = dataset.info.dataset_name or "dataset"
         ids = [f"{prefix}:{path}" for path in dataset.select(rows)["path"]]
@@ -612,7 +614,7 @@ def _profile_model(
 
     def setup():
         model.backbone._text_cache.clear()
-        return model.build_reference_bank(references)
+        return _profile_bank(model, model.encode_images(references))
 
     setup_seconds = _median_seconds(setup, repeats)
     bank = setup()
@@ -625,12 +627,20 @@ def _profile_model(
         tiled = {
             name: tensor.repeat_interleave(repeat, dim=0)[:k] for name, tensor in reference_features.items()
         }
-        scaling[k] = _median_seconds(
-            _scorer(model, queries[:1], model.build_reference_bank(reference_features=tiled)), repeats
-        )
+        scaling[k] = _median_seconds(_scorer(model, queries[:1], _profile_bank(model, tiled)), repeats)
     return ProfileRow(
         method, per_image, batch_size / batch, setup_seconds, _peak_memory_mb(model.device), scaling
     )
+
+
+def _profile_bank(model: FsadPreTrainedModel, reference_features: dict[str, torch.Tensor]):
+    """A bank of the given references; for methods that need anomalous references the last one serves as a
+    mask-less anomalous reference (same search cost)."""
+    if not model.needs_anomalous_references:
+        return model.build_reference_bank(reference_features=reference_features)
+    normal = {name: tensor[:-1] for name, tensor in reference_features.items()}
+    anomalous = {name: tensor[-1:] for name, tensor in reference_features.items()}
+    return model.build_reference_bank(reference_features=normal, anomalous_features=anomalous)
 
 
 def _scorer(model: FsadPreTrainedModel, pixel_values: torch.Tensor, bank):

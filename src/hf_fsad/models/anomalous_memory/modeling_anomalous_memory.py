@@ -194,7 +194,10 @@ class AnomalousMemoryModel(WinClipModel):
             self.config.num_weight_samples, scores.shape[-1], self.config.weight_distribution, generator
         )
         weights, auroc = select_score_weights(scores.cpu(), labels, candidates)
-        tensors = reference_bank.tensors | {"score_weights": weights, "validation_auroc": torch.tensor(auroc, dtype=torch.float64)}
+        tensors = reference_bank.tensors | {
+            "score_weights": weights,
+            "validation_auroc": torch.tensor(auroc, dtype=torch.float64),
+        }
         return ReferenceBank(
             reference_bank.model_type,
             reference_bank.config_hash,
