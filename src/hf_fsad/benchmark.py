@@ -299,8 +299,8 @@ def run_benchmark(
                                 "category": category,
                                 "k": k,
                                 "seed": seed,
+                                "anomalous": anomalous,
                             }
-                            cell["anomalous"] = anomalous
                             if _cell_id(cell) in cells:
                                 skipped += 1
                                 continue
