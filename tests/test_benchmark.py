@@ -26,9 +26,9 @@ class CountingEncoder:
         self._encode = model.encode_images
         model.encode_images = self
 
-    def __call__(self, pixel_values):
+    def __call__(self, pixel_values, *args):
         self.count += pixel_values.shape[0]
-        return self._encode(pixel_values)
+        return self._encode(pixel_values, *args)
 
 
 def cell(results, **key):

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import ReferenceManifest, load_benchmark, sample_references
+from .data.sampling import row_indices, select_ids
 from .metrics import IMAGE_METRICS, PIXEL_METRICS
 from .modeling_base import FsadPreTrainedModel
 from .visualization import mask_array, save_heatmap_panels
@@ -235,11 +236,6 @@ def _reference_masks(references: Dataset, size: int) -> torch.Tensor | None:
     return torch.from_numpy(np.stack([mask_array(mask, size) for mask in masks]))
 
 
-def _rows(dataset: Dataset, image_ids: Sequence[str]) -> list[int]:
-    index = {path: row for row, path in enumerate(dataset["path"])}
-    return [index[image_id] for image_id in image_ids]
-
-
 @torch.no_grad()
 def _score(
     model: FsadPreTrainedModel, features: dict, bank, batch_size: int
@@ -359,26 +355,25 @@ def _run_cell(
     manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
     test = split.test
     if manifest is not None and manifest.test_ids is not None:
-        test = split.test.select(_rows(split.test, manifest.test_ids))
+        test = select_ids(split.test, manifest.test_ids)
     size = model.config.image_size
     bank_inputs = {"class_name": class_name_for(split.dataset, split.category)}
     if k > 0:
         bank_inputs["reference_features"] = cache.features(
-            model, split.train, _rows(split.train, manifest.image_ids), batch_size, "references"
+            model, split.train, row_indices(split.train, manifest.image_ids), batch_size, "references"
         )
     anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
     if anomalous_ids:
-        rows = _rows(split.test, anomalous_ids)
+        rows = row_indices(split.test, anomalous_ids)
+        anomalous_references = split.test.select(rows)
         bank_inputs["anomalous_features"] = cache.features(
             model, split.test, rows, batch_size, "anomalous references"
         )
-        bank_inputs["anomalous_masks"] = _reference_masks(split.test.select(rows), size)
+        bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size)
     bank = model.build_reference_bank(**bank_inputs)
     if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
-        normals = split.train.select(_rows(split.train, manifest.validation_ids))["image"]
-        views, view_labels = model.validation_set(
-            normals, split.test.select(_rows(split.test, anomalous_ids))["image"]
-        )
+        normals = select_ids(split.train, manifest.validation_ids)["image"]
+        views, view_labels = model.validation_set(normals, anomalous_references["image"])
         bank = model.validate_weights(bank, views, view_labels)
     test_features = cache.features(
         model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from .backbones.clip import ClipBackbone
 from .configuration_base import FsadConfig
+from .scoring import upsample_maps
 
 BANK_FORMAT_VERSION = "1"
 # Config keys that say nothing about how features are computed (and change on save/load).
@@ -226,6 +227,11 @@ class FsadPreTrainedModel(PreTrainedModel):
                 f"pixel_values are {height}x{width} images, but this model takes {size}x{size} "
                 "(config.image_size): preprocess with `model.image_processor()`."
             )
+
+    def to_pixel_maps(self, patch_maps: torch.Tensor) -> torch.Tensor:
+        """(B, P) patch-grid scores -> (B, S, S) maps at `config.image_size`, bilinearly."""
+        size = self.config.image_size
+        return upsample_maps(patch_maps.reshape(-1, *self.grid_size()), (size, size))
 
     def feature_spec(self) -> dict:
         """What `encode_images` computes besides the weights; equal specs on equal backbones share cached

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,13 +56,18 @@ class ReferenceManifest:
         return select_ids(train, self.image_ids)
 
 
-def select_ids(dataset: Dataset, image_ids: list[str]) -> Dataset:
-    """The rows of `dataset` whose `path` is in `image_ids`, in that order."""
+def row_indices(dataset: Dataset, image_ids: Sequence[str]) -> list[int]:
+    """Row numbers of the images `image_ids` (their `path`) in `dataset`, in that order."""
     index = {image_id: row for row, image_id in enumerate(dataset["path"])}
     missing = [image_id for image_id in image_ids if image_id not in index]
     if missing:
         raise ValueError(f"The images {missing[:3]} of this manifest are not in the split.")
-    return dataset.select([index[image_id] for image_id in image_ids])
+    return [index[image_id] for image_id in image_ids]
+
+
+def select_ids(dataset: Dataset, image_ids: Sequence[str]) -> Dataset:
+    """The rows of `dataset` whose `path` is in `image_ids`, in that order."""
+    return dataset.select(row_indices(dataset, image_ids))
 
 
 def _only_category(dataset: Dataset, category: str | None) -> tuple[str, list[tuple[str, int]]]:

@@ -12,7 +12,6 @@ from ...modeling_base import AnomalyDetectionOutput, ReferenceBank
 from ...scoring import (
     anomalous_association,
     baseline_score_weights,
-    class_scores,
     harmonic_aggregation,
     level_image_scores,
     mask_to_patch_grid,
@@ -20,9 +19,6 @@ from ...scoring import (
     reference_association,
     sample_score_weights,
     select_score_weights,
-    upsample_maps,
-    winclip_zero_shot_map,
-    window_masks,
 )
 from ..winclip.modeling_winclip import WinClipModel
 from .configuration_anomalous_memory import AnomalousMemoryConfig
@@ -59,7 +55,7 @@ class AnomalousMemoryModel(WinClipModel):
     def _anomalous_item_flags(self, masks: torch.Tensor | None, count: int) -> list[torch.Tensor]:
         """Per level (A, items) bool: which items of each anomalous reference overlap its mask."""
         grid = self.grid_size()
-        window_sets = [window_masks(grid, scale).to(self.device) for scale in self.config.window_scales]
+        window_sets = self.window_mask_list(self.device)
         if masks is None:
             num_items = [grid[0] * grid[1], *(w.shape[0] for w in window_sets)]
             return [torch.ones(count, n, dtype=torch.bool, device=self.device) for n in num_items]
@@ -135,15 +131,8 @@ class AnomalousMemoryModel(WinClipModel):
             )
         bank = self.check_bank(reference_bank)
         text = bank.tensors["text_embeddings"]
-        grid = self.grid_size()
-        windows = [window_masks(grid, scale).to(text.device) for scale in self.config.window_scales]
-
-        zero_shot = class_scores(features["image_embeddings"], text, self.config.temperature)
-        window_text = [
-            class_scores(features[f"window_embeddings.{scale}"], text, self.config.temperature)
-            for scale in self.config.window_scales
-        ]
-        text_map = winclip_zero_shot_map(zero_shot, window_text, windows)
+        windows = self.window_mask_list(text.device)
+        zero_shot, text_map = self.zero_shot_branch(features, text, windows)
 
         def level_maps(association, memory: str) -> list[torch.Tensor]:
             maps = []
@@ -162,10 +151,9 @@ class AnomalousMemoryModel(WinClipModel):
         patch_map = torch.einsum(
             "s,sbp->bp", weights, torch.stack([text_map, *reference_maps, *anomalous_maps])
         )
-        size = self.config.image_size
         return AnomalyDetectionOutput(
             image_scores=scores @ weights,
-            anomaly_maps=upsample_maps(patch_map.reshape(-1, *grid), (size, size)),
+            anomaly_maps=self.to_pixel_maps(patch_map),
             branch_scores={name: scores[:, index] for index, name in enumerate(self.score_names())},
         )
 

@@ -10,7 +10,6 @@ from ...scoring import (
     class_scores,
     ensemble_text_embedding,
     fuse_zero_few_shot,
-    upsample_maps,
     winclip_few_shot_map,
     winclip_zero_shot_map,
     window_masks,
@@ -46,13 +45,16 @@ class WinClipModel(FsadPreTrainedModel):
         return {**super().feature_spec(), "window_scales": self.config.window_scales}
 
     @torch.no_grad()
-    def encode_images(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode_images(
+        self, pixel_values: torch.Tensor, name: str = "pixel_values"
+    ) -> dict[str, torch.Tensor]:
         """Per-image features for scoring and for banks: image embeddings (B, P), patch tokens (B, N, D;
         last block, post-layernorm, unprojected) and window embeddings (B, W_s, P) per scale.
 
-        What `feature_key()` identifies; the benchmark runner caches these per image.
+        What `feature_key()` identifies; the benchmark runner caches these per image. `name` is the
+        argument that errors about the pixels name.
         """
-        validate_pixel_values(pixel_values, self.backbone.patch_size)
+        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
         self.check_input_size(pixel_values)
         features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype))
         last = features.last_hidden_state
@@ -79,8 +81,7 @@ class WinClipModel(FsadPreTrainedModel):
             raise ValueError(f"Give {name} or its features, not both.")
         if isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0:
             raise ValueError(f"The reference set {name} is empty: give at least one image, or None.")
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
-        return self.encode_images(pixel_values)
+        return self.encode_images(pixel_values, name)
 
     @torch.no_grad()
     def build_reference_bank(
@@ -109,6 +110,22 @@ class WinClipModel(FsadPreTrainedModel):
                 tensors[name] = reference_features[name].flatten(0, 1)
         return self.make_bank(class_name, k, tensors)
 
+    def window_mask_list(self, device: torch.device | None = None) -> list[torch.Tensor]:
+        """`window_masks` (W_s, P) of each configured scale on the patch grid."""
+        return [window_masks(self.grid_size(), scale).to(device) for scale in self.config.window_scales]
+
+    def zero_shot_branch(
+        self, features: dict[str, torch.Tensor], text: torch.Tensor, masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """WinCLIP's text branch: image-level class scores (B,) and the zero-shot patch map (B, P)."""
+        temperature = self.config.temperature
+        image_scores = class_scores(features["image_embeddings"], text, temperature)
+        window_scores = [
+            class_scores(features[f"window_embeddings.{scale}"], text, temperature)
+            for scale in self.config.window_scales
+        ]
+        return image_scores, winclip_zero_shot_map(image_scores, window_scores, masks)
+
     @torch.no_grad()
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
@@ -117,13 +134,8 @@ class WinClipModel(FsadPreTrainedModel):
         bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
         text = bank.tensors["text_embeddings"]
         scales = self.config.window_scales
-        windows = [features[f"window_embeddings.{scale}"] for scale in scales]
-        grid = self.grid_size()
-        masks = [window_masks(grid, scale).to(text.device) for scale in scales]
-
-        zero_shot_scores = class_scores(features["image_embeddings"], text, self.config.temperature)
-        window_scores = [class_scores(window, text, self.config.temperature) for window in windows]
-        patch_map = winclip_zero_shot_map(zero_shot_scores, window_scores, masks)
+        masks = self.window_mask_list(text.device)
+        zero_shot_scores, patch_map = self.zero_shot_branch(features, text, masks)
         image_scores = zero_shot_scores
         branch_scores = {"zero_shot": zero_shot_scores}
 
@@ -131,15 +143,13 @@ class WinClipModel(FsadPreTrainedModel):
             few_shot_map = winclip_few_shot_map(
                 features["patch_tokens"],
                 bank.tensors["patch_tokens"],
-                windows,
+                [features[f"window_embeddings.{scale}"] for scale in scales],
                 [bank.tensors[f"window_embeddings.{scale}"] for scale in scales],
                 masks,
             )
             branch_scores["few_shot"] = few_shot_map.amax(dim=-1)
             patch_map, image_scores = fuse_zero_few_shot(patch_map, zero_shot_scores, few_shot_map)
 
-        size = self.config.image_size
-        anomaly_maps = upsample_maps(patch_map.reshape(-1, *grid), (size, size))
         return AnomalyDetectionOutput(
-            image_scores=image_scores, anomaly_maps=anomaly_maps, branch_scores=branch_scores
+            image_scores=image_scores, anomaly_maps=self.to_pixel_maps(patch_map), branch_scores=branch_scores
         )
