@@ -23,6 +23,8 @@ _LAZY_ATTRIBUTES = {
     "WinClipModel": "hf_fsad.models.winclip.modeling_winclip",
     "AnomalousMemoryConfig": "hf_fsad.models.anomalous_memory.configuration_anomalous_memory",
     "AnomalousMemoryModel": "hf_fsad.models.anomalous_memory.modeling_anomalous_memory",
+    "MetaCanConfig": "hf_fsad.models.metacan.configuration_metacan",
+    "MetaCanModel": "hf_fsad.models.metacan.modeling_metacan",
 }
 
 __all__ = [  # noqa: RUF022  (grouped as above)
@@ -37,6 +39,8 @@ __all__ = [  # noqa: RUF022  (grouped as above)
     "WinClipModel",
     "AnomalousMemoryConfig",
     "AnomalousMemoryModel",
+    "MetaCanConfig",
+    "MetaCanModel",
 ]
 
 

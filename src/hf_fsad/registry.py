@@ -18,6 +18,7 @@ from collections.abc import Callable
 METHODS: dict[str, tuple[str, str, str]] = {
     "winclip": ("hf_fsad.models.winclip", "WinClipConfig", "WinClipModel"),
     "anomalous_memory": ("hf_fsad.models.anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
+    "metacan": ("hf_fsad.models.metacan", "MetaCanConfig", "MetaCanModel"),
 }
 
 

@@ -69,18 +69,28 @@ def class_scores(
     return (similarity / temperature).softmax(dim=-1)[..., 1]
 
 
-def nearest_cosine(query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096) -> torch.Tensor:
-    """Cosine similarity of each query item to its most similar memory item.
+def nearest_cosine(
+    query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096, num_nearest: int = 1
+) -> torch.Tensor:
+    """Cosine similarity of each query item to its most similar memory item (the mean over the
+    `num_nearest` most similar ones when more than 1).
 
     query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries are
     processed in chunks so memory stays bounded for large banks.
     """
     if memory.shape[0] == 0:
         raise ValueError("The memory is empty: build the bank from at least one image (or region).")
+    if not 1 <= num_nearest <= memory.shape[0]:
+        raise ValueError(f"Cannot take the {num_nearest} nearest of {memory.shape[0]} memory items.")
     memory = F.normalize(memory, dim=-1)
     flat = F.normalize(query, dim=-1).reshape(-1, query.shape[-1])
-    nearest = torch.cat([(chunk @ memory.T).amax(dim=-1) for chunk in flat.split(chunk_size)])
-    return nearest.reshape(query.shape[:-1])
+    if num_nearest == 1:
+        nearest = [(chunk @ memory.T).amax(dim=-1) for chunk in flat.split(chunk_size)]
+    else:
+        nearest = [
+            (chunk @ memory.T).topk(num_nearest, dim=-1).values.mean(-1) for chunk in flat.split(chunk_size)
+        ]
+    return torch.cat(nearest).reshape(query.shape[:-1])
 
 
 def reference_association(
@@ -219,3 +229,37 @@ def select_score_weights(
     aurocs = pairwise_auroc(candidates @ validation_scores.double().T, labels)
     best = int(torch.argmax(aurocs))
     return candidates[best], float(aurocs[best])
+
+
+# --- MetaCAN (papers/metacan.txt) ------------------------------------------------------------------------
+
+
+def topk_reference_anomaly(query: torch.Tensor, reference: torch.Tensor, num_nearest: int) -> torch.Tensor:
+    """MetaCAN Eqs. 1-2: per query patch, m = 0.5 (1 - mean of its `num_nearest` highest cosines to the
+    reference patches), with `num_nearest` = k, the number of reference images.
+
+    query: (B, N, D) one level's patch tokens; reference: (M, D) that level's patches of all references
+    pooled (M = k N). Returns (B, N) in [0, 1].
+    """
+    return 0.5 * (1 - nearest_cosine(query, reference, num_nearest=num_nearest))
+
+
+def image_image_score(level_maps: list[torch.Tensor]) -> torch.Tensor:
+    """MetaCAN Eqs. 3-4: s_II = sum over pyramid levels of each level map's maximum. [(B, N)] -> (B,)."""
+    return level_image_scores(level_maps).sum(dim=-1)
+
+
+def metacan_fusion(
+    image_image: torch.Tensor | None, image_text: torch.Tensor | None, num_levels: int
+) -> torch.Tensor:
+    """MetaCAN Eq. 8: s = (s_II + s_IT) / (L + 1) (the paper's /4 with L = 3 levels), in [0, 1].
+
+    With one branch ablated (None), the other alone, normalised to [0, 1]: s_II / L or s_IT.
+    """
+    if image_image is None and image_text is None:
+        raise ValueError("MetaCAN fusion needs at least one branch score.")
+    if image_text is None:
+        return image_image / num_levels
+    if image_image is None:
+        return image_text
+    return (image_image + image_text) / (num_levels + 1)

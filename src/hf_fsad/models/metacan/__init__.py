@@ -1,0 +1,1 @@
+"""MetaCAN: `configuration_metacan.MetaCanConfig`, `modeling_metacan.MetaCanModel`."""

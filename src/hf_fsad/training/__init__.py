@@ -1,0 +1,1 @@
+"""Training loops (Accelerate) behind the `training/train_<method>.py` scripts."""
