@@ -231,3 +231,17 @@ def test_weight_search_picks_the_perfect_score():
     assert auroc == 1.0
     assert int(torch.argmax(weights)) == 0
     assert auroc == float(scoring.pairwise_auroc(candidates @ scores.T, labels).max())
+
+
+def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():
+    vectors = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(scoring.l2_normalize(vectors), torch.nn.functional.normalize(vectors, dim=-1))
+    (gradient,) = torch.autograd.grad(scoring.l2_normalize(vectors).sum(), vectors, create_graph=True)
+    (second,) = torch.autograd.grad(gradient.pow(2).sum(), vectors)
+    assert torch.isfinite(second).all()
+    (gradient,) = torch.autograd.grad(
+        torch.nn.functional.normalize(vectors, dim=-1).sum(), vectors, create_graph=True
+    )
+    assert torch.isnan(
+        torch.autograd.grad(gradient.pow(2).sum(), vectors)[0]
+    ).any()  # why l2_normalize exists

@@ -58,6 +58,12 @@ def harmonic_mean(scores: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return scores.shape[dim] / scores.reciprocal().sum(dim=dim)
 
 
+def l2_normalize(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Unit vectors along the last dimension, like `F.normalize`, but twice differentiable at zero (where
+    `F.normalize`'s second derivative is NaN; meta-learning differentiates through a gradient)."""
+    return vectors * vectors.pow(2).sum(dim=-1, keepdim=True).clamp_min(eps * eps).rsqrt()
+
+
 def class_scores(
     embeddings: torch.Tensor, text_embeddings: torch.Tensor, temperature: float = 0.07
 ) -> torch.Tensor:
@@ -65,7 +71,7 @@ def class_scores(
 
     embeddings: (..., D); text_embeddings: (2, D) ordered (normal, anomalous). Returns (...).
     """
-    similarity = F.normalize(embeddings, dim=-1) @ F.normalize(text_embeddings, dim=-1).T
+    similarity = l2_normalize(embeddings) @ l2_normalize(text_embeddings).T
     return (similarity / temperature).softmax(dim=-1)[..., 1]
 
 

@@ -239,6 +239,15 @@ def meta_objective(
 # --- Training loop ----------------------------------------------------------------------------------------
 
 
+def _multi_process_cpu() -> bool:
+    """True under a multi-process launcher (torchrun, mpirun) on a machine without CUDA: Accelerate then
+    needs `cpu=True` to run the processes as a gloo group instead of as independent single runs."""
+    world_size = max(
+        int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+    )
+    return world_size > 1 and not torch.cuda.is_available()
+
+
 def parameter_digest(module: nn.Module) -> str:
     """SHA-256 of a module's trainable parameters (bitwise), to compare processes and runs."""
     digest = hashlib.sha256()
@@ -301,6 +310,7 @@ class MetaLearner:
                 "use the model as it is."
             )
         self.accelerator = accelerator or Accelerator(
+            cpu=_multi_process_cpu(),
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
         )

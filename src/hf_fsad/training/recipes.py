@@ -100,8 +100,6 @@ def train_metacan(config: dict, resume: bool = False, evaluate: bool = False) ->
 
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
-    from accelerate import Accelerator
-
     from ..hub import model_card, write_model_card
     from .meta_learning import MetaLearner, MetaLearningArguments, training_summary
 
@@ -114,12 +112,9 @@ def train_metacan(config: dict, resume: bool = False, evaluate: bool = False) ->
     data = config.get("data") or {}
     if "dataset" not in data:
         raise ValueError("The config's data section needs `dataset` (a load_benchmark name).")
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps
-    )
     model = build_model(config.get("model") or {}, args.seed)
-    dataset = _auxiliary_dataset(data)
-    learner = MetaLearner(model, dataset, args, output_dir, accelerator)
+    learner = MetaLearner(model, _auxiliary_dataset(data), args, output_dir)
+    accelerator = learner.accelerator
     result = learner.train(resume=resume)
     summary = training_summary(args, result) | {"auxiliary_dataset": data}
     if accelerator.is_main_process:

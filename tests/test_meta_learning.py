@@ -1,0 +1,412 @@
+"""AD meta-learning (MetaCAN Algorithm 1, Eqs. 9-12): losses, task draws, the meta-step by hand, training on
+toy data, several processes and resuming."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import concatenate_datasets
+from test_metacan import make_tiny_metacan
+
+from hf_fsad.data import load_benchmark
+from hf_fsad.metrics.functional import image_auroc
+from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
+from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead
+from hf_fsad.testing import save_random_clip, tiny_clip_config
+from hf_fsad.training.losses import anomaly_loss, focal_loss
+from hf_fsad.training.meta_learning import (
+    MetaLearner,
+    MetaLearningArguments,
+    TaskBatch,
+    adapt,
+    draw_task,
+    latest_checkpoint,
+    meta_objective,
+    task_pools,
+)
+from hf_fsad.training.recipes import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = REPO / "training" / "configs" / "metacan_toy.yaml"
+
+
+def test_focal_and_bce_losses_by_hand():
+    scores, labels = torch.tensor([0.9, 0.2]), torch.tensor([1, 1])
+    expected_focal = [-(0.1**2) * np.log(0.9), -(0.8**2) * np.log(0.2)]
+    torch.testing.assert_close(focal_loss(scores, labels), torch.tensor(expected_focal, dtype=torch.float32))
+    scores, labels = torch.tensor([0.9, 0.2]), torch.tensor([1, 0])
+    bce = [-np.log(0.9), -np.log(0.8)]
+    focal = [-(0.1**2) * np.log(0.9), -(0.2**2) * np.log(0.8)]
+    total = anomaly_loss(scores, labels, "bce+focal")
+    assert total.item() == pytest.approx(sum(bce) + sum(focal), rel=1e-6)
+    assert anomaly_loss(scores, labels, "bce", reduction="mean").item() == pytest.approx(
+        np.mean(bce), rel=1e-6
+    )
+    assert torch.isfinite(anomaly_loss(torch.tensor([0.0, 1.0]), torch.tensor([1, 0])))
+    with pytest.raises(ValueError, match="Unknown loss"):
+        anomaly_loss(scores, labels, "hinge")
+
+
+def _toy_auxiliary(categories=("stripes", "weave"), **sizes):
+    sizes = {"num_train": 6, "num_test_good": 2, "num_test_anomalous": 4} | sizes
+    parts = []
+    for category in categories:
+        data = load_benchmark("toy", category=category, **sizes)
+        parts += [data["train"], data["test"]]
+    return concatenate_datasets(parts)
+
+
+def test_task_draws_are_seeded_per_step_and_keep_references_out_of_the_queries():
+    dataset = _toy_auxiliary()
+    args = MetaLearningArguments(
+        num_shots=2, support_normal=3, support_anomalous=2, query_normal=8, query_anomalous=5
+    )
+    pools = task_pools(dataset, args.num_shots)
+    assert [pool.category for pool in pools] == ["stripes", "weave"]
+    draw = draw_task(pools[0], args, step=3, task_index=0)
+    assert draw == draw_task(pools[0], args, step=3, task_index=0)
+    assert draw != draw_task(pools[0], args, step=4, task_index=0)
+    assert len(draw.references) == 2 and not set(draw.references) & set(draw.support + draw.query)
+    labels = dataset["label"]
+    for rows, row_labels in ((draw.support, draw.support_labels), (draw.query, draw.query_labels)):
+        assert [labels[row] for row in rows] == row_labels
+        assert {dataset["category"][row] for row in rows} == {"stripes"}
+    assert draw.query_labels == [0] * 8 + [1] * 5
+    # 8 normal query images from a pool of 6 - 2 = 6 others: every image once before any repeats
+    assert set(draw.query[:6]) == set(pools[0].normal_rows) - set(draw.references)
+    with pytest.raises(ValueError, match="anomalous image"):
+        task_pools(load_benchmark("toy", category="grid", num_train=4)["train"], 2)
+
+
+def _tiny_tasks(head_config: MetaCanConfig, num_tasks: int = 3) -> list[TaskBatch]:
+    generator = torch.Generator().manual_seed(0)
+
+    def levels(count):
+        return [
+            torch.randn(count, 9, 4, generator=generator, dtype=torch.float64)
+            for _ in head_config.feature_layers
+        ]
+
+    return [
+        TaskBatch(
+            levels(2), levels(4), torch.tensor([0, 0, 1, 1]), levels(6), torch.tensor([0, 0, 0, 1, 1, 1])
+        )
+        for _ in range(num_tasks)
+    ]
+
+
+def _tiny_head() -> tuple[CategoryToAnomalyHead, MetaCanConfig]:
+    config = MetaCanConfig(
+        clip_config=tiny_clip_config(),
+        image_size=48,
+        feature_layers=[1, 2],
+        differentiator_hidden_size=6,
+        detector_hidden_sizes=[5],
+        text_logit_scale=5.0,
+    )
+    torch.manual_seed(0)
+    return CategoryToAnomalyHead(config, vision_width=4, embedding_size=3).double(), config
+
+
+def _hand_meta_step(head, tasks, text, args):
+    """Eqs. 9-12 written out: per task the support loss, its gradient, Theta_i, the query loss; then the
+    gradient of the summed query losses w.r.t. Theta."""
+    from torch.func import functional_call
+
+    theta = {name: p.detach().clone().requires_grad_(True) for name, p in head.named_parameters()}
+
+    def f(params, queries, labels, references):  # Eq. 9 with L_b = BCE + focal, summed
+        s = functional_call(head, params, (queries, references, text))["score"]
+        y = labels.double()
+        p_t = y * s + (1 - y) * (1 - s)
+        return (-p_t.log() - (1 - p_t) ** 2 * p_t.log()).sum()
+
+    inner, query_losses = [], []
+    for task in tasks:
+        support_loss = f(theta, task.support, task.support_labels, task.references)
+        grads = torch.autograd.grad(support_loss, list(theta.values()), create_graph=True)
+        theta_i = {
+            name: value - args.inner_lr * g for (name, value), g in zip(theta.items(), grads)
+        }  # Eq. 10
+        inner.append(theta_i)
+        query_losses.append(f(theta_i, task.query, task.query_labels, task.references))
+    total = sum(query_losses)  # Eq. 11
+    outer_gradient = torch.autograd.grad(total, list(theta.values()))
+    return theta, inner, query_losses, dict(zip(theta, outer_gradient))
+
+
+def test_meta_step_equals_eqs_10_to_12_by_hand():
+    head, config = _tiny_head()
+    tasks = _tiny_tasks(config)
+    text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    args = MetaLearningArguments(inner_lr=0.05)
+    theta, inner, query_losses, outer_gradient = _hand_meta_step(head, tasks, text, args)
+
+    params = dict(head.named_parameters())
+    for task, expected in zip(tasks, inner):
+        adapted = adapt(head, params, task, text, args)
+        for name in params:
+            torch.testing.assert_close(adapted[name], expected[name], rtol=0, atol=1e-6)
+    total, losses = meta_objective(head, params, tasks, text, args)
+    for loss, expected in zip(losses, query_losses):
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    head.zero_grad()
+    total.backward()
+    for name, parameter in head.named_parameters():
+        torch.testing.assert_close(parameter.grad, outer_gradient[name], rtol=0, atol=1e-6)
+    # The second-order terms matter: the first-order variant gives another gradient.
+    head.zero_grad()
+    meta_objective(head, params, tasks, text, MetaLearningArguments(inner_lr=0.05, first_order=True))[
+        0
+    ].backward()
+    assert not torch.allclose(head.differentiator[0].weight.grad, outer_gradient["differentiator.0.weight"])
+
+
+def test_every_tasks_query_loss_reaches_the_outer_gradient():
+    head, config = _tiny_head()
+    tasks = _tiny_tasks(config, num_tasks=3)
+    text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    args = MetaLearningArguments(inner_lr=0.05)
+    params = dict(head.named_parameters())
+
+    def gradient(selected):
+        head.zero_grad()
+        meta_objective(head, params, selected, text, args)[0].backward()
+        return torch.cat([p.grad.flatten().clone() for p in head.parameters()])
+
+    per_task = [gradient([task]) for task in tasks]
+    total = gradient(tasks)
+    torch.testing.assert_close(total, sum(per_task), rtol=1e-10, atol=1e-12)
+    for index, task_gradient in enumerate(per_task):
+        assert task_gradient.norm() > 1e-3
+        without = gradient(tasks[:index] + tasks[index + 1 :])
+        assert (total - without).norm() > 1e-3  # removing any task changes the outer gradient
+
+
+def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradient(tmp_path):
+    model = make_tiny_metacan().double()
+    args = MetaLearningArguments(
+        support_normal=2,
+        support_anomalous=2,
+        query_normal=3,
+        query_anomalous=3,
+        inner_lr=0.05,
+        outer_lr=0.1,
+        outer_optimizer="sgd",
+        max_steps=1,
+    )
+    learner = MetaLearner(model, _toy_auxiliary(), args, tmp_path)
+    text = model.text_embeddings()
+    tasks = [learner.task_batch(0, index) for index in range(len(learner.pools))]
+    theta, _, _, outer_gradient = _hand_meta_step(model.head, tasks, text, args)
+    learner.outer_step(0, text)
+    for name, parameter in model.head.named_parameters():
+        expected = theta[name].detach() - args.outer_lr * outer_gradient[name]
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
+
+
+def _held_out_auroc(model, held_out, seeds=(0, 1, 2)) -> float:
+    processor = model.image_processor()
+    test = processor(
+        [image.convert("RGB") for image in held_out["test"]["image"]], return_tensors="pt"
+    ).pixel_values
+    labels = np.asarray(held_out["test"]["label"])
+    values = []
+    for seed in seeds:
+        rows = np.random.default_rng(seed).permutation(held_out["train"].num_rows)[:2]
+        references = processor(
+            [held_out["train"][int(row)]["image"].convert("RGB") for row in rows], return_tensors="pt"
+        ).pixel_values
+        scores = model.eval()(test, reference_bank=model.build_reference_bank(references)).image_scores
+        values.append(image_auroc(labels, scores.numpy()))
+    return float(np.mean(values))
+
+
+def test_meta_learning_on_toy_lowers_the_meta_loss_and_raises_held_out_auroc(tmp_path, tiny_clip_dir):
+    """The toy recipe (training/configs/metacan_toy.yaml): tasks stripes + weave, held-out grid."""
+    from hf_fsad.training.recipes import _auxiliary_dataset, build_model
+
+    config = load_config(TOY_CONFIG, [f"model.clip={tiny_clip_dir}"])
+    args = MetaLearningArguments(**config["training"])
+    model = build_model(config["model"], args.seed)
+    learner = MetaLearner(model, _auxiliary_dataset(config["data"]), args, tmp_path)
+    held_out = load_benchmark("toy", category="grid", num_train=12, num_test_good=12, num_test_anomalous=12)
+    text = model.text_embeddings()
+    fixed_tasks = [learner.task_batch(10_000 + step, task) for step in range(4) for task in range(2)]
+
+    def fixed_meta_loss() -> float:
+        params = dict(model.head.named_parameters())
+        return meta_objective(model.head, params, fixed_tasks, text, args)[0].item()
+
+    before_loss, before_auroc = fixed_meta_loss(), _held_out_auroc(model, held_out)
+    result = learner.train()
+    after_loss, after_auroc = fixed_meta_loss(), _held_out_auroc(model, held_out)
+    print(
+        f"meta-loss {before_loss:.3f} -> {after_loss:.3f}; held-out AUROC {before_auroc:.3f} -> {after_auroc:.3f}"
+    )
+    assert after_loss < before_loss - 1.0
+    assert after_auroc > before_auroc + 0.05
+    assert result.steps == args.max_steps and (tmp_path / "checkpoints" / "checkpoint-60").is_dir()
+
+
+def _train_command(config_path: Path, clip_dir: str, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        str(REPO / "training" / "train_metacan.py"),
+        "--config",
+        str(config_path),
+        "--output-dir",
+        str(output_dir),
+        "--set",
+        f"model.clip={clip_dir}",
+        "data.num_train=6",
+        "data.num_test_good=2",
+        "data.num_test_anomalous=4",
+        *extra,
+    ]
+
+
+def _summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "training_summary.json").read_text())
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_clip_dir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    output = tmp_path / "distributed"
+    command = [
+        str(torchrun),
+        "--nproc_per_node",
+        "2",
+        *_train_command(TOY_CONFIG, tiny_clip_dir, output, "training.max_steps=4"),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    digests = _summary(output)["result"]["rank_parameter_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # The two processes split the two tasks and sum their gradients: the same objective as one process.
+    from hf_fsad.training.recipes import main
+
+    single = tmp_path / "single"
+    main(
+        [
+            "--config",
+            str(TOY_CONFIG),
+            "--output-dir",
+            str(single),
+            "--max-steps",
+            "4",
+            "--set",
+            f"model.clip={tiny_clip_dir}",
+            "data.num_train=6",
+            "data.num_test_good=2",
+            "data.num_test_anomalous=4",
+        ]
+    )
+    from safetensors.torch import load_file
+
+    distributed_weights, single_weights = (
+        load_file(output / "model.safetensors"),
+        load_file(single / "model.safetensors"),
+    )
+    for name in (n for n in single_weights if n.startswith("head.")):
+        torch.testing.assert_close(distributed_weights[name], single_weights[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(tmp_path, tiny_clip_dir):
+    from hf_fsad.training.recipes import main
+
+    steps = [
+        "--max-steps",
+        "40",
+        "--set",
+        f"model.clip={tiny_clip_dir}",
+        "data.num_train=6",
+        "data.num_test_good=2",
+        "data.num_test_anomalous=4",
+        "training.checkpoint_every=2",
+    ]
+    uninterrupted = tmp_path / "uninterrupted"
+    main(["--config", str(TOY_CONFIG), "--output-dir", str(uninterrupted), *steps])
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "training" / "train_metacan.py"),
+            "--config",
+            str(TOY_CONFIG),
+            "--output-dir",
+            str(interrupted),
+            *steps,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(interrupted) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    checkpoint = latest_checkpoint(interrupted)
+    assert checkpoint is not None, "the run was killed before its first checkpoint"
+    killed_at = int(checkpoint.name.split("-")[1])
+    assert killed_at < 40, "the run finished before it could be killed"
+
+    main(["--config", str(TOY_CONFIG), "--output-dir", str(interrupted), "--resume", *steps])
+    resumed, reference = _summary(interrupted)["result"], _summary(uninterrupted)["result"]
+    assert resumed["resumed_from"] == killed_at
+    assert resumed["rank_parameter_digests"] == reference["rank_parameter_digests"]
+    # The first checkpoint after the resume point already matches the uninterrupted run's, bit for bit.
+    from safetensors.torch import load_file
+
+    after = Path("checkpoints") / f"checkpoint-{killed_at + 2}" / "head.safetensors"
+    resumed_head, reference_head = load_file(interrupted / after), load_file(uninterrupted / after)
+    assert all(torch.equal(resumed_head[name], reference_head[name]) for name in reference_head)
+
+
+def test_training_refuses_a_model_without_trainable_parts(tmp_path):
+    model = make_tiny_metacan(use_detector=False)
+    with pytest.raises(ValueError, match="Nothing to train"):
+        MetaLearner(model, _toy_auxiliary(), MetaLearningArguments(), tmp_path)
+
+
+def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_dir):
+    from transformers import AutoModel
+
+    from hf_fsad.training.recipes import main
+
+    main(
+        [
+            "--config",
+            str(TOY_CONFIG),
+            "--output-dir",
+            str(tmp_path),
+            "--max-steps",
+            "2",
+            "--set",
+            f"model.clip={tiny_clip_dir}",
+            "data.num_train=6",
+            "data.num_test_good=2",
+            "data.num_test_anomalous=4",
+        ]
+    )
+    model = AutoModel.from_pretrained(tmp_path)
+    assert model.config.trained_on == "toy" and model.config.feature_layers == [1, 2]
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: hf_fsad" in card and "AD meta-learning on `toy`" in card
+    summary = _summary(tmp_path)
+    assert summary["arguments"]["max_steps"] == 2 and len(summary["result"]["history"]) >= 1
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(TOY_CONFIG, ["training.max_steps"])
