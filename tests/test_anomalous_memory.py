@@ -201,7 +201,7 @@ def test_save_load_round_trip_reproduces_scores(model, images, tmp_path):
     output = loaded(images[2:], reference_bank=ReferenceBank.load(tmp_path / "bank.safetensors"))
     torch.testing.assert_close(output.image_scores, expected.image_scores, rtol=0, atol=0)
     for name, value in expected.branch_scores.items():
-        torch.testing.assert_close(output.branch_scores[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(output.branch_scores[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_winclip_bank_is_refused(model, make_winclip, images):

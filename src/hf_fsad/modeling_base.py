@@ -174,7 +174,17 @@ class FsadPreTrainedModel(PreTrainedModel):
         }
         model.tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         model.freeze_backbone()
+        model._align_tensors()
         return model
+
+    @torch.no_grad()
+    def _align_tensors(self, alignment: int = 64) -> None:
+        """Copy weights that loading left at unaligned addresses (safetensors offsets) into fresh memory: CPU
+        matrix kernels pick their code path by alignment, and a loaded model should compute bit for bit
+        what the saved one did."""
+        for tensor in [*self.parameters(), *self.buffers()]:
+            if tensor.device.type == "cpu" and tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
 
     @classmethod
     def from_clip(
