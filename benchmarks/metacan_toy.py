@@ -18,6 +18,7 @@ from pathlib import Path
 from hf_fsad.benchmark import DatasetSpec, run_benchmark
 from hf_fsad.models.metacan.modeling_metacan import MetaCanModel
 from hf_fsad.testing import save_random_clip, tiny_clip_config
+from hf_fsad.training.meta_learning import MetaLearningArguments
 from hf_fsad.training.recipes import build_model, load_config, train_metacan
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "metacan_toy.yaml"
@@ -30,7 +31,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         clip = save_random_clip(tiny_clip_config(), Path(folder) / "clip")
         base = load_config(CONFIG, [f"model.clip={clip}"])
-        seed = base["training"]["seed"]
+        seed = MetaLearningArguments(**base["training"]).seed
         models, training = {"untrained": build_model(base["model"], seed)}, {}
         variants = {
             "meta-learning": [],

@@ -31,7 +31,9 @@ def task_seconds(model: MetaCanModel, repeats: int, first_order: bool) -> float:
     def levels(count: int) -> list[torch.Tensor]:
         return [torch.randn(count, grid, width, generator=generator) for _ in model.config.feature_layers]
 
-    task = TaskBatch(levels(2), levels(8), torch.tensor([0] * 4 + [1] * 4), levels(32), torch.tensor([0] * 16 + [1] * 16))
+    task = TaskBatch(
+        levels(2), levels(8), torch.tensor([0] * 4 + [1] * 4), levels(32), torch.tensor([0] * 16 + [1] * 16)
+    )
     args = MetaLearningArguments(first_order=first_order)
     text = torch.randn(2, model.config.clip_config.projection_dim, generator=generator)
     params = dict(model.head.named_parameters())
@@ -46,7 +48,11 @@ def task_seconds(model: MetaCanModel, repeats: int, first_order: bool) -> float:
 
 def profile(layers: int, repeats: int, batch_size: int) -> dict:
     torch.manual_seed(0)
-    model = MetaCanModel(MetaCanConfig(clip_config=vit_b16_plus_240_config(layers), feature_layers=[1, (layers + 1) // 2, layers]))
+    model = MetaCanModel(
+        MetaCanConfig(
+            clip_config=vit_b16_plus_240_config(layers), feature_layers=[1, (layers + 1) // 2, layers]
+        )
+    )
     model = model.eval()
     model.tokenizer = byte_level_clip_tokenizer()
     size = model.config.image_size

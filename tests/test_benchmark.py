@@ -130,7 +130,7 @@ def test_feature_cache_in_memory_counts(make_winclip):
         cache.features(model, data, [])
 
 
-@pytest.mark.parametrize("method", ["winclip", "anomalous_memory"])
+@pytest.mark.parametrize("method", ["winclip", "anomalous_memory", "metacan"])
 def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, method):
     from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
     from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
@@ -140,6 +140,10 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
     if method == "anomalous_memory":
         model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
         model.tokenizer = byte_level_clip_tokenizer()
+    if method == "metacan":
+        from test_metacan import make_tiny_metacan
+
+        model = make_tiny_metacan()
     images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
     (row,) = profile_models({method: model}, images, tmp_path, ks=(2, 8), batch_size=2, repeats=1)
     assert row.per_image_seconds > 0 and row.images_per_second > 0 and row.setup_seconds > 0
@@ -224,3 +228,13 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     assert 0.0 <= memory_cell["validation_auroc"] <= 1.0
     assert cell(results, method="winclip", k=1, seed=0)["validation_auroc"] is None
     assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()
+
+
+def test_image_level_methods_get_image_metrics_only(tmp_path):
+    from test_metacan import make_tiny_metacan
+
+    models = {"metacan": make_tiny_metacan(), "no_maps": make_tiny_metacan(use_detector=False)}
+    results = run_benchmark(models, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
+    with_maps, without = cell(results, method="metacan"), cell(results, method="no_maps")
+    assert without["metrics"]["pixel_auroc"] is None and without["metrics"]["image_auroc"] is not None
+    assert with_maps["metrics"]["pixel_auroc"] is not None

@@ -214,7 +214,8 @@ def _metrics(
 ) -> dict:
     values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
     for name, function in PIXEL_METRICS.items():
-        values[name] = function(masks, maps) if masks is not None else None
+        # None without pixel labels, or for image-level methods (no maps)
+        values[name] = function(masks, maps) if masks is not None and maps is not None else None
     return values
 
 
