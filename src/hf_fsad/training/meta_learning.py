@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -33,6 +34,11 @@ from tqdm.auto import tqdm
 
 from ..benchmark import FeatureCache
 from .losses import LOSSES, anomaly_loss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..models.metacan.modeling_metacan import MetaCanModel
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -218,20 +224,19 @@ def meta_objective(
     """
     losses = []
     for task in tasks:
-        query_params = params
-        loss = 0
+        references = task.references
         if args.meta_learning:
-            query_params = adapt(head, params, task, text_embeddings, args)
+            adapted = adapt(head, params, task, text_embeddings, args)
+            loss = set_loss(head, adapted, task.query, task.query_labels, references, text_embeddings, args)
         else:
             loss = set_loss(
-                head, params, task.support, task.support_labels, task.references, text_embeddings, args
+                head, params, task.support, task.support_labels, references, text_embeddings, args
             )
-        losses.append(
-            loss
-            + set_loss(
-                head, query_params, task.query, task.query_labels, task.references, text_embeddings, args
+            loss = loss + set_loss(
+                head, params, task.query, task.query_labels, references, text_embeddings, args
             )
-        )
+        losses.append(loss)
+    # A process dealt no task still takes part in the gradient sum, with zeros.
     total = torch.stack(losses).sum() if losses else sum(p.sum() * 0 for p in params.values())
     return total, losses
 
@@ -296,11 +301,11 @@ class MetaLearner:
 
     def __init__(
         self,
-        model,
+        model: MetaCanModel,
         dataset: Dataset,
         args: MetaLearningArguments,
         output_dir: str | os.PathLike,
-        accelerator=None,
+        accelerator: Accelerator | None = None,
     ):
         from accelerate import Accelerator
 
