@@ -415,3 +415,52 @@ def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_di
     assert summary["arguments"]["max_steps"] == 2 and len(summary["result"]["history"]) >= 1
     with pytest.raises(ValueError, match="section.key=value"):
         load_config(TOY_CONFIG, ["training.max_steps"])
+
+
+def test_gradient_accumulation_averages_meta_batches_and_bf16_autocast_runs(tmp_path):
+    args = MetaLearningArguments(
+        support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, inner_lr=0.05,
+        outer_lr=0.1, outer_optimizer="sgd", gradient_accumulation_steps=2,
+    )  # fmt: skip
+    model = make_tiny_metacan().double()
+    learner = MetaLearner(model, _toy_auxiliary(), args, tmp_path)
+    text = model.text_embeddings()
+    theta = {name: p.detach().clone() for name, p in model.head.named_parameters()}
+    gradients = []
+    for meta_batch in (0, 1):  # outer step 0 uses meta-batches 0 and 1
+        tasks = [learner.task_batch(meta_batch, index) for index in range(len(learner.pools))]
+        gradients.append(_hand_meta_step(model.head, tasks, text, args)[3])
+    learner.outer_step(0, text)
+    for name, parameter in model.head.named_parameters():
+        expected = theta[name] - args.outer_lr * (gradients[0][name] + gradients[1][name]) / 2
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
+
+
+def test_bf16_mixed_precision_training_runs(tmp_path, tiny_clip_dir):
+    """Accelerate's precision is fixed per process, so the run gets its own process."""
+    command = [
+        sys.executable,
+        *_train_command(TOY_CONFIG, tiny_clip_dir, tmp_path, "training.mixed_precision=bf16"),
+    ]
+    completed = subprocess.run(
+        [*command, "--max-steps", "3"], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    history = _summary(tmp_path)["result"]["history"]
+    assert all(np.isfinite(entry["meta_loss"]) for entry in history)
+    initial = build_model_from(tiny_clip_dir)
+    from transformers import AutoModel
+
+    trained = AutoModel.from_pretrained(tmp_path)
+    assert not torch.equal(parameter_vector(trained), parameter_vector(initial))
+
+
+def build_model_from(clip_dir: str):
+    from hf_fsad.training.recipes import build_model
+
+    config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}"])
+    return build_model(config["model"], MetaLearningArguments(**config["training"]).seed)
+
+
+def parameter_vector(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in model.head.parameters()])
