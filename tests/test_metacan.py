@@ -192,3 +192,25 @@ def test_clear_errors(tiny_winclip):
         MetaCanConfig(clip_config=tiny_clip_config(), feature_layers=[1, 7, 12])
     with pytest.raises(ValueError, match="240x240"):
         model(torch.randn(1, 3, 224, 224), reference_bank=model.build_reference_bank(images))
+
+
+def test_pipeline_scores_with_reference_images(tmp_path):
+    from transformers import pipeline
+
+    from hf_fsad.data import load_benchmark
+
+    model = make_tiny_metacan()
+    model.save_pretrained(tmp_path)
+    data = load_benchmark("toy", category="grid", num_train=3, num_test_good=1, num_test_anomalous=1)
+    results = pipeline("image-anomaly-detection", model=str(tmp_path))(
+        list(data["test"]["image"]), reference_images=list(data["train"]["image"])
+    )
+    processor = model.image_processor()
+    bank = model.build_reference_bank(
+        processor(list(data["train"]["image"]), return_tensors="pt").pixel_values
+    )
+    expected = model(
+        processor(list(data["test"]["image"]), return_tensors="pt").pixel_values, reference_bank=bank
+    )
+    assert [r["score"] for r in results] == pytest.approx(expected.image_scores.tolist(), abs=1e-6)
+    assert set(results[0]["branch_scores"]) >= {"image_image", "image_text"}
