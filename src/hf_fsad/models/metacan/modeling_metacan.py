@@ -155,14 +155,9 @@ class MetaCanModel(FsadPreTrainedModel):
         `reference_features` (from `encode_images`) may stand in for the images. The prompts are
         object-agnostic; `class_name` only labels the bank.
         """
-        if reference_pixel_values is not None and reference_features is not None:
-            raise ValueError("Give reference_pixel_values or reference_features, not both.")
-        if reference_pixel_values is not None:
-            if isinstance(reference_pixel_values, torch.Tensor) and reference_pixel_values.shape[0] == 0:
-                raise ValueError(
-                    "The reference set reference_pixel_values is empty: give at least one image."
-                )
-            reference_features = self.encode_images(reference_pixel_values, "reference_pixel_values")
+        reference_features = self.features_of(
+            reference_pixel_values, reference_features, "reference_pixel_values"
+        )
         if reference_features is None:
             raise ValueError(
                 "MetaCAN compares each image with normal references: give at least one (k >= 1) "

@@ -70,19 +70,6 @@ class WinClipModel(FsadPreTrainedModel):
             },
         }
 
-    def features_of(
-        self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str
-    ) -> dict[str, torch.Tensor] | None:
-        """Features of an image set given as pixels (encoded here) or as `encode_images` features; None if
-        neither is given."""
-        if pixel_values is None:
-            return features
-        if features is not None:
-            raise ValueError(f"Give {name} or its features, not both.")
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.shape[0] == 0:
-            raise ValueError(f"The reference set {name} is empty: give at least one image, or None.")
-        return self.encode_images(pixel_values, name)
-
     @torch.no_grad()
     def build_reference_bank(
         self,
