@@ -43,8 +43,8 @@ def main() -> None:
             config = load_config(CONFIG, [f"model.clip={clip}", f"output_dir={output}", *overrides])
             summary = train_metacan(config)
             training[label] = {
-                "meta_loss_first": summary["result"]["history"][0]["meta_loss"],
-                "meta_loss_last": summary["result"]["history"][-1]["meta_loss"],
+                "meta_loss_first": summary["result"]["history"][0]["loss"],
+                "meta_loss_last": summary["result"]["history"][-1]["loss"],
                 "seconds_per_step": summary["result"]["seconds_per_step"],
             }
             models[label] = MetaCanModel.from_pretrained(output)

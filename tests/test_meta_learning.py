@@ -28,11 +28,11 @@ from hf_fsad.training.meta_learning import (
     TaskBatch,
     adapt,
     draw_task,
-    latest_checkpoint,
     meta_objective,
     task_pools,
 )
 from hf_fsad.training.recipes import load_config
+from hf_fsad.training.trainer import latest_checkpoint
 from test_metacan import make_tiny_metacan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradi
     text = model.text_embeddings()
     tasks = [learner.task_batch(0, index) for index in range(len(learner.pools))]
     theta, _, _, outer_gradient = _hand_meta_step(model.head, tasks, text, args)
-    learner.outer_step(0, text)
+    learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name].detach() - args.outer_lr * outer_gradient[name]
         torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
@@ -376,7 +376,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(t
     # The first checkpoint after the resume point already matches the uninterrupted run's, bit for bit.
     from safetensors.torch import load_file
 
-    after = Path("checkpoints") / f"checkpoint-{killed_at + 2}" / "head.safetensors"
+    after = Path("checkpoints") / f"checkpoint-{killed_at + 2}" / "trainable.safetensors"
     resumed_head, reference_head = load_file(interrupted / after), load_file(uninterrupted / after)
     assert all(torch.equal(resumed_head[name], reference_head[name]) for name in reference_head)
 
@@ -430,7 +430,7 @@ def test_gradient_accumulation_averages_meta_batches_and_bf16_autocast_runs(tmp_
     for meta_batch in (0, 1):  # outer step 0 uses meta-batches 0 and 1
         tasks = [learner.task_batch(meta_batch, index) for index in range(len(learner.pools))]
         gradients.append(_hand_meta_step(model.head, tasks, text, args)[3])
-    learner.outer_step(0, text)
+    learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name] - args.outer_lr * (gradients[0][name] + gradients[1][name]) / 2
         torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
@@ -447,7 +447,7 @@ def test_bf16_mixed_precision_training_runs(tmp_path, tiny_clip_dir):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     history = _summary(tmp_path)["result"]["history"]
-    assert all(np.isfinite(entry["meta_loss"]) for entry in history)
+    assert all(np.isfinite(entry["loss"]) for entry in history)
     initial = build_model_from(tiny_clip_dir)
     from transformers import AutoModel
 

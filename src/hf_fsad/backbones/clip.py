@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
+from transformers.masking_utils import create_causal_mask
 
 from ..scoring import window_token_indices
 
@@ -124,3 +125,40 @@ class ClipBackbone(nn.Module):
                 cached = self.clip.get_text_features(**tokens).pooler_output
             self._text_cache[key] = cached
         return cached
+
+    def encode_text_with_context(
+        self, prompts: Sequence[str], context: torch.Tensor, placement: str = "after_start"
+    ) -> torch.Tensor:
+        """Projected text embeddings (n, P) of `prompts` with learnable token embeddings `context` (c, W)
+        spliced into every prompt: right after the start token ("after_start", a prefix of the words) or before
+        it ("before_start"). Differentiable in `context`; the pooled token is the end-of-text token, whose
+        index shifts by c."""
+        if placement not in ("after_start", "before_start"):
+            raise ValueError(f"placement must be 'after_start' or 'before_start', got {placement!r}.")
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer, so it cannot embed prompts.")
+        text_model = self.clip.text_model
+        device = context.device
+        input_ids = self.tokenizer(list(prompts), padding=True, return_tensors="pt").input_ids.to(device)
+        length = input_ids.shape[1] + context.shape[0]
+        if length > text_model.config.max_position_embeddings:
+            raise ValueError(
+                f"Prompts of {input_ids.shape[1]} tokens plus {context.shape[0]} learnable tokens exceed the text "
+                f"encoder's {text_model.config.max_position_embeddings} positions."
+            )
+        words = text_model.embeddings.token_embedding(input_ids)
+        learned = context.to(words.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
+        if placement == "after_start":
+            tokens = torch.cat([words[:, :1], learned, words[:, 1:]], dim=1)
+        else:
+            tokens = torch.cat([learned, words], dim=1)
+        hidden = text_model.embeddings(inputs_embeds=tokens)
+        mask = create_causal_mask(
+            config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
+        )
+        hidden = text_model.encoder(
+            inputs_embeds=hidden, attention_mask=mask, is_causal=True
+        ).last_hidden_state
+        hidden = text_model.final_layer_norm(hidden)
+        end = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1) + context.shape[0]
+        return self.clip.text_projection(hidden[torch.arange(len(prompts), device=device), end])

@@ -13,38 +13,31 @@ between them and the gradients summed, which is the gradient of Eq. 11's sum ove
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import shutil
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from datasets import Dataset
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..benchmark import FeatureCache
 from .losses import LOSSES, anomaly_loss
+from .trainer import Trainer, TrainingArguments
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ..models.metacan.modeling_metacan import MetaCanModel
 
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 @dataclass
-class MetaLearningArguments:
+class MetaLearningArguments(TrainingArguments):
     """Hyper-parameters of AD meta-learning (defaults: the MetaCAN paper's where it states them).
 
     num_shots: k normal references per task (2). support_normal/support_anomalous and
@@ -56,7 +49,7 @@ class MetaLearningArguments:
     support and query losses at the shared parameters). loss: per-sample loss L_b of Eq. 9, summed over a set;
     "bce+focal" (default, the paper's "combination of binary classification loss and focal loss"), "focal"
     (the reference code) or "bce". max_steps: outer updates (Algorithm 1's S; 200 is ~15 passes over MVTec AD
-    with the default set sizes). gradient_accumulation_steps: meta-batches per outer update.
+    with the default set sizes); a meta-batch (all tasks once) is one batch of `TrainingArguments`.
     """
 
     num_shots: int = 2
@@ -72,16 +65,9 @@ class MetaLearningArguments:
     loss: str = "bce+focal"
     focal_alpha: float = 1.0
     focal_gamma: float = 2.0
-    max_steps: int = 200
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
-    checkpoint_every: int = 50
-    log_every: int = 10
-    seed: int = 0
-    encode_batch_size: int = 16
-    feature_cache_dir: str | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
         if self.outer_optimizer not in ("adam", "sgd"):
@@ -244,51 +230,7 @@ def meta_objective(
 # --- Training loop ----------------------------------------------------------------------------------------
 
 
-def _multi_process_cpu() -> bool:
-    """True under a multi-process launcher (torchrun, mpirun) on a machine without CUDA: Accelerate then
-    needs `cpu=True` to run the processes as a gloo group instead of as independent single runs."""
-    world_size = max(
-        int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-    )
-    return world_size > 1 and not torch.cuda.is_available()
-
-
-def parameter_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's trainable parameters (bitwise), to compare processes and runs."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(module.named_parameters()):
-        if parameter.requires_grad:
-            digest.update(name.encode())
-            digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the highest step in `output_dir/checkpoints`, or None."""
-    directory = Path(output_dir) / "checkpoints"
-    if not directory.is_dir():
-        return None
-    steps = [
-        int(path.name[len(CHECKPOINT_PREFIX) :])
-        for path in directory.iterdir()
-        if path.name.startswith(CHECKPOINT_PREFIX) and path.name[len(CHECKPOINT_PREFIX) :].isdigit()
-    ]
-    return directory / f"{CHECKPOINT_PREFIX}{max(steps)}" if steps else None
-
-
-@dataclass
-class TrainingResult:
-    """What `MetaLearner.train` did: steps run, meta-loss per logged step, seconds per outer step, and
-    the trainable parameters' digest on every process (equal when the processes stayed in sync)."""
-
-    steps: int
-    history: list[dict] = field(default_factory=list)
-    seconds_per_step: float | None = None
-    rank_parameter_digests: list[str] = field(default_factory=list)
-    resumed_from: int | None = None
-
-
-class MetaLearner:
+class MetaLearner(Trainer):
     """Trains a MetaCAN model's head on an auxiliary dataset by AD meta-learning.
 
     ```python
@@ -296,8 +238,11 @@ class MetaLearner:
     result = learner.train(resume=True)   # continues from the last checkpoint in runs/metacan/checkpoints
     ```
     The dataset needs `image`, `label`, `category` and `path` (e.g. a `load_benchmark` split, or train and
-    test concatenated so each category has anomalies). Checkpoints go to `output_dir/checkpoints`.
+    test concatenated so each category has anomalies). Tasks are dealt round-robin to processes, each
+    encoding only the images its tasks use; their gradients are summed (Eq. 11 sums over all tasks).
     """
+
+    gradient_reduction = "sum"
 
     def __init__(
         self,
@@ -307,41 +252,27 @@ class MetaLearner:
         output_dir: str | os.PathLike,
         accelerator: Accelerator | None = None,
     ):
-        from accelerate import Accelerator
-
         if not model.config.use_detector:
             raise ValueError(
                 "Nothing to train: without the detector (use_detector=False) MetaCAN has no parameters; "
                 "use the model as it is."
             )
-        self.accelerator = accelerator or Accelerator(
-            cpu=_multi_process_cpu(),
-            mixed_precision=args.mixed_precision,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-        )
-        self.model = model.to(self.accelerator.device)
-        self.model.freeze_backbone()
+        if args.outer_optimizer == "adam":
+            optimizer_factory = partial(torch.optim.Adam, lr=args.outer_lr)
+        else:
+            optimizer_factory = partial(torch.optim.SGD, lr=args.outer_lr)
+        super().__init__(model, args, output_dir, optimizer_factory, accelerator)
         self.head = self.model.head
         self.dataset = dataset
-        self.args = args
-        self.output_dir = Path(output_dir)
         self.pools = task_pools(dataset, args.num_shots)
-        # Tasks are dealt round-robin to processes; each process encodes only the images its tasks use.
         accelerator = self.accelerator
         self.task_indices = list(range(accelerator.process_index, len(self.pools), accelerator.num_processes))
         self.cache = FeatureCache(args.feature_cache_dir)
-        self._broadcast_parameters()
-        if args.outer_optimizer == "adam":
-            optimizer = torch.optim.Adam(self.head.parameters(), lr=args.outer_lr)
-        else:
-            optimizer = torch.optim.SGD(self.head.parameters(), lr=args.outer_lr)
-        self.optimizer = accelerator.prepare(optimizer)
+        self.text_embeddings = None
 
-    def _broadcast_parameters(self) -> None:
-        """Start every process from the main process's parameters."""
-        if self.accelerator.num_processes > 1:
-            for parameter in self.head.parameters():
-                torch.distributed.broadcast(parameter.data, src=0)
+    def on_train_start(self) -> None:
+        with torch.no_grad():
+            self.text_embeddings = self.model.text_embeddings()
 
     def _features(self, rows: list[int]) -> list[torch.Tensor]:
         features = self.cache.features(
@@ -362,114 +293,10 @@ class MetaLearner:
             query_labels=torch.tensor(draw.query_labels, device=device),
         )
 
-    def _sum_gradients_across_processes(self) -> None:
-        if self.accelerator.num_processes == 1:
-            return
-        for parameter in self.head.parameters():
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-            torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-
-    def outer_step(self, step: int, text_embeddings: torch.Tensor) -> float:
-        """One outer update (Eq. 12) from `gradient_accumulation_steps` meta-batches; returns the summed meta-loss
-        over all processes' tasks (averaged over the meta-batches)."""
-        accelerator = self.accelerator
+    def compute_loss(self, batch_index: int) -> torch.Tensor:
+        """Eq. 11 over this process's tasks at meta-batch `batch_index`."""
+        if self.text_embeddings is None:
+            self.on_train_start()
         params = {name: p for name, p in self.head.named_parameters() if p.requires_grad}
-        accumulation = self.args.gradient_accumulation_steps
-        total = torch.zeros((), device=accelerator.device)
-        for micro_step in range(accumulation):
-            meta_batch = step * accumulation + micro_step
-            tasks = [self.task_batch(meta_batch, index) for index in self.task_indices]
-            with accelerator.autocast():
-                loss, _ = meta_objective(self.head, params, tasks, text_embeddings, self.args)
-            accelerator.backward(loss)  # divides by gradient_accumulation_steps
-            total += loss.detach() / accumulation
-        self._sum_gradients_across_processes()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-        return float(accelerator.reduce(total, reduction="sum"))
-
-    def save_checkpoint(self, step: int, history: list[dict]) -> Path:
-        """`output_dir/checkpoints/checkpoint-<step>`: Accelerate state (optimiser, RNG), the head as
-        safetensors and the step; written under a temporary name and renamed once complete."""
-        accelerator = self.accelerator
-        final = self.output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-        temporary = final.with_name(final.name + ".tmp")
-        if accelerator.is_main_process and temporary.exists():
-            shutil.rmtree(temporary)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        if accelerator.is_main_process:
-            head_state = {name: p.detach().cpu().contiguous() for name, p in self.head.state_dict().items()}
-            save_file(head_state, temporary / "head.safetensors")
-            (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
-        accelerator.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, checkpoint: Path) -> tuple[int, list[dict]]:
-        self.accelerator.load_state(str(checkpoint))
-        self.head.load_state_dict(
-            load_file(checkpoint / "head.safetensors", device=str(self.accelerator.device))
-        )
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        return int(state["step"]), list(state["history"])
-
-    def train(self, resume: bool | str | os.PathLike = False) -> TrainingResult:
-        """Run outer steps until `max_steps`. resume=True continues from the latest checkpoint in
-        `output_dir` (from scratch when there is none); a path resumes from that checkpoint."""
-        accelerator, args = self.accelerator, self.args
-        start, history, resumed_from = 0, [], None
-        checkpoint = (
-            latest_checkpoint(self.output_dir) if resume is True else (Path(resume) if resume else None)
-        )
-        if checkpoint is not None:
-            start, history = self.load_checkpoint(checkpoint)
-            resumed_from = start
-        self.head.train()
-        with torch.no_grad():
-            text_embeddings = self.model.text_embeddings()
-        progress = tqdm(
-            range(start, args.max_steps),
-            desc="meta-learning",
-            unit="step",
-            disable=not accelerator.is_local_main_process,
-        )
-        timed_steps, started = 0, None
-        for step in progress:
-            loss = self.outer_step(step, text_embeddings)
-            # The first step encodes most images; time the steps after it.
-            if started is None:
-                started = time.perf_counter()
-            else:
-                timed_steps += 1
-            done = step + 1
-            progress.set_postfix(meta_loss=f"{loss:.4f}")
-            if done % args.log_every == 0 or done == args.max_steps or step == start:
-                history.append({"step": done, "meta_loss": loss})
-            if done % args.checkpoint_every == 0 or done == args.max_steps:
-                self.save_checkpoint(done, history)
-        self.head.eval()
-        seconds = (time.perf_counter() - started) / timed_steps if timed_steps else None
-        return TrainingResult(
-            steps=args.max_steps,
-            history=history,
-            seconds_per_step=seconds,
-            rank_parameter_digests=self._gather_digests(),
-            resumed_from=resumed_from,
-        )
-
-    def _gather_digests(self) -> list[str]:
-        digest = parameter_digest(self.head)
-        if self.accelerator.num_processes == 1:
-            return [digest]
-        gathered: list[str | None] = [None] * self.accelerator.num_processes
-        torch.distributed.all_gather_object(gathered, digest)
-        return [str(item) for item in gathered]
-
-
-def training_summary(args: MetaLearningArguments, result: TrainingResult) -> dict:
-    """A JSON-ready record of a run: its arguments and results."""
-    return {"arguments": asdict(args), "result": asdict(result)}
+        tasks = [self.task_batch(batch_index, index) for index in self.task_indices]
+        return meta_objective(self.head, params, tasks, self.text_embeddings, self.args)[0]

@@ -101,7 +101,8 @@ def train_metacan(config: dict, resume: bool = False, evaluate: bool = False) ->
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
     from ..hub import model_card, write_model_card
-    from .meta_learning import MetaLearner, MetaLearningArguments, training_summary
+    from .meta_learning import MetaLearner, MetaLearningArguments
+    from .trainer import training_summary
 
     known = {field.name for field in fields(MetaLearningArguments)}
     unknown = set(config.get("training", {})) - known
@@ -120,7 +121,7 @@ def train_metacan(config: dict, resume: bool = False, evaluate: bool = False) ->
     if accelerator.is_main_process:
         model.config.trained_on = data["dataset"]
         model.save_pretrained(output_dir)
-        losses = [entry["meta_loss"] for entry in result.history]
+        losses = [entry["loss"] for entry in result.history]
         text = (
             f"Trained by AD meta-learning on `{data['dataset']}` for {result.steps} outer steps "
             f"(k = {args.num_shots}); meta-loss {losses[0]:.4f} -> {losses[-1]:.4f}. "
