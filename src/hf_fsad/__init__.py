@@ -25,6 +25,8 @@ _LAZY_ATTRIBUTES = {
     "AnomalousMemoryModel": "hf_fsad.models.anomalous_memory.modeling_anomalous_memory",
     "MetaCanConfig": "hf_fsad.models.metacan.configuration_metacan",
     "MetaCanModel": "hf_fsad.models.metacan.modeling_metacan",
+    "AfClipConfig": "hf_fsad.models.afclip.configuration_afclip",
+    "AfClipModel": "hf_fsad.models.afclip.modeling_afclip",
 }
 
 __all__ = [  # noqa: RUF022  (grouped as above)
@@ -41,6 +43,8 @@ __all__ = [  # noqa: RUF022  (grouped as above)
     "AnomalousMemoryModel",
     "MetaCanConfig",
     "MetaCanModel",
+    "AfClipConfig",
+    "AfClipModel",
 ]
 
 

@@ -150,7 +150,11 @@ class FsadPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        CLIPPreTrainedModel._init_weights(self.backbone.clip, module)
+        """CLIP's initialisation inside the backbone; PyTorch's defaults for a method's own layers."""
+        if any(module is part for part in self.backbone.modules()):
+            CLIPPreTrainedModel._init_weights(self.backbone.clip, module)
+        elif module is not self and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
 
     @property
     def tokenizer(self) -> CLIPTokenizer | None:
@@ -201,7 +205,7 @@ class FsadPreTrainedModel(PreTrainedModel):
         clip = CLIPModel.from_pretrained(clip_name_or_path, **hub_kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(clip_name_or_path, **hub_kwargs)
         model = cls(cls.config_class(clip_config=clip.config, **config_kwargs))
-        model.backbone.clip.load_state_dict(clip.state_dict())
+        model.backbone.load_clip_weights(clip.state_dict())
         model.tokenizer = tokenizer
         model.freeze_backbone()
         return model.eval()
@@ -295,13 +299,23 @@ class FsadPreTrainedModel(PreTrainedModel):
         return self.encode_images(pixel_values, name)
 
     def config_hash(self) -> str:
-        """Fingerprint of the config and backbone weights; a reference bank only fits a matching model."""
-        config = _without_volatile_keys(self.config.to_dict())
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        """Fingerprint of the config, the backbone's projections and every trained weight (a method's own
+        layers, LoRA); a reference bank only fits a matching model. Recomputed only when a weight changed."""
         clip = self.backbone.clip
-        for weight in (clip.visual_projection.weight, clip.text_projection.weight):
+        weights = [clip.visual_projection.weight, clip.text_projection.weight]
+        weights += [
+            p for name, p in self.named_parameters() if not name.startswith("backbone.") or "lora_" in name
+        ]
+        config = json.dumps(_without_volatile_keys(self.config.to_dict()), sort_keys=True, default=str)
+        state = (config, tuple((w.data_ptr(), w._version) for w in weights))
+        cached = getattr(self, "_config_hash_cache", None)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        digest = hashlib.sha256(config.encode())
+        for weight in weights:
             digest.update(weight.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self._config_hash_cache = (state, digest.hexdigest()[:16])
+        return self._config_hash_cache[1]
 
     def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
         return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)

@@ -19,6 +19,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "winclip": ("hf_fsad.models.winclip", "WinClipConfig", "WinClipModel"),
     "anomalous_memory": ("hf_fsad.models.anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
     "metacan": ("hf_fsad.models.metacan", "MetaCanConfig", "MetaCanModel"),
+    "afclip": ("hf_fsad.models.afclip", "AfClipConfig", "AfClipModel"),
 }
 
 

@@ -43,6 +43,22 @@ class ClipBackbone(nn.Module):
         self.tokenizer = None  # a CLIPTokenizer, attached by the owning model after loading
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
+    def load_clip_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a `CLIPModel` state dict, also into layers a method wrapped (PEFT LoRA keeps the original
+        weight as `<layer>.base_layer.weight`; its own LoRA weights keep their initialisation)."""
+        own = self.clip.state_dict()
+        renamed = {}
+        for key, value in state_dict.items():
+            module, _, leaf = key.rpartition(".")
+            wrapped = f"{module}.base_layer.{leaf}"
+            renamed[wrapped if key not in own and wrapped in own else key] = value
+        missing, unexpected = self.clip.load_state_dict(renamed, strict=False)
+        missing = [key for key in missing if "lora_" not in key]
+        if missing or unexpected:
+            raise ValueError(
+                f"CLIP weights do not fit this backbone: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+
     @property
     def patch_size(self) -> int:
         return self.clip.config.vision_config.patch_size

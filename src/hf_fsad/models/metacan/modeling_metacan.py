@@ -102,20 +102,6 @@ class MetaCanModel(FsadPreTrainedModel):
         )
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module):
-        if any(module is part for part in self.head.modules()):
-            if isinstance(module, nn.Linear):
-                nn.init.kaiming_uniform_(module.weight, a=5**0.5)  # PyTorch's default Linear init
-                if module.bias is not None:
-                    bound = 1 / module.in_features**0.5
-                    nn.init.uniform_(module.bias, -bound, bound)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            return
-        super()._init_weights(module)
-
     def feature_spec(self) -> dict:
         return {**super().feature_spec(), "feature_layers": sorted(set(self.config.feature_layers))}
 

@@ -1,0 +1,1 @@
+"""AF-CLIP / AF-CLIP+: `configuration_afclip.AfClipConfig`, `modeling_afclip.AfClipModel`."""
