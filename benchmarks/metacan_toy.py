@@ -19,7 +19,7 @@ from hf_fsad.benchmark import DatasetSpec, run_benchmark
 from hf_fsad.models.metacan.modeling_metacan import MetaCanModel
 from hf_fsad.testing import save_random_clip, tiny_clip_config
 from hf_fsad.training.meta_learning import MetaLearningArguments
-from hf_fsad.training.recipes import build_model, load_config, train_metacan
+from hf_fsad.training.recipes import build_model, load_config, train
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "metacan_toy.yaml"
 
@@ -41,7 +41,7 @@ def main() -> None:
         for label, overrides in variants.items():
             output = Path(folder) / label.replace("/", "").replace(" ", "-")
             config = load_config(CONFIG, [f"model.clip={clip}", f"output_dir={output}", *overrides])
-            summary = train_metacan(config)
+            summary = train(config)
             training[label] = {
                 "meta_loss_first": summary["result"]["history"][0]["loss"],
                 "meta_loss_last": summary["result"]["history"][-1]["loss"],

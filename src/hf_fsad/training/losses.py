@@ -42,3 +42,63 @@ def anomaly_loss(
     if "focal" in kind:
         per_sample = per_sample + focal_loss(scores, labels, alpha, gamma)
     return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+# --- AF-CLIP (papers/af-clip.txt, Eqs. 11-15) ---------------------------------------------------------------
+
+
+def segmentation_loss(
+    patch_probabilities: torch.Tensor, patch_masks: torch.Tensor, gamma: float = 4.0
+) -> torch.Tensor:
+    """AF-CLIP Eq. 13: mean focal loss plus mean L1 distance between the patch probabilities (B, N) and the
+    binary patch masks (B, N)."""
+    focal = focal_loss(patch_probabilities, patch_masks, gamma=gamma).mean()
+    return focal + (patch_probabilities - patch_masks.to(patch_probabilities.dtype)).abs().mean()
+
+
+def patch_alignment_loss(patch_features: torch.Tensor, patch_masks: torch.Tensor) -> torch.Tensor:
+    """AF-CLIP Eq. 14 for one token set: per image holding both normal and anomalous patches,
+    max(0, mean cos over normal-anomalous pairs - mean cos over same-label pairs (i != j)), averaged over
+    those images; 0 when no image has both.
+
+    patch_features: (B, N, P); patch_masks: (B, N) bool. Sums of unit vectors give every pair sum in O(N).
+    """
+    unit = F.normalize(patch_features.float(), dim=-1)
+    anomalous = patch_masks.to(unit.dtype)
+    normal = 1 - anomalous
+    count_a, count_n = anomalous.sum(-1), normal.sum(-1)
+    both = (count_a > 0) & (count_n > 0)
+    if not both.any():
+        return unit.sum() * 0
+    sum_a = (unit * anomalous[..., None]).sum(1)
+    sum_n = (unit * normal[..., None]).sum(1)
+    cross = (sum_a * sum_n).sum(-1) / (count_a * count_n).clamp_min(1)
+    # sum over ordered pairs i != j within a group: |sum|^2 minus the N self-pairs (cos 1)
+    same_pairs = count_a * (count_a - 1) + count_n * (count_n - 1)
+    same = (sum_a.pow(2).sum(-1) - count_a + sum_n.pow(2).sum(-1) - count_n) / same_pairs.clamp_min(1)
+    return torch.relu(cross - same)[both].mean()
+
+
+def afclip_loss(
+    token_probabilities: torch.Tensor,
+    labels: torch.Tensor,
+    patch_masks: torch.Tensor,
+    projected_sets: list[torch.Tensor],
+    gamma: float = 4.0,
+    segmentation_weight: float = 1.0,
+    alignment_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """AF-CLIP Eq. 15: image focal loss (Eq. 11, on the CLS probability) + lambda1 x segmentation loss
+    (Eq. 13) + lambda2 x patch alignment loss (Eq. 14, averaged over the token sets). Returns every term
+    and "total".
+
+    token_probabilities: (B, 1+N) anomalous probabilities (CLS first); labels: (B,); patch_masks: (B, N) bool
+    at the patch grid; projected_sets: [(B, 1+N, P)] the projected token sets.
+    """
+    image = focal_loss(token_probabilities[:, 0], labels, gamma=gamma).mean()
+    segmentation = segmentation_loss(token_probabilities[:, 1:], patch_masks, gamma)
+    alignment = torch.stack(
+        [patch_alignment_loss(tokens[:, 1:], patch_masks) for tokens in projected_sets]
+    ).mean()
+    total = image + segmentation_weight * segmentation + alignment_weight * alignment
+    return {"image": image, "segmentation": segmentation, "alignment": alignment, "total": total}

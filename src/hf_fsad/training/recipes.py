@@ -1,17 +1,17 @@
-"""Config-file training runs: `accelerate launch training/train_metacan.py --config training/configs/metacan.yaml`.
+"""Config-file training runs: `accelerate launch training/train_<method>.py --config training/configs/<method>.yaml`.
 
 A config (YAML) has four sections and an output directory:
 
 ```yaml
 output_dir: runs/metacan-mvtec
-model:        # `clip` (a Hub id or local CLIPModel directory) + MetaCanConfig fields
+model:        # `clip` (a Hub id or local CLIPModel directory) + the method's config fields
   clip: ./clip-vit-b-16-plus-240
 data:         # the auxiliary dataset, through `load_benchmark`
   dataset: mvtec_ad
   root: data/mvtec_ad
   categories: null          # null: all; or a list
   splits: [train, test]     # concatenated: every category needs anomalous images
-training:     # MetaLearningArguments fields
+training:     # the method's training arguments (MetaLearningArguments, AfClipTrainingArguments)
   max_steps: 200
 evaluation:   # the benchmark run after training (--evaluate): cross-dataset protocol
   datasets: [visa:data/visa, elpv]
@@ -20,13 +20,15 @@ evaluation:   # the benchmark run after training (--evaluate): cross-dataset pro
 ```
 
 `--set section.key=value` overrides any entry (values parsed as YAML), e.g. the ablations of MetaCAN's
-Table 4: `--set model.use_discriminator=false`, `--set training.meta_learning=false`.
+Table 4: `--set model.use_discriminator=false`, `--set training.meta_learning=false`. `RECIPES` lists the
+methods that train.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -81,51 +83,71 @@ def _auxiliary_dataset(data: dict):
     return concatenate_datasets(parts)
 
 
-def build_model(model_section: dict, seed: int):
-    """A fresh MetaCAN around `model_section["clip"]`, head initialised from `seed` (equal on every process)."""
+# method -> (trainer module, trainer class, arguments class, how its training is described)
+RECIPES: dict[str, tuple[str, str, str, str]] = {
+    "metacan": ("hf_fsad.training.meta_learning", "MetaLearner", "MetaLearningArguments", "AD meta-learning"),
+    "afclip": (
+        "hf_fsad.training.afclip",
+        "AfClipTrainer",
+        "AfClipTrainingArguments",
+        "prompt and adapter training",
+    ),
+}
+
+
+def _recipe(method: str):
+    if method not in RECIPES:
+        raise ValueError(f"No training recipe for {method!r}; available: {', '.join(sorted(RECIPES))}.")
+    module, trainer, arguments, description = RECIPES[method]
+    loaded = importlib.import_module(module)
+    return getattr(loaded, trainer), getattr(loaded, arguments), description
+
+
+def build_model(model_section: dict, seed: int, method: str = "metacan"):
+    """A fresh `method` model around `model_section["clip"]`, its own layers initialised from `seed` (equal
+    on every process); the other entries are config fields."""
     import torch
 
-    from ..models.metacan.modeling_metacan import MetaCanModel
+    from ..registry import model_class
 
     settings = dict(model_section)
     clip = settings.pop("clip", None)
     if not clip:
         raise ValueError("The config's model section needs `clip`: a Hub id or a local CLIPModel directory.")
     torch.manual_seed(seed)
-    return MetaCanModel.from_clip(clip, **settings)
+    return model_class(method).from_clip(clip, **settings)
 
 
-def train_metacan(config: dict, resume: bool = False, evaluate: bool = False) -> dict:
-    """Train MetaCAN as `config` says; save the model (with a model card) to `config["output_dir"]`.
+def train(config: dict, method: str = "metacan", resume: bool = False, evaluate: bool = False) -> dict:
+    """Train `method` as `config` says; save the model (with a model card) to `config["output_dir"]`.
 
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
     from ..hub import model_card, write_model_card
-    from .meta_learning import MetaLearner, MetaLearningArguments
     from .trainer import training_summary
 
-    known = {field.name for field in fields(MetaLearningArguments)}
+    trainer_class, arguments_class, description = _recipe(method)
+    known = {field.name for field in fields(arguments_class)}
     unknown = set(config.get("training", {})) - known
     if unknown:
         raise ValueError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}.")
-    args = MetaLearningArguments(**config.get("training", {}))
-    output_dir = Path(config.get("output_dir") or "runs/metacan")
+    args = arguments_class(**config.get("training", {}))
+    output_dir = Path(config.get("output_dir") or f"runs/{method}")
     data = config.get("data") or {}
     if "dataset" not in data:
         raise ValueError("The config's data section needs `dataset` (a load_benchmark name).")
-    model = build_model(config.get("model") or {}, args.seed)
-    learner = MetaLearner(model, _auxiliary_dataset(data), args, output_dir)
-    accelerator = learner.accelerator
-    result = learner.train(resume=resume)
+    model = build_model(config.get("model") or {}, args.seed, method)
+    trainer = trainer_class(model, _auxiliary_dataset(data), args, output_dir)
+    accelerator = trainer.accelerator
+    result = trainer.train(resume=resume)
     summary = training_summary(args, result) | {"auxiliary_dataset": data}
     if accelerator.is_main_process:
         model.config.trained_on = data["dataset"]
         model.save_pretrained(output_dir)
         losses = [entry["loss"] for entry in result.history]
         text = (
-            f"Trained by AD meta-learning on `{data['dataset']}` for {result.steps} outer steps "
-            f"(k = {args.num_shots}); meta-loss {losses[0]:.4f} -> {losses[-1]:.4f}. "
-            "Arguments: see training_summary.json."
+            f"Trained by {description} on `{data['dataset']}` for {result.steps} steps; "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}. Arguments: see training_summary.json."
         )
         write_model_card(output_dir, model_card(model, config["model"]["clip"], [data["dataset"]], text))
         (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -144,7 +166,7 @@ def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
     if not evaluation.get("datasets"):
         raise ValueError("--evaluate needs evaluation.datasets in the config.")
     run_benchmark(
-        {"metacan": model.eval()},
+        {model.config.model_type: model.eval()},
         [DatasetSpec.parse(text) for text in evaluation["datasets"]],
         ks=evaluation.get("k", [2, 4, 8]),
         seeds=evaluation.get("seeds", [0, 1, 2]),
@@ -154,9 +176,10 @@ def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
     return str(out_dir / "results.md")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
+    """The `training/train_<method>.py` command line."""
     parser = argparse.ArgumentParser(
-        description="Train MetaCAN by AD meta-learning (run with accelerate launch)."
+        description=f"Train {method} from a config (run with accelerate launch)."
     )
     parser.add_argument("--config", required=True, help="YAML run config (see hf_fsad.training.recipes)")
     parser.add_argument("--max-steps", type=int, help="override training.max_steps (smoke runs)")
@@ -177,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.output_dir:
         overrides.append(f"output_dir={arguments.output_dir}")
     config = load_config(arguments.config, overrides)
-    summary = train_metacan(config, resume=arguments.resume, evaluate=arguments.evaluate)
+    summary = train(config, method, resume=arguments.resume, evaluate=arguments.evaluate)
     result = summary["result"]
     print(
         json.dumps({"steps": result["steps"], "final": result["history"][-1] if result["history"] else None})
