@@ -69,6 +69,11 @@ def tiny_clip_config(image_size: int = 240, patch_size: int = 16) -> CLIPConfig:
     return clip_config(32, 2, 32, 2, 16, image_size=image_size, patch_size=patch_size)
 
 
+def small_clip_config(image_size: int = 240, patch_size: int = 16) -> CLIPConfig:
+    """Two-block, 64-wide CLIP: random features rich enough for trained methods to learn from on toy data."""
+    return clip_config(64, 2, 32, 2, 32, image_size=image_size, patch_size=patch_size)
+
+
 def vit_b16_plus_240_config(layers: int = 12) -> CLIPConfig:
     """OpenCLIP ViT-B-16-plus-240 (WinCLIP, InCTRL, MetaCAN, VTFusion): width 896, 240 px, embed 640."""
     return clip_config(896, layers, 640, 12, 640, image_size=240)

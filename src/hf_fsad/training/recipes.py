@@ -14,7 +14,7 @@ data:         # the auxiliary dataset, through `load_benchmark`
 training:     # the method's training arguments (MetaLearningArguments, AfClipTrainingArguments)
   max_steps: 200
 evaluation:   # the benchmark run after training (--evaluate): cross-dataset protocol
-  datasets: [visa:data/visa, elpv]
+  datasets: [visa:data/visa, elpv]   # or {name, root, categories, options} entries
   k: [2, 4, 8]
   seeds: [0, 1, 2]
 ```
@@ -167,7 +167,7 @@ def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
         raise ValueError("--evaluate needs evaluation.datasets in the config.")
     run_benchmark(
         {model.config.model_type: model.eval()},
-        [DatasetSpec.parse(text) for text in evaluation["datasets"]],
+        [DatasetSpec(**entry) if isinstance(entry, dict) else DatasetSpec.parse(entry) for entry in evaluation["datasets"]],
         ks=evaluation.get("k", [2, 4, 8]),
         seeds=evaluation.get("seeds", [0, 1, 2]),
         out_dir=out_dir,

@@ -1,0 +1,307 @@
+"""AF-CLIP / AF-CLIP+ (papers/af-clip.txt): Eqs. 3-18 on small tensors, prompts, LoRA, save/load, toy training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from transformers import AutoModel
+
+import hf_fsad
+from hf_fsad import scoring
+from hf_fsad.backbones.clip import ClipBackbone
+from hf_fsad.data import load_benchmark
+from hf_fsad.metrics.functional import image_auroc, pixel_auroc
+from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
+from hf_fsad.models.afclip.modeling_afclip import AfClipModel, AttentionAdapter
+from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
+from hf_fsad.training.losses import afclip_loss, focal_loss, patch_alignment_loss, segmentation_loss
+from hf_fsad.visualization import mask_array
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = {"feature_layers": [1, 2], "adapter_num_heads": 2, "adapter_head_dim": 8, "num_context_tokens": 3}
+
+
+def make_tiny_afclip(seed: int = 0, **config) -> AfClipModel:
+    torch.manual_seed(seed)
+    model = AfClipModel(
+        AfClipConfig(clip_config=tiny_clip_config(), **(SMALL | {"lora_rank": 4} | config))
+    ).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    return model
+
+
+def test_eq_5_gaussian_window_weights_by_hand():
+    torch.testing.assert_close(scoring.gaussian_window_weights(1, 4.0), torch.ones(1, 1, dtype=torch.float64))
+    edge, corner = math.exp(-1 / 32), math.exp(-2 / 32)
+    raw = torch.tensor(
+        [[corner, edge, corner], [edge, 1.0, edge], [corner, edge, corner]], dtype=torch.float64
+    )
+    torch.testing.assert_close(scoring.gaussian_window_weights(3, 4.0), raw / raw.sum())
+    assert scoring.gaussian_window_weights(5, 4.0).sum().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="odd"):
+        scoring.gaussian_window_weights(2, 4.0)
+
+
+def test_eqs_5_6_spatial_aggregation_keeps_cls_and_zero_pads():
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 1 + 16, 3, dtype=torch.float64)
+    torch.testing.assert_close(scoring.spatial_aggregation(tokens, (4, 4), 1, 4.0), tokens)
+    aggregated = scoring.spatial_aggregation(tokens, (4, 4), 3, 4.0)
+    torch.testing.assert_close(aggregated[:, 0], tokens[:, 0])  # CLS untouched
+    weights = scoring.gaussian_window_weights(3, 4.0)
+    grid = tokens[0, 1:].reshape(4, 4, 3)
+    interior = sum(weights[dy + 1, dx + 1] * grid[1 + dy, 2 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    torch.testing.assert_close(aggregated[0, 1 + 1 * 4 + 2], interior)
+    corner = sum(weights[dy + 1, dx + 1] * grid[dy, dx] for dy in (0, 1) for dx in (0, 1))  # zeros outside
+    torch.testing.assert_close(aggregated[0, 1], corner)
+
+
+def test_gaussian_blur_matches_scipy_mirror_mode():
+    maps = torch.rand(2, 40, 30, dtype=torch.float64)
+    expected = np.stack([gaussian_filter(m, sigma=2.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
+    torch.testing.assert_close(scoring.gaussian_blur(maps, 2.0), torch.from_numpy(expected))
+
+
+def test_eqs_3_4_attention_adapter_by_hand_without_residual():
+    torch.manual_seed(1)
+    adapter = AttentionAdapter(width=6, num_heads=2, head_dim=3).double()
+    tokens = torch.randn(2, 5, 6, dtype=torch.float64)
+    normed = F.layer_norm(tokens, (6,), adapter.norm.weight, adapter.norm.bias)
+    heads = []
+    for head in range(2):
+        rows = slice(3 * head, 3 * head + 3)
+        q, k, v = (normed @ layer.weight[rows].T for layer in (adapter.query, adapter.key, adapter.value))
+        heads.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(3), dim=-1) @ v)
+    expected = torch.cat(heads, dim=-1) @ adapter.output.weight.T + adapter.output.bias
+    torch.testing.assert_close(adapter(tokens), expected)
+    assert adapter.query.bias is None and adapter.output.bias is not None
+    with torch.no_grad():
+        adapter.output.weight.zero_()
+        adapter.output.bias.zero_()
+    assert torch.equal(adapter(tokens), torch.zeros_like(tokens))  # no residual path
+
+
+@pytest.mark.parametrize("placement", ["after_start", "before_start"])
+def test_eq_8_prompt_context_placement_and_end_of_text_index(placement):
+    torch.manual_seed(2)
+    backbone = ClipBackbone(tiny_clip_config()).eval()
+    backbone.tokenizer = byte_level_clip_tokenizer()
+    words = backbone.tokenizer(["a photo of"], return_tensors="pt").input_ids[0, 1:-1]
+    context = backbone.clip.text_model.embeddings.token_embedding(words).detach()
+    with torch.no_grad():
+        together = backbone.encode_text_with_context(
+            ["without defect.", "with a long defect."], context, placement
+        )
+        alone = backbone.encode_text_with_context(["without defect."], context, placement)
+        if placement == "after_start":  # learned tokens equal to words = those words in the prompt
+            expected = backbone.encode_text(["a photo of without defect.", "a photo of with a long defect."])
+            torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-6)
+    # The pooled token is each prompt's own end-of-text token, whatever the padding around it.
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
+    gradient = torch.autograd.grad(
+        backbone.encode_text_with_context(["with defect."], context.requires_grad_(), placement).sum(),
+        context,
+    )[0]
+    assert gradient.abs().sum() > 0
+
+
+def test_eqs_9_10_token_probabilities_by_hand():
+    sets = [torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]), torch.tensor([[[1.0, 1.0], [0.0, 2.0]]])]
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # normal, anomalous
+    # token 0: cos normal 1 + 1/sqrt2, anomalous 0 + 1/sqrt2; token 1: normal 0 + 0, anomalous 1 + 1
+    logits = torch.tensor([[1 + 2**-0.5, 2**-0.5], [0.0, 2.0]]) / 0.07
+    expected = logits.softmax(-1)[:, 1][None]
+    torch.testing.assert_close(scoring.afclip_token_probabilities(sets, text, 0.07), expected)
+
+
+def test_eqs_11_to_15_losses_by_hand():
+    p, y = torch.tensor([0.8, 0.3]), torch.tensor([1, 0])
+    expected_focal = [-(0.2**4) * math.log(0.8), -(0.3**4) * math.log(0.7)]
+    torch.testing.assert_close(focal_loss(p, y, gamma=4.0), torch.tensor(expected_focal))
+    maps, masks = torch.tensor([[0.9, 0.2, 0.1, 0.6]]), torch.tensor([[1, 0, 0, 0]])
+    focal = [
+        -(0.1**4) * math.log(0.9),
+        -(0.2**4) * math.log(0.8),
+        -(0.1**4) * math.log(0.9),
+        -(0.6**4) * math.log(0.4),
+    ]
+    l1 = (0.1 + 0.2 + 0.1 + 0.6) / 4
+    assert segmentation_loss(maps, masks).item() == pytest.approx(np.mean(focal) + l1, rel=1e-5)
+
+    torch.manual_seed(3)
+    features = torch.randn(3, 6, 4, dtype=torch.float64)
+    patch_masks = torch.tensor([[1, 1, 0, 0, 0, 0], [0] * 6, [1, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    unit = F.normalize(features, dim=-1)
+    values = []
+    for image in (0, 2):  # image 1 has no anomalous patch: left out
+        cos = unit[image] @ unit[image].T
+        a, n = patch_masks[image], ~patch_masks[image]
+        cross = cos[a][:, n].mean()
+        same_pairs = [cos[i, j] for i in range(6) for j in range(6) if i != j and a[i] == a[j]]
+        values.append(torch.relu(cross - torch.stack(same_pairs).mean()))
+    torch.testing.assert_close(
+        patch_alignment_loss(features, patch_masks), torch.stack(values).mean().float()
+    )
+    assert patch_alignment_loss(features, torch.zeros(3, 6, dtype=torch.bool)).item() == 0.0
+    # N-A pairs less similar than same-label pairs: no loss
+    separated = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+    assert patch_alignment_loss(separated, torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)).item() == 0.0
+
+    probabilities = torch.tensor([[0.7, 0.9, 0.2, 0.1, 0.6], [0.2, 0.1, 0.1, 0.2, 0.3]])
+    labels, grid = torch.tensor([1, 0]), torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    sets = [torch.randn(2, 5, 4)]
+    terms = afclip_loss(
+        probabilities, labels, grid, sets, gamma=4.0, segmentation_weight=0.5, alignment_weight=2.0
+    )
+    expected = (
+        focal_loss(probabilities[:, 0], labels, gamma=4.0).mean()
+        + 0.5 * segmentation_loss(probabilities[:, 1:], grid)
+        + 2.0 * patch_alignment_loss(sets[0][:, 1:], grid)
+    )
+    torch.testing.assert_close(terms["total"], expected)
+
+
+def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
+    model = make_tiny_afclip()
+    torch.manual_seed(4)
+    references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
+    features = model.encode_images(images)
+    text = model.text_embeddings().detach()
+    probabilities, _ = model.token_probabilities(features, text)
+    zero_shot = model(images)
+    torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0])
+    torch.testing.assert_close(
+        zero_shot.anomaly_maps, scoring.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0)
+    )
+
+    bank = model.build_reference_bank(references, "bottle")
+    assert bank.k == 2 and len([n for n in bank.tensors if n.startswith("memory.")]) == 2 * 3
+    few_shot = model(images, reference_bank=bank)
+    reference_sets = model.token_sets(model.encode_images(references))
+    memory = torch.stack(
+        [
+            (1 - (F.normalize(q[:, 1:], dim=-1) @ F.normalize(r[:, 1:].flatten(0, 1), dim=-1).T).amax(-1)) / 2
+            for q, r in zip(model.token_sets(features), reference_sets)
+        ]
+    ).mean(0)
+    torch.testing.assert_close(few_shot.branch_scores["memory"], memory.amax(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        few_shot.image_scores, memory.amax(-1) + 0.1 * probabilities[:, 0], rtol=1e-5, atol=1e-6
+    )
+    expected_maps = model.pixel_maps(memory) + 0.1 * zero_shot.anomaly_maps
+    torch.testing.assert_close(few_shot.anomaly_maps, expected_maps, rtol=1e-5, atol=1e-6)
+    # A query that is one of the references has nothing unusual for the memory.
+    same = model(references[:1], reference_bank=bank)
+    assert same.branch_scores["memory"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("adapter_type", ["attention", "lora"])
+def test_only_prompts_and_adapter_train_and_the_backbone_stays_frozen_after_loading(tmp_path, adapter_type):
+    model = make_tiny_afclip(adapter_type=adapter_type)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, hf_fsad.AfClipModel)
+    trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+    if adapter_type == "attention":
+        assert trainable == {"context", *(f"adapter.{name}" for name, _ in loaded.adapter.named_parameters())}
+    else:
+        assert "context" in trainable and all("lora_" in name for name in trainable - {"context"})
+        assert len(trainable) == 1 + 2 * 4 * 2  # A and B of q/k/v/out in blocks 1 and 2
+    assert not any(p.requires_grad for name, p in loaded.backbone.named_parameters() if "lora_" not in name)
+
+
+@pytest.mark.parametrize("adapter_type", ["attention", "lora"])
+def test_save_load_round_trip_is_exact(tmp_path, adapter_type):
+    model = make_tiny_afclip(adapter_type=adapter_type)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)  # LoRA's B starts at zero
+    torch.manual_seed(5)
+    references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
+    expected = model(images, reference_bank=model.build_reference_bank(references))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    actual = loaded(images, reference_bank=loaded.build_reference_bank(references))
+    assert torch.equal(actual.image_scores, expected.image_scores)
+    assert torch.equal(actual.anomaly_maps, expected.anomaly_maps)
+
+
+def test_merged_lora_matches_unmerged():
+    model = make_tiny_afclip(adapter_type="lora")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    torch.manual_seed(6)
+    references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
+    unmerged = model(images, reference_bank=model.build_reference_bank(references))
+    model.merge_lora()
+    assert model.config.adapter_type == "none"
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    merged = model(images, reference_bank=model.build_reference_bank(references))
+    torch.testing.assert_close(merged.image_scores, unmerged.image_scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged.anomaly_maps, unmerged.anomaly_maps, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="no LoRA"):
+        model.merge_lora()
+
+
+def _auroc(model, data, k: int) -> tuple[float, float]:
+    processor = model.image_processor()
+    test = processor(
+        [image.convert("RGB") for image in data["test"]["image"]], return_tensors="pt"
+    ).pixel_values
+    bank = None
+    if k:
+        references = [image.convert("RGB") for image in data["train"]["image"][:k]]
+        bank = model.build_reference_bank(processor(references, return_tensors="pt").pixel_values)
+    output = model.eval()(test, reference_bank=bank)
+    masks = np.stack([mask_array(mask, model.config.image_size) for mask in data["test"]["mask"]])
+    labels = np.asarray(data["test"]["label"])
+    return image_auroc(labels, output.image_scores.numpy()), pixel_auroc(masks, output.anomaly_maps.numpy())
+
+
+def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zero_shot(tmp_path):
+    from hf_fsad.testing import save_random_clip
+    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+    from hf_fsad.training.recipes import _auxiliary_dataset, build_model, load_config
+
+    clip = save_random_clip(small_clip_config(), tmp_path / "clip")
+    config = load_config(
+        REPO / "training" / "configs" / "afclip_toy.yaml",
+        [f"model.clip={clip}", "data.categories=[weave]", "training.max_steps=200"],
+    )
+    args = AfClipTrainingArguments(**config["training"])
+    model = build_model(config["model"], args.seed, "afclip")
+    unseen = load_benchmark(
+        "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
+    )
+    before = _auroc(model, unseen, 0)
+    result = AfClipTrainer(model, _auxiliary_dataset(config["data"]), args, tmp_path / "run").train()
+    after, two_shot = _auroc(model, unseen, 0), _auroc(model, unseen, 2)
+    print(
+        f"zero-shot image/pixel AUROC {before} -> {after}; 2-shot {two_shot}; {result.seconds_per_step:.3f} s/step"
+    )
+    assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1
+    assert two_shot[0] > after[0] and two_shot[1] > after[1]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_lora_training_changes_only_lora_and_context(tmp_path):
+    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+
+    model = make_tiny_afclip(adapter_type="lora")
+    data = load_benchmark("toy", category="weave", num_train=1, num_test_good=2, num_test_anomalous=2)["test"]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    AfClipTrainer(
+        model, data, AfClipTrainingArguments(batch_size=4, max_steps=2, learning_rate=0.01), tmp_path
+    ).train()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert "context" in changed and any("lora_B" in name for name in changed)
+    assert all(name == "context" or "lora_" in name for name in changed)
