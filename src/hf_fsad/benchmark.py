@@ -66,6 +66,11 @@ class DatasetSpec:
     options: dict = field(default_factory=dict)
 
     @classmethod
+    def from_entry(cls, entry: str | dict) -> DatasetSpec:
+        """A config entry: the CLI's text form, or a dict of the fields (name, root, categories, options)."""
+        return cls(**entry) if isinstance(entry, dict) else cls.parse(entry)
+
+    @classmethod
     def parse(cls, text: str) -> DatasetSpec:
         """`name`, `name:root` or `name:root:category` (the CLI's form)."""
         name, _, rest = text.partition(":")

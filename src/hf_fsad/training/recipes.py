@@ -167,7 +167,7 @@ def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
         raise ValueError("--evaluate needs evaluation.datasets in the config.")
     run_benchmark(
         {model.config.model_type: model.eval()},
-        [DatasetSpec(**entry) if isinstance(entry, dict) else DatasetSpec.parse(entry) for entry in evaluation["datasets"]],
+        [DatasetSpec.from_entry(entry) for entry in evaluation["datasets"]],
         ks=evaluation.get("k", [2, 4, 8]),
         seeds=evaluation.get("seeds", [0, 1, 2]),
         out_dir=out_dir,
