@@ -79,6 +79,11 @@ def vit_b16_plus_240_config(layers: int = 12) -> CLIPConfig:
     return clip_config(896, layers, 640, 12, 640, image_size=240)
 
 
+def vit_l14_336_config(layers: int = 24) -> CLIPConfig:
+    """OpenAI ViT-L/14@336 (AF-CLIP, One-to-Normal): width 1024, 336 px, patch 14, embed 768, quick GELU."""
+    return clip_config(1024, layers, 768, 12, 768, image_size=336, patch_size=14, hidden_act="quick_gelu")
+
+
 def vit_b16_config() -> CLIPConfig:
     """`openai/clip-vit-base-patch16`: width 768, 224 px, embed 512, quick GELU."""
     return clip_config(768, 12, 512, 12, 512, image_size=224, hidden_act="quick_gelu")
