@@ -305,3 +305,33 @@ def test_lora_training_changes_only_lora_and_context(tmp_path):
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     assert "context" in changed and any("lora_B" in name for name in changed)
     assert all(name == "context" or "lora_" in name for name in changed)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from hf_fsad.testing import save_random_clip
+
+    clip = save_random_clip(tiny_clip_config(), tmp_path / "clip")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun), "--nproc_per_node", "2", str(REPO / "training" / "train_afclip.py"),
+        "--config", str(REPO / "training" / "configs" / "afclip_toy.yaml"), "--output-dir", str(tmp_path / "run"),
+        "--max-steps", "3", "--set", f"model.clip={clip}", "data.num_test_good=2", "data.num_test_anomalous=4",
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    digests = summary["result"]["rank_parameter_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]

@@ -15,8 +15,8 @@ class AfClipConfig(FsadConfig):
     normal references.
 
     Args:
-        feature_layers: 1-based vision blocks whose raw tokens are used ([6, 12, 18, 24] on ViT-L/14@336,
-            the paper's four hierarchical blocks).
+        feature_layers: 1-based vision blocks whose raw tokens are used; default: the ends of four equal
+            groups of blocks, the paper's four hierarchical blocks ([6, 12, 18, 24] on ViT-L/14@336).
         aggregation_windows, aggregation_sigma: Eq. 5's windows r (1, 3, 5; stride 1, zero padding) and the
             Gaussian's std (4 patches). Layers x windows = the token sets (12 by default).
         adapter_type: "attention" (Eqs. 3-4: LayerNorm then multi-head self-attention, no residual, one
@@ -40,7 +40,7 @@ class AfClipConfig(FsadConfig):
 
     model_type = "afclip"
 
-    feature_layers: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    feature_layers: list[int] | None = None
     aggregation_windows: list[int] = field(default_factory=lambda: [1, 3, 5])
     aggregation_sigma: float = 4.0
     adapter_type: str = "attention"
@@ -59,9 +59,11 @@ class AfClipConfig(FsadConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        num_blocks = self.clip_config.vision_config.num_hidden_layers
+        if self.feature_layers is None:
+            self.feature_layers = [max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)]
         self.feature_layers = [int(layer) for layer in self.feature_layers]
         self.aggregation_windows = [int(window) for window in self.aggregation_windows]
-        num_blocks = self.clip_config.vision_config.num_hidden_layers
         for layer in self.feature_layers:
             if not 1 <= layer <= num_blocks:
                 raise ValueError(
