@@ -335,3 +335,15 @@ def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
     digests = summary["result"]["rank_parameter_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
+
+
+def test_methods_with_equal_feature_keys_compute_equal_features():
+    """The benchmark runner shares cached features between models whose `feature_key()` match."""
+    from test_metacan import make_tiny_metacan
+
+    metacan, afclip = make_tiny_metacan(feature_layers=[1, 2]), make_tiny_afclip(feature_layers=[1, 2])
+    afclip.backbone.load_state_dict(metacan.backbone.state_dict())
+    assert metacan.feature_key() == afclip.feature_key()
+    images = torch.randn(1, 3, 240, 240)
+    first, second = metacan.encode_images(images), afclip.encode_images(images)
+    assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)

@@ -117,7 +117,7 @@ def test_model_scores_equal_head_on_bank_and_maps_upsample_the_image_text_map():
     torch.testing.assert_close(output.branch_scores["image_image.block1"], head["level_maps"][0].amax(-1))
     # Raw tokens after blocks 1 and 2, without the CLS token.
     encoded = model.backbone.encode_image(images, layers=[1, 2])
-    torch.testing.assert_close(features["tokens.1"], encoded.hidden_states[1][:, 1:])
+    torch.testing.assert_close(features["tokens.1"], encoded.hidden_states[1])  # CLS + patches
     # The prompts are object-agnostic: the bank's class name does not change the text embeddings.
     other = model.build_reference_bank(references, "bottle")
     torch.testing.assert_close(other.tensors["text_embeddings"], bank.tensors["text_embeddings"])

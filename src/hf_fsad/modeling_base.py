@@ -242,6 +242,13 @@ class FsadPreTrainedModel(PreTrainedModel):
                 "(config.image_size): preprocess with `model.image_processor()`."
             )
 
+    def check_pixels(self, pixel_values: torch.Tensor, name: str = "pixel_values") -> torch.Tensor:
+        """`pixel_values` on the model's device and dtype, after `validate_pixel_values` and
+        `check_input_size`."""
+        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
+        self.check_input_size(pixel_values)
+        return pixel_values.to(self.device, self.dtype)
+
     def to_pixel_maps(self, patch_maps: torch.Tensor) -> torch.Tensor:
         """(B, P) patch-grid scores -> (B, S, S) maps at `config.image_size`, bilinearly."""
         size = self.config.image_size

@@ -92,6 +92,12 @@ class ClipBackbone(nn.Module):
         grid = (height // self.patch_size, width // self.patch_size)
         return VisionFeatures(embeddings, kept, last, grid)
 
+    def block_tokens(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Raw tokens (B, 1+N, D), CLS first, after each of `layers`, as "tokens.<block>" (differentiable)."""
+        layers = sorted(set(layers))
+        hidden_states = self.encode_image(pixel_values, layers=layers).hidden_states
+        return {f"tokens.{layer}": hidden_states[layer] for layer in layers}
+
     def post_norm(self, tokens: torch.Tensor) -> torch.Tensor:
         """CLIP's `post_layernorm`, applied to any tokens."""
         return self.clip.vision_model.post_layernorm(tokens)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank, validate_pixel_values
+from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...scoring import afclip_token_probabilities, gaussian_blur, reference_association, spatial_aggregation
 from .configuration_afclip import AfClipConfig
 
@@ -115,20 +115,18 @@ class AfClipModel(FsadPreTrainedModel):
         return {**super().feature_spec(), "feature_layers": sorted(set(self.config.feature_layers))}
 
     def vision_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw tokens (B, 1+N, D), CLS first, after each configured block, as "tokens.<block>"; differentiable
-        (LoRA training runs through it)."""
-        layers = sorted(set(self.config.feature_layers))
-        features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype), layers=layers)
-        return {f"tokens.{layer}": features.hidden_states[layer] for layer in layers}
+        """Raw tokens (B, 1+N, D), CLS first, after each configured block, as "tokens.<block>";
+        differentiable (LoRA training runs through it)."""
+        return self.backbone.block_tokens(
+            pixel_values.to(self.device, self.dtype), self.config.feature_layers
+        )
 
     @torch.no_grad()
     def encode_images(
         self, pixel_values: torch.Tensor, name: str = "pixel_values"
     ) -> dict[str, torch.Tensor]:
         """`vision_features` of checked pixels, without gradients (what the benchmark runner caches)."""
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
-        self.check_input_size(pixel_values)
-        return self.vision_features(pixel_values)
+        return self.vision_features(self.check_pixels(pixel_values, name))
 
     def set_names(self) -> list[str]:
         """One name per token set, "<block>.<window>", in the order of `token_sets`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank, validate_pixel_values
+from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...prompts import winclip_prompts
 from ...scoring import (
     class_scores,
@@ -118,16 +118,13 @@ class MetaCanModel(FsadPreTrainedModel):
     def encode_images(
         self, pixel_values: torch.Tensor, name: str = "pixel_values"
     ) -> dict[str, torch.Tensor]:
-        """Raw patch tokens (B, N, D) after each pyramid block, as "tokens.<block>"."""
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
-        self.check_input_size(pixel_values)
-        layers = sorted(set(self.config.feature_layers))
-        features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype), layers=layers)
-        return {f"tokens.{layer}": features.hidden_states[layer][:, 1:] for layer in layers}
+        """Raw tokens (B, 1+N, D), CLS first, after each pyramid block, as "tokens.<block>"."""
+        return self.backbone.block_tokens(self.check_pixels(pixel_values, name), self.config.feature_layers)
 
     def levels(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The pyramid in `config.feature_layers` order, from `encode_images` features or bank tensors."""
-        return [features[f"tokens.{layer}"] for layer in self.config.feature_layers]
+        """The pyramid's patch tokens (without CLS) in `config.feature_layers` order, from `encode_images`
+        features or bank tensors."""
+        return [features[f"tokens.{layer}"][:, 1:] for layer in self.config.feature_layers]
 
     @torch.no_grad()
     def build_reference_bank(

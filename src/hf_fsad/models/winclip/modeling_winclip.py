@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank, validate_pixel_values
+from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...prompts import winclip_prompts
 from ...scoring import (
     class_scores,
@@ -54,9 +54,7 @@ class WinClipModel(FsadPreTrainedModel):
         What `feature_key()` identifies; the benchmark runner caches these per image. `name` is the
         argument that errors about the pixels name.
         """
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
-        self.check_input_size(pixel_values)
-        features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype))
+        features = self.backbone.encode_image(self.check_pixels(pixel_values, name))
         last = features.last_hidden_state
         windows = self.backbone.encode_windows(
             features.embeddings, features.grid_size, self.config.window_scales
