@@ -11,14 +11,13 @@ peak resident memory while training.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import tempfile
 from pathlib import Path
 
 import torch
 from profile_metacan import markdown
-from profile_winclip import median_seconds
+from profile_winclip import median_seconds, write_report
 
 from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
 from hf_fsad.models.afclip.modeling_afclip import AfClipModel
@@ -100,11 +99,7 @@ def main() -> None:
         f"| {name.split(',')[0]} | {seconds:.3f} | {memory:.0f} |" for name, seconds, memory in training
     )
     result["training"] = training
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "afclip_profile.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "afclip_profile.md").write_text(text + "\n")
+    write_report(args.out, "afclip_profile", result, text)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ backbone (frozen: features are encoded once per image), with second- and first-o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
-from profile_winclip import median_seconds
+from profile_winclip import median_seconds, write_report
 
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import MetaCanModel
@@ -105,12 +104,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="directory to write metacan_profile.{json,md}")
     args = parser.parse_args()
     result = profile(args.layers, args.repeats, args.batch_size)
-    text = markdown(result)
-    print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "metacan_profile.json").write_text(json.dumps(result, indent=1) + "\n")
-        (args.out / "metacan_profile.md").write_text(text + "\n")
+    write_report(args.out, "metacan_profile", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -111,6 +111,15 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report(out: Path | None, stem: str, result: dict, report: str) -> None:
+    """Print `report`; with `out`, also write `out/<stem>.json` (the result) and `out/<stem>.md`."""
+    print(report)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(report + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12, help="vision blocks (12 = the real depth)")
@@ -119,12 +128,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="directory to write winclip_profile.{json,md}")
     args = parser.parse_args()
     result = profile(args.layers, args.repeats, args.batch_size)
-    report = markdown(result)
-    print(report)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "winclip_profile.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "winclip_profile.md").write_text(report + "\n")
+    write_report(args.out, "winclip_profile", result, markdown(result))
 
 
 if __name__ == "__main__":

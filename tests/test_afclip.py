@@ -173,7 +173,7 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
     features = model.encode_images(images)
     text = model.text_embeddings().detach()
-    probabilities, _ = model.token_probabilities(features, text)
+    probabilities, _ = model.token_probabilities(model.token_sets(features), text)
     zero_shot = model(images)
     torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0])
     torch.testing.assert_close(
@@ -347,3 +347,17 @@ def test_methods_with_equal_feature_keys_compute_equal_features():
     images = torch.randn(1, 3, 240, 240)
     first, second = metacan.encode_images(images), afclip.encode_images(images)
     assert first.keys() == second.keys() and all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_from_clip_loads_the_clip_weights_under_lora_layers(tiny_clip_dir):
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    model = AfClipModel.from_clip(tiny_clip_dir, adapter_type="lora", lora_rank=4, **SMALL)
+    attention = model.backbone.clip.vision_model.encoder.layers[0].self_attn
+    expected = clip.vision_model.encoder.layers[0].self_attn
+    assert torch.equal(attention.q_proj.base_layer.weight, expected.q_proj.weight)
+    assert torch.equal(attention.out_proj.base_layer.bias, expected.out_proj.bias)
+    assert torch.count_nonzero(attention.q_proj.lora_B["default"].weight) == 0  # LoRA starts as the identity
+    with pytest.raises(ValueError, match="do not fit"):
+        model.backbone.load_clip_weights({"not.a.weight": torch.zeros(1)} | clip.state_dict())

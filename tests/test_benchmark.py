@@ -179,6 +179,11 @@ def test_dataset_spec_parsing():
     assert DatasetSpec.parse("mvtec_ad:/data/mvtec:screw") == DatasetSpec(
         "mvtec_ad", "/data/mvtec", ["screw"]
     )
+    assert DatasetSpec.from_entry("mvtec_ad:/data/mvtec:screw") == DatasetSpec(
+        "mvtec_ad", "/data/mvtec", ["screw"]
+    )
+    entry = {"name": "toy", "categories": ["weave"], "options": {"seed": 1}}
+    assert DatasetSpec.from_entry(entry) == DatasetSpec("toy", None, ["weave"], {"seed": 1})
 
 
 def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):

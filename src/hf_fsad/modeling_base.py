@@ -263,6 +263,10 @@ class FsadPreTrainedModel(PreTrainedModel):
             "image_std": self.config.image_std,
         }
 
+    def invalidate_feature_key(self) -> None:
+        """Forget the hashed vision weights (call after changing them, e.g. training or merging LoRA)."""
+        self._vision_weights_digest = None
+
     def feature_key(self) -> str:
         """Fingerprint of `encode_images`: the vision weights (hashed once; they are frozen) + `feature_spec()`."""
         if getattr(self, "_vision_weights_digest", None) is None:
@@ -326,6 +330,12 @@ class FsadPreTrainedModel(PreTrainedModel):
 
     def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
         return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)
+
+    def require_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:
+        """`check_bank` for methods that cannot score without a bank; `how` says in the error how to build one."""
+        if bank is None:
+            raise ValueError(f"{type(self).__name__} needs a reference bank {how}")
+        return self.check_bank(bank)
 
     def check_bank(self, bank: ReferenceBank) -> ReferenceBank:
         """Raise a clear error when `bank` was built by another model type or config; else the bank on our device."""

@@ -114,7 +114,7 @@ class AfClipTrainer(Trainer):
     def compute_loss(self, batch_index: int) -> torch.Tensor:
         rows = self.batch_rows(batch_index)
         probabilities, projected = self.model.token_probabilities(
-            self._features(rows), self.model.text_embeddings()
+            self.model.token_sets(self._features(rows)), self.model.text_embeddings()
         )
         labels = torch.tensor([self.labels[row] for row in rows], device=self.accelerator.device)
         args = self.args

@@ -242,7 +242,7 @@ class Trainer:
             if done % args.checkpoint_every == 0 or done == args.max_steps:
                 self.save_checkpoint(done, history)
         self.model.eval()
-        self.model._vision_weights_digest = None  # trained weights may enter the features (LoRA)
+        self.model.invalidate_feature_key()  # trained weights may enter the features (LoRA)
         seconds = (time.perf_counter() - started) / timed_steps if timed_steps else None
         return TrainingResult(
             steps=args.max_steps,

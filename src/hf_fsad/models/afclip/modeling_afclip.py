@@ -107,7 +107,7 @@ class AfClipModel(FsadPreTrainedModel):
                 parent, _, child = name.rpartition(".")
                 setattr(vision.get_submodule(parent), child, module.get_base_layer())
         self.config.adapter_type = "none"
-        self._vision_weights_digest = None
+        self.invalidate_feature_key()
         self.freeze_backbone()
         return self
 
@@ -157,10 +157,10 @@ class AfClipModel(FsadPreTrainedModel):
             self.config.state_prompts, self.context, self.config.context_placement
         )
 
-    def token_probabilities(self, features: dict[str, torch.Tensor], text_embeddings: torch.Tensor) -> tuple:
-        """Eqs. 9-10 on `vision_features`: the anomalous probability of every token (B, 1+N), and the projected
+    def token_probabilities(self, token_sets: list[torch.Tensor], text_embeddings: torch.Tensor) -> tuple:
+        """Eqs. 9-10 on `token_sets`: the anomalous probability of every token (B, 1+N), and the projected
         token sets the probabilities came from."""
-        projected = self.project_sets(self.token_sets(features))
+        projected = self.project_sets(token_sets)
         return afclip_token_probabilities(projected, text_embeddings, self.config.temperature), projected
 
     def pixel_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
@@ -192,14 +192,15 @@ class AfClipModel(FsadPreTrainedModel):
     ) -> AnomalyDetectionOutput:
         """Zero-shot scores and maps; with references in the bank, AF-CLIP+'s fusion (Eqs. 17-18)."""
         bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
-        probabilities, _ = self.token_probabilities(features, bank.tensors["text_embeddings"])
+        token_sets = self.token_sets(features)
+        probabilities, _ = self.token_probabilities(token_sets, bank.tensors["text_embeddings"])
         image_scores, maps = probabilities[:, 0], self.pixel_maps(probabilities[:, 1:])
         branch_scores = {"zero_shot": image_scores}
         if bank.k > 0:
             memory_map = torch.stack(
                 [
                     reference_association(tokens[:, 1:], bank.tensors[f"memory.{name}"])
-                    for name, tokens in zip(self.set_names(), self.token_sets(features))
+                    for name, tokens in zip(self.set_names(), token_sets)
                 ]
             ).mean(dim=0)  # Eq. 17, averaged over blocks and windows
             branch_scores["memory"] = memory_map.amax(dim=-1)

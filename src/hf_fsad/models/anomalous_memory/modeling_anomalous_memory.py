@@ -124,12 +124,10 @@ class AnomalousMemoryModel(WinClipModel):
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
-        if reference_bank is None:
-            raise ValueError(
-                "AnomalousMemoryModel needs a reference bank with an anomalous reference: "
-                "model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...)."
-            )
-        bank = self.check_bank(reference_bank)
+        bank = self.require_bank(
+            reference_bank,
+            "with an anomalous reference: model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...).",
+        )
         text = bank.tensors["text_embeddings"]
         windows = self.window_mask_list(text.device)
         zero_shot, text_map = self.zero_shot_branch(features, text, windows)

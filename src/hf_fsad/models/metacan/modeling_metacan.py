@@ -157,12 +157,10 @@ class MetaCanModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores (and the image-text map) from `encode_images` features and a bank of k normal references."""
-        if reference_bank is None:
-            raise ValueError(
-                "MetaCAN needs a reference bank of k >= 1 normal images: "
-                "`model.build_reference_bank(processor(images).pixel_values)`."
-            )
-        bank = self.check_bank(reference_bank)
+        bank = self.require_bank(
+            reference_bank,
+            "of k >= 1 normal images: `model.build_reference_bank(processor(images).pixel_values)`.",
+        )
         outputs = self.head(self.levels(features), self.levels(bank.tensors), bank.tensors["text_embeddings"])
         branch_scores = {name: outputs[name] for name in ("image_image", "image_text") if name in outputs}
         for layer, level_map in zip(self.config.feature_layers, outputs.get("level_maps", [])):
