@@ -27,6 +27,8 @@ _LAZY_ATTRIBUTES = {
     "MetaCanModel": "hf_fsad.models.metacan.modeling_metacan",
     "AfClipConfig": "hf_fsad.models.afclip.configuration_afclip",
     "AfClipModel": "hf_fsad.models.afclip.modeling_afclip",
+    "VtFusionConfig": "hf_fsad.models.vtfusion.configuration_vtfusion",
+    "VtFusionModel": "hf_fsad.models.vtfusion.modeling_vtfusion",
 }
 
 __all__ = [  # noqa: RUF022  (grouped as above)
@@ -45,6 +47,8 @@ __all__ = [  # noqa: RUF022  (grouped as above)
     "MetaCanModel",
     "AfClipConfig",
     "AfClipModel",
+    "VtFusionConfig",
+    "VtFusionModel",
 ]
 
 

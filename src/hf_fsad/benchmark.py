@@ -15,6 +15,7 @@ reused across k, seeds and methods. Finished cells are kept in results.json and 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -267,14 +268,20 @@ def run_benchmark(
     title: str | None = None,
     num_heatmaps: int = 4,
     protocol: Protocol | None = None,
+    fit_arguments: dict | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
 
     A cell is (method, dataset, category, k, anomalous references, seed). Methods that need anomalous
-    references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0.
+    references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0. Methods
+    fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
+    references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds).
     """
     protocol = protocol or Protocol()
+    fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
+    if fitting and 0 in ks:
+        raise ValueError(f"{', '.join(fitting)} fit on k normal images: k = 0 (zero-shot) is not possible.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
@@ -307,7 +314,14 @@ def run_benchmark(
                                 skipped += 1
                                 continue
                             run = _run_cell(
-                                model, cache, out_dir, split, (k, anomalous, seed), protocol, batch_size
+                                model,
+                                cache,
+                                out_dir,
+                                split,
+                                (k, anomalous, seed),
+                                protocol,
+                                batch_size,
+                                fit_arguments or {},
                             )
                             cells[_cell_id(cell)] = cell | run.values
                             _write_results(results_file, cells, cache, started, skipped)
@@ -353,6 +367,7 @@ def _run_cell(
     shots: tuple[int, int, int],
     protocol: Protocol,
     batch_size: int,
+    fit_arguments: dict,
 ) -> _CellRun:
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
@@ -363,8 +378,16 @@ def _run_cell(
     if manifest is not None and manifest.test_ids is not None:
         test = select_ids(split.test, manifest.test_ids)
     size = model.config.image_size
-    bank_inputs = {"class_name": class_name_for(split.dataset, split.category)}
-    if k > 0:
+    class_name = class_name_for(split.dataset, split.category)
+    bank_inputs = {"class_name": class_name}
+    fit_seconds = None
+    if getattr(model, "fits_per_category", False):
+        model = copy.deepcopy(model)
+        normals = split.train.select(row_indices(split.train, manifest.image_ids))["image"]
+        fit_seconds = time.perf_counter()
+        model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
+        fit_seconds = time.perf_counter() - fit_seconds
+    elif k > 0:
         bank_inputs["reference_features"] = cache.features(
             model, split.train, row_indices(split.train, manifest.image_ids), batch_size, "references"
         )
@@ -394,6 +417,7 @@ def _run_cell(
         "reference_ids": manifest.image_ids if manifest else [],
         "anomalous_ids": anomalous_ids,
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
+        "fit_seconds": fit_seconds,
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }

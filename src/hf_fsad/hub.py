@@ -13,7 +13,7 @@ from transformers import AutoModel
 
 model = AutoModel.from_pretrained("{repo}")
 processor = model.image_processor()
-bank = model.build_reference_bank(processor(normal_images).pixel_values)
+bank = model.build_reference_bank({bank_inputs})
 scores = model(processor(images).pixel_values, reference_bank=bank).image_scores
 ```"""
 
@@ -33,7 +33,13 @@ def model_card(
         f"# {type(model).__name__}",
         (type(model).__doc__ or "").strip(),
         "## Usage",
-        _USAGE.format(repo="path/or/hub-id"),
+        # a method fitted per category holds its normal images' prototypes already
+        _USAGE.format(
+            repo="path/or/hub-id",
+            bank_inputs=""
+            if getattr(model, "fits_per_category", False)
+            else "processor(normal_images).pixel_values",
+        ),
     ]
     if training:
         sections += ["## Training", training]

@@ -20,6 +20,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "anomalous_memory": ("hf_fsad.models.anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
     "metacan": ("hf_fsad.models.metacan", "MetaCanConfig", "MetaCanModel"),
     "afclip": ("hf_fsad.models.afclip", "AfClipConfig", "AfClipModel"),
+    "vtfusion": ("hf_fsad.models.vtfusion", "VtFusionConfig", "VtFusionModel"),
 }
 
 

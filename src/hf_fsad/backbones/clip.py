@@ -15,7 +15,8 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 from transformers.masking_utils import create_causal_mask
 
-from ..scoring import window_token_indices
+from ..prompts import winclip_prompts
+from ..scoring import ensemble_text_embedding, window_token_indices
 
 
 @dataclass
@@ -147,6 +148,16 @@ class ClipBackbone(nn.Module):
                 cached = self.clip.get_text_features(**tokens).pooler_output
             self._text_cache[key] = cached
         return cached
+
+    def state_embeddings(self, class_name: str, normalize_each: bool = True) -> torch.Tensor:
+        """(2, P) WinCLIP ensemble embeddings of the normal and the anomalous state of `class_name` (see
+        `ensemble_text_embedding` for `normalize_each`)."""
+        return torch.stack(
+            [
+                ensemble_text_embedding(self.encode_text(prompts), normalize_each)
+                for prompts in winclip_prompts(class_name)
+            ]
+        )
 
     def encode_text_with_context(
         self, prompts: Sequence[str], context: torch.Tensor, placement: str = "after_start"

@@ -34,9 +34,9 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 @dataclass
 class TrainingArguments:
-    """What every trainer takes. max_steps: optimiser updates. gradient_accumulation_steps: batches per
-    update. mixed_precision: "no", "bf16" or "fp16" (Accelerate autocast). checkpoint_every / log_every: in
-    updates. seed: of the batch draws. encode_batch_size and feature_cache_dir: encoding of the frozen
+    """What every trainer takes. max_steps: optimiser updates (0 runs none). gradient_accumulation_steps:
+    batches per update. mixed_precision: "no", "bf16" or "fp16" (Accelerate autocast). checkpoint_every /
+    log_every: in updates. seed: of the batch draws. encode_batch_size and feature_cache_dir: encoding of the frozen
     backbone's features (cached in memory, or on disk in that directory)."""
 
     max_steps: int = 200
@@ -49,10 +49,10 @@ class TrainingArguments:
     feature_cache_dir: str | None = None
 
     def __post_init__(self):
-        if min(self.max_steps, self.gradient_accumulation_steps, self.checkpoint_every, self.log_every) < 1:
-            raise ValueError(
-                "max_steps, gradient_accumulation_steps, checkpoint_every, log_every must be >= 1."
-            )
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}.")
+        if min(self.gradient_accumulation_steps, self.checkpoint_every, self.log_every) < 1:
+            raise ValueError("gradient_accumulation_steps, checkpoint_every, log_every must be >= 1.")
 
 
 def multi_process_cpu() -> bool:
@@ -108,6 +108,7 @@ def training_summary(args: TrainingArguments, result: TrainingResult) -> dict:
 class Trainer:
     """Trains the parameters of `model` that require gradients (the backbone stays frozen).
 
+    Checkpoints go to `output_dir/checkpoints` (none when output_dir is None).
     Subclasses implement `compute_loss(batch_index)` and may set `gradient_reduction`: "sum" when the loss
     of each process is a part of a sum over processes, "mean" when each process averages its own share.
     """
@@ -118,7 +119,7 @@ class Trainer:
         self,
         model: FsadPreTrainedModel,
         args: TrainingArguments,
-        output_dir: str | os.PathLike,
+        output_dir: str | os.PathLike | None,
         optimizer_factory,
         accelerator: Accelerator | None = None,
     ):
@@ -132,12 +133,17 @@ class Trainer:
         self.model = model.to(self.accelerator.device)
         self.model.freeze_backbone()
         self.args = args
-        self.output_dir = Path(output_dir)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
         self.parameters = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         if not self.parameters:
             raise ValueError(f"{type(model).__name__} has no trainable parameters with this config.")
         self._broadcast_parameters()
-        self.optimizer = self.accelerator.prepare(optimizer_factory(list(self.parameters.values())))
+        self.optimizer = self.accelerator.prepare(optimizer_factory(self.parameter_groups()))
+
+    def parameter_groups(self) -> list:
+        """What the optimiser factory receives: the trainable parameters, or groups of them with their own
+        settings (e.g. learning rates)."""
+        return list(self.parameters.values())
 
     def compute_loss(self, batch_index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -214,6 +220,8 @@ class Trainer:
         (from scratch when there is none); a path resumes from that checkpoint."""
         accelerator, args = self.accelerator, self.args
         start, history, resumed_from = 0, [], None
+        if resume and self.output_dir is None:
+            raise ValueError("This trainer writes no checkpoints (no output_dir), so it cannot resume.")
         checkpoint = (
             latest_checkpoint(self.output_dir) if resume is True else (Path(resume) if resume else None)
         )
@@ -239,7 +247,7 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}")
             if done % args.log_every == 0 or done == args.max_steps or step == start:
                 history.append({"step": done, "loss": loss})
-            if done % args.checkpoint_every == 0 or done == args.max_steps:
+            if self.output_dir is not None and (done % args.checkpoint_every == 0 or done == args.max_steps):
                 self.save_checkpoint(done, history)
         self.model.eval()
         self.model.invalidate_feature_key()  # trained weights may enter the features (LoRA)

@@ -6,10 +6,8 @@ import torch
 from torch import nn
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...prompts import winclip_prompts
 from ...scoring import (
     class_scores,
-    ensemble_text_embedding,
     image_image_score,
     metacan_fusion,
     topk_reference_anomaly,
@@ -107,12 +105,7 @@ class MetaCanModel(FsadPreTrainedModel):
 
     def text_embeddings(self) -> torch.Tensor:
         """(2, P) object-agnostic ensemble embeddings (normal, anomalous) of `config.prompt_object`."""
-        return torch.stack(
-            [
-                ensemble_text_embedding(self.backbone.encode_text(prompts))
-                for prompts in winclip_prompts(self.config.prompt_object)
-            ]
-        )
+        return self.backbone.state_embeddings(self.config.prompt_object)
 
     @torch.no_grad()
     def encode_images(

@@ -5,10 +5,8 @@ from __future__ import annotations
 import torch
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...prompts import winclip_prompts
 from ...scoring import (
     class_scores,
-    ensemble_text_embedding,
     fuse_zero_few_shot,
     winclip_few_shot_map,
     winclip_zero_shot_map,
@@ -33,13 +31,7 @@ class WinClipModel(FsadPreTrainedModel):
 
     def text_embeddings(self, class_name: str) -> torch.Tensor:
         """(2, P) ensemble embeddings of the normal and anomalous states of `class_name`."""
-        normalize = self.config.normalize_prompt_embeddings
-        return torch.stack(
-            [
-                ensemble_text_embedding(self.backbone.encode_text(prompts), normalize)
-                for prompts in winclip_prompts(class_name)
-            ]
-        )
+        return self.backbone.state_embeddings(class_name, self.config.normalize_prompt_embeddings)
 
     def feature_spec(self) -> dict:
         return {**super().feature_spec(), "window_scales": self.config.window_scales}

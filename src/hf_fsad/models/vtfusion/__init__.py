@@ -1,0 +1,1 @@
+"""VTFusion: `configuration_vtfusion.VtFusionConfig`, `modeling_vtfusion.VtFusionModel`."""

@@ -1,0 +1,360 @@
+"""VTFusion (papers/vtfusion.txt): Eqs. 1-10 on small tensors, MPF shapes, fitting, save/load, runner, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoModel
+
+import hf_fsad
+from hf_fsad import scoring
+from hf_fsad.benchmark import DatasetSpec, run_benchmark
+from hf_fsad.cli import main
+from hf_fsad.data import load_benchmark
+from hf_fsad.metrics.functional import image_auroc, pixel_auroc
+from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
+from hf_fsad.models.vtfusion.modeling_vtfusion import (
+    FusionBlock,
+    SegmentationNetwork,
+    SpatialSelfAttention,
+    VtFusionModel,
+)
+from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
+from hf_fsad.training.losses import (
+    compactness_loss,
+    mse_segmentation_loss,
+    separation_loss,
+    vtfusion_loss,
+)
+from hf_fsad.training.trainer import parameter_digest
+from hf_fsad.training.vtfusion import anomalous_patches
+from hf_fsad.visualization import mask_array
+
+TINY = {"feature_layers": [1, 2], "fusion_channels": 4, "segmentation_channels": 8}
+
+
+def make_tiny_vtfusion(seed: int = 0, clip_config=None, **config) -> VtFusionModel:
+    torch.manual_seed(seed)
+    model = VtFusionModel(VtFusionConfig(clip_config=clip_config or tiny_clip_config(), **(TINY | config)))
+    model.tokenizer = byte_level_clip_tokenizer()
+    return model.eval()
+
+
+def toy_normals(count: int, category: str = "weave", seed: int = 1) -> list[Image.Image]:
+    data = load_benchmark(
+        "toy", category=category, seed=seed, num_train=count, num_test_good=1, num_test_anomalous=1
+    )
+    return [image.convert("RGB") for image in data["train"]["image"]]
+
+
+# --- equations -----------------------------------------------------------------------------------------------
+
+
+def test_eq_1_prototypes_average_the_stacked_normal_features_per_location():
+    levels = [torch.tensor([[[1.0], [2.0]], [[3.0], [6.0]]]), torch.tensor([[[0.0], [1.0]], [[2.0], [1.0]]])]
+    stacked = scoring.stack_levels(levels)  # (2 images, 2 locations, 2 = c x L)
+    assert stacked.tolist() == [[[1, 0], [2, 1]], [[3, 2], [6, 1]]]
+    assert scoring.initial_prototypes(stacked).tolist() == [[2, 1], [4, 1]]
+
+
+def test_eqs_2_5_squared_distance_to_the_nearest_prototype_of_any_location():
+    features = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])
+    prototypes = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
+    # location 0: min(1, 18) = 1; location 1: min(4 + 16, 0 + 1) = 1 (nearest is the other location's)
+    assert scoring.nearest_prototype_distance(features, prototypes).tolist() == [[1.0, 1.0]]
+    torch.manual_seed(0)
+    features, prototypes = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    brute = ((features[:, :, None] - prototypes[None, None]) ** 2).sum(-1).amin(-1)
+    torch.testing.assert_close(scoring.nearest_prototype_distance(features, prototypes), brute)
+    with pytest.raises(ValueError, match="no prototypes"):
+        scoring.nearest_prototype_distance(features, prototypes[:0])
+
+
+def test_eqs_3_4_compactness_and_separation_losses_by_hand():
+    r, alpha = 0.1, 0.2
+    distances = torch.tensor([[0.0, 0.005, 0.05, 0.2]])
+    # NFC: mean of max(0, d - 0.01) = (0 + 0 + 0.04 + 0.19) / 4
+    assert compactness_loss(distances, r).item() == pytest.approx(0.23 / 4)
+    # AFS on the anomalous locations only: (r + alpha)^2 = 0.09; max(0, 0.09 - d) at locations 1 and 3
+    locations = torch.tensor([[False, True, False, True]])
+    assert separation_loss(distances, locations, r, alpha).item() == pytest.approx((0.085 + 0) / 2)
+    none = separation_loss(distances.requires_grad_(), torch.zeros_like(locations), r, alpha)
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_eq_6_text_map_sums_each_levels_anomalous_softmax():
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    level_1 = torch.tensor([[[1.0, 0.0], [0.6, 0.8]]])
+    level_2 = torch.tensor([[[0.0, 1.0], [0.8, 0.6]]])
+    scale = 10.0
+
+    def anomalous(cos_normal, cos_anomalous):
+        return math.exp(scale * cos_anomalous) / (
+            math.exp(scale * cos_normal) + math.exp(scale * cos_anomalous)
+        )
+
+    expected = [[anomalous(1, 0) + anomalous(0, 1), anomalous(0.6, 0.8) + anomalous(0.8, 0.6)]]
+    actual = scoring.text_guided_map([level_1, level_2], text, temperature=1 / scale)
+    torch.testing.assert_close(actual, torch.tensor(expected))
+
+
+def test_eqs_8_10_segmentation_and_total_loss():
+    maps, masks = torch.tensor([[[0.5, 0.0], [1.0, 0.2]]]), torch.tensor([[[True, False], [True, False]]])
+    assert mse_segmentation_loss(maps, masks).item() == pytest.approx((0.25 + 0 + 0 + 0.04) / 4)
+    normal, anomalous = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.3]])
+    locations = torch.tensor([[True, True]])
+    losses = vtfusion_loss(normal, anomalous, locations, maps, masks, 0.0, 0.5, segmentation_weight=2.0)
+    # NFC (0.5 + 0) / 2, AFS (0.25 + 0) / 2, SEG 0.0725
+    assert losses["compactness"].item() == pytest.approx(0.25)
+    assert losses["separation"].item() == pytest.approx(0.125)
+    assert losses["total"].item() == pytest.approx(0.25 + 0.125 + 2 * 0.0725)
+    without = vtfusion_loss(normal, anomalous, locations, maps, masks, 0.0, 0.5, 2.0, use_separation=False)
+    assert without["total"].item() == pytest.approx(2 * 0.0725)
+
+
+def test_anomalous_patches_count_the_changed_share_of_each_patch():
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, 0, 0] = True  # 1/4 of patch (0, 0)
+    masks[0, 2:, 2:] = True  # all of patch (1, 1)
+    assert anomalous_patches(masks, (2, 2), 0.25).tolist() == [[True, False, False, True]]
+    assert anomalous_patches(masks, (2, 2), 0.5).tolist() == [[False, False, False, True]]
+
+
+def test_self_attention_by_hand_in_float64():
+    torch.manual_seed(0)
+    attention = SpatialSelfAttention(3).double()
+    prediction = torch.randn(2, 1, 2, 3, dtype=torch.float64)
+    embedded = attention.embed(prediction).flatten(2)  # (B, C, N)
+
+    def project(conv):
+        return torch.einsum("oc,bcn->bon", conv.weight[:, :, 0, 0], embedded) + conv.bias[None, :, None]
+
+    q, k, v = project(attention.query), project(attention.key), project(attention.value)
+    weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / math.sqrt(3), dim=-1)
+    expected = torch.einsum("bnm,bcm->bcn", weights, v).reshape(2, 3, 2, 3)
+    torch.testing.assert_close(attention(prediction), expected)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (5, 7), (15, 15), (37, 37)])
+def test_mpf_output_shapes_at_several_resolutions(grid):
+    torch.manual_seed(0)
+    fusion, segmentation = FusionBlock(4).eval(), SegmentationNetwork(3, 8, 3).eval()
+    vision, text = torch.rand(2, 1, *grid), torch.rand(2, 1, *grid)
+    fused = fusion(vision, text)
+    assert fused.shape == (2, 1, *grid)
+    output = segmentation(torch.cat([vision, text, fused], dim=1))
+    assert output.shape == (2, 1, *grid) and 0 <= output.min() and output.max() <= 1
+
+
+def test_unfitted_encoders_are_clip_features_and_the_adaptor_convolves_the_patch_grid():
+    model = make_tiny_vtfusion()
+    torch.manual_seed(1)
+    features = model.encode_images(torch.randn(2, 3, 240, 240))
+    tokens = features["tokens.1"][:, 1:]
+    clip_features = F.normalize(model.backbone.project(tokens), dim=-1)
+    torch.testing.assert_close(model.level_features(features)[0], clip_features)
+    text = torch.randn(2, model.config.clip_config.projection_dim)
+    torch.testing.assert_close(model.text_features(text), F.normalize(text, dim=-1))
+
+    adaptor = model.image_encoder.adaptors[0]
+    with torch.no_grad():
+        adaptor.weight.normal_()
+    linear = model.backbone.project(tokens)  # (B, 225, P): row-major over the 15 x 15 grid
+    grid = linear.transpose(1, 2).reshape(2, -1, 15, 15)
+    expected = F.normalize(
+        F.conv2d(grid, adaptor.weight, adaptor.bias, padding=1).flatten(2).transpose(1, 2), dim=-1
+    )
+    torch.testing.assert_close(model.level_features(features)[0], expected)
+
+
+def _fitted(model: VtFusionModel, steps: int = 2, **arguments) -> VtFusionModel:
+    model.fit(toy_normals(2), class_name="fabric", steps=steps, **arguments)
+    return model
+
+
+def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
+    model = _fitted(make_tiny_vtfusion())
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, 240, 240)
+    bank = model.build_reference_bank()
+    assert bank.class_name == "fabric" and bank.k == 2
+    output = model(images, reference_bank=bank)
+    assert output.anomaly_maps.shape == (2, 240, 240)
+    torch.testing.assert_close(output.image_scores, output.anomaly_maps.flatten(1).amax(-1))
+    features = model.encode_images(images)
+    levels = model.level_features(features)
+    vision = scoring.nearest_prototype_distance(scoring.stack_levels(levels), model.prototypes)
+    text = scoring.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
+    torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
+    torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
+    # Eq. 1 through the model: fitting without updates sets the prototypes to the normals' mean features
+    unfitted = make_tiny_vtfusion()
+    normals = toy_normals(2)
+    unfitted.fit(normals, steps=0)
+    normal_features = unfitted.encode_images(
+        unfitted.image_processor()(normals, return_tensors="pt").pixel_values
+    )
+    stacked = scoring.stack_levels(unfitted.level_features(normal_features))
+    torch.testing.assert_close(unfitted.prototypes, stacked.mean(0))
+
+
+def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
+    model = _fitted(make_tiny_vtfusion(use_fusion=False))
+    assert model.fusion is None and model.segmentation is None
+    features = model.encode_images(torch.randn(1, 3, 240, 240))
+    bank = model.build_reference_bank()
+    prediction = model.predict(features, bank.tensors["state_embeddings"], bank.tensors["prototypes"])
+    coarse = (prediction.vision_map + prediction.text_map).reshape(1, 15, 15)
+    torch.testing.assert_close(prediction.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
+
+
+def test_ablation_switches_remove_their_modules_and_the_separation_losses():
+    model = make_tiny_vtfusion(use_feature_adaptor=False, use_text_adapter=False)
+    assert model.image_encoder.adaptors is None and model.text_adapter is None
+    trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"image_encoder", "fusion", "segmentation"}
+    result = _fitted(model, steps=3)
+    assert result.config.num_fitted_normals == 2
+
+
+def test_banks_need_a_fitted_model_and_no_references():
+    model = make_tiny_vtfusion()
+    with pytest.raises(ValueError, match="not fitted"):
+        model.build_reference_bank()
+    with pytest.raises(ValueError, match="fitted on its normal images"):
+        _fitted(model).build_reference_bank(torch.randn(1, 3, 240, 240))
+
+
+# --- fitting ---------------------------------------------------------------------------------------------------
+
+
+def test_fit_trains_only_aie_ate_mpf_with_the_papers_learning_rates():
+    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+
+    model = make_tiny_vtfusion()
+    backbone = {name: p.clone() for name, p in model.backbone.state_dict().items()}
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=2))
+    rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert rates[id(parameter)] == (1e-3 if name.startswith("image_encoder.") else 1e-4), name
+    before = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
+    prototypes = model.prototypes.clone()
+    trainer.train()
+    assert all(torch.equal(p, backbone[name]) for name, p in model.backbone.state_dict().items())
+    assert torch.equal(model.prototypes, prototypes)  # frozen anchors
+    changed = {
+        name.split(".")[0]
+        for name, p in model.named_parameters()
+        if p.requires_grad and not torch.equal(p, before[name])
+    }
+    assert changed == {"image_encoder", "text_adapter", "fusion", "segmentation"}
+
+
+def test_fitting_is_bit_reproducible_and_seeded():
+    base = make_tiny_vtfusion()
+    runs = [_fitted(copy.deepcopy(base), steps=3, seed=seed) for seed in (0, 0, 1)]
+    digests = [parameter_digest(run) for run in runs]
+    assert digests[0] == digests[1] != digests[2]
+    assert torch.equal(runs[0].prototypes, runs[2].prototypes)  # the anchors come from the normals alone
+    for name, buffer in runs[0].named_buffers():
+        assert torch.equal(buffer, dict(runs[1].named_buffers())[name]), name
+
+
+def test_save_load_round_trip_is_exact_and_automodel_loads_a_fitted_model(tmp_path):
+    model = _fitted(make_tiny_vtfusion(), steps=3)
+    images = torch.randn(2, 3, 240, 240)
+    expected = model(images, reference_bank=model.build_reference_bank())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, hf_fsad.VtFusionModel) and loaded.is_fitted
+    assert loaded.config.fitted_class_name == "fabric"
+    bank = loaded.build_reference_bank()
+    assert bank.config_hash == model.build_reference_bank().config_hash
+    actual = loaded(images, reference_bank=bank)
+    assert torch.equal(actual.image_scores, expected.image_scores)
+    assert torch.equal(actual.anomaly_maps, expected.anomaly_maps)
+    assert not any(p.requires_grad for p in loaded.backbone.parameters())
+
+
+def _auroc(model: VtFusionModel, data) -> tuple[float, float]:
+    processor = model.image_processor()
+    test = processor(
+        [image.convert("RGB") for image in data["test"]["image"]], return_tensors="pt"
+    ).pixel_values
+    output = model(test, reference_bank=model.build_reference_bank())
+    masks = np.stack([mask_array(mask, model.config.image_size) for mask in data["test"]["mask"]])
+    labels = np.asarray(data["test"]["label"])
+    return image_auroc(labels, output.image_scores.numpy()), pixel_auroc(masks, output.anomaly_maps.numpy())
+
+
+def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
+    data = load_benchmark(
+        "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
+    )
+    normals = [image.convert("RGB") for image in data["train"]["image"]]
+    model = make_tiny_vtfusion(clip_config=small_clip_config(), fusion_channels=16, segmentation_channels=32)
+    model.fit(normals, class_name="fabric", steps=0)  # prototypes only: the unfitted model
+    before = _auroc(model, data)
+    result = model.fit(normals, class_name="fabric", steps=100)
+    after = _auroc(model, data)
+    print(f"k=4 toy weave: image/pixel AUROC {before} -> {after}; {result.seconds_per_step:.3f} s/step")
+    assert after[0] > before[0] + 0.05 and after[1] > before[1] + 0.05
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+# --- runner and CLI ---------------------------------------------------------------------------------------------
+
+
+def test_benchmark_runner_fits_a_copy_per_cell(tmp_path):
+    model = make_tiny_vtfusion()
+    spec = DatasetSpec(
+        "toy", categories=["stripes"], options={"num_train": 4, "num_test_good": 2, "num_test_anomalous": 2}
+    )
+    results = run_benchmark(
+        {"vtfusion": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path, fit_arguments={"steps": 2}
+    )
+    (cell,) = results["cells"]
+    assert not model.is_fitted  # the runner fitted a copy
+    assert cell["fit_seconds"] > 0 and cell["metrics"]["pixel_auroc"] is not None
+    data = load_benchmark("toy", category="stripes", **spec.options)
+    chosen = [data["train"]["path"].index(image_id) for image_id in cell["reference_ids"]]
+    direct = copy.deepcopy(model)
+    direct.fit(data["train"].select(chosen)["image"], class_name="textured surface", steps=2, seed=0)
+    processor = direct.image_processor()
+    test = processor(
+        [image.convert("RGB") for image in data["test"]["image"]], return_tensors="pt"
+    ).pixel_values
+    expected = direct(test, reference_bank=direct.build_reference_bank())
+    np.testing.assert_allclose(cell["image_scores"], expected.image_scores.numpy(), rtol=1e-5)
+    with pytest.raises(ValueError, match="k = 0"):
+        run_benchmark({"vtfusion": model}, [spec], ks=[0], seeds=[0], out_dir=tmp_path / "zero")
+
+
+def test_cli_fit_saves_a_model_that_scores_and_reports_bad_files(tiny_clip_dir, tmp_path, capsys):
+    normal_dir = tmp_path / "normal"
+    normal_dir.mkdir()
+    for index, image in enumerate(toy_normals(2)):
+        image.save(normal_dir / f"{index}.png")
+    (normal_dir / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "fitted"
+    arguments = ["fit", "--method", "vtfusion", "--normal", str(normal_dir), "--out", str(out)]
+    status = main([*arguments, "--clip", tiny_clip_dir, "--class-name", "fabric", "--steps", "2"])
+    assert status == 0
+    assert "skipped normal image" in capsys.readouterr().err
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_fitted_normals == 2 and model.config.fitted_class_name == "fabric"
+    assert json.loads((out / "fit_summary.json").read_text())["result"]["steps"] == 2
+    assert "build_reference_bank()" in (out / "README.md").read_text()
+    results = tmp_path / "scores.jsonl"
+    assert main(["score", "--model", str(out), "--output", str(results), str(normal_dir / "0.png")]) == 0
+    assert len(results.read_text().splitlines()) == 1
+    assert main([*arguments, "--method", "winclip", "--clip", tiny_clip_dir]) == 2
+    assert "not fitted per category" in capsys.readouterr().err
