@@ -303,10 +303,10 @@ def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
     model = make_tiny_vtfusion(clip_config=small_clip_config(), fusion_channels=16, segmentation_channels=32)
     model.fit(normals, class_name="fabric", steps=0)  # prototypes only: the unfitted model
     before = _auroc(model, data)
-    result = model.fit(normals, class_name="fabric", steps=100)
+    result = model.fit(normals, class_name="fabric", steps=200, learning_rate=1e-3)  # vtfusion_toy.yaml
     after = _auroc(model, data)
     print(f"k=4 toy weave: image/pixel AUROC {before} -> {after}; {result.seconds_per_step:.3f} s/step")
-    assert after[0] > before[0] + 0.05 and after[1] > before[1] + 0.05
+    assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 

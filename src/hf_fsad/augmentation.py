@@ -1,7 +1,8 @@
-"""Geometric augmentations (PIL only): rotation, flips, skew and random distortion.
+"""Geometric augmentations (PIL only): rotation, flips, skew and random distortion; random crops.
 
-Used to turn one normal and one anomalous sample into a small validation set (anomalous-memory weight
-validation, where image labels suffice).
+`augment_views` turns one normal and one anomalous sample into a small validation set (anomalous-memory
+weight validation, where image labels suffice); `random_crop` gives fitted methods (VTFusion) normal views
+that are not their own prototypes.
 """
 
 from __future__ import annotations
@@ -51,3 +52,19 @@ def augment_views(image: Image.Image, num_views: int = 5, seed: int = 0) -> list
         moved = corners + rng.uniform(-0.08, 0.08, size=(4, 2)) * [width, height]
         views.append(_transform(image, flips, angle, shear, _perspective_coefficients(corners, moved), fill))
     return views
+
+
+def random_crop(
+    image: Image.Image, rng: np.random.Generator, scale_range: tuple[float, float]
+) -> Image.Image:
+    """A square-proportioned crop of `image` covering a random share in `scale_range` of each side, at a
+    random position, resized back to the image's size (bicubic): a small shift and zoom, no filled borders."""
+    low, high = scale_range
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"scale_range must satisfy 0 < low <= high <= 1, got {scale_range}.")
+    width, height = image.size
+    scale = rng.uniform(low, high)
+    crop_width, crop_height = max(1, round(width * scale)), max(1, round(height * scale))
+    left, top = rng.integers(0, width - crop_width + 1), rng.integers(0, height - crop_height + 1)
+    box = (int(left), int(top), int(left + crop_width), int(top + crop_height))
+    return image.resize((width, height), Image.Resampling.BICUBIC, box=box)

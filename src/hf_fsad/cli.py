@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--clip", help="CLIP Hub id or local CLIPModel directory for a fresh model")
     fit_parser.add_argument("--model", help="a saved model of the method to refit instead")
     fit_parser.add_argument("--class-name", help="object word of the text prompts (default: object)")
-    fit_parser.add_argument("--steps", type=int, default=200, help="optimiser updates")
+    fit_parser.add_argument("--steps", type=int, default=1000, help="optimiser updates (default 1000)")
     fit_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
     fit_parser.add_argument(
         "--kinds", nargs="+", help="synthetic anomaly types to draw from (default: all DAS types)"

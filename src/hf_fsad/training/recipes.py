@@ -159,12 +159,13 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
     return summary
 
 
-def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
-    """Run the benchmark protocol of the config's evaluation section on the trained model."""
+def evaluate_model(model, evaluation: dict, out_dir: Path, fit_arguments: dict | None = None) -> str:
+    """Run the benchmark protocol of the config's evaluation section on the trained model (methods fitted
+    per category are fitted on each cell's references with `fit_arguments`)."""
     from ..benchmark import DatasetSpec, run_benchmark
 
     if not evaluation.get("datasets"):
-        raise ValueError("--evaluate needs evaluation.datasets in the config.")
+        raise ValueError("The evaluation needs evaluation.datasets in the config.")
     run_benchmark(
         {model.config.model_type: model.eval()},
         [DatasetSpec.from_entry(entry) for entry in evaluation["datasets"]],
@@ -172,6 +173,7 @@ def evaluate_model(model, evaluation: dict, out_dir: Path) -> str:
         seeds=evaluation.get("seeds", [0, 1, 2]),
         out_dir=out_dir,
         title=evaluation.get("title"),
+        fit_arguments=fit_arguments,
     )
     return str(out_dir / "results.md")
 

@@ -10,7 +10,8 @@ class VtFusionConfig(FsadConfig):
 
     Args:
         feature_layers: 1-based vision blocks whose patch tokens form the levels; default: the ends of four
-            equal groups of blocks ([3, 6, 9, 12] on ViT-B-16-plus-240), as VAND's linear layers use.
+            equal groups of blocks ([3, 6, 9, 12] on ViT-B-16-plus-240), as VAND's linear layers use (fewer on
+            backbones of under four blocks).
         use_feature_adaptor: AIE (Sec. III-C): a trainable 3x3 conv per level after the linear layer, trained
             with the NFC and AFS losses. False is the "w/o AIE" ablation (Table II): linear layers only and
             no contrastive losses.
@@ -63,7 +64,7 @@ class VtFusionConfig(FsadConfig):
         super().__post_init__(**kwargs)
         num_blocks = self.clip_config.vision_config.num_hidden_layers
         if self.feature_layers is None:
-            self.feature_layers = [max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)]
+            self.feature_layers = sorted({max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)})
         self.feature_layers = [int(layer) for layer in self.feature_layers]
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ValueError(f"feature_layers must be distinct, got {self.feature_layers}.")

@@ -283,7 +283,7 @@ class VtFusionModel(FsadPreTrainedModel):
         self,
         normal_images: Sequence,
         class_name: str | None = None,
-        steps: int = 200,
+        steps: int = 1000,
         accelerator: Accelerator | None = None,
         **arguments,
     ) -> TrainingResult:
