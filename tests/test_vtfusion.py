@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoModel
+from transformers import AutoModel, pipeline
 
 import hf_fsad
 from hf_fsad import scoring
@@ -37,6 +38,7 @@ from hf_fsad.training.trainer import parameter_digest
 from hf_fsad.training.vtfusion import anomalous_patches
 from hf_fsad.visualization import mask_array
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = {"feature_layers": [1, 2], "fusion_channels": 4, "segmentation_channels": 8}
 
 
@@ -282,6 +284,10 @@ def test_save_load_round_trip_is_exact_and_automodel_loads_a_fitted_model(tmp_pa
     assert torch.equal(actual.image_scores, expected.image_scores)
     assert torch.equal(actual.anomaly_maps, expected.anomaly_maps)
     assert not any(p.requires_grad for p in loaded.backbone.parameters())
+    pipe = pipeline("image-anomaly-detection", model=str(tmp_path))  # no references: the fitted model's own
+    image = toy_normals(1)[0]
+    pixels = loaded.image_processor()([image], return_tensors="pt").pixel_values
+    assert pipe([image])[0]["score"] == pytest.approx(loaded(pixels).image_scores.item(), rel=1e-5)
 
 
 def _auroc(model: VtFusionModel, data) -> tuple[float, float]:
@@ -358,3 +364,29 @@ def test_cli_fit_saves_a_model_that_scores_and_reports_bad_files(tiny_clip_dir, 
     assert len(results.read_text().splitlines()) == 1
     assert main([*arguments, "--method", "winclip", "--clip", tiny_clip_dir]) == 2
     assert "not fitted per category" in capsys.readouterr().err
+
+
+def test_fit_protocol_entry_point_runs_the_config(tiny_clip_dir, tmp_path):
+    from hf_fsad.training.vtfusion import main as fit_main
+
+    config = str(REPO / "training" / "configs" / "vtfusion_toy.yaml")
+    dataset = (
+        "{name: toy, categories: [grid], options: {num_train: 4, num_test_good: 2, num_test_anomalous: 2}}"
+    )
+    overrides = [f"model.clip={tiny_clip_dir}", "training.steps=2", "evaluation.seeds=[0]"]
+    status = fit_main(
+        [
+            "--config",
+            config,
+            "--output-dir",
+            str(tmp_path),
+            "--set",
+            *overrides,
+            f"evaluation.datasets=[{dataset}]",
+        ]
+    )
+    assert status == 0
+    (cell,) = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert (cell["method"], cell["category"], cell["k"]) == ("vtfusion", "grid", 4)
+    with pytest.raises(ValueError, match="Unknown fit settings"):
+        fit_main(["--config", config, "--set", f"model.clip={tiny_clip_dir}", "training.max_steps=3"])

@@ -164,11 +164,10 @@ class SegmentationNetwork(nn.Module):
 class VtFusionPrediction:
     """Every intermediate of one VTFusion pass (for scoring and for the losses).
 
-    stacked_features: (B, N, P x L) F^v; vision_map: (B, N) M_v (Eq. 5); text_map: (B, N) M_t (Eq. 6);
-    fused_map: (B, 1, h, w) M_vt (Eq. 7) or None without MPF; anomaly_maps: (B, S, S) M_f (Eq. 9).
+    vision_map: (B, N) M_v (Eq. 5); text_map: (B, N) M_t (Eq. 6); fused_map: (B, 1, h, w) M_vt (Eq. 7) or
+    None without MPF; anomaly_maps: (B, S, S) M_f (Eq. 9).
     """
 
-    stacked_features: torch.Tensor
     vision_map: torch.Tensor
     text_map: torch.Tensor
     fused_map: torch.Tensor | None
@@ -262,8 +261,7 @@ class VtFusionModel(FsadPreTrainedModel):
         """One differentiable pass from `encode_images` features, the (2, P) state embeddings and the
         prototypes (N, P x L) to every prediction (Eqs. 5-9)."""
         levels = self.level_features(features)
-        stacked = stack_levels(levels)
-        vision_map = nearest_prototype_distance(stacked, prototypes)
+        vision_map = nearest_prototype_distance(stack_levels(levels), prototypes)
         text_map = text_guided_map(
             levels, self.text_features(state_embeddings), 1 / self.config.text_logit_scale
         )
@@ -277,7 +275,7 @@ class VtFusionModel(FsadPreTrainedModel):
             coarse = self.segmentation(torch.cat([vision_grid, text_grid, fused], dim=1)).squeeze(1)
         else:
             coarse = (vision_map + text_map).reshape(-1, height, width)
-        return VtFusionPrediction(stacked, vision_map, text_map, fused, upsample_maps(coarse, size))
+        return VtFusionPrediction(vision_map, text_map, fused, upsample_maps(coarse, size))
 
     def fit(
         self,
