@@ -74,3 +74,38 @@ def test_bad_inputs_are_refused():
         synthesize(Image.new("RGB", (32, 32), (90, 90, 90)), "blurry", rng)
     with pytest.raises(ValueError, match="at least one"):
         random_anomaly(Image.new("RGB", (32, 32)), rng, kinds=())
+
+
+def test_normal_only_splits_get_synthetic_anomalies_with_exact_masks():
+    from hf_fsad.data.synthetic import with_synthetic_anomalies
+
+    normals = load_benchmark(
+        "toy", category="stripes", num_train=2, num_test_good=0, num_test_anomalous=0, image_size=96
+    )["train"]
+    augmented = with_synthetic_anomalies(normals, per_image=2, kinds=("crack", "noise"), seed=3)
+    assert augmented.num_rows == 6 and augmented["label"] == [0, 0, 1, 1, 1, 1]
+    assert augmented.features == normals.features
+    for row in range(2, 6):
+        example = augmented[row]
+        source_path, _, suffix = example["path"].partition("#")
+        source = np.asarray(normals[normals["path"].index(source_path)]["image"].convert("RGB")).astype(int)
+        changed = np.asarray(example["image"]).astype(int)
+        mask = np.asarray(example["mask"]) > 0
+        assert example["defect_type"] in ("synthetic-crack", "synthetic-noise") and suffix.startswith(
+            "synthetic-"
+        )
+        assert mask.any() and np.array_equal(changed[~mask], source[~mask])
+    again = with_synthetic_anomalies(normals, per_image=2, kinds=("crack", "noise"), seed=3)
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(augmented["image"], again["image"])
+    )
+
+
+def test_training_configs_can_add_synthetic_anomalies_to_normal_only_data():
+    from hf_fsad.training.recipes import _auxiliary_dataset
+
+    data = {"dataset": "toy", "categories": ["grid"], "splits": ["train"], "num_train": 3, "image_size": 96}
+    assert set(_auxiliary_dataset(data)["label"]) == {0}
+    dataset = _auxiliary_dataset(data | {"synthetic_anomalies": 1, "synthetic_kinds": ["blurry"]})
+    assert dataset["label"] == [0, 0, 0, 1, 1, 1]
+    assert set(dataset["defect_type"][3:]) == {"synthetic-blurry"}

@@ -270,6 +270,16 @@ def test_fitting_is_bit_reproducible_and_seeded():
         assert torch.equal(buffer, dict(runs[1].named_buffers())[name]), name
 
 
+def test_fit_takes_an_accelerator_with_mixed_precision():
+    from accelerate import Accelerator
+
+    model = make_tiny_vtfusion()
+    result = model.fit(toy_normals(2), steps=2, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+    assert all(math.isfinite(entry["loss"]) for entry in result.history)
+    output = model(torch.randn(1, 3, 240, 240))
+    assert torch.isfinite(output.anomaly_maps).all() and output.anomaly_maps.dtype == torch.float32
+
+
 def test_save_load_round_trip_is_exact_and_automodel_loads_a_fitted_model(tmp_path):
     model = _fitted(make_tiny_vtfusion(), steps=3)
     images = torch.randn(2, 3, 240, 240)

@@ -11,6 +11,8 @@ data:         # the auxiliary dataset, through `load_benchmark`
   root: data/mvtec_ad
   categories: null          # null: all; or a list
   splits: [train, test]     # concatenated: every category needs anomalous images
+  synthetic_anomalies: 0    # N > 0: add N synthetic anomalies (DAS, exact masks) per normal image, so a
+                            # normal-only split works too; synthetic_kinds: [crack, noise] restricts them
 training:     # the method's training arguments (MetaLearningArguments, AfClipTrainingArguments)
   max_steps: 200
 evaluation:   # the benchmark run after training (--evaluate): cross-dataset protocol
@@ -67,10 +69,11 @@ def _auxiliary_dataset(data: dict):
     from datasets import concatenate_datasets
 
     from ..data import load_benchmark
+    from ..data.synthetic import with_synthetic_anomalies
+    from ..synthesis import SYNTHESIS_KINDS
 
-    options = {
-        key: value for key, value in data.items() if key not in ("dataset", "root", "categories", "splits")
-    }
+    own_keys = ("dataset", "root", "categories", "splits", "synthetic_anomalies", "synthetic_kinds")
+    options = {key: value for key, value in data.items() if key not in own_keys}
     categories = data.get("categories") or [None]
     splits = data.get("splits", ["train", "test"])
     parts = []
@@ -80,7 +83,11 @@ def _auxiliary_dataset(data: dict):
         if missing:
             raise ValueError(f"{data['dataset']} has no split(s) {sorted(missing)}; it has {sorted(loaded)}.")
         parts += [loaded[split] for split in splits]
-    return concatenate_datasets(parts)
+    dataset = concatenate_datasets(parts)
+    if data.get("synthetic_anomalies"):
+        kinds = data.get("synthetic_kinds") or SYNTHESIS_KINDS
+        dataset = with_synthetic_anomalies(dataset, int(data["synthetic_anomalies"]), kinds)
+    return dataset
 
 
 # method -> (trainer module, trainer class, arguments class, how its training is described)
