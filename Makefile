@@ -13,7 +13,7 @@ CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/pip install --quiet -e '.[dev,elpv]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers]'
 	touch $@
 
 $(CONVERT_VENV)/.installed: pyproject.toml

@@ -29,6 +29,8 @@ _LAZY_ATTRIBUTES = {
     "AfClipModel": "hf_fsad.models.afclip.modeling_afclip",
     "VtFusionConfig": "hf_fsad.models.vtfusion.configuration_vtfusion",
     "VtFusionModel": "hf_fsad.models.vtfusion.modeling_vtfusion",
+    "OneToNormalConfig": "hf_fsad.models.one_to_normal.configuration_one_to_normal",
+    "OneToNormalModel": "hf_fsad.models.one_to_normal.modeling_one_to_normal",
 }
 
 __all__ = [  # noqa: RUF022  (grouped as above)
@@ -49,6 +51,8 @@ __all__ = [  # noqa: RUF022  (grouped as above)
     "AfClipModel",
     "VtFusionConfig",
     "VtFusionModel",
+    "OneToNormalConfig",
+    "OneToNormalModel",
 ]
 
 

@@ -21,6 +21,7 @@ METHODS: dict[str, tuple[str, str, str]] = {
     "metacan": ("hf_fsad.models.metacan", "MetaCanConfig", "MetaCanModel"),
     "afclip": ("hf_fsad.models.afclip", "AfClipConfig", "AfClipModel"),
     "vtfusion": ("hf_fsad.models.vtfusion", "VtFusionConfig", "VtFusionModel"),
+    "one_to_normal": ("hf_fsad.models.one_to_normal", "OneToNormalConfig", "OneToNormalModel"),
 }
 
 

@@ -97,3 +97,64 @@ def save_random_clip(config: CLIPConfig, directory: str | os.PathLike, seed: int
     CLIPModel(config).save_pretrained(directory)
     byte_level_clip_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+def save_tiny_diffusion_pipeline(directory: str | os.PathLike, seed: int = 0) -> str:
+    """Save a Stable-Diffusion-layout pipeline (UNet, VAE, CLIP text encoder, byte-level tokenizer, DDIM
+    scheduler) with random weights and diffusers' test sizes (32-wide UNet and VAE, 32-wide text encoder):
+    loadable with `StableDiffusionImg2ImgPipeline.from_pretrained` in seconds, as `runwayml/stable-diffusion-v1-5`
+    is where the Hub can be reached."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=CLIP_VOCAB_SIZE,
+            bos_token_id=CLIP_VOCAB_SIZE - 2,
+            eos_token_id=CLIP_VOCAB_SIZE - 1,
+            pad_token_id=CLIP_VOCAB_SIZE - 1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=byte_level_clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    return str(directory)

@@ -134,7 +134,9 @@ class Trainer:
         self.model.freeze_backbone()
         self.args = args
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        self.parameters = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        self.parameters = {
+            name: p for name, p in self.trainable_module().named_parameters() if p.requires_grad
+        }
         if not self.parameters:
             raise ValueError(f"{type(model).__name__} has no trainable parameters with this config.")
         self._broadcast_parameters()
@@ -147,6 +149,11 @@ class Trainer:
 
     def compute_loss(self, batch_index: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module whose parameters that require gradients are trained: the model, unless a subclass
+        trains something beside it (One-to-Normal's diffusion UNet)."""
+        return self.model
 
     def on_train_start(self) -> None:
         """Called before the first step (e.g. to set training mode, precompute fixed inputs)."""
@@ -228,7 +235,7 @@ class Trainer:
         if checkpoint is not None:
             start, history = self.load_checkpoint(checkpoint)
             resumed_from = start
-        self.model.train()
+        self.trainable_module().train()
         self.on_train_start()
         progress = tqdm(
             range(start, args.max_steps),
@@ -249,7 +256,7 @@ class Trainer:
                 history.append({"step": done, "loss": loss})
             if self.output_dir is not None and (done % args.checkpoint_every == 0 or done == args.max_steps):
                 self.save_checkpoint(done, history)
-        self.model.eval()
+        self.trainable_module().eval()
         self.model.invalidate_feature_key()  # trained weights may enter the features (LoRA)
         seconds = (time.perf_counter() - started) / timed_steps if timed_steps else None
         return TrainingResult(
@@ -261,7 +268,7 @@ class Trainer:
         )
 
     def _gather_digests(self) -> list[str]:
-        digest = parameter_digest(self.model)
+        digest = parameter_digest(self.trainable_module())
         if self.accelerator.num_processes == 1:
             return [digest]
         gathered: list[str | None] = [None] * self.accelerator.num_processes

@@ -1,0 +1,125 @@
+"""One-to-Normal's diffusion side (papers/one-to-normal.txt, Sec. 3.3): img2img personalization of a query
+towards the normal images, with the anomaly-free customised model (Stable Diffusion + a DreamBooth LoRA).
+
+Needs the `diffusers` extra. The pipeline is loaded from a Stable Diffusion repository (Hub id or local
+directory, `runwayml/stable-diffusion-v1-5` layout); the per-category LoRA lives next to the fitted model in
+diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .scoring import ssim
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def require_diffusers() -> None:
+    """Raise an ImportError that says how to install diffusers when it is missing."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "One-to-Normal needs diffusers: pip install 'hf-fsad[diffusers]' (then load the model again)."
+        ) from None
+
+
+def load_img2img_pipeline(
+    diffusion_model: str | os.PathLike, lora_directory: str | os.PathLike | None = None
+):
+    """A `StableDiffusionImg2ImgPipeline` from `diffusion_model` with a DDIM scheduler of "trailing" timestep
+    spacing (so strength s starts denoising at s x T exactly), without safety checker or progress bars; the
+    LoRA in `lora_directory` loaded when given."""
+    require_diffusers()
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(
+        diffusion_model, safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
+    pipeline.set_progress_bar_config(disable=True)
+    if lora_directory is not None:
+        pipeline.load_lora_weights(str(lora_directory), weight_name=LORA_WEIGHTS_NAME)
+    return pipeline
+
+
+def image_seed(image: Image.Image, seed: int) -> int:
+    """A seed from `seed` and the image's pixels: an image is personalized the same way in any batch."""
+    digest = hashlib.sha256(np.asarray(image.convert("RGB")).tobytes()).digest()
+    return (seed * 1_000_003 + int.from_bytes(digest[:6], "little")) % 2**63
+
+
+def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> (B, 3, H, W) float64 in [0, 1]."""
+    return (
+        torch.from_numpy(np.stack([np.asarray(image.convert("RGB")) for image in images])).permute(0, 3, 1, 2)
+        / 255
+    )
+
+
+def most_similar(query: Image.Image, candidates: Sequence[Image.Image]) -> int:
+    """Eq. 2: the index of the candidate with the highest SSIM to the query (first on ties)."""
+    query_tensor = to_tensor([query.convert("RGB").resize(candidates[0].size)])
+    scores = ssim(query_tensor.expand(len(candidates), -1, -1, -1), to_tensor(candidates))
+    return int(torch.argmax(scores))
+
+
+class Personalizer:
+    """One-to-normal personalization (Eqs. 2-3): each query is noised to `strength` x T and denoised by the
+    anomaly-free customised model once per normal-state prompt (all prompts in one batch, the same noise for
+    each); the candidate most similar to the query (SSIM) is kept.
+
+    pipeline: a diffusers img2img pipeline (see `load_img2img_pipeline`). resolution: side the images are
+    resized to for diffusion (a multiple of the VAE's scale factor).
+    """
+
+    def __init__(
+        self,
+        pipeline,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        resolution: int = 512,
+        seed: int = 0,
+    ):
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}.")
+        self.pipeline = pipeline
+        self.strength, self.num_inference_steps = strength, num_inference_steps
+        self.guidance_scale, self.resolution, self.seed = guidance_scale, resolution, seed
+
+    def generate(
+        self, image: Image.Image, prompts: Sequence[str], strength: float | None = None, seed_offset: int = 0
+    ) -> list[Image.Image]:
+        """One img2img candidate of `image` per prompt (the same noise for each), at the diffusion
+        resolution; `strength` defaults to the personalization's, `seed_offset` draws other noise."""
+        source = image.convert("RGB").resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
+        seed = image_seed(source, self.seed + seed_offset)
+        generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+        return self.pipeline(
+            list(prompts),
+            image=[source] * len(prompts),
+            strength=self.strength if strength is None else strength,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=generators,
+            output_type="pil",
+        ).images
+
+    def personalize(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Image.Image]:
+        """x_hat_q (Eq. 3) of each image: its most query-like candidate (Eq. 2), at the image's own size."""
+        if not prompts:
+            raise ValueError("Give at least one normal-state prompt.")
+        personalized = []
+        for image in images:
+            candidates = self.generate(image, prompts)
+            best = candidates[most_similar(image, candidates)]
+            personalized.append(best.resize(image.size, Image.Resampling.BICUBIC))
+        return personalized

@@ -1,0 +1,76 @@
+"""One-to-Normal configuration."""
+
+from __future__ import annotations
+
+from dataclasses import field
+
+from ...configuration_base import FsadConfig
+
+NORMAL_STATE_PROMPTS = (
+    "a photo of normal {} without flaw",
+    "a photo of normal {} without defect",
+    "a photo of normal {} without damage",
+)
+
+
+class OneToNormalConfig(FsadConfig):
+    """Config of `OneToNormalModel` (papers/one-to-normal.txt).
+
+    Args:
+        feature_layers: 1-based vision blocks whose raw patch tokens are compared (Eqs. 4-5); default: the
+            ends of four equal groups of blocks (the paper's n levels are not given; methods.md: as AF-CLIP).
+        diffusion_model: the Stable Diffusion repository (Hub id or local directory) the anomaly-free
+            customised model starts from (Stable Diffusion v1.5 in the paper).
+        strength: share of the diffusion the query is noised to before denoising (t = 0.3 T, Sec. 4.1).
+        num_inference_steps, guidance_scale: of the DDIM img2img schedule ("trailing" spacing, so strength
+            0.3 of 50 steps denoises 15 steps from t = 0.3 T) and classifier-free guidance.
+        diffusion_resolution: side of the images the diffusion model sees (512 for SD v1.5).
+        normal_state_prompts: the normal-state prompts of Eq. 2 ("{}" = the class name); the paper's
+            Appendix A.1 states (three by default); candidates are generated for all of them in one batch.
+        instance_prompt, class_prompt: DreamBooth's prompts for the normal images and for prior preservation.
+        alpha, beta: Eq. 7's weights of S_N and S_text (1 and 0.5).
+        text_temperature: of Eq. 6's softmax over cosines (0.01: CLIP's logit scale 100).
+        pool_size: images in the anomaly-free pool (the k normals plus generated ones; 30 in the paper).
+        pool_strength: img2img strength of the generated pool images (closer to the normals than to queries;
+            the paper gives no value).
+        seed: of the personalization noise (per image: mixed with a hash of its pixels).
+        fitted_class_name: set by `fit`.
+    """
+
+    model_type = "one_to_normal"
+
+    feature_layers: list[int] | None = None
+    diffusion_model: str = "runwayml/stable-diffusion-v1-5"
+    strength: float = 0.3
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    diffusion_resolution: int = 512
+    normal_state_prompts: list[str] = field(default_factory=lambda: list(NORMAL_STATE_PROMPTS))
+    instance_prompt: str = "a photo of normal {}"
+    class_prompt: str = "a photo of {}"
+    alpha: float = 1.0
+    beta: float = 0.5
+    text_temperature: float = 0.01
+    pool_size: int = 30
+    pool_strength: float = 0.5
+    seed: int = 0
+    fitted_class_name: str | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_blocks = self.clip_config.vision_config.num_hidden_layers
+        if self.feature_layers is None:
+            self.feature_layers = sorted({max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)})
+        self.feature_layers = [int(layer) for layer in self.feature_layers]
+        for layer in self.feature_layers:
+            if not 1 <= layer <= num_blocks:
+                raise ValueError(
+                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
+                )
+        for name in ("strength", "pool_strength"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}.")
+        if not self.normal_state_prompts:
+            raise ValueError("normal_state_prompts must hold at least one prompt.")
+        if self.pool_size < 1 or self.num_inference_steps < 1:
+            raise ValueError("pool_size and num_inference_steps must be >= 1.")

@@ -1,0 +1,300 @@
+"""One-to-Normal: diffusion personalization and triplet contrastive inference (papers/one-to-normal.txt)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...diffusion import LORA_WEIGHTS_NAME, Personalizer, load_img2img_pipeline
+from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...scoring import (
+    class_scores,
+    level_mean_of_maxima,
+    one_to_normal_score,
+    personalized_difference,
+    pool_difference,
+)
+from .configuration_one_to_normal import OneToNormalConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ...training.trainer import TrainingResult
+
+
+class OneToNormalModel(FsadPreTrainedModel):
+    """One-to-Normal: each query is personalized towards the normal images by a Stable Diffusion model
+    customised on them (DreamBooth LoRA; img2img at strength 0.3, the most SSIM-similar of one candidate per
+    normal-state prompt), then compared three ways with CLIP multi-level features: with its personalized
+    image at the same positions (S_P, Eq. 4), with an anomaly-free pool of the normals and generated normals
+    (S_N, Eq. 5), and with the normal/anomalous prompt ensemble (S_text, Eq. 6). A = S_P + alpha S_N +
+    beta S_text (Eq. 7); the map is the S_P map + alpha x the S_N map, averaged over levels.
+
+    The CLIP backbone and the diffusion model are frozen; `fit` trains the per-category LoRA, saved next to
+    the model. `personalizer` is the diffusion side (loaded on first use; replaceable, e.g. by a test double).
+    """
+
+    config_class = OneToNormalConfig
+    # The benchmark runner fits a copy of the model on each cell's normal references.
+    fits_per_category = True
+
+    def __init__(self, config: OneToNormalConfig):
+        super().__init__(config)
+        self.personalizer: Personalizer | None = None
+        self.lora_weights: dict[str, torch.Tensor] | None = None  # the fitted UNet LoRA (diffusers format)
+        self.lora_metadata: dict | None = None
+        self.lora_source: Path | None = None  # a saved LoRA file this model was loaded with
+        self.pool_images: list[Image.Image] = []  # the anomaly-free pool `fit` made
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        lora = Path(pretrained_model_name_or_path) / LORA_WEIGHTS_NAME
+        if not lora.is_file() and not Path(pretrained_model_name_or_path).is_dir():
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                lora = Path(hf_hub_download(str(pretrained_model_name_or_path), LORA_WEIGHTS_NAME))
+            except EntryNotFoundError:
+                pass
+        model.lora_source = lora if lora.is_file() else None
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """The model, and the fitted LoRA as `pytorch_lora_weights.safetensors` (diffusers' format)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        target = Path(save_directory) / LORA_WEIGHTS_NAME
+        if self.lora_weights is not None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            StableDiffusionImg2ImgPipeline.save_lora_weights(
+                save_directory,
+                unet_lora_layers=self.lora_weights,
+                weight_name=LORA_WEIGHTS_NAME,
+                unet_lora_adapter_metadata=self.lora_metadata,
+            )
+        elif self.lora_source is not None and self.lora_source.resolve() != target.resolve():
+            shutil.copyfile(self.lora_source, target)
+
+    def get_personalizer(self) -> Personalizer:
+        """The personalizer: `config.diffusion_model` with the fitted LoRA, loaded once."""
+        if self.personalizer is None:
+            config = self.config
+            pipeline = load_img2img_pipeline(config.diffusion_model)
+            if self.lora_weights is not None:
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as folder:
+                    self.save_lora(folder)
+                    pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME)
+            elif self.lora_source is not None:
+                pipeline.load_lora_weights(str(self.lora_source.parent), weight_name=self.lora_source.name)
+            self.personalizer = Personalizer(
+                pipeline,
+                config.strength,
+                config.num_inference_steps,
+                config.guidance_scale,
+                config.diffusion_resolution,
+                config.seed,
+            )
+        return self.personalizer
+
+    def save_lora(self, directory: str | os.PathLike) -> None:
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        StableDiffusionImg2ImgPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=self.lora_weights,
+            weight_name=LORA_WEIGHTS_NAME,
+            unet_lora_adapter_metadata=self.lora_metadata,
+        )
+
+    def prompts(self, template_list: Sequence[str], class_name: str | None = None) -> list[str]:
+        name = class_name or self.config.fitted_class_name or self.config.default_class_name
+        return [template.format(name) for template in template_list]
+
+    def feature_spec(self) -> dict:
+        """Personalization enters the features: the diffusion model, its LoRA, the img2img settings, and a
+        personalizer set by hand (e.g. a test double) by its type."""
+        config = self.config
+        personalizer = None if self.personalizer is None else type(self.personalizer).__qualname__
+        return {
+            **super().feature_spec(),
+            "feature_layers": config.feature_layers,
+            "diffusion": [
+                config.diffusion_model,
+                config.strength,
+                config.num_inference_steps,
+                config.guidance_scale,
+            ],
+            "resolution_seed": [config.diffusion_resolution, config.seed],
+            "prompts": self.prompts(config.normal_state_prompts),
+            "lora": self.lora_digest(),
+            "personalizer": personalizer,
+        }
+
+    def lora_digest(self) -> str | None:
+        """SHA-256 of the fitted LoRA (in memory or the file the model was loaded with); None without one."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        if self.lora_weights is not None:
+            for name, tensor in sorted(self.lora_weights.items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        elif self.lora_source is not None:
+            digest.update(self.lora_source.read_bytes())
+        else:
+            return None
+        return digest.hexdigest()
+
+    def to_images(self, pixel_values: torch.Tensor) -> list[Image.Image]:
+        """Normalised pixel values (B, 3, S, S) back to RGB PIL images (the diffusion model's input)."""
+        mean = torch.tensor(self.config.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.config.image_std).view(1, 3, 1, 1)
+        pixels = (pixel_values.detach().float().cpu() * std + mean).clamp(0, 1)
+        arrays = (pixels.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(array) for array in arrays]
+
+    def clip_features(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Raw patch tokens (B, N, D) of each feature block as "<block>", and the global image embedding
+        (B, P) as "global"."""
+        layers = sorted(set(self.config.feature_layers))
+        features = self.backbone.encode_image(pixel_values.to(self.device, self.dtype), layers)
+        tokens = {str(layer): features.hidden_states[layer][:, 1:] for layer in layers}
+        tokens["global"] = self.backbone.project(features.last_hidden_state[:, 0])
+        return tokens
+
+    @torch.no_grad()
+    def encode_images(
+        self, pixel_values: torch.Tensor, name: str = "pixel_values"
+    ) -> dict[str, torch.Tensor]:
+        """CLIP features of the queries ("query.<block>", "query.global") and of their personalized images
+        ("personalized.<block>"): the diffusion runs here, so the benchmark runner caches its result."""
+        pixel_values = self.check_pixels(pixel_values, name)
+        prompts = self.prompts(self.config.normal_state_prompts)
+        personalized = self.get_personalizer().personalize(self.to_images(pixel_values), prompts)
+        personalized_pixels = self.image_processor()(personalized, return_tensors="pt").pixel_values
+        query = self.clip_features(pixel_values)
+        features = {f"query.{key}": value for key, value in query.items()}
+        personalized_features = self.clip_features(personalized_pixels)
+        features |= {
+            f"personalized.{layer}": personalized_features[str(layer)] for layer in self.config.feature_layers
+        }
+        return features
+
+    def fit(
+        self,
+        normal_images: Sequence[Image.Image],
+        class_name: str | None = None,
+        steps: int = 400,
+        accelerator: Accelerator | None = None,
+        **arguments,
+    ) -> TrainingResult:
+        """The anomaly-free customised model (Sec. 3.2): a DreamBooth LoRA on the UNet from the normal images
+        (augmented; prior preservation with generated class images), then the anomaly-free pool (the normals
+        plus `pool_size - k` generated ones). `arguments` are further `DreamBoothArguments`."""
+        from ...training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+
+        if not normal_images:
+            raise ValueError("One-to-Normal needs at least one normal image to fit on.")
+        class_name = class_name or self.config.fitted_class_name
+        if not class_name:
+            raise ValueError(
+                "One-to-Normal's prompts need the object's name: give class_name (e.g. 'bottle')."
+            )
+        args = DreamBoothArguments(max_steps=steps, **arguments)
+        trainer = DreamBoothLoraTrainer(self, normal_images, class_name, args, accelerator=accelerator)
+        result = trainer.train()
+        self.config.fitted_class_name = class_name
+        self.pool_images = list(normal_images) + self.generate_normals(
+            normal_images, self.config.pool_size - len(normal_images)
+        )
+        return result
+
+    def generate_normals(self, normal_images: Sequence[Image.Image], count: int) -> list[Image.Image]:
+        """`count` anomaly-free samples: img2img variations (at `pool_strength`) of the normal images in turn,
+        each with the next normal-state prompt; at the normals' own size. Seeded."""
+        personalizer = self.get_personalizer()
+        prompts = self.prompts(self.config.normal_state_prompts)
+        generated = []
+        for index in range(max(count, 0)):
+            source = normal_images[index % len(normal_images)].convert("RGB")
+            prompt = prompts[index % len(prompts)]
+            (image,) = personalizer.generate(
+                source, [prompt], strength=self.config.pool_strength, seed_offset=index
+            )
+            generated.append(image.resize(source.size, Image.Resampling.BICUBIC))
+        return generated
+
+    @torch.no_grad()
+    def build_reference_bank(
+        self,
+        reference_pixel_values: torch.Tensor | None = None,
+        class_name: str | None = None,
+        reference_features: dict[str, torch.Tensor] | None = None,
+    ) -> ReferenceBank:
+        """The anomaly-free pool's patch memory per level and the prompt-ensemble embeddings. References
+        given (pixels or `clip_features`-style features): the pool is them; none: the pool `fit` made."""
+        if reference_pixel_values is None and reference_features is None:
+            if not self.pool_images:
+                raise ValueError(
+                    "No anomaly-free pool: fit the model (`model.fit(normal_images, class_name=...)`) or give "
+                    "reference images."
+                )
+            reference_pixel_values = self.image_processor()(
+                self.pool_images, return_tensors="pt"
+            ).pixel_values
+        if reference_features is None:
+            pixels = self.check_pixels(reference_pixel_values, "reference_pixel_values")
+            reference_features = {f"query.{key}": value for key, value in self.clip_features(pixels).items()}
+        class_name = class_name or self.config.fitted_class_name or self.config.default_class_name
+        tensors = {"text_embeddings": self.backbone.state_embeddings(class_name)}
+        for layer in self.config.feature_layers:
+            tensors[f"memory.{layer}"] = reference_features[f"query.{layer}"].flatten(0, 1)
+        k = reference_features[f"query.{self.config.feature_layers[0]}"].shape[0]
+        return self.make_bank(class_name, k, tensors)
+
+    @torch.no_grad()
+    def score_features(
+        self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
+    ) -> AnomalyDetectionOutput:
+        """Eqs. 4-7: branch scores S_P, S_N, S_text; maps = the S_P map + alpha x the S_N map (level means)."""
+        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        config = self.config
+        layers = config.feature_layers
+        query = [features[f"query.{layer}"] for layer in layers]
+        personal = [
+            personalized_difference(tokens, features[f"personalized.{layer}"])
+            for tokens, layer in zip(query, layers)
+        ]
+        pool = [
+            pool_difference(tokens, bank.tensors[f"memory.{layer}"]) for tokens, layer in zip(query, layers)
+        ]
+        branch_scores = {
+            "personalized": level_mean_of_maxima(personal),
+            "pool": level_mean_of_maxima(pool),
+            "text": class_scores(
+                features["query.global"], bank.tensors["text_embeddings"], config.text_temperature
+            ),
+        }
+        image_scores = one_to_normal_score(
+            branch_scores["personalized"],
+            branch_scores["pool"],
+            branch_scores["text"],
+            config.alpha,
+            config.beta,
+        )
+        patch_map = torch.stack(personal).mean(0) + config.alpha * torch.stack(pool).mean(0)
+        return AnomalyDetectionOutput(
+            image_scores=image_scores, anomaly_maps=self.to_pixel_maps(patch_map), branch_scores=branch_scores
+        )

@@ -1,0 +1,243 @@
+"""DreamBooth with LoRA (papers/one-to-normal.txt, Sec. 3.2): One-to-Normal's anomaly-free customised model.
+
+The Stable Diffusion UNet gets a PEFT LoRA on its attention projections and learns the k normal images
+(augmented: flips, quarter turns, random crops) under the instance prompt "a photo of normal {class}", with
+DreamBooth's prior-preservation loss on class images the base model generated from "a photo of {class}".
+Loss: MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction
+schedulers) at a random timestep; every draw (image, augmentation, noise, timestep) is seeded by (seed, step),
+so a run is reproducible bit for bit.
+
+    accelerate launch training/train_dreambooth_lora.py --normal good/ --class-name bottle --out one-to-normal-bottle
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..augmentation import random_crop
+from ..diffusion import to_tensor
+from .trainer import Trainer, TrainingArguments, TrainingResult
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from ..models.one_to_normal.modeling_one_to_normal import OneToNormalModel
+
+LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+@dataclass
+class DreamBoothArguments(TrainingArguments):
+    """DreamBooth-LoRA settings (diffusers' train_dreambooth_lora defaults where the paper gives none): Adam
+    at 1e-4, 400 updates of one instance and one class image, LoRA rank 4 (alpha = rank), 100 class images
+    generated with `class_image_steps` denoising steps, prior-preservation weight 1."""
+
+    max_steps: int = 400
+    learning_rate: float = 1e-4
+    lora_rank: int = 4
+    num_class_images: int = 100
+    class_image_steps: int = 50
+    prior_preservation_weight: float = 1.0
+    crop_scale_range: tuple[float, float] = (0.8, 1.0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.lora_rank < 1 or self.num_class_images < 0:
+            raise ValueError("lora_rank must be >= 1 and num_class_images >= 0.")
+
+
+def augment(
+    image: Image.Image, rng: np.random.Generator, crop_scale_range: tuple[float, float]
+) -> Image.Image:
+    """A random view of a normal image: a crop (resized back), a horizontal flip and a quarter turn."""
+    view = random_crop(image, rng, crop_scale_range)
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return view.rotate(90 * int(rng.integers(0, 4)))
+
+
+class DreamBoothLoraTrainer(Trainer):
+    """Trains the LoRA of the diffusion UNet behind `model` (what `OneToNormalModel.fit` runs); afterwards the
+    model holds the LoRA weights and a personalizer that uses them."""
+
+    def __init__(
+        self,
+        model: OneToNormalModel,
+        normal_images: Sequence[Image.Image],
+        class_name: str,
+        args: DreamBoothArguments,
+        output_dir: str | os.PathLike | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        from accelerate import PartialState
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+        from peft import LoraConfig
+
+        if not normal_images:
+            raise ValueError("DreamBooth needs at least one normal image.")
+        sizes = {image.size for image in normal_images}
+        if len(sizes) > 1:
+            raise ValueError(f"The normal images must have one size, got {sorted(sizes)}.")
+        config = model.config
+        self.pipeline = StableDiffusionPipeline.from_pretrained(
+            config.diffusion_model, safety_checker=None, requires_safety_checker=False
+        )
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline.to(accelerator.device if accelerator is not None else PartialState().device)
+        self.unet = self.pipeline.unet
+        for part in (self.unet, self.pipeline.vae, self.pipeline.text_encoder):
+            part.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
+        self.class_name = class_name
+        resolution = config.diffusion_resolution
+        self.normals = [
+            image.convert("RGB").resize((resolution, resolution), Image.BICUBIC) for image in normal_images
+        ]
+        self.class_latents = self._class_latents(config.class_prompt.format(class_name), args)
+        self.lora_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=list(LORA_TARGET_MODULES),
+        )
+        torch.manual_seed(args.seed)  # the LoRA's Gaussian initialisation
+        self.unet.add_adapter(self.lora_config)
+        super().__init__(
+            model, args, output_dir, partial(torch.optim.Adam, lr=args.learning_rate), accelerator
+        )
+        with torch.no_grad():
+            self.instance_embedding = self._text_embedding(config.instance_prompt.format(class_name))
+            self.class_embedding = self._text_embedding(config.class_prompt.format(class_name))
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.unet
+
+    def _text_embedding(self, prompt: str) -> torch.Tensor:
+        tokenizer = self.pipeline.tokenizer
+        ids = tokenizer(
+            [prompt],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.pipeline.text_encoder.device)
+        return self.pipeline.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def _class_latents(self, prompt: str, args: DreamBoothArguments) -> list[torch.Tensor]:
+        """Prior preservation: the base model's own images of the class (before the LoRA), as latents."""
+        resolution = self.normals[0].size[0]
+        latents = []
+        for index in range(args.num_class_images):
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + index)
+            image = self.pipeline(
+                prompt,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=args.class_image_steps,
+                generator=generator,
+                output_type="pil",
+            ).images[0]
+            latents.append(self._encode([image], generator))
+        return latents
+
+    def _encode(self, images: list[Image.Image], generator: torch.Generator) -> torch.Tensor:
+        vae = self.pipeline.vae
+        pixels = (to_tensor(images).float() * 2 - 1).to(vae.device)
+        return vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+
+    def _denoising_loss(
+        self, latents: torch.Tensor, embedding: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        scheduler = self.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        )
+        timesteps = timesteps.to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states=embedding).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    def compute_loss(self, batch_index: int) -> torch.Tensor:
+        args = self.args
+        rng = np.random.default_rng([args.seed, batch_index])
+        generator = torch.Generator().manual_seed(int(rng.integers(0, 2**63 - 1)))
+        normal = self.normals[int(rng.integers(0, len(self.normals)))]
+        with torch.no_grad():
+            latents = self._encode([augment(normal, rng, tuple(args.crop_scale_range))], generator)
+        loss = self._denoising_loss(latents, self.instance_embedding, generator)
+        if self.class_latents and args.prior_preservation_weight > 0:
+            class_latents = self.class_latents[int(rng.integers(0, len(self.class_latents)))]
+            loss = loss + args.prior_preservation_weight * self._denoising_loss(
+                class_latents, self.class_embedding, generator
+            )
+        return loss
+
+    def train(self, resume: bool | str | os.PathLike = False) -> TrainingResult:
+        """Train the LoRA, then give the model its weights and a personalizer built on the trained UNet."""
+        from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        from ..diffusion import Personalizer
+
+        result = super().train(resume)
+        model, config = self.model, self.model.config
+        model.lora_weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
+        model.lora_metadata = self.lora_config.to_dict()
+        model.lora_source = None
+        img2img = StableDiffusionImg2ImgPipeline(**self.pipeline.components)
+        img2img.scheduler = DDIMScheduler.from_config(img2img.scheduler.config, timestep_spacing="trailing")
+        img2img.set_progress_bar_config(disable=True)
+        model.personalizer = Personalizer(
+            img2img,
+            config.strength,
+            config.num_inference_steps,
+            config.guidance_scale,
+            config.diffusion_resolution,
+            config.seed,
+        )
+        model.invalidate_feature_key()
+        return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`training/train_dreambooth_lora.py`: fit One-to-Normal (LoRA + anomaly-free pool) on a folder of normal
+    images and save it (with the LoRA beside the weights)."""
+    from ..cli import _readable_images, expand_inputs
+    from ..registry import model_class
+
+    parser = argparse.ArgumentParser(
+        description="Fit One-to-Normal's anomaly-free customised model (DreamBooth LoRA)."
+    )
+    parser.add_argument("--normal", nargs="+", required=True, help="normal images or directories")
+    parser.add_argument("--class-name", required=True, help="object name of the prompts, e.g. bottle")
+    parser.add_argument("--out", required=True, help="directory for the fitted model")
+    parser.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP Hub id or directory")
+    parser.add_argument("--diffusion-model", default="runwayml/stable-diffusion-v1-5")
+    parser.add_argument("--steps", type=int, default=DreamBoothArguments.max_steps)
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+    normals = [image for _, image in _readable_images(expand_inputs(arguments.normal), "normal image")]
+    model = model_class("one_to_normal").from_clip(
+        arguments.clip, image_size=240, diffusion_model=arguments.diffusion_model
+    )
+    model.fit(normals, class_name=arguments.class_name, steps=arguments.steps, seed=arguments.seed)
+    model.save_pretrained(arguments.out)
+    print(f"fitted One-to-Normal on {len(normals)} normal images -> {arguments.out}")
+    return 0
