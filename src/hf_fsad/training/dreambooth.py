@@ -166,6 +166,7 @@ class DreamBoothLoraTrainer(Trainer):
         )
         timesteps = timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        embedding = embedding.expand(latents.shape[0], -1, -1)
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=embedding).sample
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)

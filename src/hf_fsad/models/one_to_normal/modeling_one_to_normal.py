@@ -236,6 +236,15 @@ class OneToNormalModel(FsadPreTrainedModel):
             generated.append(image.resize(source.size, Image.Resampling.BICUBIC))
         return generated
 
+    def augment_references_with_generated(
+        self, normal_images: Sequence[Image.Image], count: int
+    ) -> list[Image.Image]:
+        """The normal images followed by `count` generated anomaly-free ones (paper Sec. 4.3): a larger
+        reference set for any method's `build_reference_bank`."""
+        if not normal_images:
+            raise ValueError("Give at least one normal image to generate from.")
+        return [image.convert("RGB") for image in normal_images] + self.generate_normals(normal_images, count)
+
     @torch.no_grad()
     def build_reference_bank(
         self,
