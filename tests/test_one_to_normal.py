@@ -163,7 +163,7 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
     args = DreamBoothArguments(
-        max_steps=40, learning_rate=1e-3, num_class_images=0, crop_scale_range=(1.0, 1.0)
+        max_steps=40, learning_rate=1e-2, num_class_images=0, crop_scale_range=(1.0, 1.0)
     )
     trainer = DreamBoothLoraTrainer(model, normals, "grid", args)
     base = {name: p.clone() for name, p in trainer.unet.named_parameters() if "lora_" not in name}
