@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,14 +272,26 @@ def test_fitting_is_bit_reproducible_and_seeded():
         assert torch.equal(buffer, dict(runs[1].named_buffers())[name]), name
 
 
-def test_fit_takes_an_accelerator_with_mixed_precision():
-    from accelerate import Accelerator
+BF16_FIT = """
+import math, sys, torch
+from accelerate import Accelerator
+sys.path.insert(0, {tests!r})
+from test_vtfusion import make_tiny_vtfusion, toy_normals
+model = make_tiny_vtfusion()
+result = model.fit(toy_normals(2), steps=2, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
+assert all(math.isfinite(entry["loss"]) for entry in result.history), result.history
+output = model(torch.randn(1, 3, 240, 240))
+assert torch.isfinite(output.anomaly_maps).all() and output.anomaly_maps.dtype == torch.float32
+"""
 
-    model = make_tiny_vtfusion()
-    result = model.fit(toy_normals(2), steps=2, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
-    assert all(math.isfinite(entry["loss"]) for entry in result.history)
-    output = model(torch.randn(1, 3, 240, 240))
-    assert torch.isfinite(output.anomaly_maps).all() and output.anomaly_maps.dtype == torch.float32
+
+def test_fit_takes_an_accelerator_with_mixed_precision():
+    """Accelerate's precision is fixed per process, so the bf16 fit gets its own process."""
+    script = BF16_FIT.format(tests=str(Path(__file__).parent))
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 def test_save_load_round_trip_is_exact_and_automodel_loads_a_fitted_model(tmp_path):
