@@ -191,6 +191,46 @@ def test_adapter_save_load_reproduces_generations_bit_for_bit(diffusion_dir, tmp
     assert isinstance(loaded, hf_fsad.OneToNormalModel) and loaded.config.fitted_class_name == "grid"
     actual = loaded.get_personalizer().generate(normals[0], prompts)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(actual, expected))
+    pixels = model.image_processor()(normals, return_tensors="pt").pixel_values
+    before = model(pixels[1:], reference_bank=model.build_reference_bank(pixels[:1]))
+    after = loaded(pixels[1:], reference_bank=loaded.build_reference_bank(pixels[:1]))
+    assert torch.equal(before.image_scores, after.image_scores)
+    assert torch.equal(before.anomaly_maps, after.anomaly_maps)
+
+
+def test_training_entry_point_fits_and_saves(diffusion_dir, tiny_clip_dir, tmp_path, capsys):
+    from hf_fsad.training.dreambooth import main as train_main
+
+    normal_dir = tmp_path / "normal"
+    normal_dir.mkdir()
+    for index, image in enumerate(toy()["train"]["image"]):
+        image.save(normal_dir / f"{index}.png")
+    (normal_dir / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / "fitted"
+    arguments = [
+        "--normal",
+        str(normal_dir),
+        "--class-name",
+        "grid",
+        "--out",
+        str(out),
+        "--clip",
+        tiny_clip_dir,
+    ]
+    settings = [
+        "--diffusion-model",
+        diffusion_dir,
+        "--steps",
+        "2",
+        "--num-class-images",
+        "1",
+        "--resolution",
+        "32",
+    ]
+    assert train_main([*arguments, *settings, "--pool-size", "3"]) == 0
+    assert "skipped normal image" in capsys.readouterr().err
+    loaded = AutoModel.from_pretrained(out)
+    assert loaded.lora_source is not None and loaded.config.fitted_class_name == "grid"
 
 
 # --- scoring end to end ------------------------------------------------------------------------------------------

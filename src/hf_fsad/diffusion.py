@@ -86,7 +86,7 @@ class Personalizer:
         strength: float = 0.3,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        resolution: int = 512,
+        resolution: int = 240,
         seed: int = 0,
     ):
         if not 0 < strength <= 1:

@@ -232,13 +232,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP Hub id or directory")
     parser.add_argument("--diffusion-model", default="runwayml/stable-diffusion-v1-5")
     parser.add_argument("--steps", type=int, default=DreamBoothArguments.max_steps)
+    parser.add_argument("--num-class-images", type=int, default=DreamBoothArguments.num_class_images)
+    parser.add_argument("--resolution", type=int, default=240, help="diffusion and CLIP input side")
+    parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
     normals = [image for _, image in _readable_images(expand_inputs(arguments.normal), "normal image")]
+    if not normals:
+        parser.error("none of the --normal images could be read")
     model = model_class("one_to_normal").from_clip(
-        arguments.clip, image_size=240, diffusion_model=arguments.diffusion_model
+        arguments.clip,
+        image_size=arguments.resolution,
+        diffusion_model=arguments.diffusion_model,
+        diffusion_resolution=arguments.resolution,
+        pool_size=arguments.pool_size,
     )
-    model.fit(normals, class_name=arguments.class_name, steps=arguments.steps, seed=arguments.seed)
+    model.fit(
+        normals,
+        class_name=arguments.class_name,
+        steps=arguments.steps,
+        seed=arguments.seed,
+        num_class_images=arguments.num_class_images,
+    )
     model.save_pretrained(arguments.out)
     print(f"fitted One-to-Normal on {len(normals)} normal images -> {arguments.out}")
     return 0

@@ -24,7 +24,8 @@ class OneToNormalConfig(FsadConfig):
         strength: share of the diffusion the query is noised to before denoising (t = 0.3 T, Sec. 4.1).
         num_inference_steps, guidance_scale: of the DDIM img2img schedule ("trailing" spacing, so strength
             0.3 of 50 steps denoises 15 steps from t = 0.3 T) and classifier-free guidance.
-        diffusion_resolution: side of the images the diffusion model sees (512 for SD v1.5).
+        diffusion_resolution: side of the images the diffusion model sees: the paper's inference resolution,
+            240 (a multiple of the VAE's factor 8).
         normal_state_prompts: the normal-state prompts of Eq. 2 ("{}" = the class name); the paper's
             Appendix A.1 states (three by default); candidates are generated for all of them in one batch.
         instance_prompt, class_prompt: DreamBooth's prompts for the normal images and for prior preservation.
@@ -44,7 +45,7 @@ class OneToNormalConfig(FsadConfig):
     strength: float = 0.3
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
-    diffusion_resolution: int = 512
+    diffusion_resolution: int = 240
     normal_state_prompts: list[str] = field(default_factory=lambda: list(NORMAL_STATE_PROMPTS))
     instance_prompt: str = "a photo of normal {}"
     class_prompt: str = "a photo of {}"
