@@ -302,3 +302,22 @@ def test_with_a_perfect_restorer_s_p_localises_planted_defects(diffusion_dir):
     assert auroc >= 0.85
     normals = np.asarray(data["test"]["label"]) == 0
     assert torch.allclose(s_p_map[torch.from_numpy(normals)], torch.zeros(1), atol=1e-5)  # identity: S_P = 0
+
+
+def test_full_finetune_saves_the_unet_and_reloads_it_exactly(diffusion_dir, tmp_path):
+    model = make_model(diffusion_dir)
+    normals = [image.convert("RGB") for image in toy()["train"]["image"]]
+    base = load_img2img_pipeline(diffusion_dir).unet.state_dict()
+    model.fit(normals, class_name="grid", steps=2, learning_rate=1e-3, full_finetune=True, **TINY_FIT)
+    tuned = model.get_personalizer().pipeline.unet.state_dict()
+    assert model.lora_weights is None and any(not torch.equal(tuned[k], base[k]) for k in base)
+    prompts = model.prompts(model.config.normal_state_prompts)
+    expected = model.get_personalizer().generate(normals[0], prompts)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "unet").is_dir() and not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    loaded = AutoModel.from_pretrained(tmp_path)
+    actual = loaded.get_personalizer().generate(normals[0], prompts)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(actual, expected))
+    assert (
+        loaded.feature_key() != make_model(diffusion_dir).feature_key()
+    )  # the fine-tune enters the features

@@ -3,7 +3,8 @@ towards the normal images, with the anomaly-free customised model (Stable Diffus
 
 Needs the `diffusers` extra. The pipeline is loaded from a Stable Diffusion repository (Hub id or local
 directory, `runwayml/stable-diffusion-v1-5` layout); the per-category LoRA lives next to the fitted model in
-diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`).
+diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`), or a fully fine-tuned UNet in
+`unet/`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from PIL import Image
 from .scoring import ssim
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+UNET_FOLDER = "unet"  # a fully fine-tuned UNet, saved beside the model
 
 
 def require_diffusers() -> None:
@@ -32,21 +34,20 @@ def require_diffusers() -> None:
 
 
 def load_img2img_pipeline(
-    diffusion_model: str | os.PathLike, lora_directory: str | os.PathLike | None = None
+    diffusion_model: str | os.PathLike, unet_directory: str | os.PathLike | None = None
 ):
-    """A `StableDiffusionImg2ImgPipeline` from `diffusion_model` with a DDIM scheduler of "trailing" timestep
-    spacing (so strength s starts denoising at s x T exactly), without safety checker or progress bars; the
-    LoRA in `lora_directory` loaded when given."""
+    """A `StableDiffusionImg2ImgPipeline` from `diffusion_model` (its UNet replaced by the one saved in
+    `unet_directory`, a full fine-tune, when given) with a DDIM scheduler of "trailing" timestep spacing (so
+    strength s starts denoising at s x T exactly), without safety checker or progress bars."""
     require_diffusers()
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 
+    components = {"unet": UNet2DConditionModel.from_pretrained(unet_directory)} if unet_directory else {}
     pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(
-        diffusion_model, safety_checker=None, requires_safety_checker=False
+        diffusion_model, safety_checker=None, requires_safety_checker=False, **components
     )
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
     pipeline.set_progress_bar_config(disable=True)
-    if lora_directory is not None:
-        pipeline.load_lora_weights(str(lora_directory), weight_name=LORA_WEIGHTS_NAME)
     return pipeline
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...diffusion import LORA_WEIGHTS_NAME, Personalizer, load_img2img_pipeline
+from ...diffusion import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...scoring import (
     class_scores,
@@ -50,49 +52,58 @@ class OneToNormalModel(FsadPreTrainedModel):
         self.personalizer: Personalizer | None = None
         self.lora_weights: dict[str, torch.Tensor] | None = None  # the fitted UNet LoRA (diffusers format)
         self.lora_metadata: dict | None = None
-        self.lora_source: Path | None = None  # a saved LoRA file this model was loaded with
+        self.unet_finetuned = False  # a full fine-tune: the personalizer's UNet is the fitted one
+        self.lora_source: Path | None = None  # what this model was loaded with, saved next to it
+        self.unet_source: Path | None = None
+        self.personalization_digest: str | None = None  # set by fitting, or hashed from the sources
         self.pool_images: list[Image.Image] = []  # the anomaly-free pool `fit` made
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        lora = Path(pretrained_model_name_or_path) / LORA_WEIGHTS_NAME
-        if not lora.is_file() and not Path(pretrained_model_name_or_path).is_dir():
-            from huggingface_hub import hf_hub_download
-            from huggingface_hub.errors import EntryNotFoundError
+        directory = Path(pretrained_model_name_or_path)
+        if not directory.is_dir():
+            from huggingface_hub import snapshot_download
 
-            try:
-                lora = Path(hf_hub_download(str(pretrained_model_name_or_path), LORA_WEIGHTS_NAME))
-            except EntryNotFoundError:
-                pass
+            patterns = [LORA_WEIGHTS_NAME, f"{UNET_FOLDER}/*"]
+            directory = Path(snapshot_download(str(pretrained_model_name_or_path), allow_patterns=patterns))
+        lora, unet = directory / LORA_WEIGHTS_NAME, directory / UNET_FOLDER
         model.lora_source = lora if lora.is_file() else None
+        model.unet_source = unet if unet.is_dir() else None
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """The model, and the fitted LoRA as `pytorch_lora_weights.safetensors` (diffusers' format)."""
+        """The model, and the fitted personalization beside it: the LoRA as `pytorch_lora_weights.safetensors`
+        (diffusers' format) or a fully fine-tuned UNet in `unet/`."""
         super().save_pretrained(save_directory, *args, **kwargs)
-        target = Path(save_directory) / LORA_WEIGHTS_NAME
+        directory = Path(save_directory)
         if self.lora_weights is not None:
-            from diffusers import StableDiffusionImg2ImgPipeline
+            self.save_lora(directory)
+        elif self.lora_source is not None and self.lora_source.parent.resolve() != directory.resolve():
+            shutil.copyfile(self.lora_source, directory / LORA_WEIGHTS_NAME)
+        if self.unet_finetuned:
+            self.personalizer.pipeline.unet.save_pretrained(directory / UNET_FOLDER)
+        elif self.unet_source is not None and self.unet_source.parent.resolve() != directory.resolve():
+            shutil.copytree(self.unet_source, directory / UNET_FOLDER, dirs_exist_ok=True)
 
-            StableDiffusionImg2ImgPipeline.save_lora_weights(
-                save_directory,
-                unet_lora_layers=self.lora_weights,
-                weight_name=LORA_WEIGHTS_NAME,
-                unet_lora_adapter_metadata=self.lora_metadata,
-            )
-        elif self.lora_source is not None and self.lora_source.resolve() != target.resolve():
-            shutil.copyfile(self.lora_source, target)
+    def save_lora(self, directory: str | os.PathLike) -> None:
+        """Write the fitted LoRA in diffusers' `save_lora_weights` format."""
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        StableDiffusionImg2ImgPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=self.lora_weights,
+            weight_name=LORA_WEIGHTS_NAME,
+            unet_lora_adapter_metadata=self.lora_metadata,
+        )
 
     def get_personalizer(self) -> Personalizer:
-        """The personalizer: `config.diffusion_model` with the fitted LoRA, loaded once."""
+        """The personalizer: `config.diffusion_model` with the fitted UNet or LoRA, loaded once."""
         if self.personalizer is None:
             config = self.config
-            pipeline = load_img2img_pipeline(config.diffusion_model)
+            pipeline = load_img2img_pipeline(config.diffusion_model, unet_directory=self.unet_source)
             if self.lora_weights is not None:
-                import tempfile
-
                 with tempfile.TemporaryDirectory() as folder:
                     self.save_lora(folder)
                     pipeline.load_lora_weights(folder, weight_name=LORA_WEIGHTS_NAME)
@@ -107,16 +118,6 @@ class OneToNormalModel(FsadPreTrainedModel):
                 config.seed,
             )
         return self.personalizer
-
-    def save_lora(self, directory: str | os.PathLike) -> None:
-        from diffusers import StableDiffusionImg2ImgPipeline
-
-        StableDiffusionImg2ImgPipeline.save_lora_weights(
-            directory,
-            unet_lora_layers=self.lora_weights,
-            weight_name=LORA_WEIGHTS_NAME,
-            unet_lora_adapter_metadata=self.lora_metadata,
-        )
 
     def prompts(self, template_list: Sequence[str], class_name: str | None = None) -> list[str]:
         name = class_name or self.config.fitted_class_name or self.config.default_class_name
@@ -138,24 +139,23 @@ class OneToNormalModel(FsadPreTrainedModel):
             ],
             "resolution_seed": [config.diffusion_resolution, config.seed],
             "prompts": self.prompts(config.normal_state_prompts),
-            "lora": self.lora_digest(),
+            "personalization": self.personalization_key(),
             "personalizer": personalizer,
         }
 
-    def lora_digest(self) -> str | None:
-        """SHA-256 of the fitted LoRA (in memory or the file the model was loaded with); None without one."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        if self.lora_weights is not None:
-            for name, tensor in sorted(self.lora_weights.items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        elif self.lora_source is not None:
-            digest.update(self.lora_source.read_bytes())
-        else:
-            return None
-        return digest.hexdigest()
+    def personalization_key(self) -> str | None:
+        """Fingerprint of the fitted personalization: set by fitting, else the SHA-256 of the files the model
+        was loaded with (hashed once); None for the base diffusion model."""
+        if self.personalization_digest is None and (self.lora_source or self.unet_source):
+            digest = hashlib.sha256()
+            files = [self.lora_source] if self.lora_source else []
+            files += sorted(self.unet_source.rglob("*.safetensors")) if self.unet_source else []
+            for path in files:
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(2**24), b""):
+                        digest.update(block)
+            self.personalization_digest = digest.hexdigest()
+        return self.personalization_digest
 
     def to_images(self, pixel_values: torch.Tensor) -> list[Image.Image]:
         """Normalised pixel values (B, 3, S, S) back to RGB PIL images (the diffusion model's input)."""
