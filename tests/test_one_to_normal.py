@@ -321,3 +321,39 @@ def test_full_finetune_saves_the_unet_and_reloads_it_exactly(diffusion_dir, tmp_
     assert (
         loaded.feature_key() != make_model(diffusion_dir).feature_key()
     )  # the fine-tune enters the features
+
+
+def test_runner_fits_one_to_normal_per_cell_and_augments_other_methods_references(diffusion_dir, tmp_path):
+    from hf_fsad.benchmark import DatasetSpec, GeneratedReferences, run_benchmark
+    from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
+    from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+
+    spec = DatasetSpec(
+        "toy", categories=["grid"], options={"num_train": 3, "num_test_good": 2, "num_test_anomalous": 2}
+    )
+    fit = {"steps": 1} | TINY_FIT
+    model = make_model(diffusion_dir)
+    results = run_benchmark(
+        {"one_to_normal": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "o", fit_arguments=fit
+    )
+    (cell,) = results["cells"]
+    assert cell["fit_seconds"] > 0 and np.isfinite(cell["image_scores"]).all()
+    assert not model.pool_images  # the runner fitted a copy
+
+    torch.manual_seed(0)
+    winclip = WinClipModel(WinClipConfig(clip_config=tiny_clip_config())).eval()
+    winclip.tokenizer = byte_level_clip_tokenizer()
+    generated = GeneratedReferences(make_model(diffusion_dir, pool_size=1), 2, fit)
+    plain = run_benchmark({"winclip": winclip}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "p")
+    augmented = run_benchmark(
+        {"winclip+generated": winclip},
+        [spec],
+        ks=[2],
+        seeds=[0],
+        out_dir=tmp_path / "a",
+        generated_references=generated,
+    )
+    (plain_cell,), (augmented_cell,) = plain["cells"], augmented["cells"]
+    assert augmented_cell["generated_references"] == 2 and plain_cell["generated_references"] == 0
+    assert augmented_cell["reference_ids"] == plain_cell["reference_ids"]
+    assert augmented_cell["image_scores"] != plain_cell["image_scores"]  # two more references in the bank

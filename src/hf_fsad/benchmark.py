@@ -269,6 +269,7 @@ def run_benchmark(
     num_heatmaps: int = 4,
     protocol: Protocol | None = None,
     fit_arguments: dict | None = None,
+    generated_references: GeneratedReferences | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
@@ -276,7 +277,8 @@ def run_benchmark(
     A cell is (method, dataset, category, k, anomalous references, seed). Methods that need anomalous
     references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0. Methods
     fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
-    references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds).
+    references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
+    adds generated anomaly-free images to every other method's k references (One-to-Normal, Sec. 4.3).
     """
     protocol = protocol or Protocol()
     fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
@@ -322,6 +324,7 @@ def run_benchmark(
                                 protocol,
                                 batch_size,
                                 fit_arguments or {},
+                                generated_references,
                             )
                             cells[_cell_id(cell)] = cell | run.values
                             _write_results(results_file, cells, cache, started, skipped)
@@ -339,6 +342,34 @@ def run_benchmark(
     plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
     _atomic_write(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
     return results
+
+
+@dataclass
+class GeneratedReferences:
+    """One-to-Normal's reference augmentation (paper Sec. 4.3) for other methods: per cell, a copy of
+    `generator` (a `OneToNormalModel`) is fitted on the cell's k normal references and generates `count`
+    anomaly-free images, which join the references in the method's bank. Run such methods under their own
+    labels. The generator's own pool is not used (pool_size=1 skips generating it)."""
+
+    generator: FsadPreTrainedModel
+    count: int
+    fit_arguments: dict = field(default_factory=dict)
+
+    def features(
+        self, model: FsadPreTrainedModel, normals: Sequence, class_name: str, seed: int, batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """`model`'s features of `count` images generated from `normals`."""
+        generator = copy.deepcopy(self.generator)
+        generator.fit(normals, class_name=class_name, **({"seed": seed} | self.fit_arguments))
+        images = generator.generate_normals(normals, self.count)
+        processor = model.image_processor()
+        parts = [
+            model.encode_images(
+                processor(images[start : start + batch_size], return_tensors="pt").pixel_values
+            )
+            for start in range(0, len(images), batch_size)
+        ]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 @dataclass
@@ -368,6 +399,7 @@ def _run_cell(
     protocol: Protocol,
     batch_size: int,
     fit_arguments: dict,
+    generated_references: GeneratedReferences | None = None,
 ) -> _CellRun:
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
@@ -388,9 +420,15 @@ def _run_cell(
         model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
         fit_seconds = time.perf_counter() - fit_seconds
     elif k > 0:
-        bank_inputs["reference_features"] = cache.features(
-            model, split.train, row_indices(split.train, manifest.image_ids), batch_size, "references"
-        )
+        rows = row_indices(split.train, manifest.image_ids)
+        features = cache.features(model, split.train, rows, batch_size, "references")
+        if generated_references is not None:
+            normals = split.train.select(rows)["image"]
+            extra = generated_references.features(model, normals, class_name, seed, batch_size)
+            features = {
+                name: torch.cat([tensor, extra[name].to(tensor.device)]) for name, tensor in features.items()
+            }
+        bank_inputs["reference_features"] = features
     anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
     if anomalous_ids:
         rows = row_indices(split.test, anomalous_ids)
@@ -418,6 +456,7 @@ def _run_cell(
         "anomalous_ids": anomalous_ids,
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
+        "generated_references": generated_references.count if generated_references and k > 0 else 0,
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
