@@ -178,6 +178,22 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
     assert model.lora_weights and all("lora" in name for name in model.lora_weights)
 
 
+def test_eq_1_denoising_loss_is_the_mse_to_the_noise(diffusion_dir):
+    from hf_fsad.training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+
+    model = make_model(diffusion_dir)
+    normals = [image.convert("RGB") for image in toy()["train"]["image"]]
+    trainer = DreamBoothLoraTrainer(
+        model, normals, "grid", DreamBoothArguments(max_steps=1, num_class_images=0)
+    )
+    prediction = torch.full((2, 4, 16, 16), 0.5)
+    trainer.unet = lambda noisy, timesteps, encoder_hidden_states: type("Out", (), {"sample": prediction})
+    latents = torch.zeros(2, 4, 16, 16)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    loss = trainer._denoising_loss(latents, trainer.instance_embedding, torch.Generator().manual_seed(7))
+    assert loss.item() == pytest.approx(((0.5 - noise) ** 2).mean().item(), rel=1e-6)
+
+
 def test_adapter_save_load_reproduces_generations_bit_for_bit(diffusion_dir, tmp_path):
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]

@@ -4,7 +4,8 @@ The Stable Diffusion UNet gets a PEFT LoRA on its attention projections and lear
 (augmented: flips, quarter turns, random crops) under the instance prompt "a photo of normal {class}", with
 DreamBooth's prior-preservation loss on class images the base model generated from "a photo of {class}".
 Loss: MSE between the UNet's prediction and its target (the noise, or the velocity for v-prediction
-schedulers) at a random timestep; every draw (image, augmentation, noise, timestep) is seeded by (seed, step),
+schedulers) at a random timestep: the paper's Eq. 1 writes the target as x_0, which for a noise-predicting
+Stable Diffusion is the same objective up to a per-timestep weight; every draw (image, augmentation, noise, timestep) is seeded by (seed, step),
 so a run is reproducible bit for bit.
 
     accelerate launch training/train_dreambooth_lora.py --normal good/ --class-name bottle --out one-to-normal-bottle

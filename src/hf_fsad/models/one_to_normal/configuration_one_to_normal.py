@@ -36,6 +36,11 @@ class OneToNormalConfig(FsadConfig):
             the paper gives no value).
         seed: of the personalization noise (per image: mixed with a hash of its pixels).
         fitted_class_name: set by `fit`.
+
+    Choices where the paper says nothing: Eqs. 4-5 compare raw block tokens (as WinCLIP+ and MetaCAN do);
+    S_text (Eq. 6) uses the projected CLS token and the WinCLIP prompt ensemble; the map is the level mean of
+    the S_P map plus alpha x the level mean of the S_N map; the generated pool images are img2img variations of
+    the normals at `pool_strength` ("settings closer to the normal references", Sec. 3.4).
     """
 
     model_type = "one_to_normal"
