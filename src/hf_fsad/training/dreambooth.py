@@ -71,8 +71,9 @@ def augment(
 
 
 class DreamBoothLoraTrainer(Trainer):
-    """Trains the LoRA of the diffusion UNet behind `model` (what `OneToNormalModel.fit` runs); afterwards the
-    model holds the LoRA weights and a personalizer that uses them."""
+    """Trains the LoRA (or, with `full_finetune`, every weight) of the diffusion UNet behind `model` (what
+    `OneToNormalModel.fit` runs); afterwards the model holds the fitted weights and a personalizer that uses
+    them."""
 
     def __init__(
         self,
@@ -102,7 +103,6 @@ class DreamBoothLoraTrainer(Trainer):
         for part in (self.unet, self.pipeline.vae, self.pipeline.text_encoder):
             part.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(self.pipeline.scheduler.config)
-        self.class_name = class_name
         resolution = config.diffusion_resolution
         self.normals = [
             image.convert("RGB").resize((resolution, resolution), Image.BICUBIC) for image in normal_images

@@ -120,6 +120,7 @@ class OneToNormalModel(FsadPreTrainedModel):
         return self.personalizer
 
     def prompts(self, template_list: Sequence[str], class_name: str | None = None) -> list[str]:
+        """The templates filled with `class_name` (default: the fitted class, else the default class)."""
         name = class_name or self.config.fitted_class_name or self.config.default_class_name
         return [template.format(name) for template in template_list]
 
@@ -216,7 +217,7 @@ class OneToNormalModel(FsadPreTrainedModel):
         trainer = DreamBoothLoraTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         result = trainer.train()
         self.config.fitted_class_name = class_name
-        self.pool_images = list(normal_images) + self.generate_normals(
+        self.pool_images = self.augment_references_with_generated(
             normal_images, self.config.pool_size - len(normal_images)
         )
         return result
