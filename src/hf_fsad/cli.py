@@ -1,4 +1,4 @@
-"""`hf-fsad` command line: score, fit, benchmark, convert, demo."""
+"""`hf-fsad` command line: score, fit, benchmark, convert, demo, push, push-bank."""
 
 from __future__ import annotations
 
@@ -202,6 +202,47 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace, stage, repo_type: str = "model") -> int:
+    """Stage the upload folder (in --dry-run or a temporary folder), then upload it unless --dry-run."""
+    import tempfile
+
+    from hf_fsad.hub import upload
+
+    with tempfile.TemporaryDirectory() as temporary:
+        try:
+            folder = stage(Path(args.dry_run) if args.dry_run else Path(temporary) / "upload")
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+        if args.dry_run:
+            print(f"staged {len(files)} files for {args.repo_id} in {folder} (not uploaded)", file=sys.stderr)
+            return 0
+        try:
+            url = upload(folder, args.repo_id, repo_type=repo_type, private=args.private)
+        except Exception as error:  # noqa: BLE001  (the transport library's errors vary; report any, never the token)
+            print(
+                f"error: upload to {args.repo_id} failed ({type(error).__name__}): {error}", file=sys.stderr
+            )
+            return 1
+    print(f"pushed {len(files)} files to {args.repo_id}: {url}", file=sys.stderr)
+    return 0
+
+
+def push(args: argparse.Namespace) -> int:
+    from hf_fsad.hub import stage_model
+
+    return _push(
+        args, lambda folder: stage_model(args.model_dir, folder, args.repo_id, args.results, args.method)
+    )
+
+
+def push_bank(args: argparse.Namespace) -> int:
+    from hf_fsad.hub import stage_bank
+
+    return _push(args, lambda folder: stage_bank(args.bank, folder))
+
+
 def convert(args: argparse.Namespace) -> int:
     from hf_fsad.backbones.convert import convert_open_clip
 
@@ -351,6 +392,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
     bench_parser.set_defaults(handler=benchmark)
+
+    push_parser = commands.add_parser("push", help="upload a saved model with a model card to the Hub")
+    push_parser.add_argument("model_dir", help="a directory written by save_pretrained")
+    push_parser.add_argument("repo_id", help="Hub model repo, e.g. user/winclip-bottle")
+    push_parser.add_argument(
+        "--results", help="benchmark results.json whose cells go into the card's model-index"
+    )
+    push_parser.add_argument("--method", help="the method label of those cells (default: the model type)")
+    bank_parser = commands.add_parser("push-bank", help="upload a reference bank (.safetensors) to the Hub")
+    bank_parser.add_argument("bank", help="a bank saved with --save-bank or ReferenceBank.save")
+    bank_parser.add_argument("repo_id", help="Hub model repo, e.g. user/bottle-bank")
+    for parser_ in (push_parser, bank_parser):
+        parser_.add_argument("--private", action="store_true")
+        parser_.add_argument("--dry-run", metavar="DIR", help="only build the upload folder in DIR")
+    push_parser.set_defaults(handler=push)
+    bank_parser.set_defaults(handler=push_bank)
 
     demo_parser = commands.add_parser("demo", help="score a generated toy dataset and write a report")
     demo_parser.add_argument("--out", default="demo_output")

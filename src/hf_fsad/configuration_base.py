@@ -23,6 +23,8 @@ class FsadConfig(PreTrainedConfig):
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
+    # The method's paper, cited in model cards (each method's config sets it).
+    paper: ClassVar[str | None] = None
 
     clip_config: dict | CLIPConfig | None = None
     image_size: int | None = None

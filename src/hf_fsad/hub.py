@@ -1,11 +1,21 @@
-"""Model cards for saved hf_fsad models (a stub the Hub publishing work extends)."""
+"""The Hugging Face Hub: model cards (with benchmark results as `model-index`), and the exact folders that
+`hf-fsad push` / `hf-fsad push-bank` upload.
+
+Uploads go through `huggingface_hub` with its usual credentials (`hf auth login` or `HF_TOKEN`); tokens are
+never read or printed here. Every push first builds its folder (`stage_*`), so `--dry-run DIR` shows exactly
+what would be uploaded.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 _USAGE = """```python
 import hf_fsad  # registers the hf_fsad methods with AutoModel
@@ -14,33 +24,75 @@ from transformers import AutoModel
 model = AutoModel.from_pretrained("{repo}")
 processor = model.image_processor()
 bank = model.build_reference_bank({bank_inputs})
-scores = model(processor(images).pixel_values, reference_bank=bank).image_scores
+scores = model(processor(images, return_tensors="pt").pixel_values, reference_bank=bank).image_scores
 ```"""
+# Result metrics reported in model cards (x100, as in the benchmark tables).
+CARD_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+def usage_snippet(model, repo: str) -> str:
+    """Python that loads `repo` and scores `images` (PIL) with the references `normal_images`."""
+    fitted = getattr(model, "fits_per_category", False)  # a fitted model holds its normal images already
+    bank_inputs = "" if fitted else 'processor(normal_images, return_tensors="pt").pixel_values'
+    return _USAGE.format(repo=repo, bank_inputs=bank_inputs)
+
+
+def eval_results(results: dict, method: str) -> list[EvalResult]:
+    """`model-index` entries from a benchmark `results.json`: per dataset, shots and metric, the mean x100 over
+    the method's cells (categories and seeds)."""
+    values = defaultdict(list)
+    for cell in results.get("cells", []):
+        if cell["method"] != method:
+            continue
+        for metric in CARD_METRICS:
+            value = cell["metrics"].get(metric)
+            if value is not None:
+                values[(cell["dataset"], cell["k"], cell.get("anomalous", 0), metric)].append(value)
+    if not values:
+        raise ValueError(f"results.json has no cells of method {method!r}.")
+    entries = []
+    for (dataset, k, anomalous, metric), numbers in sorted(values.items()):
+        shots = f"{k}-shot" + (f" + {anomalous} anomalous" if anomalous else "")
+        entries.append(
+            EvalResult(
+                task_type="image-anomaly-detection",
+                task_name="Few-shot image anomaly detection",
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_config=shots,
+                metric_type=metric,
+                metric_name=f"{metric} ({shots})",
+                metric_value=round(100 * statistics.fmean(numbers), 2),
+            )
+        )
+    return entries
 
 
 def model_card(
-    model, base_model: str | None = None, datasets: list[str] | None = None, training: str | None = None
+    model,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
+    training: str | None = None,
+    results: dict | None = None,
+    method: str | None = None,
+    repo: str = "path/or/hub-id",
 ) -> ModelCard:
-    """A model card for `model`: front matter (library, tags, base model, datasets) and usage text."""
+    """A model card for `model`: front matter (library, tags, base model, datasets, and `model-index`
+    results of `method`'s cells in a benchmark `results` dict), description, paper, usage, training."""
     model_type = model.config.model_type
+    name = Path(repo).name
     data = ModelCardData(
         library_name="hf_fsad",
         tags=["anomaly-detection", "few-shot", "clip", f"hf_fsad-{model_type}"],
         base_model=base_model,
         datasets=datasets or None,
+        model_name=name if results else None,
+        eval_results=eval_results(results, method or model_type) if results else None,
     )
-    sections = [
-        f"# {type(model).__name__}",
-        (type(model).__doc__ or "").strip(),
-        "## Usage",
-        # a method fitted per category holds its normal images' prototypes already
-        _USAGE.format(
-            repo="path/or/hub-id",
-            bank_inputs=""
-            if getattr(model, "fits_per_category", False)
-            else "processor(normal_images).pixel_values",
-        ),
-    ]
+    sections = [f"# {type(model).__name__}", (type(model).__doc__ or "").strip()]
+    if model.config.paper:
+        sections += ["## Paper", model.config.paper]
+    sections += ["## Usage", usage_snippet(model, repo)]
     if training:
         sections += ["## Training", training]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
@@ -51,3 +103,75 @@ def write_model_card(directory: str | os.PathLike, card: ModelCard) -> Path:
     path = Path(directory) / "README.md"
     card.save(path)
     return path
+
+
+def _fresh_folder(folder: str | os.PathLike) -> Path:
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty: give a new or empty folder to stage the upload in.")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def stage_model(
+    model_dir: str | os.PathLike,
+    folder: str | os.PathLike,
+    repo_id: str,
+    results_file: str | os.PathLike | None = None,
+    method: str | None = None,
+) -> Path:
+    """The folder `hf-fsad push` uploads: the saved model's files, and a README model card (the model's own,
+    or a new one; with `model-index` results when a benchmark `results.json` is given)."""
+    from transformers import AutoModel
+
+    import hf_fsad  # noqa: F401  (registers the methods)
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(
+            f"{model_dir} is not a saved hf_fsad model (no config.json): save it with save_pretrained."
+        )
+    folder = _fresh_folder(folder)
+    for item in model_dir.iterdir():
+        if item.name.startswith(".") or item.name == "README.md":
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
+    model = AutoModel.from_pretrained(model_dir)
+    results = json.loads(Path(results_file).read_text()) if results_file else None
+    existing = model_dir / "README.md"
+    training = None
+    if existing.is_file():
+        training = ModelCard.load(existing).text.partition("## Training")[2].strip() or None
+    write_model_card(
+        folder, model_card(model, results=results, method=method, repo=repo_id, training=training)
+    )
+    return folder
+
+
+def stage_bank(bank_file: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """The folder `hf-fsad push-bank` uploads: the reference bank and a README saying what it fits."""
+    from .modeling_base import ReferenceBank
+
+    bank = ReferenceBank.load(bank_file)
+    folder = _fresh_folder(folder)
+    shutil.copy2(bank_file, folder / Path(bank_file).name)
+    front = ModelCardData(
+        library_name="hf_fsad", tags=["anomaly-detection", "reference-bank", f"hf_fsad-{bank.model_type}"]
+    )
+    text = (
+        f"---\n{front.to_yaml()}\n---\n\n# Reference bank: {bank.class_name}\n\n"
+        f"A `{bank.model_type}` reference bank of {bank.k} reference images for `{bank.class_name}` (model config "
+        f"hash `{bank.config_hash}`: it fits only that model). Use it with\n`hf-fsad score --model MODEL "
+        f"--bank {Path(bank_file).name} ...` or `ReferenceBank.load(path)`.\n"
+    )
+    (folder / "README.md").write_text(text)
+    return folder
+
+
+def upload(folder: str | os.PathLike, repo_id: str, repo_type: str = "model", private: bool = False) -> str:
+    """Create `repo_id` if needed and upload `folder`; returns the commit URL. Credentials: huggingface_hub's."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type))

@@ -39,6 +39,7 @@ class AfClipConfig(FsadConfig):
     """
 
     model_type = "afclip"
+    paper = '"AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation"'
 
     feature_layers: list[int] | None = None
     aggregation_windows: list[int] = field(default_factory=lambda: [1, 3, 5])

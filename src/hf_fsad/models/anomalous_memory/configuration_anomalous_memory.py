@@ -30,6 +30,7 @@ class AnomalousMemoryConfig(WinClipConfig):
     """
 
     model_type = "anomalous_memory"
+    paper = 'Abdali et al., "Anomalous Samples for Few-Shot Anomaly Detection"'
 
     window_scales: list[int] = field(default_factory=lambda: [2, 3, 7])
     num_weight_samples: int = 100

@@ -36,6 +36,7 @@ class MetaCanConfig(FsadConfig):
     """
 
     model_type = "metacan"
+    paper = 'Lv et al., "MetaCAN: Improving Generalizability of Few-shot Anomaly Detection with Meta-learning", CIKM 2025'
 
     feature_layers: list[int] = field(default_factory=lambda: [1, 7, 12])
     differentiator_hidden_size: int = 1024

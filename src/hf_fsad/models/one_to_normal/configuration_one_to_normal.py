@@ -44,6 +44,7 @@ class OneToNormalConfig(FsadConfig):
     """
 
     model_type = "one_to_normal"
+    paper = 'Li, Zhang, Li and Lao, "One-to-Normal: Anomaly Personalization for Few-shot Anomaly Detection"'
 
     feature_layers: list[int] | None = None
     diffusion_model: str = "runwayml/stable-diffusion-v1-5"

@@ -43,6 +43,7 @@ class VtFusionConfig(FsadConfig):
     """
 
     model_type = "vtfusion"
+    paper = 'Jiang, Cao, Cheng, Zhang and Shen, "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection"'
 
     feature_layers: list[int] | None = None
     use_feature_adaptor: bool = True

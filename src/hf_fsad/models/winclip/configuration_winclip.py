@@ -22,6 +22,7 @@ class WinClipConfig(FsadConfig):
     """
 
     model_type = "winclip"
+    paper = 'Jeong et al., "WinCLIP: Zero-/Few-Shot Anomaly Classification and Segmentation", CVPR 2023'
 
     window_scales: list[int] = field(default_factory=lambda: [2, 3])
     temperature: float = 0.07

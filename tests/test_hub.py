@@ -1,0 +1,116 @@
+"""Hub publishing: model cards with `model-index` from results.json, runnable usage, exact upload folders.
+
+Nothing is uploaded here (the Hub is unreachable): the push paths run up to the network call, and the
+folders they would upload are checked file by file.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+import torch
+import yaml
+
+from hf_fsad.benchmark import DatasetSpec, run_benchmark
+from hf_fsad.cli import main
+from hf_fsad.data import load_benchmark
+from hf_fsad.hub import stage_bank, stage_model
+
+SPEC = DatasetSpec(
+    "toy", categories=["stripes"], options={"num_train": 3, "num_test_good": 2, "num_test_anomalous": 2}
+)
+
+
+@pytest.fixture(scope="module")
+def benchmarked(tmp_path_factory, saved_winclip_dir):
+    from transformers import AutoModel
+
+    out = tmp_path_factory.mktemp("bench")
+    run_benchmark(
+        {"winclip": AutoModel.from_pretrained(saved_winclip_dir)},
+        [SPEC],
+        ks=[1, 2],
+        seeds=[0, 1],
+        out_dir=out,
+    )
+    return out / "results.json"
+
+
+def _front_matter(readme: str) -> dict:
+    match = re.match(r"---\n(.*?)\n---\n", readme, re.DOTALL)
+    assert match, "the card has no YAML front matter"
+    return yaml.safe_load(match.group(1))
+
+
+def test_model_card_model_index_matches_results_json(benchmarked, saved_winclip_dir, tmp_path):
+    import json
+
+    folder = stage_model(saved_winclip_dir, tmp_path / "upload", "someone/winclip-stripes", benchmarked)
+    front = _front_matter((folder / "README.md").read_text())
+    assert front["library_name"] == "hf_fsad" and "hf_fsad-winclip" in front["tags"]
+    (index,) = front["model-index"]
+    reported = {
+        (result["dataset"]["name"], result["dataset"]["config"], metric["type"]): metric["value"]
+        for result in index["results"]
+        for metric in result["metrics"]
+    }
+    cells = json.loads(benchmarked.read_text())["cells"]
+    for k in (1, 2):
+        for metric in ("image_auroc", "pixel_auroc", "pixel_aupro"):
+            expected = statistics.fmean(c["metrics"][metric] for c in cells if c["k"] == k)
+            assert reported[("toy", f"{k}-shot", metric)] == pytest.approx(100 * expected, abs=0.005)
+    assert (
+        "WinCLIP: Zero-/Few-Shot Anomaly Classification and Segmentation"
+        in (folder / "README.md").read_text()
+    )
+
+
+def test_the_usage_snippet_runs_against_the_local_directory(saved_winclip_dir, tmp_path):
+    folder = stage_model(saved_winclip_dir, tmp_path / "upload", str(tmp_path / "upload"))
+    readme = (folder / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", readme, re.DOTALL)
+    data = load_benchmark("toy", category="stripes", num_train=2, num_test_good=1, num_test_anomalous=1)
+    namespace = {
+        "normal_images": [image.convert("RGB") for image in data["train"]["image"]],
+        "images": [image.convert("RGB") for image in data["test"]["image"]],
+    }
+    exec(snippet, namespace)  # noqa: S102  (the test runs the card's own snippet)
+    assert isinstance(namespace["scores"], torch.Tensor) and namespace["scores"].shape == (2,)
+
+
+def test_push_stages_exactly_the_model_and_its_card_and_reports_the_offline_failure(
+    saved_winclip_dir, tmp_path, capsys
+):
+    from pathlib import Path
+
+    staged = tmp_path / "staged"
+    assert main(["push", saved_winclip_dir, "someone/winclip", "--dry-run", str(staged)]) == 0
+    model_files = {path.name for path in Path(saved_winclip_dir).iterdir() if path.name != "README.md"}
+    assert {path.name for path in staged.iterdir()} == model_files | {"README.md"}
+    assert main(["push", saved_winclip_dir, "someone/winclip", "--dry-run", str(staged)]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert main(["push", saved_winclip_dir, "someone/winclip"]) == 1  # offline: the real call fails
+    error = capsys.readouterr().err
+    assert "upload to someone/winclip failed" in error and "hf_" not in error.replace("hf_fsad", "")
+
+
+def test_push_bank_stages_the_bank_with_a_readme(saved_winclip_dir, tmp_path):
+    from transformers import AutoModel
+
+    from hf_fsad.modeling_base import ReferenceBank
+
+    model = AutoModel.from_pretrained(saved_winclip_dir)
+    bank = model.build_reference_bank(torch.randn(2, 3, 240, 240), class_name="bottle")
+    bank.save(tmp_path / "bottle.safetensors")
+    folder = stage_bank(tmp_path / "bottle.safetensors", tmp_path / "upload")
+    assert {path.name for path in folder.iterdir()} == {"bottle.safetensors", "README.md"}
+    readme = (folder / "README.md").read_text()
+    assert (
+        _front_matter(readme)["tags"][-1] == "hf_fsad-winclip" and "2 reference images for `bottle`" in readme
+    )
+    assert ReferenceBank.load(folder / "bottle.safetensors").config_hash == bank.config_hash
+    with pytest.raises(ValueError, match="not an hf_fsad reference bank"):
+        (tmp_path / "fake.safetensors").write_bytes(b"nope")
+        stage_bank(tmp_path / "fake.safetensors", tmp_path / "other")
