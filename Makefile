@@ -13,7 +13,7 @@ CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers]'
+	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers,space]'
 	touch $@
 
 $(CONVERT_VENV)/.installed: pyproject.toml
@@ -37,7 +37,7 @@ test-convert: install-convert
 test: test-core test-convert
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks training spaces
 
 clean:
 	rm -rf $(VENV) $(CONVERT_VENV) demo_output

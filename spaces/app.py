@@ -1,0 +1,223 @@
+"""hf_fsad in a web page: pick a method or model, upload normal references and queries, see where the defects are.
+
+    python spaces/app.py [--model DIR_OR_HUB_ID ...] [--port 7860]
+
+One pipeline per model serves every user (models are stateless: references live in the per-request bank).
+Methods come from `hf_fsad.registry`, so a new method appears here without editing this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+import hf_fsad  # noqa: F401  (registers the methods)
+from hf_fsad.cli import load_method
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.registry import METHODS
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch16"
+MAX_SIDE = 8192  # larger uploads are refused rather than silently downscaled
+_PIPELINES: dict[str, object] = {}
+
+
+def method_choices(models: list[str]) -> list[str]:
+    """The models given at launch, then a fresh model of every registered method on the default CLIP."""
+    return [*models, *(f"{method}@{DEFAULT_CLIP}" for method in METHODS)]
+
+
+def get_pipeline(source: str):
+    """The pipeline of `source` (a saved model directory, a Hub id, or METHOD@CLIP), loaded once."""
+    from transformers import pipeline
+
+    if not source or not source.strip():
+        raise gr.Error("Choose a model: a saved model directory, a Hub id, or METHOD@CLIP.")
+    source = source.strip()
+    if source not in _PIPELINES:
+        try:
+            model = load_method(source).eval()
+        except Exception as error:  # noqa: BLE001  (any loading failure becomes a message for the user)
+            hint = (
+                "a local directory must hold a saved hf_fsad model"
+                if Path(source.split("@")[-1]).exists()
+                else "Hub ids need network access to huggingface.co (or a local copy in the cache)"
+            )
+            raise gr.Error(f"Could not load {source}: {type(error).__name__}: {error} ({hint}).") from None
+        _PIPELINES[source] = pipeline(
+            "image-anomaly-detection", model=model, image_processor=model.image_processor()
+        )
+    return _PIPELINES[source]
+
+
+def read_images(files: list | None, what: str) -> list[tuple[str, Image.Image]]:
+    """(name, RGB image) per uploaded file; a file that is not a usable image stops with a gr.Error."""
+    images = []
+    for file in files or []:
+        path = Path(file if isinstance(file, str) else file.name)
+        try:
+            with Image.open(path) as image:
+                if max(image.size) > MAX_SIDE:
+                    raise gr.Error(
+                        f"{what} {path.name} is {image.size[0]}x{image.size[1]} pixels; the limit is {MAX_SIDE} per "
+                        "side. Downscale it and upload again."
+                    )
+                images.append((path.name, image.convert("RGB")))
+        except (UnidentifiedImageError, OSError):
+            raise gr.Error(
+                f"{what} {path.name} is not an image: upload PNG, JPEG, BMP or TIFF files."
+            ) from None
+    return images
+
+
+def annotate(image: Image.Image, anomaly_map: np.ndarray, threshold: float) -> Image.Image:
+    """The image with the region where the map reaches `threshold` outlined in red."""
+    region = anomaly_map >= threshold
+    annotated = image.convert("RGB").copy()
+    if region.any():
+        edge = region & ~(
+            np.roll(region, 1, 0) & np.roll(region, -1, 0) & np.roll(region, 1, 1) & np.roll(region, -1, 1)
+        )
+        pixels = np.asarray(annotated).copy()
+        pixels[edge] = (255, 0, 0)
+        annotated = Image.fromarray(pixels)
+        draw = ImageDraw.Draw(annotated)
+        ys, xs = np.nonzero(region)
+        draw.rectangle([xs.min(), ys.min(), xs.max(), ys.max()], outline=(255, 0, 0), width=2)
+    return annotated
+
+
+def detect(
+    source,
+    reference_files,
+    class_name,
+    query_files,
+    threshold,
+    bank_file,
+    progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
+):
+    """Score the queries; returns heatmaps, annotated images, per-query results, branch scores, the bank."""
+    pipe = get_pipeline(source)
+    model = pipe.model
+    queries = read_images(query_files, "Query")
+    if not queries:
+        raise gr.Error("Upload at least one query image to score.")
+    references = read_images(reference_files, "Reference")
+    progress(0.1, desc="building the reference bank")
+    if bank_file:
+        try:
+            bank = model.check_bank(
+                ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
+            )
+        except (ValueError, TypeError) as error:
+            raise gr.Error(f"The uploaded bank cannot be used: {error}") from None
+    else:
+        try:
+            bank = pipe.build_reference_bank([image for _, image in references] or None, class_name or None)
+        except ValueError as error:
+            raise gr.Error(
+                f"{error} Upload normal reference images (or a saved bank) for this method."
+            ) from None
+    heatmaps, annotated, results, branches = [], [], [], []
+    for index, (name, image) in enumerate(queries):
+        progress(0.2 + 0.8 * index / len(queries), desc=f"scoring {name}")
+        result = pipe(image, reference_bank=bank)
+        verdict = "fail" if result["score"] >= threshold else "pass"
+        results.append(
+            {
+                "image": name,
+                "score": result["score"],
+                "verdict": verdict,
+                "branch_scores": result["branch_scores"],
+            }
+        )
+        branches += [
+            {"query": name, "branch": branch, "score": value}
+            for branch, value in result["branch_scores"].items()
+        ]
+        if result["heatmap"] is not None:
+            heatmaps.append((result["heatmap"], f"{name}: {result['score']:.3f} ({verdict})"))
+            annotated.append((annotate(image, result["anomaly_map"], threshold), name))
+    bank_path = Path(tempfile.mkdtemp()) / f"{bank.class_name.replace(' ', '_')}-bank.safetensors"
+    bank.save(bank_path)
+    return (
+        heatmaps,
+        annotated,
+        results,
+        pd.DataFrame(branches, columns=["query", "branch", "score"]),
+        str(bank_path),
+    )
+
+
+def toy_examples(folder: Path) -> list[list]:
+    """Example inputs from the toy generator (two normal references and a defective query), as files."""
+    from hf_fsad.data.toy import toy_records
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = toy_records("weave", num_train=2, num_test_good=0, num_test_anomalous=1, seed=4)
+    paths = []
+    for index, record in enumerate(records["train"] + records["test"]):
+        path = folder / f"toy_weave_{index}.png"
+        record.image.save(path)
+        paths.append(str(path))
+    return [[paths[:2], "fabric", paths[2:]]]
+
+
+def build_app(models: list[str] | None = None) -> gr.Blocks:
+    choices = method_choices(models or [])
+    with gr.Blocks(title="hf_fsad: few-shot anomaly detection") as app:
+        gr.Markdown(
+            "# Few-shot anomaly detection\nUpload a few normal images of a part and the images to check. "
+            "Choose a saved model, a Hub id, or METHOD@CLIP for a fresh method (no training needed for "
+            "WinCLIP)."
+        )
+        with gr.Row():
+            with gr.Column():
+                source = gr.Dropdown(choices, value=choices[0], allow_custom_value=True, label="Model")
+                references = gr.File(
+                    file_count="multiple", file_types=["image"], label="Normal references (k)"
+                )
+                class_name = gr.Textbox(label="Class name", placeholder="e.g. bottle")
+                queries = gr.File(file_count="multiple", file_types=["image"], label="Query images")
+                threshold = gr.Slider(
+                    0, 1, value=0.5, step=0.01, label="Threshold (score >= threshold: fail)"
+                )
+                bank_in = gr.File(file_types=[".safetensors"], label="Load a reference bank (optional)")
+                button = gr.Button("Detect", variant="primary")
+            with gr.Column():
+                heatmaps = gr.Gallery(label="Heatmaps", format="png")
+                annotated = gr.Gallery(label="Thresholded regions", format="png")
+                results = gr.JSON(label="Scores")
+                branches = gr.BarPlot(x="branch", y="score", color="query", label="Branch scores")
+                bank_out = gr.File(label="Save the reference bank")
+        button.click(
+            detect,
+            [source, references, class_name, queries, threshold, bank_in],
+            [heatmaps, annotated, results, branches, bank_out],
+            api_name="detect",
+        )
+        gr.Examples(
+            toy_examples(Path(tempfile.gettempdir()) / "hf_fsad_space_examples"),
+            [references, class_name, queries],
+        )
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model", nargs="*", default=[], help="saved model directories or Hub ids to offer first"
+    )
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    args = parser.parse_args()
+    build_app(args.model).queue().launch(server_port=args.port)
+
+
+if __name__ == "__main__":
+    main()
