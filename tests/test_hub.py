@@ -114,3 +114,19 @@ def test_push_bank_stages_the_bank_with_a_readme(saved_winclip_dir, tmp_path):
     with pytest.raises(ValueError, match="not an hf_fsad reference bank"):
         (tmp_path / "fake.safetensors").write_bytes(b"nope")
         stage_bank(tmp_path / "fake.safetensors", tmp_path / "other")
+
+
+def test_push_space_stages_the_app_its_front_matter_and_the_package(tmp_path):
+    staged = tmp_path / "space"
+    assert main(["push-space", "someone/hf-fsad-demo", "--dry-run", str(staged)]) == 0
+    assert {path.name for path in staged.iterdir()} == {"app.py", "README.md", "requirements.txt", "package"}
+    front = _front_matter((staged / "README.md").read_text())
+    assert front["sdk"] == "gradio" and str(front["sdk_version"]).startswith("6.")
+    assert (staged / front["app_file"]).is_file() and str(front["python_version"]).startswith("3.")
+    assert (staged / "requirements.txt").read_text().split() == ["./package[space]"]
+    package = staged / "package"
+    assert (
+        'name = "hf-fsad"' in (package / "pyproject.toml").read_text() and (package / "README.md").is_file()
+    )
+    assert (package / "src" / "hf_fsad" / "hub.py").is_file()
+    assert not list(package.rglob("__pycache__"))

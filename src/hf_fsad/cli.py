@@ -1,4 +1,4 @@
-"""`hf-fsad` command line: score, fit, benchmark, convert, demo, push, push-bank."""
+"""`hf-fsad` command line: score, fit, benchmark, convert, demo, push, push-bank, push-space."""
 
 from __future__ import annotations
 
@@ -243,6 +243,12 @@ def push_bank(args: argparse.Namespace) -> int:
     return _push(args, lambda folder: stage_bank(args.bank, folder))
 
 
+def push_space(args: argparse.Namespace) -> int:
+    from hf_fsad.hub import stage_space
+
+    return _push(args, stage_space, repo_type="space")
+
+
 def convert(args: argparse.Namespace) -> int:
     from hf_fsad.backbones.convert import convert_open_clip
 
@@ -403,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     bank_parser = commands.add_parser("push-bank", help="upload a reference bank (.safetensors) to the Hub")
     bank_parser.add_argument("bank", help="a bank saved with --save-bank or ReferenceBank.save")
     bank_parser.add_argument("repo_id", help="Hub model repo, e.g. user/bottle-bank")
-    for parser_ in (push_parser, bank_parser):
+    space_parser = commands.add_parser(
+        "push-space", help="upload the Gradio Space (spaces/) with the package"
+    )
+    space_parser.add_argument("repo_id", help="Hub Space repo, e.g. user/hf-fsad-demo")
+    space_parser.set_defaults(handler=push_space)
+    for parser_ in (push_parser, bank_parser, space_parser):
         parser_.add_argument("--private", action="store_true")
         parser_.add_argument("--dry-run", metavar="DIR", help="only build the upload folder in DIR")
     push_parser.set_defaults(handler=push)

@@ -1,5 +1,5 @@
 """The Hugging Face Hub: model cards (with benchmark results as `model-index`), and the exact folders that
-`hf-fsad push` / `hf-fsad push-bank` upload.
+`hf-fsad push` / `hf-fsad push-bank` / `hf-fsad push-space` upload.
 
 Uploads go through `huggingface_hub` with its usual credentials (`hf auth login` or `HF_TOKEN`); tokens are
 never read or printed here. Every push first builds its folder (`stage_*`), so `--dry-run DIR` shows exactly
@@ -168,10 +168,35 @@ def stage_bank(bank_file: str | os.PathLike, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def stage_space(folder: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+    """The folder `hf-fsad push-space` uploads: the Space (app.py, README.md with its front matter,
+    requirements.txt) from the repository's `spaces/`, and the hf_fsad package in `package/` (pyproject,
+    README, src), which requirements.txt installs (`./package[space]`): the package is not on PyPI."""
+    root = Path(source) if source else Path(__file__).resolve().parents[2]
+    space = root / "spaces"
+    needed = [space / "app.py", space / "README.md", space / "requirements.txt", root / "pyproject.toml"]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        raise ValueError(
+            f"Cannot stage the Space: missing {missing} (run from a checkout of the hf_fsad repository)."
+        )
+    folder = _fresh_folder(folder)
+    for path in needed[:3]:
+        shutil.copy2(path, folder / path.name)
+    package = folder / "package"
+    package.mkdir()
+    shutil.copy2(root / "pyproject.toml", package / "pyproject.toml")
+    shutil.copy2(root / "README.md", package / "README.md")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    shutil.copytree(root / "src", package / "src", ignore=ignore)
+    return folder
+
+
 def upload(folder: str | os.PathLike, repo_id: str, repo_type: str = "model", private: bool = False) -> str:
     """Create `repo_id` if needed and upload `folder`; returns the commit URL. Credentials: huggingface_hub's."""
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    space_sdk = {"space_sdk": "gradio"} if repo_type == "space" else {}
+    api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **space_sdk)
     return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type))
