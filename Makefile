@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert demo test test-core test-convert lint clean
+.PHONY: install install-convert demo test test-core test-convert e2e lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-convert: install-convert
 	$(CONVERT_VENV)/bin/python -m pytest -q -m convert
 
 test: test-core test-convert
+
+# The Space in headless Chromium (also part of test-core); refreshes the screenshot in the docs.
+e2e: install
+	HF_FSAD_SCREENSHOT=docs/space_screenshot.png $(VENV)/bin/python -m pytest -q -m e2e
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks training spaces

@@ -79,3 +79,42 @@ def test_bad_uploads_say_what_to_do(client, saved_winclip_dir, tmp_path):
         client.predict(
             str(tmp_path / "missing"), [], "fabric", [upload(broken)], 0.5, None, api_name="/detect"
         )
+
+
+@pytest.mark.e2e
+def test_a_real_browser_uploads_references_and_a_query_and_sees_the_heatmap(
+    client, saved_winclip_dir, tmp_path
+):
+    """Headless Chromium (Debian's `chromium`; Playwright drives it, its own browser download is not used)
+    fills the page, clicks Detect and waits for the heatmap. The screenshot goes to $HF_FSAD_SCREENSHOT when
+    set (`make e2e` writes docs/space_screenshot.png)."""
+    import shutil
+
+    playwright = pytest.importorskip(
+        "playwright.sync_api", reason="Playwright (the dev extra) drives the browser"
+    )
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    references, class_name, queries = space.toy_examples(tmp_path)[0]
+    screenshot = Path(os.environ.get("HF_FSAD_SCREENSHOT") or tmp_path / "space.png")
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.goto(client.src)
+        page.get_by_label("Model").fill(saved_winclip_dir)
+        page.keyboard.press("Enter")
+        uploads = page.locator("input[type=file]")
+        uploads.nth(0).set_input_files(references)
+        page.get_by_label("Class name").fill(class_name)
+        uploads.nth(1).set_input_files(queries)
+        page.get_by_role("button", name="Detect").click()
+        heatmap = page.locator(
+            "img[src*='heatmap'], .gallery-item img, [data-testid='detailed-image'] img"
+        ).first
+        heatmap.wait_for(state="visible", timeout=120_000)
+        page.get_by_text("verdict").first.wait_for(timeout=30_000)
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    assert screenshot.stat().st_size > 10_000
