@@ -67,6 +67,26 @@ def test_model_card_model_index_matches_results_json(benchmarked, saved_winclip_
     )
 
 
+def test_push_keeps_the_training_runs_card_details(saved_winclip_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModel
+
+    from hf_fsad.hub import model_card, write_model_card
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(saved_winclip_dir, model_dir)
+    model = AutoModel.from_pretrained(model_dir)
+    write_model_card(
+        model_dir, model_card(model, "openai/clip-vit-base-patch16", ["mvtec_ad"], "Trained for 3 steps.")
+    )
+    folder = stage_model(model_dir, tmp_path / "upload", "someone/winclip")
+    readme = (folder / "README.md").read_text()
+    front = _front_matter(readme)
+    assert front["base_model"] == "openai/clip-vit-base-patch16" and front["datasets"] == ["mvtec_ad"]
+    assert "## Training\n\nTrained for 3 steps." in readme
+
+
 def test_the_usage_snippet_runs_against_the_local_directory(saved_winclip_dir, tmp_path):
     folder = stage_model(saved_winclip_dir, tmp_path / "upload", str(tmp_path / "upload"))
     readme = (folder / "README.md").read_text()

@@ -139,12 +139,13 @@ def stage_model(
     model = AutoModel.from_pretrained(model_dir)
     results = json.loads(Path(results_file).read_text()) if results_file else None
     existing = model_dir / "README.md"
-    training = None
-    if existing.is_file():
-        training = ModelCard.load(existing).text.partition("## Training")[2].strip() or None
-    write_model_card(
-        folder, model_card(model, results=results, method=method, repo=repo_id, training=training)
-    )
+    base_model, datasets, training = None, None, None
+    if existing.is_file():  # keep what the training run wrote: base model, datasets, training summary
+        card = ModelCard.load(existing)
+        base_model, datasets = card.data.base_model, card.data.datasets
+        training = card.text.partition("## Training")[2].strip() or None
+    card = model_card(model, base_model, datasets, training, results=results, method=method, repo=repo_id)
+    write_model_card(folder, card)
     return folder
 
 
