@@ -16,12 +16,14 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.cli import load_method
 from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.registry import METHODS
+from hf_fsad.visualization import mask_array
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 MAX_SIDE = 8192  # larger uploads are refused rather than silently downscaled
@@ -93,6 +95,40 @@ def annotate(image: Image.Image, anomaly_map: np.ndarray, threshold: float) -> I
     return annotated
 
 
+def build_bank(model, references, anomalous_files, mask_files, class_name) -> ReferenceBank:
+    """The bank from the uploaded normal references and, for methods that use them, anomalous references
+    with optional masks (in the same order)."""
+    processor = model.image_processor()
+
+    def pixels(images):
+        return processor([image for _, image in images], return_tensors="pt").pixel_values if images else None
+
+    extra = {}
+    anomalous = read_images(anomalous_files, "Anomalous reference")
+    if anomalous:
+        if not model.needs_anomalous_references:
+            raise gr.Error(
+                f"{model.config.model_type} does not use anomalous references: remove them, or pick a method "
+                "that learns from defective samples (anomalous_memory)."
+            )
+        extra["anomalous_pixel_values"] = pixels(anomalous)
+        masks = read_images(mask_files, "Mask")
+        if masks:
+            if len(masks) != len(anomalous):
+                raise gr.Error(
+                    f"{len(masks)} masks for {len(anomalous)} anomalous references: give one mask per image, in "
+                    "the same order, or none."
+                )
+            size = model.config.image_size
+            extra["anomalous_masks"] = torch.from_numpy(
+                np.stack([mask_array(mask, size) for _, mask in masks])
+            )
+    try:
+        return model.build_reference_bank(pixels(references), class_name=class_name, **extra)
+    except ValueError as error:
+        raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
+
+
 def detect(
     source,
     reference_files,
@@ -100,6 +136,8 @@ def detect(
     query_files,
     threshold,
     bank_file,
+    anomalous_files=None,
+    mask_files=None,
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
 ):
     """Score the queries; returns heatmaps, annotated images, per-query results, branch scores, the bank."""
@@ -118,12 +156,7 @@ def detect(
         except (ValueError, TypeError) as error:
             raise gr.Error(f"The uploaded bank cannot be used: {error}") from None
     else:
-        try:
-            bank = pipe.build_reference_bank([image for _, image in references] or None, class_name or None)
-        except ValueError as error:
-            raise gr.Error(
-                f"{error} Upload normal reference images (or a saved bank) for this method."
-            ) from None
+        bank = build_bank(model, references, anomalous_files, mask_files, class_name or None)
     heatmaps, annotated, results, branches = [], [], [], []
     for index, (name, image) in enumerate(queries):
         progress(0.2 + 0.8 * index / len(queries), desc=f"scoring {name}")
@@ -169,6 +202,26 @@ def toy_examples(folder: Path) -> list[list]:
     return [[paths[:2], "fabric", paths[2:]]]
 
 
+def elpv_examples(folder: Path) -> list[list]:
+    """Two normal solar cells and a defective one from ELPV when the `elpv` extra is installed; else none."""
+    from hf_fsad.data import load_benchmark
+
+    try:
+        data = load_benchmark("elpv")
+    except ImportError:
+        return []
+    test = data["test"]
+    query = test[test["label"].index(1)]
+    normals = [row for row in data["train"] if row["category"] == query["category"]][:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, row in enumerate([*normals, query]):
+        path = folder / f"elpv_{index}.png"
+        row["image"].convert("RGB").save(path)
+        paths.append(str(path))
+    return [[paths[:2], "solar cell", paths[2:]]]
+
+
 def build_app(models: list[str] | None = None) -> gr.Blocks:
     choices = method_choices(models or [])
     with gr.Blocks(title="hf_fsad: few-shot anomaly detection") as app:
@@ -189,6 +242,13 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                     0, 1, value=0.5, step=0.01, label="Threshold (score >= threshold: fail)"
                 )
                 bank_in = gr.File(file_types=[".safetensors"], label="Load a reference bank (optional)")
+                with gr.Accordion("Defective references (methods that learn from them)", open=False):
+                    anomalous = gr.File(
+                        file_count="multiple", file_types=["image"], label="Anomalous references"
+                    )
+                    masks = gr.File(
+                        file_count="multiple", file_types=["image"], label="Their masks (same order)"
+                    )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():
                 heatmaps = gr.Gallery(label="Heatmaps", format="png")
@@ -198,14 +258,12 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
             detect,
-            [source, references, class_name, queries, threshold, bank_in],
+            [source, references, class_name, queries, threshold, bank_in, anomalous, masks],
             [heatmaps, annotated, results, branches, bank_out],
             api_name="detect",
         )
-        gr.Examples(
-            toy_examples(Path(tempfile.gettempdir()) / "hf_fsad_space_examples"),
-            [references, class_name, queries],
-        )
+        examples = Path(tempfile.gettempdir()) / "hf_fsad_space_examples"
+        gr.Examples(toy_examples(examples) + elpv_examples(examples), [references, class_name, queries])
     return app
 
 

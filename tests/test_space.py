@@ -42,7 +42,7 @@ def test_scores_through_the_api_match_the_model(client, saved_winclip_dir, tmp_p
     upload = gradio_client.handle_file
     heatmaps, annotated, results, _branch_plot, bank = client.predict(
         saved_winclip_dir, [upload(p) for p in references], class_name, [upload(p) for p in queries], 0.5, None,
-        api_name="/detect",
+        None, None, api_name="/detect",
     )  # fmt: skip
     model = AutoModel.from_pretrained(saved_winclip_dir)
     processor = model.image_processor()
@@ -72,13 +72,66 @@ def test_bad_uploads_say_what_to_do(client, saved_winclip_dir, tmp_path):
     broken.write_bytes(b"this is not an image")
     upload = gradio_client.handle_file
     with pytest.raises(gradio_client.exceptions.AppError, match="notes.png is not an image"):
-        client.predict(saved_winclip_dir, [], "fabric", [upload(broken)], 0.5, None, api_name="/detect")
+        client.predict(
+            saved_winclip_dir, [], "fabric", [upload(broken)], 0.5, None, None, None, api_name="/detect"
+        )
     with pytest.raises(gradio_client.exceptions.AppError, match="at least one query"):
-        client.predict(saved_winclip_dir, [], "fabric", [], 0.5, None, api_name="/detect")
+        client.predict(saved_winclip_dir, [], "fabric", [], 0.5, None, None, None, api_name="/detect")
     with pytest.raises(gradio_client.exceptions.AppError, match="Could not load"):
         client.predict(
             str(tmp_path / "missing"), [], "fabric", [upload(broken)], 0.5, None, api_name="/detect"
         )
+
+
+def test_examples_come_from_the_toy_generator_and_elpv(tmp_path):
+    (toy,) = space.toy_examples(tmp_path)
+    (elpv,) = space.elpv_examples(tmp_path)  # the elpv extra is part of `make install`
+    for references, _, queries in (toy, elpv):
+        assert len(references) == 2 and len(queries) == 1
+        assert all(Image.open(path).size[0] > 0 for path in [*references, *queries])
+    assert elpv[1] == "solar cell"
+
+
+def test_defective_references_with_masks_reach_methods_that_use_them(client, saved_winclip_dir, tmp_path):
+    import numpy as np
+
+    from hf_fsad.data.toy import toy_records
+    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+    from hf_fsad.visualization import mask_array
+
+    torch.manual_seed(0)
+    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    model.save_pretrained(tmp_path / "memory")
+    records = toy_records("weave", num_train=1, num_test_good=1, num_test_anomalous=2, seed=6)
+    paths = {}
+    for name, image in [("normal", records["train"][0].image), ("defect", records["test"][1].image),
+                        ("mask", records["test"][1].mask), ("query", records["test"][2].image)]:  # fmt: skip
+        paths[name] = tmp_path / f"{name}.png"
+        image.save(paths[name])
+    upload = gradio_client.handle_file
+    results = client.predict(
+        str(tmp_path / "memory"), [upload(paths["normal"])], "fabric", [upload(paths["query"])], 0.5, None,
+        [upload(paths["defect"])], [upload(paths["mask"])], api_name="/detect",
+    )[2]  # fmt: skip
+    processor = model.image_processor()
+    pixels = lambda name: (
+        processor([Image.open(paths[name]).convert("RGB")], return_tensors="pt").pixel_values
+    )
+    mask = torch.from_numpy(np.stack([mask_array(Image.open(paths["mask"]), model.config.image_size)]))
+    with torch.no_grad():
+        bank = model.build_reference_bank(
+            pixels("normal"), "fabric", anomalous_pixel_values=pixels("defect"), anomalous_masks=mask
+        )
+        expected = model(pixels("query"), reference_bank=bank).image_scores.item()
+    assert results[0]["score"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(gradio_client.exceptions.AppError, match="does not use anomalous references"):
+        client.predict(
+            saved_winclip_dir, [upload(paths["normal"])], "fabric", [upload(paths["query"])], 0.5, None,
+            [upload(paths["defect"])], None, api_name="/detect",
+        )  # fmt: skip
 
 
 @pytest.mark.e2e
