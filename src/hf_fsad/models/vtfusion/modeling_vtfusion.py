@@ -189,6 +189,8 @@ class VtFusionModel(FsadPreTrainedModel):
     config_class = VtFusionConfig
     # The benchmark runner fits a copy of the model on each cell's normal references.
     fits_per_category = True
+    # The fitted prototypes are saved with the model: its bank needs no references.
+    saves_its_references = True
 
     def __init__(self, config: VtFusionConfig):
         super().__init__(config)
