@@ -412,7 +412,7 @@ def _run_cell(
     size = model.config.image_size
     class_name = class_name_for(split.dataset, split.category)
     bank_inputs = {"class_name": class_name}
-    fit_seconds = None
+    fit_seconds, generated = None, 0
     if getattr(model, "fits_per_category", False):
         model = copy.deepcopy(model)
         normals = split.train.select(row_indices(split.train, manifest.image_ids))["image"]
@@ -425,6 +425,7 @@ def _run_cell(
         if generated_references is not None:
             normals = split.train.select(rows)["image"]
             extra = generated_references.features(model, normals, class_name, seed, batch_size)
+            generated = generated_references.count
             features = {
                 name: torch.cat([tensor, extra[name].to(tensor.device)]) for name, tensor in features.items()
             }
@@ -456,7 +457,7 @@ def _run_cell(
         "anomalous_ids": anomalous_ids,
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
-        "generated_references": generated_references.count if generated_references and k > 0 else 0,
+        "generated_references": generated,
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
