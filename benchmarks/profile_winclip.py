@@ -57,7 +57,7 @@ def profile(layers: int, repeats: int, batch_size: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     references = torch.randn(2, 3, size, size, generator=generator)
     queries = torch.randn(batch_size, 3, size, size, generator=generator)
-    clear_text_cache = model.backbone._text_cache.clear
+    clear_text_cache = model.backbone.clear_text_cache
 
     bare = median_seconds(lambda: model.backbone.clip.vision_model(pixel_values=queries[:1]), repeats)
     bare_batch = median_seconds(lambda: model.backbone.clip.vision_model(pixel_values=queries), repeats)

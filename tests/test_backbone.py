@@ -65,13 +65,29 @@ def test_window_embeddings_match_one_window_at_a_time(backbone):
             torch.testing.assert_close(embeddings[:, window], expected)
 
 
-def test_text_embeddings_are_cached_and_match_clip(backbone):
-    prompts = ["a photo of a screw.", "a photo of a damaged screw."]
+def test_text_embeddings_are_encoded_once_per_prompt_and_match_clip(backbone, monkeypatch):
+    """Each distinct prompt runs through the text tower once (length-sorted batches), and the result equals
+    CLIP's embedding of that prompt alone."""
+    encoded = []
+    original = backbone.clip.get_text_features
+
+    def counting(**tokens):
+        encoded.append(tokens["input_ids"].shape[0])
+        return original(**tokens)
+
+    monkeypatch.setattr(backbone.clip, "get_text_features", counting)
+    prompts = ["a photo of a screw.", "a photo of a damaged screw.", "a photo of a screw.", "screw"]
     first = backbone.encode_text(prompts)
-    assert backbone.encode_text(list(prompts)) is first
-    tokens = backbone.tokenizer(prompts, padding=True, return_tensors="pt")
-    expected = backbone.clip.get_text_features(**tokens).pooler_output
-    torch.testing.assert_close(first, expected)
+    assert sum(encoded) == 3
+    for prompt, embedding in zip(prompts, first):
+        tokens = backbone.tokenizer([prompt], return_tensors="pt")
+        torch.testing.assert_close(embedding, original(**tokens).pooler_output[0])
+    again = backbone.encode_text(["screw", "a photo of a nut."])
+    assert sum(encoded) == 4
+    torch.testing.assert_close(again[0], first[3])
+    backbone.clear_text_cache()
+    backbone.encode_text(["screw"])
+    assert sum(encoded) == 5
 
 
 def test_text_without_tokenizer_explains(backbone):

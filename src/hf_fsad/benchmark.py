@@ -678,7 +678,7 @@ def _profile_model(
     references, queries = pixels[:2], pixels[2 : 2 + batch_size]
 
     def setup():
-        model.backbone._text_cache.clear()
+        model.backbone.clear_text_cache()
         return _profile_bank(model, model.encode_images(references))
 
     setup_seconds = _median_seconds(setup, repeats)

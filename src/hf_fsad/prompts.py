@@ -61,6 +61,22 @@ def state_prompts(
     return [template.format(state.format(class_name.strip())) for state in states for template in templates]
 
 
-def winclip_prompts(class_name: str) -> tuple[list[str], list[str]]:
+def check_templates(templates: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`templates` as a tuple, after checking there is at least one and each has one `{}` for the state."""
+    if not templates:
+        raise ValueError("No prompt templates given: give at least one, e.g. 'a photo of a {}.'.")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"A prompt template needs exactly one '{{}}' for the state, got {template!r}.")
+    return tuple(templates)
+
+
+def winclip_prompts(
+    class_name: str, templates: tuple[str, ...] | list[str] = TEMPLATES
+) -> tuple[list[str], list[str]]:
     """The (normal, anomalous) prompt lists of the WinCLIP ensemble for one class."""
-    return state_prompts(class_name, NORMAL_STATES), state_prompts(class_name, ANOMALOUS_STATES)
+    templates = check_templates(templates)
+    return (
+        state_prompts(class_name, NORMAL_STATES, templates),
+        state_prompts(class_name, ANOMALOUS_STATES, templates),
+    )

@@ -1,21 +1,23 @@
 """One frozen `transformers.CLIPModel` serving every method's feature needs.
 
 A single vision pass per image yields the patch+position embeddings (input of WinCLIP's windows) and the
-raw tokens after any chosen blocks (1-based, as the papers count them). Window embeddings of all windows of
-a scale run as one batch of short sequences; text embeddings of a prompt list are computed once and cached.
+raw tokens after any chosen blocks (1-based, as the papers count them). The windows of all scales run as one
+batch of packed short sequences; each prompt's text embedding is computed once and cached.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 from transformers.masking_utils import create_causal_mask
 
-from ..prompts import winclip_prompts
+from ..prompts import TEMPLATES, winclip_prompts
 from ..scoring import ensemble_text_embedding, window_token_indices
 
 
@@ -42,7 +44,7 @@ class ClipBackbone(nn.Module):
         super().__init__()
         self.clip = CLIPModel(clip_config)
         self.tokenizer = None  # a CLIPTokenizer, attached by the owning model after loading
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
 
     def load_clip_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a `CLIPModel` state dict, also into layers a method wrapped (PEFT LoRA keeps the original
@@ -113,49 +115,86 @@ class ClipBackbone(nn.Module):
         """WinCLIP window embeddings, one (B, W_s, P) tensor per scale.
 
         Each window is CLS + the window's patch embeddings run through every block; its CLS output is
-        normalised and projected. All windows of all images of a scale form one batch; scales have different
-        sequence lengths, so each scale is its own pass (padding them to one length would cost more compute).
+        normalised and projected. The windows of all scales and images run as one batch: shorter windows are
+        packed several to a sequence (see `window_packing`) and a block-diagonal attention mask keeps each
+        window to itself, so no compute goes to padding. The last block computes only the CLS outputs, the
+        only ones used.
         """
+        packing = window_packing(grid_size, tuple(scales))
         batch, _, width = embeddings.shape
-        cls_token, patches = embeddings[:, :1], embeddings[:, 1:]
-        pre_norm = self.clip.vision_model.pre_layrnorm
-        outputs = []
-        for scale in scales:
-            indices = window_token_indices(grid_size, scale).to(embeddings.device)
-            num_windows = indices.shape[0]
-            windows = patches[:, indices]  # (B, W, scale*scale, D)
-            cls_tokens = cls_token.unsqueeze(1).expand(batch, num_windows, 1, width)
-            sequences = torch.cat([cls_tokens, windows], dim=2).reshape(batch * num_windows, -1, width)
-            last, _ = self._run_blocks(pre_norm(sequences))
-            outputs.append(self.project(last[:, 0]).reshape(batch, num_windows, -1))
-        return outputs
+        rows, length = packing.token_index.shape
+        sequences = embeddings[:, packing.token_index.to(embeddings.device)].reshape(
+            batch * rows, length, width
+        )
+        blocked = torch.finfo(embeddings.dtype).min
+        mask = torch.zeros(packing.attend.shape, dtype=embeddings.dtype, device=embeddings.device)
+        mask = mask.masked_fill(~packing.attend.to(embeddings.device), blocked)
+        mask = mask.unsqueeze(1).repeat(batch, 1, 1, 1)  # (B*R, 1, L, L)
+        slots = packing.cls_positions.to(embeddings.device).repeat(batch, 1)  # (B*R, S)
+        cls_outputs = self._window_tower(sequences, mask, slots)
+        projected = self.project(cls_outputs).reshape(batch, rows * slots.shape[1], -1)
+        return [projected[:, order.to(embeddings.device)] for order in packing.window_slots]
+
+    def _window_tower(self, sequences: torch.Tensor, mask: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Packed window sequences (R, L, D) through the vision blocks -> raw CLS outputs (R, S, D)."""
+        *layers, last_layer = self.clip.vision_model.encoder.layers
+        hidden = self.clip.vision_model.pre_layrnorm(sequences)
+        for layer in layers:
+            hidden = layer(hidden, mask)
+        length = sequences.shape[1]
+        query_mask = mask.gather(2, slots[:, None, :, None].expand(-1, 1, -1, length))
+        return _last_block_at(last_layer, hidden, slots, query_mask)
 
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Projected text embeddings (n, P) of `prompts`, computed once per prompt list."""
-        key = tuple(prompts)
-        if not key:
+        """Projected text embeddings (n, P) of `prompts`. Each distinct prompt is encoded once and cached
+        (a saved model keeps the cache, see `text_cache`); new ones run in batches of similar length so
+        little compute goes to padding."""
+        if not prompts:
             raise ValueError("No prompts given to encode.")
         if self.tokenizer is None:
             raise ValueError(
                 "This model has no tokenizer, so it cannot embed prompts. Load it with `from_pretrained` or "
                 "`from_clip` from a directory or Hub repo that holds the CLIP tokenizer files."
             )
-        cached = self._text_cache.get(key)
+        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._text_cache]
+        if missing:
+            self._encode_new_prompts(missing)
         device = self.clip.text_projection.weight.device
-        if cached is None or cached.device != device:
-            tokens = self.tokenizer(list(key), padding=True, truncation=True, return_tensors="pt").to(device)
-            with torch.no_grad():
-                cached = self.clip.get_text_features(**tokens).pooler_output
-            self._text_cache[key] = cached
-        return cached
+        return torch.stack([self._text_cache[prompt] for prompt in prompts]).to(device)
 
-    def state_embeddings(self, class_name: str, normalize_each: bool = True) -> torch.Tensor:
-        """(2, P) WinCLIP ensemble embeddings of the normal and the anomalous state of `class_name` (see
-        `ensemble_text_embedding` for `normalize_each`)."""
+    @torch.no_grad()
+    def _encode_new_prompts(self, prompts: list[str], batch_size: int = 64) -> None:
+        input_ids = self.tokenizer(prompts, truncation=True)["input_ids"]
+        by_length = sorted(range(len(prompts)), key=lambda index: len(input_ids[index]))
+        device = self.clip.text_projection.weight.device
+        for start in range(0, len(prompts), batch_size):
+            batch = by_length[start : start + batch_size]
+            tokens = self.tokenizer.pad(
+                {"input_ids": [input_ids[index] for index in batch]}, return_tensors="pt"
+            ).to(device)
+            embeddings = self.clip.get_text_features(**tokens).pooler_output
+            for index, embedding in zip(batch, embeddings):
+                self._text_cache[prompts[index]] = embedding
+
+    @property
+    def text_cache(self) -> dict[str, torch.Tensor]:
+        """Prompt -> cached projected embedding (P,). Valid for the text weights that computed it (frozen in
+        every method); `FsadPreTrainedModel.save_pretrained` stores it beside the weights."""
+        return self._text_cache
+
+    def clear_text_cache(self) -> None:
+        """Forget every cached prompt embedding (the next `encode_text` computes them anew)."""
+        self._text_cache.clear()
+
+    def state_embeddings(
+        self, class_name: str, normalize_each: bool = True, templates: Sequence[str] = TEMPLATES
+    ) -> torch.Tensor:
+        """(2, P) WinCLIP ensemble embeddings of the normal and the anomalous state of `class_name`, over
+        `templates` (see `ensemble_text_embedding` for `normalize_each`)."""
         return torch.stack(
             [
                 ensemble_text_embedding(self.encode_text(prompts), normalize_each)
-                for prompts in winclip_prompts(class_name)
+                for prompts in winclip_prompts(class_name, templates)
             ]
         )
 
@@ -195,3 +234,80 @@ class ClipBackbone(nn.Module):
         hidden = text_model.final_layer_norm(hidden)
         end = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1) + context.shape[0]
         return self.clip.text_projection(hidden[torch.arange(len(prompts), device=device), end])
+
+
+@dataclass(frozen=True)
+class WindowPacking:
+    """Where every window of every scale sits in the packed batch of `encode_windows`.
+
+    token_index: (R, L) index into an image's [CLS, patch_1 .. patch_N] embeddings for each packed position
+        (padding positions repeat CLS and attend only to themselves).
+    attend: (R, L, L) True where position i may attend to position j (same window).
+    cls_positions: (R, S) position of each window slot's CLS token in its row (S = most windows in a row;
+        rows with fewer repeat their last slot).
+    window_slots: per scale, (W_s,) flat slot index (row * S + slot) of each window, in window order.
+    """
+
+    token_index: torch.Tensor
+    attend: torch.Tensor
+    cls_positions: torch.Tensor
+    window_slots: list[torch.Tensor]
+
+
+@functools.lru_cache(maxsize=16)
+def window_packing(grid_size: tuple[int, int], scales: tuple[int, ...]) -> WindowPacking:
+    """Pack the windows of all `scales` (CLS + scale*scale patches each) into rows as long as the longest
+    window, as many whole windows to a row as fit. Cached: do not modify the result."""
+    if not scales:
+        raise ValueError("No window scales given.")
+    length = 1 + max(scales) ** 2
+    token_rows, segment_rows, cls_rows, placements = [], [], [], []
+    segment = 0
+    for scale in scales:
+        windows = window_token_indices(grid_size, scale) + 1  # CLS is token 0
+        windows = torch.cat([torch.zeros(len(windows), 1, dtype=torch.long), windows], dim=1)
+        size, per_row = windows.shape[1], length // windows.shape[1]
+        first_row = len(token_rows)
+        for start in range(0, len(windows), per_row):
+            chunk = windows[start : start + per_row]
+            padding = length - chunk.numel()
+            token_rows.append(torch.cat([chunk.flatten(), torch.zeros(padding, dtype=torch.long)]))
+            window_ids = torch.arange(segment, segment + len(chunk)).repeat_interleave(size)
+            segment += len(chunk)
+            segment_rows.append(torch.cat([window_ids, -1 - torch.arange(padding)]))
+            cls_rows.append(torch.arange(len(chunk)) * size)
+        placements.append((first_row, per_row, len(windows)))
+    slots_per_row = max(len(row) for row in cls_rows)
+    cls_positions = torch.stack(
+        [torch.cat([row, row[-1:].expand(slots_per_row - len(row))]) for row in cls_rows]
+    )
+    segments = torch.stack(segment_rows)
+    orders = []
+    for first_row, per_row, count in placements:
+        index = torch.arange(count)
+        orders.append((first_row + index // per_row) * slots_per_row + index % per_row)
+    return WindowPacking(
+        token_index=torch.stack(token_rows),
+        attend=segments[:, :, None] == segments[:, None, :],
+        cls_positions=cls_positions,
+        window_slots=orders,
+    )
+
+
+def _last_block_at(
+    layer: nn.Module, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Outputs (B, S, D) of a `CLIPEncoderLayer` at `positions` (B, S) only: their queries attend to every
+    token of their row (under `mask`, (B, 1, S, L) additive), then the MLP runs on those outputs alone."""
+    attention = layer.self_attn
+    residual = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    normed = layer.layer_norm1(hidden)
+
+    def heads(states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
+
+    queries = heads(attention.q_proj(layer.layer_norm1(residual)))
+    keys, values = heads(attention.k_proj(normed)), heads(attention.v_proj(normed))
+    attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scale)
+    outputs = residual + attention.out_proj(attended.transpose(1, 2).flatten(2))
+    return outputs + layer.mlp(layer.layer_norm2(outputs))

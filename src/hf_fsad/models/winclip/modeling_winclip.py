@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...prompts import TEMPLATES
 from ...scoring import (
     class_scores,
     fuse_zero_few_shot,
@@ -31,7 +32,8 @@ class WinClipModel(FsadPreTrainedModel):
 
     def text_embeddings(self, class_name: str) -> torch.Tensor:
         """(2, P) ensemble embeddings of the normal and anomalous states of `class_name`."""
-        return self.backbone.state_embeddings(class_name, self.config.normalize_prompt_embeddings)
+        templates = self.config.prompt_templates or TEMPLATES
+        return self.backbone.state_embeddings(class_name, self.config.normalize_prompt_embeddings, templates)
 
     def feature_spec(self) -> dict:
         return {**super().feature_spec(), "window_scales": self.config.window_scales}
