@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hf_fsad.backbones.clip import window_packing
 from hf_fsad.scoring import window_token_indices
 
 
@@ -94,3 +95,61 @@ def test_text_without_tokenizer_explains(backbone):
     backbone.tokenizer = None
     with pytest.raises(ValueError, match="no tokenizer"):
         backbone.encode_text(["a photo of a screw."])
+
+
+def test_window_packing_fills_rows_without_padding_for_the_papers_scales():
+    """Scales 2 and 3 (5- and 10-token windows): two scale-2 windows share a row, every position is a
+    window token, and each window attends exactly to its own tokens."""
+    packing = window_packing((15, 15), (2, 3))
+    assert packing.token_index.shape == (98 + 169, 10)
+    assert packing.attend.sum(dim=(1, 2)).tolist() == [2 * 25] * 98 + [100] * 169
+    first_pair = packing.attend[0]
+    assert first_pair[:5, :5].all() and not first_pair[:5, 5:].any() and first_pair[5:, 5:].all()
+    assert packing.token_index[0].tolist() == [0, 1, 2, 16, 17, 0, 2, 3, 17, 18]  # CLS + 2x2 windows
+    assert packing.window_slots[0][:3].tolist() == [0, 1, 2] and packing.window_slots[1][0] == 98 * 2
+
+
+def test_window_packing_pads_rows_that_windows_do_not_fill():
+    """Scales 1 and 2 (2 and 5 tokens): two 2-token windows per 5-token row, the fifth position padding
+    that attends only to itself."""
+    packing = window_packing((3, 3), (1, 2))
+    assert packing.token_index.shape == (5 + 4, 5)
+    assert packing.attend[0, 4].tolist() == [False, False, False, False, True]
+    assert packing.attend[4].sum() == 2 * 2 + 3  # the last scale-1 row: one window and 3 padding tokens
+    assert len(packing.window_slots[0]) == 9 and len(packing.window_slots[1]) == 4
+
+
+def test_text_cache_survives_save_and_load(tiny_winclip, tmp_path, monkeypatch):
+    """A saved model keeps the prompt embeddings it computed; the loaded one does not run the text tower
+    for them and gives the same state embeddings."""
+    expected = tiny_winclip.text_embeddings("screw")
+    tiny_winclip.save_pretrained(tmp_path)
+    assert (tmp_path / "text_embeddings.safetensors").is_file()
+    loaded = type(tiny_winclip).from_pretrained(tmp_path)
+
+    def no_text_tower(**tokens):
+        raise AssertionError("the text tower ran for a cached prompt")
+
+    monkeypatch.setattr(loaded.backbone.clip, "get_text_features", no_text_tower)
+    torch.testing.assert_close(loaded.text_embeddings("screw"), expected, rtol=0, atol=0)
+    with pytest.raises(AssertionError, match="text tower ran"):
+        loaded.text_embeddings("nut")
+
+
+def test_text_cache_file_of_another_kind_is_refused(backbone, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"weights": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a text-embedding cache"):
+        backbone.load_text_cache(tmp_path / "other.safetensors")
+
+
+@pytest.mark.slow
+def test_compiled_passes_match_eager(tiny_winclip):
+    """`torch.compile` (weights frozen in) computes the same features as the eager passes."""
+    pixels = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        expected = tiny_winclip.encode_images(pixels)
+        compiled = tiny_winclip.compile_backbone().encode_images(pixels)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-4, atol=1e-5)

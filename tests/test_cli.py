@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +186,36 @@ def test_directories_expand_to_images_only(tmp_path):
         "sub/c.tif",
         "notes.txt",
     ]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_results(saved_winclip_dir, toy_files, tmp_path):
+    """torchrun with 2 CPU processes: each scores its share, the joined file equals one process's output
+    (order kept; a repeated input and an unreadable file reported once, by the process that met it)."""
+    root, queries = toy_files
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    inputs = [*map(str, queries[:2]), str(broken), str(queries[1]), *map(str, queries[2:])]
+
+    def run(launcher: list[str], name: str) -> tuple[list[dict], str]:
+        output = tmp_path / f"{name}.jsonl"
+        command = [*launcher, "-m", "hf_fsad.cli", "score", "--model", saved_winclip_dir,
+                   "--reference", str(root / "refs"), "--output", str(output),
+                   "--heatmaps", str(tmp_path / name), "--batch-size", "2", *inputs]  # fmt: skip
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=600, check=False,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert not list(tmp_path.glob(f"{name}.jsonl*.tmp"))
+        return _read(output), completed.stderr
+
+    single, single_log = run([sys.executable], "single")
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    double, double_log = run([torchrun, "--nproc_per_node", "2"], "double")
+    assert [r["path"] for r in single] == list(map(str, queries))
+    for log in (single_log, double_log):
+        assert log.count("listed more than once") == 1 and log.count("not a readable image") == 1
+    for one, two in zip(single, double, strict=True):
+        assert one["heatmap"].replace("single", "double") == two["heatmap"]
+        assert {**one, "heatmap": None} == {**two, "heatmap": None}

@@ -77,19 +77,40 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
+def _distinct(paths: Sequence[Path], report: bool = True) -> list[Path]:
+    """`paths` without repeats of a file (first occurrence kept; each repeat reported if `report`)."""
+    seen: set[Path] = set()
+    distinct = []
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            if report:
+                print(f"skipped input {path}: listed more than once", file=sys.stderr)
+            continue
+        seen.add(key)
+        distinct.append(path)
+    return distinct
+
+
 def score(args: argparse.Namespace) -> int:
+    """Score images; under `accelerate launch` or `torchrun` the processes split the inputs in order, each
+    writes its share, and the main process joins the shares into one ordered results file."""
     import torch
-    from tqdm.auto import tqdm
+    from accelerate import PartialState
     from transformers import AutoModel
 
     import hf_fsad  # noqa: F401  (registers the methods)
     from hf_fsad.modeling_base import ReferenceBank
-    from hf_fsad.visualization import heatmap_overlay
+    from hf_fsad.training.trainer import multi_process_cpu
 
     if args.bank and args.reference:
         print("error: give either --bank or --reference, not both", file=sys.stderr)
         return 2
-    model = AutoModel.from_pretrained(args.model).to(args.device).eval()
+    state = PartialState(cpu=multi_process_cpu())
+    device = args.device if state.num_processes == 1 else state.device
+    model = AutoModel.from_pretrained(args.model).to(device).eval()
+    if args.compile:
+        model.compile_backbone()
     processor = model.image_processor()
 
     if args.bank:
@@ -108,48 +129,72 @@ def score(args: argparse.Namespace) -> int:
             references = processor(images, return_tensors="pt").pixel_values
         with torch.no_grad():
             bank = model.build_reference_bank(references, class_name=args.class_name)
-    if args.save_bank:
+    if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
 
-    paths = expand_inputs(args.inputs)
+    paths = _distinct(expand_inputs(args.inputs), report=state.is_main_process)
     heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
     if heatmap_dir:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
+    heatmap_names = {path: _unique_name(path.stem, used_names) for path in paths}
     output = Path(args.output)
+    share = output.with_name(f"{output.name}.part{state.process_index}.tmp")
     temporary = output.with_name(output.name + ".tmp")
-    scored = 0
     try:
-        with open(temporary, "w") as sink, tqdm(total=len(paths), desc="scoring", unit="img") as progress:
-            readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
-            for batch in _batches(readable, args.batch_size):
-                pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
-                with torch.no_grad():
-                    result = model(pixel_values, reference_bank=bank)
-                for index, (path, image) in enumerate(batch):
-                    record = {
-                        "path": str(path),
-                        "score": float(result.image_scores[index]),
-                        "branch_scores": {
-                            k: float(v[index]) for k, v in (result.branch_scores or {}).items()
-                        },
-                        "heatmap": None,
-                    }
-                    if heatmap_dir and result.anomaly_maps is not None:
-                        target = heatmap_dir / f"{_unique_name(path.stem, used_names)}.heatmap.png"
-                        overlay = heatmap_overlay(
-                            image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range
-                        )
-                        _save_atomically(overlay, target)
-                        record["heatmap"] = str(target)
-                    sink.write(json.dumps(record) + "\n")
-                    scored += 1
-                progress.update(len(batch))
-        os.replace(temporary, output)
+        with state.split_between_processes(paths) as own_paths:
+            _score_paths(model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shares = [
+                output.with_name(f"{output.name}.part{rank}.tmp") for rank in range(state.num_processes)
+            ]
+            joined = "".join(part.read_text() for part in shares)
+            temporary.write_text(joined)
+            os.replace(temporary, output)
+        state.wait_for_everyone()  # the shares stay until the main process has read them
     finally:
+        share.unlink(missing_ok=True)
         temporary.unlink(missing_ok=True)
+    if not state.is_main_process:
+        return 0
+    scored = joined.count("\n")
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
     return 0 if scored else 1
+
+
+def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state) -> None:
+    """Score `paths` in batches into the JSON-lines file `share` (heatmaps beside, if asked)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_fsad.visualization import heatmap_overlay
+
+    with (
+        open(share, "w") as sink,
+        tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
+    ):
+        readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
+        for batch in _batches(readable, args.batch_size):
+            pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
+            with torch.no_grad():
+                result = model(pixel_values, reference_bank=bank)
+            for index, (path, image) in enumerate(batch):
+                record = {
+                    "path": str(path),
+                    "score": float(result.image_scores[index]),
+                    "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+                    "heatmap": None,
+                }
+                if heatmap_dir and result.anomaly_maps is not None:
+                    target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
+                    overlay = heatmap_overlay(
+                        image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range
+                    )
+                    _save_atomically(overlay, target)
+                    record["heatmap"] = str(target)
+                sink.write(json.dumps(record) + "\n")
+            progress.update(len(batch))
 
 
 def fit(args: argparse.Namespace) -> int:
@@ -333,7 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="scores at the ends of the colour scale (default: each map's own min and max)",
     )
     score_parser.add_argument("--batch-size", type=int, default=8)
-    score_parser.add_argument("--device", default="cpu")
+    score_parser.add_argument(
+        "--device", default="cpu", help="device of a single process (several processes take one each)"
+    )
+    score_parser.add_argument(
+        "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
+    )
     score_parser.set_defaults(handler=score)
 
     fit_parser = commands.add_parser("fit", help="fit a per-category method (VTFusion) on normal images")

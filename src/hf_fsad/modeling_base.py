@@ -13,13 +13,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPTokenizer, PreTrainedModel
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 from .backbones.clip import ClipBackbone
 from .configuration_base import FsadConfig
 from .scoring import upsample_maps
 
 BANK_FORMAT_VERSION = "1"
+# Prompt embeddings the model computed before it was saved (see `ClipBackbone.text_cache`).
+TEXT_CACHE_FILE = "text_embeddings.safetensors"
 # Config keys that say nothing about how features are computed (and change on save/load).
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "auto_map"}
 
@@ -133,7 +135,8 @@ class FsadPreTrainedModel(PreTrainedModel):
 
     `from_pretrained` loads the CLIP tokenizer saved beside the weights and freezes the backbone;
     `save_pretrained` writes the tokenizer and the image processor config with the weights, so a saved
-    directory or Hub repo is self-contained.
+    directory or Hub repo is self-contained, and the prompt embeddings computed so far, so a loaded model
+    skips the prompt ensemble of classes it has seen.
     """
 
     config_class = FsadConfig
@@ -177,6 +180,14 @@ class FsadPreTrainedModel(PreTrainedModel):
             if key in kwargs
         }
         model.tokenizer = CLIPTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        text_cache = cached_file(
+            pretrained_model_name_or_path,
+            TEXT_CACHE_FILE,
+            _raise_exceptions_for_missing_entries=False,
+            **hub_kwargs,
+        )
+        if text_cache is not None:
+            model.backbone.load_text_cache(text_cache)
         model.freeze_backbone()
         model._align_tensors()
         return model
@@ -215,6 +226,13 @@ class FsadPreTrainedModel(PreTrainedModel):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
         self.image_processor().save_pretrained(save_directory)
+        if self.backbone.text_cache:
+            self.backbone.save_text_cache(Path(save_directory) / TEXT_CACHE_FILE)
+
+    def compile_backbone(self, **compile_kwargs) -> FsadPreTrainedModel:
+        """Compile the backbone's vision passes for faster inference (`ClipBackbone.compile_passes`)."""
+        self.backbone.compile_passes(**compile_kwargs)
+        return self
 
     def image_processor(self) -> CLIPImageProcessorPil:
         """The preprocessing this model expects: RGB, bicubic resize to a square of `config.image_size`,

@@ -8,11 +8,15 @@ batch of packed short sequences; each prompt's text embedding is computed once a
 from __future__ import annotations
 
 import functools
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 from transformers.masking_utils import create_causal_mask
@@ -181,6 +185,34 @@ class ClipBackbone(nn.Module):
         """Prompt -> cached projected embedding (P,). Valid for the text weights that computed it (frozen in
         every method); `FsadPreTrainedModel.save_pretrained` stores it beside the weights."""
         return self._text_cache
+
+    def save_text_cache(self, path: str | os.PathLike) -> None:
+        """Write the cached prompt embeddings to a safetensors file (prompts in its metadata)."""
+        prompts = list(self._text_cache)
+        embeddings = torch.stack([self._text_cache[prompt] for prompt in prompts]).detach().cpu().contiguous()
+        save_file({"embeddings": embeddings}, str(path), metadata={"prompts": json.dumps(prompts)})
+
+    def load_text_cache(self, path: str | os.PathLike) -> None:
+        """Add the prompt embeddings of a file written by `save_text_cache` to the cache."""
+        with safe_open(str(path), framework="pt") as handle:
+            prompts = (handle.metadata() or {}).get("prompts")
+            if prompts is None or "embeddings" not in handle.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                raise ValueError(f"{path} is not a text-embedding cache (no prompts or embeddings in it).")
+            prompts = json.loads(prompts)
+            embeddings = handle.get_tensor("embeddings")
+        if len(prompts) != len(embeddings):
+            raise ValueError(f"{path} holds {len(embeddings)} embeddings for {len(prompts)} prompts.")
+        self._text_cache.update(zip(prompts, embeddings))
+
+    def compile_passes(self, freeze_weights: bool = True, **compile_kwargs) -> None:
+        """Compile the vision passes (whole images, packed windows) with `torch.compile` for inference.
+
+        With `freeze_weights` inductor folds the weights in as constants (prepacked matrices): faster, but
+        later changes to the weights go unseen. The first call per input shape compiles (tens of seconds).
+        """
+        options = {"freezing": freeze_weights, **compile_kwargs.pop("options", {})}
+        self._run_blocks = torch.compile(self._run_blocks, options=options, **compile_kwargs)
+        self._window_tower = torch.compile(self._window_tower, options=options, **compile_kwargs)
 
     def clear_text_cache(self) -> None:
         """Forget every cached prompt embedding (the next `encode_text` computes them anew)."""
