@@ -245,3 +245,32 @@ def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():
     assert torch.isnan(
         torch.autograd.grad(gradient.pow(2).sum(), vectors)[0]
     ).any()  # why l2_normalize exists
+
+
+def test_greedy_coreset_by_hand():
+    """Unit vectors at angles 0, 10, 100, 110 and 50 degrees: from item 0 the farthest is 110, then the one
+    farthest from {0, 110} is 50 (50 and 60 degrees away), then 100 or 10 (10 degrees) comes last."""
+    angles = torch.tensor([0.0, 10.0, 100.0, 110.0, 50.0], dtype=torch.float64).deg2rad()
+    items = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    assert scoring.greedy_coreset(items, 3).tolist() == [0, 3, 4]
+    assert scoring.greedy_coreset(items, 9).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_greedy_coreset_covers_every_item_within_the_last_pick():
+    """The k-center invariant: no item is farther from the coreset than the last item chosen was."""
+    items = torch.randn(400, 16, dtype=torch.float64)
+    chosen = scoring.greedy_coreset(items, 40)
+    points = torch.nn.functional.normalize(items, dim=-1)
+    distances = torch.cdist(points, points[chosen])
+    last = distances[chosen[-1], :-1].min()
+    assert distances.min(dim=1).values.max() <= last + 1e-12
+    assert len(set(chosen.tolist())) == 40
+
+
+def test_greedy_coreset_projects_wide_items_reproducibly():
+    items = torch.randn(300, 256)
+    first = scoring.greedy_coreset(items, 20, projection_dim=32, seed=1)
+    assert torch.equal(first, scoring.greedy_coreset(items, 20, projection_dim=32, seed=1))
+    assert len(set(first.tolist())) == 20
+    with pytest.raises(ValueError, match="at least one"):
+        scoring.greedy_coreset(items, 0)

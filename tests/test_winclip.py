@@ -231,3 +231,22 @@ def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
 def test_input_of_another_size_is_refused(tiny_winclip):
     with pytest.raises(ValueError, match="takes 240x240 .*image_processor"):
         tiny_winclip(torch.randn(1, 3, 224, 224))
+
+
+def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
+    """max_memory_items caps each memory at a subset of the exact one; a subset can only move nearest
+    neighbours farther, so the few-shot map can only rise; with no limit the bank is exact."""
+    references, queries = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
+    exact_model, capped_model = make_winclip(max_memory_items=None), make_winclip(max_memory_items=100)
+    capped_model.load_state_dict(exact_model.state_dict())
+    with torch.no_grad():
+        exact = exact_model.build_reference_bank(references)
+        capped = capped_model.build_reference_bank(references)
+        assert exact.tensors["patch_tokens"].shape[0] == 450
+        for name in ("patch_tokens", "window_embeddings.2", "window_embeddings.3"):
+            rows = capped.tensors[name]
+            assert rows.shape[0] == 100
+            assert (rows[:, None] == exact.tensors[name][None]).all(dim=-1).any(dim=-1).all()
+        exact_maps = exact_model(queries, reference_bank=exact).anomaly_maps
+        capped_maps = capped_model(queries, reference_bank=capped).anomaly_maps
+    assert (capped_maps >= exact_maps - 1e-6).all() and (capped_maps > exact_maps + 1e-6).any()

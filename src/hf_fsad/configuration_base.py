@@ -20,6 +20,10 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
         trained_on: the dataset a trained method was fitted on (None for training-free methods); the
             benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
+        max_memory_items: largest nearest-neighbour memory a bank keeps per level (patches, windows); a
+            larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
+            cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
+            every item (exact search, chunked; cost linear in k).
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -32,11 +36,14 @@ class FsadConfig(PreTrainedConfig):
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
     trained_on: str | None = None
+    max_memory_items: int | None = 8192
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         patch_size = self.clip_config.vision_config.patch_size
         if self.image_size is None:
             self.image_size = self.clip_config.vision_config.image_size
+        if self.max_memory_items is not None and self.max_memory_items < 1:
+            raise ValueError(f"max_memory_items must be >= 1 or None, got {self.max_memory_items}.")
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput, cached_file
 
 from .backbones.clip import ClipBackbone
 from .configuration_base import FsadConfig
-from .scoring import upsample_maps
+from .scoring import greedy_coreset, upsample_maps
 
 BANK_FORMAT_VERSION = "1"
 # Prompt embeddings the model computed before it was saved (see `ClipBackbone.text_cache`).
@@ -145,6 +145,9 @@ class FsadPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     # Whether the method's banks need anomalous references (the benchmark runner gives them only then).
     needs_anomalous_references = False
+    # Name prefixes of the bank tensors that are nearest-neighbour memories (M, D), which
+    # `config.max_memory_items` caps.
+    memory_prefixes: tuple[str, ...] = ()
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
@@ -347,6 +350,14 @@ class FsadPreTrainedModel(PreTrainedModel):
         return self._config_hash_cache[1]
 
     def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
+        """A bank of `tensors`, its memories (`memory_prefixes`) capped at `config.max_memory_items`."""
+        limit = self.config.max_memory_items
+        tensors = {
+            name: tensor[greedy_coreset(tensor, limit)]
+            if limit is not None and name.startswith(self.memory_prefixes) and tensor.shape[0] > limit
+            else tensor
+            for name, tensor in tensors.items()
+        }
         return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)
 
     def require_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:

@@ -48,6 +48,7 @@ class AfClipModel(FsadPreTrainedModel):
     """
 
     config_class = AfClipConfig
+    memory_prefixes = ("memory.",)
 
     def __init__(self, config: AfClipConfig):
         super().__init__(config)

@@ -36,6 +36,7 @@ class AnomalousMemoryModel(WinClipModel):
     """
 
     config_class = AnomalousMemoryConfig
+    memory_prefixes = ("reference.", "anomalous.")
     needs_anomalous_references = True
 
     def level_names(self) -> list[str]:

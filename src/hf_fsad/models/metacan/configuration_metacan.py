@@ -29,7 +29,8 @@ class MetaCanConfig(FsadConfig):
         use_discriminator, use_detector: Table 4's ablations. Without the detector (Eqs. 5-7) the score is
             s_II / L; without the discriminator (Eqs. 1-4) it is s_IT; with both, Eq. 8: (s_II + s_IT)/(L + 1),
             the paper's divisor 4 for L = 3 levels.
-        inherited: see `FsadConfig`.
+        inherited: see `FsadConfig`. `max_memory_items` does not apply: Eqs. 1-2 average each patch's k nearest
+            of all k*N reference patches, so the bank keeps them all (exact search, chunked).
 
     Normalisation: the reference code's BatchNorm uses batch statistics in meta-training and never-updated
     running statistics at test time; LayerNorm here makes training and inference compute the same function.

@@ -44,6 +44,7 @@ class OneToNormalModel(FsadPreTrainedModel):
     """
 
     config_class = OneToNormalConfig
+    memory_prefixes = ("memory.",)
     # The benchmark runner fits a copy of the model on each cell's normal references.
     fits_per_category = True
 

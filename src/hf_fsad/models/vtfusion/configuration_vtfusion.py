@@ -40,6 +40,7 @@ class VtFusionConfig(FsadConfig):
     - SAM is spatial self-attention (SAGAN style: 1x1 conv queries/keys/values over the locations, softmax
       attention); G is conv-BN-ReLU-conv-BN with a 1x1 skip, then a 1x1 conv to the one-channel M_vt. The
       segmentation network ends with a sigmoid, so M_f and the image score max(M_f) lie in [0, 1].
+    - The bank's prototypes are one per location whatever k, so `max_memory_items` does not apply.
     """
 
     model_type = "vtfusion"

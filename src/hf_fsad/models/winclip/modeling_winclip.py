@@ -25,6 +25,7 @@ class WinClipModel(FsadPreTrainedModel):
     """
 
     config_class = WinClipConfig
+    memory_prefixes = ("patch_tokens", "window_embeddings.")
 
     def __init__(self, config: WinClipConfig):
         super().__init__(config)
