@@ -234,10 +234,15 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
             with gr.Column():
                 source = gr.Dropdown(choices, value=choices[0], allow_custom_value=True, label="Model")
                 references = gr.File(
-                    file_count="multiple", file_types=["image"], label="Normal references (k)"
+                    file_count="multiple",
+                    file_types=["image"],
+                    label="Normal references (k)",
+                    elem_id="references",
                 )
                 class_name = gr.Textbox(label="Class name", placeholder="e.g. bottle")
-                queries = gr.File(file_count="multiple", file_types=["image"], label="Query images")
+                queries = gr.File(
+                    file_count="multiple", file_types=["image"], label="Query images", elem_id="queries"
+                )
                 threshold = gr.Slider(
                     0, 1, value=0.5, step=0.01, label="Threshold (score >= threshold: fail)"
                 )

@@ -130,7 +130,7 @@ def test_feature_cache_in_memory_counts(make_winclip):
         cache.features(model, data, [])
 
 
-@pytest.mark.parametrize("method", ["winclip", "anomalous_memory", "metacan"])
+@pytest.mark.parametrize("method", ["winclip", "anomalous_memory", "metacan", "vtfusion"])
 def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, method):
     from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
     from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
@@ -144,13 +144,27 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
         from test_metacan import make_tiny_metacan
 
         model = make_tiny_metacan()
+    if method == "vtfusion":
+        from test_vtfusion import make_tiny_vtfusion
+
+        model = make_tiny_vtfusion()
     images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
-    (row,) = profile_models({method: model}, images, tmp_path, ks=(2, 8), batch_size=2, repeats=1)
-    assert row.per_image_seconds > 0 and row.images_per_second > 0 and row.setup_seconds > 0
-    assert row.peak_memory_mb > 0 and set(row.k_scaling) == {2, 8}
+    (row,) = profile_models(
+        {method: model}, images, tmp_path, ks=(2, 8), batch_sizes=(1, 2), repeats=1, fit_steps=1
+    )
+    assert set(row.per_image_seconds) == set(row.bare_forward_seconds) == {1, 2}
+    for size in (1, 2):
+        assert row.images_per_second[size] == pytest.approx(1 / row.per_image_seconds[size])
+        assert row.bare_forward_multiple(size) > 0
+    assert row.text_setup_seconds > 0 and row.peak_memory_mb >= 0
+    if method == "vtfusion":  # fitted on the 2 references; its bank is its prototypes, whatever k
+        assert row.fit_seconds > 0 and row.fit_steps == 1 and row.k_scaling is None
+        assert row.reference_seconds is None
+    else:
+        assert row.fit_seconds is None and set(row.k_scaling) == {2, 8} and row.reference_seconds > 0
     assert json.loads((tmp_path / "profile.json").read_text())[0]["method"] == method
-    assert "k=8 (× k=2)" in (tmp_path / "profile.md").read_text()
-    assert (tmp_path / "profile_k_scaling.png").is_file()
+    assert f"| {method} |" in (tmp_path / "profile.md").read_text()
+    assert (tmp_path / "profile.png").is_file()
 
 
 def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, capsys):

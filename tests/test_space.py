@@ -157,10 +157,11 @@ def test_a_real_browser_uploads_references_and_a_query_and_sees_the_heatmap(
         page.goto(client.src)
         page.get_by_label("Model").fill(saved_winclip_dir)
         page.keyboard.press("Enter")
-        uploads = page.locator("input[type=file]")
-        uploads.nth(0).set_input_files(references)
+        for element, files in (("#references", references), ("#queries", queries)):
+            page.locator(f"{element} input[type=file]").set_input_files(files)
+            # the upload is done when the component lists the file (its stem and suffix apart)
+            page.locator(element).get_by_text(Path(files[-1]).stem, exact=True).wait_for(timeout=60_000)
         page.get_by_label("Class name").fill(class_name)
-        uploads.nth(1).set_input_files(queries)
         page.get_by_role("button", name="Detect").click()
         heatmap = page.locator(
             "img[src*='heatmap'], .gallery-item img, [data-testid='detailed-image'] img"

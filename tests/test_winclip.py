@@ -250,3 +250,21 @@ def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
         exact_maps = exact_model(queries, reference_bank=exact).anomaly_maps
         capped_maps = capped_model(queries, reference_bank=capped).anomaly_maps
     assert (capped_maps >= exact_maps - 1e-6).all() and (capped_maps > exact_maps + 1e-6).any()
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float16"])
+def test_half_precision_autocast_stays_within_the_documented_tolerance(make_winclip, precision):
+    """docs/performance.md: under autocast, image scores within 0.01 and map values within 0.02 of float32
+    (WinCLIP+ 2-shot, tiny model, CPU autocast; a GPU's kernels are not measured here)."""
+    model = make_winclip()
+    references, queries = torch.randn(2, 3, 240, 240), torch.randn(4, 3, 240, 240)
+    with torch.no_grad():
+        bank = model.build_reference_bank(references)
+        exact = model(queries, reference_bank=bank)
+        with model.autocast(precision):
+            half = model(queries, reference_bank=bank)
+    assert half.image_scores.dtype == getattr(torch, precision)  # autocast did take over
+    assert (half.image_scores.float() - exact.image_scores).abs().max() <= 0.01
+    assert (half.anomaly_maps.float() - exact.anomaly_maps).abs().max() <= 0.02
+    with pytest.raises(ValueError, match="Unknown precision"):
+        model.autocast("int8")

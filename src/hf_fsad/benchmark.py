@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -613,28 +614,80 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
 
 @dataclass
 class ProfileRow:
+    """One method's costs, measured beside a bare backbone forward of the same size in the same run.
+
+    Per batch size: seconds per image, images per second, and the bare forward's seconds per image. Setup:
+    the prompt ensemble + bank assembly from encoded references (text cache cleared), encoding the 2
+    references, and for methods fitted per category one fit of `fit_steps` updates on them. Peak memory:
+    growth of the process's resident memory (CUDA: allocated memory) while scoring the largest batch.
+    """
+
     method: str
-    per_image_seconds: float
-    images_per_second: float
-    setup_seconds: float
+    per_image_seconds: dict[int, float]
+    images_per_second: dict[int, float]
+    bare_forward_seconds: dict[int, float]
+    text_setup_seconds: float
+    reference_seconds: float | None
+    fit_seconds: float | None
+    fit_steps: int | None
     peak_memory_mb: float
-    k_scaling: dict[int, float]
+    k_scaling: dict[int, float] | None
+
+    def bare_forward_multiple(self, batch_size: int) -> float:
+        """Per-image cost in bare backbone forwards of the same batch size."""
+        return self.per_image_seconds[batch_size] / self.bare_forward_seconds[batch_size]
 
 
-def _median_seconds(function, repeats: int) -> float:
-    function()  # warm-up
+def _median_seconds(function, repeats: int, before=None) -> float:
+    """Median wall time over `repeats` calls after one warm-up call; `before` runs untimed before each."""
     times = []
-    for _ in range(repeats):
+    for attempt in range(repeats + 1):
+        if before is not None:
+            before()
         started = time.perf_counter()
         function()
-        times.append(time.perf_counter() - started)
+        if attempt:
+            times.append(time.perf_counter() - started)
     return statistics.median(times)
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+class _PeakMemory:
+    """Peak memory growth (MB) inside a `with` block: CUDA's allocator peak, or on CPU the resident set
+    size sampled every few milliseconds from /proc (Linux) by a background thread."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _resident_mb() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._highest = max(self._highest, self._resident_mb())
+
+    def __enter__(self) -> Self:
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._start = self._highest = self._resident_mb()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._highest, self._resident_mb()) - self._start
 
 
 @torch.no_grad()
@@ -643,22 +696,23 @@ def profile_models(
     images: Sequence,
     out_dir: str | os.PathLike,
     ks: Sequence[int] = (2, 8, 32, 128, 256),
-    batch_size: int = 8,
+    batch_sizes: Sequence[int] = (1, 16),
     repeats: int = 3,
+    fit_steps: int = 2,
 ) -> list[ProfileRow]:
-    """Per-image latency (batch 1), images/s (batch `batch_size`), setup (prompts + 2 references), peak
-    memory, and per-image latency as the bank grows to k references. For k beyond the images given, the 2
-    encoded references are repeated: the search costs the same as for k distinct images.
-
-    Peak memory is the process's peak resident size on CPU (it only grows, so read it per method in the
-    order run) and the peak allocated memory on CUDA.
+    """Profile every model side by side: per-image latency and images/s at each batch size, each as a
+    multiple of a bare backbone forward of the same size; setup (prompt ensemble, 2 references, a short
+    fit for per-category methods); peak memory; per-image latency as the bank grows to k references (the 2
+    encoded references repeated: the search costs as for k distinct images). Writes profile.{json,md} and
+    plots to `out_dir`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [
-        _profile_model(method, model, images, ks, batch_size, repeats) for method, model in models.items()
+        _profile_model(method, model, images, ks, batch_sizes, repeats, fit_steps)
+        for method, model in tqdm(models.items(), desc="profiling", unit="method")
     ]
-    _write_profile(out_dir, rows, ks)
+    _write_profile(out_dir, rows, ks, batch_sizes)
     return rows
 
 
@@ -667,40 +721,73 @@ def _profile_model(
     model: FsadPreTrainedModel,
     images: Sequence,
     ks: Sequence[int],
-    batch_size: int,
+    batch_sizes: Sequence[int],
     repeats: int,
+    fit_steps: int,
 ) -> ProfileRow:
-    pixels = model.image_processor()(
-        [image.convert("RGB") for image in images], return_tensors="pt"
-    ).pixel_values
-    if pixels.shape[0] < batch_size + 2:
-        raise ValueError(f"Profiling needs at least {batch_size + 2} images, got {pixels.shape[0]}.")
-    references, queries = pixels[:2], pixels[2 : 2 + batch_size]
+    images = [image.convert("RGB") for image in images]
+    largest = max(batch_sizes)
+    if len(images) < largest + 2:
+        raise ValueError(f"Profiling needs at least {largest + 2} images, got {len(images)}.")
+    pixels = model.image_processor()(images[: largest + 2], return_tensors="pt").pixel_values
+    references, queries = pixels[:2].to(model.device), pixels[2:].to(model.device)
 
-    def setup():
-        model.backbone.clear_text_cache()
-        return _profile_bank(model, model.encode_images(references))
+    fit_seconds = None
+    if getattr(model, "fits_per_category", False):
+        model = copy.deepcopy(model)
+        started = time.perf_counter()
+        with torch.enable_grad():
+            model.fit(images[:2], class_name=model.config.default_class_name, steps=fit_steps)
+        fit_seconds = time.perf_counter() - started
+        model.eval()
+    # Methods that keep what they learnt from their references (VTFusion's prototypes) build banks without.
+    own_references = getattr(model, "saves_its_references", False)
+    reference_features = None if own_references else model.encode_images(references)
 
-    setup_seconds = _median_seconds(setup, repeats)
-    bank = setup()
-    per_image = _median_seconds(_scorer(model, queries[:1], bank), repeats)
-    batch = _median_seconds(_scorer(model, queries, bank), repeats)
-    reference_features = model.encode_images(references)
-    scaling = {}
-    for k in ks:
-        repeat = -(-k // 2)
-        tiled = {
-            name: tensor.repeat_interleave(repeat, dim=0)[:k] for name, tensor in reference_features.items()
-        }
-        scaling[k] = _median_seconds(_scorer(model, queries[:1], _profile_bank(model, tiled)), repeats)
+    def bank_from_features():
+        return _profile_bank(model, reference_features)
+
+    text_setup = _median_seconds(bank_from_features, repeats, before=model.backbone.clear_text_cache)
+    reference_seconds = (
+        None if own_references else _median_seconds(lambda: model.encode_images(references), repeats)
+    )
+    bank = bank_from_features()
+    per_image, bare = {}, {}
+    for size in batch_sizes:
+        batch = queries[:size]
+        per_image[size] = _median_seconds(_scorer(model, batch, bank), repeats) / size
+        bare[size] = _median_seconds(lambda batch=batch: model.backbone.encode_image(batch), repeats) / size
+    with _PeakMemory(model.device) as memory:
+        model(queries[:largest], reference_bank=bank)
+    scaling = None
+    if not own_references:
+        scaling = {}
+        for k in ks:
+            repeat = -(-k // 2)
+            tiled = {
+                name: tensor.repeat_interleave(repeat, dim=0)[:k]
+                for name, tensor in reference_features.items()
+            }
+            scaling[k] = _median_seconds(_scorer(model, queries[:1], _profile_bank(model, tiled)), repeats)
     return ProfileRow(
-        method, per_image, batch_size / batch, setup_seconds, _peak_memory_mb(model.device), scaling
+        method=method,
+        per_image_seconds=per_image,
+        images_per_second={size: 1 / seconds for size, seconds in per_image.items()},
+        bare_forward_seconds=bare,
+        text_setup_seconds=text_setup,
+        reference_seconds=reference_seconds,
+        fit_seconds=fit_seconds,
+        fit_steps=fit_steps if fit_seconds is not None else None,
+        peak_memory_mb=memory.peak_mb,
+        k_scaling=scaling,
     )
 
 
-def _profile_bank(model: FsadPreTrainedModel, reference_features: dict[str, torch.Tensor]):
-    """A bank of the given references; for methods that need anomalous references the last one serves as a
-    mask-less anomalous reference (same search cost)."""
+def _profile_bank(model: FsadPreTrainedModel, reference_features: dict[str, torch.Tensor] | None):
+    """A bank of the given references (none: the model's own, e.g. fitted prototypes); for methods that need
+    anomalous references the last one serves as a mask-less anomalous reference (same search cost)."""
+    if reference_features is None:
+        return model.build_reference_bank()
     if not model.needs_anomalous_references:
         return model.build_reference_bank(reference_features=reference_features)
     normal = {name: tensor[:-1] for name, tensor in reference_features.items()}
@@ -712,33 +799,59 @@ def _scorer(model: FsadPreTrainedModel, pixel_values: torch.Tensor, bank):
     return lambda: model(pixel_values, reference_bank=bank)
 
 
-def _write_profile(out_dir: Path, rows: list[ProfileRow], ks: Sequence[int]) -> None:
+def _write_profile(
+    out_dir: Path, rows: list[ProfileRow], ks: Sequence[int], batch_sizes: Sequence[int]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     _atomic_write(out_dir / "profile.json", json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+    speed = " | ".join(f"batch {size}: s/image (× bare) | batch {size}: images/s" for size in batch_sizes)
     lines = [
-        "| method | per image (s, batch 1) | images/s | setup: prompts + 2 refs (s) | peak memory (MB) | "
-        + " | ".join(f"k={k} (× k={ks[0]})" for k in ks)
-        + " |",
-        "|---|---|---|---|---|" + "---|" * len(ks),
+        f"| method | {speed} | setup: prompts + bank (s) | setup: 2 refs (s) | fit (s) | peak memory (MB) |",
+        "|---|" + "---|---|" * len(batch_sizes) + "---|---|---|---|",
     ]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
     for row in rows:
+        cells = " | ".join(
+            f"{row.per_image_seconds[size]:.3f} ({row.bare_forward_multiple(size):.2f}×) | "
+            f"{row.images_per_second[size]:.2f}"
+            for size in batch_sizes
+        )
+        fit = "–" if row.fit_seconds is None else f"{row.fit_seconds:.1f} ({row.fit_steps} updates)"
+        lines.append(
+            f"| {row.method} | {cells} | {row.text_setup_seconds:.2f} | {'–' if row.reference_seconds is None else f'{row.reference_seconds:.2f}'} | {fit} "
+            f"| {row.peak_memory_mb:.0f} |"
+        )
+    scaled = [row for row in rows if row.k_scaling]
+    lines += [
+        "",
+        "| method | " + " | ".join(f"k={k} (× k={ks[0]})" for k in ks) + " |",
+        "|---|" + "---|" * len(ks),
+    ]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for row in scaled:
         base = row.k_scaling[ks[0]]
         ratios = " | ".join(f"{row.k_scaling[k]:.3f} s ({row.k_scaling[k] / base:.2f}×)" for k in ks)
-        lines.append(
-            f"| {row.method} | {row.per_image_seconds:.3f} | {row.images_per_second:.2f} | {row.setup_seconds:.2f} "
-            f"| {row.peak_memory_mb:.0f} | {ratios} |"
-        )
-        axis.plot(list(ks), [row.k_scaling[k] / base for k in ks], marker="o", label=row.method)
-    axis.set(xscale="log", xlabel="references k", ylabel=f"per-image latency / latency at k={ks[0]}")
-    axis.set_xticks(list(ks), [str(k) for k in ks])
-    axis.axhline(2.0, color="grey", linestyle=":", label="2×")
-    axis.legend()
+        lines.append(f"| {row.method} | {ratios} |")
+        axes[1].plot(list(ks), [row.k_scaling[k] / base for k in ks], marker="o", label=row.method)
+    axes[1].set(xscale="log", xlabel="references k", ylabel=f"latency / latency at k={ks[0]}")
+    axes[1].set_xticks(list(ks), [str(k) for k in ks])
+    axes[1].axhline(1.0, color="grey", linestyle=":")
+    axes[1].legend(fontsize=7)
+    positions = np.arange(len(rows))
+    width = 0.8 / len(batch_sizes)
+    for offset, size in enumerate(batch_sizes):
+        multiples = [row.bare_forward_multiple(size) for row in rows]
+        axes[0].bar(positions + offset * width, multiples, width, label=f"batch {size}")
+    axes[0].axhline(1.3, color="grey", linestyle=":", label="1.3×")
+    axes[0].set_xticks(
+        positions + width * (len(batch_sizes) - 1) / 2, [row.method for row in rows], rotation=30, ha="right"
+    )
+    axes[0].set(yscale="log", ylabel="per-image cost / bare backbone forward")
+    axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out_dir / "profile_k_scaling.png", dpi=90)
+    figure.savefig(out_dir / "profile.png", dpi=90)
     plt.close(figure)
-    _atomic_write(out_dir / "profile.md", "\n".join(lines) + "\n\n![k scaling](profile_k_scaling.png)\n")
+    _atomic_write(out_dir / "profile.md", "\n".join(lines) + "\n\n![cost and k scaling](profile.png)\n")

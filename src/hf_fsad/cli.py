@@ -177,7 +177,7 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
         readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
         for batch in _batches(readable, args.batch_size):
             pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
-            with torch.no_grad():
+            with torch.no_grad(), model.autocast(args.precision):
                 result = model(pixel_values, reference_bank=bank)
             for index, (path, image) in enumerate(batch):
                 record = {
@@ -331,8 +331,17 @@ def benchmark(args: argparse.Namespace) -> int:
     if args.profile:
         spec = datasets[0]
         data = load_benchmark(spec.name, spec.root, spec.categories[0] if spec.categories else None)
-        images = data["test"].select(range(min(data["test"].num_rows, args.batch_size + 2)))["image"]
-        profile_models(models, images, out / "profile", ks=args.profile_k, batch_size=args.batch_size)
+        count = min(data["test"].num_rows, max(args.profile_batch_sizes) + 2)
+        images = data["test"].select(range(count))["image"]
+        profile_models(
+            models,
+            images,
+            out / "profile",
+            ks=args.profile_k,
+            batch_sizes=args.profile_batch_sizes,
+            repeats=args.profile_repeats,
+            fit_steps=args.fit_steps,
+        )
         print(f"profile: {out / 'profile' / 'profile.md'}")
         return 0
     cache = FeatureCache(args.feature_cache or out / "feature_cache")
@@ -380,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument("--batch-size", type=int, default=8)
     score_parser.add_argument(
         "--device", default="cpu", help="device of a single process (several processes take one each)"
+    )
+    score_parser.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="compute in half precision under torch.autocast (GPU; see docs/performance.md)",
     )
     score_parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
@@ -447,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="measure latency, memory and k-scaling instead"
     )
     bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
+    bench_parser.add_argument("--profile-batch-sizes", nargs="+", type=int, default=[1, 16])
+    bench_parser.add_argument(
+        "--profile-repeats", type=int, default=3, help="timed calls per figure (median)"
+    )
+    bench_parser.add_argument(
+        "--fit-steps", type=int, default=2, help="updates of the timed fit of per-category methods"
+    )
     bench_parser.set_defaults(handler=benchmark)
 
     push_parser = commands.add_parser("push", help="upload a saved model with a model card to the Hub")

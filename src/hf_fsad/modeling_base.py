@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ from .configuration_base import FsadConfig
 from .scoring import greedy_coreset, upsample_maps
 
 BANK_FORMAT_VERSION = "1"
+# Precisions `FsadPreTrainedModel.autocast` offers: name -> autocast dtype (None: compute as stored).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompt embeddings the model computed before it was saved (see `ClipBackbone.text_cache`).
 TEXT_CACHE_FILE = "text_embeddings.safetensors"
 # Config keys that say nothing about how features are computed (and change on save/load).
@@ -231,6 +234,15 @@ class FsadPreTrainedModel(PreTrainedModel):
         self.image_processor().save_pretrained(save_directory)
         if self.backbone.text_cache:
             self.backbone.save_text_cache(Path(save_directory) / TEXT_CACHE_FILE)
+
+    def autocast(self, precision: str = "float32") -> contextlib.AbstractContextManager:
+        """A context in which the model computes in `precision` ("bfloat16", "float16": `torch.autocast`
+        on the model's device, matrix products in half precision, softmax and norms in float32) or as stored
+        ("float32"). docs/performance.md states how far half-precision scores move from float32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}; choose from {sorted(PRECISIONS)}.")
+        dtype = PRECISIONS[precision]
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     def compile_backbone(self, **compile_kwargs) -> FsadPreTrainedModel:
         """Compile the backbone's vision passes for faster inference (`ClipBackbone.compile_passes`)."""
