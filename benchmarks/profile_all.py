@@ -34,6 +34,8 @@ def save_methods(folder: Path, layers: int) -> list[str]:
     arguments = []
     for method in METHODS:
         extra = {}
+        if layers < 12 and "feature_layers" in config_class(method).__dataclass_fields__:
+            extra["feature_layers"] = [layers]  # a shallow tower for a quick check of the script
         if method == "one_to_normal":
             extra = {
                 "diffusion_model": save_tiny_diffusion_pipeline(folder / "tiny_sd"),

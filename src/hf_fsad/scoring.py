@@ -99,13 +99,16 @@ def nearest_cosine(
     return torch.cat(nearest).reshape(query.shape[:-1])
 
 
-def greedy_coreset(items: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(
+    items: torch.Tensor, size: int, projection_dim: int = 64, seed: int = 0
+) -> torch.Tensor:
     """Indices (size,) of a greedy k-center coreset of `items` (M, D) under cosine geometry (PatchCore):
     start at item 0, then repeatedly add the item farthest from everything chosen so far.
 
     Items are L2-normalised, then randomly projected to `projection_dim` dimensions when D is larger
-    (Johnson-Lindenstrauss: distances kept approximately, selection M*size*projection_dim instead of
-    M*size*D). Every item then lies within the last chosen item's distance of the coreset.
+    (Johnson-Lindenstrauss: distances kept approximately; a narrow copy of the items stays in cache, and each
+    of the `size` steps is one matrix-vector product). Every item then lies within the last chosen item's
+    distance of the coreset.
     """
     if size < 1:
         raise ValueError(f"A coreset needs at least one item, got size {size}.")
@@ -116,12 +119,17 @@ def greedy_coreset(items: torch.Tensor, size: int, projection_dim: int = 128, se
         generator = torch.Generator().manual_seed(seed)
         projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
         points = points @ projection.to(points.device)
-    chosen = torch.zeros(size, dtype=torch.long, device=items.device)
-    distances = (points - points[0]).pow(2).sum(dim=-1)
-    for position in range(1, size):
-        chosen[position] = torch.argmax(distances)
-        distances = torch.minimum(distances, (points - points[chosen[position]]).pow(2).sum(dim=-1))
-    return chosen
+    norms = points.pow(2).sum(dim=-1)
+
+    def squared_distances_to(index: int) -> torch.Tensor:
+        return (norms - 2 * (points @ points[index]) + norms[index]).clamp_min(0)
+
+    chosen = [0]
+    distances = squared_distances_to(0)
+    for _ in range(1, size):
+        chosen.append(int(torch.argmax(distances)))
+        torch.minimum(distances, squared_distances_to(chosen[-1]), out=distances)
+    return torch.tensor(chosen, device=items.device)
 
 
 def reference_association(
