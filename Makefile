@@ -2,13 +2,16 @@
 PYTHON ?= python3
 VENV := .venv
 CONVERT_VENV := .venv-convert
+# anomalib, for the peer comparison only (benchmarks/compare_anomalib.py): never a dependency of ours.
+ANOMALIB_VENV := .venv-anomalib
+ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
 # CPU build of torch that lies on these machines' disk; installed first so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert demo test test-core test-convert e2e lint clean
+.PHONY: install install-convert install-anomalib compare-anomalib demo test test-core test-convert e2e lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +25,20 @@ $(CONVERT_VENV)/.installed: pyproject.toml
 	$(CONVERT_VENV)/bin/pip install --quiet -e '.[convert,dev]'
 	touch $@
 
+$(ANOMALIB_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(ANOMALIB_VENV)
+	$(ANOMALIB_VENV)/bin/pip install --quiet $(CONVERT_TORCH_SPEC)
+	$(ANOMALIB_VENV)/bin/pip install --quiet '$(ANOMALIB_SPEC)'
+	$(ANOMALIB_VENV)/bin/pip install --quiet -e .
+	touch $@
+
 install: $(VENV)/.installed
 install-convert: $(CONVERT_VENV)/.installed
+install-anomalib: $(ANOMALIB_VENV)/.installed
+
+# hf_fsad's WinCLIP against anomalib's on the same random backbone (benchmarks/results/anomalib_comparison.md).
+compare-anomalib: install-anomalib
+	$(ANOMALIB_VENV)/bin/python benchmarks/compare_anomalib.py --out benchmarks/results
 
 demo: install
 	$(VENV)/bin/hf-fsad demo --out demo_output
@@ -44,4 +59,4 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks training spaces
 
 clean:
-	rm -rf $(VENV) $(CONVERT_VENV) demo_output
+	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) demo_output

@@ -1,7 +1,6 @@
 """Benchmark runs offline on real (ELPV) and toy data, on a randomly initialised backbone.
 
     .venv/bin/python benchmarks/random_backbone.py winclip-elpv --layers 1 --out benchmarks/elpv_winclip
-    .venv/bin/python benchmarks/random_backbone.py winclip-profile --layers 12 --out benchmarks/profile_winclip
     .venv/bin/python benchmarks/random_backbone.py anomalous-toy --layers 1 --out benchmarks/anomalous_memory_toy
     .venv/bin/python benchmarks/random_backbone.py anomalous-elpv --layers 1 --out benchmarks/anomalous_memory_elpv
 
@@ -62,7 +61,7 @@ def save_random_models(folder: Path, layers: int) -> tuple[str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("job", choices=["winclip-elpv", "winclip-profile", "anomalous-toy", "anomalous-elpv"])
+    parser.add_argument("job", choices=["winclip-elpv", "anomalous-toy", "anomalous-elpv"])
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -72,8 +71,6 @@ def main() -> None:
         if args.job == "winclip-elpv":
             argv = ["--methods", f"winclip={winclip}", "--datasets", "elpv", "--k", "2", "4", "8",
                     "--seeds", "0", "1", "2", "--title", f"WinCLIP+ on ELPV, {caveat}"]  # fmt: skip
-        elif args.job == "winclip-profile":
-            argv = ["--methods", f"winclip={winclip}", "--datasets", "elpv", "--profile", "--batch-size", "4"]
         elif args.job == "anomalous-toy":
             # Toy masks are exact, so one annotated defect alone (k=0) can give both memories.
             argv = ["--methods", f"winclip={winclip}", f"anomalous_memory={memory}", "--datasets", "toy",

@@ -616,10 +616,11 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
 class ProfileRow:
     """One method's costs, measured beside a bare backbone forward of the same size in the same run.
 
-    Per batch size: seconds per image, images per second, and the bare forward's seconds per image. Setup:
+    Per batch size: seconds per image, images per second, and the bare forward's seconds per image (the
+    smallest batch size is timed after a warm-up call, larger ones without, to keep long runs bearable). Setup:
     the prompt ensemble + bank assembly from encoded references (text cache cleared), encoding the 2
     references, and for methods fitted per category one fit of `fit_steps` updates on them. Peak memory:
-    growth of the process's resident memory (CUDA: allocated memory) while scoring the largest batch.
+    growth of the process's resident memory (CUDA: allocated memory) while the largest batch is timed.
     """
 
     method: str
@@ -638,15 +639,16 @@ class ProfileRow:
         return self.per_image_seconds[batch_size] / self.bare_forward_seconds[batch_size]
 
 
-def _median_seconds(function, repeats: int, before=None) -> float:
-    """Median wall time over `repeats` calls after one warm-up call; `before` runs untimed before each."""
+def _median_seconds(function, repeats: int, before=None, warm_up: bool = True) -> float:
+    """Median wall time over `repeats` calls, after one untimed warm-up call if `warm_up`; `before` runs
+    untimed before each call."""
     times = []
-    for attempt in range(repeats + 1):
+    for attempt in range(repeats + warm_up):
         if before is not None:
             before()
         started = time.perf_counter()
         function()
-        if attempt:
+        if attempt or not warm_up:
             times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -753,12 +755,11 @@ def _profile_model(
     )
     bank = bank_from_features()
     per_image, bare = {}, {}
-    for size in batch_sizes:
-        batch = queries[:size]
-        per_image[size] = _median_seconds(_scorer(model, batch, bank), repeats) / size
+    for size in sorted(batch_sizes):  # the smallest batch warms up; the largest is timed for peak memory
+        batch, warm_up = queries[:size], size == min(batch_sizes)
+        with _PeakMemory(model.device) as memory:
+            per_image[size] = _median_seconds(_scorer(model, batch, bank), repeats, warm_up=warm_up) / size
         bare[size] = _median_seconds(lambda batch=batch: model.backbone.encode_image(batch), repeats) / size
-    with _PeakMemory(model.device) as memory:
-        model(queries[:largest], reference_bank=bank)
     scaling = None
     if not own_references:
         scaling = {}

@@ -99,9 +99,7 @@ def nearest_cosine(
     return torch.cat(nearest).reshape(query.shape[:-1])
 
 
-def greedy_coreset(
-    items: torch.Tensor, size: int, projection_dim: int = 64, seed: int = 0
-) -> torch.Tensor:
+def greedy_coreset(items: torch.Tensor, size: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
     """Indices (size,) of a greedy k-center coreset of `items` (M, D) under cosine geometry (PatchCore):
     start at item 0, then repeatedly add the item farthest from everything chosen so far.
 

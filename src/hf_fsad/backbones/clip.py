@@ -332,13 +332,14 @@ def _last_block_at(
     """Outputs (B, S, D) of a `CLIPEncoderLayer` at `positions` (B, S) only: their queries attend to every
     token of their row (under `mask`, (B, 1, S, L) additive), then the MLP runs on those outputs alone."""
     attention = layer.self_attn
-    residual = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    at_positions = positions[..., None].expand(-1, -1, hidden.shape[-1])
+    residual = hidden.gather(1, at_positions)
     normed = layer.layer_norm1(hidden)
 
     def heads(states: torch.Tensor) -> torch.Tensor:
         return states.unflatten(-1, (-1, attention.head_dim)).transpose(1, 2)
 
-    queries = heads(attention.q_proj(layer.layer_norm1(residual)))
+    queries = heads(attention.q_proj(normed.gather(1, at_positions)))
     keys, values = heads(attention.k_proj(normed)), heads(attention.v_proj(normed))
     attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=attention.scale)
     outputs = residual + attention.out_proj(attended.transpose(1, 2).flatten(2))
