@@ -706,15 +706,14 @@ def profile_models(
     multiple of a bare backbone forward of the same size; setup (prompt ensemble, 2 references, a short
     fit for per-category methods); peak memory; per-image latency as the bank grows to k references (the 2
     encoded references repeated: the search costs as for k distinct images). Writes profile.{json,md} and
-    plots to `out_dir`.
+    plots to `out_dir`, rewritten after each method so a long run keeps what it has measured.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = [
-        _profile_model(method, model, images, ks, batch_sizes, repeats, fit_steps)
-        for method, model in tqdm(models.items(), desc="profiling", unit="method")
-    ]
-    _write_profile(out_dir, rows, ks, batch_sizes)
+    rows = []
+    for method, model in tqdm(models.items(), desc="profiling", unit="method"):
+        rows.append(_profile_model(method, model, images, ks, batch_sizes, repeats, fit_steps))
+        _write_profile(out_dir, rows, ks, batch_sizes)
     return rows
 
 
