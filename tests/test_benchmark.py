@@ -155,7 +155,9 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
     assert set(row.per_image_seconds) == set(row.bare_forward_seconds) == {1, 2}
     for size in (1, 2):
         assert row.images_per_second[size] == pytest.approx(1 / row.per_image_seconds[size])
-        assert row.bare_forward_multiple(size) > 0
+        assert row.bare_forward_multiple(size) == pytest.approx(
+            row.per_image_seconds[size] / row.bare_forward_seconds[size]
+        )
     assert row.text_setup_seconds > 0 and row.peak_memory_mb >= 0
     if method == "vtfusion":  # fitted on the 2 references; its bank is its prototypes, whatever k
         assert row.fit_seconds > 0 and row.fit_steps == 1 and row.k_scaling is None

@@ -13,7 +13,7 @@ from hf_fsad.metrics import image_auroc, pixel_auroc
 from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
-from hf_fsad.prompts import winclip_prompts
+from hf_fsad.prompts import ANOMALOUS_STATES, NORMAL_STATES, winclip_prompts
 from hf_fsad.scoring import class_scores, ensemble_text_embedding
 
 
@@ -268,3 +268,20 @@ def test_half_precision_autocast_stays_within_the_documented_tolerance(make_winc
     assert (half.anomaly_maps.float() - exact.anomaly_maps).abs().max() <= 0.02
     with pytest.raises(ValueError, match="Unknown precision"):
         model.autocast("int8")
+
+
+def test_prompt_templates_choose_the_ensemble(make_winclip):
+    """A custom template list gives the ensemble of exactly those prompts; a template without a slot for the
+    state is refused."""
+    model = make_winclip(prompt_templates=["a photo of a {}."])
+    expected = torch.stack(
+        [
+            ensemble_text_embedding(
+                model.backbone.encode_text([f"a photo of a {state.format('nut')}." for state in states])
+            )
+            for states in (NORMAL_STATES, ANOMALOUS_STATES)
+        ]
+    )
+    torch.testing.assert_close(model.text_embeddings("nut"), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
+        make_winclip(prompt_templates=["a photo of a nut."])
