@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from profile_winclip import median_seconds, write_report
+from profile_winclip import write_report
 
+from hf_fsad.benchmark import median_seconds
 from hf_fsad.data import load_benchmark
 from hf_fsad.models.one_to_normal.configuration_one_to_normal import OneToNormalConfig
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel

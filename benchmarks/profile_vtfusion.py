@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 from profile_metacan import markdown
-from profile_winclip import median_seconds, write_report
+from profile_winclip import write_report
 
+from hf_fsad.benchmark import median_seconds
 from hf_fsad.data import load_benchmark
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
 from hf_fsad.models.vtfusion.modeling_vtfusion import VtFusionModel

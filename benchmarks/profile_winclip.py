@@ -15,31 +15,15 @@ import json
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hf_fsad.benchmark import median_seconds
 from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.prompts import winclip_prompts
 from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config
-
-
-def median_seconds(
-    function: Callable[[], object], repeats: int, before: Callable[[], None] | None = None
-) -> float:
-    """Median wall time of `function` over `repeats` calls after one warm-up; `before` runs untimed."""
-    times = []
-    for attempt in range(repeats + 1):
-        if before is not None:
-            before()
-        started = time.perf_counter()
-        function()
-        if attempt:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def import_seconds(repeats: int) -> float:

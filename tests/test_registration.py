@@ -55,3 +55,28 @@ def test_import_loads_neither_torch_nor_transformers():
     """What keeps `import hf_fsad` fast (its time is measured in benchmarks/profile_winclip.py)."""
     output = run_python("import sys, hf_fsad; print('torch' in sys.modules, 'transformers' in sys.modules)")
     assert output.split() == ["False", "False"]
+
+
+LAYERED_METHODS = ["metacan", "afclip", "vtfusion", "one_to_normal"]
+
+
+@pytest.mark.parametrize("method", LAYERED_METHODS)
+def test_feature_layers_beyond_the_tower_are_refused_by_name(method):
+    from hf_fsad.registry import config_class
+    from hf_fsad.testing import tiny_clip_config
+
+    with pytest.raises(ValueError, match=r"feature layer 3 does not exist: the vision tower has blocks 1\.\.2"):
+        config_class(method)(clip_config=tiny_clip_config(), feature_layers=[1, 3])
+    with pytest.raises(ValueError, match="feature layer 0 does not exist"):
+        config_class(method)(clip_config=tiny_clip_config(), feature_layers=[0])
+
+
+def test_default_feature_layers_end_four_equal_groups_of_blocks():
+    from hf_fsad.registry import config_class
+    from hf_fsad.testing import tiny_clip_config, vit_l14_336_config
+
+    assert config_class("afclip")(clip_config=vit_l14_336_config()).feature_layers == [6, 12, 18, 24]
+    assert config_class("vtfusion")(clip_config=vit_l14_336_config(12)).feature_layers == [3, 6, 9, 12]
+    # Under four blocks AF-CLIP keeps the four levels (repeating blocks); the others keep distinct blocks.
+    assert config_class("afclip")(clip_config=tiny_clip_config()).feature_layers == [1, 1, 1, 2]
+    assert config_class("one_to_normal")(clip_config=tiny_clip_config()).feature_layers == [1, 2]

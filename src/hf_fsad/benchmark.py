@@ -22,7 +22,7 @@ import os
 import resource
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
@@ -639,7 +639,12 @@ class ProfileRow:
         return self.per_image_seconds[batch_size] / self.bare_forward_seconds[batch_size]
 
 
-def _median_seconds(function, repeats: int, before=None, warm_up: bool = True) -> float:
+def median_seconds(
+    function: Callable[[], object],
+    repeats: int,
+    before: Callable[[], object] | None = None,
+    warm_up: bool = True,
+) -> float:
     """Median wall time over `repeats` calls, after one untimed warm-up call if `warm_up`; `before` runs
     untimed before each call."""
     times = []
@@ -748,17 +753,17 @@ def _profile_model(
     def bank_from_features():
         return _profile_bank(model, reference_features)
 
-    text_setup = _median_seconds(bank_from_features, repeats, before=model.backbone.clear_text_cache)
+    text_setup = median_seconds(bank_from_features, repeats, before=model.backbone.clear_text_cache)
     reference_seconds = (
-        None if own_references else _median_seconds(lambda: model.encode_images(references), repeats)
+        None if own_references else median_seconds(lambda: model.encode_images(references), repeats)
     )
     bank = bank_from_features()
     per_image, bare = {}, {}
     for size in sorted(batch_sizes):  # the smallest batch warms up; the largest is timed for peak memory
         batch, warm_up = queries[:size], size == min(batch_sizes)
         with _PeakMemory(model.device) as memory:
-            per_image[size] = _median_seconds(_scorer(model, batch, bank), repeats, warm_up=warm_up) / size
-        bare[size] = _median_seconds(lambda batch=batch: model.backbone.encode_image(batch), repeats) / size
+            per_image[size] = median_seconds(_scorer(model, batch, bank), repeats, warm_up=warm_up) / size
+        bare[size] = median_seconds(lambda batch=batch: model.backbone.encode_image(batch), repeats) / size
     scaling = None
     if not own_references:
         scaling = {}
@@ -768,7 +773,7 @@ def _profile_model(
                 name: tensor.repeat_interleave(repeat, dim=0)[:k]
                 for name, tensor in reference_features.items()
             }
-            scaling[k] = _median_seconds(_scorer(model, queries[:1], _profile_bank(model, tiled)), repeats)
+            scaling[k] = median_seconds(_scorer(model, queries[:1], _profile_bank(model, tiled)), repeats)
     return ProfileRow(
         method=method,
         per_image_seconds=per_image,
@@ -839,7 +844,8 @@ def _write_profile(
     axes[1].set(xscale="log", xlabel="references k", ylabel=f"latency / latency at k={ks[0]}")
     axes[1].set_xticks(list(ks), [str(k) for k in ks])
     axes[1].axhline(1.0, color="grey", linestyle=":")
-    axes[1].legend(fontsize=7)
+    if scaled:
+        axes[1].legend(fontsize=7)
     positions = np.arange(len(rows))
     width = 0.8 / len(batch_sizes)
     for offset, size in enumerate(batch_sizes):

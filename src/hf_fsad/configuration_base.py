@@ -47,3 +47,20 @@ class FsadConfig(PreTrainedConfig):
             raise ValueError(f"max_memory_items must be >= 1 or None, got {self.max_memory_items}.")
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")
+
+    def quarter_blocks(self) -> list[int]:
+        """The ends of four equal groups of vision blocks, the papers' four hierarchical levels ([6, 12, 18, 24]
+        on a 24-block ViT-L; repeats on towers under four blocks)."""
+        num_blocks = self.clip_config.vision_config.num_hidden_layers
+        return [max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)]
+
+    def checked_feature_layers(self, layers: list[int]) -> list[int]:
+        """`layers` as ints, refusing any that is not a 1-based block of the vision tower."""
+        num_blocks = self.clip_config.vision_config.num_hidden_layers
+        layers = [int(layer) for layer in layers]
+        for layer in layers:
+            if not 1 <= layer <= num_blocks:
+                raise ValueError(
+                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
+                )
+        return layers

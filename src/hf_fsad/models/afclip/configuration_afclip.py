@@ -60,16 +60,10 @@ class AfClipConfig(FsadConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        num_blocks = self.clip_config.vision_config.num_hidden_layers
         if self.feature_layers is None:
-            self.feature_layers = [max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)]
-        self.feature_layers = [int(layer) for layer in self.feature_layers]
+            self.feature_layers = self.quarter_blocks()
+        self.feature_layers = self.checked_feature_layers(self.feature_layers)
         self.aggregation_windows = [int(window) for window in self.aggregation_windows]
-        for layer in self.feature_layers:
-            if not 1 <= layer <= num_blocks:
-                raise ValueError(
-                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
-                )
         for window in self.aggregation_windows:
             if window < 1 or window % 2 == 0:
                 raise ValueError(f"aggregation windows must be odd and positive, got {window}.")

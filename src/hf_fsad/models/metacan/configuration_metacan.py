@@ -51,16 +51,10 @@ class MetaCanConfig(FsadConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.feature_layers = [int(layer) for layer in self.feature_layers]
+        self.feature_layers = self.checked_feature_layers(self.feature_layers)
         self.detector_hidden_sizes = [int(width) for width in self.detector_hidden_sizes]
-        num_blocks = self.clip_config.vision_config.num_hidden_layers
         if not self.feature_layers:
             raise ValueError("feature_layers must name at least one vision block.")
-        for layer in self.feature_layers:
-            if not 1 <= layer <= num_blocks:
-                raise ValueError(
-                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
-                )
         if not (self.use_discriminator or self.use_detector):
             raise ValueError("use_discriminator and use_detector cannot both be False: nothing would score.")
         if self.text_logit_scale <= 0:

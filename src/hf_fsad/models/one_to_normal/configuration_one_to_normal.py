@@ -65,15 +65,9 @@ class OneToNormalConfig(FsadConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        num_blocks = self.clip_config.vision_config.num_hidden_layers
         if self.feature_layers is None:
-            self.feature_layers = sorted({max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)})
-        self.feature_layers = [int(layer) for layer in self.feature_layers]
-        for layer in self.feature_layers:
-            if not 1 <= layer <= num_blocks:
-                raise ValueError(
-                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
-                )
+            self.feature_layers = sorted(set(self.quarter_blocks()))
+        self.feature_layers = self.checked_feature_layers(self.feature_layers)
         for name in ("strength", "pool_strength"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}.")

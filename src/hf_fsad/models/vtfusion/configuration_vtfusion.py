@@ -64,17 +64,11 @@ class VtFusionConfig(FsadConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        num_blocks = self.clip_config.vision_config.num_hidden_layers
         if self.feature_layers is None:
-            self.feature_layers = sorted({max(1, num_blocks * quarter // 4) for quarter in (1, 2, 3, 4)})
-        self.feature_layers = [int(layer) for layer in self.feature_layers]
+            self.feature_layers = sorted(set(self.quarter_blocks()))
+        self.feature_layers = self.checked_feature_layers(self.feature_layers)
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ValueError(f"feature_layers must be distinct, got {self.feature_layers}.")
-        for layer in self.feature_layers:
-            if not 1 <= layer <= num_blocks:
-                raise ValueError(
-                    f"feature layer {layer} does not exist: the vision tower has blocks 1..{num_blocks}."
-                )
         if self.text_adapter_hidden_size is None:
             self.text_adapter_hidden_size = self.clip_config.projection_dim
         if self.radius < 0 or self.margin < 0 or self.segmentation_weight < 0:
