@@ -259,3 +259,27 @@ def test_image_level_methods_get_image_metrics_only(tmp_path):
     with_maps, without = cell(results, method="metacan"), cell(results, method="no_maps")
     assert without["metrics"]["pixel_auroc"] is None and without["metrics"]["image_auroc"] is not None
     assert with_maps["metrics"]["pixel_auroc"] is not None
+
+
+def test_alternating_medians_interleave_calls_and_time_only_after_the_warm_up(monkeypatch):
+    from hf_fsad import benchmark
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+
+    def advancing(name: str, seconds: list[float]):
+        def call():
+            calls.append(name)
+            clock[0] += seconds.pop(0)
+
+        return call
+
+    medians = benchmark.alternating_medians(
+        {"slow": advancing("slow", [100.0, 3.0, 5.0, 4.0]), "fast": advancing("fast", [50.0, 1.0, 2.0, 9.0])},
+        repeats=3,
+        before={"fast": lambda: calls.append("before fast")},
+    )
+    assert calls == ["slow", "before fast", "fast"] * 4  # one warm-up round, then three timed rounds
+    assert medians == {"slow": 4.0, "fast": 2.0}  # the warm-up's 100 s and 50 s are not counted
+    single = benchmark.median_seconds(advancing("one", [7.0]), repeats=1, warm_up=False)
+    assert single == 7.0

@@ -639,23 +639,35 @@ class ProfileRow:
         return self.per_image_seconds[batch_size] / self.bare_forward_seconds[batch_size]
 
 
+def alternating_medians(
+    functions: dict[str, Callable[[], object]],
+    repeats: int,
+    before: dict[str, Callable[[], object]] | None = None,
+    warm_up: bool = True,
+) -> dict[str, float]:
+    """Median wall time of each function over `repeats` rounds that call them in turn, after one untimed
+    round if `warm_up`; `before[name]` runs untimed before each call of `name`. Alternating keeps ratios
+    between the functions honest on a machine whose speed drifts."""
+    times = {name: [] for name in functions}
+    for attempt in range(repeats + warm_up):
+        for name, function in functions.items():
+            if before is not None and name in before:
+                before[name]()
+            started = time.perf_counter()
+            function()
+            if attempt or not warm_up:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def median_seconds(
     function: Callable[[], object],
     repeats: int,
     before: Callable[[], object] | None = None,
     warm_up: bool = True,
 ) -> float:
-    """Median wall time over `repeats` calls, after one untimed warm-up call if `warm_up`; `before` runs
-    untimed before each call."""
-    times = []
-    for attempt in range(repeats + warm_up):
-        if before is not None:
-            before()
-        started = time.perf_counter()
-        function()
-        if attempt or not warm_up:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """Median wall time of one function (see `alternating_medians`)."""
+    return alternating_medians({"": function}, repeats, None if before is None else {"": before}, warm_up)[""]
 
 
 class _PeakMemory:
@@ -762,8 +774,15 @@ def _profile_model(
     for size in sorted(batch_sizes):  # the smallest batch warms up; the largest is timed for peak memory
         batch, warm_up = queries[:size], size == min(batch_sizes)
         with _PeakMemory(model.device) as memory:
-            per_image[size] = median_seconds(_scorer(model, batch, bank), repeats, warm_up=warm_up) / size
-        bare[size] = median_seconds(lambda batch=batch: model.backbone.encode_image(batch), repeats) / size
+            timed = alternating_medians(
+                {
+                    "model": _scorer(model, batch, bank),
+                    "bare": lambda batch=batch: model.backbone.encode_image(batch),
+                },
+                repeats,
+                warm_up=warm_up,
+            )
+        per_image[size], bare[size] = timed["model"] / size, timed["bare"] / size
     scaling = None
     if not own_references:
         scaling = {}
