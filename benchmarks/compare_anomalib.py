@@ -18,7 +18,6 @@ import argparse
 import json
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,31 +54,9 @@ def build_models(seed: int):
     return theirs, ours.eval()
 
 
-def matmul_flops(function: Callable[[], object]) -> int:
-    """Floating-point operations in `function`'s matrix products, convolutions and attention, counted by
-    torch's FlopCounterMode (MultiheadAttention's fused fast path off, so its products are seen too)."""
-    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
-
-    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if cpu_attention not in torch.utils.flop_counter.flop_registry:
-
-        @register_flop_formula(cpu_attention)
-        def _(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-            return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            function()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
-    return counter.get_total_flops()
-
-
 @torch.no_grad()
 def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> dict:
-    from hf_fsad.benchmark import alternating_medians
+    from hf_fsad.benchmark import alternating_medians, matmul_flops
     from hf_fsad.modeling_base import ReferenceBank
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 

@@ -159,6 +159,10 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
             row.per_image_seconds[size] / row.bare_forward_seconds[size]
         )
     assert row.text_setup_seconds > 0 and row.peak_memory_mb >= 0
+    assert row.work_multiple() == pytest.approx(row.flops_per_image / row.bare_forward_flops)
+    # Every method runs the whole tower once; windows hold several times an image's tokens.
+    assert row.flops_per_image > row.bare_forward_flops
+    assert (row.work_multiple() > 3) == (method in ("winclip", "anomalous_memory"))
     if method == "vtfusion":  # fitted on the 2 references; its bank is its prototypes, whatever k
         assert row.fit_seconds > 0 and row.fit_steps == 1 and row.k_scaling is None
         assert row.reference_seconds is None
@@ -283,3 +287,21 @@ def test_alternating_medians_interleave_calls_and_time_only_after_the_warm_up(mo
     assert medians == {"slow": 4.0, "fast": 2.0}  # the warm-up's 100 s and 50 s are not counted
     single = benchmark.median_seconds(advancing("one", [7.0]), repeats=1, warm_up=False)
     assert single == 7.0
+
+
+def test_matmul_flops_counts_products_by_hand_including_fused_attention():
+    from hf_fsad.benchmark import matmul_flops
+
+    linear = torch.nn.Linear(3, 4, bias=False)
+    assert matmul_flops(lambda: linear(torch.ones(2, 3))) == 2 * 2 * 3 * 4
+    query, key = torch.ones(1, 2, 5, 8), torch.ones(1, 2, 7, 8)
+    # two products per head: scores (5x8 @ 8x7) and scores @ values (5x7 @ 7x8)
+    attention = torch.nn.functional.scaled_dot_product_attention
+    assert matmul_flops(lambda: attention(query, key, key)) == 2 * (2 * 2 * 5 * 7 * 8)
+    heads = torch.nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    tokens = torch.ones(1, 5, 8)
+    with torch.no_grad():  # where PyTorch would take its fused fast path
+        flops = matmul_flops(lambda: heads(tokens, tokens, tokens, need_weights=False))
+    projections = 4 * (2 * 5 * 8 * 8)  # q, k, v in; out
+    assert flops == projections + 2 * (2 * 2 * 5 * 5 * 4)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

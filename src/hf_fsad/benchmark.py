@@ -620,7 +620,8 @@ class ProfileRow:
     smallest batch size is timed after a warm-up call, larger ones without, to keep long runs bearable). Setup:
     the prompt ensemble + bank assembly from encoded references (text cache cleared), encoding the 2
     references, and for methods fitted per category one fit of `fit_steps` updates on them. Peak memory:
-    growth of the process's resident memory (CUDA: allocated memory) while the largest batch is timed.
+    growth of the process's resident memory (CUDA: allocated memory) while the largest batch is timed. Work:
+    the floating-point operations of scoring one query and of one bare forward (`matmul_flops`).
     """
 
     method: str
@@ -633,10 +634,40 @@ class ProfileRow:
     fit_steps: int | None
     peak_memory_mb: float
     k_scaling: dict[int, float] | None
+    flops_per_image: int
+    bare_forward_flops: int
 
     def bare_forward_multiple(self, batch_size: int) -> float:
         """Per-image cost in bare backbone forwards of the same batch size."""
         return self.per_image_seconds[batch_size] / self.bare_forward_seconds[batch_size]
+
+    def work_multiple(self) -> float:
+        """Per-image work (`matmul_flops`, one query scored) in bare backbone forwards: the floor of
+        `bare_forward_multiple` where both run at the same arithmetic rate."""
+        return self.flops_per_image / self.bare_forward_flops
+
+
+def matmul_flops(function: Callable[[], object]) -> int:
+    """Floating-point operations of `function`'s matrix products, convolutions and attention, as torch's
+    FlopCounterMode counts them (elementwise work is not counted; MultiheadAttention's fused fast path is
+    off meanwhile, so its products are counted too). The algorithm's work, whatever the machine."""
+    from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdpa_flop_count
+
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if cpu_attention not in torch.utils.flop_counter.flop_registry:
+
+        @register_flop_formula(cpu_attention)
+        def _(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            function()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+    return counter.get_total_flops()
 
 
 def alternating_medians(
@@ -783,6 +814,8 @@ def _profile_model(
                 warm_up=warm_up,
             )
         per_image[size], bare[size] = timed["model"] / size, timed["bare"] / size
+    flops = matmul_flops(_scorer(model, queries[:1], bank))
+    bare_flops = matmul_flops(lambda: model.backbone.encode_image(queries[:1]))
     scaling = None
     if not own_references:
         scaling = {}
@@ -804,6 +837,8 @@ def _profile_model(
         fit_steps=fit_steps if fit_seconds is not None else None,
         peak_memory_mb=memory.peak_mb,
         k_scaling=scaling,
+        flops_per_image=flops,
+        bare_forward_flops=bare_flops,
     )
 
 
@@ -834,8 +869,9 @@ def _write_profile(
     _atomic_write(out_dir / "profile.json", json.dumps([asdict(row) for row in rows], indent=1) + "\n")
     speed = " | ".join(f"batch {size}: s/image (× bare) | batch {size}: images/s" for size in batch_sizes)
     lines = [
-        f"| method | {speed} | setup: prompts + bank (s) | setup: 2 refs (s) | fit (s) | peak memory (MB) |",
-        "|---|" + "---|---|" * len(batch_sizes) + "---|---|---|---|",
+        f"| method | work: GFLOP/image (× bare) | {speed} | setup: prompts + bank (s) | setup: 2 refs (s) "
+        + "| fit (s) | peak memory (MB) |",
+        "|---|---|" + "---|---|" * len(batch_sizes) + "---|---|---|---|",
     ]
     for row in rows:
         cells = " | ".join(
@@ -844,9 +880,10 @@ def _write_profile(
             for size in batch_sizes
         )
         fit = "–" if row.fit_seconds is None else f"{row.fit_seconds:.1f} ({row.fit_steps} updates)"
+        references = "–" if row.reference_seconds is None else f"{row.reference_seconds:.2f}"
         lines.append(
-            f"| {row.method} | {cells} | {row.text_setup_seconds:.2f} | {'–' if row.reference_seconds is None else f'{row.reference_seconds:.2f}'} | {fit} "
-            f"| {row.peak_memory_mb:.0f} |"
+            f"| {row.method} | {row.flops_per_image / 1e9:.1f} ({row.work_multiple():.2f}×) | {cells} "
+            f"| {row.text_setup_seconds:.2f} | {references} | {fit} | {row.peak_memory_mb:.0f} |"
         )
     scaled = [row for row in rows if row.k_scaling]
     lines += [
