@@ -66,6 +66,16 @@ def test_window_embeddings_match_one_window_at_a_time(backbone):
             torch.testing.assert_close(embeddings[:, window], expected)
 
 
+def test_window_passes_in_small_chunks_give_the_single_pass_embeddings(backbone):
+    features = backbone.encode_image(torch.randn(2, 3, 240, 240))
+    backbone.window_tokens_per_pass = 10**9
+    whole = backbone.encode_windows(features.embeddings, features.grid_size, [2, 3])
+    backbone.window_tokens_per_pass = 25  # two 10-token rows per pass, the last pass shorter
+    chunked = backbone.encode_windows(features.embeddings, features.grid_size, [2, 3])
+    for expected, actual in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_text_embeddings_are_encoded_once_per_prompt_and_match_clip(backbone, monkeypatch):
     """Each distinct prompt runs through the text tower once (length-sorted batches), and the result equals
     CLIP's embedding of that prompt alone."""

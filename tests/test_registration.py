@@ -65,7 +65,9 @@ def test_feature_layers_beyond_the_tower_are_refused_by_name(method):
     from hf_fsad.registry import config_class
     from hf_fsad.testing import tiny_clip_config
 
-    with pytest.raises(ValueError, match=r"feature layer 3 does not exist: the vision tower has blocks 1\.\.2"):
+    with pytest.raises(
+        ValueError, match=r"feature layer 3 does not exist: the vision tower has blocks 1\.\.2"
+    ):
         config_class(method)(clip_config=tiny_clip_config(), feature_layers=[1, 3])
     with pytest.raises(ValueError, match="feature layer 0 does not exist"):
         config_class(method)(clip_config=tiny_clip_config(), feature_layers=[0])

@@ -49,6 +49,10 @@ class ClipBackbone(nn.Module):
         self.clip = CLIPModel(clip_config)
         self.tokenizer = None  # a CLIPTokenizer, attached by the owning model after loading
         self._text_cache: dict[str, torch.Tensor] = {}
+        # Window tokens per pass through the tower: bounds the activations' working set (an MLP's hidden
+        # states for 1024 tokens are ~15 MB at ViT-B width, inside a CPU's last-level cache; on 2 AMD EPYC
+        # cores 1024 ran a 240 px image's windows 15 % faster than one pass). A GPU wants more.
+        self.window_tokens_per_pass = 1024
 
     def load_clip_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a `CLIPModel` state dict, also into layers a method wrapped (PEFT LoRA keeps the original
@@ -122,7 +126,8 @@ class ClipBackbone(nn.Module):
         normalised and projected. The windows of all scales and images run as one batch: shorter windows are
         packed several to a sequence (see `window_packing`) and a block-diagonal attention mask keeps each
         window to itself, so no compute goes to padding. The last block computes only the CLS outputs, the
-        only ones used.
+        only ones used. Rows go through the tower `window_tokens_per_pass` tokens at a time, so the
+        activations stay in cache and a large batch costs per image what a single image does.
         """
         packing = window_packing(grid_size, tuple(scales))
         batch, _, width = embeddings.shape
@@ -135,7 +140,13 @@ class ClipBackbone(nn.Module):
         mask = mask.masked_fill(~packing.attend.to(embeddings.device), blocked)
         mask = mask.unsqueeze(1).repeat(batch, 1, 1, 1)  # (B*R, 1, L, L)
         slots = packing.cls_positions.to(embeddings.device).repeat(batch, 1)  # (B*R, S)
-        cls_outputs = self._window_tower(sequences, mask, slots)
+        rows_per_pass = max(1, self.window_tokens_per_pass // length)
+        cls_outputs = torch.cat(
+            [
+                self._window_tower(*chunk)
+                for chunk in zip(*(part.split(rows_per_pass) for part in (sequences, mask, slots)))
+            ]
+        )
         projected = self.project(cls_outputs).reshape(batch, rows * slots.shape[1], -1)
         return [projected[:, order.to(embeddings.device)] for order in packing.window_slots]
 
