@@ -1,6 +1,6 @@
 """Every method's cost, side by side in one run: `hf-fsad benchmark --profile` on one shared backbone.
 
-    .venv/bin/python benchmarks/profile_all.py --out benchmarks/profile_all [--layers 12] [--repeats 1]
+    .venv/bin/python benchmarks/profile_all.py --out benchmarks/profile_all [--layers 12] [--repeats 2]
 
 All methods sit on the same random ViT-B-16-plus-240-sized CLIP (`--layers` vision blocks; 12 is the real
 depth; the byte-level test tokenizer, about 3x the tokens of CLIP's BPE, so prompt setup is an upper bound)
@@ -56,7 +56,7 @@ def save_methods(folder: Path, layers: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
