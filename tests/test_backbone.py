@@ -70,7 +70,7 @@ def test_window_passes_in_small_chunks_give_the_single_pass_embeddings(backbone)
     features = backbone.encode_image(torch.randn(2, 3, 240, 240))
     backbone.window_tokens_per_pass = 10**9
     whole = backbone.encode_windows(features.embeddings, features.grid_size, [2, 3])
-    backbone.window_tokens_per_pass = 25  # two 10-token rows per pass, the last pass shorter
+    backbone.window_tokens_per_pass = 45  # four 10-token rows per pass, the last of 534 rows shorter
     chunked = backbone.encode_windows(features.embeddings, features.grid_size, [2, 3])
     for expected, actual in zip(whole, chunked, strict=True):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
