@@ -56,7 +56,7 @@ def build_models(seed: int):
 
 @torch.no_grad()
 def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> dict:
-    from hf_fsad.benchmark import alternating_medians, matmul_flops
+    from hf_fsad.benchmark import alternating_medians, matmul_flops, median_seconds
     from hf_fsad.modeling_base import ReferenceBank
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 
@@ -110,7 +110,7 @@ def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> d
         {"anomalib": lambda: theirs(queries[:1]), "hf_fsad": lambda: ours(queries[:1], reference_bank=bank)},
         repeats,
     )
-    bare = alternating_medians({"bare": lambda: ours.backbone.encode_image(queries[:1])}, repeats)["bare"]
+    bare = median_seconds(lambda: ours.backbone.encode_image(queries[:1]), repeats)
     flops = {
         "anomalib": matmul_flops(lambda: theirs(queries[:1])),
         "hf_fsad": matmul_flops(lambda: ours(queries[:1], reference_bank=bank)),
