@@ -129,8 +129,10 @@ def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str
         raise ValueError(
             f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size."
         )
-    if not torch.isfinite(pixel_values).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
+    if torch.isnan(pixel_values).any():
+        raise ValueError(f"{name} contains NaN values ({int(torch.isnan(pixel_values).sum())} of them).")
+    if torch.isinf(pixel_values).any():
+        raise ValueError(f"{name} contains infinite values ({int(torch.isinf(pixel_values).sum())} of them).")
 
 
 class FsadPreTrainedModel(PreTrainedModel):
