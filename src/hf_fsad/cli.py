@@ -14,13 +14,17 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images."""
+def expand_inputs(inputs: Sequence[str], what: str = "input") -> list[Path]:
+    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images; a
+    directory holding none is reported on stderr."""
     paths: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"skipped {what} {path}: a directory with no image files", file=sys.stderr)
+            paths += found
         else:
             paths.append(path)
     return paths
@@ -97,6 +101,7 @@ def _previous_results(output: Path) -> list[dict]:
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises KeyboardInterrupt meanwhile, so a terminated run ends like Ctrl-C: results saved."""
+
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
@@ -156,7 +161,9 @@ def score(args: argparse.Namespace) -> int:
     else:
         references = None
         if args.reference:
-            readable = _readable_images(expand_inputs(args.reference), "reference", args.max_pixels)
+            readable = _readable_images(
+                expand_inputs(args.reference, "reference"), "reference", args.max_pixels
+            )
             images = [image for _, image in readable]
             if not images:
                 print("error: none of the --reference images could be read", file=sys.stderr)
@@ -181,7 +188,9 @@ def score(args: argparse.Namespace) -> int:
         with _sigterm_interrupts():
             try:
                 with state.split_between_processes(paths) as own_paths:
-                    _score_paths(model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state)
+                    _score_paths(
+                        model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state
+                    )
             except KeyboardInterrupt:
                 if state.num_processes > 1:
                     raise
@@ -267,7 +276,7 @@ def fit(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    readable = _readable_images(expand_inputs(args.normal), "normal image", args.max_pixels)
+    readable = _readable_images(expand_inputs(args.normal, "normal image"), "normal image", args.max_pixels)
     normals = [image for _, image in readable]
     if not normals:
         print("error: none of the --normal images could be read", file=sys.stderr)
