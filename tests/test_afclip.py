@@ -213,6 +213,27 @@ def test_eq_14_patch_alignment_pools_the_batch_as_the_official_code_or_goes_imag
         patch_alignment_loss(features, masks, pairs="set")
 
 
+def test_eq_13_masks_reach_the_patch_grid_by_bilinear_sampling_then_the_0_5_threshold(tmp_path):
+    """As the official code: the mask resized bilinearly (no antialiasing) to the 15x15 grid of 16-pixel
+    patches, each patch reading the pixels around its centre (16i + 7.5), then > 0.5. White rows 0-24 and
+    columns 0-8: patch rows 0 (pixels 7, 8) and 1 (23, 24) are inside; patch column 0 (pixels 7, 8) is,
+    column 1 (23, 24) is not, although the white covers 9/16 of it."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from hf_fsad.data.common import FEATURES
+    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+
+    mask = np.zeros((240, 240), dtype=np.uint8)
+    mask[:25, :9] = 255
+    row = {"image": Image.new("RGB", (240, 240)), "mask": Image.fromarray(mask), "label": 1}
+    data = Dataset.from_list([row | {"category": "x", "defect_type": "x", "path": "x"}], features=FEATURES)
+    trainer = AfClipTrainer(make_tiny_afclip(), data, AfClipTrainingArguments(batch_size=1), tmp_path)
+    expected = torch.zeros(15, 15, dtype=torch.bool)
+    expected[:2, 0] = True
+    assert torch.equal(trainer.patch_masks([0]), expected.flatten()[None])
+
+
 def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     model = make_tiny_afclip()
     torch.manual_seed(4)

@@ -40,8 +40,8 @@ class AfClipTrainingArguments(TrainingArguments):
     mask_threshold: a patch is anomalous when its bilinearly downsampled mask exceeds this (the reference
         code's 0.5; lower keeps thin defects that cover less than half a patch).
     alignment_pairs: how Eq. 14 pools its patch pairs (`patch_alignment_loss`): "batch" (the official code:
-        all pairs of the batch, self pairs included, one hinge per token set) or "image" (one hinge per image,
-        self pairs left out).
+        all pairs of the batch, self pairs included, one hinge per token set; with several processes each
+        pools its share of the batch) or "image" (one hinge per image, self pairs left out).
     """
 
     max_steps: int = 432
