@@ -136,6 +136,9 @@ def test_cli_writes_an_afclip_model_with_the_official_weights_and_settings(offic
     assert torch.equal(model.context, load_official_prompt(PROMPT))
     adapter, _ = load_official_adaptor(ADAPTOR)
     assert all(torch.equal(model.adapter.state_dict()[name], tensor) for name, tensor in adapter.items())
+    assert main(["convert", "--open-clip", "ViT-B-16", "--trained-on", "visa", str(tmp_path / "x")]) == 2
+    assert main([*command, "--pretrained", "openai", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):  # one source only
         main(
             [

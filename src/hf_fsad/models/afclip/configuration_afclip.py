@@ -33,7 +33,8 @@ class AfClipConfig(FsadConfig):
             a literal reading of the paper's "prefix" of the state words).
         state_prompts: the fixed (normal, anomalous) state suffixes.
         temperature: of Eq. 9's cosine logits (0.07).
-        map_smoothing_sigma: Gaussian std in pixels of the upsampled maps (4; 0 disables).
+        map_smoothing_sigma: Gaussian std in pixels of the upsampled maps (4; 0 disables), borders in scipy's
+            default "reflect" mode as the official code's `gaussian_filter`.
         memory_weight: AF-CLIP+ fusion (Eq. 18): score = memory + memory_weight x zero-shot, for both the
             image score and the map (0.1).
         position_interpolation: "bilinear" by default here: the official code resizes the 24x24 position grid
