@@ -100,7 +100,8 @@ def test_position_interpolation_enters_the_feature_key_only_where_it_changes_the
 
     def feature_key(**config) -> str:
         torch.manual_seed(0)
-        return AfClipModel(AfClipConfig(clip_config=tiny_clip_config(), feature_layers=[1, 2], **config)).feature_key()
+        config = AfClipConfig(clip_config=tiny_clip_config(), feature_layers=[1, 2], **config)
+        return AfClipModel(config).feature_key()
 
     assert feature_key() == feature_key(position_interpolation="bicubic")  # 240 px: the checkpoint's grid
     assert feature_key(image_size=320) != feature_key(image_size=320, position_interpolation="bicubic")

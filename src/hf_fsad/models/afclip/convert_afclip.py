@@ -45,8 +45,6 @@ ADAPTOR_NAMES = {
 class PickledModule:
     """Stand-in for a pickled `nn.Module`: keeps the attributes the pickle gives it, runs nothing."""
 
-    pickled_name = ""
-
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
@@ -62,15 +60,18 @@ class PickledModule:
         return found
 
 
-STAND_INS = {
-    name: type(name.rpartition(".")[2], (PickledModule,), {"pickled_name": name}) for name in ADAPTOR_CLASSES
-}
+STAND_INS = {name: type(name.rpartition(".")[2], (PickledModule,), {}) for name in ADAPTOR_CLASSES}
 
 
 def _load_restricted(path: str | os.PathLike, what: str):
     """`torch.load(path, weights_only=True)` with the adaptor's classes as stand-ins; anything else refused."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"The official AF-CLIP {what} file {path} does not exist.")
+    if torch.torch_version.TorchVersion(torch.__version__) < (2, 6):
+        raise RuntimeError(
+            f"Reading official AF-CLIP files safely needs torch >= 2.6 (stand-ins allowlisted under the "
+            f"pickled names); this is torch {torch.__version__}."
+        )
     try:
         with torch.serialization.safe_globals([(stand_in, name) for name, stand_in in STAND_INS.items()]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -103,16 +104,19 @@ def load_official_adaptor(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     """The `AttentionAdapter` state dict of an official `<dataset>_adaptor.pt` (the pickled module, or its
     state dict), and its number of attention heads."""
     adaptor = _load_restricted(path, "adaptor")
-    if isinstance(adaptor, STAND_INS["clip.adaptor.Adaptor"]):
-        state, heads = adaptor.parameters_by_name(), adaptor._modules["attention"]._modules["attn"].heads
+    pickled_module = isinstance(adaptor, STAND_INS["clip.adaptor.Adaptor"])
+    if pickled_module:
+        state = adaptor.parameters_by_name()
     elif isinstance(adaptor, dict) and all(isinstance(value, torch.Tensor) for value in adaptor.values()):
-        state, heads = dict(adaptor), OFFICIAL_HEADS
+        state = dict(adaptor)
     else:
         raise ValueError(f"{path} holds a {type(adaptor).__name__}, not an official AF-CLIP adaptor.")
     if set(state) != set(ADAPTOR_NAMES):
         raise ValueError(
-            f"{path} has the parameters {sorted(state)}, not those of the official adaptor {sorted(ADAPTOR_NAMES)}."
+            f"{path} has the parameters {sorted(state)}, not those of the official adaptor "
+            f"{sorted(ADAPTOR_NAMES)}."
         )
+    heads = int(adaptor._modules["attention"]._modules["attn"].heads) if pickled_module else OFFICIAL_HEADS
     return {ADAPTOR_NAMES[name]: tensor.float() for name, tensor in state.items()}, heads
 
 
