@@ -362,6 +362,28 @@ def push_space(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    afclip_only = {"--clip": args.clip, "--image-size": args.image_size, "--trained-on": args.trained_on}
+    given = [option for option, value in afclip_only.items() if value is not None]
+    if args.afclip_official:
+        if args.pretrained is not None:
+            print("error: --pretrained goes with --open-clip, not --afclip-official", file=sys.stderr)
+            return 2
+        from hf_fsad.models.afclip.convert_afclip import convert_official_afclip
+
+        prompt, adaptor = args.afclip_official
+        output = convert_official_afclip(
+            prompt,
+            adaptor,
+            args.clip or "openai/clip-vit-large-patch14-336",
+            args.output_dir,
+            args.image_size or 518,
+            args.trained_on,
+        )
+        print(f"saved AfClipModel with the official prompt and adaptor to {output}")
+        return 0
+    if given:
+        print(f"error: {', '.join(given)} go with --afclip-official, not --open-clip", file=sys.stderr)
+        return 2
     from hf_fsad.backbones.convert import convert_open_clip
 
     output = convert_open_clip(args.open_clip, args.pretrained, args.output_dir)
@@ -508,11 +530,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_pixels(fit_parser)
     fit_parser.set_defaults(handler=fit)
 
-    convert_parser = commands.add_parser("convert", help="convert an open_clip checkpoint to transformers")
-    convert_parser.add_argument(
-        "--open-clip", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240"
+    convert_parser = commands.add_parser(
+        "convert", help="convert an open_clip checkpoint, or the official AF-CLIP weights, to transformers"
+    )
+    source = convert_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--open-clip", help="open_clip model name, e.g. ViT-B-16-plus-240")
+    source.add_argument(
+        "--afclip-official",
+        nargs=2,
+        metavar=("PROMPT", "ADAPTOR"),
+        help="the AF-CLIP authors' <dataset>_prompt.pt and <dataset>_adaptor.pt: writes an AfClipModel",
     )
     convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
+    convert_parser.add_argument(
+        "--clip",
+        help="with --afclip-official: the CLIP the weights were trained on "
+        "(default: openai/clip-vit-large-patch14-336)",
+    )
+    convert_parser.add_argument(
+        "--image-size", type=int, help="with --afclip-official: model input size (default 518, the paper's)"
+    )
+    convert_parser.add_argument(
+        "--trained-on", help="with --afclip-official: the weights' auxiliary dataset, e.g. mvtec_ad or visa"
+    )
     convert_parser.add_argument("output_dir")
     convert_parser.set_defaults(handler=convert)
 

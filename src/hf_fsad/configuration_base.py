@@ -8,6 +8,9 @@ from typing import ClassVar
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# Resampling modes of the position-embedding grid (`torch.nn.functional.interpolate` modes).
+POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
+
 
 class FsadConfig(PreTrainedConfig):
     """Base config of every hf_fsad method.
@@ -24,6 +27,9 @@ class FsadConfig(PreTrainedConfig):
             larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
             cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
             every item (exact search, chunked; cost linear in k).
+        position_interpolation: how the vision tower's grid of position embeddings is resized for an
+            `image_size` other than the checkpoint's: "bicubic" (transformers' `interpolate_pos_encoding`) or
+            "bilinear" (what AF-CLIP's official code does); the CLS position is kept as it is.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -37,6 +43,7 @@ class FsadConfig(PreTrainedConfig):
     default_class_name: str = "object"
     trained_on: str | None = None
     max_memory_items: int | None = 8192
+    position_interpolation: str = "bicubic"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -45,6 +52,11 @@ class FsadConfig(PreTrainedConfig):
             self.image_size = self.clip_config.vision_config.image_size
         if self.max_memory_items is not None and self.max_memory_items < 1:
             raise ValueError(f"max_memory_items must be >= 1 or None, got {self.max_memory_items}.")
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, "
+                f"got {self.position_interpolation!r}."
+            )
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")
 

@@ -156,7 +156,7 @@ class FsadPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
-        self.backbone = ClipBackbone(config.clip_config)
+        self.backbone = ClipBackbone(config.clip_config, config.position_interpolation)
         self.freeze_backbone()
 
     @torch.no_grad()
@@ -292,11 +292,14 @@ class FsadPreTrainedModel(PreTrainedModel):
     def feature_spec(self) -> dict:
         """What `encode_images` computes besides the weights; equal specs on equal backbones share cached
         features. Methods whose features depend on more config fields extend this."""
-        return {
+        spec = {
             "image_size": self.config.image_size,
             "image_mean": self.config.image_mean,
             "image_std": self.config.image_std,
         }
+        if self.config.image_size != self.config.clip_config.vision_config.image_size:
+            spec["position_interpolation"] = self.config.position_interpolation
+        return spec
 
     def invalidate_feature_key(self) -> None:
         """Forget the hashed vision weights (call after changing them, e.g. training or merging LoRA)."""

@@ -334,17 +334,40 @@ def spatial_aggregation(
     return torch.cat([tokens[:, :1], aggregated.flatten(2).transpose(1, 2)], dim=1)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) maps smoothed by a Gaussian of std `sigma` pixels: kernel radius 4 sigma, mirror padding
-    (scipy.ndimage.gaussian_filter with mode="mirror")."""
+BLUR_MODES = ("mirror", "reflect")
+
+
+def _extended_indices(size: int, radius: int, mode: str) -> torch.Tensor:
+    """Indices into a length-`size` axis of the axis extended by `radius` on both sides, in scipy.ndimage's
+    boundary `mode`: "mirror" (d c b | a b c d | c b a, about the edge samples) or "reflect" (c b a | a b c
+    d | d c b, about the edges: the edge samples repeat). Periodic, so any radius works."""
+    positions = torch.arange(-radius, size + radius)
+    if mode == "mirror":
+        if size == 1:
+            return torch.zeros_like(positions)
+        period = positions % (2 * size - 2)
+        return torch.where(period < size, period, 2 * size - 2 - period)
+    period = positions % (2 * size)
+    return torch.where(period < size, period, 2 * size - 1 - period)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> torch.Tensor:
+    """(B, H, W) maps smoothed by a Gaussian of std `sigma` pixels, as `scipy.ndimage.gaussian_filter(map,
+    sigma, mode=mode, truncate=4.0)`: kernel radius int(4 sigma + 0.5), borders extended in scipy's `mode`
+    ("mirror" or "reflect", scipy's default; see `_extended_indices`)."""
+    if mode not in BLUR_MODES:
+        raise ValueError(f"Unknown blur mode {mode!r}; choose from {BLUR_MODES}.")
     if sigma <= 0:
         return maps
     radius = max(1, int(4 * sigma + 0.5))
     offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    blurred = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    height, width = maps.shape[-2:]
+    rows = _extended_indices(height, radius, mode).to(maps.device)
+    columns = _extended_indices(width, radius, mode).to(maps.device)
+    extended = maps[:, rows][:, :, columns].unsqueeze(1)
+    blurred = F.conv2d(extended, kernel.view(1, 1, 1, -1))
     return F.conv2d(blurred, kernel.view(1, 1, -1, 1)).squeeze(1)
 
 

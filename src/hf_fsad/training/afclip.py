@@ -39,6 +39,9 @@ class AfClipTrainingArguments(TrainingArguments):
     segmentation_weight, alignment_weight: lambda1 and lambda2 of Eq. 15 (1 and 1).
     mask_threshold: a patch is anomalous when its bilinearly downsampled mask exceeds this (the reference
         code's 0.5; lower keeps thin defects that cover less than half a patch).
+    alignment_pairs: how Eq. 14 pools its patch pairs (`patch_alignment_loss`): "batch" (the official code:
+        all pairs of the batch, self pairs included, one hinge per token set; with several processes each
+        pools its share of the batch) or "image" (one hinge per image, self pairs left out).
     """
 
     max_steps: int = 432
@@ -49,6 +52,7 @@ class AfClipTrainingArguments(TrainingArguments):
     segmentation_weight: float = 1.0
     alignment_weight: float = 1.0
     mask_threshold: float = 0.5
+    alignment_pairs: str = "batch"
 
 
 class AfClipTrainer(Trainer):
@@ -126,5 +130,6 @@ class AfClipTrainer(Trainer):
             args.focal_gamma,
             args.segmentation_weight,
             args.alignment_weight,
+            args.alignment_pairs,
         )
         return losses["total"]

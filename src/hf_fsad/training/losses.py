@@ -56,13 +56,24 @@ def segmentation_loss(
     return focal + (patch_probabilities - patch_masks.to(patch_probabilities.dtype)).abs().mean()
 
 
-def patch_alignment_loss(patch_features: torch.Tensor, patch_masks: torch.Tensor) -> torch.Tensor:
-    """AF-CLIP Eq. 14 for one token set: per image holding both normal and anomalous patches,
-    max(0, mean cos over normal-anomalous pairs - mean cos over same-label pairs (i != j)), averaged over
-    those images; 0 when no image has both.
+ALIGNMENT_PAIRS = ("batch", "image")
+
+
+def patch_alignment_loss(
+    patch_features: torch.Tensor, patch_masks: torch.Tensor, pairs: str = "batch"
+) -> torch.Tensor:
+    """AF-CLIP Eq. 14 for one token set: max(0, mean cos over normal-anomalous patch pairs - mean cos over
+    same-label pairs), pairs taken within each image. 0 when no image has both kinds of patch.
+
+    pairs="batch" (the official code, default): both means pool the pairs of all images of the batch, self
+    pairs (cos 1) and images with no anomalous patch included in the same-label mean, and the hinge is taken
+    once. pairs="image": per image holding both kinds, the hinge of its own means (same-label pairs i != j),
+    averaged over those images.
 
     patch_features: (B, N, P); patch_masks: (B, N) bool. Sums of unit vectors give every pair sum in O(N).
     """
+    if pairs not in ALIGNMENT_PAIRS:
+        raise ValueError(f"pairs must be one of {ALIGNMENT_PAIRS}, got {pairs!r}.")
     unit = F.normalize(patch_features.float(), dim=-1)
     anomalous = patch_masks.to(unit.dtype)
     normal = 1 - anomalous
@@ -72,11 +83,14 @@ def patch_alignment_loss(patch_features: torch.Tensor, patch_masks: torch.Tensor
         return unit.sum() * 0
     sum_a = (unit * anomalous[..., None]).sum(1)
     sum_n = (unit * normal[..., None]).sum(1)
-    cross = (sum_a * sum_n).sum(-1) / (count_a * count_n).clamp_min(1)
-    # sum over ordered pairs i != j within a group: |sum|^2 minus the N self-pairs (cos 1)
-    same_pairs = count_a * (count_a - 1) + count_n * (count_n - 1)
-    same = (sum_a.pow(2).sum(-1) - count_a + sum_n.pow(2).sum(-1) - count_n) / same_pairs.clamp_min(1)
-    return torch.relu(cross - same)[both].mean()
+    cross_sums, cross_pairs = (sum_a * sum_n).sum(-1), count_a * count_n
+    # |sum|^2 sums the cosines of every ordered pair of a group, the self pairs (cos 1) included
+    same_sums, same_pairs = sum_a.pow(2).sum(-1) + sum_n.pow(2).sum(-1), count_a.pow(2) + count_n.pow(2)
+    if pairs == "batch":
+        return torch.relu(cross_sums.sum() / cross_pairs.sum() - same_sums.sum() / same_pairs.sum())
+    patches = patch_masks.shape[-1]
+    same = (same_sums - patches) / (same_pairs - patches).clamp_min(1)
+    return torch.relu(cross_sums / cross_pairs.clamp_min(1) - same)[both].mean()
 
 
 def afclip_loss(
@@ -87,10 +101,11 @@ def afclip_loss(
     gamma: float = 4.0,
     segmentation_weight: float = 1.0,
     alignment_weight: float = 1.0,
+    alignment_pairs: str = "batch",
 ) -> dict[str, torch.Tensor]:
     """AF-CLIP Eq. 15: image focal loss (Eq. 11, on the CLS probability) + lambda1 x segmentation loss
-    (Eq. 13) + lambda2 x patch alignment loss (Eq. 14, averaged over the token sets). Returns every term
-    and "total".
+    (Eq. 13) + lambda2 x patch alignment loss (Eq. 14, averaged over the token sets; `alignment_pairs` as
+    `patch_alignment_loss`'s `pairs`). Returns every term and "total".
 
     token_probabilities: (B, 1+N) anomalous probabilities (CLS first); labels: (B,); patch_masks: (B, N) bool
     at the patch grid; projected_sets: [(B, 1+N, P)] the projected token sets.
@@ -98,7 +113,7 @@ def afclip_loss(
     image = focal_loss(token_probabilities[:, 0], labels, gamma=gamma).mean()
     segmentation = segmentation_loss(token_probabilities[:, 1:], patch_masks, gamma)
     alignment = torch.stack(
-        [patch_alignment_loss(tokens[:, 1:], patch_masks) for tokens in projected_sets]
+        [patch_alignment_loss(tokens[:, 1:], patch_masks, alignment_pairs) for tokens in projected_sets]
     ).mean()
     total = image + segmentation_weight * segmentation + alignment_weight * alignment
     return {"image": image, "segmentation": segmentation, "alignment": alignment, "total": total}
