@@ -283,6 +283,12 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     text = scoring.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
     torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
     torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
+    # Eqs. 7 and 9 through the model: M_f = Upsample(phi(M_v (+) M_t (+) M_vt)) to the input size
+    grids = [vision.reshape(2, 1, 15, 15), text.reshape(2, 1, 15, 15)]
+    fused = model.fusion(*grids)
+    coarse = model.segmentation(torch.cat([*grids, fused], dim=1)).squeeze(1)
+    torch.testing.assert_close(output.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
+    torch.testing.assert_close(output.branch_scores["fused"], fused.flatten(1).amax(-1))
     # Eq. 1 through the model: fitting without updates sets the prototypes to the normals' mean features
     unfitted = make_tiny_vtfusion()
     normals = toy_normals(2)
