@@ -331,7 +331,8 @@ def run_benchmark(
                                     fit_arguments or {},
                                     generated_references,
                                 )
-                            except Exception as error:  # noqa: BLE001 -- one failing cell is reported; the others run
+                            # one failing cell is reported, and the others run
+                            except Exception as error:  # noqa: BLE001
                                 message = f"{type(error).__name__}: {error}"
                                 tqdm.write(f"cell {_cell_id(cell)} failed: {message}")
                                 cells[_cell_id(cell)] = cell | {"error": message}

@@ -198,7 +198,7 @@ def fuse_zero_few_shot(
     return (zero_shot_map + few_shot_map) / 2, (zero_shot_image_scores + few_shot_map.amax(dim=-1)) / 2
 
 
-# --- Anomalous memory (papers/anomalous-samples-fsad.txt) -------------------------------------------------
+# --- Anomalous memory (Abdali et al., "Anomalous Samples for Few-Shot Anomaly Detection") ----------------
 
 
 def patch_defect_shares(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -391,7 +391,8 @@ def afclip_token_probabilities(
     return logits.softmax(dim=-1)[..., 1]
 
 
-# --- VTFusion (papers/vtfusion.txt, Eqs. 1, 2, 5, 6) ----------------------------------------------------------
+# --- VTFusion, Eqs. 1, 2, 5, 6 -----------------------------------------------------------------------------
+# Jiang et al., "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection"
 
 
 def stack_levels(level_features: list[torch.Tensor]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""VTFusion fitting (papers/vtfusion.txt, Algorithm 1): one category, its k normal images, synthetic anomalies.
+"""VTFusion fitting: one category, its k normal images, synthetic anomalies (Algorithm 1 of Jiang et al.,
+"VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection").
 
     python training/fit_vtfusion.py --config training/configs/vtfusion.yaml [--set model.use_fusion=false]
 

@@ -1,4 +1,5 @@
-"""Anomalous memory: WinCLIP+ that also learns from defective samples (papers/anomalous-samples-fsad.txt)."""
+"""Anomalous memory: WinCLIP+ that also learns from defective samples (Abdali et al.,
+"Anomalous Samples for Few-Shot Anomaly Detection")."""
 
 from __future__ import annotations
 
@@ -126,7 +127,9 @@ class AnomalousMemoryModel(WinClipModel):
                 "The normal memory is empty at every level: give normal references, or anomalous masks that "
                 "leave defect-free patches."
             )
-        tensors["score_weights"] = baseline_score_weights(self.config.num_levels, self.available_scores(tensors))
+        tensors["score_weights"] = baseline_score_weights(
+            self.config.num_levels, self.available_scores(tensors)
+        )
         k = normal["patch_tokens"].shape[0] if normal is not None else 0
         tensors["num_anomalous"] = torch.tensor(count)
         return self.make_bank(class_name, k, tensors)
@@ -141,7 +144,10 @@ class AnomalousMemoryModel(WinClipModel):
         zero_shot, text_map = self.zero_shot_branch(features, text, windows)
         available = self.available_scores(bank.tensors)
         maps = [text_map]
-        for memory, association in (("reference", reference_association), ("anomalous", anomalous_association)):
+        for memory, association in (
+            ("reference", reference_association),
+            ("anomalous", anomalous_association),
+        ):
             for level, (name, items) in enumerate(zip(self.level_names(), self._level_items(features))):
                 stored = bank.tensors[f"{memory}.{name}"]
                 if stored.shape[0] == 0:

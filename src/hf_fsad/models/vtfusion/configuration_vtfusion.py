@@ -6,7 +6,8 @@ from ...configuration_base import FsadConfig
 
 
 class VtFusionConfig(FsadConfig):
-    """Config of `VtFusionModel` (papers/vtfusion.txt), a detector fitted per category on k normal images.
+    """Config of `VtFusionModel`, a detector fitted per category on k normal images (Jiang et al.,
+    "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection").
 
     Args:
         feature_layers: 1-based vision blocks whose patch tokens form the levels; default: the ends of four
@@ -27,7 +28,7 @@ class VtFusionConfig(FsadConfig):
         fitted_class_name, num_fitted_normals: set by `fit` (the object word of the prompts, and k); a model
             with num_fitted_normals = 0 has no prototypes yet.
 
-    Choices where the paper says nothing (no public code; documented in methods.md):
+    Choices where the paper says nothing (no public code):
     - D is the squared Euclidean distance (Eqs. 3-4 compare it with squared radii) between features whose
       every level is L2-normalised, the same features Eq. 6 compares with the text.
     - The linear layer of each level is CLIP's visual projection (after CLIP's post-layernorm) plus a
