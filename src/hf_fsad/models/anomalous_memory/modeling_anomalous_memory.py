@@ -73,7 +73,7 @@ class AnomalousMemoryModel(WinClipModel):
             )
         patches = patch_defect_shares(masks.to(self.device) != 0, self.backbone.patch_size)
         windows = self.window_mask_list(self.device)
-        return [patches, *(window_defect_shares(patches, masks) for masks in windows)]
+        return [patches, *(window_defect_shares(patches, window_masks) for window_masks in windows)]
 
     def available_scores(self, bank_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """(1 + 2L,) bool over `score_names()`: False where the bank's memory at that level is empty."""
