@@ -255,6 +255,37 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
+    model = make_winclip()
+    build = model.build_reference_bank
+
+    def failing_with_references(*args, reference_features=None, **kwargs):
+        if reference_features is not None:
+            raise RuntimeError("forced failure | for the test")
+        return build(*args, **kwargs)
+
+    model.build_reference_bank = failing_with_references
+    results = run_benchmark({"winclip": model}, [SPEC], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cells"] == results["cells"] and len(saved["cells"]) == 3
+    zero_shot = cell(saved, k=0)
+    assert "error" not in zero_shot and 0 <= zero_shot["metrics"]["image_auroc"] <= 1
+    for seed in (0, 1):
+        failed = cell(saved, k=1, seed=seed)
+        assert failed["error"] == "RuntimeError: forced failure | for the test" and "metrics" not in failed
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| winclip | 0 |" in markdown and "| winclip | 1 |" not in markdown
+    assert "| winclip | toy | stripes | 1 | 1 | RuntimeError: forced failure \\| for the test |" in markdown
+    from hf_fsad.hub import eval_results
+
+    assert {entry.dataset_config for entry in eval_results(saved, "winclip")} == {"0-shot"}
+
+    model.build_reference_bank = build  # fixed: a rerun runs the failed cells again and skips the finished one
+    rerun = run_benchmark({"winclip": model}, [SPEC], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path)
+    assert rerun["skipped_cells"] == 1 and not any("error" in c for c in rerun["cells"])
+    assert "Failed cells" not in (tmp_path / "results.md").read_text()
+
+
 def test_image_level_methods_get_image_metrics_only(tmp_path):
     from test_metacan import make_tiny_metacan
 

@@ -280,6 +280,8 @@ def run_benchmark(
     fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
     references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
     adds generated anomaly-free images to every other method's k references (One-to-Normal, Sec. 4.3).
+    A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
+    on; a rerun tries it again.
     """
     protocol = protocol or Protocol()
     fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
@@ -313,20 +315,29 @@ def run_benchmark(
                                 "seed": seed,
                                 "anomalous": anomalous,
                             }
-                            if _cell_id(cell) in cells:
+                            finished = cells.get(_cell_id(cell))
+                            if finished is not None and "error" not in finished:  # failed cells run again
                                 skipped += 1
                                 continue
-                            run = _run_cell(
-                                model,
-                                cache,
-                                out_dir,
-                                split,
-                                (k, anomalous, seed),
-                                protocol,
-                                batch_size,
-                                fit_arguments or {},
-                                generated_references,
-                            )
+                            try:
+                                run = _run_cell(
+                                    model,
+                                    cache,
+                                    out_dir,
+                                    split,
+                                    (k, anomalous, seed),
+                                    protocol,
+                                    batch_size,
+                                    fit_arguments or {},
+                                    generated_references,
+                                )
+                            # one failing cell is reported, and the others run
+                            except Exception as error:  # noqa: BLE001
+                                message = f"{type(error).__name__}: {error}"
+                                tqdm.write(f"cell {_cell_id(cell)} failed: {message}")
+                                cells[_cell_id(cell)] = cell | {"error": message}
+                                _write_results(results_file, cells, cache, started, skipped)
+                                continue
                             cells[_cell_id(cell)] = cell | run.values
                             _write_results(results_file, cells, cache, started, skipped)
                             if seed == seeds[0]:
@@ -547,8 +558,10 @@ def _mean_std(values: list[float]) -> str:
 
 def results_markdown(results: dict, title: str | None = None, plots: Sequence[str] = ()) -> str:
     """Tables in the papers' style: per dataset, method x k rows, metrics x100 as mean ± std over seeds of
-    the mean over categories; then image/pixel AUROC per category."""
-    cells = results["cells"]
+    the mean over categories; then image/pixel AUROC per category; then the cells that failed, with their
+    errors."""
+    failed = [cell for cell in results["cells"] if "error" in cell]
+    cells = [cell for cell in results["cells"] if "error" not in cell]
     lines = [f"# {title or 'hf_fsad benchmark'}", ""]
     for dataset in sorted({cell["dataset"] for cell in cells}):
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
@@ -599,6 +612,20 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                         for m, k, a in columns
                     ]
                     lines.append(f"| {category} | " + " | ".join(entries) + " |")
+        lines.append("")
+    if failed:
+        lines += [
+            "## Failed cells",
+            "",
+            "| method | dataset | category | k | seed | error |",
+            "|---|---|---|---|---|---|",
+        ]
+        for cell in failed:
+            shots = _shots_label(cell["k"], cell.get("anomalous", 0))
+            error = cell["error"].replace("|", "\\|").replace("\n", " ")
+            lines.append(
+                f"| {cell['method']} | {cell['dataset']} | {cell['category']} | {shots} | {cell['seed']} | {error} |"
+            )
         lines.append("")
     cache = results["feature_cache"]
     lines += [

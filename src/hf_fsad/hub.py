@@ -46,7 +46,7 @@ def eval_results(results: dict, method: str) -> list[EvalResult]:
     the method's cells (categories and seeds)."""
     values = defaultdict(list)
     for cell in results.get("cells", []):
-        if cell["method"] != method:
+        if cell["method"] != method or "error" in cell:  # failed cells have no metrics
             continue
         for metric in CARD_METRICS:
             value = cell["metrics"].get(metric)

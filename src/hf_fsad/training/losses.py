@@ -119,7 +119,8 @@ def afclip_loss(
     return {"image": image, "segmentation": segmentation, "alignment": alignment, "total": total}
 
 
-# --- VTFusion (papers/vtfusion.txt, Eqs. 3, 4, 8, 10) -------------------------------------------------------
+# --- VTFusion, Eqs. 3, 4, 8, 10 ---------------------------------------------------------------------------
+# Jiang et al., "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection"
 
 
 def compactness_loss(normal_distances: torch.Tensor, radius: float = 1e-5) -> torch.Tensor:
@@ -160,7 +161,7 @@ def vtfusion_loss(
     segmentation_weight: float = 1.0,
     use_separation: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """VTFusion Eq. 10: L_NFC + L_AFS + lambda x L_SEG (the paper prints L_AFS twice; methods.md: it means
+    """VTFusion Eq. 10: L_NFC + L_AFS + lambda x L_SEG (the paper prints L_AFS twice; it means
     NFC + AFS). use_separation=False drops both contrastive terms (the "w/o AIE" ablation). Returns every
     term and "total"."""
     compactness = compactness_loss(normal_distances, radius)
