@@ -20,10 +20,11 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
         trained_on: the dataset a trained method was fitted on (None for training-free methods); the
             benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
-        max_memory_items: largest nearest-neighbour memory a bank keeps per level (patches, windows); a
-            larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
-            cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
-            every item (exact search, chunked; cost linear in k).
+        max_memory_items: None (default) keeps every item of a bank's nearest-neighbour memories (patches,
+            windows), searched exactly in chunks (`scoring.nearest_cosine`: bounded peak memory, cost linear
+            in the memory's size), so every paper setting is computed as published. An int thins each larger
+            memory to a greedy k-center coreset of that many items (`scoring.greedy_coreset`, PatchCore's), so
+            per-image cost stops growing with k; `make_bank` then warns with the memory and both sizes.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -36,7 +37,7 @@ class FsadConfig(PreTrainedConfig):
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
     trained_on: str | None = None
-    max_memory_items: int | None = 8192
+    max_memory_items: int | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
