@@ -167,6 +167,21 @@ def test_bad_inputs_get_clear_errors(diffusion_dir, monkeypatch):
         require_diffusers()
 
 
+def test_dreambooth_views_are_flips_and_quarter_turns_of_crops():
+    """Sec. 3.2's augmentation: with whole-image crops every view is one of the 8 flips x quarter turns of the
+    image, and seeded draws reach all 8; smaller crops zoom in (a view no flip or turn gives)."""
+    from hf_fsad.training.dreambooth import augment
+
+    array = (np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)
+    dihedral = [np.rot90(flipped, turns) for flipped in (array, array[:, ::-1]) for turns in range(4)]
+    rng = np.random.default_rng(1)
+    views = [np.asarray(augment(Image.fromarray(array), rng, (1.0, 1.0))) for _ in range(64)]
+    matches = [[np.array_equal(view, candidate) for candidate in dihedral] for view in views]
+    assert all(any(row) for row in matches) and all(any(column) for column in zip(*matches))
+    zoomed = np.asarray(augment(Image.fromarray(array), rng, (0.5, 0.5)))
+    assert not any(np.array_equal(zoomed, candidate) for candidate in dihedral)
+
+
 def _fixed_denoising_loss(trainer, images) -> float:
     """The instance denoising loss on fixed draws (images, noise, timesteps)."""
     generator = torch.Generator().manual_seed(123)
