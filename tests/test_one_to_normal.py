@@ -1,4 +1,4 @@
-"""One-to-Normal (papers/one-to-normal.txt): Eqs. 2 and 4-7, img2img strength, DreamBooth LoRA, save/load.
+"""One-to-Normal (arXiv:2502.01201): Eqs. 1-7, img2img strength, DreamBooth LoRA, the pool, save/load.
 
 The diffusion model is a tiny random Stable Diffusion pipeline saved locally (diffusers' test sizes): its
 images are noise, so these tests prove the machinery, and a test double proves the scoring path.

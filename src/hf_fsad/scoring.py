@@ -411,7 +411,7 @@ def text_guided_map(
     return sum(class_scores(level, text_embeddings, temperature) for level in level_features)
 
 
-# --- One-to-Normal (papers/one-to-normal.txt, Eqs. 2, 4-7) ---------------------------------------------------
+# --- One-to-Normal (arXiv:2502.01201, Eqs. 2, 4-7) -----------------------------------------------------------
 
 
 def ssim(

@@ -14,7 +14,8 @@ NORMAL_STATE_PROMPTS = (
 
 
 class OneToNormalConfig(FsadConfig):
-    """Config of `OneToNormalModel` (papers/one-to-normal.txt).
+    """Config of `OneToNormalModel` ("One-to-Normal: Anomaly Personalization for Few-shot Anomaly Detection",
+    arXiv:2502.01201).
 
     Args:
         image_size: the CLIP input side, 240 (the paper's inference resolution, Sec. 4.1) whatever the

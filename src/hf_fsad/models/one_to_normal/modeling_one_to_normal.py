@@ -1,4 +1,5 @@
-"""One-to-Normal: diffusion personalization and triplet contrastive inference (papers/one-to-normal.txt)."""
+"""One-to-Normal: diffusion personalization and triplet contrastive inference ("One-to-Normal: Anomaly
+Personalization for Few-shot Anomaly Detection", arXiv:2502.01201)."""
 
 from __future__ import annotations
 
