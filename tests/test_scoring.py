@@ -91,13 +91,28 @@ def test_reference_association_by_hand():
     assert result[0].tolist() == pytest.approx([0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2])
 
 
-def test_reference_association_chunking_is_exact():
+def _brute_force_nearest_cosine(query: torch.Tensor, memory: torch.Tensor, num_nearest: int) -> torch.Tensor:
+    """Every query-memory cosine at once, in float64."""
+    normalize = torch.nn.functional.normalize
+    similarities = normalize(query.double(), dim=-1) @ normalize(memory.double(), dim=-1).T
+    return similarities.topk(num_nearest, dim=-1).values.mean(dim=-1)
+
+
+@pytest.mark.parametrize("num_nearest", [1, 3])
+def test_nearest_cosine_chunked_over_queries_and_memory_is_exact(num_nearest):
+    """Chunks of 7 split the 100 query items and the 50 memory items alike; the running max / top-k over
+    memory chunks finds the same neighbours as the whole similarity matrix."""
     torch.manual_seed(1)
-    query, reference = torch.randn(2, 50, 8), torch.randn(30, 8)
-    torch.testing.assert_close(
-        scoring.reference_association(query, reference, chunk_size=7),
-        scoring.reference_association(query, reference),
-    )
+    query, memory = torch.randn(2, 50, 16), torch.randn(50, 16)
+    chunked = scoring.nearest_cosine(query, memory, chunk_size=7, num_nearest=num_nearest)
+    whole = scoring.nearest_cosine(query, memory, num_nearest=num_nearest)  # one chunk each
+    expected = _brute_force_nearest_cosine(query, memory, num_nearest)
+    # float32 cosines of unit 16-d vectors: a few ulp of 1 (1.2e-7 each) from float64; chunks of 7 take
+    # another matrix kernel than one block, so the two float32 results differ by reduction order only
+    torch.testing.assert_close(chunked.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        scoring.nearest_cosine(query, memory, chunk_size=0)
 
 
 def test_reference_association_rejects_empty_memory():

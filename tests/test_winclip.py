@@ -234,14 +234,26 @@ def test_input_of_another_size_is_refused(tiny_winclip):
 
 
 def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
-    """max_memory_items caps each memory at a subset of the exact one; a subset can only move nearest
-    neighbours farther, so the few-shot map can only rise; with no limit the bank is exact."""
+    """max_memory_items caps each memory at a subset of the exact one, with a warning naming it and both
+    sizes; a subset can only move nearest neighbours farther, so the few-shot map can only rise; with no
+    limit (the default) the bank is exact."""
     references, queries = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
-    exact_model, capped_model = make_winclip(max_memory_items=None), make_winclip(max_memory_items=100)
+    exact_model, capped_model = make_winclip(), make_winclip(max_memory_items=100)
+    assert exact_model.config.max_memory_items is None
     capped_model.load_state_dict(exact_model.state_dict())
     with torch.no_grad():
         exact = exact_model.build_reference_bank(references)
-        capped = capped_model.build_reference_bank(references)
+        with pytest.warns(UserWarning) as caught:
+            capped = capped_model.build_reference_bank(references)
+        messages = {str(warning.message).split(" (config")[0] for warning in caught}
+        assert messages == {
+            f"winclip: memory '{name}' holds {size} items; keeping a greedy k-center coreset of 100"
+            for name, size in (
+                ("patch_tokens", 450),
+                ("window_embeddings.2", 392),
+                ("window_embeddings.3", 338),
+            )
+        }
         assert exact.tensors["patch_tokens"].shape[0] == 450
         for name in ("patch_tokens", "window_embeddings.2", "window_embeddings.3"):
             rows = capped.tensors[name]

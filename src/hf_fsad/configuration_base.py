@@ -23,10 +23,11 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
         trained_on: the dataset a trained method was fitted on (None for training-free methods); the
             benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
-        max_memory_items: largest nearest-neighbour memory a bank keeps per level (patches, windows); a
-            larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
-            cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
-            every item (exact search, chunked; cost linear in k).
+        max_memory_items: None (default) keeps every item of a bank's nearest-neighbour memories (patches,
+            windows), searched exactly in chunks (`scoring.nearest_cosine`: bounded peak memory, cost linear
+            in the memory's size), so every paper setting is computed as published. An int thins each larger
+            memory to a greedy k-center coreset of that many items (`scoring.greedy_coreset`, PatchCore's), so
+            per-image cost stops growing with k; `make_bank` then warns with the memory and both sizes.
         position_interpolation: how the vision tower's grid of position embeddings is resized for an
             `image_size` other than the checkpoint's: "bicubic" (transformers' `interpolate_pos_encoding`) or
             "bilinear" (what AF-CLIP's official code does); the CLS position is kept as it is.
@@ -42,7 +43,7 @@ class FsadConfig(PreTrainedConfig):
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
     trained_on: str | None = None
-    max_memory_items: int | None = 8192
+    max_memory_items: int | None = None
     position_interpolation: str = "bicubic"
 
     def __post_init__(self, **kwargs):

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,7 +152,7 @@ class FsadPreTrainedModel(PreTrainedModel):
     # Whether the method's banks need anomalous references (the benchmark runner gives them only then).
     needs_anomalous_references = False
     # Name prefixes of the bank tensors that are nearest-neighbour memories (M, D), which
-    # `config.max_memory_items` caps.
+    # `config.max_memory_items` thins when set.
     memory_prefixes: tuple[str, ...] = ()
 
     def __init__(self, config: FsadConfig):
@@ -367,15 +368,22 @@ class FsadPreTrainedModel(PreTrainedModel):
         return self._config_hash_cache[1]
 
     def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
-        """A bank of `tensors`, its memories (`memory_prefixes`) capped at `config.max_memory_items`."""
+        """A bank of `tensors`. Its memories (`memory_prefixes`) are kept whole (exact search) unless
+        `config.max_memory_items` is set: then a larger one is thinned to a greedy k-center coreset of that
+        size, with a warning naming the memory and both sizes."""
         limit = self.config.max_memory_items
-        tensors = {
-            name: tensor[greedy_coreset(tensor, limit)]
-            if limit is not None and name.startswith(self.memory_prefixes) and tensor.shape[0] > limit
-            else tensor
-            for name, tensor in tensors.items()
-        }
-        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)
+        kept = {}
+        for name, tensor in tensors.items():
+            if limit is not None and name.startswith(self.memory_prefixes) and tensor.shape[0] > limit:
+                warnings.warn(
+                    f"{self.config.model_type}: memory '{name}' holds {tensor.shape[0]} items; keeping a "
+                    f"greedy k-center coreset of {limit} (config.max_memory_items), so its nearest-neighbour "
+                    "search is approximate. Set max_memory_items=None for the exact memory.",
+                    stacklevel=2,
+                )
+                tensor = tensor[greedy_coreset(tensor, limit)]
+            kept[name] = tensor
+        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, kept)
 
     def require_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:
         """`check_bank` for methods that cannot score without a bank; `how` says in the error how to build one."""

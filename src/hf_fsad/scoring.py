@@ -79,24 +79,38 @@ def nearest_cosine(
     query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096, num_nearest: int = 1
 ) -> torch.Tensor:
     """Cosine similarity of each query item to its most similar memory item (the mean over the
-    `num_nearest` most similar ones when more than 1).
+    `num_nearest` most similar ones when more than 1), searched exactly over every memory item.
 
-    query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries are
-    processed in chunks so memory stays bounded for large banks.
+    query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries and
+    memory are both taken `chunk_size` items at a time, so at most chunk_size x chunk_size similarities
+    exist at once (64 MB in float32 at 4096) whatever B x N and M; the running maximum (top-k) over memory
+    chunks is exact.
     """
     if memory.shape[0] == 0:
         raise ValueError("The memory is empty: build the bank from at least one image (or region).")
     if not 1 <= num_nearest <= memory.shape[0]:
         raise ValueError(f"Cannot take the {num_nearest} nearest of {memory.shape[0]} memory items.")
-    memory = F.normalize(memory, dim=-1)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     flat = F.normalize(query, dim=-1).reshape(-1, query.shape[-1])
-    if num_nearest == 1:
-        nearest = [(chunk @ memory.T).amax(dim=-1) for chunk in flat.split(chunk_size)]
-    else:
-        nearest = [
-            (chunk @ memory.T).topk(num_nearest, dim=-1).values.mean(-1) for chunk in flat.split(chunk_size)
-        ]
+    nearest = [_nearest_in_memory(chunk, memory, num_nearest, chunk_size) for chunk in flat.split(chunk_size)]
     return torch.cat(nearest).reshape(query.shape[:-1])
+
+
+def _nearest_in_memory(
+    queries: torch.Tensor, memory: torch.Tensor, num_nearest: int, chunk_size: int
+) -> torch.Tensor:
+    """`nearest_cosine` of unit-length `queries` (n, D), one memory chunk at a time. Returns (n,)."""
+    best = None  # (n, num_nearest) the highest cosines so far, in descending order
+    for items in memory.split(chunk_size):
+        similarities = queries @ F.normalize(items, dim=-1).T
+        if num_nearest == 1:
+            top = similarities.amax(dim=-1, keepdim=True)
+            best = top if best is None else torch.maximum(best, top)
+        else:
+            candidates = similarities if best is None else torch.cat([best, similarities], dim=-1)
+            best = candidates.topk(min(num_nearest, candidates.shape[-1]), dim=-1).values
+    return best.mean(dim=-1)
 
 
 def greedy_coreset(items: torch.Tensor, size: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -453,7 +467,7 @@ def text_guided_map(
     return sum(class_scores(level, text_embeddings, temperature) for level in level_features)
 
 
-# --- One-to-Normal (papers/one-to-normal.txt, Eqs. 2, 4-7) ---------------------------------------------------
+# --- One-to-Normal (arXiv:2502.01201, Eqs. 2, 4-7) -----------------------------------------------------------
 
 
 def ssim(

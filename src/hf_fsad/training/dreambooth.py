@@ -1,4 +1,5 @@
-"""DreamBooth with LoRA (papers/one-to-normal.txt, Sec. 3.2): One-to-Normal's anomaly-free customised model.
+"""DreamBooth with LoRA: One-to-Normal's anomaly-free customised model ("One-to-Normal: Anomaly Personalization
+for Few-shot Anomaly Detection", arXiv:2502.01201, Sec. 3.2).
 
 The Stable Diffusion UNet gets a PEFT LoRA on its attention projections and learns the k normal images
 (augmented: flips, quarter turns, random crops) under the instance prompt "a photo of normal {class}", with
