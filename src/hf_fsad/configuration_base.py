@@ -8,6 +8,9 @@ from typing import ClassVar
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# Image geometries of `FsadConfig.paper_preprocessing`.
+PREPROCESSING = ("crop", "squash")
+
 
 class FsadConfig(PreTrainedConfig):
     """Base config of every hf_fsad method.
@@ -24,6 +27,11 @@ class FsadConfig(PreTrainedConfig):
             larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
             cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
             every item (exact search, chunked; cost linear in k).
+        paper_preprocessing: the image geometry of the method's published evaluation, which the benchmark
+            runner and training use (`image_processor(crop=...)`): "crop" (resize the short side to
+            `image_size`, keep the centre square; the InCTRL/WinCLIP/MetaCAN code, and the default for the
+            ViT-B-16-plus-240 methods) or "squash" (resize the whole image to the square). Scoring for users
+            (pipeline, CLI, Space) squashes whatever this says, so maps cover the whole image.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -37,6 +45,7 @@ class FsadConfig(PreTrainedConfig):
     default_class_name: str = "object"
     trained_on: str | None = None
     max_memory_items: int | None = 8192
+    paper_preprocessing: str = "crop"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -45,6 +54,10 @@ class FsadConfig(PreTrainedConfig):
             self.image_size = self.clip_config.vision_config.image_size
         if self.max_memory_items is not None and self.max_memory_items < 1:
             raise ValueError(f"max_memory_items must be >= 1 or None, got {self.max_memory_items}.")
+        if self.paper_preprocessing not in PREPROCESSING:
+            raise ValueError(
+                f"paper_preprocessing must be one of {PREPROCESSING}, got {self.paper_preprocessing!r}."
+            )
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")
 

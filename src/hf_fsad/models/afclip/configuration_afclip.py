@@ -36,6 +36,7 @@ class AfClipConfig(FsadConfig):
         memory_weight: AF-CLIP+ fusion (Eq. 18): score = memory + memory_weight x zero-shot, for both the
             image score and the map (0.1).
         inherited: see `FsadConfig`. The paper runs ViT-L/14@336 at image_size 518 (37x37 patches).
+            paper_preprocessing is "squash": the official code resizes whole images (and masks) to 518x518.
     """
 
     model_type = "afclip"
@@ -57,6 +58,7 @@ class AfClipConfig(FsadConfig):
     temperature: float = 0.07
     map_smoothing_sigma: float = 4.0
     memory_weight: float = 0.1
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
