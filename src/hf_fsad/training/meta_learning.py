@@ -191,7 +191,8 @@ def set_loss(
     tensors = params if buffers is None else {**buffers, **params}
     scores = functional_call(head, tensors, (queries, references, text_embeddings))["score"]
     reduction = "mean" if args.loss == "official_focal" else "sum"
-    return anomaly_loss(scores.float(), labels, args.loss, args.focal_alpha, args.focal_gamma, reduction)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half precision under autocast
+    return anomaly_loss(scores, labels, args.loss, args.focal_alpha, args.focal_gamma, reduction)
 
 
 def adapt(
