@@ -13,7 +13,7 @@ import hf_fsad
 from hf_fsad import scoring
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead, MetaCanModel
-from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config, vit_b16_plus_240_config
 
 
 def make_tiny_metacan(seed: int = 0, **config) -> MetaCanModel:
@@ -161,7 +161,8 @@ def test_detector_layers_are_the_documented_ones():
     }  # fmt: skip
     paper = _float64_head(detector_type="paper").detector
     assert {name: tuple(p.shape) for name, p in paper.named_parameters()} == {
-        "0.weight": (18, 9), "1.weight": (1, 18)
+        "0.weight": (18, 9),
+        "1.weight": (1, 18),
     }
     assert not list(paper.buffers())
     tiny = {"clip_config": tiny_clip_config(), "feature_layers": [1, 2]}
@@ -176,6 +177,9 @@ def test_defaults_are_the_official_code():
     assert config.differentiator_output_relu and config.detector_type == "official"
     assert config.text_logit_scale == 100.0 and config.paper_preprocessing == "crop"
     assert config.detector_widths == [450, 225]  # 225 patches at 240 px: 225 -> 450 -> 225 -> 1
+    paper_size = MetaCanConfig(clip_config=vit_b16_plus_240_config())
+    head = CategoryToAnomalyHead(paper_size, vision_width=896, embedding_size=640)
+    assert sum(p.numel() for p in head.parameters()) == 1_777_615  # the paper's Table 6
 
 
 def test_differentiator_output_relu_keeps_d_non_negative_and_moves_m_it():
@@ -185,10 +189,30 @@ def test_differentiator_output_relu_keeps_d_non_negative_and_moves_m_it():
     difference = queries[-1] - references[-1].mean(0)
     assert with_relu.differentiator(difference).min() >= 0
     assert without.differentiator(difference).min() < 0
-    moved = with_relu(queries, references, text)["image_text_map"] - without(queries, references, text)[
-        "image_text_map"
-    ]
+    moved = (
+        with_relu(queries, references, text)["image_text_map"]
+        - without(queries, references, text)["image_text_map"]
+    )
     assert moved.abs().max() > 0.05
+
+
+def test_prompts_are_table_5_with_object_each_normalised_then_averaged():
+    from hf_fsad.prompts import winclip_prompts
+
+    model = make_tiny_metacan()
+    normal, anomalous = winclip_prompts("object")
+    assert (len(normal), len(anomalous)) == (7 * 22, 4 * 22)  # Table 5: 7 and 4 states x 22 templates
+    assert "a photo of the flawless object for anomaly detection." in normal
+    assert "a close-up photo of a object with defect." in anomalous
+    with torch.no_grad():
+        expected = torch.stack(
+            [
+                F.normalize(F.normalize(model.backbone.encode_text(p), dim=-1).mean(0), dim=-1)
+                for p in (normal, anomalous)
+            ]
+        )
+    # the same float32 operations as the model's; only the text batch differs (cached vs fresh)
+    torch.testing.assert_close(model.text_embeddings(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_model_scores_equal_head_on_bank_and_maps_upsample_the_image_text_map():

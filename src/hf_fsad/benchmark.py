@@ -12,8 +12,8 @@ it in `config.trained_on`, which the results carry (cross-dataset protocols). Ba
 per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
 reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
 Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
-centre crop for most, whole-image resize for AF-CLIP), and test masks go through the same geometry
-(nearest neighbour), so pixel metrics compare the pixels the model saw.
+centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
+geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
 """
 
 from __future__ import annotations

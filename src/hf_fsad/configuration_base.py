@@ -28,10 +28,11 @@ class FsadConfig(PreTrainedConfig):
             cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
             every item (exact search, chunked; cost linear in k).
         paper_preprocessing: the image geometry of the method's published evaluation, which the benchmark
-            runner and training use (`image_processor(crop=...)`): "crop" (resize the short side to
-            `image_size`, keep the centre square; the InCTRL/WinCLIP/MetaCAN code, and the default for the
-            ViT-B-16-plus-240 methods) or "squash" (resize the whole image to the square). Scoring for users
-            (pipeline, CLI, Space) squashes whatever this says, so maps cover the whole image.
+            runner and training use (`paper_image_processor()`): "crop" (resize the short side to
+            `image_size`, keep the centre square: the InCTRL and MetaCAN code; WinCLIP and MetaCAN set it) or
+            "squash" (default: resize the whole image to the square, as AF-CLIP's code; methods without
+            public code keep it, as their own fitting preprocesses that way). Scoring for users (pipeline,
+            CLI, Space) squashes whatever this says, so maps cover the whole image.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -45,7 +46,7 @@ class FsadConfig(PreTrainedConfig):
     default_class_name: str = "object"
     trained_on: str | None = None
     max_memory_items: int | None = 8192
-    paper_preprocessing: str = "crop"
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -9,7 +9,8 @@ can be one of its references).
 
 BatchNorm (the official detector) normalises with batch statistics while training; its running statistics,
 which eval mode uses, are updated only by the query-set forwards of the outer objective (the inner step
-runs on scratch copies), kept in checkpoints and averaged over processes after each update.
+runs on scratch copies; without meta-learning, by every forward) and kept in checkpoints; with several
+processes they are averaged after each update.
 
 The CLIP backbone is frozen, so each training image is encoded once and its features cached
 (`hf_fsad.benchmark.FeatureCache`, in memory or on disk). Task draws are seeded by (seed, step, task), so
@@ -307,14 +308,21 @@ class MetaLearner(Trainer):
         return self.parameters | {f"head.{name}": buffer for name, buffer in self.head.named_buffers()}
 
     def training_step(self, step: int) -> float:
-        """`Trainer.training_step`, then the running statistics averaged over processes (each saw its tasks)."""
-        loss = super().training_step(step)
+        """`Trainer.training_step`, then the processes' BatchNorm buffers merged (each updated them on its own
+        tasks): running statistics averaged, batch counts summed. The running statistics then differ slightly
+        from a single process's, which updates them task after task; the parameters do not."""
         world = self.accelerator.num_processes
+        counts = {name: b.clone() for name, b in self.head.named_buffers() if not b.is_floating_point()}
+        loss = super().training_step(step)
         if world > 1:
-            for buffer in self.head.buffers():
+            for name, buffer in self.head.named_buffers():
                 if buffer.is_floating_point():
                     torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
                     buffer /= world
+                else:
+                    added = buffer - counts[name]
+                    torch.distributed.all_reduce(added, op=torch.distributed.ReduceOp.SUM)
+                    buffer.copy_(counts[name] + added)
         return loss
 
     def _features(self, rows: list[int]) -> list[torch.Tensor]:

@@ -65,6 +65,7 @@ class MetaCanConfig(FsadConfig):
     prompt_object: str = "object"
     use_discriminator: bool = True
     use_detector: bool = True
+    paper_preprocessing: str = "crop"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
