@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 import torch
 from datasets import concatenate_datasets
+from safetensors.torch import load_file
+from torch.func import functional_call
 
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import image_auroc
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead
 from hf_fsad.testing import tiny_clip_config
-from hf_fsad.training.losses import anomaly_loss, focal_loss
+from hf_fsad.training.losses import anomaly_loss, focal_loss, official_focal_loss
 from hf_fsad.training.meta_learning import (
     MetaLearner,
     MetaLearningArguments,
@@ -29,6 +31,7 @@ from hf_fsad.training.meta_learning import (
     adapt,
     draw_task,
     meta_objective,
+    set_loss,
     task_pools,
 )
 from hf_fsad.training.recipes import load_config
@@ -54,6 +57,25 @@ def test_focal_and_bce_losses_by_hand():
     assert torch.isfinite(anomaly_loss(torch.tensor([0.0, 1.0]), torch.tensor([1, 0])))
     with pytest.raises(ValueError, match="Unknown loss"):
         anomaly_loss(scores, labels, "hinge")
+
+
+def test_official_focal_is_focal_with_logits_on_the_probabilities_averaged():
+    scores, labels = [0.9, 0.2, 0.6], [1, 0, 0]
+    expected = []
+    for s, y in zip(scores, labels):  # the official BinaryFocalLoss(logits=True) in float64 by hand
+        p = 1 / (1 + np.exp(-s))  # the score (already a probability) taken as a logit
+        bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+        expected.append((1 - np.exp(-bce)) ** 2 * bce)
+    scores_t, labels_t = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)
+    torch.testing.assert_close(
+        official_focal_loss(scores_t, labels_t), torch.tensor(expected, dtype=torch.float64)
+    )
+    args = MetaLearningArguments(loss="official_focal")
+    assert anomaly_loss(scores_t, labels_t, args.loss, reduction="mean").item() == pytest.approx(
+        np.mean(expected), rel=1e-12
+    )  # float64 throughout
+    # Not the focal loss of the probabilities: a confident right score (0.9, label 1) still costs ~0.03.
+    assert official_focal_loss(scores_t, labels_t)[0] > 10 * focal_loss(scores_t, labels_t)[0]
 
 
 def _toy_auxiliary(categories=("stripes", "weave"), **sizes):
@@ -192,6 +214,50 @@ def test_every_tasks_query_loss_reaches_the_outer_gradient():
         assert (total - without).norm() > 1e-3  # removing any task changes the outer gradient
 
 
+def test_running_statistics_move_in_the_query_forwards_only():
+    head, config = _tiny_head()  # official detector, training mode: BatchNorm uses batch statistics
+    tasks = _tiny_tasks(config)
+    text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    args = MetaLearningArguments(inner_lr=0.05)
+    params = dict(head.named_parameters())
+    before = {name: buffer.clone() for name, buffer in head.named_buffers()}
+    adapted = adapt(head, params, tasks[0], text, args)
+    for name, buffer in head.named_buffers():  # the inner step updates scratch copies only
+        assert torch.equal(buffer, before[name]), name
+    scratch = {name: buffer.clone() for name, buffer in head.named_buffers()}
+    query = tasks[0]
+    image_text_map = functional_call(head, {**scratch, **adapted}, (query.query, query.references, text))
+    hidden = torch.relu(
+        image_text_map["image_text_map"] @ adapted["detector.0.weight"].T + adapted["detector.0.bias"]
+    ).detach()
+    set_loss(head, adapted, query.query, query.query_labels, query.references, text, args)
+    # PyTorch's BatchNorm update (momentum 0.1; the running variance is the unbiased batch variance)
+    expected_mean = 0.9 * before["detector.2.running_mean"] + 0.1 * hidden.mean(0)
+    expected_var = 0.9 * before["detector.2.running_var"] + 0.1 * hidden.var(0, unbiased=True)
+    buffers = dict(head.named_buffers())
+    torch.testing.assert_close(buffers["detector.2.running_mean"], expected_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(buffers["detector.2.running_var"], expected_var, rtol=1e-12, atol=1e-12)
+    # float64 on both sides. The whole objective: one update per task, from its query forward.
+    meta_objective(head, params, tasks, text, args)
+    assert buffers["detector.2.num_batches_tracked"].item() == 1 + len(tasks)
+
+
+def test_set_loss_averages_the_official_focal_and_sums_the_others():
+    head, config = _tiny_head()
+    head.eval()
+    task = _tiny_tasks(config, num_tasks=1)[0]
+    text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    params = dict(head.named_parameters())
+    scores = functional_call(head, params, (task.query, task.references, text))["score"]
+    inputs = (head, params, task.query, task.query_labels, task.references, text)
+    official = set_loss(*inputs, MetaLearningArguments(loss="official_focal"))
+    expected = official_focal_loss(scores, task.query_labels).mean()  # the official code's mean
+    assert official.item() == pytest.approx(expected.item(), rel=1e-12)  # float64 throughout
+    summed = set_loss(*inputs, MetaLearningArguments(loss="bce+focal"))
+    expected = anomaly_loss(scores, task.query_labels, "bce+focal", reduction="sum")  # Eq. 9's sum
+    assert summed.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
 def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradient(tmp_path):
     model = make_tiny_metacan().double()
     args = MetaLearningArguments(
@@ -231,31 +297,63 @@ def _held_out_auroc(model, held_out, seeds=(0, 1, 2)) -> float:
     return float(np.mean(values))
 
 
-def test_meta_learning_on_toy_lowers_the_meta_loss_and_raises_held_out_auroc(tmp_path, tiny_clip_dir):
-    """The toy recipe (training/configs/metacan_toy.yaml): tasks stripes + weave, held-out grid."""
+def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categories(tmp_path, tiny_clip_dir):
+    """The toy recipe (training/configs/metacan_toy.yaml): tasks stripes + weave, held-out grid. The meta-loss
+    (Eq. 11 in eval mode, BatchNorm on its running statistics) of fixed task draws falls on the training
+    categories and on the category training never saw.
+
+    Held-out AUROC is no criterion here: with a random backbone the image-text branch has no ranking signal
+    to learn (its AUROC alone stays near 0.5 before and after training, on the training categories too), so
+    the fused score's AUROC shows only how much the detector's calibration perturbs the image-image ranking.
+    """
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={tiny_clip_dir}"])
     args = MetaLearningArguments(**config["training"])
     model = build_model(config["model"], args.seed)
     learner = MetaLearner(model, _auxiliary_dataset(config["data"]), args, tmp_path)
-    held_out = load_benchmark("toy", category="grid", num_train=12, num_test_good=12, num_test_anomalous=12)
+    held_out = MetaLearner(model, _auxiliary_dataset(config["data"] | {"categories": ["grid"]}), args, None)
     text = model.text_embeddings()
-    fixed_tasks = [learner.task_batch(10_000 + step, task) for step in range(4) for task in range(2)]
+    seen = [learner.task_batch(10_000 + step, task) for step in range(4) for task in range(2)]
+    unseen = [held_out.task_batch(10_000 + step, 0) for step in range(8)]
 
-    def fixed_meta_loss() -> float:
-        params = dict(model.head.named_parameters())
-        return meta_objective(model.head, params, fixed_tasks, text, args)[0].item()
+    def meta_loss(tasks) -> float:
+        model.head.eval()
+        return meta_objective(model.head, dict(model.head.named_parameters()), tasks, text, args)[0].item()
 
-    before_loss, before_auroc = fixed_meta_loss(), _held_out_auroc(model, held_out)
+    before = meta_loss(seen), meta_loss(unseen)
     result = learner.train()
-    after_loss, after_auroc = fixed_meta_loss(), _held_out_auroc(model, held_out)
-    print(
-        f"meta-loss {before_loss:.3f} -> {after_loss:.3f}; held-out AUROC {before_auroc:.3f} -> {after_auroc:.3f}"
-    )
-    assert after_loss < before_loss - 1.0
-    assert after_auroc > before_auroc + 0.05
+    after = meta_loss(seen), meta_loss(unseen)
+    print(f"meta-loss seen {before[0]:.2f} -> {after[0]:.2f}; held-out {before[1]:.2f} -> {after[1]:.2f}")
+    assert after[0] < 0.9 * before[0] and after[1] < 0.9 * before[1]
     assert result.steps == args.max_steps and (tmp_path / "checkpoints" / "checkpoint-60").is_dir()
+
+
+def test_checkpoints_keep_the_running_statistics_and_resume_restores_them(tmp_path):
+    args = MetaLearningArguments(
+        support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, max_steps=1
+    )
+    model = make_tiny_metacan()
+    MetaLearner(model, _toy_auxiliary(), args, tmp_path).train()
+    saved = load_file(tmp_path / "checkpoints" / "checkpoint-1" / "trainable.safetensors")
+    statistics = {f"head.{name}": b for name, b in model.head.named_buffers() if "running" in name}
+    assert statistics and all(torch.equal(saved[name], value) for name, value in statistics.items())
+    assert not torch.equal(statistics["head.detector.2.running_var"], torch.ones(8))  # moved from its init
+    fresh = make_tiny_metacan()
+    MetaLearner(fresh, _toy_auxiliary(), args, tmp_path).load_checkpoint(
+        tmp_path / "checkpoints" / "checkpoint-1"
+    )
+    for name, buffer in fresh.head.named_buffers():
+        assert torch.equal(buffer, dict(model.head.named_buffers())[name]), name
+
+
+def test_official_detector_refuses_one_query_sets(tmp_path):
+    args = MetaLearningArguments(support_normal=1, support_anomalous=0)
+    with pytest.raises(ValueError, match="at least 2 queries"):
+        MetaLearner(make_tiny_metacan(), _toy_auxiliary(), args, tmp_path)
+    MetaLearner(
+        make_tiny_metacan(detector_type="paper", detector_hidden_sizes=[8]), _toy_auxiliary(), args, tmp_path
+    )
 
 
 def _train_command(config_path: Path, clip_dir: str, output_dir: Path, *extra: str) -> list[str]:
@@ -278,6 +376,11 @@ def _summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
 
 
+# Plain SGD where runs are compared. Adam divides each gradient by its own size, which turns the rounding
+# noise of gradients that are zero in exact arithmetic (the bias of a Linear before BatchNorm) into full steps.
+SGD = ("training.outer_optimizer=sgd",)
+
+
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_clip_dir):
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -286,7 +389,9 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_cli
         str(torchrun),
         "--nproc_per_node",
         "2",
-        *_train_command(TOY_CONFIG, tiny_clip_dir, output, "training.max_steps=4"),
+        *_train_command(
+            TOY_CONFIG, tiny_clip_dir, output, "training.max_steps=4", "training.checkpoint_every=1", *SGD
+        ),
     ]
     completed = subprocess.run(
         command,
@@ -299,7 +404,11 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_cli
     assert completed.returncode == 0, completed.stderr[-3000:]
     digests = _summary(output)["result"]["rank_parameter_digests"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # The two processes split the two tasks and sum their gradients: the same objective as one process.
+    # The two processes split the two tasks and sum their gradients: the same objective as one process. The
+    # first update is compared: from the second on, the tiny random model's image-text branch (a
+    # differentiator output with few positive units, then normalised) amplifies the rounding differences of
+    # features the processes encode in other batches (measured: 4e-6 relative after one update, 5e-4 after
+    # two, unrelated after four).
     from hf_fsad.training.recipes import main
 
     single = tmp_path / "single"
@@ -310,22 +419,29 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_cli
             "--output-dir",
             str(single),
             "--max-steps",
-            "4",
+            "1",
             "--set",
             f"model.clip={tiny_clip_dir}",
             "data.num_train=6",
             "data.num_test_good=2",
             "data.num_test_anomalous=4",
+            *SGD,
         ]
     )
     from safetensors.torch import load_file
 
     distributed_weights, single_weights = (
-        load_file(output / "model.safetensors"),
+        load_file(output / "checkpoints" / "checkpoint-1" / "trainable.safetensors"),
         load_file(single / "model.safetensors"),
     )
-    for name in (n for n in single_weights if n.startswith("head.")):
+    parameters = {f"head.{name}" for name, _ in build_model_from(tiny_clip_dir).head.named_parameters()}
+    for name in parameters:
+        # float32 gradients summed in another order: ~4e-6 relative of the update
         torch.testing.assert_close(distributed_weights[name], single_weights[name], rtol=1e-4, atol=1e-5)
+    # BatchNorm buffers: the batch counts add up to one process's; the running statistics, averaged over the
+    # processes after each update rather than updated task after task, differ slightly and are not compared.
+    for name in (n for n in distributed_weights if n.endswith("num_batches_tracked")):
+        assert distributed_weights[name].item() == single_weights[name].item() == 2  # 1 update x 2 tasks
 
 
 @pytest.mark.slow
@@ -452,7 +568,18 @@ def test_bf16_mixed_precision_training_runs(tmp_path, tiny_clip_dir):
     from transformers import AutoModel
 
     trained = AutoModel.from_pretrained(tmp_path)
-    assert not torch.equal(parameter_vector(trained), parameter_vector(initial))
+    # The saved head is the trained one: bit for bit the weights and statistics of the last checkpoint.
+    final = load_file(tmp_path / "checkpoints" / "checkpoint-3" / "trainable.safetensors")
+    saved = dict(trained.named_parameters()) | dict(trained.named_buffers())
+    assert {name for name in saved if name.startswith("head.")} == set(final)
+    for name, value in final.items():
+        assert torch.equal(saved[name], value), name
+    # ... and not the initial one. Adam's first update moves every weight whose gradient is not zero by
+    # outer_lr (m / sqrt(v) = +-1); the three updates move most weights by more than half of that.
+    change = (parameter_vector(trained) - parameter_vector(initial)).abs()
+    outer_lr = load_config(TOY_CONFIG)["training"]["outer_lr"]
+    assert change.max() >= outer_lr  # measured: 3 outer_lr, three full steps
+    assert (change >= 0.5 * outer_lr).float().mean() > 0.5  # measured: 76 % of the head's weights
 
 
 def build_model_from(clip_dir: str):

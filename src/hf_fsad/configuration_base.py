@@ -11,6 +11,9 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 # Resampling modes of the position-embedding grid (`torch.nn.functional.interpolate` modes).
 POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
 
+# Image geometries of `FsadConfig.paper_preprocessing`.
+PREPROCESSING = ("crop", "squash")
+
 
 class FsadConfig(PreTrainedConfig):
     """Base config of every hf_fsad method.
@@ -31,6 +34,12 @@ class FsadConfig(PreTrainedConfig):
         position_interpolation: how the vision tower's grid of position embeddings is resized for an
             `image_size` other than the checkpoint's: "bicubic" (transformers' `interpolate_pos_encoding`) or
             "bilinear" (what AF-CLIP's official code does); the CLS position is kept as it is.
+        paper_preprocessing: the image geometry of the method's published evaluation, which the benchmark
+            runner and training use (`paper_image_processor()`): "crop" (resize the short side to
+            `image_size`, keep the centre square: the InCTRL and MetaCAN code; WinCLIP and MetaCAN set it) or
+            "squash" (default: resize the whole image to the square, as AF-CLIP's code; methods without
+            public code keep it, as their own fitting preprocesses that way). Scoring for users (pipeline,
+            CLI, Space) squashes whatever this says, so maps cover the whole image.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -45,6 +54,7 @@ class FsadConfig(PreTrainedConfig):
     trained_on: str | None = None
     max_memory_items: int | None = None
     position_interpolation: str = "bicubic"
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -57,6 +67,10 @@ class FsadConfig(PreTrainedConfig):
             raise ValueError(
                 f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, "
                 f"got {self.position_interpolation!r}."
+            )
+        if self.paper_preprocessing not in PREPROCESSING:
+            raise ValueError(
+                f"paper_preprocessing must be one of {PREPROCESSING}, got {self.paper_preprocessing!r}."
             )
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")

@@ -252,16 +252,31 @@ class FsadPreTrainedModel(PreTrainedModel):
         self.backbone.compile_passes(**compile_kwargs)
         return self
 
-    def image_processor(self) -> CLIPImageProcessorPil:
+    def image_processor(self, crop: bool = False) -> CLIPImageProcessorPil:
         """The preprocessing this model expects: RGB, bicubic resize to a square of `config.image_size`,
-        CLIP normalisation. Images are resized whole (no crop) so maps align with the original image."""
+        CLIP normalisation.
+
+        crop=False (default, for scoring): the whole image is resized to the square, so maps cover all of it.
+        crop=True: the short side is resized to `config.image_size` and the centre square kept, as the papers'
+        evaluation code does (see `paper_image_processor`). The processor's saved config records which.
+        """
         size = self.config.image_size
+        geometry = (
+            {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+            if crop
+            else {"size": {"height": size, "width": size}}
+        )
         return CLIPImageProcessorPil(
-            size={"height": size, "width": size},
-            do_center_crop=False,
+            **geometry,
+            do_center_crop=crop,
             image_mean=list(self.config.image_mean),
             image_std=list(self.config.image_std),
         )
+
+    def paper_image_processor(self) -> CLIPImageProcessorPil:
+        """`image_processor` with the geometry of the method's published evaluation
+        (`config.paper_preprocessing`), which the benchmark runner and training use."""
+        return self.image_processor(crop=self.config.paper_preprocessing == "crop")
 
     def grid_size(self) -> tuple[int, int]:
         """Patch grid of a `config.image_size` input."""

@@ -46,11 +46,32 @@ def heatmap_overlay(
     return Image.fromarray(overlay)
 
 
-def mask_array(mask: Image.Image | None, size: int) -> np.ndarray:
-    """A benchmark mask (PIL or None for normal images) as a boolean (size, size) array."""
+def resize_center_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """The geometry of `image_processor(crop=True)`: resize the short side to `size` (the long side truncated
+    to an integer, as transformers and torchvision do), then keep the centre `size` square (offset floored,
+    as transformers does)."""
+    width, height = image.size
+    short, long = sorted((width, height))
+    long = int(size * long / short)
+    resized = image.resize((size, long) if width <= height else (long, size), resample)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def mask_array(mask: Image.Image | None, size: int, crop: bool = False) -> np.ndarray:
+    """A benchmark mask (PIL or None for normal images) as a boolean (size, size) array: resized whole, or
+    with crop=True resized and centre-cropped as `image_processor(crop=True)` does its image. Nearest
+    neighbour, so a mask stays binary."""
     if mask is None:
         return np.zeros((size, size), dtype=bool)
-    return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127
+    mask = mask.convert("L")
+    if crop:
+        mask = resize_center_crop(mask, size, Image.Resampling.NEAREST)
+    else:
+        mask = mask.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
 
 
 def save_heatmap_panels(

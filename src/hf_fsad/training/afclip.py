@@ -99,7 +99,8 @@ class AfClipTrainer(Trainer):
     def patch_masks(self, rows: list[int]) -> torch.Tensor:
         """(B, N) bool: the masks downsampled bilinearly to the patch grid and binarised at `mask_threshold`."""
         size = self.model.config.image_size
-        masks = np.stack([mask_array(mask, size) for mask in self.dataset.select(rows)["mask"]])
+        crop = self.model.config.paper_preprocessing == "crop"  # the geometry of the cached features
+        masks = np.stack([mask_array(mask, size, crop) for mask in self.dataset.select(rows)["mask"]])
         masks = torch.from_numpy(masks).float().unsqueeze(1)
         grid = F.interpolate(masks, size=self.model.grid_size(), mode="bilinear", align_corners=False)
         return (grid > self.args.mask_threshold).flatten(1).to(self.accelerator.device)
@@ -112,7 +113,7 @@ class AfClipTrainer(Trainer):
             )
             return {name: tensor.to(device) for name, tensor in features.items()}
         images = [image.convert("RGB") for image in self.dataset.select(rows)["image"]]
-        pixel_values = self.model.image_processor()(images, return_tensors="pt").pixel_values
+        pixel_values = self.model.paper_image_processor()(images, return_tensors="pt").pixel_values
         return self.model.vision_features(pixel_values.to(device))
 
     def compute_loss(self, batch_index: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ class AfClipConfig(FsadConfig):
             of ViT-L/14@336 to 37x37 bilinearly, and its released weights were trained on those tokens
             ("bicubic", transformers' resize, is the option).
         inherited: see `FsadConfig`. The paper runs ViT-L/14@336 at image_size 518 (37x37 patches).
+            paper_preprocessing is "squash": the official code resizes whole images (and masks) to 518x518.
     """
 
     model_type = "afclip"
@@ -63,6 +64,7 @@ class AfClipConfig(FsadConfig):
     map_smoothing_sigma: float = 4.0
     memory_weight: float = 0.1
     position_interpolation: str = "bilinear"
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
