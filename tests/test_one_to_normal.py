@@ -395,7 +395,7 @@ def test_a_saved_fitted_model_comes_back_fitted(diffusion_dir, tmp_path):
 def test_default_input_is_the_papers_240_px_a_17x17_grid_at_patch_14(tmp_path):
     """Whatever the tower's size (224 here, as openai/clip-vit-large-patch14), a fresh model (`from_clip`,
     which `hf-fsad fit` uses) takes 240 px images: 17 x 17 patches of 14 pixels."""
-    from hf_fsad.cli import load_method
+    from hf_fsad.loading import load_method
     from hf_fsad.testing import save_random_clip
 
     clip_dir = save_random_clip(tiny_clip_config(image_size=224, patch_size=14), tmp_path / "clip")

@@ -11,38 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def expand_inputs(inputs: Sequence[str], what: str = "input") -> list[Path]:
-    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images; a
-    directory holding none is reported on stderr."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                print(f"skipped {what} {path}: a directory with no image files", file=sys.stderr)
-            paths += found
-        else:
-            paths.append(path)
-    return paths
-
-
-def _readable_images(
-    paths: Sequence[Path], what: str, max_pixels: int | None, on_skip=None
-) -> Iterator[tuple[Path, object]]:
-    """(path, RGB image) for each readable file; each unusable one is reported on stderr and skipped."""
-    from hf_fsad.io import ImageReadError, read_image
-
-    for path in paths:
-        try:
-            yield path, read_image(path, max_pixels)
-        except ImageReadError as error:
-            print(f"skipped {what} {path}: {error}", file=sys.stderr)
-            if on_skip is not None:
-                on_skip()
+from hf_fsad.io import expand_inputs, readable_images
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -161,7 +130,7 @@ def score(args: argparse.Namespace) -> int:
     else:
         references = None
         if args.reference:
-            readable = _readable_images(
+            readable = readable_images(
                 expand_inputs(args.reference, "reference"), "reference", args.max_pixels
             )
             images = [image for _, image in readable]
@@ -228,7 +197,7 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
         open(share, "w") as sink,
         tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
     ):
-        readable = _readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
+        readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in _batches(readable, args.batch_size):
             pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
             with torch.no_grad(), model.autocast(args.precision):
@@ -276,7 +245,7 @@ def fit(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    readable = _readable_images(expand_inputs(args.normal, "normal image"), "normal image", args.max_pixels)
+    readable = readable_images(expand_inputs(args.normal, "normal image"), "normal image", args.max_pixels)
     normals = [image for _, image in readable]
     if not normals:
         print("error: none of the --normal images could be read", file=sys.stderr)

@@ -8,12 +8,15 @@ the caller reports before going on with the other files.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # 8192 pixels a side: a 67-megapixel image costs about 1 GB to score with a full-size heatmap.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
@@ -111,6 +114,39 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_M
         raise ImageReadError("not an image PIL can read (unknown or corrupt format)") from None
     except Exception as error:  # noqa: BLE001  (PIL's parsers raise OSError, SyntaxError, struct.error, ...)
         raise ImageReadError(f"corrupt image ({type(error).__name__}: {error})") from None
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:
+    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images; a
+    directory holding none is reported on stderr as `skipped WHAT PATH: ...`."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"skipped {what} {path}: a directory with no image files", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
+def readable_images(
+    paths: Sequence[Path],
+    what: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_skip: Callable[[], None] | None = None,
+) -> Iterator[tuple[Path, Image.Image]]:
+    """(path, RGB image) for each usable file; each other one is reported on stderr as
+    `skipped WHAT PATH: reason` and skipped (then `on_skip()` is called, e.g. to move a progress bar)."""
+    for path in paths:
+        try:
+            yield path, read_image(path, max_pixels)
+        except ImageReadError as error:
+            print(f"skipped {what} {path}: {error}", file=sys.stderr)
+            if on_skip is not None:
+                on_skip()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
