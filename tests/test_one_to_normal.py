@@ -279,7 +279,7 @@ def test_training_entry_point_fits_and_saves(diffusion_dir, tiny_clip_dir, tmp_p
     settings = ["--diffusion-model", diffusion_dir, "--steps", "2", "--num-class-images", "1"]
     assert train_main([*arguments, *settings, "--resolution", "32", "--pool-size", "3"]) == 0
     printed = capsys.readouterr()
-    assert f"skipped normal image {normal_dir / 'broken.png'}: not a readable image" in printed.err
+    assert f"skipped normal image {normal_dir / 'broken.png'}: not an image PIL can read" in printed.err
     assert f"fitted One-to-Normal on 2 normal images -> {out}" in printed.out
 
     saved_lora = {
