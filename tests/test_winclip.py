@@ -163,7 +163,8 @@ def test_file_that_is_not_a_bank_is_refused(tmp_path):
     [
         (torch.randn(1, 1, 240, 240), "3 \\(RGB\\) channels"),
         (torch.randn(1, 4, 240, 240), "3 \\(RGB\\) channels"),
-        (torch.full((1, 3, 240, 240), float("nan")), "NaN or infinite"),
+        (torch.full((1, 3, 240, 240), float("nan")), "contains NaN values"),
+        (torch.full((1, 3, 240, 240), float("-inf")), "contains infinite values"),
         (torch.randn(1, 3, 8, 8), "smaller than the 16-pixel patch"),
         (torch.zeros(1, 3, 240, 240, dtype=torch.uint8), "floating-point"),
         (torch.randn(3, 240, 240), "shape \\(B, 3, H, W\\)"),
@@ -185,7 +186,7 @@ def test_empty_reference_set_is_refused(tiny_winclip):
 
 
 def test_bad_reference_pixels_are_named(tiny_winclip):
-    with pytest.raises(ValueError, match="reference_pixel_values contains NaN"):
+    with pytest.raises(ValueError, match="reference_pixel_values contains infinite values"):
         tiny_winclip.build_reference_bank(torch.full((1, 3, 240, 240), float("inf")))
 
 
