@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fsad.benchmark import DatasetSpec, FeatureCache, profile_models, results_markdown, run_benchmark
+from hf_fsad.benchmark import DatasetSpec, profile_models, results_markdown, run_benchmark
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
+from hf_fsad.features import FeatureCache
 from hf_fsad.metrics import image_auroc, pixel_aupro
 from hf_fsad.visualization import mask_array
 

@@ -93,10 +93,10 @@ def score(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
 
+    from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import atomic_write_text, prepare_output_dir, prepare_output_file
     from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.modeling_base import ReferenceBank
-    from hf_fsad.training.trainer import multi_process_cpu
 
     if args.bank and args.reference:
         print("error: give either --bank or --reference, not both", file=sys.stderr)
@@ -361,8 +361,9 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from hf_fsad.benchmark import DatasetSpec, FeatureCache, Protocol, profile_models, run_benchmark
+    from hf_fsad.benchmark import DatasetSpec, Protocol, profile_models, run_benchmark
     from hf_fsad.data import load_benchmark
+    from hf_fsad.features import FeatureCache
     from hf_fsad.io import prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
 

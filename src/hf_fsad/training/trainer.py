@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..distributed import multi_process_cpu
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
@@ -53,15 +55,6 @@ class TrainingArguments:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}.")
         if min(self.gradient_accumulation_steps, self.checkpoint_every, self.log_every) < 1:
             raise ValueError("gradient_accumulation_steps, checkpoint_every, log_every must be >= 1.")
-
-
-def multi_process_cpu() -> bool:
-    """True under a multi-process launcher (torchrun, mpirun) on a machine without CUDA: Accelerate then
-    needs `cpu=True` to run the processes as a gloo group instead of as independent single runs."""
-    world_size = max(
-        int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-    )
-    return world_size > 1 and not torch.cuda.is_available()
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
