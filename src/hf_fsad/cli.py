@@ -361,8 +361,8 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from hf_fsad.benchmark import DatasetSpec, Protocol, profile_models, run_benchmark
     from hf_fsad.data import load_benchmark
+    from hf_fsad.evaluation import DatasetSpec, Protocol, profile_models, run_benchmark
     from hf_fsad.features import FeatureCache
     from hf_fsad.io import prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
