@@ -17,6 +17,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .io import atomic_file
 from .modeling_base import FsadPreTrainedModel
 
 
@@ -54,9 +55,8 @@ class FeatureCache:
             return
         file = self._file(key, image_id)
         file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = file.with_name(file.name + ".tmp")
-        save_file({name: tensor.contiguous() for name, tensor in features.items()}, temporary)
-        os.replace(temporary, file)
+        with atomic_file(file) as temporary:
+            save_file({name: tensor.contiguous() for name, tensor in features.items()}, temporary)
 
     def features(
         self,

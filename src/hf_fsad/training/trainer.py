@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..distributed import multi_process_cpu
+from ..io import replace_directory
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -203,9 +204,7 @@ class Trainer:
             weights = {name: t.detach().cpu().contiguous() for name, t in self.checkpoint_tensors().items()}
             save_file(weights, temporary / "trainable.safetensors")
             (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
+            replace_directory(temporary, final)
         accelerator.wait_for_everyone()
         return final
 
