@@ -256,7 +256,7 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()
 
 
-def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
+def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path, caplog):
     model = make_winclip()
     build = model.build_reference_bank
 
@@ -274,6 +274,8 @@ def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
     for seed in (0, 1):
         failed = cell(saved, k=1, seed=seed)
         assert failed["error"] == "RuntimeError: forced failure | for the test" and "metrics" not in failed
+    logged = [r.getMessage() for r in caplog.records if r.name == "hf_fsad.evaluation.runner"]
+    assert logged == [f"cell winclip|toy|stripes|1|{seed}|0 failed: {failed['error']}" for seed in (0, 1)]
     markdown = (tmp_path / "results.md").read_text()
     assert "| winclip | 0 |" in markdown and "| winclip | 1 |" not in markdown
     assert "| winclip | toy | stripes | 1 | 1 | RuntimeError: forced failure \\| for the test |" in markdown

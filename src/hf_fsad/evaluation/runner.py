@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -29,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
-from tqdm.auto import tqdm
 
 from ..data import ReferenceManifest, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
@@ -39,6 +39,8 @@ from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 from ..modeling_base import FsadPreTrainedModel
 from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
+
+logger = logging.getLogger(__name__)
 
 # Prompt class words where the category name is not a good one.
 CLASS_NAMES = {
@@ -247,11 +249,12 @@ def run_benchmark(
                             # one failing cell is reported, and the others run
                             except Exception as error:  # noqa: BLE001
                                 message = f"{type(error).__name__}: {error}"
-                                tqdm.write(f"cell {_cell_id(cell)} failed: {message}")
+                                logger.warning("cell %s failed: %s", _cell_id(cell), message)
                                 cells[_cell_id(cell)] = cell | {"error": message}
                                 _write_results(results_file, cells, cache, started, skipped)
                                 continue
                             cells[_cell_id(cell)] = cell | run.values
+                            logger.info("cell %s: %.1f s", _cell_id(cell), run.values["seconds"])
                             _write_results(results_file, cells, cache, started, skipped)
                             if seed == seeds[0]:
                                 first_seed_scores[(method, k, anomalous)] = (run.scores, run.labels)

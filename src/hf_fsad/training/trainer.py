@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ..modeling_base import FsadPreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -206,6 +209,7 @@ class Trainer:
             (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
             replace_directory(temporary, final)
         accelerator.wait_for_everyone()
+        logger.info("saved checkpoint %s", final)
         return final
 
     @torch.no_grad()
@@ -233,6 +237,7 @@ class Trainer:
         if checkpoint is not None:
             start, history = self.load_checkpoint(checkpoint)
             resumed_from = start
+            logger.info("resumed from %s at step %d", checkpoint, start)
         self.trainable_module().train()
         self.on_train_start()
         progress = tqdm(
@@ -252,6 +257,7 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}")
             if done % args.log_every == 0 or done == args.max_steps or step == start:
                 history.append({"step": done, "loss": loss})
+                logger.info("step %d/%d: loss %.4f", done, args.max_steps, loss)
             if self.output_dir is not None and (done % args.checkpoint_every == 0 or done == args.max_steps):
                 self.save_checkpoint(done, history)
         self.trainable_module().eval()
