@@ -170,6 +170,8 @@ def score(args: argparse.Namespace) -> int:
             state.wait_for_everyone()  # the shares stay until the main process has read them
     finally:
         share.unlink(missing_ok=True)
+    # A process group left to the interpreter's exit can abort a rank in gloo's destructor.
+    state.destroy_process_group()
     if not state.is_main_process:
         return 0
     scored = joined.count("\n")

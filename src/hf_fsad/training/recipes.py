@@ -187,6 +187,8 @@ def evaluate_model(model, evaluation: dict, out_dir: Path, fit_arguments: dict |
 
 def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
     """The `training/train_<method>.py` command line."""
+    from accelerate import PartialState
+
     parser = argparse.ArgumentParser(
         description=f"Train {method} from a config (run with accelerate launch)."
     )
@@ -210,6 +212,8 @@ def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
         overrides.append(f"output_dir={arguments.output_dir}")
     config = load_config(arguments.config, overrides)
     summary = train(config, method, resume=arguments.resume, evaluate=arguments.evaluate)
+    # A process group left to the interpreter's exit can abort a rank in gloo's destructor.
+    PartialState().destroy_process_group()
     result = summary["result"]
     print(
         json.dumps({"steps": result["steps"], "final": result["history"][-1] if result["history"] else None})
