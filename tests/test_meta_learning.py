@@ -316,6 +316,7 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_cli
     completed = subprocess.run(
         [
             str(torchrun),
+            "--standalone",  # a free port for the rendezvous, not the fixed 29500
             "--nproc_per_node",
             "2",
             *_train_command(TOY_CONFIG, tiny_clip_dir, output, *training),
