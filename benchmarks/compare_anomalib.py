@@ -2,6 +2,7 @@
 
     make install-anomalib   # its own environment, .venv-anomalib: anomalib[clip] is not a dependency of ours
     .venv-anomalib/bin/python benchmarks/compare_anomalib.py --out benchmarks/results
+    .venv-anomalib/bin/python benchmarks/compare_anomalib.py --agreement-only   # scores only, a few minutes
 
 Both models sit on one randomly initialised OpenCLIP ViT-B-16-plus-240 (the WinCLIP paper's backbone; no
 pretrained weights can be fetched offline): anomalib's uses it as open_clip built it, ours gets it through
@@ -54,6 +55,32 @@ def build_models(seed: int):
     return theirs, ours.eval()
 
 
+def random_inputs(ours, seed: int, k: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k reference and `batch_size` query pixel tensors, the same for both implementations."""
+    size = ours.config.image_size
+    generator = torch.Generator().manual_seed(seed)
+    references = torch.randn(k, 3, size, size, generator=generator)
+    return references, torch.randn(batch_size, 3, size, size, generator=generator)
+
+
+def max_difference(first: torch.Tensor, second: torch.Tensor) -> float:
+    return float((first - second).abs().max())
+
+
+@torch.no_grad()
+def agreement(seed: int, k: int, batch_size: int) -> dict:
+    """The scores' agreement alone (no timing): what `--agreement-only` prints in a few minutes."""
+    theirs, ours = build_models(seed)
+    references, queries = random_inputs(ours, seed, k, batch_size)
+    theirs.setup(CLASS_NAME, references)
+    their_output = theirs(queries)
+    our_output = ours(queries, reference_bank=ours.build_reference_bank(references, CLASS_NAME))
+    return {
+        "max_abs_diff_image_scores": max_difference(their_output.pred_score, our_output.image_scores),
+        "max_abs_diff_anomaly_maps": max_difference(their_output.anomaly_map, our_output.anomaly_maps),
+    }
+
+
 @torch.no_grad()
 def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> dict:
     from hf_fsad.benchmark import alternating_medians, matmul_flops, median_seconds
@@ -61,10 +88,7 @@ def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> d
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 
     theirs, ours = build_models(seed)
-    size = ours.config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    references = torch.randn(k, 3, size, size, generator=generator)
-    queries = torch.randn(batch_size, 3, size, size, generator=generator)
+    references, queries = random_inputs(ours, seed, k, batch_size)
     clear = ours.backbone.clear_text_cache
 
     setup_text = alternating_medians(
@@ -131,9 +155,6 @@ def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> d
         },
         repeats,
     )
-
-    def max_difference(first: torch.Tensor, second: torch.Tensor) -> float:
-        return float((first - second).abs().max())
 
     return {
         "backbone": f"OpenCLIP ViT-B-16-plus-240, random weights (seed {seed})",
@@ -217,8 +238,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--agreement-only",
+        action="store_true",
+        help="print the scores' agreement only (no timing, nothing written)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.agreement_only:
+        print(json.dumps(agreement(args.seed, args.k, args.batch_size), indent=1))
+        return
     with tempfile.TemporaryDirectory() as folder:
         result = compare(args.seed, args.k, args.batch_size, args.repeats, Path(folder))
     report = markdown(result)

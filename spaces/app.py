@@ -17,16 +17,16 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 import hf_fsad  # noqa: F401  (registers the methods)
-from hf_fsad.cli import load_method
+from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.registry import METHODS
 from hf_fsad.visualization import mask_array
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-MAX_SIDE = 8192  # larger uploads are refused rather than silently downscaled
 _PIPELINES: dict[str, object] = {}
 
 
@@ -45,13 +45,8 @@ def get_pipeline(source: str):
     if source not in _PIPELINES:
         try:
             model = load_method(source).eval()
-        except Exception as error:  # noqa: BLE001  (any loading failure becomes a message for the user)
-            hint = (
-                "a local directory must hold a saved hf_fsad model"
-                if Path(source.split("@")[-1]).exists()
-                else "Hub ids need network access to huggingface.co (or a local copy in the cache)"
-            )
-            raise gr.Error(f"Could not load {source}: {type(error).__name__}: {error} ({hint}).") from None
+        except ModelLoadError as error:
+            raise gr.Error(f"Could not load {source}: {error}") from None
         _PIPELINES[source] = pipeline(
             "image-anomaly-detection", model=model, image_processor=model.image_processor()
         )
@@ -64,16 +59,11 @@ def read_images(files: list | None, what: str) -> list[tuple[str, Image.Image]]:
     for file in files or []:
         path = Path(file if isinstance(file, str) else file.name)
         try:
-            with Image.open(path) as image:
-                if max(image.size) > MAX_SIDE:
-                    raise gr.Error(
-                        f"{what} {path.name} is {image.size[0]}x{image.size[1]} pixels; the limit is {MAX_SIDE} per "
-                        "side. Downscale it and upload again."
-                    )
-                images.append((path.name, image.convert("RGB")))
-        except (UnidentifiedImageError, OSError):
+            images.append((path.name, read_image(path)))
+        except ImageReadError as error:
             raise gr.Error(
-                f"{what} {path.name} is not an image: upload PNG, JPEG, BMP or TIFF files."
+                f"{what} {path.name} is not an image this demo can use: {error}. Upload PNG, JPEG, BMP or TIFF "
+                f"files of at most {DEFAULT_MAX_PIXELS // 10**6} megapixels."
             ) from None
     return images
 

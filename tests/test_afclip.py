@@ -62,10 +62,20 @@ def test_eqs_5_6_spatial_aggregation_keeps_cls_and_zero_pads():
     torch.testing.assert_close(aggregated[0, 1], corner)
 
 
-def test_gaussian_blur_matches_scipy_mirror_mode():
-    maps = torch.rand(2, 40, 30, dtype=torch.float64)
-    expected = np.stack([gaussian_filter(m, sigma=2.0, mode="mirror", truncate=4.0) for m in maps.numpy()])
-    torch.testing.assert_close(scoring.gaussian_blur(maps, 2.0), torch.from_numpy(expected))
+@pytest.mark.parametrize("mode", ["reflect", "mirror"])
+def test_gaussian_blur_matches_scipy_on_a_map_with_a_bright_border(mode):
+    """The border mode shows where the map is brightest: at its edge. sigma 4 (AF-CLIP's) gives radius 16, more
+    than the 12-pixel side, so the extension wraps around more than once; sigma 1 covers the usual case."""
+    maps = torch.rand(2, 12, 20, dtype=torch.float64) * 0.1
+    maps[:, 0, :] = maps[:, :, -1] = 1.0
+    for sigma in (1.0, 4.0):
+        expected = np.stack([gaussian_filter(m, sigma=sigma, mode=mode) for m in maps.numpy()])
+        # both float64; they differ only in the order of the sums (~1e-16)
+        torch.testing.assert_close(scoring.gaussian_blur(maps, sigma, mode), torch.from_numpy(expected))
+    other = "mirror" if mode == "reflect" else "reflect"
+    assert (scoring.gaussian_blur(maps, 4.0, mode) - scoring.gaussian_blur(maps, 4.0, other)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="blur mode"):
+        scoring.gaussian_blur(maps, 4.0, "nearest")
 
 
 def test_eqs_3_4_attention_adapter_by_hand_without_residual():
@@ -89,26 +99,39 @@ def test_eqs_3_4_attention_adapter_by_hand_without_residual():
 
 @pytest.mark.parametrize("placement", ["after_start", "before_start"])
 def test_eq_8_prompt_context_placement_and_end_of_text_index(placement):
+    """Learned tokens equal to the embeddings of real words: the prompt must embed as the token sequence
+    built by hand, [context, SOT, words, EOT] ("before_start", the official code's) or [SOT, context, words,
+    EOT] ("after_start"), pooled at its end-of-text token."""
     torch.manual_seed(2)
     backbone = ClipBackbone(tiny_clip_config()).eval()
     backbone.tokenizer = byte_level_clip_tokenizer()
-    words = backbone.tokenizer(["a photo of"], return_tensors="pt").input_ids[0, 1:-1]
-    context = backbone.clip.text_model.embeddings.token_embedding(words).detach()
+    context_ids = backbone.tokenizer(["a photo of"], return_tensors="pt").input_ids[0, 1:-1]
+    context = backbone.clip.text_model.embeddings.token_embedding(context_ids).detach()
+    prompts = ["without defect.", "with a long defect."]
     with torch.no_grad():
-        together = backbone.encode_text_with_context(
-            ["without defect.", "with a long defect."], context, placement
-        )
-        alone = backbone.encode_text_with_context(["without defect."], context, placement)
-        if placement == "after_start":  # learned tokens equal to words = those words in the prompt
-            expected = backbone.encode_text(["a photo of without defect.", "a photo of with a long defect."])
-            torch.testing.assert_close(together, expected, rtol=1e-5, atol=1e-6)
+        together = backbone.encode_text_with_context(prompts, context, placement)
+        alone = backbone.encode_text_with_context(prompts[:1], context, placement)
+        for prompt, embedding in zip(prompts, together):
+            start, *words, end = backbone.tokenizer(prompt)["input_ids"]
+            if placement == "before_start":
+                sequence = [*context_ids.tolist(), start, *words, end]
+            else:
+                sequence = [start, *context_ids.tolist(), *words, end]
+            # transformers pools a sequence at its first end-of-text token
+            expected = backbone.clip.get_text_features(input_ids=torch.tensor([sequence])).pooler_output[0]
+            # float32, same weights; padding changes the attention's reduction length only (~1e-7)
+            torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
     # The pooled token is each prompt's own end-of-text token, whatever the padding around it.
-    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)  # as above: padding only
     gradient = torch.autograd.grad(
         backbone.encode_text_with_context(["with defect."], context.requires_grad_(), placement).sum(),
         context,
     )[0]
     assert gradient.abs().sum() > 0
+
+
+def test_the_default_prompt_placement_is_the_official_codes():
+    assert AfClipConfig(clip_config=tiny_clip_config()).context_placement == "before_start"
 
 
 def test_eqs_9_10_token_probabilities_by_hand():
@@ -146,12 +169,15 @@ def test_eqs_11_to_15_losses_by_hand():
         same_pairs = [cos[i, j] for i in range(6) for j in range(6) if i != j and a[i] == a[j]]
         values.append(torch.relu(cross - torch.stack(same_pairs).mean()))
     torch.testing.assert_close(
-        patch_alignment_loss(features, patch_masks), torch.stack(values).mean().float()
+        patch_alignment_loss(features, patch_masks, pairs="image"), torch.stack(values).mean().float()
     )
-    assert patch_alignment_loss(features, torch.zeros(3, 6, dtype=torch.bool)).item() == 0.0
-    # N-A pairs less similar than same-label pairs: no loss
-    separated = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
-    assert patch_alignment_loss(separated, torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)).item() == 0.0
+    for pairs in ("batch", "image"):
+        assert patch_alignment_loss(features, torch.zeros(3, 6, dtype=torch.bool), pairs).item() == 0.0
+        assert patch_alignment_loss(features, torch.ones(3, 6, dtype=torch.bool), pairs).item() == 0.0
+        # N-A pairs less similar than same-label pairs: no loss
+        separated = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]])
+        mask = torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)
+        assert patch_alignment_loss(separated, mask, pairs).item() == 0.0
 
     probabilities = torch.tensor([[0.7, 0.9, 0.2, 0.1, 0.6], [0.2, 0.1, 0.1, 0.2, 0.3]])
     labels, grid = torch.tensor([1, 0]), torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
@@ -167,6 +193,47 @@ def test_eqs_11_to_15_losses_by_hand():
     torch.testing.assert_close(terms["total"], expected)
 
 
+def test_eq_14_patch_alignment_pools_the_batch_as_the_official_code_or_goes_image_by_image():
+    """Image A: normal e1, e2 and anomalous e1; image B (all normal): e1, -e1, e2. Every cosine is 0, 1 or -1.
+
+    Official ("batch"): N-A pairs, all in A: cos(e1, e1) = 1, cos(e2, e1) = 0 -> mean 1/2. Same-label pairs,
+    self pairs and image B included: A has 2x2 normal + 1 anomalous pair, sum 1+0+0+1 + 1 = 3; B has 9 pairs,
+    sum 3 (self) + 2 x cos(e1, -e1) = 1. Mean 4/14, loss max(0, 1/2 - 2/7) = 3/14.
+    Per image ("image"): only A counts, same-label pairs i != j: cos(e1, e2) twice, mean 0: loss 1/2.
+    """
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    features = torch.tensor([[e1, e2, e1], [e1, [-1.0, 0.0], e2]])
+    masks = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.bool)
+    # float32 arithmetic on exact cosines: within approx's default relative 1e-6
+    assert patch_alignment_loss(features, masks, pairs="batch").item() == pytest.approx(3 / 14)
+    assert patch_alignment_loss(features, masks, pairs="image").item() == pytest.approx(1 / 2)
+    # Without image B the self pairs alone lift the same-label mean to 3/5 > 1/2: no loss in the official form.
+    assert patch_alignment_loss(features[:1], masks[:1], pairs="batch").item() == 0.0
+    with pytest.raises(ValueError, match="pairs"):
+        patch_alignment_loss(features, masks, pairs="set")
+
+
+def test_eq_13_masks_reach_the_patch_grid_by_bilinear_sampling_then_the_0_5_threshold(tmp_path):
+    """As the official code: the mask resized bilinearly (no antialiasing) to the 15x15 grid of 16-pixel
+    patches, each patch reading the pixels around its centre (16i + 7.5), then > 0.5. White rows 0-24 and
+    columns 0-8: patch rows 0 (pixels 7, 8) and 1 (23, 24) are inside; patch column 0 (pixels 7, 8) is,
+    column 1 (23, 24) is not, although the white covers 9/16 of it."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from hf_fsad.data.common import FEATURES
+    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+
+    mask = np.zeros((240, 240), dtype=np.uint8)
+    mask[:25, :9] = 255
+    row = {"image": Image.new("RGB", (240, 240)), "mask": Image.fromarray(mask), "label": 1}
+    data = Dataset.from_list([row | {"category": "x", "defect_type": "x", "path": "x"}], features=FEATURES)
+    trainer = AfClipTrainer(make_tiny_afclip(), data, AfClipTrainingArguments(batch_size=1), tmp_path)
+    expected = torch.zeros(15, 15, dtype=torch.bool)
+    expected[:2, 0] = True
+    assert torch.equal(trainer.patch_masks([0]), expected.flatten()[None])
+
+
 def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     model = make_tiny_afclip()
     torch.manual_seed(4)
@@ -177,7 +244,7 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     zero_shot = model(images)
     torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0])
     torch.testing.assert_close(
-        zero_shot.anomaly_maps, scoring.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0)
+        zero_shot.anomaly_maps, scoring.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0, "reflect")
     )
 
     bank = model.build_reference_bank(references, "bottle")

@@ -69,6 +69,71 @@ def test_masked_items_form_the_anomalous_memory(model, images):
     assert bank.k == 1 and int(bank.tensors["num_anomalous"]) == 1
 
 
+def test_items_join_the_anomalous_memory_when_mostly_defect(images):
+    """A defect over patch (0, 0) and the top half of patch (1, 0): shares 1 and 0.5 at the patch level,
+    0.375 and 0.125 for the scale-2 windows at (0, 0) and (1, 0), 0 elsewhere."""
+    mask = torch.zeros(1, 240, 240, dtype=torch.bool)
+    mask[0, :24, :16] = True
+    features = make_model().encode_images(images[1:2])
+    expected = {  # fraction -> (anomalous patches, anomalous scale-2 windows)
+        0.5: ([0, 15], [0]),  # no window is half defect: the one with the largest share stands for it
+        1.0: ([0], [0]),
+        0.1: ([0, 15], [0, 14]),
+    }
+    for fraction, (patches, windows) in expected.items():
+        model = make_model(anomalous_item_fraction=fraction)
+        bank = model.build_reference_bank(anomalous_features=features, anomalous_masks=mask)
+        torch.testing.assert_close(bank.tensors["anomalous.patch"], features["patch_tokens"][0, patches])
+        torch.testing.assert_close(
+            bank.tensors["anomalous.window2"], features["window_embeddings.2"][0, windows]
+        )
+        # the normal memory holds the defect-free items only, whatever the fraction
+        assert bank.tensors["reference.patch"].shape[0] == 225 - 2
+        assert bank.tensors["reference.window2"].shape[0] == 196 - 2
+    with pytest.raises(ValueError, match="anomalous_item_fraction"):
+        AnomalousMemoryConfig(clip_config=tiny_clip_config(), anomalous_item_fraction=0)
+
+
+def test_k0_large_central_defect_leaves_one_memory_empty_and_still_scores(model, images):
+    """The paper's protocol (no normal reference, one annotated defect): a 48 px central defect touches every
+    112 px window, so the normal memory has no 112 px window; that score drops out and the reference
+    group's third is spread over its other three levels."""
+    mask = torch.zeros(1, 240, 240, dtype=torch.bool)
+    mask[0, 96:144, 96:144] = True  # patches 6-8 in both directions; window i of side 7 covers patches i..i+6
+    bank = model.build_reference_bank(anomalous_pixel_values=images[1:2], anomalous_masks=mask)
+    assert bank.tensors["reference.window7"].shape[0] == 0 and bank.k == 0
+    assert bank.tensors["reference.patch"].shape[0] == 225 - 9
+    assert bank.tensors["anomalous.window7"].shape[0] > 0
+    expected_weights = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
+    torch.testing.assert_close(
+        bank.tensors["score_weights"], torch.tensor(expected_weights, dtype=torch.float64)
+    )
+    output = model(images[2:], reference_bank=bank)
+    assert "reference.window7" not in output.branch_scores and len(output.branch_scores) == 8
+    assert torch.isfinite(output.image_scores).all() and torch.isfinite(output.anomaly_maps).all()
+    scores = output.branch_scores
+    by_hand = (
+        scores["text"].double() / 3
+        + sum(scores[f"reference.{name}"].double() for name in ("patch", "window2", "window3")) / 9
+        + sum(scores[f"anomalous.{name}"].double() for name in ("patch", "window2", "window3", "window7"))
+        / 12
+    )
+    # float32 scores summed in float32 by the model vs in float64 here: a few ulps of values below 1
+    torch.testing.assert_close(output.image_scores.double(), by_hand, rtol=1e-6, atol=1e-7)
+    features = model.encode_images(images[2:])
+    reference_patch = scoring.reference_association(features["patch_tokens"], bank.tensors["reference.patch"])
+    torch.testing.assert_close(scores["reference.patch"], reference_patch.amax(-1))
+
+    views = torch.cat([images[:1], images[1:2]])
+    validated = model.validate_weights(bank, views, [0, 1])
+    weights = validated.tensors["score_weights"]
+    assert weights[4] == 0 and float(weights.abs().sum()) == pytest.approx(1.0)  # float64 sum of 8 terms
+    with pytest.raises(ValueError, match="empty at every level"):  # nothing defect-free anywhere
+        model.build_reference_bank(
+            anomalous_pixel_values=images[1:2], anomalous_masks=torch.ones(1, 240, 240, dtype=torch.bool)
+        )
+
+
 def test_nine_scores_and_their_baseline_combination(model, images):
     bank = model.build_reference_bank(
         images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
@@ -100,7 +165,7 @@ def test_maskless_anomalous_reference_goes_wholly_to_the_anomalous_memory(model,
     bank = model.build_reference_bank(images[:1], "tile", anomalous_pixel_values=images[1:2])
     assert bank.tensors["anomalous.patch"].shape[0] == 225
     assert bank.tensors["reference.patch"].shape[0] == 225  # only the normal reference
-    with pytest.raises(ValueError, match="normal memory is empty"):
+    with pytest.raises(ValueError, match="normal memory is empty at every level"):
         model.build_reference_bank(anomalous_pixel_values=images[1:2])
 
 
@@ -158,7 +223,9 @@ def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
         assert ours_auroc > winclip_auroc, results
 
 
-def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
+def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_path):
+    from hf_fsad.augmentation import augment_views
+
     records = toy_records(
         "grid", num_train=1, num_test_good=0, num_test_anomalous=1, defects=("blob",), seed=2
     )
@@ -167,26 +234,49 @@ def test_weight_validation_is_seeded_and_saved_in_the_bank(model, tmp_path):
         anomalous_pixel_values=pixels(model, [defect.image]), anomalous_masks=mask_tensor(defect.mask)[None]
     )
     views, labels = model.validation_set([normal.image], [defect.image])
-    assert views.shape == (10, 3, 240, 240) and labels == [0] * 5 + [1] * 5
+    assert labels == [0] * 5 + [1] * 5
+    # five seeded augmentations of each sample (seeds weight_seed * 1000 + 2 * index + label)
+    expected_views = pixels(model, augment_views(normal.image, 5, 0) + augment_views(defect.image, 5, 1))
+    torch.testing.assert_close(views, expected_views, rtol=0, atol=0)
+
     validated = model.validate_weights(bank, views, labels)
-    again = model.validate_weights(bank, *model.validation_set([normal.image], [defect.image]))
-    torch.testing.assert_close(
-        validated.tensors["score_weights"], again.tensors["score_weights"], rtol=0, atol=0
-    )
-    weights = validated.tensors["score_weights"]
-    assert weights.shape == (9,) and float(weights.sum()) == pytest.approx(1.0)
     scores = torch.stack(
-        [model(views, reference_bank=validated).branch_scores[n] for n in model.score_names()], -1
-    )
-    assert float(validated.tensors["validation_auroc"]) == pytest.approx(
-        image_auroc(labels, scores.double() @ weights)
-    )
+        [model(views, reference_bank=bank).branch_scores[n] for n in model.score_names()], -1
+    ).double()
+    candidates = scoring.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
+    aurocs = torch.tensor([image_auroc(labels, scores @ candidate) for candidate in candidates])
+    best = int(torch.argmax(aurocs))  # the first of the best
+    torch.testing.assert_close(validated.tensors["score_weights"], candidates[best], rtol=0, atol=0)
+    assert float(validated.tensors["validation_auroc"]) == pytest.approx(float(aurocs[best]), abs=1e-12)
+    assert float(aurocs[best]) > image_auroc(labels, scores @ bank.tensors["score_weights"]) - 1e-12
 
     validated.save(tmp_path / "bank.safetensors")
     reloaded = ReferenceBank.load(tmp_path / "bank.safetensors")
-    torch.testing.assert_close(reloaded.tensors["score_weights"], weights, rtol=0, atol=0)
+    torch.testing.assert_close(reloaded.tensors["score_weights"], candidates[best], rtol=0, atol=0)
+    torch.testing.assert_close(
+        model(views, reference_bank=reloaded).image_scores.double(),
+        scores @ candidates[best],
+        rtol=1e-6,  # float32 model sum vs float64 here
+        atol=1e-7,
+    )
     with pytest.raises(ValueError, match="labels for"):
         model.validate_weights(bank, views, labels[:3])
+
+
+def test_signed_weight_draws_reach_the_bank(images):
+    model = make_model(weight_distribution="normal")
+    bank = model.build_reference_bank(
+        images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
+    )
+    validated = model.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
+    candidates = scoring.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
+    assert any(torch.equal(validated.tensors["score_weights"], candidate) for candidate in candidates)
+    absolute = make_model(weight_distribution="normal", signed_weights=False)
+    bank = absolute.build_reference_bank(
+        images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
+    )
+    validated = absolute.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
+    assert (validated.tensors["score_weights"] >= 0).all()
 
 
 def test_save_load_round_trip_reproduces_scores(model, images, tmp_path):

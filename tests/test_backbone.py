@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from hf_fsad.backbones.clip import window_packing
+from hf_fsad.backbones.clip import ClipBackbone, window_packing
 from hf_fsad.scoring import window_token_indices
+from hf_fsad.testing import tiny_clip_config
 
 
 @pytest.fixture
@@ -39,6 +41,70 @@ def test_other_sizes_interpolate_position_embeddings(backbone):
     ).last_hidden_state
     torch.testing.assert_close(features.last_hidden_state, expected)
     assert features.grid_size == (10, 12)
+
+
+def _bilinear_by_hand(grid: np.ndarray, size: int) -> np.ndarray:
+    """Half-pixel-centre bilinear resize of an (n, n, D) grid to (size, size, D), in float64, written out:
+    output index i samples input coordinate (i + 0.5) n / size - 0.5, clamped to the grid."""
+    side = grid.shape[0]
+    coordinates = np.clip((np.arange(size) + 0.5) * side / size - 0.5, 0, side - 1)
+    low = np.floor(coordinates).astype(int)
+    high = np.minimum(low + 1, side - 1)
+    weight = coordinates - low
+    rows = (1 - weight)[:, None, None] * grid[low] + weight[:, None, None] * grid[high]
+    return (1 - weight)[None, :, None] * rows[:, low] + weight[None, :, None] * rows[:, high]
+
+
+def test_bilinear_position_interpolation_at_518_px_is_an_explicit_bilinear_resize_of_the_grid():
+    """AF-CLIP's setting: a 336 px, patch-14 tower (24x24 grid) run at 518 px (37x37). The CLS position stays
+    apart; the grid is resized bilinearly, which differs from transformers' bicubic resize."""
+    torch.manual_seed(0)
+    config = tiny_clip_config(image_size=336, patch_size=14)
+    bilinear = ClipBackbone(config, position_interpolation="bilinear").eval()
+    bicubic = ClipBackbone(config).eval()
+    bicubic.load_state_dict(bilinear.state_dict())
+    pixels = torch.randn(1, 3, 518, 518)
+    with torch.no_grad():
+        embeddings = bilinear.encode_image(pixels).embeddings
+        bicubic_embeddings = bicubic.encode_image(pixels).embeddings
+    vision = bilinear.clip.vision_model.embeddings
+    positions = vision.position_embedding.weight.detach().double().numpy()
+    grid = _bilinear_by_hand(positions[1:].reshape(24, 24, -1), 37).reshape(37 * 37, -1)
+    expected_positions = torch.from_numpy(np.concatenate([positions[:1], grid])).float()
+    with torch.no_grad():
+        patches = vision.patch_embedding(pixels).flatten(2).transpose(1, 2)
+    tokens = torch.cat([vision.class_embedding.detach().expand(1, 1, -1), patches], dim=1)
+    assert embeddings.shape == (1, 1 + 37 * 37, 32)
+    # float32 embeddings vs a float64 resize: the weights and sums round at ~1e-7 relative, on values ~1
+    torch.testing.assert_close(embeddings, tokens + expected_positions, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(embeddings[:, 0], bicubic_embeddings[:, 0])  # CLS position untouched
+    assert (embeddings[:, 1:] - bicubic_embeddings[:, 1:]).abs().max() > 1e-3
+
+
+def test_afclip_config_interpolates_bilinearly_and_other_methods_bicubically():
+    from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
+    from hf_fsad.models.afclip.modeling_afclip import AfClipModel
+    from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
+
+    config = tiny_clip_config()
+    assert WinClipConfig(clip_config=config).position_interpolation == "bicubic"
+    afclip = AfClipModel(AfClipConfig(clip_config=config, feature_layers=[1, 2]))
+    assert afclip.backbone.position_interpolation == "bilinear"
+    with pytest.raises(ValueError, match="position_interpolation"):
+        WinClipConfig(clip_config=config, position_interpolation="nearest")
+
+
+def test_position_interpolation_enters_the_feature_key_only_where_it_changes_the_features():
+    from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
+    from hf_fsad.models.afclip.modeling_afclip import AfClipModel
+
+    def feature_key(**config) -> str:
+        torch.manual_seed(0)
+        config = AfClipConfig(clip_config=tiny_clip_config(), feature_layers=[1, 2], **config)
+        return AfClipModel(config).feature_key()
+
+    assert feature_key() == feature_key(position_interpolation="bicubic")  # 240 px: the checkpoint's grid
+    assert feature_key(image_size=320) != feature_key(image_size=320, position_interpolation="bicubic")
 
 
 def test_missing_block_is_rejected(backbone):

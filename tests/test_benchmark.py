@@ -293,6 +293,37 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()
 
 
+def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
+    model = make_winclip()
+    build = model.build_reference_bank
+
+    def failing_with_references(*args, reference_features=None, **kwargs):
+        if reference_features is not None:
+            raise RuntimeError("forced failure | for the test")
+        return build(*args, **kwargs)
+
+    model.build_reference_bank = failing_with_references
+    results = run_benchmark({"winclip": model}, [SPEC], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["cells"] == results["cells"] and len(saved["cells"]) == 3
+    zero_shot = cell(saved, k=0)
+    assert "error" not in zero_shot and 0 <= zero_shot["metrics"]["image_auroc"] <= 1
+    for seed in (0, 1):
+        failed = cell(saved, k=1, seed=seed)
+        assert failed["error"] == "RuntimeError: forced failure | for the test" and "metrics" not in failed
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| winclip | 0 |" in markdown and "| winclip | 1 |" not in markdown
+    assert "| winclip | toy | stripes | 1 | 1 | RuntimeError: forced failure \\| for the test |" in markdown
+    from hf_fsad.hub import eval_results
+
+    assert {entry.dataset_config for entry in eval_results(saved, "winclip")} == {"0-shot"}
+
+    model.build_reference_bank = build  # fixed: a rerun runs the failed cells again and skips the finished one
+    rerun = run_benchmark({"winclip": model}, [SPEC], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path)
+    assert rerun["skipped_cells"] == 1 and not any("error" in c for c in rerun["cells"])
+    assert "Failed cells" not in (tmp_path / "results.md").read_text()
+
+
 def test_image_level_methods_get_image_metrics_only(tmp_path):
     from test_metacan import make_tiny_metacan
 
@@ -343,3 +374,108 @@ def test_matmul_flops_counts_products_by_hand_including_fused_attention():
     projections = 4 * (2 * 5 * 8 * 8)  # q, k, v in; out
     assert flops == projections + 2 * (2 * 2 * 5 * 5 * 4)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def _rectangle_image(width: int, height: int, box: tuple[int, int, int, int] | None, seed: int = 0):
+    """A non-square noise image with a bright rectangle and the rectangle as its mask (no box: a normal
+    image, mask None)."""
+    from PIL import Image, ImageDraw
+
+    pixels = np.random.default_rng(seed).integers(0, 90, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if box is None:
+        return image, None
+    ImageDraw.Draw(image).rectangle(box, fill=(255, 255, 255))
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle(box, fill=255)
+    return image, mask
+
+
+def test_crop_and_squash_preprocess_a_non_square_image_as_pil_does_and_masks_follow(make_winclip):
+    from PIL import Image
+
+    model = make_winclip()
+    image, mask = _rectangle_image(300, 200, (20, 40, 110, 150))
+    mean, std = np.asarray(model.config.image_mean), np.asarray(model.config.image_std)
+
+    def normalised(pil):
+        return ((np.asarray(pil, dtype=np.float64) / 255 - mean) / std).transpose(2, 0, 1)
+
+    # crop: short side 200 -> 240 (the long side 300 -> 360), then the centre 240 columns (60..300)
+    by_hand = normalised(image.resize((360, 240), Image.Resampling.BICUBIC).crop((60, 0, 300, 240)))
+    cropped = model.image_processor(crop=True)(image, return_tensors="pt").pixel_values[0].numpy()
+    np.testing.assert_allclose(cropped, by_hand, atol=1e-5)  # float32 normalisation vs float64
+    squashed = model.image_processor()(image, return_tensors="pt").pixel_values[0].numpy()
+    np.testing.assert_allclose(
+        squashed, normalised(image.resize((240, 240), Image.Resampling.BICUBIC)), atol=1e-5
+    )
+    assert np.abs(cropped - squashed).max() > 1  # the two geometries see different pixels
+
+    hand_mask = np.asarray(mask.resize((360, 240), Image.Resampling.NEAREST).crop((60, 0, 300, 240))) > 127
+    np.testing.assert_array_equal(mask_array(mask, 240, crop=True), hand_mask)
+    np.testing.assert_array_equal(
+        mask_array(mask, 240), np.asarray(mask.resize((240, 240), Image.Resampling.NEAREST)) > 127
+    )
+    # The mask marks the pixels where the processed image shows the rectangle (off by at most the one-pixel
+    # band bicubic blurs at its edges), under either geometry; the other geometry's mask does not.
+    for crop, other in ((True, False), (False, True)):
+        processed = model.image_processor(crop=crop)(image, return_tensors="pt").pixel_values[0].numpy()
+        bright = (processed.transpose(1, 2, 0) * std + mean).min(-1) > 0.6
+        assert (bright != mask_array(mask, 240, crop)).sum() <= 2 * 240
+        assert (bright != mask_array(mask, 240, other)).sum() > 10 * 240
+
+
+def test_paper_preprocessing_is_per_method_and_the_saved_processor_squashes(make_winclip, tmp_path):
+    from transformers import AutoImageProcessor
+
+    from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
+    from hf_fsad.testing import tiny_clip_config
+
+    model = make_winclip()
+    assert model.config.paper_preprocessing == "crop" and model.paper_image_processor().do_center_crop
+    assert AfClipConfig(clip_config=tiny_clip_config()).paper_preprocessing == "squash"
+    model.save_pretrained(tmp_path)
+    saved = AutoImageProcessor.from_pretrained(tmp_path)
+    assert not saved.do_center_crop and saved.size == {"height": 240, "width": 240}
+    with pytest.raises(ValueError, match="paper_preprocessing"):
+        make_winclip(paper_preprocessing="pad")
+
+
+def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip, tmp_path, monkeypatch):
+    """A crop method's cell scores the centre-cropped images against masks cropped the same way."""
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+    from hf_fsad import benchmark
+    from hf_fsad.metrics import pixel_auroc
+
+    rows = {"image": [], "mask": [], "label": [], "category": [], "defect_type": [], "path": []}
+    for index, box in enumerate([None, None, (10, 60, 100, 140), (240, 30, 330, 90)]):
+        image, mask = _rectangle_image(360, 200, box, seed=index)
+        rows["image"].append(image)
+        rows["mask"].append(mask)
+        rows["label"].append(int(box is not None))
+        rows["category"].append("wide")
+        rows["defect_type"].append("good" if box is None else "bright")
+        rows["path"].append(f"wide/{index}.png")
+    features = Features(
+        {"image": Image(), "mask": Image(), "label": ClassLabel(names=["good", "anomaly"]),
+         "category": Value("string"), "defect_type": Value("string"), "path": Value("string")}
+    )  # fmt: skip
+    test = Dataset.from_dict(rows, features=features)
+    monkeypatch.setattr(
+        benchmark, "load_benchmark", lambda *args, **kwargs: DatasetDict(train=test, test=test)
+    )
+    model = make_winclip()
+    results = run_benchmark({"winclip": model}, [DatasetSpec("wide")], ks=[0], seeds=[0], out_dir=tmp_path)
+
+    pixels = model.image_processor(crop=True)(
+        [im.convert("RGB") for im in test["image"]], return_tensors="pt"
+    )
+    with torch.no_grad():
+        bank = model.build_reference_bank(class_name="wide")  # zero-shot, the runner's class word
+        maps = model(pixels.pixel_values, reference_bank=bank).anomaly_maps.numpy()
+    cropped = np.stack([mask_array(m, 240, crop=True) for m in test["mask"]])
+    squashed = np.stack([mask_array(m, 240) for m in test["mask"]])
+    value = cell(results, k=0)["metrics"]["pixel_auroc"]
+    assert value == pytest.approx(pixel_auroc(cropped, maps), abs=1e-9)  # the same numbers, one summation
+    assert abs(pixel_auroc(squashed, maps) - value) > 1e-3  # squashed masks would have scored otherwise

@@ -80,7 +80,7 @@ def test_scores_match_the_model_and_bad_files_are_skipped(saved_winclip_dir, toy
 
     assert status == 0
     errors = capsys.readouterr().err
-    assert f"skipped input {broken}: not a readable image" in errors
+    assert f"skipped input {broken}: not an image PIL can read" in errors
     assert f"skipped input {missing}: file not found" in errors
     records = _read(output)
     assert [r["path"] for r in records] == list(map(str, queries))
@@ -219,7 +219,7 @@ def test_two_processes_give_the_single_process_results(saved_winclip_dir, toy_fi
     double, double_log = run([torchrun, "--standalone", "--nproc_per_node", "2"], "double")
     assert [r["path"] for r in single] == list(map(str, queries))
     for log in (single_log, double_log):
-        assert log.count("listed more than once") == 1 and log.count("not a readable image") == 1
+        assert log.count("listed more than once") == 1 and log.count("not an image PIL can read") == 1
     for one, two in zip(single, double, strict=True):
         assert one["heatmap"].replace("single", "double") == two["heatmap"]
         assert {**one, "heatmap": None} == {**two, "heatmap": None}

@@ -207,3 +207,27 @@ def test_push_space_stages_the_app_its_front_matter_and_the_package(tmp_path):
     )
     assert (package / "src" / "hf_fsad" / "hub.py").is_file()
     assert not list(package.rglob("__pycache__"))
+
+
+@pytest.mark.parametrize("base_model", ["openai/clip-vit-base-patch16", "local"])
+def test_card_metadata_is_what_the_hub_accepts(tiny_winclip, tmp_path, base_model):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from hf_fsad.hub import model_card
+
+    if base_model == "local":
+        base_model = str(tmp_path / "clip")
+        (tmp_path / "clip").mkdir()
+    card = model_card(tiny_winclip, base_model, ["toy"], "Fitted for 2 steps.")
+    parsed = ModelCard(str(card))  # huggingface_hub's own parser of the front matter
+    assert isinstance(parsed.data, ModelCardData) and parsed.data.library_name == "hf_fsad"
+    if base_model.startswith("openai/"):
+        assert parsed.data.base_model == base_model
+    else:  # a local path is no repo id: the Hub would reject it as base_model, so it goes to the text
+        assert parsed.data.base_model is None
+        assert f"Base model: the local checkpoint `{base_model}`." in parsed.text
+    assert "Fitted for 2 steps." in parsed.text
+    # The class docstring is dedented: an indented line outside a code fence renders as a code block.
+    body = parsed.text.split("```")[0::2]
+    assert not [line for part in body for line in part.splitlines() if line.startswith("    ")]
+    assert type(tiny_winclip).__doc__.split("\n")[1].strip() in parsed.text.splitlines()

@@ -91,13 +91,28 @@ def test_reference_association_by_hand():
     assert result[0].tolist() == pytest.approx([0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2])
 
 
-def test_reference_association_chunking_is_exact():
+def _brute_force_nearest_cosine(query: torch.Tensor, memory: torch.Tensor, num_nearest: int) -> torch.Tensor:
+    """Every query-memory cosine at once, in float64."""
+    normalize = torch.nn.functional.normalize
+    similarities = normalize(query.double(), dim=-1) @ normalize(memory.double(), dim=-1).T
+    return similarities.topk(num_nearest, dim=-1).values.mean(dim=-1)
+
+
+@pytest.mark.parametrize("num_nearest", [1, 3])
+def test_nearest_cosine_chunked_over_queries_and_memory_is_exact(num_nearest):
+    """Chunks of 7 split the 100 query items and the 50 memory items alike; the running max / top-k over
+    memory chunks finds the same neighbours as the whole similarity matrix."""
     torch.manual_seed(1)
-    query, reference = torch.randn(2, 50, 8), torch.randn(30, 8)
-    torch.testing.assert_close(
-        scoring.reference_association(query, reference, chunk_size=7),
-        scoring.reference_association(query, reference),
-    )
+    query, memory = torch.randn(2, 50, 16), torch.randn(50, 16)
+    chunked = scoring.nearest_cosine(query, memory, chunk_size=7, num_nearest=num_nearest)
+    whole = scoring.nearest_cosine(query, memory, num_nearest=num_nearest)  # one chunk each
+    expected = _brute_force_nearest_cosine(query, memory, num_nearest)
+    # float32 cosines of unit 16-d vectors: a few ulp of 1 (1.2e-7 each) from float64; chunks of 7 take
+    # another matrix kernel than one block, so the two float32 results differ by reduction order only
+    torch.testing.assert_close(chunked.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_size"):
+        scoring.nearest_cosine(query, memory, chunk_size=0)
 
 
 def test_reference_association_rejects_empty_memory():
@@ -170,19 +185,32 @@ def test_nearest_cosine_and_both_associations_by_hand():
     )
 
 
-def test_mask_to_patch_grid_flags_any_pixel():
+def test_patch_defect_shares_count_each_patchs_defect_pixels():
     masks = torch.zeros(1, 4, 6, dtype=torch.bool)
-    masks[0, 1, 5] = True  # one pixel in patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
-    assert scoring.mask_to_patch_grid(masks, 2).tolist() == [[False, False, True, False, False, False]]
+    masks[0, 1, 5] = True  # one pixel of patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
+    masks[0, 2:, :2] = True  # all of patch (1, 0)
+    masks[0, 3, 2] = True  # one pixel of patch (1, 1)
+    shares = scoring.patch_defect_shares(masks, 2)
+    assert shares.dtype == torch.float64 and shares.tolist() == [[0, 0, 0.25, 1, 0.25, 0]]
 
 
-def test_overlapping_windows_by_hand():
+def test_window_defect_shares_average_the_covered_patches():
     masks = scoring.window_masks((3, 3), 2)  # windows at (0,0), (0,1), (1,0), (1,1)
-    flags = torch.zeros(1, 9, dtype=torch.bool)
-    flags[0, 2] = True  # patch (0, 2): only windows starting at column 1 of row 0 cover it
-    assert scoring.overlapping_windows(flags, masks).tolist() == [[False, True, False, False]]
-    flags[0, 4] = True  # the centre patch is in every window
-    assert scoring.overlapping_windows(flags, masks).tolist() == [[True, True, True, True]]
+    patch_shares = torch.zeros(1, 9, dtype=torch.float64)
+    patch_shares[0, 2] = 1.0  # patch (0, 2): only the window at (0, 1) covers it
+    patch_shares[0, 4] = 0.5  # the centre patch is in every window
+    expected = [[0.5 / 4, 1.5 / 4, 0.5 / 4, 0.5 / 4]]
+    assert scoring.window_defect_shares(patch_shares, masks).tolist() == expected
+
+
+def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
+    shares = torch.tensor(
+        [[0.0, 0.6, 0.5, 0.2], [0.1, 0.3, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    # row 0: two items reach 0.5; row 1: none does, so the two largest (tied) do; row 2: no defect at all
+    expected = [[False, True, True, False], [False, True, True, False], [False, False, False, False]]
+    assert scoring.anomalous_items(shares, 0.5).tolist() == expected
+    assert scoring.anomalous_items(shares, 0.05).tolist()[1] == [True, True, True, False]
 
 
 def test_level_image_scores_take_each_maximum():
@@ -194,19 +222,59 @@ def test_baseline_weights_average_three_groups():
     weights = scoring.baseline_score_weights(4)
     scores = torch.tensor([0.3, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
     expected = (0.3 + (0.1 + 0.2 + 0.3 + 0.4) / 4 + (0.5 + 0.6 + 0.7 + 0.8) / 4) / 3
-    assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)
+    assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)  # float64 rounding of 9 terms
+
+
+def test_baseline_weights_spread_each_group_over_its_available_levels():
+    available = torch.tensor([True, True, True, True, False, True, True, True, True])
+    expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
+    torch.testing.assert_close(
+        scoring.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
+    )
+    no_reference = torch.tensor([True, False, False, True, True])  # a whole group gone: two groups share
+    expected = [1 / 2, 0, 0, 1 / 4, 1 / 4]
+    torch.testing.assert_close(
+        scoring.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
+    )
+
+
+def _raw_weight_draw(distribution: str, seed: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The draw `sample_score_weights` makes, repeated from the same seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    if distribution == "uniform":
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+    normal = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if distribution == "normal":
+        return normal
+    chi2 = torch.randn((*shape, 3), generator=generator, dtype=torch.float64).pow(2).sum(-1)
+    return normal / (chi2 / 3).sqrt()
 
 
 @pytest.mark.parametrize("distribution", ["uniform", "normal", "student_t"])
-def test_sampled_weights_are_seeded_non_negative_and_normalised(distribution):
-    draw = lambda seed: scoring.sample_score_weights(50, 9, distribution, torch.Generator().manual_seed(seed))
-    weights = draw(0)
-    assert weights.shape == (50, 9) and (weights >= 0).all()
-    torch.testing.assert_close(weights.sum(-1), torch.ones(50, dtype=torch.float64))
-    torch.testing.assert_close(draw(0), weights, rtol=0, atol=0)
-    assert not torch.equal(draw(1), weights)
+def test_sampled_weights_are_the_seeded_draws_scaled_to_unit_l1_norm(distribution):
+    def draw(seed, signed=True):
+        return scoring.sample_score_weights(
+            50, 9, distribution, torch.Generator().manual_seed(seed), signed=signed
+        )
+
+    raw = _raw_weight_draw(distribution, 0, (50, 9))
+    # same operations on the same draw: bit-identical
+    torch.testing.assert_close(draw(0), raw / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(
+        draw(0, signed=False), raw.abs() / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0
+    )
+    assert not torch.equal(draw(1), draw(0))
+    # the paper's signed draws: normal and Student-t weights take both signs, uniform ones never
+    assert bool((draw(0) < 0).any()) == (distribution != "uniform")
+    assert (draw(0, signed=False) >= 0).all()
     with pytest.raises(ValueError, match="Unknown weight distribution"):
         scoring.sample_score_weights(1, 9, "cauchy")
+
+
+def test_unit_l1_weights_zero_the_unavailable_scores():
+    weights = torch.tensor([[0.5, -0.25, 0.25]], dtype=torch.float64)
+    available = torch.tensor([True, True, False])
+    assert scoring.unit_l1_weights(weights, available).tolist() == [[2 / 3, -1 / 3, 0.0]]
 
 
 def test_pairwise_auroc_matches_sklearn_with_ties():

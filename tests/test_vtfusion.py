@@ -1,4 +1,5 @@
-"""VTFusion (papers/vtfusion.txt): Eqs. 1-10 on small tensors, MPF shapes, fitting, save/load, runner, CLI."""
+"""VTFusion (Jiang et al., "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection"):
+Eqs. 1-10 on small tensors, the MPF by hand, fitting, save/load, runner, CLI."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from hf_fsad.models.vtfusion.modeling_vtfusion import (
     SpatialSelfAttention,
     VtFusionModel,
 )
+from hf_fsad.synthesis import SYNTHESIS_KINDS, random_anomaly
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
 from hf_fsad.training.losses import (
     compactness_loss,
@@ -123,12 +125,27 @@ def test_eqs_8_10_segmentation_and_total_loss():
     assert without["total"].item() == pytest.approx(2 * 0.0725)
 
 
-def test_anomalous_patches_count_the_changed_share_of_each_patch():
+def test_anomalous_patches_are_those_with_more_than_the_fraction_changed():
     masks = torch.zeros(1, 4, 4, dtype=torch.bool)
     masks[0, 0, 0] = True  # 1/4 of patch (0, 0)
     masks[0, 2:, 2:] = True  # all of patch (1, 1)
-    assert anomalous_patches(masks, (2, 2), 0.25).tolist() == [[True, False, False, True]]
-    assert anomalous_patches(masks, (2, 2), 0.5).tolist() == [[False, False, False, True]]
+    assert anomalous_patches(masks, (2, 2)).tolist() == [[True, False, False, True]]  # default: any pixel
+    assert anomalous_patches(masks, (2, 2), 0.25).tolist() == [[False, False, False, True]]
+    assert VtFusionConfig(clip_config=tiny_clip_config()).anomalous_patch_fraction == 0
+    with pytest.raises(ValueError, match="anomalous_patch_fraction"):
+        VtFusionConfig(clip_config=tiny_clip_config(), anomalous_patch_fraction=1)
+
+
+@pytest.mark.parametrize("kind", SYNTHESIS_KINDS)
+def test_every_synthetic_anomaly_kind_gives_afs_patches(kind):
+    """The AFS locations of a synthetic anomaly are exactly the 16 px patches holding a changed pixel, for
+    every kind: thin cracks included (under a 25 % rule they rarely counted)."""
+    normal = toy_normals(1)[0].resize((240, 240))
+    for seed in range(4):
+        _, mask, _ = random_anomaly(normal, np.random.default_rng(seed), (kind,))
+        patches = anomalous_patches(torch.from_numpy(mask)[None], (15, 15))
+        by_hand = mask.reshape(15, 16, 15, 16).any(axis=(1, 3)).reshape(1, 225)
+        assert patches.any() and patches.tolist() == by_hand.tolist()
 
 
 def test_self_attention_by_hand_in_float64():
@@ -146,15 +163,83 @@ def test_self_attention_by_hand_in_float64():
     torch.testing.assert_close(attention(prediction), expected)
 
 
-@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (5, 7), (15, 15), (37, 37)])
-def test_mpf_output_shapes_at_several_resolutions(grid):
+def _randomised_batch_norms(module: torch.nn.Module) -> torch.nn.Module:
+    """float64, eval mode, every BatchNorm with random statistics and affine parameters (so none is the
+    identity it starts as)."""
+    module = module.double().eval()
+    with torch.no_grad():
+        for norm in module.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.running_mean.normal_()
+                norm.running_var.uniform_(0.5, 2.0)
+                norm.weight.normal_()
+                norm.bias.normal_()
+    return module
+
+
+def _conv(inputs, conv, stride=1):
+    return F.conv2d(inputs, conv.weight, conv.bias, stride=stride, padding=conv.kernel_size[0] // 2)
+
+
+def _batch_norm(inputs, norm):
+    def channel(values):
+        return values[None, :, None, None]
+
+    scale = channel(norm.weight) / channel(norm.running_var + norm.eps).sqrt()
+    return (inputs - channel(norm.running_mean)) * scale + channel(norm.bias)
+
+
+def _conv_bn_relu(inputs, block, stride=1):
+    return torch.relu(_batch_norm(_conv(inputs, block[0], stride), block[1]))
+
+
+def _nearest(values, size):
+    rows = (torch.arange(size[0]) * values.shape[-2] // size[0]).long()
+    columns = (torch.arange(size[1]) * values.shape[-1] // size[1]).long()
+    return values[..., rows, :][..., columns]
+
+
+def _self_attention(prediction, attention):
+    embedded = _conv(prediction, attention.embed)
+    batch, channels, height, width = embedded.shape
+    q, k, v = (_conv(embedded, conv).flatten(2) for conv in (attention.query, attention.key, attention.value))
+    weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / math.sqrt(channels), dim=-1)
+    return torch.einsum("bnm,bcm->bcn", weights, v).reshape(batch, channels, height, width)
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 2), (5, 7), (15, 15)])
+def test_eqs_7_9_fusion_block_and_segmentation_network_by_hand_in_float64(grid):
+    """M_vt = G(SAM(M_v) (+) SAM(M_t)) and phi's bottom-up, top-down and multi-scale aggregation, written out
+    step by step with random weights and batch-norm statistics."""
     torch.manual_seed(0)
-    fusion, segmentation = FusionBlock(4).eval(), SegmentationNetwork(3, 8, 3).eval()
-    vision, text = torch.rand(2, 1, *grid), torch.rand(2, 1, *grid)
-    fused = fusion(vision, text)
-    assert fused.shape == (2, 1, *grid)
-    output = segmentation(torch.cat([vision, text, fused], dim=1))
-    assert output.shape == (2, 1, *grid) and 0 <= output.min() and output.max() <= 1
+    fusion = _randomised_batch_norms(FusionBlock(4))
+    segmentation = _randomised_batch_norms(SegmentationNetwork(3, 8, 3))
+    vision, text = torch.rand(2, 1, *grid, dtype=torch.float64), torch.rand(2, 1, *grid, dtype=torch.float64)
+
+    attended = torch.cat(
+        [_self_attention(vision, fusion.vision_attention), _self_attention(text, fusion.text_attention)], 1
+    )
+    residual = fusion.residual
+    body = _batch_norm(_conv(_conv_bn_relu(attended, residual.body[0]), residual.body[1]), residual.body[2])
+    fused = _conv(torch.relu(body + _conv(attended, residual.skip)), fusion.output)
+    # same float64 operations in another order: rounding at the 1e-15 level, inside the float64 defaults
+    torch.testing.assert_close(fusion(vision, text), fused)
+
+    inputs = torch.cat([vision, text, fused], dim=1)
+    bottom_up = [_conv_bn_relu(inputs, segmentation.stages[0])]
+    for stage in segmentation.stages[1:]:
+        bottom_up.append(_conv_bn_relu(bottom_up[-1], stage, stride=2))
+    top_down = [_conv(bottom_up[2], segmentation.laterals[2])]
+    for level in (1, 0):
+        coarser = _nearest(top_down[0], bottom_up[level].shape[-2:])
+        top_down.insert(0, _conv(bottom_up[level], segmentation.laterals[level]) + coarser)
+    smoothed = [
+        F.interpolate(_conv_bn_relu(level, smooth), size=grid, mode="bilinear", align_corners=False)
+        for smooth, level in zip(segmentation.smoothing, top_down)
+    ]
+    expected = torch.sigmoid(_conv(torch.cat(smoothed, dim=1), segmentation.head))
+    torch.testing.assert_close(segmentation(inputs), expected)
+    assert expected.shape == (2, 1, *grid) and 0 < expected.min() and expected.max() < 1
 
 
 def test_unfitted_encoders_are_clip_features_and_the_adaptor_convolves_the_patch_grid():
@@ -198,6 +283,12 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     text = scoring.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
     torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
     torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
+    # Eqs. 7 and 9 through the model: M_f = Upsample(phi(M_v (+) M_t (+) M_vt)) to the input size
+    grids = [vision.reshape(2, 1, 15, 15), text.reshape(2, 1, 15, 15)]
+    fused = model.fusion(*grids)
+    coarse = model.segmentation(torch.cat([*grids, fused], dim=1)).squeeze(1)
+    torch.testing.assert_close(output.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
+    torch.testing.assert_close(output.branch_scores["fused"], fused.flatten(1).amax(-1))
     # Eq. 1 through the model: fitting without updates sets the prototypes to the normals' mean features
     unfitted = make_tiny_vtfusion()
     normals = toy_normals(2)
@@ -219,13 +310,38 @@ def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
     torch.testing.assert_close(prediction.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
 
 
-def test_ablation_switches_remove_their_modules_and_the_separation_losses():
-    model = make_tiny_vtfusion(use_feature_adaptor=False, use_text_adapter=False)
-    assert model.image_encoder.adaptors is None and model.text_adapter is None
+@pytest.mark.parametrize("ablated", [False, True])
+def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(ablated):
+    """The trainer's loss on batch 0, recomputed in float64 from the same batch: NFC + AFS + lambda SEG, or
+    lambda SEG alone "w/o AIE" (no adaptor, and then no contrastive losses)."""
+    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+
+    switches = {"use_feature_adaptor": False, "use_text_adapter": False} if ablated else {}
+    model = make_tiny_vtfusion(segmentation_weight=2.0, margin=0.3, **switches)
+    assert (model.image_encoder.adaptors is None, model.text_adapter is None) == (ablated, ablated)
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {"image_encoder", "fusion", "segmentation"}
-    result = _fitted(model, steps=3)
-    assert result.config.num_fitted_normals == 2
+    assert trainable == {"image_encoder", "fusion", "segmentation"} | (
+        {"text_adapter"} if not ablated else set()
+    )
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=1))
+    loss = trainer.compute_loss(0)
+
+    views, anomalies, masks = trainer.training_batch(0)
+    pixel_values = model.image_processor()(views + anomalies, return_tensors="pt").pixel_values
+    prediction = model.predict(model.encode_images(pixel_values), trainer.state_embeddings, model.prototypes)
+    distances = prediction.vision_map.double()
+    targets = torch.cat([torch.zeros_like(masks), masks]).double()
+    expected = 2.0 * (prediction.anomaly_maps.double() - targets).pow(2).mean()
+    if not ablated:
+        r, alpha = model.config.radius, model.config.margin
+        locations = torch.from_numpy(
+            masks.numpy().reshape(2, 15, 16, 15, 16).any(axis=(2, 4)).reshape(2, 225)
+        )
+        assert locations.any()
+        expected = expected + (distances[:2] - r**2).clamp_min(0).mean()
+        expected = expected + ((r + alpha) ** 2 - distances[2:]).clamp_min(0)[locations].mean()
+    # float32 loss vs the float64 sums of the same float32 maps: relative rounding ~1e-7
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_banks_need_a_fitted_model_and_no_references():
@@ -278,15 +394,19 @@ from accelerate import Accelerator
 sys.path.insert(0, {tests!r})
 from test_vtfusion import make_tiny_vtfusion, toy_normals
 model = make_tiny_vtfusion()
+seen = set()
+model.segmentation.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
 result = model.fit(toy_normals(2), steps=2, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
 assert all(math.isfinite(entry["loss"]) for entry in result.history), result.history
+assert seen == {{torch.bfloat16}}, seen  # autocast ran the segmentation network in bfloat16
 output = model(torch.randn(1, 3, 240, 240))
 assert torch.isfinite(output.anomaly_maps).all() and output.anomaly_maps.dtype == torch.float32
 """
 
 
 def test_fit_takes_an_accelerator_with_mixed_precision():
-    """Accelerate's precision is fixed per process, so the bf16 fit gets its own process."""
+    """Accelerate's precision is fixed per process, so the bf16 fit gets its own process; a hook shows the
+    fit's forward passes ran in bfloat16, and scoring afterwards in float32."""
     script = BF16_FIT.format(tests=str(Path(__file__).parent))
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, check=False

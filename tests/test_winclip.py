@@ -178,7 +178,8 @@ def test_file_that_is_not_a_bank_is_refused(tmp_path):
     [
         (torch.randn(1, 1, 240, 240), "3 \\(RGB\\) channels"),
         (torch.randn(1, 4, 240, 240), "3 \\(RGB\\) channels"),
-        (torch.full((1, 3, 240, 240), float("nan")), "NaN or infinite"),
+        (torch.full((1, 3, 240, 240), float("nan")), "contains NaN values"),
+        (torch.full((1, 3, 240, 240), float("-inf")), "contains infinite values"),
         (torch.randn(1, 3, 8, 8), "smaller than the 16-pixel patch"),
         (torch.zeros(1, 3, 240, 240, dtype=torch.uint8), "floating-point"),
         (torch.randn(3, 240, 240), "shape \\(B, 3, H, W\\)"),
@@ -200,7 +201,7 @@ def test_empty_reference_set_is_refused(tiny_winclip):
 
 
 def test_bad_reference_pixels_are_named(tiny_winclip):
-    with pytest.raises(ValueError, match="reference_pixel_values contains NaN"):
+    with pytest.raises(ValueError, match="reference_pixel_values contains infinite values"):
         tiny_winclip.build_reference_bank(torch.full((1, 3, 240, 240), float("inf")))
 
 
@@ -249,14 +250,26 @@ def test_input_of_another_size_is_refused(tiny_winclip):
 
 
 def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
-    """max_memory_items caps each memory at a subset of the exact one; a subset can only move nearest
-    neighbours farther, so the few-shot map can only rise; with no limit the bank is exact."""
+    """max_memory_items caps each memory at a subset of the exact one, with a warning naming it and both
+    sizes; a subset can only move nearest neighbours farther, so the few-shot map can only rise; with no
+    limit (the default) the bank is exact."""
     references, queries = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
-    exact_model, capped_model = make_winclip(max_memory_items=None), make_winclip(max_memory_items=100)
+    exact_model, capped_model = make_winclip(), make_winclip(max_memory_items=100)
+    assert exact_model.config.max_memory_items is None
     capped_model.load_state_dict(exact_model.state_dict())
     with torch.no_grad():
         exact = exact_model.build_reference_bank(references)
-        capped = capped_model.build_reference_bank(references)
+        with pytest.warns(UserWarning) as caught:
+            capped = capped_model.build_reference_bank(references)
+        messages = {str(warning.message).split(" (config")[0] for warning in caught}
+        assert messages == {
+            f"winclip: memory '{name}' holds {size} items; keeping a greedy k-center coreset of 100"
+            for name, size in (
+                ("patch_tokens", 450),
+                ("window_embeddings.2", 392),
+                ("window_embeddings.3", 338),
+            )
+        }
         assert exact.tensors["patch_tokens"].shape[0] == 450
         for name in ("patch_tokens", "window_embeddings.2", "window_embeddings.3"):
             rows = capped.tensors[name]

@@ -11,6 +11,9 @@ test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained o
 it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
 per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
 reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
+Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
+centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
+geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from .data import ReferenceManifest, load_benchmark, sample_references
 from .data.sampling import row_indices, select_ids
 from .metrics import IMAGE_METRICS, PIXEL_METRICS
 from .modeling_base import FsadPreTrainedModel
-from .visualization import mask_array, save_heatmap_panels
+from .visualization import mask_array, resize_center_crop, save_heatmap_panels
 
 # Prompt class words where the category name is not a good one.
 CLASS_NAMES = {
@@ -81,7 +84,8 @@ class DatasetSpec:
 
 
 class FeatureCache:
-    """Per-image features keyed by (model.feature_key(), image id), in memory or as safetensors on disk."""
+    """Per-image features keyed by (model.feature_key(), the paper preprocessing, image id), in memory or as
+    safetensors on disk. Images are preprocessed with `model.paper_image_processor()`."""
 
     recent_requests = 2
 
@@ -128,7 +132,7 @@ class FeatureCache:
         """Stacked `model.encode_images` features of `dataset[rows]`, encoding only the images not cached."""
         if not rows:
             raise ValueError(f"No images to encode ({desc or 'empty selection'}).")
-        key = model.feature_key()
+        key = f"{model.feature_key()}-{model.config.paper_preprocessing}"
         prefix = dataset.info.dataset_name or "dataset"
         ids = [f"{prefix}:{path}" for path in dataset.select(rows)["path"]]
         request = (key, tuple(ids))
@@ -139,7 +143,7 @@ class FeatureCache:
         missing = [row for row, image_id in zip(rows, ids) if found[image_id] is None]
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
-        processor = model.image_processor()
+        processor = model.paper_image_processor()
         for start in tqdm(
             range(0, len(missing), batch_size), desc=desc or "encoding", unit="batch", disable=not missing
         ):
@@ -226,22 +230,22 @@ def _metrics(
     return values
 
 
-def _test_masks(test: Dataset, size: int) -> np.ndarray | None:
-    """Boolean masks at the model's input size, or None unless every anomalous test image has a mask:
-    pixel metrics are then left out (e.g. ELPV has image labels only)."""
+def _test_masks(test: Dataset, size: int, crop: bool) -> np.ndarray | None:
+    """Boolean masks at the model's input size (centre-cropped like the images when `crop`), or None unless
+    every anomalous test image has a mask: pixel metrics are then left out (e.g. ELPV has image labels only)."""
     masks, labels = test["mask"], test["label"]
     if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
         return None
-    return np.stack([mask_array(mask, size) for mask in masks])
+    return np.stack([mask_array(mask, size, crop) for mask in masks])
 
 
-def _reference_masks(references: Dataset, size: int) -> torch.Tensor | None:
+def _reference_masks(references: Dataset, size: int, crop: bool) -> torch.Tensor | None:
     """Masks of anomalous references at the model's input size; None when any lacks one (the method then
     treats them as references without pixel labels)."""
     masks = references["mask"]
     if any(mask is None for mask in masks):
         return None
-    return torch.from_numpy(np.stack([mask_array(mask, size) for mask in masks]))
+    return torch.from_numpy(np.stack([mask_array(mask, size, crop) for mask in masks]))
 
 
 @torch.no_grad()
@@ -280,6 +284,8 @@ def run_benchmark(
     fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
     references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
     adds generated anomaly-free images to every other method's k references (One-to-Normal, Sec. 4.3).
+    A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
+    on; a rerun tries it again.
     """
     protocol = protocol or Protocol()
     fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
@@ -313,20 +319,29 @@ def run_benchmark(
                                 "seed": seed,
                                 "anomalous": anomalous,
                             }
-                            if _cell_id(cell) in cells:
+                            finished = cells.get(_cell_id(cell))
+                            if finished is not None and "error" not in finished:  # failed cells run again
                                 skipped += 1
                                 continue
-                            run = _run_cell(
-                                model,
-                                cache,
-                                out_dir,
-                                split,
-                                (k, anomalous, seed),
-                                protocol,
-                                batch_size,
-                                fit_arguments or {},
-                                generated_references,
-                            )
+                            try:
+                                run = _run_cell(
+                                    model,
+                                    cache,
+                                    out_dir,
+                                    split,
+                                    (k, anomalous, seed),
+                                    protocol,
+                                    batch_size,
+                                    fit_arguments or {},
+                                    generated_references,
+                                )
+                            # one failing cell is reported, and the others run
+                            except Exception as error:  # noqa: BLE001
+                                message = f"{type(error).__name__}: {error}"
+                                tqdm.write(f"cell {_cell_id(cell)} failed: {message}")
+                                cells[_cell_id(cell)] = cell | {"error": message}
+                                _write_results(results_file, cells, cache, started, skipped)
+                                continue
                             cells[_cell_id(cell)] = cell | run.values
                             _write_results(results_file, cells, cache, started, skipped)
                             if seed == seeds[0]:
@@ -363,7 +378,7 @@ class GeneratedReferences:
         generator = copy.deepcopy(self.generator)
         generator.fit(normals, class_name=class_name, **({"seed": seed} | self.fit_arguments))
         images = generator.generate_normals(normals, self.count)
-        processor = model.image_processor()
+        processor = model.paper_image_processor()
         parts = [
             model.encode_images(
                 processor(images[start : start + batch_size], return_tensors="pt").pixel_values
@@ -389,6 +404,7 @@ class _CellRun:
     masks: np.ndarray | None
     test: Dataset
     values: dict
+    crop: bool
 
 
 def _run_cell(
@@ -410,7 +426,7 @@ def _run_cell(
     test = split.test
     if manifest is not None and manifest.test_ids is not None:
         test = select_ids(split.test, manifest.test_ids)
-    size = model.config.image_size
+    size, crop = model.config.image_size, model.config.paper_preprocessing == "crop"
     class_name = class_name_for(split.dataset, split.category)
     bank_inputs = {"class_name": class_name}
     fit_seconds, generated = None, 0
@@ -438,7 +454,7 @@ def _run_cell(
         bank_inputs["anomalous_features"] = cache.features(
             model, split.test, rows, batch_size, "anomalous references"
         )
-        bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size)
+        bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
     bank = model.build_reference_bank(**bank_inputs)
     if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
         normals = select_ids(split.train, manifest.validation_ids)["image"]
@@ -448,7 +464,7 @@ def _run_cell(
         model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
     )
     scores, maps = _score(model, test_features, bank, batch_size)
-    labels, masks = np.asarray(test["label"]), _test_masks(test, size)
+    labels, masks = np.asarray(test["label"]), _test_masks(test, size, crop)
     validation_auroc = bank.tensors.get("validation_auroc")
     values = {
         "trained_on": model.config.trained_on,
@@ -462,7 +478,7 @@ def _run_cell(
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
-    return _CellRun(scores, maps, labels, masks, test, values)
+    return _CellRun(scores, maps, labels, masks, test, values, crop)
 
 
 def _category_splits(spec: DatasetSpec):
@@ -528,9 +544,12 @@ def _plot_category(
     picked = [i for i in np.argsort(-run.scores) if run.labels[i]][: num_heatmaps - 1] + [
         int(np.argmin(run.scores))
     ]
+    images = [run.test[int(i)]["image"].convert("RGB") for i in picked]
+    if run.crop:  # show what the model saw
+        images = [resize_center_crop(image, run.maps.shape[-1]) for image in images]
     save_heatmap_panels(
         plot_dir / f"heatmaps_{name}.png",
-        [run.test[int(i)]["image"] for i in picked],
+        images,
         run.masks[picked] if run.masks is not None else None,
         run.maps[picked],
         [f"{label}: {run.test[int(i)]['defect_type']}" for i in picked],
@@ -547,8 +566,10 @@ def _mean_std(values: list[float]) -> str:
 
 def results_markdown(results: dict, title: str | None = None, plots: Sequence[str] = ()) -> str:
     """Tables in the papers' style: per dataset, method x k rows, metrics x100 as mean ± std over seeds of
-    the mean over categories; then image/pixel AUROC per category."""
-    cells = results["cells"]
+    the mean over categories; then image/pixel AUROC per category; then the cells that failed, with their
+    errors."""
+    failed = [cell for cell in results["cells"] if "error" in cell]
+    cells = [cell for cell in results["cells"] if "error" not in cell]
     lines = [f"# {title or 'hf_fsad benchmark'}", ""]
     for dataset in sorted({cell["dataset"] for cell in cells}):
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
@@ -599,6 +620,20 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                         for m, k, a in columns
                     ]
                     lines.append(f"| {category} | " + " | ".join(entries) + " |")
+        lines.append("")
+    if failed:
+        lines += [
+            "## Failed cells",
+            "",
+            "| method | dataset | category | k | seed | error |",
+            "|---|---|---|---|---|---|",
+        ]
+        for cell in failed:
+            shots = _shots_label(cell["k"], cell.get("anomalous", 0))
+            error = cell["error"].replace("|", "\\|").replace("\n", " ")
+            lines.append(
+                f"| {cell['method']} | {cell['dataset']} | {cell['category']} | {shots} | {cell['seed']} | {error} |"
+            )
         lines.append("")
     cache = results["feature_cache"]
     lines += [

@@ -3,52 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(path)
-    return paths
-
-
-def read_image(path: Path):
-    """Open an image as RGB, or raise ValueError saying why it cannot be used."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise ValueError("file not found") from None
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image") from None
-    except OSError as error:
-        raise ValueError(f"cannot read image ({error})") from None
-
-
-def _readable_images(paths: Sequence[Path], what: str, on_skip=None) -> Iterator[tuple[Path, object]]:
-    """(path, RGB image) for each readable file; each unreadable one is reported on stderr and skipped."""
-    for path in paths:
-        try:
-            yield path, read_image(path)
-        except ValueError as error:
-            print(f"skipped {what} {path}: {error}", file=sys.stderr)
-            if on_skip is not None:
-                on_skip()
+from hf_fsad.io import expand_inputs, readable_images
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -60,12 +23,6 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def _save_atomically(image, target: Path) -> None:
-    temporary = target.with_name(target.name + ".tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, target)
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -92,23 +49,74 @@ def _distinct(paths: Sequence[Path], report: bool = True) -> list[Path]:
     return distinct
 
 
+def _previous_results(output: Path) -> list[dict]:
+    """The records of a results file written by an earlier run (for --resume); [] when there is none."""
+    if not output.exists():
+        return []
+    records = []
+    for number, line in enumerate(output.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            record["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"--output {output} is not a results file of hf-fsad score (line {number}); move it away "
+                "or run without --resume"
+            ) from None
+        records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a terminated run ends like Ctrl-C: results saved."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def score(args: argparse.Namespace) -> int:
     """Score images; under `accelerate launch` or `torchrun` the processes split the inputs in order, each
-    writes its share, and the main process joins the shares into one ordered results file."""
+    writes its share, and the main process joins the shares into one ordered results file.
+
+    The results file is replaced atomically, at the end or when the run is interrupted (Ctrl-C, SIGTERM;
+    single process) with the images scored so far: it is always the previous file or a complete new one.
+    Exit status: 0 scored (unreadable inputs are reported and skipped), 1 no input could be scored, 2 the
+    run could not start (arguments, model, bank, output location), 130 interrupted (results so far kept).
+    """
     import torch
     from accelerate import PartialState
-    from transformers import AutoModel
 
-    import hf_fsad  # noqa: F401  (registers the methods)
+    from hf_fsad.io import atomic_write_text, prepare_output_dir, prepare_output_file
+    from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.modeling_base import ReferenceBank
     from hf_fsad.training.trainer import multi_process_cpu
 
     if args.bank and args.reference:
         print("error: give either --bank or --reference, not both", file=sys.stderr)
         return 2
+    try:
+        output = prepare_output_file(args.output, "--output")
+        heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
+        if args.save_bank:
+            prepare_output_file(args.save_bank, "--save-bank")
+        previous = _previous_results(output) if args.resume else []
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     state = PartialState(cpu=multi_process_cpu())
     device = args.device if state.num_processes == 1 else state.device
-    model = AutoModel.from_pretrained(args.model).to(device).eval()
+    try:
+        model = load_method(args.model).to(device).eval()
+    except ModelLoadError as error:
+        print(f"error: --model: {error}", file=sys.stderr)
+        return 2
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
@@ -122,7 +130,10 @@ def score(args: argparse.Namespace) -> int:
     else:
         references = None
         if args.reference:
-            images = [image for _, image in _readable_images(expand_inputs(args.reference), "reference")]
+            readable = readable_images(
+                expand_inputs(args.reference, "reference"), "reference", args.max_pixels
+            )
+            images = [image for _, image in readable]
             if not images:
                 print("error: none of the --reference images could be read", file=sys.stderr)
                 return 1
@@ -132,49 +143,61 @@ def score(args: argparse.Namespace) -> int:
     if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
 
-    paths = _distinct(expand_inputs(args.inputs), report=state.is_main_process)
-    heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
-    if heatmap_dir:
-        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    all_paths = _distinct(expand_inputs(args.inputs), report=state.is_main_process)
     used_names: set[str] = set()
-    heatmap_names = {path: _unique_name(path.stem, used_names) for path in paths}
-    output = Path(args.output)
-    share = output.with_name(f"{output.name}.part{state.process_index}.tmp")
-    temporary = output.with_name(output.name + ".tmp")
+    heatmap_names = {path: _unique_name(path.stem, used_names) for path in all_paths}
+    done = {str(record["path"]) for record in previous}
+    paths = [path for path in all_paths if str(path) not in done]
+    if done and state.is_main_process:
+        print(f"resuming: {len(all_paths) - len(paths)} inputs already in {output}", file=sys.stderr)
+    shares = [output.with_name(f"{output.name}.part{rank}.tmp") for rank in range(state.num_processes)]
+    share = shares[state.process_index]
+    interrupted = False
     try:
-        with state.split_between_processes(paths) as own_paths:
-            _score_paths(model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            shares = [
-                output.with_name(f"{output.name}.part{rank}.tmp") for rank in range(state.num_processes)
-            ]
-            joined = "".join(part.read_text() for part in shares)
-            temporary.write_text(joined)
-            os.replace(temporary, output)
-        state.wait_for_everyone()  # the shares stay until the main process has read them
+        with _sigterm_interrupts():
+            try:
+                with state.split_between_processes(paths) as own_paths:
+                    _score_paths(
+                        model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state
+                    )
+            except KeyboardInterrupt:
+                if state.num_processes > 1:
+                    raise
+                interrupted = True
+            state.wait_for_everyone()
+            if state.is_main_process:
+                joined = "".join(part.read_text() for part in shares)
+                atomic_write_text(output, "".join(json.dumps(record) + "\n" for record in previous) + joined)
+            state.wait_for_everyone()  # the shares stay until the main process has read them
     finally:
         share.unlink(missing_ok=True)
-        temporary.unlink(missing_ok=True)
     if not state.is_main_process:
         return 0
     scored = joined.count("\n")
+    if interrupted:
+        print(
+            f"interrupted: {scored} images scored -> {output}; run again with --resume to go on",
+            file=sys.stderr,
+        )
+        return 130
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
-    return 0 if scored else 1
+    return 0 if scored or not paths else 1
 
 
 def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state) -> None:
-    """Score `paths` in batches into the JSON-lines file `share` (heatmaps beside, if asked)."""
+    """Score `paths` in batches into the JSON-lines file `share` (heatmaps beside, if asked); each line is
+    written whole, so an interrupted share holds complete records only."""
     import torch
     from tqdm.auto import tqdm
 
+    from hf_fsad.io import save_image_atomically
     from hf_fsad.visualization import heatmap_overlay
 
     with (
         open(share, "w") as sink,
         tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
     ):
-        readable = _readable_images(paths, "input", on_skip=lambda: progress.update(1))
+        readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in _batches(readable, args.batch_size):
             pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
             with torch.no_grad(), model.autocast(args.precision):
@@ -189,11 +212,12 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
                     overlay = heatmap_overlay(
-                        image, result.anomaly_maps[index].cpu().numpy(), args.heatmap_range
+                        image, result.anomaly_maps[index].float().cpu().numpy(), args.heatmap_range
                     )
-                    _save_atomically(overlay, target)
+                    save_image_atomically(overlay, target)
                     record["heatmap"] = str(target)
                 sink.write(json.dumps(record) + "\n")
+                sink.flush()
             progress.update(len(batch))
 
 
@@ -203,6 +227,8 @@ def fit(args: argparse.Namespace) -> int:
 
     import hf_fsad  # noqa: F401  (registers the methods)
     from hf_fsad.hub import model_card, write_model_card
+    from hf_fsad.io import prepare_output_dir
+    from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.registry import model_class
 
     if bool(args.clip) == bool(args.model):
@@ -214,11 +240,22 @@ def fit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    normals = [image for _, image in _readable_images(expand_inputs(args.normal), "normal image")]
+    try:
+        output = prepare_output_dir(Path(args.out).parent, "--out") / Path(args.out).name
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    readable = readable_images(expand_inputs(args.normal, "normal image"), "normal image", args.max_pixels)
+    normals = [image for _, image in readable]
     if not normals:
         print("error: none of the --normal images could be read", file=sys.stderr)
         return 1
-    model = load_method(f"{args.method}@{args.clip}" if args.clip else args.model)
+    source = f"{args.method}@{args.clip}" if args.clip else args.model
+    try:
+        model = load_method(source)
+    except ModelLoadError as error:
+        print(f"error: {'--clip' if args.clip else '--model'}: {error}", file=sys.stderr)
+        return 2
     if model.config.model_type != args.method:
         print(
             f"error: --model {args.model} is a {model.config.model_type} model, not {args.method}",
@@ -230,7 +267,6 @@ def fit(args: argparse.Namespace) -> int:
     if args.kinds:
         arguments["anomaly_kinds"] = args.kinds
     result = model.fit(normals, class_name=args.class_name, steps=args.steps, **arguments)
-    output = Path(args.out)
     temporary = output.with_name(output.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -295,6 +331,28 @@ def push_space(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
+    afclip_only = {"--clip": args.clip, "--image-size": args.image_size, "--trained-on": args.trained_on}
+    given = [option for option, value in afclip_only.items() if value is not None]
+    if args.afclip_official:
+        if args.pretrained is not None:
+            print("error: --pretrained goes with --open-clip, not --afclip-official", file=sys.stderr)
+            return 2
+        from hf_fsad.models.afclip.convert_afclip import convert_official_afclip
+
+        prompt, adaptor = args.afclip_official
+        output = convert_official_afclip(
+            prompt,
+            adaptor,
+            args.clip or "openai/clip-vit-large-patch14-336",
+            args.output_dir,
+            args.image_size or 518,
+            args.trained_on,
+        )
+        print(f"saved AfClipModel with the official prompt and adaptor to {output}")
+        return 0
+    if given:
+        print(f"error: {', '.join(given)} go with --afclip-official, not --open-clip", file=sys.stderr)
+        return 2
     from hf_fsad.backbones.convert import convert_open_clip
 
     output = convert_open_clip(args.open_clip, args.pretrained, args.output_dir)
@@ -302,32 +360,28 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_method(source: str):
-    """`PATH_OR_HUB_ID` (a saved hf_fsad model) or `METHOD@CLIP` (a fresh method on a CLIP checkpoint)."""
-    from transformers import AutoModel
-
-    import hf_fsad  # noqa: F401  (registers the methods)
-    from hf_fsad.registry import model_class
-
-    method, at, clip = source.partition("@")
-    if at:
-        return model_class(method).from_clip(clip)
-    return AutoModel.from_pretrained(source)
-
-
 def benchmark(args: argparse.Namespace) -> int:
     from hf_fsad.benchmark import DatasetSpec, FeatureCache, Protocol, profile_models, run_benchmark
     from hf_fsad.data import load_benchmark
+    from hf_fsad.io import prepare_output_dir
+    from hf_fsad.loading import ModelLoadError, load_method
 
+    try:
+        out = prepare_output_dir(args.out, "--out")
+        datasets = [DatasetSpec.parse(text) for text in args.datasets]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     models = {}
     for entry in args.methods:
         label, equals, source = entry.rpartition("=")
         source = source if equals else entry
-        models[label or Path(source.split("@")[-1]).name or source] = (
-            load_method(source).to(args.device).eval()
-        )
-    datasets = [DatasetSpec.parse(text) for text in args.datasets]
-    out = Path(args.out)
+        try:
+            model = load_method(source)
+        except ModelLoadError as error:
+            print(f"error: --methods {entry}: {error}", file=sys.stderr)
+            return 2
+        models[label or Path(source.split("@")[-1]).name or source] = model.to(args.device).eval()
     if args.profile:
         spec = datasets[0]
         data = load_benchmark(spec.name, spec.root, spec.categories[0] if spec.categories else None)
@@ -364,6 +418,24 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pixel_limit(text: str) -> int | None:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive pixel count, got {value}")
+    return value or None
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    from hf_fsad.io import DEFAULT_MAX_PIXELS
+
+    parser.add_argument(
+        "--max-pixels",
+        type=_pixel_limit,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS}: 8192 x 8192; 0: no limit)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fsad", description="Few-shot image anomaly detection with CLIP."
@@ -377,7 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument("--class-name", help="object name for the text prompts (default: the model's)")
     score_parser.add_argument("--bank", help="reuse a reference bank saved with --save-bank")
     score_parser.add_argument("--save-bank", help="save the reference bank (.safetensors) for later runs")
-    score_parser.add_argument("--output", required=True, help="results file (JSON lines)")
+    score_parser.add_argument(
+        "--output", required=True, help="results file (JSON lines), replaced atomically at the end"
+    )
+    score_parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --output and score only the inputs not in it",
+    )
     score_parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG)")
     score_parser.add_argument(
         "--heatmap-range",
@@ -399,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
     )
+    _add_max_pixels(score_parser)
     score_parser.set_defaults(handler=score)
 
     fit_parser = commands.add_parser("fit", help="fit a per-category method (VTFusion) on normal images")
@@ -416,13 +496,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--kinds", nargs="+", help="synthetic anomaly types to draw from (default: all DAS types)"
     )
     fit_parser.add_argument("--device", default="cpu")
+    _add_max_pixels(fit_parser)
     fit_parser.set_defaults(handler=fit)
 
-    convert_parser = commands.add_parser("convert", help="convert an open_clip checkpoint to transformers")
-    convert_parser.add_argument(
-        "--open-clip", required=True, help="open_clip model name, e.g. ViT-B-16-plus-240"
+    convert_parser = commands.add_parser(
+        "convert", help="convert an open_clip checkpoint, or the official AF-CLIP weights, to transformers"
+    )
+    source = convert_parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--open-clip", help="open_clip model name, e.g. ViT-B-16-plus-240")
+    source.add_argument(
+        "--afclip-official",
+        nargs=2,
+        metavar=("PROMPT", "ADAPTOR"),
+        help="the AF-CLIP authors' <dataset>_prompt.pt and <dataset>_adaptor.pt: writes an AfClipModel",
     )
     convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
+    convert_parser.add_argument(
+        "--clip",
+        help="with --afclip-official: the CLIP the weights were trained on "
+        "(default: openai/clip-vit-large-patch14-336)",
+    )
+    convert_parser.add_argument(
+        "--image-size", type=int, help="with --afclip-official: model input size (default 518, the paper's)"
+    )
+    convert_parser.add_argument(
+        "--trained-on", help="with --afclip-official: the weights' auxiliary dataset, e.g. mvtec_ad or visa"
+    )
     convert_parser.add_argument("output_dir")
     convert_parser.set_defaults(handler=convert)
 

@@ -8,6 +8,12 @@ from typing import ClassVar
 from transformers import CLIPConfig, PreTrainedConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+# Resampling modes of the position-embedding grid (`torch.nn.functional.interpolate` modes).
+POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
+
+# Image geometries of `FsadConfig.paper_preprocessing`.
+PREPROCESSING = ("crop", "squash")
+
 
 class FsadConfig(PreTrainedConfig):
     """Base config of every hf_fsad method.
@@ -20,10 +26,20 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
         trained_on: the dataset a trained method was fitted on (None for training-free methods); the
             benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
-        max_memory_items: largest nearest-neighbour memory a bank keeps per level (patches, windows); a
-            larger one is reduced to a greedy k-center coreset (`scoring.greedy_coreset`), so per-image
-            cost stops growing with k. 8192 leaves the papers' settings (k <= 8 at 240 px) exact; None keeps
-            every item (exact search, chunked; cost linear in k).
+        max_memory_items: None (default) keeps every item of a bank's nearest-neighbour memories (patches,
+            windows), searched exactly in chunks (`scoring.nearest_cosine`: bounded peak memory, cost linear
+            in the memory's size), so every paper setting is computed as published. An int thins each larger
+            memory to a greedy k-center coreset of that many items (`scoring.greedy_coreset`, PatchCore's), so
+            per-image cost stops growing with k; `make_bank` then warns with the memory and both sizes.
+        position_interpolation: how the vision tower's grid of position embeddings is resized for an
+            `image_size` other than the checkpoint's: "bicubic" (transformers' `interpolate_pos_encoding`) or
+            "bilinear" (what AF-CLIP's official code does); the CLS position is kept as it is.
+        paper_preprocessing: the image geometry of the method's published evaluation, which the benchmark
+            runner and training use (`paper_image_processor()`): "crop" (resize the short side to
+            `image_size`, keep the centre square: the InCTRL and MetaCAN code; WinCLIP and MetaCAN set it) or
+            "squash" (default: resize the whole image to the square, as AF-CLIP's code; methods without
+            public code keep it, as their own fitting preprocesses that way). Scoring for users (pipeline,
+            CLI, Space) squashes whatever this says, so maps cover the whole image.
     """
 
     sub_configs_defaults: ClassVar[dict] = {"clip_config": CLIPConfig}
@@ -36,7 +52,9 @@ class FsadConfig(PreTrainedConfig):
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
     trained_on: str | None = None
-    max_memory_items: int | None = 8192
+    max_memory_items: int | None = None
+    position_interpolation: str = "bicubic"
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -45,6 +63,15 @@ class FsadConfig(PreTrainedConfig):
             self.image_size = self.clip_config.vision_config.image_size
         if self.max_memory_items is not None and self.max_memory_items < 1:
             raise ValueError(f"max_memory_items must be >= 1 or None, got {self.max_memory_items}.")
+        if self.position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, "
+                f"got {self.position_interpolation!r}."
+            )
+        if self.paper_preprocessing not in PREPROCESSING:
+            raise ValueError(
+                f"paper_preprocessing must be one of {PREPROCESSING}, got {self.paper_preprocessing!r}."
+            )
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")
 

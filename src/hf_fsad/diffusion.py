@@ -1,5 +1,6 @@
-"""One-to-Normal's diffusion side (papers/one-to-normal.txt, Sec. 3.3): img2img personalization of a query
-towards the normal images, with the anomaly-free customised model (Stable Diffusion + a DreamBooth LoRA).
+"""One-to-Normal's diffusion side ("One-to-Normal: Anomaly Personalization for Few-shot Anomaly Detection",
+arXiv:2502.01201, Sec. 3.3): img2img personalization of a query towards the normal images, with the
+anomaly-free customised model (Stable Diffusion + a DreamBooth LoRA).
 
 Needs the `diffusers` extra. The pipeline is loaded from a Stable Diffusion repository (Hub id or local
 directory, `runwayml/stable-diffusion-v1-5` layout); the per-category LoRA lives next to the fitted model in

@@ -8,6 +8,7 @@ what would be uploaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 _USAGE = """```python
 import hf_fsad  # registers the hf_fsad methods with AutoModel
@@ -43,7 +46,7 @@ def eval_results(results: dict, method: str) -> list[EvalResult]:
     the method's cells (categories and seeds)."""
     values = defaultdict(list)
     for cell in results.get("cells", []):
-        if cell["method"] != method:
+        if cell["method"] != method or "error" in cell:  # failed cells have no metrics
             continue
         for metric in CARD_METRICS:
             value = cell["metrics"].get(metric)
@@ -69,6 +72,17 @@ def eval_results(results: dict, method: str) -> list[EvalResult]:
     return entries
 
 
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` is a Hub repo id (`owner/name` or `name`) rather than a local path."""
+    if not name or Path(name).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 def model_card(
     model,
     base_model: str | None = None,
@@ -79,8 +93,13 @@ def model_card(
     repo: str = "path/or/hub-id",
 ) -> ModelCard:
     """A model card for `model`: front matter (library, tags, base model, datasets, and `model-index`
-    results of `method`'s cells in a benchmark `results` dict), description, paper, usage, training."""
+    results of `method`'s cells in a benchmark `results` dict), description, paper, usage, training.
+
+    The Hub accepts only repo ids as `base_model`: a local path is named in the training section instead."""
     model_type = model.config.model_type
+    if base_model is not None and not is_hub_id(base_model):
+        training = "\n\n".join(filter(None, [f"Base model: the local checkpoint `{base_model}`.", training]))
+        base_model = None
     name = Path(repo).name
     data = ModelCardData(
         library_name="hf_fsad",
@@ -90,7 +109,7 @@ def model_card(
         model_name=name if results else None,
         eval_results=eval_results(results, method or model_type) if results else None,
     )
-    sections = [f"# {type(model).__name__}", (type(model).__doc__ or "").strip()]
+    sections = [f"# {type(model).__name__}", inspect.cleandoc(type(model).__doc__ or "")]
     if model.config.paper:
         sections += ["## Paper", model.config.paper]
     sections += ["## Usage", usage_snippet(model, repo)]

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,8 +130,10 @@ def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str
         raise ValueError(
             f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size."
         )
-    if not torch.isfinite(pixel_values).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
+    if torch.isnan(pixel_values).any():
+        raise ValueError(f"{name} contains NaN values ({int(torch.isnan(pixel_values).sum())} of them).")
+    if torch.isinf(pixel_values).any():
+        raise ValueError(f"{name} contains infinite values ({int(torch.isinf(pixel_values).sum())} of them).")
 
 
 class FsadPreTrainedModel(PreTrainedModel):
@@ -149,12 +152,12 @@ class FsadPreTrainedModel(PreTrainedModel):
     # Whether the method's banks need anomalous references (the benchmark runner gives them only then).
     needs_anomalous_references = False
     # Name prefixes of the bank tensors that are nearest-neighbour memories (M, D), which
-    # `config.max_memory_items` caps.
+    # `config.max_memory_items` thins when set.
     memory_prefixes: tuple[str, ...] = ()
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
-        self.backbone = ClipBackbone(config.clip_config)
+        self.backbone = ClipBackbone(config.clip_config, config.position_interpolation)
         self.freeze_backbone()
 
     @torch.no_grad()
@@ -249,16 +252,31 @@ class FsadPreTrainedModel(PreTrainedModel):
         self.backbone.compile_passes(**compile_kwargs)
         return self
 
-    def image_processor(self) -> CLIPImageProcessorPil:
+    def image_processor(self, crop: bool = False) -> CLIPImageProcessorPil:
         """The preprocessing this model expects: RGB, bicubic resize to a square of `config.image_size`,
-        CLIP normalisation. Images are resized whole (no crop) so maps align with the original image."""
+        CLIP normalisation.
+
+        crop=False (default, for scoring): the whole image is resized to the square, so maps cover all of it.
+        crop=True: the short side is resized to `config.image_size` and the centre square kept, as the papers'
+        evaluation code does (see `paper_image_processor`). The processor's saved config records which.
+        """
         size = self.config.image_size
+        geometry = (
+            {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+            if crop
+            else {"size": {"height": size, "width": size}}
+        )
         return CLIPImageProcessorPil(
-            size={"height": size, "width": size},
-            do_center_crop=False,
+            **geometry,
+            do_center_crop=crop,
             image_mean=list(self.config.image_mean),
             image_std=list(self.config.image_std),
         )
+
+    def paper_image_processor(self) -> CLIPImageProcessorPil:
+        """`image_processor` with the geometry of the method's published evaluation
+        (`config.paper_preprocessing`), which the benchmark runner and training use."""
+        return self.image_processor(crop=self.config.paper_preprocessing == "crop")
 
     def grid_size(self) -> tuple[int, int]:
         """Patch grid of a `config.image_size` input."""
@@ -290,11 +308,14 @@ class FsadPreTrainedModel(PreTrainedModel):
     def feature_spec(self) -> dict:
         """What `encode_images` computes besides the weights; equal specs on equal backbones share cached
         features. Methods whose features depend on more config fields extend this."""
-        return {
+        spec = {
             "image_size": self.config.image_size,
             "image_mean": self.config.image_mean,
             "image_std": self.config.image_std,
         }
+        if self.config.image_size != self.config.clip_config.vision_config.image_size:
+            spec["position_interpolation"] = self.config.position_interpolation
+        return spec
 
     def invalidate_feature_key(self) -> None:
         """Forget the hashed vision weights (call after changing them, e.g. training or merging LoRA)."""
@@ -362,15 +383,22 @@ class FsadPreTrainedModel(PreTrainedModel):
         return self._config_hash_cache[1]
 
     def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
-        """A bank of `tensors`, its memories (`memory_prefixes`) capped at `config.max_memory_items`."""
+        """A bank of `tensors`. Its memories (`memory_prefixes`) are kept whole (exact search) unless
+        `config.max_memory_items` is set: then a larger one is thinned to a greedy k-center coreset of that
+        size, with a warning naming the memory and both sizes."""
         limit = self.config.max_memory_items
-        tensors = {
-            name: tensor[greedy_coreset(tensor, limit)]
-            if limit is not None and name.startswith(self.memory_prefixes) and tensor.shape[0] > limit
-            else tensor
-            for name, tensor in tensors.items()
-        }
-        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, tensors)
+        kept = {}
+        for name, tensor in tensors.items():
+            if limit is not None and name.startswith(self.memory_prefixes) and tensor.shape[0] > limit:
+                warnings.warn(
+                    f"{self.config.model_type}: memory '{name}' holds {tensor.shape[0]} items; keeping a "
+                    f"greedy k-center coreset of {limit} (config.max_memory_items), so its nearest-neighbour "
+                    "search is approximate. Set max_memory_items=None for the exact memory.",
+                    stacklevel=2,
+                )
+                tensor = tensor[greedy_coreset(tensor, limit)]
+            kept[name] = tensor
+        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, kept)
 
     def require_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:
         """`check_bank` for methods that cannot score without a bank; `how` says in the error how to build one."""

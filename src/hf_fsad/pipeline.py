@@ -2,19 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
 from .modeling_base import FsadPreTrainedModel, ReferenceBank
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"
+
+
+def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A pipeline input (file path, URL, PIL image, array) as RGB; a file that cannot be used raises
+    `ImageReadError` naming it, as the CLI's messages do."""
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http://", "https://", "data:")):
+        try:
+            return read_image(source, max_pixels)
+        except ImageReadError as error:
+            raise ImageReadError(f"{source}: {error}") from None
+    image = source if isinstance(source, Image.Image) else load_image(source)
+    return to_rgb(image)
 
 
 class ImageAnomalyDetectionPipeline(Pipeline):
@@ -54,7 +69,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
                 raise ValueError(
                     "reference_images is empty: give at least one normal image, or leave it out."
                 )
-            images = [load_image(image) for image in reference_images]
+            images = [as_rgb_image(image) for image in reference_images]
             pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
         return self.model.build_reference_bank(pixel_values, class_name=class_name)
 
@@ -72,7 +87,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         return {}, forward_params, postprocess_params
 
     def preprocess(self, image) -> dict[str, Any]:
-        image = load_image(image)
+        image = as_rgb_image(image)
         return {"pixel_values": self.image_processor(image, return_tensors="pt").pixel_values, "image": image}
 
     def _forward(

@@ -79,24 +79,38 @@ def nearest_cosine(
     query: torch.Tensor, memory: torch.Tensor, chunk_size: int = 4096, num_nearest: int = 1
 ) -> torch.Tensor:
     """Cosine similarity of each query item to its most similar memory item (the mean over the
-    `num_nearest` most similar ones when more than 1).
+    `num_nearest` most similar ones when more than 1), searched exactly over every memory item.
 
-    query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries are
-    processed in chunks so memory stays bounded for large banks.
+    query: (B, N, D); memory: (M, D), all items of all memory images pooled. Returns (B, N). Queries and
+    memory are both taken `chunk_size` items at a time, so at most chunk_size x chunk_size similarities
+    exist at once (64 MB in float32 at 4096) whatever B x N and M; the running maximum (top-k) over memory
+    chunks is exact.
     """
     if memory.shape[0] == 0:
         raise ValueError("The memory is empty: build the bank from at least one image (or region).")
     if not 1 <= num_nearest <= memory.shape[0]:
         raise ValueError(f"Cannot take the {num_nearest} nearest of {memory.shape[0]} memory items.")
-    memory = F.normalize(memory, dim=-1)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     flat = F.normalize(query, dim=-1).reshape(-1, query.shape[-1])
-    if num_nearest == 1:
-        nearest = [(chunk @ memory.T).amax(dim=-1) for chunk in flat.split(chunk_size)]
-    else:
-        nearest = [
-            (chunk @ memory.T).topk(num_nearest, dim=-1).values.mean(-1) for chunk in flat.split(chunk_size)
-        ]
+    nearest = [_nearest_in_memory(chunk, memory, num_nearest, chunk_size) for chunk in flat.split(chunk_size)]
     return torch.cat(nearest).reshape(query.shape[:-1])
+
+
+def _nearest_in_memory(
+    queries: torch.Tensor, memory: torch.Tensor, num_nearest: int, chunk_size: int
+) -> torch.Tensor:
+    """`nearest_cosine` of unit-length `queries` (n, D), one memory chunk at a time. Returns (n,)."""
+    best = None  # (n, num_nearest) the highest cosines so far, in descending order
+    for items in memory.split(chunk_size):
+        similarities = queries @ F.normalize(items, dim=-1).T
+        if num_nearest == 1:
+            top = similarities.amax(dim=-1, keepdim=True)
+            best = top if best is None else torch.maximum(best, top)
+        else:
+            candidates = similarities if best is None else torch.cat([best, similarities], dim=-1)
+            best = candidates.topk(min(num_nearest, candidates.shape[-1]), dim=-1).values
+    return best.mean(dim=-1)
 
 
 def greedy_coreset(items: torch.Tensor, size: int, projection_dim: int = 64, seed: int = 0) -> torch.Tensor:
@@ -198,18 +212,28 @@ def fuse_zero_few_shot(
     return (zero_shot_map + few_shot_map) / 2, (zero_shot_image_scores + few_shot_map.amax(dim=-1)) / 2
 
 
-# --- Anomalous memory (papers/anomalous-samples-fsad.txt) -------------------------------------------------
+# --- Anomalous memory (Abdali et al., "Anomalous Samples for Few-Shot Anomaly Detection") ----------------
 
 
-def mask_to_patch_grid(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, H, W) pixel masks -> (B, P) patch flags: a patch is anomalous when any of its pixels is."""
-    pooled = F.max_pool2d(masks.float().unsqueeze(1), kernel_size=patch_size, stride=patch_size)
-    return pooled.flatten(1) > 0
+def patch_defect_shares(masks: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, H, W) pixel masks -> (B, P) float64: the share of each patch's pixels that are defect."""
+    pooled = F.avg_pool2d(masks.double().unsqueeze(1), kernel_size=patch_size, stride=patch_size)
+    return pooled.flatten(1)
 
 
-def overlapping_windows(patch_flags: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """(B, P) patch flags, (W, P) window masks -> (B, W): windows that overlap a flagged patch."""
-    return (patch_flags.float() @ masks.float().T) > 0
+def window_defect_shares(patch_shares: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(B, P) patch shares, (W, P) window masks -> (B, W): the share of each window's pixels that are defect
+    (a window is a union of whole patches, so its share is the mean of theirs)."""
+    masks = masks.to(patch_shares)
+    return patch_shares @ masks.T / masks.sum(dim=-1)
+
+
+def anomalous_items(shares: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, items) defect shares -> (B, items) bool: the items of each image that are at least `fraction`
+    defect; where none is, the items with the image's largest non-zero share (those holding most of a
+    defect smaller than them), so every annotated defect is remembered at every scale."""
+    largest = shares.amax(dim=-1, keepdim=True)
+    return (shares >= fraction) | ((shares == largest) & (largest > 0))
 
 
 def level_image_scores(maps: list[torch.Tensor]) -> torch.Tensor:
@@ -217,35 +241,57 @@ def level_image_scores(maps: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([level.amax(dim=-1) for level in maps], dim=-1)
 
 
-def baseline_score_weights(num_levels: int) -> torch.Tensor:
+def baseline_score_weights(num_levels: int, available: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's baseline over [text, reference x L, anomalous x L]: the mean of three groups, each memory
-    group the mean of its levels: [1/3, 1/(3L) x L, 1/(3L) x L]."""
-    memory = torch.full((num_levels,), 1 / (3 * num_levels), dtype=torch.float64)
-    return torch.cat([torch.tensor([1 / 3], dtype=torch.float64), memory, memory])
+    group the mean of its levels: [1/3, 1/(3L) x L, 1/(3L) x L].
+
+    available: (1 + 2L,) bool, False for scores without a memory (a memory left empty at that level); each
+    group with an available score gets an equal share, spread evenly over its available scores, and the
+    others weigh 0.
+    """
+    if available is None:
+        available = torch.ones(1 + 2 * num_levels, dtype=torch.bool)
+    groups = [available[:1], available[1 : 1 + num_levels], available[1 + num_levels :]]
+    group_share = 1 / sum(bool(group.any()) for group in groups)
+    return torch.cat([group.double() * group_share / group.sum().clamp_min(1) for group in groups])
 
 
 WEIGHT_DISTRIBUTIONS = ("uniform", "normal", "student_t")
 
 
 def sample_score_weights(
-    num_samples: int, num_scores: int, distribution: str = "uniform", generator: torch.Generator | None = None
+    num_samples: int,
+    num_scores: int,
+    distribution: str = "uniform",
+    generator: torch.Generator | None = None,
+    signed: bool = True,
 ) -> torch.Tensor:
-    """(num_samples, num_scores) Monte-Carlo weight vectors, non-negative and summing to 1.
+    """(num_samples, num_scores) Monte-Carlo weight vectors, each scaled to unit L1 norm (a positive scale
+    leaves the AUROC that selects them unchanged; for non-negative draws it is the sum).
 
-    uniform: U(0, 1) per weight (the paper's choice); normal: |N(0, 1)|; student_t: |t(3)|.
+    uniform: U(0, 1) per weight (the paper's choice); normal: N(0, 1); student_t: t with 3 degrees of
+    freedom. signed=False takes the absolute value of the normal and Student-t draws.
     """
     shape = (num_samples, num_scores)
     if distribution == "uniform":
         raw = torch.rand(shape, generator=generator, dtype=torch.float64)
     elif distribution == "normal":
-        raw = torch.randn(shape, generator=generator, dtype=torch.float64).abs()
+        raw = torch.randn(shape, generator=generator, dtype=torch.float64)
     elif distribution == "student_t":
         normal = torch.randn(shape, generator=generator, dtype=torch.float64)
         chi2 = torch.randn((*shape, 3), generator=generator, dtype=torch.float64).pow(2).sum(-1)
-        raw = (normal / (chi2 / 3).sqrt()).abs()
+        raw = normal / (chi2 / 3).sqrt()
     else:
         raise ValueError(f"Unknown weight distribution {distribution!r}; choose from {WEIGHT_DISTRIBUTIONS}.")
-    return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return unit_l1_weights(raw if signed else raw.abs())
+
+
+def unit_l1_weights(weights: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight vectors (..., S) scaled to unit L1 norm, after zeroing the scores that are not `available`
+    ((S,) bool; None: all are)."""
+    if available is not None:
+        weights = weights * available.to(weights.dtype)
+    return weights / weights.abs().sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def pairwise_auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -334,17 +380,40 @@ def spatial_aggregation(
     return torch.cat([tokens[:, :1], aggregated.flatten(2).transpose(1, 2)], dim=1)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, H, W) maps smoothed by a Gaussian of std `sigma` pixels: kernel radius 4 sigma, mirror padding
-    (scipy.ndimage.gaussian_filter with mode="mirror")."""
+BLUR_MODES = ("mirror", "reflect")
+
+
+def _extended_indices(size: int, radius: int, mode: str) -> torch.Tensor:
+    """Indices into a length-`size` axis of the axis extended by `radius` on both sides, in scipy.ndimage's
+    boundary `mode`: "mirror" (d c b | a b c d | c b a, about the edge samples) or "reflect" (c b a | a b c
+    d | d c b, about the edges: the edge samples repeat). Periodic, so any radius works."""
+    positions = torch.arange(-radius, size + radius)
+    if mode == "mirror":
+        if size == 1:
+            return torch.zeros_like(positions)
+        period = positions % (2 * size - 2)
+        return torch.where(period < size, period, 2 * size - 2 - period)
+    period = positions % (2 * size)
+    return torch.where(period < size, period, 2 * size - 1 - period)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, mode: str = "mirror") -> torch.Tensor:
+    """(B, H, W) maps smoothed by a Gaussian of std `sigma` pixels, as `scipy.ndimage.gaussian_filter(map,
+    sigma, mode=mode, truncate=4.0)`: kernel radius int(4 sigma + 0.5), borders extended in scipy's `mode`
+    ("mirror" or "reflect", scipy's default; see `_extended_indices`)."""
+    if mode not in BLUR_MODES:
+        raise ValueError(f"Unknown blur mode {mode!r}; choose from {BLUR_MODES}.")
     if sigma <= 0:
         return maps
     radius = max(1, int(4 * sigma + 0.5))
     offsets = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
-    blurred = F.pad(maps.unsqueeze(1), (radius, radius, radius, radius), mode="reflect")
-    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    height, width = maps.shape[-2:]
+    rows = _extended_indices(height, radius, mode).to(maps.device)
+    columns = _extended_indices(width, radius, mode).to(maps.device)
+    extended = maps[:, rows][:, :, columns].unsqueeze(1)
+    blurred = F.conv2d(extended, kernel.view(1, 1, 1, -1))
     return F.conv2d(blurred, kernel.view(1, 1, -1, 1)).squeeze(1)
 
 
@@ -359,7 +428,8 @@ def afclip_token_probabilities(
     return logits.softmax(dim=-1)[..., 1]
 
 
-# --- VTFusion (papers/vtfusion.txt, Eqs. 1, 2, 5, 6) ----------------------------------------------------------
+# --- VTFusion, Eqs. 1, 2, 5, 6 -----------------------------------------------------------------------------
+# Jiang et al., "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection"
 
 
 def stack_levels(level_features: list[torch.Tensor]) -> torch.Tensor:
@@ -397,7 +467,7 @@ def text_guided_map(
     return sum(class_scores(level, text_embeddings, temperature) for level in level_features)
 
 
-# --- One-to-Normal (papers/one-to-normal.txt, Eqs. 2, 4-7) ---------------------------------------------------
+# --- One-to-Normal (arXiv:2502.01201, Eqs. 2, 4-7) -----------------------------------------------------------
 
 
 def ssim(

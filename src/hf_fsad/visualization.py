@@ -6,19 +6,29 @@ import numpy as np
 from PIL import Image
 
 
+def _jet_lookup() -> np.ndarray:
+    """(256, 3) uint8: matplotlib's jet colour of each of its 256 entries, as `colormaps["jet"]` gives them."""
+    from matplotlib import colormaps
+
+    return (colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
+
+
 def heatmap_overlay(
     image: Image.Image,
     anomaly_map: np.ndarray,
     value_range: tuple[float, float] | None = None,
     alpha: float = 0.5,
+    rows_per_strip: int = 256,
 ) -> Image.Image:
     """Blend a jet-coloured `anomaly_map` (resized bilinearly to the image) over `image`.
 
     value_range: the scores mapped to the ends of the colour scale; None uses the map's own min and max
     (good for one image; give a shared range to compare images).
-    """
-    from matplotlib import colormaps
 
+    The map is resized once in float32 and coloured `rows_per_strip` rows at a time through a 256-entry
+    table (the quantisation matplotlib's colormap applies), so a large image costs its own size a few times
+    over, never a float RGBA copy of every pixel.
+    """
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {anomaly_map.shape}.")
@@ -26,17 +36,42 @@ def heatmap_overlay(
         value_range if value_range is not None else (float(anomaly_map.min()), float(anomaly_map.max()))
     )
     scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    resized = Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR)
-    colours = colormaps["jet"](np.asarray(resized))[..., :3]
-    heat = Image.fromarray((colours * 255).astype(np.uint8))
-    return Image.blend(image.convert("RGB"), heat, alpha)
+    resized = np.asarray(Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR))
+    lookup = _jet_lookup()
+    overlay = np.array(image.convert("RGB"))
+    for top in range(0, overlay.shape[0], rows_per_strip):
+        rows = slice(top, top + rows_per_strip)
+        colours = lookup[np.minimum((resized[rows] * 256).astype(np.int32), 255)]
+        overlay[rows] = np.round(overlay[rows] * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return Image.fromarray(overlay)
 
 
-def mask_array(mask: Image.Image | None, size: int) -> np.ndarray:
-    """A benchmark mask (PIL or None for normal images) as a boolean (size, size) array."""
+def resize_center_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """The geometry of `image_processor(crop=True)`: resize the short side to `size` (the long side truncated
+    to an integer, as transformers and torchvision do), then keep the centre `size` square (offset floored,
+    as transformers does)."""
+    width, height = image.size
+    short, long = sorted((width, height))
+    long = int(size * long / short)
+    resized = image.resize((size, long) if width <= height else (long, size), resample)
+    left, top = (resized.width - size) // 2, (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def mask_array(mask: Image.Image | None, size: int, crop: bool = False) -> np.ndarray:
+    """A benchmark mask (PIL or None for normal images) as a boolean (size, size) array: resized whole, or
+    with crop=True resized and centre-cropped as `image_processor(crop=True)` does its image. Nearest
+    neighbour, so a mask stays binary."""
     if mask is None:
         return np.zeros((size, size), dtype=bool)
-    return np.asarray(mask.convert("L").resize((size, size), Image.Resampling.NEAREST)) > 127
+    mask = mask.convert("L")
+    if crop:
+        mask = resize_center_crop(mask, size, Image.Resampling.NEAREST)
+    else:
+        mask = mask.resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 127
 
 
 def save_heatmap_panels(

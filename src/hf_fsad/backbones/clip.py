@@ -21,6 +21,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 from transformers.masking_utils import create_causal_mask
 
+from ..configuration_base import POSITION_INTERPOLATIONS
 from ..prompts import TEMPLATES, winclip_prompts
 from ..scoring import ensemble_text_embedding, window_token_indices
 
@@ -42,11 +43,20 @@ class VisionFeatures:
 
 
 class ClipBackbone(nn.Module):
-    """Feature extraction from a CLIP model; the CLIP weights are frozen by the owning model."""
+    """Feature extraction from a CLIP model; the CLIP weights are frozen by the owning model.
 
-    def __init__(self, clip_config: CLIPConfig):
+    position_interpolation: resampling of the position-embedding grid for other image sizes, "bicubic" or
+    "bilinear" (see `resize_position_embeddings`).
+    """
+
+    def __init__(self, clip_config: CLIPConfig, position_interpolation: str = "bicubic"):
         super().__init__()
+        if position_interpolation not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, got {position_interpolation!r}."
+            )
         self.clip = CLIPModel(clip_config)
+        self.position_interpolation = position_interpolation
         self.tokenizer = None  # a CLIPTokenizer, attached by the owning model after loading
         self._text_cache: dict[str, torch.Tensor] = {}
         # Window tokens per pass through the tower: bounds the activations' working set (an MLP's hidden
@@ -93,15 +103,28 @@ class ClipBackbone(nn.Module):
                 raise ValueError(
                     f"Block {layer} does not exist: the vision tower has blocks 1..{self.num_blocks}."
                 )
-        vision = self.clip.vision_model
+        embeddings = self.embed(pixel_values)
+        last, kept = self._run_blocks(self.clip.vision_model.pre_layrnorm(embeddings), keep=layers)
         height, width = pixel_values.shape[-2:]
-        native = self.clip.config.vision_config.image_size
-        embeddings = vision.embeddings(
-            pixel_values, interpolate_pos_encoding=(height, width) != (native, native)
-        )
-        last, kept = self._run_blocks(vision.pre_layrnorm(embeddings), keep=layers)
         grid = (height // self.patch_size, width // self.patch_size)
         return VisionFeatures(embeddings, kept, last, grid)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + position embeddings (B, 1+N, D), CLS first. At the checkpoint's image size, transformers'
+        own embedding; at other sizes the position grid is resized with `position_interpolation`."""
+        embedding = self.clip.vision_model.embeddings
+        height, width = pixel_values.shape[-2:]
+        native = self.clip.config.vision_config.image_size
+        if (height, width) == (native, native):
+            return embedding(pixel_values)
+        patches = embedding.patch_embedding(pixel_values.to(embedding.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)
+        tokens = torch.cat([embedding.class_embedding.expand(len(patches), 1, -1), patches], dim=1)
+        grid = (height // self.patch_size, width // self.patch_size)
+        positions = resize_position_embeddings(
+            embedding.position_embedding.weight, grid, self.position_interpolation
+        )
+        return tokens + positions
 
     def block_tokens(self, pixel_values: torch.Tensor, layers: Sequence[int]) -> dict[str, torch.Tensor]:
         """Raw tokens (B, 1+N, D), CLS first, after each of `layers`, as "tokens.<block>" (differentiable)."""
@@ -277,6 +300,21 @@ class ClipBackbone(nn.Module):
         hidden = text_model.final_layer_norm(hidden)
         end = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1) + context.shape[0]
         return self.clip.text_projection(hidden[torch.arange(len(prompts), device=device), end])
+
+
+def resize_position_embeddings(
+    position_embeddings: torch.Tensor, grid_size: tuple[int, int], mode: str = "bicubic"
+) -> torch.Tensor:
+    """Position embeddings (1+n*n, D) of a square n x n patch grid, CLS first, resized to `grid_size`:
+    the CLS position as it is, the grid by `F.interpolate(mode, align_corners=False)`. "bicubic" is what
+    transformers' `interpolate_pos_encoding` computes; "bilinear" what AF-CLIP's official code computes
+    (and its released weights were trained with). Returns (1+h*w, D)."""
+    side = round((position_embeddings.shape[0] - 1) ** 0.5)
+    if side * side != position_embeddings.shape[0] - 1:
+        raise ValueError(f"{position_embeddings.shape[0] - 1} patch positions do not form a square grid.")
+    grid = position_embeddings[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=grid_size, mode=mode, align_corners=False)
+    return torch.cat([position_embeddings[:1], resized.flatten(2)[0].T])
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ them into a `DatasetDict` with `Dataset.from_generator`, decoding images only th
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from datasets.exceptions import DatasetGenerationError
 from PIL import Image as PILImage
+
+from ..io import ImageReadError, check_image_file
 
 LABEL_NAMES = ("good", "anomaly")
 FEATURES = Features(
@@ -125,7 +128,16 @@ def _decode(record: Record) -> dict:
 
 
 def _generate(records: Sequence[Record]) -> Iterator[dict]:
+    """Decoded records; one whose image or mask file cannot be used is reported (a warning naming the file
+    and the reason) and left out, so one broken file does not stop a benchmark."""
     for record in records:
+        try:
+            for source in (record.image, record.mask):
+                if isinstance(source, (str, os.PathLike)):
+                    check_image_file(source, max_pixels=None)
+        except ImageReadError as error:
+            warnings.warn(f"skipped {record.path}: {source} {error}", stacklevel=2)
+            continue
         yield _decode(record)
 
 

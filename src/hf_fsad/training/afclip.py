@@ -39,6 +39,9 @@ class AfClipTrainingArguments(TrainingArguments):
     segmentation_weight, alignment_weight: lambda1 and lambda2 of Eq. 15 (1 and 1).
     mask_threshold: a patch is anomalous when its bilinearly downsampled mask exceeds this (the reference
         code's 0.5; lower keeps thin defects that cover less than half a patch).
+    alignment_pairs: how Eq. 14 pools its patch pairs (`patch_alignment_loss`): "batch" (the official code:
+        all pairs of the batch, self pairs included, one hinge per token set; with several processes each
+        pools its share of the batch) or "image" (one hinge per image, self pairs left out).
     """
 
     max_steps: int = 432
@@ -49,6 +52,7 @@ class AfClipTrainingArguments(TrainingArguments):
     segmentation_weight: float = 1.0
     alignment_weight: float = 1.0
     mask_threshold: float = 0.5
+    alignment_pairs: str = "batch"
 
 
 class AfClipTrainer(Trainer):
@@ -95,7 +99,8 @@ class AfClipTrainer(Trainer):
     def patch_masks(self, rows: list[int]) -> torch.Tensor:
         """(B, N) bool: the masks downsampled bilinearly to the patch grid and binarised at `mask_threshold`."""
         size = self.model.config.image_size
-        masks = np.stack([mask_array(mask, size) for mask in self.dataset.select(rows)["mask"]])
+        crop = self.model.config.paper_preprocessing == "crop"  # the geometry of the cached features
+        masks = np.stack([mask_array(mask, size, crop) for mask in self.dataset.select(rows)["mask"]])
         masks = torch.from_numpy(masks).float().unsqueeze(1)
         grid = F.interpolate(masks, size=self.model.grid_size(), mode="bilinear", align_corners=False)
         return (grid > self.args.mask_threshold).flatten(1).to(self.accelerator.device)
@@ -108,7 +113,7 @@ class AfClipTrainer(Trainer):
             )
             return {name: tensor.to(device) for name, tensor in features.items()}
         images = [image.convert("RGB") for image in self.dataset.select(rows)["image"]]
-        pixel_values = self.model.image_processor()(images, return_tensors="pt").pixel_values
+        pixel_values = self.model.paper_image_processor()(images, return_tensors="pt").pixel_values
         return self.model.vision_features(pixel_values.to(device))
 
     def compute_loss(self, batch_index: int) -> torch.Tensor:
@@ -126,5 +131,6 @@ class AfClipTrainer(Trainer):
             args.focal_gamma,
             args.segmentation_weight,
             args.alignment_weight,
+            args.alignment_pairs,
         )
         return losses["total"]

@@ -1,4 +1,5 @@
-"""DreamBooth with LoRA (papers/one-to-normal.txt, Sec. 3.2): One-to-Normal's anomaly-free customised model.
+"""DreamBooth with LoRA: One-to-Normal's anomaly-free customised model ("One-to-Normal: Anomaly Personalization
+for Few-shot Anomaly Detection", arXiv:2502.01201, Sec. 3.2).
 
 The Stable Diffusion UNet gets a PEFT LoRA on its attention projections and learns the k normal images
 (augmented: flips, quarter turns, random crops) under the instance prompt "a photo of normal {class}", with
@@ -231,7 +232,7 @@ class DreamBoothLoraTrainer(Trainer):
 def main(argv: Sequence[str] | None = None) -> int:
     """`training/train_dreambooth_lora.py`: fit One-to-Normal (LoRA + anomaly-free pool) on a folder of normal
     images and save it (with the LoRA beside the weights)."""
-    from ..cli import _readable_images, expand_inputs
+    from ..io import expand_inputs, readable_images
     from ..registry import model_class
 
     parser = argparse.ArgumentParser(
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
-    normals = [image for _, image in _readable_images(expand_inputs(arguments.normal), "normal image")]
+    normals = [image for _, image in readable_images(expand_inputs(arguments.normal, "normal image"), "normal image")]
     if not normals:
         parser.error("none of the --normal images could be read")
     model = model_class("one_to_normal").from_clip(

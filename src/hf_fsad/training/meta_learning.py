@@ -3,7 +3,14 @@
 One task per auxiliary category. Each outer step samples, per task, k normal references shared by a support
 set and a query set of normal and anomalous queries; one inner SGD step on the support loss gives adapted
 parameters (Eq. 10), run with `torch.func.functional_call`; the query losses of all tasks at their adapted
-parameters are summed (Eq. 11) and one outer optimiser step is taken on that sum (Eq. 12).
+parameters are summed (Eq. 11) and one outer optimiser step is taken on that sum (Eq. 12). A task's queries
+never include its own references (the official sampler draws both from the same normal images, so a query
+can be one of its references).
+
+BatchNorm (the official detector) normalises with batch statistics while training; its running statistics,
+which eval mode uses, are updated only by the query-set forwards of the outer objective (the inner step
+runs on scratch copies; without meta-learning, by every forward) and kept in checkpoints; with several
+processes they are averaged after each update.
 
 The CLIP backbone is frozen, so each training image is encoded once and its features cached
 (`hf_fsad.benchmark.FeatureCache`, in memory or on disk). Task draws are seeded by (seed, step, task), so
@@ -48,8 +55,12 @@ class MetaLearningArguments(TrainingArguments):
     second-order). meta_learning: False is Table 4's ablation, plain joint training on the same draws (the
     support and query losses at the shared parameters). loss: per-sample loss L_b of Eq. 9, summed over a set;
     "bce+focal" (default, the paper's "combination of binary classification loss and focal loss"), "focal"
-    (the reference code) or "bce". max_steps: outer updates (Algorithm 1's S; 200 is ~15 passes over MVTec AD
-    with the default set sizes); a meta-batch (all tasks once) is one batch of `TrainingArguments`.
+    (Lin et al.'s focal loss of the scores), "bce", or "official_focal": what the official code computes,
+    its focal-with-logits loss applied to the scores (already probabilities), averaged over the set
+    (`losses.official_focal_loss`). max_steps: outer updates (Algorithm 1's S). 200 (default) draws
+    200 x 15 tasks x 40 queries = 120,000 queries on MVTec AD, ~22 passes over its 5,354 images (the
+    references add 6,000 draws); the official code runs 15 outer updates, one per "epoch". A meta-batch (all
+    tasks once) is one batch of `TrainingArguments`.
     """
 
     num_shots: int = 2
@@ -173,10 +184,16 @@ def set_loss(
     references: list[torch.Tensor],
     text_embeddings: torch.Tensor,
     args: MetaLearningArguments,
+    buffers: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Eq. 9: f(params, D) = sum over the set's queries of L_b(s, y), with the head run on `params`."""
-    scores = functional_call(head, params, (queries, references, text_embeddings))["score"]
-    return anomaly_loss(scores.float(), labels, args.loss, args.focal_alpha, args.focal_gamma)
+    """Eq. 9: f(params, D) = sum over the set's queries of L_b(s, y), with the head run on `params` (the mean
+    for "official_focal", as the official code). BatchNorm running statistics (buffers) are updated in place
+    unless `buffers` gives scratch copies to update instead."""
+    tensors = params if buffers is None else {**buffers, **params}
+    scores = functional_call(head, tensors, (queries, references, text_embeddings))["score"]
+    reduction = "mean" if args.loss == "official_focal" else "sum"
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half precision under autocast
+    return anomaly_loss(scores, labels, args.loss, args.focal_alpha, args.focal_gamma, reduction)
 
 
 def adapt(
@@ -186,8 +203,12 @@ def adapt(
     text_embeddings: torch.Tensor,
     args: MetaLearningArguments,
 ) -> dict[str, torch.Tensor]:
-    """Eq. 10: Theta_i = Theta - beta grad f(Theta, D_i^spt); differentiable in Theta unless first-order."""
-    loss = set_loss(head, params, task.support, task.support_labels, task.references, text_embeddings, args)
+    """Eq. 10: Theta_i = Theta - beta grad f(Theta, D_i^spt); differentiable in Theta unless first-order.
+    The inner forward leaves the running statistics as they are."""
+    scratch = {name: buffer.clone() for name, buffer in head.named_buffers()}
+    loss = set_loss(
+        head, params, task.support, task.support_labels, task.references, text_embeddings, args, scratch
+    )
     gradients = torch.autograd.grad(
         loss, list(params.values()), create_graph=not args.first_order, allow_unused=True
     )
@@ -257,6 +278,14 @@ class MetaLearner(Trainer):
                 "Nothing to train: without the detector (use_detector=False) MetaCAN has no parameters; "
                 "use the model as it is."
             )
+        smallest_set = min(
+            args.support_normal + args.support_anomalous, args.query_normal + args.query_anomalous
+        )
+        if model.config.detector_type == "official" and smallest_set < 2:
+            raise ValueError(
+                "The official detector's BatchNorm normalises each set with its own statistics while training: "
+                f"support and query sets need at least 2 queries each, got {smallest_set}."
+            )
         if args.outer_optimizer == "adam":
             optimizer_factory = partial(torch.optim.Adam, lr=args.outer_lr)
         else:
@@ -273,6 +302,28 @@ class MetaLearner(Trainer):
     def on_train_start(self) -> None:
         with torch.no_grad():
             self.text_embeddings = self.model.text_embeddings()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters and the head's buffers (BatchNorm running statistics)."""
+        return self.parameters | {f"head.{name}": buffer for name, buffer in self.head.named_buffers()}
+
+    def training_step(self, step: int) -> float:
+        """`Trainer.training_step`, then the processes' BatchNorm buffers merged (each updated them on its own
+        tasks): running statistics averaged, batch counts summed. The running statistics then differ slightly
+        from a single process's, which updates them task after task; the parameters do not."""
+        world = self.accelerator.num_processes
+        counts = {name: b.clone() for name, b in self.head.named_buffers() if not b.is_floating_point()}
+        loss = super().training_step(step)
+        if world > 1:
+            for name, buffer in self.head.named_buffers():
+                if buffer.is_floating_point():
+                    torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+                    buffer /= world
+                else:
+                    added = buffer - counts[name]
+                    torch.distributed.all_reduce(added, op=torch.distributed.ReduceOp.SUM)
+                    buffer.copy_(counts[name] + added)
+        return loss
 
     def _features(self, rows: list[int]) -> list[torch.Tensor]:
         features = self.cache.features(

@@ -150,6 +150,11 @@ class Trainer:
     def compute_loss(self, batch_index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the model besides Accelerate's state: the trainable parameters, and in
+        subclasses any state training changes too (e.g. BatchNorm running statistics)."""
+        return self.parameters
+
     def trainable_module(self) -> torch.nn.Module:
         """The module whose parameters that require gradients are trained: the model, unless a subclass
         trains something beside it (One-to-Normal's diffusion UNet)."""
@@ -202,7 +207,7 @@ class Trainer:
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))
         if accelerator.is_main_process:
-            weights = {name: p.detach().cpu().contiguous() for name, p in self.parameters.items()}
+            weights = {name: t.detach().cpu().contiguous() for name, t in self.checkpoint_tensors().items()}
             save_file(weights, temporary / "trainable.safetensors")
             (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
             if final.exists():
@@ -215,10 +220,11 @@ class Trainer:
     def load_checkpoint(self, checkpoint: Path) -> tuple[int, list[dict]]:
         self.accelerator.load_state(str(checkpoint))
         weights = load_file(checkpoint / "trainable.safetensors", device=str(self.accelerator.device))
-        if set(weights) != set(self.parameters):
+        tensors = self.checkpoint_tensors()
+        if set(weights) != set(tensors):
             raise ValueError(f"{checkpoint} holds other trainable weights than this model has.")
         for name, value in weights.items():
-            self.parameters[name].copy_(value)
+            tensors[name].copy_(value)
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         return int(state["step"]), list(state["history"])
 

@@ -1,4 +1,5 @@
-"""VTFusion fitting (papers/vtfusion.txt, Algorithm 1): one category, its k normal images, synthetic anomalies.
+"""VTFusion fitting: one category, its k normal images, synthetic anomalies (Algorithm 1 of Jiang et al.,
+"VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection").
 
     python training/fit_vtfusion.py --config training/configs/vtfusion.yaml [--set model.use_fusion=false]
 
@@ -27,7 +28,7 @@ from PIL import Image
 
 from ..augmentation import random_crop
 from ..scoring import initial_prototypes, stack_levels
-from ..synthesis import SYNTHESIS_KINDS, random_anomaly
+from ..synthesis import DEFAULT_SIZE_RANGE, SYNTHESIS_KINDS, random_anomaly
 from .losses import vtfusion_loss
 from .trainer import Trainer, TrainingArguments
 
@@ -43,7 +44,9 @@ class VtFusionFitArguments(TrainingArguments):
     and MPF (Sec. IV-A). max_steps: the paper gives no iteration count; 1000 updates of k normal + k synthetic
     images (at 1e-4 the fusion and segmentation layers need that many; the toy recipe trains 200 updates with
     all rates at 1e-3). anomaly_kinds: the DAS types drawn from (one type for Table III's single-type ablations).
-    anomaly_size_range: synthetic region half-sizes as fractions of the image side. crop_scale_range: each
+    anomaly_size_range: synthetic region half-sizes as fractions of the image side (1-40 %, see
+    `hf_fsad.synthesis`). misplaced_rotation: probability that a misplaced patch is pasted rotated by 180
+    degrees (0: the paper's plain cut-and-paste). crop_scale_range: each
     update takes random crops (this share of each side, resized back) of the normals and of the images the
     anomalies are made from, so the training normals are not exactly their own prototypes (the paper says
     nothing on augmentation; None turns it off). No checkpoints unless the trainer gets an output_dir."""
@@ -52,7 +55,8 @@ class VtFusionFitArguments(TrainingArguments):
     image_encoder_learning_rate: float = 1e-3
     learning_rate: float = 1e-4
     anomaly_kinds: list[str] = field(default_factory=lambda: list(SYNTHESIS_KINDS))
-    anomaly_size_range: list[float] = field(default_factory=lambda: [0.02, 0.2])
+    anomaly_size_range: list[float] = field(default_factory=lambda: list(DEFAULT_SIZE_RANGE))
+    misplaced_rotation: float = 0.0
     crop_scale_range: list[float] | None = field(default_factory=lambda: [0.8, 1.0])
 
     def __post_init__(self):
@@ -64,11 +68,11 @@ class VtFusionFitArguments(TrainingArguments):
             )
 
 
-def anomalous_patches(masks: torch.Tensor, grid_size: tuple[int, int], fraction: float) -> torch.Tensor:
-    """(B, H, W) pixel masks -> (B, h*w) bool: patches of which at least `fraction` of the pixels are
-    anomalous (adaptive average pooling: any H, W)."""
-    shares = F.adaptive_avg_pool2d(masks.float().unsqueeze(1), grid_size)
-    return (shares >= fraction).flatten(1)
+def anomalous_patches(masks: torch.Tensor, grid_size: tuple[int, int], fraction: float = 0.0) -> torch.Tensor:
+    """(B, H, W) pixel masks -> (B, h*w) bool: patches of which more than `fraction` of the pixels are
+    anomalous (0: any changed pixel). Adaptive average pooling: any H, W."""
+    shares = F.adaptive_avg_pool2d(masks.double().unsqueeze(1), grid_size)
+    return (shares > fraction).flatten(1)
 
 
 class VtFusionTrainer(Trainer):
@@ -128,7 +132,9 @@ class VtFusionTrainer(Trainer):
         for normal in self.normals:
             view = random_crop(normal, rng, tuple(crops)) if crops else normal
             source = random_crop(normal, rng, tuple(crops)) if crops else normal
-            image, mask, _ = random_anomaly(source, rng, kinds, size_range)
+            image, mask, _ = random_anomaly(
+                source, rng, kinds, size_range, misplaced_rotation=self.args.misplaced_rotation
+            )
             views.append(view)
             anomalies.append(image)
             masks.append(torch.from_numpy(mask))

@@ -28,14 +28,20 @@ class AfClipConfig(FsadConfig):
             each of the four blocks (the `feature_layers`); rank 64, alpha = rank (scale 1).
         num_context_tokens, context_init_std: Eq. 8's learnable word embeddings (12, initialised N(0, 0.01)),
             shared by both state prompts.
-        context_placement: "after_start" (default: the paper's prefix of the state words, right after the
-            start token) or "before_start" (the reference code: before the start token).
+        context_placement: "before_start" (default: where the official code puts them, before the start
+            token, and where its released prompts were trained) or "after_start" (right after the start token,
+            a literal reading of the paper's "prefix" of the state words).
         state_prompts: the fixed (normal, anomalous) state suffixes.
         temperature: of Eq. 9's cosine logits (0.07).
-        map_smoothing_sigma: Gaussian std in pixels of the upsampled maps (4; 0 disables).
+        map_smoothing_sigma: Gaussian std in pixels of the upsampled maps (4; 0 disables), borders in scipy's
+            default "reflect" mode as the official code's `gaussian_filter`.
         memory_weight: AF-CLIP+ fusion (Eq. 18): score = memory + memory_weight x zero-shot, for both the
             image score and the map (0.1).
+        position_interpolation: "bilinear" by default here: the official code resizes the 24x24 position grid
+            of ViT-L/14@336 to 37x37 bilinearly, and its released weights were trained on those tokens
+            ("bicubic", transformers' resize, is the option).
         inherited: see `FsadConfig`. The paper runs ViT-L/14@336 at image_size 518 (37x37 patches).
+            paper_preprocessing is "squash": the official code resizes whole images (and masks) to 518x518.
     """
 
     model_type = "afclip"
@@ -52,11 +58,13 @@ class AfClipConfig(FsadConfig):
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     num_context_tokens: int = 12
     context_init_std: float = 0.01
-    context_placement: str = "after_start"
+    context_placement: str = "before_start"
     state_prompts: list[str] = field(default_factory=lambda: ["without defect.", "with defect."])
     temperature: float = 0.07
     map_smoothing_sigma: float = 4.0
     memory_weight: float = 0.1
+    position_interpolation: str = "bilinear"
+    paper_preprocessing: str = "squash"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

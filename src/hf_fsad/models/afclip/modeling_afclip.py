@@ -165,8 +165,10 @@ class AfClipModel(FsadPreTrainedModel):
         return afclip_token_probabilities(projected, text_embeddings, self.config.temperature), projected
 
     def pixel_maps(self, patch_scores: torch.Tensor) -> torch.Tensor:
-        """(B, N) patch scores -> (B, S, S): bilinear upsampling, then Gaussian smoothing."""
-        return gaussian_blur(self.to_pixel_maps(patch_scores), self.config.map_smoothing_sigma)
+        """(B, N) patch scores -> (B, S, S): bilinear upsampling, then Gaussian smoothing with scipy's default
+        border mode ("reflect"), as the official code's `gaussian_filter(sigma=4)`."""
+        maps = self.to_pixel_maps(patch_scores)
+        return gaussian_blur(maps, self.config.map_smoothing_sigma, mode="reflect")
 
     @torch.no_grad()
     def build_reference_bank(

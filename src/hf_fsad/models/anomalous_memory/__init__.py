@@ -1,1 +1,1 @@
-"""Anomalous-memory multi-score method (papers/anomalous-samples-fsad.txt), built on WinCLIP+."""
+"""Anomalous memory on WinCLIP+ (Abdali et al., "Anomalous Samples for Few-Shot Anomaly Detection")."""

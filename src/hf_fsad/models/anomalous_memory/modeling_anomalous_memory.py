@@ -1,4 +1,5 @@
-"""Anomalous memory: WinCLIP+ that also learns from defective samples (papers/anomalous-samples-fsad.txt)."""
+"""Anomalous memory: WinCLIP+ that also learns from defective samples (Abdali et al.,
+"Anomalous Samples for Few-Shot Anomaly Detection")."""
 
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from ...augmentation import augment_views
 from ...modeling_base import AnomalyDetectionOutput, ReferenceBank
 from ...scoring import (
     anomalous_association,
+    anomalous_items,
     baseline_score_weights,
     harmonic_aggregation,
     level_image_scores,
-    mask_to_patch_grid,
-    overlapping_windows,
+    patch_defect_shares,
     reference_association,
     sample_score_weights,
     select_score_weights,
+    unit_l1_weights,
+    window_defect_shares,
 )
 from ..winclip.modeling_winclip import WinClipModel
 from .configuration_anomalous_memory import AnomalousMemoryConfig
@@ -29,8 +32,9 @@ class AnomalousMemoryModel(WinClipModel):
     memory at four scales (16 px patches, 32/48/112 px windows) — combined with a weight vector stored in
     the bank (the paper's baseline, or the best of a Monte-Carlo draw on augmented samples).
 
-    The anomalous memory holds the items (patches, windows) of anomalous references that overlap their
-    masks; their other items join the normal memory, so one annotated defective image gives both memories.
+    The anomalous memory holds the items (patches, windows) of anomalous references that are mostly defect
+    (`config.anomalous_item_fraction`); their defect-free items join the normal memory, so one annotated
+    defective image gives both memories.
     An anomalous reference given without a mask puts all its items in the anomalous memory (a trade-off:
     its normal parts then look like defects, so normal references are needed beside it).
     """
@@ -53,13 +57,8 @@ class AnomalousMemoryModel(WinClipModel):
             *(features[f"window_embeddings.{s}"] for s in self.config.window_scales),
         ]
 
-    def _anomalous_item_flags(self, masks: torch.Tensor | None, count: int) -> list[torch.Tensor]:
-        """Per level (A, items) bool: which items of each anomalous reference overlap its mask."""
-        grid = self.grid_size()
-        window_sets = self.window_mask_list(self.device)
-        if masks is None:
-            num_items = [grid[0] * grid[1], *(w.shape[0] for w in window_sets)]
-            return [torch.ones(count, n, dtype=torch.bool, device=self.device) for n in num_items]
+    def _item_defect_shares(self, masks: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Per level (A, items) float64: the share of each item of each anomalous reference that is defect."""
         size = self.config.image_size
         if masks.ndim != 3 or tuple(masks.shape) != (count, size, size):
             raise ValueError(
@@ -72,8 +71,14 @@ class AnomalousMemoryModel(WinClipModel):
                 f"The masks of anomalous references {empty} mark no anomalous pixel; pass anomalous_masks=None "
                 "for references without pixel labels."
             )
-        patches = mask_to_patch_grid(masks.to(self.device), self.backbone.patch_size)
-        return [patches, *(overlapping_windows(patches, windows) for windows in window_sets)]
+        patches = patch_defect_shares(masks.to(self.device) != 0, self.backbone.patch_size)
+        windows = self.window_mask_list(self.device)
+        return [patches, *(window_defect_shares(patches, window_masks) for window_masks in windows)]
+
+    def available_scores(self, bank_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(1 + 2L,) bool over `score_names()`: False where the bank's memory at that level is empty."""
+        sizes = [bank_tensors[name].shape[0] for name in self.score_names()[1:]]
+        return torch.tensor([True, *(size > 0 for size in sizes)])
 
     @torch.no_grad()
     def build_reference_bank(
@@ -85,8 +90,9 @@ class AnomalousMemoryModel(WinClipModel):
         anomalous_masks: torch.Tensor | None = None,
         anomalous_features: dict[str, torch.Tensor] | None = None,
     ) -> ReferenceBank:
-        """Bank with the normal memory (normal references + the unmasked items of anomalous ones), the
-        anomalous memory (masked items) and the baseline score weights.
+        """Bank with the normal memory (normal references + the defect-free items of anomalous ones), the
+        anomalous memory (the items that are mostly defect, see the config) and the baseline score weights
+        (over the levels whose memories are not empty).
 
         anomalous_masks: (A, S, S) with S = config.image_size, non-zero = defect; None = no pixel labels.
         Features from `encode_images` may stand in for either set of images.
@@ -99,27 +105,58 @@ class AnomalousMemoryModel(WinClipModel):
                 "with normal references only, use WinClipModel."
             )
         count = anomalous["patch_tokens"].shape[0]
-        flags = self._anomalous_item_flags(anomalous_masks, count)
+        shares = None if anomalous_masks is None else self._item_defect_shares(anomalous_masks, count)
         class_name = class_name or self.config.default_class_name
-        tensors = {
-            "text_embeddings": self.text_embeddings(class_name),
-            "score_weights": baseline_score_weights(self.config.num_levels),
-        }
+        tensors = {"text_embeddings": self.text_embeddings(class_name)}
         normal_items = self._level_items(normal) if normal is not None else [None] * self.config.num_levels
-        for name, items, level_flags, normal_level in zip(
-            self.level_names(), self._level_items(anomalous), flags, normal_items
+        for level, (name, items, normal_level) in enumerate(
+            zip(self.level_names(), self._level_items(anomalous), normal_items)
         ):
-            parts = [items[~level_flags]] + ([normal_level.flatten(0, 1)] if normal_level is not None else [])
+            if shares is None:
+                in_anomalous = torch.ones(items.shape[:2], dtype=torch.bool, device=items.device)
+                defect_free = ~in_anomalous
+            else:
+                level_shares = shares[level].to(items.device)
+                in_anomalous = anomalous_items(level_shares, self.config.anomalous_item_fraction)
+                defect_free = level_shares == 0
+            parts = [items[defect_free]] + ([normal_level.flatten(0, 1)] if normal_level is not None else [])
             tensors[f"reference.{name}"] = torch.cat(parts)
-            tensors[f"anomalous.{name}"] = items[level_flags]
-            if tensors[f"reference.{name}"].shape[0] == 0:
-                raise ValueError(
-                    "The normal memory is empty: give normal references, or anomalous masks that leave normal "
-                    "regions."
-                )
+            tensors[f"anomalous.{name}"] = items[in_anomalous]
+        if all(tensors[f"reference.{name}"].shape[0] == 0 for name in self.level_names()):
+            raise ValueError(
+                "The normal memory is empty at every level: give normal references, or anomalous masks that "
+                "leave defect-free patches."
+            )
+        tensors["score_weights"] = baseline_score_weights(
+            self.config.num_levels, self.available_scores(tensors)
+        )
         k = normal["patch_tokens"].shape[0] if normal is not None else 0
         tensors["num_anomalous"] = torch.tensor(count)
         return self.make_bank(class_name, k, tensors)
+
+    def _scores_and_maps(
+        self, features: dict[str, torch.Tensor], bank: ReferenceBank
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every score (B, S) and patch map (S, B, P) in `score_names()` order, and which are available (S,):
+        a level whose memory is empty gets zeros there (weighted 0)."""
+        text = bank.tensors["text_embeddings"]
+        windows = self.window_mask_list(text.device)
+        zero_shot, text_map = self.zero_shot_branch(features, text, windows)
+        available = self.available_scores(bank.tensors)
+        maps = [text_map]
+        for memory, association in (
+            ("reference", reference_association),
+            ("anomalous", anomalous_association),
+        ):
+            for level, (name, items) in enumerate(zip(self.level_names(), self._level_items(features))):
+                stored = bank.tensors[f"{memory}.{name}"]
+                if stored.shape[0] == 0:
+                    maps.append(torch.zeros_like(text_map))
+                    continue
+                scores = association(items, stored)
+                maps.append(scores if level == 0 else harmonic_aggregation(scores, windows[level - 1]))
+        scores = torch.cat([zero_shot[:, None], level_image_scores(maps[1:])], dim=-1)
+        return scores, torch.stack(maps), available
 
     @torch.no_grad()
     def score_features(
@@ -129,31 +166,13 @@ class AnomalousMemoryModel(WinClipModel):
             reference_bank,
             "with an anomalous reference: model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...).",
         )
-        text = bank.tensors["text_embeddings"]
-        windows = self.window_mask_list(text.device)
-        zero_shot, text_map = self.zero_shot_branch(features, text, windows)
-
-        def level_maps(association, memory: str) -> list[torch.Tensor]:
-            maps = []
-            for level, (name, items) in enumerate(zip(self.level_names(), self._level_items(features))):
-                scores = association(items, bank.tensors[f"{memory}.{name}"])
-                maps.append(scores if level == 0 else harmonic_aggregation(scores, windows[level - 1]))
-            return maps
-
-        reference_maps = level_maps(reference_association, "reference")
-        anomalous_maps = level_maps(anomalous_association, "anomalous")
-        scores = torch.cat(
-            [zero_shot[:, None], level_image_scores(reference_maps), level_image_scores(anomalous_maps)],
-            dim=-1,
-        )
+        scores, maps, available = self._scores_and_maps(features, bank)
         weights = bank.tensors["score_weights"].to(scores)
-        patch_map = torch.einsum(
-            "s,sbp->bp", weights, torch.stack([text_map, *reference_maps, *anomalous_maps])
-        )
+        names = self.score_names()
         return AnomalyDetectionOutput(
             image_scores=scores @ weights,
-            anomaly_maps=self.to_pixel_maps(patch_map),
-            branch_scores={name: scores[:, index] for index, name in enumerate(self.score_names())},
+            anomaly_maps=self.to_pixel_maps(torch.einsum("s,sbp->bp", weights, maps)),
+            branch_scores={name: scores[:, index] for index, name in enumerate(names) if available[index]},
         )
 
     @torch.no_grad()
@@ -166,32 +185,34 @@ class AnomalousMemoryModel(WinClipModel):
         """The bank with the Monte-Carlo weight vector that ranks the validation images best.
 
         Draws `config.num_weight_samples` vectors from `config.weight_distribution` (seed
-        `config.weight_seed`) and keeps the one with the best validation AUROC; the bank then also holds
-        `validation_auroc`.
+        `config.weight_seed`; signed unless `config.signed_weights` is False), zeroes the weights of scores
+        whose memory is empty and rescales each vector to unit L1 norm, and keeps the first with the best
+        validation AUROC; the bank then also holds `validation_auroc`.
         """
         labels = torch.as_tensor(list(validation_labels))
         if labels.numel() != validation_pixel_values.shape[0]:
             raise ValueError(
                 f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images."
             )
-        output = self(validation_pixel_values, reference_bank=reference_bank)
-        scores = torch.stack([output.branch_scores[name] for name in self.score_names()], dim=-1)
+        bank = self.check_bank(reference_bank)
+        features = self.encode_images(validation_pixel_values, "validation_pixel_values")
+        scores, _, available = self._scores_and_maps(features, bank)
         generator = torch.Generator().manual_seed(self.config.weight_seed)
         candidates = sample_score_weights(
-            self.config.num_weight_samples, scores.shape[-1], self.config.weight_distribution, generator
+            self.config.num_weight_samples,
+            scores.shape[-1],
+            self.config.weight_distribution,
+            generator,
+            signed=self.config.signed_weights,
         )
+        if not available.all():
+            candidates = unit_l1_weights(candidates, available)
         weights, auroc = select_score_weights(scores.cpu(), labels, candidates)
-        tensors = reference_bank.tensors | {
+        tensors = bank.tensors | {
             "score_weights": weights,
             "validation_auroc": torch.tensor(auroc, dtype=torch.float64),
         }
-        return ReferenceBank(
-            reference_bank.model_type,
-            reference_bank.config_hash,
-            reference_bank.class_name,
-            reference_bank.k,
-            tensors,
-        )
+        return ReferenceBank(bank.model_type, bank.config_hash, bank.class_name, bank.k, tensors)
 
     def validation_set(
         self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]

@@ -1,4 +1,4 @@
-"""MetaCAN: category-to-anomaly network trained with AD meta-learning (papers/metacan.txt)."""
+"""MetaCAN: category-to-anomaly network trained with AD meta-learning (Lv et al., CIKM 2025)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,24 @@ from ...scoring import (
     topk_reference_anomaly,
 )
 from .configuration_metacan import MetaCanConfig
+
+
+def detector_layers(config: MetaCanConfig) -> nn.Sequential:
+    """Eq. 7's map from the image-text map (P values) to a logit (the sigmoid is applied by the head).
+
+    "official": Linear -> ReLU -> BatchNorm per hidden width, then Linear to 1, all with bias. "paper": the
+    plain matrices W3, W4 (no bias, nothing between them).
+    """
+    official = config.detector_type == "official"
+    layers: list[nn.Module] = []
+    width = config.num_patches
+    for hidden in config.detector_widths:
+        layers.append(nn.Linear(width, hidden, bias=official))
+        if official:
+            layers += [nn.ReLU(), nn.BatchNorm1d(hidden)]
+        width = hidden
+    layers.append(nn.Linear(width, 1, bias=official))
+    return nn.Sequential(*layers)
 
 
 class CategoryToAnomalyHead(nn.Module):
@@ -35,13 +53,7 @@ class CategoryToAnomalyHead(nn.Module):
         if config.differentiator_output_relu:
             layers.append(nn.ReLU())
         self.differentiator = nn.Sequential(*layers)
-        detector: list[nn.Module] = []
-        width = config.num_patches
-        for hidden in config.detector_hidden_sizes:
-            detector += [nn.Linear(width, hidden), nn.ReLU(), nn.LayerNorm(hidden)]
-            width = hidden
-        detector.append(nn.Linear(width, 1))
-        self.detector = nn.Sequential(*detector)
+        self.detector = detector_layers(config)
 
     def forward(
         self,

@@ -14,9 +14,14 @@ NORMAL_STATE_PROMPTS = (
 
 
 class OneToNormalConfig(FsadConfig):
-    """Config of `OneToNormalModel` (papers/one-to-normal.txt).
+    """Config of `OneToNormalModel` ("One-to-Normal: Anomaly Personalization for Few-shot Anomaly Detection",
+    arXiv:2502.01201).
 
     Args:
+        image_size: the CLIP input side, 240 (the paper's inference resolution, Sec. 4.1) whatever the
+            tower's own size: ViT-L/14 (224 or 336 px) then sees a 17 x 17 grid of 14-pixel patches (240 // 14;
+            the last 2 pixel rows and columns fall outside the grid), with interpolated position embeddings.
+            None takes the tower's size.
         feature_layers: 1-based vision blocks whose raw patch tokens are compared (Eqs. 4-5); default: the
             ends of four equal groups of blocks (the paper's n levels are not given; methods.md: as AF-CLIP).
         diffusion_model: the Stable Diffusion repository (Hub id or local directory) the anomaly-free
@@ -35,7 +40,8 @@ class OneToNormalConfig(FsadConfig):
         pool_strength: img2img strength of the generated pool images (closer to the normals than to queries;
             the paper gives no value).
         seed: of the personalization noise (per image: mixed with a hash of its pixels).
-        fitted_class_name: set by `fit`.
+        fitted_class_name, num_pool_images: set by `fit` (the object word of the prompts, and the number of
+            images in the anomaly-free pool saved with the model; 0: not fitted, no pool).
 
     Choices where the paper says nothing: Eqs. 4-5 compare raw block tokens (as WinCLIP+ and MetaCAN do);
     S_text (Eq. 6) uses the projected CLS token and the WinCLIP prompt ensemble; the map is the level mean of
@@ -46,6 +52,7 @@ class OneToNormalConfig(FsadConfig):
     model_type = "one_to_normal"
     paper = 'Li, Zhang, Li and Lao, "One-to-Normal: Anomaly Personalization for Few-shot Anomaly Detection"'
 
+    image_size: int | None = 240
     feature_layers: list[int] | None = None
     diffusion_model: str = "runwayml/stable-diffusion-v1-5"
     strength: float = 0.3
@@ -62,6 +69,7 @@ class OneToNormalConfig(FsadConfig):
     pool_strength: float = 0.5
     seed: int = 0
     fitted_class_name: str | None = None
+    num_pool_images: int = 0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -75,3 +83,5 @@ class OneToNormalConfig(FsadConfig):
             raise ValueError("normal_state_prompts must hold at least one prompt.")
         if self.pool_size < 1 or self.num_inference_steps < 1:
             raise ValueError("pool_size and num_inference_steps must be >= 1.")
+        if self.num_pool_images < 0:
+            raise ValueError(f"num_pool_images must be >= 0, got {self.num_pool_images}.")

@@ -1,4 +1,5 @@
-"""One-to-Normal: diffusion personalization and triplet contrastive inference (papers/one-to-normal.txt)."""
+"""One-to-Normal: diffusion personalization and triplet contrastive inference ("One-to-Normal: Anomaly
+Personalization for Few-shot Anomaly Detection", arXiv:2502.01201)."""
 
 from __future__ import annotations
 
@@ -57,8 +58,26 @@ class OneToNormalModel(FsadPreTrainedModel):
         self.lora_source: Path | None = None  # what this model was loaded with, saved next to it
         self.unet_source: Path | None = None
         self.personalization_digest: str | None = None  # set by fitting, or hashed from the sources
-        self.pool_images: list[Image.Image] = []  # the anomaly-free pool `fit` made
+        # The anomaly-free pool `fit` made, as RGB images at the model's input size (uint8, so `.to(dtype)`
+        # leaves it as it is): a buffer, so `save_pretrained` writes it into the safetensors weights.
+        size = config.image_size
+        self.register_buffer(
+            "pool_pixels", torch.zeros(config.num_pool_images, size, size, 3, dtype=torch.uint8)
+        )
         self.post_init()
+
+    @property
+    def pool_images(self) -> list[Image.Image]:
+        """The anomaly-free pool `fit` made (saved with the model), as RGB images at `config.image_size`."""
+        return [Image.fromarray(array) for array in self.pool_pixels.cpu().numpy()]
+
+    def set_pool(self, images: Sequence[Image.Image]) -> None:
+        """Make `images` the anomaly-free pool, resized as `image_processor()` resizes them (so a bank of the
+        pool equals a bank of the images given as references)."""
+        pixel_values = self.image_processor()(list(images), return_tensors="pt").pixel_values
+        arrays = [np.asarray(image) for image in self.to_images(pixel_values)]
+        self.pool_pixels = torch.from_numpy(np.stack(arrays)).to(self.pool_pixels.device)
+        self.config.num_pool_images = len(arrays)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -204,7 +223,8 @@ class OneToNormalModel(FsadPreTrainedModel):
     ) -> TrainingResult:
         """The anomaly-free customised model (Sec. 3.2): a DreamBooth LoRA on the UNet from the normal images
         (augmented; prior preservation with generated class images), then the anomaly-free pool (the normals
-        plus `pool_size - k` generated ones). `arguments` are further `DreamBoothArguments`."""
+        plus `pool_size - k` generated ones, kept at the model's input size and saved with the model).
+        `arguments` are further `DreamBoothArguments`."""
         from ...training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
 
         if not normal_images:
@@ -218,8 +238,8 @@ class OneToNormalModel(FsadPreTrainedModel):
         trainer = DreamBoothLoraTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         result = trainer.train()
         self.config.fitted_class_name = class_name
-        self.pool_images = self.augment_references_with_generated(
-            normal_images, self.config.pool_size - len(normal_images)
+        self.set_pool(
+            self.augment_references_with_generated(normal_images, self.config.pool_size - len(normal_images))
         )
         return result
 
@@ -257,7 +277,7 @@ class OneToNormalModel(FsadPreTrainedModel):
         """The anomaly-free pool's patch memory per level and the prompt-ensemble embeddings. References
         given (pixels or `clip_features`-style features): the pool is them; none: the pool `fit` made."""
         if reference_pixel_values is None and reference_features is None:
-            if not self.pool_images:
+            if self.config.num_pool_images == 0:
                 raise ValueError(
                     "No anomaly-free pool: fit the model (`model.fit(normal_images, class_name=...)`) or give "
                     "reference images."

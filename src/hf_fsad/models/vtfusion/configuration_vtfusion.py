@@ -6,7 +6,8 @@ from ...configuration_base import FsadConfig
 
 
 class VtFusionConfig(FsadConfig):
-    """Config of `VtFusionModel` (papers/vtfusion.txt), a detector fitted per category on k normal images.
+    """Config of `VtFusionModel`, a detector fitted per category on k normal images (Jiang et al.,
+    "VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection").
 
     Args:
         feature_layers: 1-based vision blocks whose patch tokens form the levels; default: the ends of four
@@ -27,7 +28,7 @@ class VtFusionConfig(FsadConfig):
         fitted_class_name, num_fitted_normals: set by `fit` (the object word of the prompts, and k); a model
             with num_fitted_normals = 0 has no prototypes yet.
 
-    Choices where the paper says nothing (no public code; documented in methods.md):
+    Choices where the paper says nothing (no public code):
     - D is the squared Euclidean distance (Eqs. 3-4 compare it with squared radii) between features whose
       every level is L2-normalised, the same features Eq. 6 compares with the text.
     - The linear layer of each level is CLIP's visual projection (after CLIP's post-layernorm) plus a
@@ -35,8 +36,12 @@ class VtFusionConfig(FsadConfig):
       the projection; the adaptor conv starts as the identity (Dirac) and the ATE is a residual MLP whose
       output layer starts at zero. So an unfitted model scores with CLIP's own features, and fitting refines.
     - Prototypes (Eq. 1) are computed once from the k normals at the start of fitting and stay frozen (the
-      paper's "frozen anchors"); AFS pushes only the synthetic defects' locations (a patch counts when
-      `anomalous_patch_fraction` of it changed); L_SEG covers the normal and the anomalous images.
+      paper's "frozen anchors"); AFS pushes only the synthetic defects' locations; L_SEG covers the normal
+      and the anomalous images.
+    - A patch is a defect location for AFS when more than `anomalous_patch_fraction` of its pixels changed;
+      default 0, any changed pixel: the synthetic masks are exact, so a changed pixel is a real change of the
+      patch, and a 1-4 px crack covers at most a quarter of a 16 px patch (a 25 % rule let cracks almost
+      never train AFS).
     - SAM is spatial self-attention (SAGAN style: 1x1 conv queries/keys/values over the locations, softmax
       attention); G is conv-BN-ReLU-conv-BN with a 1x1 skip, then a 1x1 conv to the one-channel M_vt. The
       segmentation network ends with a sigmoid, so M_f and the image score max(M_f) lie in [0, 1].
@@ -54,7 +59,7 @@ class VtFusionConfig(FsadConfig):
     margin: float = 0.1
     segmentation_weight: float = 1.0
     text_logit_scale: float = 100.0
-    anomalous_patch_fraction: float = 0.25
+    anomalous_patch_fraction: float = 0.0
     fusion_channels: int = 16
     segmentation_channels: int = 32
     segmentation_levels: int = 3
@@ -73,9 +78,9 @@ class VtFusionConfig(FsadConfig):
             self.text_adapter_hidden_size = self.clip_config.projection_dim
         if self.radius < 0 or self.margin < 0 or self.segmentation_weight < 0:
             raise ValueError("radius, margin and segmentation_weight must be non-negative.")
-        if not 0 < self.anomalous_patch_fraction <= 1:
+        if not 0 <= self.anomalous_patch_fraction < 1:
             raise ValueError(
-                f"anomalous_patch_fraction must be in (0, 1], got {self.anomalous_patch_fraction}."
+                f"anomalous_patch_fraction must be in [0, 1), got {self.anomalous_patch_fraction}."
             )
         if min(self.fusion_channels, self.segmentation_channels, self.segmentation_levels) < 1:
             raise ValueError("fusion_channels, segmentation_channels and segmentation_levels must be >= 1.")

@@ -1,4 +1,5 @@
-"""VTFusion: prototypes, adaptive image/text encoders and multimodal prediction fusion (papers/vtfusion.txt)."""
+"""VTFusion: prototypes, adaptive image/text encoders and multimodal prediction fusion (Jiang et al.,
+"VTFusion: A Vision-Text Multimodal Fusion Network for Few-Shot Anomaly Detection")."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ class WinClipConfig(FsadConfig):
             (default) takes `hf_fsad.prompts.TEMPLATES` (22, both a/the variants). anomalib's list (21, one
             repeated) gives anomalib's scores.
         inherited: see `FsadConfig` (clip_config, image_size, image_mean, image_std, default_class_name).
+            paper_preprocessing is "crop", as the InCTRL code that evaluated WinCLIP for the InCTRL and MetaCAN
+            tables (resize the short side to 240, centre crop); anomalib squashes ("squash" for its parity).
 
     Maps are the patch-grid scores upsampled bilinearly to the input size, without smoothing (as WinCLIP).
     """
@@ -32,6 +34,7 @@ class WinClipConfig(FsadConfig):
     temperature: float = 0.07
     normalize_prompt_embeddings: bool = True
     prompt_templates: list[str] | None = None
+    paper_preprocessing: str = "crop"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

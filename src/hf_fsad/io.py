@@ -1,0 +1,197 @@
+"""Reading images from files, whatever they hold, and writing results atomically.
+
+Every entry point (CLI, pipeline, Space, benchmark loaders) reads user files through `read_image`, so a
+file that cannot be used fails the same way everywhere: an `ImageReadError` whose message says why, which
+the caller reports before going on with the other files.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+# 8192 pixels a side: a 67-megapixel image costs about 1 GB to score with a full-size heatmap.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be used as an image; the message says why (without the path)."""
+
+
+def _check_pixel_count(width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageReadError(
+            f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is above the limit of "
+            f"{max_pixels / 1e6:.1f} Mpx (--max-pixels); downscale it or raise the limit"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB with its full value range kept.
+
+    16- and 32-bit integer images are scaled from 0..65535 (so 16-bit greyscale keeps its contrast instead of
+    saturating at 255); float images are read as 0..1 when their maximum is at most 1 and as 0..255
+    otherwise, and refused when values fall outside that range, since any mapping would be a guess. Alpha is
+    dropped: the colour channels are scored as they are.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ImageReadError(
+                f"{image.mode} image with values {values.min():g}..{values.max():g} outside 0..65535"
+            )
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ImageReadError("float image with NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        scale = 255.0 if high <= 1.0 else 1.0
+        if low < 0 or high > 255:
+            raise ImageReadError(f"float image with values {low:g}..{high:g} outside 0..1 and 0..255")
+        return Image.fromarray(np.round(values * scale).astype(np.uint8), mode="L").convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image at `path` as RGB, or an `ImageReadError` saying why it cannot be used.
+
+    The pixel count is checked from the header before anything is decoded, so a decompression bomb or a
+    huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
+    decompression-bomb limit still applies).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageReadError("is a directory, not an image file")
+    if not path.exists():
+        raise ImageReadError("file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError("empty file")
+    try:
+        with warnings.catch_warnings():
+            # Size is checked below against `max_pixels`; PIL's warning would only repeat it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixel_count(*image.size, max_pixels)
+                image.load()
+                return to_rgb(image)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"refused as a decompression bomb ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not an image PIL can read (unknown or corrupt format)") from None
+    except MemoryError:
+        raise ImageReadError("too large to decode in the memory available") from None
+    except Exception as error:  # noqa: BLE001  (PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...)
+        raise ImageReadError(f"cannot decode the image ({type(error).__name__}: {error})") from None
+
+
+def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Raise `ImageReadError` when `path` is not a usable image, reading its structure without decoding the
+    pixels (PIL's `verify`: headers and checksums), so a whole dataset folder can be checked cheaply."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        read_image(path, max_pixels)  # raises the reason: a directory, a missing or an empty file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixel_count(*image.size, max_pixels)
+                image.verify()
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"refused as a decompression bomb ({error})") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not an image PIL can read (unknown or corrupt format)") from None
+    except Exception as error:  # noqa: BLE001  (PIL's parsers raise OSError, SyntaxError, struct.error, ...)
+        raise ImageReadError(f"corrupt image ({type(error).__name__}: {error})") from None
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:
+    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images; a
+    directory holding none is reported on stderr as `skipped WHAT PATH: ...`."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                print(f"skipped {what} {path}: a directory with no image files", file=sys.stderr)
+            paths += found
+        else:
+            paths.append(path)
+    return paths
+
+
+def readable_images(
+    paths: Sequence[Path],
+    what: str,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    on_skip: Callable[[], None] | None = None,
+) -> Iterator[tuple[Path, Image.Image]]:
+    """(path, RGB image) for each usable file; each other one is reported on stderr as
+    `skipped WHAT PATH: reason` and skipped (then `on_skip()` is called, e.g. to move a progress bar)."""
+    for path in paths:
+        try:
+            yield path, read_image(path, max_pixels)
+        except ImageReadError as error:
+            print(f"skipped {what} {path}: {error}", file=sys.stderr)
+            if on_skip is not None:
+                on_skip()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename: readers see the old file or the new."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save `image` as PNG at `path` through a temporary file and a rename."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        image.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def prepare_output_file(path: str | os.PathLike, what: str) -> Path:
+    """Create `path`'s folder if needed and check a file can be written there, before any work is done;
+    a `ValueError` names `what` (e.g. "--output") and the problem."""
+    return _prepare(Path(path), what, directory=False)
+
+
+def prepare_output_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder `path` if needed and check files can be written in it, before any work is done."""
+    return _prepare(Path(path), what, directory=True)
+
+
+def _prepare(path: Path, what: str, directory: bool) -> Path:
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".hf_fsad-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(f"{what} {path} cannot be written: {reason} ({folder})") from None
+    return path
