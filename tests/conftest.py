@@ -39,3 +39,13 @@ def saved_winclip_dir(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("winclip")
     make_tiny_winclip().save_pretrained(directory)
     return str(directory)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread (then restore the count): float32 reductions then follow one
+    order on every machine, so thresholds measured here hold elsewhere."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extras import import_extra
 from hf_fsad.data import (
     FEATURES,
     BenchmarkLayoutError,
@@ -180,7 +181,7 @@ def test_elpv_both_types_and_malformed_labels(elpv_root):
 
 
 def test_elpv_from_the_installed_package():
-    pytest.importorskip("elpv_dataset", reason="the elpv extra is not installed")
+    import_extra("elpv_dataset", "elpv")
     dataset = load_benchmark("elpv")
     assert dataset["train"].num_rows + dataset["test"].num_rows == 1508 + 715  # probability 0 and 1 cells
 

@@ -1,7 +1,7 @@
 """Hub publishing: model cards with `model-index` from results.json, runnable usage, exact upload folders.
 
-Nothing is uploaded here (the Hub is unreachable): the push paths run up to the network call, and the
-folders they would upload are checked file by file.
+Nothing is uploaded here: pushes go to a stand-in Hub on 127.0.0.1 that refuses them, and the folders they
+would upload are checked file by file.
 """
 
 from __future__ import annotations
@@ -97,11 +97,63 @@ def test_the_usage_snippet_runs_against_the_local_directory(saved_winclip_dir, t
         "images": [image.convert("RGB") for image in data["test"]["image"]],
     }
     exec(snippet, namespace)  # noqa: S102  (the test runs the card's own snippet)
-    assert isinstance(namespace["scores"], torch.Tensor) and namespace["scores"].shape == (2,)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(saved_winclip_dir)
+    processor = model.image_processor()
+    with torch.no_grad():
+        bank = model.build_reference_bank(
+            processor(namespace["normal_images"], return_tensors="pt").pixel_values
+        )
+        expected = model(
+            processor(namespace["images"], return_tensors="pt").pixel_values, reference_bank=bank
+        )
+    # The snippet scores the queries against those references: the same computation, bit for bit.
+    assert torch.equal(namespace["scores"], expected.image_scores) and namespace["scores"].shape == (2,)
 
 
-def test_push_stages_exactly_the_model_and_its_card_and_reports_the_offline_failure(
-    saved_winclip_dir, tmp_path, capsys
+@pytest.fixture
+def refusing_hub(monkeypatch):
+    """A stand-in Hub on 127.0.0.1 that refuses every request (403) and records what it was sent; the Hub
+    client is pointed at it, online, with a made-up token, so no test can reach the real Hub."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from huggingface_hub import constants
+
+    received = []
+
+    class Refuse(BaseHTTPRequestHandler):
+        def _refuse(self):
+            received.append((self.command, self.path, self.headers.get("Authorization")))
+            body = json.dumps({"error": "the test hub refuses everything"}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_HEAD = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    token = "hf_" + "t" * 34
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    yield token, received
+    server.shutdown()
+    thread.join()
+
+
+def test_push_stages_exactly_the_model_and_its_card_and_reports_a_refused_upload(
+    saved_winclip_dir, tmp_path, capsys, refusing_hub
 ):
     from pathlib import Path
 
@@ -111,9 +163,14 @@ def test_push_stages_exactly_the_model_and_its_card_and_reports_the_offline_fail
     assert {path.name for path in staged.iterdir()} == model_files | {"README.md"}
     assert main(["push", saved_winclip_dir, "someone/winclip", "--dry-run", str(staged)]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
-    assert main(["push", saved_winclip_dir, "someone/winclip"]) == 1  # offline: the real call fails
+    token, received = refusing_hub
+    assert not received  # a dry run sends nothing
+    assert main(["push", saved_winclip_dir, "someone/winclip"]) == 1
     error = capsys.readouterr().err
-    assert "upload to someone/winclip failed" in error and "hf_" not in error.replace("hf_fsad", "")
+    assert "upload to someone/winclip failed" in error and "refuses everything" in error
+    assert token not in error and "hf_" not in error.replace("hf_fsad", "")
+    # The push did ask the (stand-in) Hub, with the token, to create the repository.
+    assert ("POST", "/api/repos/create", f"Bearer {token}") in received
 
 
 def test_push_bank_stages_the_bank_with_a_readme(saved_winclip_dir, tmp_path):

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +39,8 @@ from test_metacan import make_tiny_metacan
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "training" / "configs" / "metacan_toy.yaml"
+# The toy recipe's data, cut down for speed: 6 + 2 normal and 4 anomalous images per task.
+SMALL_DATA = ["data.num_train=6", "data.num_test_good=2", "data.num_test_anomalous=4"]
 
 
 def test_focal_and_bce_losses_by_hand():
@@ -297,7 +298,9 @@ def _held_out_auroc(model, held_out, seeds=(0, 1, 2)) -> float:
     return float(np.mean(values))
 
 
-def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categories(tmp_path, tiny_clip_dir):
+def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categories(
+    tmp_path, tiny_clip_dir, one_thread
+):
     """The toy recipe (training/configs/metacan_toy.yaml): tasks stripes + weave, held-out grid. The meta-loss
     (Eq. 11 in eval mode, BatchNorm on its running statistics) of fixed task draws falls on the training
     categories and on the category training never saw.
@@ -325,6 +328,8 @@ def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categori
     result = learner.train()
     after = meta_loss(seen), meta_loss(unseen)
     print(f"meta-loss seen {before[0]:.2f} -> {after[0]:.2f}; held-out {before[1]:.2f} -> {after[1]:.2f}")
+    # Everything is seeded (random CLIP, model init, task draws, toy images) and one thread fixes the float32
+    # reductions; measured: seen 107.9 -> 85.1 (0.79x), held-out 144.7 -> 103.8 (0.72x), against 0.9x.
     assert after[0] < 0.9 * before[0] and after[1] < 0.9 * before[1]
     assert result.steps == args.max_steps and (tmp_path / "checkpoints" / "checkpoint-60").is_dir()
 
@@ -365,15 +370,32 @@ def _train_command(config_path: Path, clip_dir: str, output_dir: Path, *extra: s
         str(output_dir),
         "--set",
         f"model.clip={clip_dir}",
-        "data.num_train=6",
-        "data.num_test_good=2",
-        "data.num_test_anomalous=4",
+        *SMALL_DATA,
         *extra,
     ]
 
 
 def _summary(output_dir: Path) -> dict:
     return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def _train_in_process(
+    clip_dir: str, output_dir: Path, overrides: list[str], dtype: torch.dtype, train: bool = True
+) -> dict:
+    """The toy recipe's model cast to `dtype`, trained in this process unless `train` is False; returns the
+    head's weights."""
+    from hf_fsad.training.recipes import _auxiliary_dataset, build_model
+
+    config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}", *overrides])
+    args = MetaLearningArguments(**config["training"])
+    model = build_model(config["model"], args.seed).to(dtype)
+    if train:
+        MetaLearner(model, _auxiliary_dataset(config["data"]), args, output_dir).train()
+    return {f"head.{name}": parameter.detach() for name, parameter in model.head.named_parameters()}
+
+
+def _max_difference(first: dict, second: dict) -> float:
+    return max((first[name].double() - second[name].double()).abs().max().item() for name in second)
 
 
 # Plain SGD where runs are compared. Adam divides each gradient by its own size, which turns the rounding
@@ -383,18 +405,19 @@ SGD = ("training.outer_optimizer=sgd",)
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_clip_dir):
+    """Two processes, one task each, sum their gradients: the ranks stay bit-identical, and the result is
+    the single process's up to float32 rounding."""
+    training = ["training.max_steps=4", "training.checkpoint_every=1", *SGD]
     torchrun = Path(sys.executable).with_name("torchrun")
     output = tmp_path / "distributed"
-    command = [
-        str(torchrun),
-        "--nproc_per_node",
-        "2",
-        *_train_command(
-            TOY_CONFIG, tiny_clip_dir, output, "training.max_steps=4", "training.checkpoint_every=1", *SGD
-        ),
-    ]
     completed = subprocess.run(
-        command,
+        [
+            str(torchrun),
+            "--standalone",  # a free port for the rendezvous, not the fixed 29500
+            "--nproc_per_node",
+            "2",
+            *_train_command(TOY_CONFIG, tiny_clip_dir, output, *training),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -403,98 +426,87 @@ def test_torchrun_two_cpu_processes_keep_parameters_identical(tmp_path, tiny_cli
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     digests = _summary(output)["result"]["rank_parameter_digests"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    # The two processes split the two tasks and sum their gradients: the same objective as one process. The
-    # first update is compared: from the second on, the tiny random model's image-text branch (a
-    # differentiator output with few positive units, then normalised) amplifies the rounding differences of
-    # features the processes encode in other batches (measured: 4e-6 relative after one update, 5e-4 after
-    # two, unrelated after four).
-    from hf_fsad.training.recipes import main
-
-    single = tmp_path / "single"
-    main(
-        [
-            "--config",
-            str(TOY_CONFIG),
-            "--output-dir",
-            str(single),
-            "--max-steps",
-            "1",
-            "--set",
-            f"model.clip={tiny_clip_dir}",
-            "data.num_train=6",
-            "data.num_test_good=2",
-            "data.num_test_anomalous=4",
-            *SGD,
-        ]
-    )
-    from safetensors.torch import load_file
-
-    distributed_weights, single_weights = (
-        load_file(output / "checkpoints" / "checkpoint-1" / "trainable.safetensors"),
-        load_file(single / "model.safetensors"),
-    )
-    parameters = {f"head.{name}" for name, _ in build_model_from(tiny_clip_dir).head.named_parameters()}
-    for name in parameters:
-        # float32 gradients summed in another order: ~4e-6 relative of the update
-        torch.testing.assert_close(distributed_weights[name], single_weights[name], rtol=1e-4, atol=1e-5)
+    assert len(digests) == 2 and digests[0] == digests[1]  # bit-identical ranks after 4 updates
+    # The first update against one process's, in float32 and in float64: from the second update on, the tiny
+    # random model's image-text branch (a differentiator output with few positive units, then normalised)
+    # amplifies rounding differences until runs are unrelated after four.
+    distributed = load_file(output / "checkpoints" / "checkpoint-1" / "trainable.safetensors")
+    overrides = [*SMALL_DATA, "training.max_steps=1", *SGD]
+    single = _train_in_process(tiny_clip_dir, tmp_path / "single", overrides, torch.float32)
+    exact = _train_in_process(tiny_clip_dir, tmp_path / "float64", overrides, torch.float64)
+    initial = _train_in_process(tiny_clip_dir, tmp_path, overrides, torch.float64, train=False)
+    assert single.keys() == exact.keys() and set(single) <= set(distributed)
+    # Both float32 runs evaluate the same sum of the two tasks' gradients, rounded differently (the order
+    # of the sum, the batches the frozen backbone encodes, the kernels each thread count picks). The single
+    # run's distance from float64 is what float32 rounding does to this computation; the distributed run is
+    # allowed 10 times that (measured, max over the head: 1.1e-4 distributed, 1.0e-4 single, of an update
+    # that moves a weight by up to 1.6). A mean for the sum (half the step) or a dropped task lands far
+    # outside the bound.
+    float32_rounding = _max_difference(single, exact)
+    assert _max_difference(distributed, exact) <= 10 * float32_rounding
+    assert _max_difference(exact, initial) > 1000 * float32_rounding  # the update moved the weights
     # BatchNorm buffers: the batch counts add up to one process's; the running statistics, averaged over the
     # processes after each update rather than updated task after task, differ slightly and are not compared.
-    for name in (n for n in distributed_weights if n.endswith("num_batches_tracked")):
-        assert distributed_weights[name].item() == single_weights[name].item() == 2  # 1 update x 2 tasks
+    for name in (n for n in distributed if n.endswith("num_batches_tracked")):
+        assert distributed[name].item() == 2  # 1 update x 2 tasks
+
+
+# `python -c KILLED_AT_CHECKPOINT_12 script args...` runs the training script, which kills itself with
+# SIGKILL while checkpoint-12 is half written: a fixed point of the run, not a race against a polling loop.
+KILLED_AT_CHECKPOINT_12 = """
+import os, runpy, signal, sys
+from hf_fsad.training import trainer
+
+save_file = trainer.save_file
+
+def save_file_or_die(tensors, path, *args, **kwargs):
+    if "checkpoint-12.tmp" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_file(tensors, path, *args, **kwargs)
+
+trainer.save_file = save_file_or_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(tmp_path, tiny_clip_dir):
-    from hf_fsad.training.recipes import main
+    """Every run is a process of its own with one thread, so all three compute alike, bit for bit."""
+    uninterrupted, interrupted = tmp_path / "uninterrupted", tmp_path / "interrupted"
+    settings = ["training.max_steps=20", "training.checkpoint_every=2"]
 
-    steps = [
-        "--max-steps",
-        "40",
-        "--set",
-        f"model.clip={tiny_clip_dir}",
-        "data.num_train=6",
-        "data.num_test_good=2",
-        "data.num_test_anomalous=4",
-        "training.checkpoint_every=2",
-    ]
-    uninterrupted = tmp_path / "uninterrupted"
-    main(["--config", str(TOY_CONFIG), "--output-dir", str(uninterrupted), *steps])
+    def run(launcher: list[str], output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*launcher, *_train_command(TOY_CONFIG, tiny_clip_dir, output_dir, *settings), *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=os.environ | {"OMP_NUM_THREADS": "1"},
+            check=False,
+        )
 
-    interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "training" / "train_metacan.py"),
-            "--config",
-            str(TOY_CONFIG),
-            "--output-dir",
-            str(interrupted),
-            *steps,
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while latest_checkpoint(interrupted) is None and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    checkpoint = latest_checkpoint(interrupted)
-    assert checkpoint is not None, "the run was killed before its first checkpoint"
-    killed_at = int(checkpoint.name.split("-")[1])
-    assert killed_at < 40, "the run finished before it could be killed"
+    completed = run([sys.executable], uninterrupted)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    killed = run([sys.executable, "-c", KILLED_AT_CHECKPOINT_12], interrupted)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert latest_checkpoint(interrupted).name == "checkpoint-10"
+    assert (interrupted / "checkpoints" / "checkpoint-12.tmp").is_dir()  # the half-written one is passed over
 
-    main(["--config", str(TOY_CONFIG), "--output-dir", str(interrupted), "--resume", *steps])
+    completed = run([sys.executable], interrupted, "--resume")
+    assert completed.returncode == 0, completed.stderr[-3000:]
     resumed, reference = _summary(interrupted)["result"], _summary(uninterrupted)["result"]
-    assert resumed["resumed_from"] == killed_at
+    assert resumed["resumed_from"] == 10
     assert resumed["rank_parameter_digests"] == reference["rank_parameter_digests"]
-    # The first checkpoint after the resume point already matches the uninterrupted run's, bit for bit.
-    from safetensors.torch import load_file
-
-    after = Path("checkpoints") / f"checkpoint-{killed_at + 2}" / "trainable.safetensors"
-    resumed_head, reference_head = load_file(interrupted / after), load_file(uninterrupted / after)
-    assert all(torch.equal(resumed_head[name], reference_head[name]) for name in reference_head)
+    # The same losses at every logged step (the resumed run also logs its first step, 11).
+    assert [entry for entry in resumed["history"] if entry["step"] != 11] == reference["history"]
+    # Every checkpoint after the resume point matches the uninterrupted run's, bit for bit.
+    for step in range(12, 21, 2):
+        weights = Path("checkpoints") / f"checkpoint-{step}" / "trainable.safetensors"
+        resumed_head, reference_head = load_file(interrupted / weights), load_file(uninterrupted / weights)
+        assert resumed_head.keys() == reference_head.keys()
+        assert all(torch.equal(resumed_head[name], reference_head[name]) for name in reference_head)
+    assert not (interrupted / "checkpoints" / "checkpoint-12.tmp").exists()
 
 
 def test_training_refuses_a_model_without_trainable_parts(tmp_path):
@@ -533,7 +545,7 @@ def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_di
         load_config(TOY_CONFIG, ["training.max_steps"])
 
 
-def test_gradient_accumulation_averages_meta_batches_and_bf16_autocast_runs(tmp_path):
+def test_gradient_accumulation_averages_meta_batches(tmp_path):
     args = MetaLearningArguments(
         support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, inner_lr=0.05,
         outer_lr=0.1, outer_optimizer="sgd", gradient_accumulation_steps=2,
@@ -552,28 +564,64 @@ def test_gradient_accumulation_averages_meta_batches_and_bf16_autocast_runs(tmp_
         torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
 
 
-def test_bf16_mixed_precision_training_runs(tmp_path, tiny_clip_dir):
+# `python -c RECORDING_HEAD_DTYPES script args...` runs the training script and writes the dtypes of the
+# head's linear layers' outputs, as training computed them, to the JSON file $HEAD_DTYPES.
+RECORDING_HEAD_DTYPES = """
+import json, os, runpy, sys
+import torch
+from hf_fsad.training.meta_learning import MetaLearner
+
+dtypes = set()
+on_train_start = MetaLearner.on_train_start
+
+def on_train_start_recording(self):
+    for module in self.head.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda module, inputs, output: dtypes.add(str(output.dtype)))
+    on_train_start(self)
+
+MetaLearner.on_train_start = on_train_start_recording
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(os.environ["HEAD_DTYPES"], "w") as file:
+        json.dump(sorted(dtypes), file)
+"""
+
+
+def test_bf16_mixed_precision_trains_the_float32_head_through_bfloat16_layers(tmp_path, tiny_clip_dir):
     """Accelerate's precision is fixed per process, so the run gets its own process."""
     command = [
         sys.executable,
+        "-c",
+        RECORDING_HEAD_DTYPES,
         *_train_command(TOY_CONFIG, tiny_clip_dir, tmp_path, "training.mixed_precision=bf16"),
     ]
+    recorded = tmp_path / "head_dtypes.json"
     completed = subprocess.run(
-        [*command, "--max-steps", "3"], capture_output=True, text=True, timeout=600, check=False
+        [*command, "--max-steps", "3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        env=os.environ | {"HEAD_DTYPES": str(recorded)},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert json.loads(recorded.read_text()) == ["torch.bfloat16"]  # autocast ran every head layer in bf16
     history = _summary(tmp_path)["result"]["history"]
     assert all(np.isfinite(entry["loss"]) for entry in history)
-    initial = build_model_from(tiny_clip_dir)
     from transformers import AutoModel
 
-    trained = AutoModel.from_pretrained(tmp_path)
-    # The saved head is the trained one: bit for bit the weights and statistics of the last checkpoint.
+    trained, initial = AutoModel.from_pretrained(tmp_path), build_model_from(tiny_clip_dir)
+    # The saved head is the trained one: bit for bit the weights and statistics of the last checkpoint,
+    # kept in float32 (mixed precision computes in bf16 on float32 weights).
     final = load_file(tmp_path / "checkpoints" / "checkpoint-3" / "trainable.safetensors")
     saved = dict(trained.named_parameters()) | dict(trained.named_buffers())
     assert {name for name in saved if name.startswith("head.")} == set(final)
     for name, value in final.items():
         assert torch.equal(saved[name], value), name
+    assert {value.dtype for value in final.values() if value.is_floating_point()} == {torch.float32}
     # ... and not the initial one. Adam's first update moves every weight whose gradient is not zero by
     # outer_lr (m / sqrt(v) = +-1); the three updates move most weights by more than half of that.
     change = (parameter_vector(trained) - parameter_vector(initial)).abs()

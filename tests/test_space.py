@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-gradio_client = pytest.importorskip(
-    "gradio_client", reason="the Space needs the `space` extra (installed by make)"
-)
+from extras import import_extra
+
+gradio_client = import_extra("gradio_client", "space")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "spaces"))
 
@@ -83,13 +83,40 @@ def test_bad_uploads_say_what_to_do(client, saved_winclip_dir, tmp_path):
         )
 
 
-def test_examples_come_from_the_toy_generator_and_elpv(tmp_path):
+def _matching_row(path: str, rows) -> dict | None:
+    """The first of `rows` (dicts with a PIL `image`) whose image has exactly the pixels of the file."""
+    pixels = Image.open(path).convert("RGB").tobytes()
+    return next((row for row in rows if row["image"].convert("RGB").tobytes() == pixels), None)
+
+
+def test_examples_show_normal_references_and_a_defective_query_from_toy_and_elpv(tmp_path):
+    from hf_fsad.data import load_benchmark
+    from hf_fsad.data.toy import toy_records
+
     (toy,) = space.toy_examples(tmp_path)
     (elpv,) = space.elpv_examples(tmp_path)  # the elpv extra is part of `make install`
     for references, _, queries in (toy, elpv):
-        assert len(references) == 2 and len(queries) == 1
-        assert all(Image.open(path).size[0] > 0 for path in [*references, *queries])
-    assert elpv[1] == "solar cell"
+        assert len(references) == 2 and len(queries) == 1 and len(set(references)) == 2
+    assert (toy[1], elpv[1]) == ("fabric", "solar cell")
+
+    # The toy example is the generator's weave draw with seed 4: each file found among its records by its
+    # pixels, with the record's label.
+    records = toy_records("weave", num_train=2, num_test_good=0, num_test_anomalous=1, seed=4)
+    rows = [{"image": r.image, "label": r.label, "mask": r.mask} for r in records["train"] + records["test"]]
+    found = [_matching_row(path, rows) for path in [*toy[0], *toy[2]]]
+    assert None not in found, "an example file is not one of the generator's images"
+    assert [row["label"] for row in found] == [0, 0, 1] and found[2]["mask"] is not None
+
+    # ELPV: the query is a defective test cell, the references normal training cells of its type.
+    data = load_benchmark("elpv")
+    defective = data["test"].filter(lambda label: label == 1, input_columns="label")
+    query = _matching_row(elpv[2][0], defective)
+    assert query is not None, "the ELPV query is not a defective cell"
+    normal = data["train"].filter(
+        lambda label, category: label == 0 and category == query["category"],
+        input_columns=["label", "category"],
+    )
+    assert all(_matching_row(path, normal) is not None for path in elpv[0])
 
 
 def test_defective_references_with_masks_reach_methods_that_use_them(client, saved_winclip_dir, tmp_path):
@@ -143,9 +170,7 @@ def test_a_real_browser_uploads_references_and_a_query_and_sees_the_heatmap(
     set (`make e2e` writes docs/space_screenshot.png)."""
     import shutil
 
-    playwright = pytest.importorskip(
-        "playwright.sync_api", reason="Playwright (the dev extra) drives the browser"
-    )
+    playwright = import_extra("playwright.sync_api", "dev")
     browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser_path is None:
         pytest.skip("headless Chromium is not installed (apt-get install chromium; .ci/run installs it)")
