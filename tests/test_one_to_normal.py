@@ -20,6 +20,7 @@ from scipy.ndimage import gaussian_filter
 from transformers import AutoModel
 
 import hf_fsad
+from extras import import_extra
 from hf_fsad import scoring
 from hf_fsad.data import load_benchmark
 from hf_fsad.diffusion import Personalizer, load_img2img_pipeline, most_similar, require_diffusers
@@ -34,7 +35,7 @@ from hf_fsad.testing import (
 )
 from hf_fsad.visualization import mask_array
 
-pytest.importorskip("diffusers", reason="One-to-Normal needs the diffusers extra (installed by `make test`)")
+import_extra("diffusers", "diffusers")
 
 FAST = {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3}
 TINY_FIT = {"num_class_images": 1, "class_image_steps": 2}
