@@ -189,7 +189,7 @@ def test_peak_memory_is_the_growth_a_known_allocation_causes(device):
     memory, which the process's other allocations and frees meanwhile move by a few MiB: 16 MiB slack."""
     import time
 
-    from hf_fsad.benchmark import _PeakMemory
+    from hf_fsad.evaluation.profiling import _PeakMemory
 
     size_mb = 128
     with _PeakMemory(torch.device(device)) as memory:
