@@ -11,6 +11,7 @@ from hf_fsad import scoring
 from hf_fsad.data.toy import toy_records
 from hf_fsad.metrics import image_auroc
 from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.anomalous_memory import functional_anomalous_memory
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
@@ -65,7 +66,7 @@ def test_masked_items_form_the_anomalous_memory(model, images):
         windows = (grid - scale + 1) ** 2
         assert bank.tensors[f"reference.window{scale}"].shape[0] == windows + windows - 1
     assert bank.tensors["reference.patch"].shape[0] == 225 + 224  # normal image + unmasked anomalous patches
-    torch.testing.assert_close(bank.tensors["score_weights"], scoring.baseline_score_weights(4))
+    torch.testing.assert_close(bank.tensors["score_weights"], functional_anomalous_memory.baseline_score_weights(4))
     assert bank.k == 1 and int(bank.tensors["num_anomalous"]) == 1
 
 
@@ -150,7 +151,7 @@ def test_nine_scores_and_their_baseline_combination(model, images):
     ).amax(-1)
     torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch)
     masks = scoring.window_masks((15, 15), 7)
-    anomalous_windows = scoring.anomalous_association(
+    anomalous_windows = functional_anomalous_memory.anomalous_association(
         features["window_embeddings.7"], bank.tensors["anomalous.window7"]
     )
     expected = scoring.harmonic_aggregation(anomalous_windows, masks).amax(-1)
@@ -243,7 +244,7 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
     scores = torch.stack(
         [model(views, reference_bank=bank).branch_scores[n] for n in model.score_names()], -1
     ).double()
-    candidates = scoring.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
     aurocs = torch.tensor([image_auroc(labels, scores @ candidate) for candidate in candidates])
     best = int(torch.argmax(aurocs))  # the first of the best
     torch.testing.assert_close(validated.tensors["score_weights"], candidates[best], rtol=0, atol=0)
@@ -269,7 +270,7 @@ def test_signed_weight_draws_reach_the_bank(images):
         images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
     )
     validated = model.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
-    candidates = scoring.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
     assert any(torch.equal(validated.tensors["score_weights"], candidate) for candidate in candidates)
     absolute = make_model(weight_distribution="normal", signed_weights=False)
     bank = absolute.build_reference_bank(

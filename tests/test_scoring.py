@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from hf_fsad import scoring
+from hf_fsad.models.anomalous_memory import functional_anomalous_memory
+from hf_fsad.models.winclip import functional_winclip
 
 
 def test_window_token_indices_on_3x3_grid():
@@ -71,7 +73,7 @@ def test_harmonic_aggregation_with_a_zero_score_is_exactly_zero():
 
 def test_harmonic_mean():
     values = torch.tensor([[1.0, 2.0], [4.0, 2.0]], dtype=torch.float64)
-    assert scoring.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0])
+    assert functional_winclip.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0])
 
 
 def test_class_scores_by_hand():
@@ -133,7 +135,7 @@ def test_zero_shot_map_is_harmonic_mean_of_image_and_scales():
     image_scores = torch.tensor([0.5], dtype=torch.float64)
     scale2 = torch.tensor([[0.2, 0.4, 0.5, 1.0]], dtype=torch.float64)
     scale3 = torch.tensor([[0.8]], dtype=torch.float64)
-    result = scoring.winclip_zero_shot_map(image_scores, [scale2, scale3], masks)[0]
+    result = functional_winclip.winclip_zero_shot_map(image_scores, [scale2, scale3], masks)[0]
     assert result[0].item() == pytest.approx(3 / (1 / 0.5 + 1 / 0.2 + 1 / 0.8))
     centre_scale2 = 4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0)
     assert result[4].item() == pytest.approx(3 / (1 / 0.5 + 1 / centre_scale2 + 1 / 0.8))
@@ -145,7 +147,7 @@ def test_few_shot_map_averages_patch_and_window_levels():
     reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
     reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    result = scoring.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
+    result = functional_winclip.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
         0
     ]
     window_score = (1 - 1 / math.sqrt(2)) / 2
@@ -157,7 +159,7 @@ def test_few_shot_map_averages_patch_and_window_levels():
 def test_fuse_zero_few_shot():
     zero_map = torch.tensor([[0.2, 0.4]])
     few_map = torch.tensor([[0.1, 0.3]])
-    fused_map, image = scoring.fuse_zero_few_shot(zero_map, torch.tensor([0.6]), few_map)
+    fused_map, image = functional_winclip.fuse_zero_few_shot(zero_map, torch.tensor([0.6]), few_map)
     assert fused_map[0].tolist() == pytest.approx([0.15, 0.35])
     assert image.tolist() == pytest.approx([(0.6 + 0.3) / 2])
 
@@ -181,7 +183,7 @@ def test_nearest_cosine_and_both_associations_by_hand():
         scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2])
     )
     torch.testing.assert_close(
-        scoring.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2])
+        functional_anomalous_memory.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2])
     )
 
 
@@ -190,7 +192,7 @@ def test_patch_defect_shares_count_each_patchs_defect_pixels():
     masks[0, 1, 5] = True  # one pixel of patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
     masks[0, 2:, :2] = True  # all of patch (1, 0)
     masks[0, 3, 2] = True  # one pixel of patch (1, 1)
-    shares = scoring.patch_defect_shares(masks, 2)
+    shares = functional_anomalous_memory.patch_defect_shares(masks, 2)
     assert shares.dtype == torch.float64 and shares.tolist() == [[0, 0, 0.25, 1, 0.25, 0]]
 
 
@@ -200,7 +202,7 @@ def test_window_defect_shares_average_the_covered_patches():
     patch_shares[0, 2] = 1.0  # patch (0, 2): only the window at (0, 1) covers it
     patch_shares[0, 4] = 0.5  # the centre patch is in every window
     expected = [[0.5 / 4, 1.5 / 4, 0.5 / 4, 0.5 / 4]]
-    assert scoring.window_defect_shares(patch_shares, masks).tolist() == expected
+    assert functional_anomalous_memory.window_defect_shares(patch_shares, masks).tolist() == expected
 
 
 def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
@@ -209,8 +211,8 @@ def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
     )
     # row 0: two items reach 0.5; row 1: none does, so the two largest (tied) do; row 2: no defect at all
     expected = [[False, True, True, False], [False, True, True, False], [False, False, False, False]]
-    assert scoring.anomalous_items(shares, 0.5).tolist() == expected
-    assert scoring.anomalous_items(shares, 0.05).tolist()[1] == [True, True, True, False]
+    assert functional_anomalous_memory.anomalous_items(shares, 0.5).tolist() == expected
+    assert functional_anomalous_memory.anomalous_items(shares, 0.05).tolist()[1] == [True, True, True, False]
 
 
 def test_level_image_scores_take_each_maximum():
@@ -219,7 +221,7 @@ def test_level_image_scores_take_each_maximum():
 
 
 def test_baseline_weights_average_three_groups():
-    weights = scoring.baseline_score_weights(4)
+    weights = functional_anomalous_memory.baseline_score_weights(4)
     scores = torch.tensor([0.3, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
     expected = (0.3 + (0.1 + 0.2 + 0.3 + 0.4) / 4 + (0.5 + 0.6 + 0.7 + 0.8) / 4) / 3
     assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)  # float64 rounding of 9 terms
@@ -229,12 +231,12 @@ def test_baseline_weights_spread_each_group_over_its_available_levels():
     available = torch.tensor([True, True, True, True, False, True, True, True, True])
     expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
     torch.testing.assert_close(
-        scoring.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
+        functional_anomalous_memory.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
     )
     no_reference = torch.tensor([True, False, False, True, True])  # a whole group gone: two groups share
     expected = [1 / 2, 0, 0, 1 / 4, 1 / 4]
     torch.testing.assert_close(
-        scoring.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
+        functional_anomalous_memory.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
     )
 
 
@@ -253,7 +255,7 @@ def _raw_weight_draw(distribution: str, seed: int, shape: tuple[int, int]) -> to
 @pytest.mark.parametrize("distribution", ["uniform", "normal", "student_t"])
 def test_sampled_weights_are_the_seeded_draws_scaled_to_unit_l1_norm(distribution):
     def draw(seed, signed=True):
-        return scoring.sample_score_weights(
+        return functional_anomalous_memory.sample_score_weights(
             50, 9, distribution, torch.Generator().manual_seed(seed), signed=signed
         )
 
@@ -268,13 +270,13 @@ def test_sampled_weights_are_the_seeded_draws_scaled_to_unit_l1_norm(distributio
     assert bool((draw(0) < 0).any()) == (distribution != "uniform")
     assert (draw(0, signed=False) >= 0).all()
     with pytest.raises(ValueError, match="Unknown weight distribution"):
-        scoring.sample_score_weights(1, 9, "cauchy")
+        functional_anomalous_memory.sample_score_weights(1, 9, "cauchy")
 
 
 def test_unit_l1_weights_zero_the_unavailable_scores():
     weights = torch.tensor([[0.5, -0.25, 0.25]], dtype=torch.float64)
     available = torch.tensor([True, True, False])
-    assert scoring.unit_l1_weights(weights, available).tolist() == [[2 / 3, -1 / 3, 0.0]]
+    assert functional_anomalous_memory.unit_l1_weights(weights, available).tolist() == [[2 / 3, -1 / 3, 0.0]]
 
 
 def test_pairwise_auroc_matches_sklearn_with_ties():
@@ -282,9 +284,9 @@ def test_pairwise_auroc_matches_sklearn_with_ties():
 
     scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    assert float(scoring.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
+    assert float(functional_anomalous_memory.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
     with pytest.raises(ValueError, match="both normal and anomalous"):
-        scoring.pairwise_auroc(scores, torch.ones(6))
+        functional_anomalous_memory.pairwise_auroc(scores, torch.ones(6))
 
 
 def test_weight_search_picks_the_perfect_score():
@@ -294,11 +296,11 @@ def test_weight_search_picks_the_perfect_score():
     labels = torch.tensor([0] * 6 + [1] * 6)
     noise = torch.rand(12, 2, generator=generator, dtype=torch.float64)
     scores = torch.cat([labels[:, None].double(), noise], dim=1)
-    candidates = scoring.sample_score_weights(200, 3, "uniform", generator)
-    weights, auroc = scoring.select_score_weights(scores, labels, candidates)
+    candidates = functional_anomalous_memory.sample_score_weights(200, 3, "uniform", generator)
+    weights, auroc = functional_anomalous_memory.select_score_weights(scores, labels, candidates)
     assert auroc == 1.0
     assert int(torch.argmax(weights)) == 0
-    assert auroc == float(scoring.pairwise_auroc(candidates @ scores.T, labels).max())
+    assert auroc == float(functional_anomalous_memory.pairwise_auroc(candidates @ scores.T, labels).max())
 
 
 def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():

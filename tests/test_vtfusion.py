@@ -23,6 +23,7 @@ from hf_fsad.benchmark import DatasetSpec, run_benchmark
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
+from hf_fsad.models.vtfusion import functional_vtfusion
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
 from hf_fsad.models.vtfusion.modeling_vtfusion import (
     FusionBlock,
@@ -65,22 +66,22 @@ def toy_normals(count: int, category: str = "weave", seed: int = 1) -> list[Imag
 
 def test_eq_1_prototypes_average_the_stacked_normal_features_per_location():
     levels = [torch.tensor([[[1.0], [2.0]], [[3.0], [6.0]]]), torch.tensor([[[0.0], [1.0]], [[2.0], [1.0]]])]
-    stacked = scoring.stack_levels(levels)  # (2 images, 2 locations, 2 = c x L)
+    stacked = functional_vtfusion.stack_levels(levels)  # (2 images, 2 locations, 2 = c x L)
     assert stacked.tolist() == [[[1, 0], [2, 1]], [[3, 2], [6, 1]]]
-    assert scoring.initial_prototypes(stacked).tolist() == [[2, 1], [4, 1]]
+    assert functional_vtfusion.initial_prototypes(stacked).tolist() == [[2, 1], [4, 1]]
 
 
 def test_eqs_2_5_squared_distance_to_the_nearest_prototype_of_any_location():
     features = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])
     prototypes = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
     # location 0: min(1, 18) = 1; location 1: min(4 + 16, 0 + 1) = 1 (nearest is the other location's)
-    assert scoring.nearest_prototype_distance(features, prototypes).tolist() == [[1.0, 1.0]]
+    assert functional_vtfusion.nearest_prototype_distance(features, prototypes).tolist() == [[1.0, 1.0]]
     torch.manual_seed(0)
     features, prototypes = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     brute = ((features[:, :, None] - prototypes[None, None]) ** 2).sum(-1).amin(-1)
-    torch.testing.assert_close(scoring.nearest_prototype_distance(features, prototypes), brute)
+    torch.testing.assert_close(functional_vtfusion.nearest_prototype_distance(features, prototypes), brute)
     with pytest.raises(ValueError, match="no prototypes"):
-        scoring.nearest_prototype_distance(features, prototypes[:0])
+        functional_vtfusion.nearest_prototype_distance(features, prototypes[:0])
 
 
 def test_eqs_3_4_compactness_and_separation_losses_by_hand():
@@ -107,7 +108,7 @@ def test_eq_6_text_map_sums_each_levels_anomalous_softmax():
         )
 
     expected = [[anomalous(1, 0) + anomalous(0, 1), anomalous(0.6, 0.8) + anomalous(0.8, 0.6)]]
-    actual = scoring.text_guided_map([level_1, level_2], text, temperature=1 / scale)
+    actual = functional_vtfusion.text_guided_map([level_1, level_2], text, temperature=1 / scale)
     torch.testing.assert_close(actual, torch.tensor(expected))
 
 
@@ -279,8 +280,8 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     torch.testing.assert_close(output.image_scores, output.anomaly_maps.flatten(1).amax(-1))
     features = model.encode_images(images)
     levels = model.level_features(features)
-    vision = scoring.nearest_prototype_distance(scoring.stack_levels(levels), model.prototypes)
-    text = scoring.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
+    vision = functional_vtfusion.nearest_prototype_distance(functional_vtfusion.stack_levels(levels), model.prototypes)
+    text = functional_vtfusion.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
     torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
     torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
     # Eqs. 7 and 9 through the model: M_f = Upsample(phi(M_v (+) M_t (+) M_vt)) to the input size
@@ -296,7 +297,7 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     normal_features = unfitted.encode_images(
         unfitted.image_processor()(normals, return_tensors="pt").pixel_values
     )
-    stacked = scoring.stack_levels(unfitted.level_features(normal_features))
+    stacked = functional_vtfusion.stack_levels(unfitted.level_features(normal_features))
     torch.testing.assert_close(unfitted.prototypes, stacked.mean(0))
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..augmentation import random_crop
-from ..diffusion import to_tensor
+from ..models.one_to_normal.diffusion_one_to_normal import to_tensor
 from .trainer import Trainer, TrainingArguments, TrainingResult, parameter_digest
 
 if TYPE_CHECKING:
@@ -203,7 +203,7 @@ class DreamBoothLoraTrainer(Trainer):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        from ..diffusion import Personalizer
+        from ..models.one_to_normal.diffusion_one_to_normal import Personalizer
 
         result = super().train(resume)
         model, config = self.model, self.model.config
@@ -249,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
-    normals = [image for _, image in readable_images(expand_inputs(arguments.normal, "normal image"), "normal image")]
+    normals = [
+        image for _, image in readable_images(expand_inputs(arguments.normal, "normal image"), "normal image")
+    ]
     if not normals:
         parser.error("none of the --normal images could be read")
     model = model_class("one_to_normal").from_clip(

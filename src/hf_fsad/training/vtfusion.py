@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..augmentation import random_crop
-from ..scoring import initial_prototypes, stack_levels
+from ..models.vtfusion.functional_vtfusion import initial_prototypes, stack_levels
 from ..synthesis import DEFAULT_SIZE_RANGE, SYNTHESIS_KINDS, random_anomaly
 from .losses import vtfusion_loss
 from .trainer import Trainer, TrainingArguments

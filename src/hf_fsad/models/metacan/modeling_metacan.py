@@ -6,13 +6,9 @@ import torch
 from torch import nn
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    class_scores,
-    image_image_score,
-    metacan_fusion,
-    topk_reference_anomaly,
-)
+from ...scoring import class_scores
 from .configuration_metacan import MetaCanConfig
+from .functional_metacan import image_image_score, metacan_fusion, topk_reference_anomaly
 
 
 def detector_layers(config: MetaCanConfig) -> nn.Sequential:

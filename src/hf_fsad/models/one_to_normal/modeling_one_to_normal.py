@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...diffusion import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    class_scores,
+from ...scoring import class_scores
+from .configuration_one_to_normal import OneToNormalConfig
+from .diffusion_one_to_normal import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
+from .functional_one_to_normal import (
     level_mean_of_maxima,
     one_to_normal_score,
     personalized_difference,
     pool_difference,
 )
-from .configuration_one_to_normal import OneToNormalConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    l2_normalize,
-    nearest_prototype_distance,
-    stack_levels,
-    text_guided_map,
-    upsample_maps,
-)
+from ...scoring import l2_normalize, upsample_maps
 from .configuration_vtfusion import VtFusionConfig
+from .functional_vtfusion import nearest_prototype_distance, stack_levels, text_guided_map
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

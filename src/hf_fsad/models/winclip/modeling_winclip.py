@@ -6,14 +6,9 @@ import torch
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...prompts import TEMPLATES
-from ...scoring import (
-    class_scores,
-    fuse_zero_few_shot,
-    winclip_few_shot_map,
-    winclip_zero_shot_map,
-    window_masks,
-)
+from ...scoring import class_scores, window_masks
 from .configuration_winclip import WinClipConfig
+from .functional_winclip import fuse_zero_few_shot, winclip_few_shot_map, winclip_zero_shot_map
 
 
 class WinClipModel(FsadPreTrainedModel):
