@@ -56,7 +56,7 @@ def build_models(seed: int):
 
 @torch.no_grad()
 def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> dict:
-    from hf_fsad.benchmark import alternating_medians, matmul_flops, median_seconds
+    from hf_fsad.evaluation import alternating_medians, matmul_flops, median_seconds
     from hf_fsad.modeling_base import ReferenceBank
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 

@@ -19,7 +19,7 @@ import torch
 from profile_metacan import markdown
 from profile_winclip import write_report
 
-from hf_fsad.benchmark import median_seconds
+from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
 from hf_fsad.models.afclip.modeling_afclip import AfClipModel
 from hf_fsad.testing import byte_level_clip_tokenizer, save_random_clip, small_clip_config, vit_l14_336_config

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from profile_winclip import write_report
 
-from hf_fsad.benchmark import median_seconds
+from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import MetaCanModel
 from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config

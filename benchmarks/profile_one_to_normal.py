@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from profile_winclip import write_report
 
-from hf_fsad.benchmark import median_seconds
 from hf_fsad.data import load_benchmark
+from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.one_to_normal.configuration_one_to_normal import OneToNormalConfig
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
 from hf_fsad.testing import byte_level_clip_tokenizer, save_tiny_diffusion_pipeline, small_clip_config

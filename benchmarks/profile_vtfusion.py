@@ -18,8 +18,8 @@ import torch
 from profile_metacan import markdown
 from profile_winclip import write_report
 
-from hf_fsad.benchmark import median_seconds
 from hf_fsad.data import load_benchmark
+from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
 from hf_fsad.models.vtfusion.modeling_vtfusion import VtFusionModel
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, vit_b16_plus_240_config

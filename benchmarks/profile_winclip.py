@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from hf_fsad.benchmark import median_seconds
+from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.prompts import winclip_prompts

@@ -21,7 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from hf_fsad.benchmark import DatasetSpec, run_benchmark
+from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.registry import model_class
 from hf_fsad.synthesis import ANOMALY_TYPES
 from hf_fsad.testing import save_random_clip, small_clip_config, tiny_clip_config

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_fsad.benchmark import DatasetSpec, FeatureCache, profile_models, results_markdown, run_benchmark
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
+from hf_fsad.evaluation import DatasetSpec, profile_models, results_markdown, run_benchmark
+from hf_fsad.features import FeatureCache
 from hf_fsad.metrics import image_auroc, pixel_aupro
 from hf_fsad.visualization import mask_array
 
@@ -215,7 +216,7 @@ def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):
 
 
 def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip, tmp_path):
-    from hf_fsad.benchmark import Protocol
+    from hf_fsad.evaluation import Protocol
     from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
     from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
     from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
@@ -255,7 +256,7 @@ def test_anomalous_sample_protocol_compares_methods_on_one_test_set(make_winclip
     assert "| memory | 0 + 1 anomalous |" in (tmp_path / "results.md").read_text()
 
 
-def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
+def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path, caplog):
     model = make_winclip()
     build = model.build_reference_bank
 
@@ -273,6 +274,8 @@ def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path):
     for seed in (0, 1):
         failed = cell(saved, k=1, seed=seed)
         assert failed["error"] == "RuntimeError: forced failure | for the test" and "metrics" not in failed
+    logged = [r.getMessage() for r in caplog.records if r.name == "hf_fsad.evaluation.runner"]
+    assert logged == [f"cell winclip|toy|stripes|1|{seed}|0 failed: {failed['error']}" for seed in (0, 1)]
     markdown = (tmp_path / "results.md").read_text()
     assert "| winclip | 0 |" in markdown and "| winclip | 1 |" not in markdown
     assert "| winclip | toy | stripes | 1 | 1 | RuntimeError: forced failure \\| for the test |" in markdown
@@ -297,10 +300,10 @@ def test_image_level_methods_get_image_metrics_only(tmp_path):
 
 
 def test_alternating_medians_interleave_calls_and_time_only_after_the_warm_up(monkeypatch):
-    from hf_fsad import benchmark
+    from hf_fsad.evaluation import profiling
 
     clock, calls = [0.0], []
-    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: clock[0])
 
     def advancing(name: str, seconds: list[float]):
         def call():
@@ -309,19 +312,19 @@ def test_alternating_medians_interleave_calls_and_time_only_after_the_warm_up(mo
 
         return call
 
-    medians = benchmark.alternating_medians(
+    medians = profiling.alternating_medians(
         {"slow": advancing("slow", [100.0, 3.0, 5.0, 4.0]), "fast": advancing("fast", [50.0, 1.0, 2.0, 9.0])},
         repeats=3,
         before={"fast": lambda: calls.append("before fast")},
     )
     assert calls == ["slow", "before fast", "fast"] * 4  # one warm-up round, then three timed rounds
     assert medians == {"slow": 4.0, "fast": 2.0}  # the warm-up's 100 s and 50 s are not counted
-    single = benchmark.median_seconds(advancing("one", [7.0]), repeats=1, warm_up=False)
+    single = profiling.median_seconds(advancing("one", [7.0]), repeats=1, warm_up=False)
     assert single == 7.0
 
 
 def test_matmul_flops_counts_products_by_hand_including_fused_attention():
-    from hf_fsad.benchmark import matmul_flops
+    from hf_fsad.evaluation import matmul_flops
 
     linear = torch.nn.Linear(3, 4, bias=False)
     assert matmul_flops(lambda: linear(torch.ones(2, 3))) == 2 * 2 * 3 * 4
@@ -407,7 +410,7 @@ def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip,
     """A crop method's cell scores the centre-cropped images against masks cropped the same way."""
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
-    from hf_fsad import benchmark
+    from hf_fsad.evaluation import runner
     from hf_fsad.metrics import pixel_auroc
 
     rows = {"image": [], "mask": [], "label": [], "category": [], "defect_type": [], "path": []}
@@ -425,7 +428,7 @@ def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip,
     )  # fmt: skip
     test = Dataset.from_dict(rows, features=features)
     monkeypatch.setattr(
-        benchmark, "load_benchmark", lambda *args, **kwargs: DatasetDict(train=test, test=test)
+        runner, "load_benchmark", lambda *args, **kwargs: DatasetDict(train=test, test=test)
     )
     model = make_winclip()
     results = run_benchmark({"winclip": model}, [DatasetSpec("wide")], ks=[0], seeds=[0], out_dir=tmp_path)

@@ -10,13 +10,13 @@ from hf_fsad import demo
 from hf_fsad.testing import tiny_clip_config
 
 
-def test_offline_fallback_says_so_and_writes_the_report(tmp_path, monkeypatch, capsys):
+def test_offline_fallback_says_so_and_writes_the_report(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(demo, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(demo, "vit_b16_config", tiny_clip_config)  # same code path, test-sized backbone
 
     report = demo.run_demo(tmp_path, backbone=str(tmp_path / "not-a-cached-model"), k=2)
 
-    message = capsys.readouterr().out
+    message = caplog.text
     assert "cannot be reached" in message and "not WinCLIP's accuracy" in message
     text = report.read_text()
     assert "randomly initialised" in text

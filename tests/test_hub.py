@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from hf_fsad.benchmark import DatasetSpec, run_benchmark
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
+from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.hub import stage_bank, stage_model
 
 SPEC = DatasetSpec(

@@ -19,9 +19,9 @@ from transformers import AutoModel, pipeline
 
 import hf_fsad
 from hf_fsad import scoring
-from hf_fsad.benchmark import DatasetSpec, run_benchmark
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
+from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
 from hf_fsad.models.vtfusion import functional_vtfusion
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -93,10 +92,10 @@ def score(args: argparse.Namespace) -> int:
     import torch
     from accelerate import PartialState
 
+    from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import atomic_write_text, prepare_output_dir, prepare_output_file
     from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.modeling_base import ReferenceBank
-    from hf_fsad.training.trainer import multi_process_cpu
 
     if args.bank and args.reference:
         print("error: give either --bank or --reference, not both", file=sys.stderr)
@@ -222,12 +221,11 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
 
 
 def fit(args: argparse.Namespace) -> int:
-    import shutil
     from dataclasses import asdict
 
     import hf_fsad  # noqa: F401  (registers the methods)
     from hf_fsad.hub import model_card, write_model_card
-    from hf_fsad.io import prepare_output_dir
+    from hf_fsad.io import atomic_directory, prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.registry import model_class
 
@@ -267,18 +265,14 @@ def fit(args: argparse.Namespace) -> int:
     if args.kinds:
         arguments["anomaly_kinds"] = args.kinds
     result = model.fit(normals, class_name=args.class_name, steps=args.steps, **arguments)
-    temporary = output.with_name(output.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
     losses = [entry["loss"] for entry in result.history]
     text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps"
     text += f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}." if losses else "."
-    write_model_card(temporary, model_card(model, args.clip or args.model, None, text))
     summary = {"arguments": {"steps": args.steps, **arguments}, "result": asdict(result)}
-    (temporary / "fit_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(temporary, output)
+    with atomic_directory(output) as folder:
+        model.save_pretrained(folder)
+        write_model_card(folder, model_card(model, args.clip or args.model, None, text))
+        (folder / "fit_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"fitted {args.method} on {len(normals)} normal images -> {output}", file=sys.stderr)
     return 0
 
@@ -361,8 +355,9 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def benchmark(args: argparse.Namespace) -> int:
-    from hf_fsad.benchmark import DatasetSpec, FeatureCache, Protocol, profile_models, run_benchmark
     from hf_fsad.data import load_benchmark
+    from hf_fsad.evaluation import DatasetSpec, Protocol, profile_models, run_benchmark
+    from hf_fsad.features import FeatureCache
     from hf_fsad.io import prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
 

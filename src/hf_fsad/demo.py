@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from .models.winclip.configuration_winclip import WinClipConfig
 from .models.winclip.modeling_winclip import WinClipModel
 from .testing import byte_level_clip_tokenizer, vit_b16_config
 from .visualization import mask_array, save_heatmap_panels
+
+logger = logging.getLogger(__name__)
 
 DEMO_CATEGORIES = ("stripes", "weave")
 
@@ -43,10 +46,11 @@ def load_demo_model(backbone: str) -> tuple[WinClipModel, bool]:
         pass
     if hub_reachable():
         return WinClipModel.from_clip(backbone), True
-    print(
-        f"The Hugging Face Hub cannot be reached and {backbone} is not in the local cache, so the demo uses a "
-        "randomly initialised backbone of the same architecture (ViT-B/16): its scores show the pipeline "
-        "working, not WinCLIP's accuracy."
+    logger.warning(
+        "The Hugging Face Hub cannot be reached and %s is not in the local cache, so the demo uses a randomly "
+        "initialised backbone of the same architecture (ViT-B/16): its scores show the pipeline working, not "
+        "WinCLIP's accuracy.",
+        backbone,
     )
     torch.manual_seed(0)
     model = WinClipModel(WinClipConfig(clip_config=vit_b16_config())).eval()

@@ -8,9 +8,11 @@ the caller reports before going on with the other files.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -149,26 +151,52 @@ def readable_images(
                 on_skip()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename: readers see the old file or the new."""
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it replaces `path` when the block ends without an error
+    and is removed when it raises, so readers see the old file or the complete new one."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text)
 
 
 def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
-    """Save `image` as PNG at `path` through a temporary file and a rename."""
+    """Save `image` as PNG at `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as temporary:
+        image.save(temporary, format="PNG")
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move the folder `source` to `target`, removing a previous `target` first."""
+    target = Path(target)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(source, target)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """An empty temporary folder beside `path` to fill (e.g. by `save_pretrained`); it replaces `path` when
+    the block ends without an error and is removed when it raises, so `path` never holds half a save."""
     path = Path(path)
     temporary = path.with_name(path.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
     try:
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
+        yield temporary
+        replace_directory(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def prepare_output_file(path: str | os.PathLike, what: str) -> Path:

@@ -6,8 +6,8 @@ them into a `DatasetDict` with `Dataset.from_generator`, decoding images only th
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,8 @@ from datasets.exceptions import DatasetGenerationError
 from PIL import Image as PILImage
 
 from ..io import ImageReadError, check_image_file
+
+logger = logging.getLogger(__name__)
 
 LABEL_NAMES = ("good", "anomaly")
 FEATURES = Features(
@@ -136,7 +138,7 @@ def _generate(records: Sequence[Record]) -> Iterator[dict]:
                 if isinstance(source, (str, os.PathLike)):
                     check_image_file(source, max_pixels=None)
         except ImageReadError as error:
-            warnings.warn(f"skipped {record.path}: {source} {error}", stacklevel=2)
+            logger.warning("skipped %s: %s %s", record.path, source, error)
             continue
         yield _decode(record)
 

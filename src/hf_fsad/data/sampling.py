@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 
+from ..io import atomic_write_text
+
 _REQUIRED = ("dataset", "category", "k", "seed", "image_ids")
 _OPTIONAL = ("anomalous_ids", "validation_ids", "test_ids")
 
@@ -35,10 +37,7 @@ class ReferenceManifest:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the manifest as JSON (atomically)."""
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(temporary, path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceManifest:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from ..benchmark import FeatureCache
+from ..features import FeatureCache
 from ..visualization import mask_array
 from .losses import afclip_loss
 from .trainer import Trainer, TrainingArguments

@@ -13,7 +13,7 @@ runs on scratch copies; without meta-learning, by every forward) and kept in che
 processes they are averaged after each update.
 
 The CLIP backbone is frozen, so each training image is encoded once and its features cached
-(`hf_fsad.benchmark.FeatureCache`, in memory or on disk). Task draws are seeded by (seed, step, task), so
+(`hf_fsad.features.FeatureCache`, in memory or on disk). Task draws are seeded by (seed, step, task), so
 a resumed run continues exactly as an uninterrupted one. With several processes the tasks are split
 between them and the gradients summed, which is the gradient of Eq. 11's sum over all tasks.
 """
@@ -33,7 +33,7 @@ from datasets import Dataset
 from torch import nn
 from torch.func import functional_call
 
-from ..benchmark import FeatureCache
+from ..features import FeatureCache
 from .losses import LOSSES, anomaly_loss
 from .trainer import Trainer, TrainingArguments
 

@@ -169,7 +169,7 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
 def evaluate_model(model, evaluation: dict, out_dir: Path, fit_arguments: dict | None = None) -> str:
     """Run the benchmark protocol of the config's evaluation section on the trained model (methods fitted
     per category are fitted on each cell's references with `fit_arguments`)."""
-    from ..benchmark import DatasetSpec, run_benchmark
+    from ..evaluation import DatasetSpec, run_benchmark
 
     if not evaluation.get("datasets"):
         raise ValueError("The evaluation needs evaluation.datasets in the config.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,10 +25,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..distributed import multi_process_cpu
+from ..io import replace_directory
+
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from ..modeling_base import FsadPreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -53,15 +59,6 @@ class TrainingArguments:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}.")
         if min(self.gradient_accumulation_steps, self.checkpoint_every, self.log_every) < 1:
             raise ValueError("gradient_accumulation_steps, checkpoint_every, log_every must be >= 1.")
-
-
-def multi_process_cpu() -> bool:
-    """True under a multi-process launcher (torchrun, mpirun) on a machine without CUDA: Accelerate then
-    needs `cpu=True` to run the processes as a gloo group instead of as independent single runs."""
-    world_size = max(
-        int(os.environ.get(name, "1")) for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-    )
-    return world_size > 1 and not torch.cuda.is_available()
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -210,10 +207,9 @@ class Trainer:
             weights = {name: t.detach().cpu().contiguous() for name, t in self.checkpoint_tensors().items()}
             save_file(weights, temporary / "trainable.safetensors")
             (temporary / "trainer_state.json").write_text(json.dumps({"step": step, "history": history}))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(temporary, final)
+            replace_directory(temporary, final)
         accelerator.wait_for_everyone()
+        logger.info("saved checkpoint %s", final)
         return final
 
     @torch.no_grad()
@@ -241,6 +237,7 @@ class Trainer:
         if checkpoint is not None:
             start, history = self.load_checkpoint(checkpoint)
             resumed_from = start
+            logger.info("resumed from %s at step %d", checkpoint, start)
         self.trainable_module().train()
         self.on_train_start()
         progress = tqdm(
@@ -260,6 +257,7 @@ class Trainer:
             progress.set_postfix(loss=f"{loss:.4f}")
             if done % args.log_every == 0 or done == args.max_steps or step == start:
                 history.append({"step": done, "loss": loss})
+                logger.info("step %d/%d: loss %.4f", done, args.max_steps, loss)
             if self.output_dir is not None and (done % args.checkpoint_every == 0 or done == args.max_steps):
                 self.save_checkpoint(done, history)
         self.trainable_module().eval()

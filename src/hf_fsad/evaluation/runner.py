@@ -1,0 +1,422 @@
+"""The evaluation runner: methods x datasets x k-shots x seeds -> results.json (tables and plots: `report`).
+
+```python
+from hf_fsad.evaluation import DatasetSpec, run_benchmark
+run_benchmark({"winclip": model}, [DatasetSpec("elpv")], ks=[2, 4], seeds=[0, 1, 2], out_dir="runs/elpv")
+```
+
+Protocol: per (dataset, category), k references are drawn from the normal training pool by a seeded
+sampler and written to a manifest (`out/manifests/...`, reused on reruns, so a rerun is exact); the whole
+test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained on another dataset records
+it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
+per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
+reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
+Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
+centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
+geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from ..data import ReferenceManifest, load_benchmark, sample_references
+from ..data.sampling import row_indices, select_ids
+from ..features import FeatureCache
+from ..io import atomic_write_text
+from ..metrics import IMAGE_METRICS, PIXEL_METRICS
+from ..modeling_base import FsadPreTrainedModel
+from ..visualization import mask_array
+from .report import plot_category, results_markdown, shots_label
+
+logger = logging.getLogger(__name__)
+
+# Prompt class words where the category name is not a good one.
+CLASS_NAMES = {
+    "elpv": "solar cell",
+    "headct": "head CT scan",
+    "brainmri": "brain MRI scan",
+    "aitex": "fabric",
+    "ksdd": "metal surface",
+    "sdd": "metal surface",
+    "mnist": "handwritten digit",
+    "sklearn_digits": "handwritten digit",
+    "toy": "textured surface",
+}
+def class_name_for(dataset: str, category: str) -> str:
+    return CLASS_NAMES.get(dataset, category.replace("_", " "))
+
+
+@dataclass
+class DatasetSpec:
+    """A benchmark to run: `load_benchmark(name, root, category, **options)` for each category."""
+
+    name: str
+    root: str | None = None
+    categories: list[str] | None = None  # None: every category the data holds
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_entry(cls, entry: str | dict) -> DatasetSpec:
+        """A config entry: the CLI's text form, or a dict of the fields (name, root, categories, options)."""
+        return cls(**entry) if isinstance(entry, dict) else cls.parse(entry)
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        """`name`, `name:root` or `name:root:category` (the CLI's form)."""
+        name, _, rest = text.partition(":")
+        root, _, category = rest.partition(":")
+        return cls(name, root or None, [category] if category else None)
+
+
+def _cell_id(cell: dict) -> str:
+    keys = ("method", "dataset", "category", "k", "seed")
+    return "|".join([*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How references and test images are drawn per (category, seed).
+
+    anomalous_shots: numbers of anomalous references to run (0 = normal references only); they are drawn
+    from the test split's anomalous images and every cell of a seed leaves out the same
+    max(anomalous_shots) images, so methods compare on one test set. num_validation: normal train images
+    kept for weight validation (methods with `validate_weights`). max_test: cap on scored test images
+    (seeded subset; the anomalous-memory paper scores up to 100 per class).
+    """
+
+    anomalous_shots: tuple[int, ...] = (0,)
+    num_validation: int = 0
+    max_test: int | None = None
+
+    def manifest_name(self, k: int, seed: int) -> str:
+        name = f"k{k}-a{max(self.anomalous_shots)}-seed{seed}"
+        name += f"-val{self.num_validation}" if self.num_validation else ""
+        return name + (f"-max{self.max_test}" if self.max_test is not None else "") + ".json"
+
+    @property
+    def draws_from_test(self) -> bool:
+        return max(self.anomalous_shots) > 0 or self.max_test is not None
+
+
+def _manifest(
+    out_dir: Path, split: _CategorySplit, k: int, seed: int, protocol: Protocol
+) -> ReferenceManifest:
+    path = out_dir / "manifests" / split.dataset / split.category / protocol.manifest_name(k, seed)
+    if path.is_file():
+        return ReferenceManifest.load(path)
+    manifest = sample_references(
+        split.train,
+        k,
+        seed,
+        split.category,
+        test=split.test if protocol.draws_from_test else None,
+        num_anomalous=max(protocol.anomalous_shots),
+        num_validation=protocol.num_validation,
+        max_test=protocol.max_test,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest.save(path)
+    return manifest
+
+
+def _metrics(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None
+) -> dict:
+    values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
+    for name, function in PIXEL_METRICS.items():
+        # None without pixel labels, or for image-level methods (no maps)
+        values[name] = function(masks, maps) if masks is not None and maps is not None else None
+    return values
+
+
+def _test_masks(test: Dataset, size: int, crop: bool) -> np.ndarray | None:
+    """Boolean masks at the model's input size (centre-cropped like the images when `crop`), or None unless
+    every anomalous test image has a mask: pixel metrics are then left out (e.g. ELPV has image labels only)."""
+    masks, labels = test["mask"], test["label"]
+    if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
+        return None
+    return np.stack([mask_array(mask, size, crop) for mask in masks])
+
+
+def _reference_masks(references: Dataset, size: int, crop: bool) -> torch.Tensor | None:
+    """Masks of anomalous references at the model's input size; None when any lacks one (the method then
+    treats them as references without pixel labels)."""
+    masks = references["mask"]
+    if any(mask is None for mask in masks):
+        return None
+    return torch.from_numpy(np.stack([mask_array(mask, size, crop) for mask in masks]))
+
+
+@torch.no_grad()
+def _score(
+    model: FsadPreTrainedModel, features: dict, bank, batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    scores, maps = [], []
+    count = next(iter(features.values())).shape[0]
+    for start in range(0, count, batch_size):
+        output = model.score_features({n: t[start : start + batch_size] for n, t in features.items()}, bank)
+        scores.append(output.image_scores.float().cpu().numpy())
+        if output.anomaly_maps is not None:
+            maps.append(output.anomaly_maps.float().cpu().numpy())
+    return np.concatenate(scores), np.concatenate(maps) if maps else None
+
+
+def run_benchmark(
+    models: dict[str, FsadPreTrainedModel],
+    datasets: Sequence[DatasetSpec],
+    ks: Sequence[int] = (2, 4, 8),
+    seeds: Sequence[int] = (0, 1, 2),
+    out_dir: str | os.PathLike = "benchmark_results",
+    batch_size: int = 8,
+    feature_cache: FeatureCache | None = None,
+    title: str | None = None,
+    num_heatmaps: int = 4,
+    protocol: Protocol | None = None,
+    fit_arguments: dict | None = None,
+    generated_references: GeneratedReferences | None = None,
+) -> dict:
+    """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
+    results dict (cells + feature-cache statistics + wall time).
+
+    A cell is (method, dataset, category, k, anomalous references, seed). Methods that need anomalous
+    references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0. Methods
+    fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
+    references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
+    adds generated anomaly-free images to every other method's k references (One-to-Normal, Sec. 4.3).
+    A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
+    on; a rerun tries it again.
+    """
+    protocol = protocol or Protocol()
+    fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
+    if fitting and 0 in ks:
+        raise ValueError(f"{', '.join(fitting)} fit on k normal images: k = 0 (zero-shot) is not possible.")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_file = out_dir / "results.json"
+    previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    cells = {_cell_id(cell): cell for cell in previous.get("cells", [])}
+    cache = feature_cache or FeatureCache(out_dir / "feature_cache")
+    started = time.perf_counter()
+    skipped = 0
+
+    for spec in datasets:
+        for category, train, test in _category_splits(spec):
+            split = _CategorySplit(spec.name, category, train, test)
+            first_seed_scores, shown = {}, None
+            for method, model in models.items():
+                for anomalous in protocol.anomalous_shots:
+                    if (anomalous > 0) != model.needs_anomalous_references:
+                        continue
+                    for k in ks:
+                        zero_shot = k == 0 and anomalous == 0
+                        for seed in seeds[:1] if zero_shot else seeds:
+                            cell = {
+                                "method": method,
+                                "dataset": spec.name,
+                                "category": category,
+                                "k": k,
+                                "seed": seed,
+                                "anomalous": anomalous,
+                            }
+                            finished = cells.get(_cell_id(cell))
+                            if finished is not None and "error" not in finished:  # failed cells run again
+                                skipped += 1
+                                continue
+                            try:
+                                run = _run_cell(
+                                    model,
+                                    cache,
+                                    out_dir,
+                                    split,
+                                    (k, anomalous, seed),
+                                    protocol,
+                                    batch_size,
+                                    fit_arguments or {},
+                                    generated_references,
+                                )
+                            # one failing cell is reported, and the others run
+                            except Exception as error:  # noqa: BLE001
+                                message = f"{type(error).__name__}: {error}"
+                                logger.warning("cell %s failed: %s", _cell_id(cell), message)
+                                cells[_cell_id(cell)] = cell | {"error": message}
+                                _write_results(results_file, cells, cache, started, skipped)
+                                continue
+                            cells[_cell_id(cell)] = cell | run.values
+                            logger.info("cell %s: %.1f s", _cell_id(cell), run.values["seconds"])
+                            _write_results(results_file, cells, cache, started, skipped)
+                            if seed == seeds[0]:
+                                first_seed_scores[(method, k, anomalous)] = (run.scores, run.labels)
+                                shown = (
+                                    (f"{method} k={shots_label(k, anomalous)}", run)
+                                    if run.maps is not None
+                                    else shown
+                                )
+            if first_seed_scores:
+                plot_category(out_dir, split.dataset, split.category, first_seed_scores, shown, num_heatmaps)
+
+    results = _write_results(results_file, cells, cache, started, skipped)
+    plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
+    atomic_write_text(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
+    return results
+
+
+@dataclass
+class GeneratedReferences:
+    """One-to-Normal's reference augmentation (paper Sec. 4.3) for other methods: per cell, a copy of
+    `generator` (a `OneToNormalModel`) is fitted on the cell's k normal references and generates `count`
+    anomaly-free images, which join the references in the method's bank. Run such methods under their own
+    labels. The generator's own pool is not used (pool_size=1 skips generating it)."""
+
+    generator: FsadPreTrainedModel
+    count: int
+    fit_arguments: dict = field(default_factory=dict)
+
+    def features(
+        self, model: FsadPreTrainedModel, normals: Sequence, class_name: str, seed: int, batch_size: int
+    ) -> dict[str, torch.Tensor]:
+        """`model`'s features of `count` images generated from `normals`."""
+        generator = copy.deepcopy(self.generator)
+        generator.fit(normals, class_name=class_name, **({"seed": seed} | self.fit_arguments))
+        images = generator.generate_normals(normals, self.count)
+        processor = model.paper_image_processor()
+        parts = [
+            model.encode_images(
+                processor(images[start : start + batch_size], return_tensors="pt").pixel_values
+            )
+            for start in range(0, len(images), batch_size)
+        ]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+@dataclass
+class _CategorySplit:
+    dataset: str
+    category: str
+    train: Dataset
+    test: Dataset
+
+
+@dataclass
+class _CellRun:
+    scores: np.ndarray
+    maps: np.ndarray | None
+    labels: np.ndarray
+    masks: np.ndarray | None
+    test: Dataset
+    values: dict
+    crop: bool
+
+
+def _run_cell(
+    model: FsadPreTrainedModel,
+    cache: FeatureCache,
+    out_dir: Path,
+    split: _CategorySplit,
+    shots: tuple[int, int, int],
+    protocol: Protocol,
+    batch_size: int,
+    fit_arguments: dict,
+    generated_references: GeneratedReferences | None = None,
+) -> _CellRun:
+    """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
+    k, anomalous, seed = shots
+    started = time.perf_counter()
+    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test
+    manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
+    test = split.test
+    if manifest is not None and manifest.test_ids is not None:
+        test = select_ids(split.test, manifest.test_ids)
+    size, crop = model.config.image_size, model.config.paper_preprocessing == "crop"
+    class_name = class_name_for(split.dataset, split.category)
+    bank_inputs = {"class_name": class_name}
+    fit_seconds, generated = None, 0
+    if getattr(model, "fits_per_category", False):
+        model = copy.deepcopy(model)
+        normals = split.train.select(row_indices(split.train, manifest.image_ids))["image"]
+        fit_seconds = time.perf_counter()
+        model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
+        fit_seconds = time.perf_counter() - fit_seconds
+    elif k > 0:
+        rows = row_indices(split.train, manifest.image_ids)
+        features = cache.features(model, split.train, rows, batch_size, "references")
+        if generated_references is not None:
+            normals = split.train.select(rows)["image"]
+            extra = generated_references.features(model, normals, class_name, seed, batch_size)
+            generated = generated_references.count
+            features = {
+                name: torch.cat([tensor, extra[name].to(tensor.device)]) for name, tensor in features.items()
+            }
+        bank_inputs["reference_features"] = features
+    anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
+    if anomalous_ids:
+        rows = row_indices(split.test, anomalous_ids)
+        anomalous_references = split.test.select(rows)
+        bank_inputs["anomalous_features"] = cache.features(
+            model, split.test, rows, batch_size, "anomalous references"
+        )
+        bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
+    bank = model.build_reference_bank(**bank_inputs)
+    if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
+        normals = select_ids(split.train, manifest.validation_ids)["image"]
+        views, view_labels = model.validation_set(normals, anomalous_references["image"])
+        bank = model.validate_weights(bank, views, view_labels)
+    test_features = cache.features(
+        model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
+    )
+    scores, maps = _score(model, test_features, bank, batch_size)
+    labels, masks = np.asarray(test["label"]), _test_masks(test, size, crop)
+    validation_auroc = bank.tensors.get("validation_auroc")
+    values = {
+        "trained_on": model.config.trained_on,
+        "metrics": _metrics(labels, scores, masks, maps),
+        "num_test": int(test.num_rows),
+        "reference_ids": manifest.image_ids if manifest else [],
+        "anomalous_ids": anomalous_ids,
+        "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
+        "fit_seconds": fit_seconds,
+        "generated_references": generated,
+        "seconds": time.perf_counter() - started,
+        "image_scores": scores.tolist(),
+    }
+    return _CellRun(scores, maps, labels, masks, test, values, crop)
+
+
+def _category_splits(spec: DatasetSpec):
+    """(category, train, test) for each category of `spec`."""
+    if spec.categories:
+        for category in spec.categories:
+            data = load_benchmark(spec.name, spec.root, category, **spec.options)
+            yield category, data["train"], data["test"]
+        return
+    data = load_benchmark(spec.name, spec.root, None, **spec.options)
+    for category in sorted(set(data["test"]["category"])):
+        yield category, _only(data["train"], category), _only(data["test"], category)
+
+
+def _only(dataset: Dataset, category: str) -> Dataset:
+    return dataset.filter(lambda name: name == category, input_columns="category")
+
+
+def _write_results(path: Path, cells: dict, cache: FeatureCache, started: float, skipped: int) -> dict:
+    results = {
+        "cells": list(cells.values()),
+        "feature_cache": {"hits": cache.hits, "misses": cache.misses, "hit_rate": cache.hit_rate},
+        "skipped_cells": skipped,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    atomic_write_text(path, json.dumps(results, indent=1) + "\n")
+    return results
+
+
