@@ -18,9 +18,10 @@ from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
 from hf_fsad.models.afclip import functional_afclip
 from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
+from hf_fsad.models.afclip.losses_afclip import afclip_loss, patch_alignment_loss, segmentation_loss
 from hf_fsad.models.afclip.modeling_afclip import AfClipModel, AttentionAdapter, encode_text_with_context
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
-from hf_fsad.training.losses import afclip_loss, focal_loss, patch_alignment_loss, segmentation_loss
+from hf_fsad.training.losses import focal_loss
 from hf_fsad.visualization import mask_array
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,7 +229,7 @@ def test_eq_13_masks_reach_the_patch_grid_by_bilinear_sampling_then_the_0_5_thre
     from PIL import Image
 
     from hf_fsad.data.common import FEATURES
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
 
     mask = np.zeros((240, 240), dtype=np.uint8)
     mask[:25, :9] = 255
@@ -342,8 +343,8 @@ def _auroc(model, data, k: int) -> tuple[float, float]:
 
 
 def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zero_shot(tmp_path):
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.testing import save_random_clip
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model, load_config
 
     clip = save_random_clip(small_clip_config(), tmp_path / "clip")
@@ -368,7 +369,7 @@ def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zer
 
 
 def test_lora_training_changes_only_lora_and_context(tmp_path):
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
 
     model = make_tiny_afclip(adapter_type="lora")
     data = load_benchmark("toy", category="weave", num_train=1, num_test_good=2, num_test_anomalous=2)["test"]

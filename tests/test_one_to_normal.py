@@ -176,7 +176,7 @@ def test_bad_inputs_get_clear_errors(diffusion_dir, monkeypatch):
 def test_dreambooth_views_are_flips_and_quarter_turns_of_crops():
     """Sec. 3.2's augmentation: with whole-image crops every view is one of the 8 flips x quarter turns of the
     image, and seeded draws reach all 8; smaller crops zoom in (a view no flip or turn gives)."""
-    from hf_fsad.training.dreambooth import augment
+    from hf_fsad.models.one_to_normal.training_one_to_normal import augment
 
     array = (np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)
     dihedral = [np.rot90(flipped, turns) for flipped in (array, array[:, ::-1]) for turns in range(4)]
@@ -199,11 +199,14 @@ def _fixed_denoising_loss(trainer, images) -> float:
 
 
 def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir):
-    from hf_fsad.training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+    from hf_fsad.models.one_to_normal.training_one_to_normal import (
+        DreamBoothLoraTrainer,
+        OneToNormalTrainingArguments,
+    )
 
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
-    args = DreamBoothArguments(
+    args = OneToNormalTrainingArguments(
         max_steps=40, learning_rate=1e-2, num_class_images=0, crop_scale_range=(1.0, 1.0)
     )
     trainer = DreamBoothLoraTrainer(model, normals, "grid", args)
@@ -220,12 +223,15 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
 
 
 def test_eq_1_denoising_loss_is_the_mse_to_the_noise(diffusion_dir):
-    from hf_fsad.training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+    from hf_fsad.models.one_to_normal.training_one_to_normal import (
+        DreamBoothLoraTrainer,
+        OneToNormalTrainingArguments,
+    )
 
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
     trainer = DreamBoothLoraTrainer(
-        model, normals, "grid", DreamBoothArguments(max_steps=1, num_class_images=0)
+        model, normals, "grid", OneToNormalTrainingArguments(max_steps=1, num_class_images=0)
     )
     prediction = torch.full((2, 4, 16, 16), 0.5)
     trainer.unet = lambda noisy, timesteps, encoder_hidden_states: type("Out", (), {"sample": prediction})
@@ -263,7 +269,7 @@ def test_training_entry_point_fits_and_saves(diffusion_dir, tiny_clip_dir, tmp_p
     from safetensors.torch import load_file
 
     from hf_fsad.models.one_to_normal.diffusion_one_to_normal import LORA_WEIGHTS_NAME
-    from hf_fsad.training.dreambooth import main as train_main
+    from hf_fsad.training.recipes import dreambooth_main as train_main
 
     normal_dir = tmp_path / "normal"
     normal_dir.mkdir()

@@ -25,22 +25,22 @@ from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
 from hf_fsad.models.vtfusion import functional_vtfusion
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
+from hf_fsad.models.vtfusion.losses_vtfusion import (
+    compactness_loss,
+    mse_segmentation_loss,
+    separation_loss,
+    vtfusion_loss,
+)
 from hf_fsad.models.vtfusion.modeling_vtfusion import (
     FusionBlock,
     SegmentationNetwork,
     SpatialSelfAttention,
     VtFusionModel,
 )
+from hf_fsad.models.vtfusion.training_vtfusion import anomalous_patches
 from hf_fsad.synthesis import SYNTHESIS_KINDS, random_anomaly
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
-from hf_fsad.training.losses import (
-    compactness_loss,
-    mse_segmentation_loss,
-    separation_loss,
-    vtfusion_loss,
-)
 from hf_fsad.training.trainer import parameter_digest
-from hf_fsad.training.vtfusion import anomalous_patches
 from hf_fsad.visualization import mask_array
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,7 +315,7 @@ def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
 def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(ablated):
     """The trainer's loss on batch 0, recomputed in float64 from the same batch: NFC + AFS + lambda SEG, or
     lambda SEG alone "w/o AIE" (no adaptor, and then no contrastive losses)."""
-    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+    from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
     switches = {"use_feature_adaptor": False, "use_text_adapter": False} if ablated else {}
     model = make_tiny_vtfusion(segmentation_weight=2.0, margin=0.3, **switches)
@@ -324,7 +324,7 @@ def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(
     assert trainable == {"image_encoder", "fusion", "segmentation"} | (
         {"text_adapter"} if not ablated else set()
     )
-    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=1))
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionTrainingArguments(max_steps=1))
     loss = trainer.compute_loss(0)
 
     views, anomalies, masks = trainer.training_batch(0)
@@ -357,11 +357,11 @@ def test_banks_need_a_fitted_model_and_no_references():
 
 
 def test_fit_trains_only_aie_ate_mpf_with_the_papers_learning_rates():
-    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+    from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
     model = make_tiny_vtfusion()
     backbone = {name: p.clone() for name, p in model.backbone.state_dict().items()}
-    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=2))
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionTrainingArguments(max_steps=2))
     rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -512,7 +512,7 @@ def test_cli_fit_saves_a_model_that_scores_and_reports_bad_files(tiny_clip_dir, 
 
 
 def test_fit_protocol_entry_point_runs_the_config(tiny_clip_dir, tmp_path):
-    from hf_fsad.training.vtfusion import main as fit_main
+    from hf_fsad.training.recipes import fit_main
 
     config = str(REPO / "training" / "configs" / "vtfusion_toy.yaml")
     dataset = (

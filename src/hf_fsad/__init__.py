@@ -1,15 +1,15 @@
 """hf_fsad: few-shot image anomaly detection with CLIP, the Hugging Face way.
 
 Importing the package registers every method with `AutoConfig`/`AutoModel` and the
-`image-anomaly-detection` pipeline task (see `hf_fsad.registry`), so `AutoModel.from_pretrained` needs no
-`trust_remote_code`. Public classes are imported on first use to keep `import hf_fsad` fast.
+`image-anomaly-detection` pipeline task (`hf_fsad.registry.register`), so `AutoModel.from_pretrained` needs
+no `trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .registry import METHODS, install_registration_hooks
+from .registry import METHODS, MethodSpec, method_spec, register
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,8 @@ _LAZY_ATTRIBUTES = {
 
 __all__ = [  # noqa: RUF022  (grouped as above)
     "METHODS",
+    "MethodSpec",
+    "method_spec",
     "__version__",
     "AnomalyDetectionOutput",
     "FsadPreTrainedModel",
@@ -66,4 +68,4 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-install_registration_hooks()
+register()

@@ -227,12 +227,12 @@ def fit(args: argparse.Namespace) -> int:
     from hf_fsad.hub import model_card, write_model_card
     from hf_fsad.io import atomic_directory, prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
-    from hf_fsad.registry import model_class
+    from hf_fsad.registry import method_spec
 
     if bool(args.clip) == bool(args.model):
         print("error: give either --clip (a fresh model) or --model (a saved one to refit)", file=sys.stderr)
         return 2
-    if not getattr(model_class(args.method), "fits_per_category", False):
+    if not getattr(method_spec(args.method).model, "fits_per_category", False):
         print(
             f"error: {args.method} is not fitted per category; train it with training/train_{args.method}.py",
             file=sys.stderr,

@@ -224,8 +224,8 @@ class OneToNormalModel(FsadPreTrainedModel):
         """The anomaly-free customised model (Sec. 3.2): a DreamBooth LoRA on the UNet from the normal images
         (augmented; prior preservation with generated class images), then the anomaly-free pool (the normals
         plus `pool_size - k` generated ones, kept at the model's input size and saved with the model).
-        `arguments` are further `DreamBoothArguments`."""
-        from ...training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+        `arguments` are further `OneToNormalTrainingArguments`."""
+        from .training_one_to_normal import DreamBoothLoraTrainer, OneToNormalTrainingArguments
 
         if not normal_images:
             raise ValueError("One-to-Normal needs at least one normal image to fit on.")
@@ -234,7 +234,7 @@ class OneToNormalModel(FsadPreTrainedModel):
             raise ValueError(
                 "One-to-Normal's prompts need the object's name: give class_name (e.g. 'bottle')."
             )
-        args = DreamBoothArguments(max_steps=steps, **arguments)
+        args = OneToNormalTrainingArguments(max_steps=steps, **arguments)
         trainer = DreamBoothLoraTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         result = trainer.train()
         self.config.fitted_class_name = class_name

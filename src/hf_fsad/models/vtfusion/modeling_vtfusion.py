@@ -285,11 +285,11 @@ class VtFusionModel(FsadPreTrainedModel):
     ) -> TrainingResult:
         """Fit this model to one category: prototypes from the k `normal_images` (PIL images), then `steps`
         updates of AIE, ATE and MPF on those normals and synthetic anomalies made from them each step.
-        `arguments` are further `VtFusionFitArguments` (seed, anomaly_kinds, learning rates, ...).
+        `arguments` are further `VtFusionTrainingArguments` (seed, anomaly_kinds, learning rates, ...).
         Returns the training record; the model is left fitted, in eval mode."""
-        from ...training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+        from .training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
-        args = VtFusionFitArguments(max_steps=steps, **arguments)
+        args = VtFusionTrainingArguments(max_steps=steps, **arguments)
         trainer = VtFusionTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         return trainer.train()
 
