@@ -33,7 +33,7 @@ import copy
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
@@ -120,7 +120,7 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
 
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
-    from ..hub import model_card, write_model_card
+    from ..hub import save_trained_model
     from .trainer import training_summary
 
     trainer_class, arguments_class, description = recipe(method)
@@ -140,14 +140,20 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
     summary = training_summary(args, result) | {"auxiliary_dataset": data}
     if accelerator.is_main_process:
         model.config.trained_on = data["dataset"]
-        model.save_pretrained(output_dir)
         losses = [entry["loss"] for entry in result.history]
         text = (
             f"Trained by {description} on `{data['dataset']}` for {result.steps} steps; "
             f"loss {losses[0]:.4f} -> {losses[-1]:.4f}. Arguments: see training_summary.json."
         )
-        write_model_card(output_dir, model_card(model, config["model"]["clip"], [data["dataset"]], text))
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        save_trained_model(
+            model,
+            output_dir,
+            config["model"]["clip"],
+            [data["dataset"]],
+            text,
+            summary,
+            "training_summary.json",
+        )
         if evaluate:
             summary["evaluation"] = evaluate_model(
                 model, config.get("evaluation") or {}, output_dir / "evaluation"
@@ -240,6 +246,7 @@ def fit_main(argv: Sequence[str] | None = None, method: str = "vtfusion") -> int
 def dreambooth_main(argv: Sequence[str] | None = None) -> int:
     """`training/train_dreambooth_lora.py`: fit One-to-Normal (LoRA + anomaly-free pool) on a folder of normal
     images and save it (with the LoRA beside the weights)."""
+    from ..hub import save_trained_model
     from ..io import expand_inputs, readable_images
     from ..registry import method_spec
 
@@ -270,13 +277,14 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
         diffusion_resolution=arguments.resolution,
         pool_size=arguments.pool_size,
     )
-    model.fit(
-        normals,
-        class_name=arguments.class_name,
-        steps=arguments.steps,
-        seed=arguments.seed,
-        num_class_images=arguments.num_class_images,
-    )
-    model.save_pretrained(arguments.out)
+    fit_arguments = {
+        "steps": arguments.steps,
+        "seed": arguments.seed,
+        "num_class_images": arguments.num_class_images,
+    }
+    result = model.fit(normals, class_name=arguments.class_name, **fit_arguments)
+    text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps."
+    summary = {"arguments": fit_arguments, "result": asdict(result)}
+    save_trained_model(model, arguments.out, arguments.clip, None, text, summary, "fit_summary.json")
     print(f"fitted One-to-Normal on {len(normals)} normal images -> {arguments.out}")
     return 0

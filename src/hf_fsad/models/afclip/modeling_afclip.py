@@ -236,7 +236,7 @@ class AfClipModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Zero-shot scores and maps; with references in the bank, AF-CLIP+'s fusion (Eqs. 17-18)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         token_sets = self.token_sets(features)
         probabilities, _ = self.token_probabilities(token_sets, bank.tensors["text_embeddings"])
         image_scores, maps = probabilities[:, 0], self.pixel_maps(probabilities[:, 1:])

@@ -300,7 +300,7 @@ class OneToNormalModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Eqs. 4-7: branch scores S_P, S_N, S_text; maps = the S_P map + alpha x the S_N map (level means)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         config = self.config
         layers = config.feature_layers
         query = [features[f"query.{layer}"] for layer in layers]

@@ -325,7 +325,7 @@ class VtFusionModel(FsadPreTrainedModel):
     ) -> AnomalyDetectionOutput:
         """M_f as the maps and max(M_f) as the image scores; branch scores are each map's maximum (M_v, M_t
         and, with MPF, M_vt)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         prediction = self.predict(features, bank.tensors["state_embeddings"], bank.tensors["prototypes"])
         branch_scores = {
             "vision": prediction.vision_map.amax(dim=-1),

@@ -106,7 +106,7 @@ class WinClipModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores and maps (at `config.image_size`) from `encode_images` features."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         text = bank.tensors["text_embeddings"]
         scales = self.config.window_scales
         masks = self.window_mask_list(text.device)
