@@ -1,4 +1,4 @@
-"""AF-CLIP / AF-CLIP+ (papers/af-clip.txt): Eqs. 3-18 on small tensors, prompts, LoRA, save/load, toy training."""
+"""AF-CLIP / AF-CLIP+ (ACM MM 2025): Eqs. 3-18 on small tensors, prompts, LoRA, save/load, toy training."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MetaCAN (papers/metacan.txt): Eqs. 1-8 by hand, the model contract, save/load and Auto classes."""
+"""MetaCAN (Lv et al., CIKM 2025): Eqs. 1-8 by hand, the model contract, save/load and Auto classes."""
 
 from __future__ import annotations
 
