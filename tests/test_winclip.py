@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 import hf_fsad
+from hf_fsad import scoring
 from hf_fsad.data import load_toy
 from hf_fsad.metrics import image_auroc, pixel_auroc
 from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.winclip import functional_winclip
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.prompts import ANOMALOUS_STATES, NORMAL_STATES, winclip_prompts
 from hf_fsad.scoring import class_scores, ensemble_text_embedding
@@ -244,3 +248,42 @@ def test_prompt_templates_choose_the_ensemble(make_winclip):
     torch.testing.assert_close(model.text_embeddings("nut"), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
         make_winclip(prompt_templates=["a photo of a nut."])
+
+
+def test_harmonic_mean():
+    values = torch.tensor([[1.0, 2.0], [4.0, 2.0]], dtype=torch.float64)
+    assert functional_winclip.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0])
+
+
+def test_zero_shot_map_is_harmonic_mean_of_image_and_scales():
+    masks = [scoring.window_masks((3, 3), 2), scoring.window_masks((3, 3), 3)]
+    image_scores = torch.tensor([0.5], dtype=torch.float64)
+    scale2 = torch.tensor([[0.2, 0.4, 0.5, 1.0]], dtype=torch.float64)
+    scale3 = torch.tensor([[0.8]], dtype=torch.float64)
+    result = functional_winclip.winclip_zero_shot_map(image_scores, [scale2, scale3], masks)[0]
+    assert result[0].item() == pytest.approx(3 / (1 / 0.5 + 1 / 0.2 + 1 / 0.8))
+    centre_scale2 = 4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0)
+    assert result[4].item() == pytest.approx(3 / (1 / 0.5 + 1 / centre_scale2 + 1 / 0.8))
+
+
+def test_few_shot_map_averages_patch_and_window_levels():
+    masks = [scoring.window_masks((2, 2), 2)]  # one window covering all four patches
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)
+    reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
+    reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    result = functional_winclip.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
+        0
+    ]
+    window_score = (1 - 1 / math.sqrt(2)) / 2
+    assert result.tolist() == pytest.approx(
+        [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]
+    )
+
+
+def test_fuse_zero_few_shot():
+    zero_map = torch.tensor([[0.2, 0.4]])
+    few_map = torch.tensor([[0.1, 0.3]])
+    fused_map, image = functional_winclip.fuse_zero_few_shot(zero_map, torch.tensor([0.6]), few_map)
+    assert fused_map[0].tolist() == pytest.approx([0.15, 0.35])
+    assert image.tolist() == pytest.approx([(0.6 + 0.3) / 2])
