@@ -1,5 +1,6 @@
 """Losses two or more trained methods share (the focal loss: MetaCAN, AF-CLIP), on anomaly scores that are
-probabilities (higher = more anomalous). A method's own losses live in `models/<method>/losses_<method>.py`."""
+probabilities (higher = more anomalous). A method's own losses live in
+`models/<method>/losses_<method>.py`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""AF-CLIP (zero-shot) and AF-CLIP+ (few-shot): anomaly-focused CLIP ("AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation", ACM MM
-2025)."""
+"""AF-CLIP (zero-shot) and AF-CLIP+ (few-shot): anomaly-focused CLIP ("AF-CLIP: Zero-Shot Anomaly Detection
+via Anomaly-Focused CLIP Adaptation", ACM MM 2025)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""AF-CLIP training ("AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation", ACM MM 2025, Sec. 4.3):
-prompts and adapter (or LoRA) on an auxiliary dataset with image labels and pixel masks, loss of Eq. 15.
+"""AF-CLIP training ("AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation", ACM MM
+2025, Sec. 4.3): prompts and adapter (or LoRA) on an auxiliary dataset with image labels and pixel masks, loss
+of Eq. 15.
 
 With the attention adapter the frozen backbone's features are encoded once per image and cached; with LoRA
 the vision tower itself is trained, so every batch runs it. Batches are seeded permutations of the dataset
