@@ -15,7 +15,7 @@ from transformers import AutoModel
 
 from hf_fsad.modeling_base import FsadPreTrainedModel, ReferenceBank
 from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.testing import byte_level_clip_tokenizer, save_tiny_diffusion_pipeline, tiny_clip_config
+from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
 
 # Small enough to score in well under a second on one core; the defaults elsewhere.
 TINY_CONFIGS = {
@@ -34,11 +34,6 @@ TINY_CONFIGS = {
 SIZE = 240  # tiny_clip_config's image size
 # Methods whose bank holds what `fit` learnt and takes no reference images.
 BANKS_WITHOUT_REFERENCES = {"vtfusion"}
-
-
-@pytest.fixture(scope="module")
-def diffusion_dir(tmp_path_factory) -> str:
-    return save_tiny_diffusion_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def images(count: int, seed: int) -> torch.Tensor:

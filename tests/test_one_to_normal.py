@@ -34,7 +34,6 @@ from hf_fsad.models.one_to_normal.diffusion_one_to_normal import (
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
 from hf_fsad.testing import (
     byte_level_clip_tokenizer,
-    save_tiny_diffusion_pipeline,
     small_clip_config,
     tiny_clip_config,
 )
@@ -44,11 +43,6 @@ pytest.importorskip("diffusers", reason="One-to-Normal needs the diffusers extra
 
 FAST = {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3}
 TINY_FIT = {"num_class_images": 1, "class_image_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def diffusion_dir(tmp_path_factory) -> str:
-    return save_tiny_diffusion_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def make_model(diffusion_dir: str, clip_config=None, **config) -> OneToNormalModel:
