@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hf_fsad.cli import main as cli
-from hf_fsad.registry import config_class, model_class
+from hf_fsad.registry import method_spec
 from hf_fsad.testing import byte_level_clip_tokenizer, save_tiny_diffusion_pipeline, vit_b16_plus_240_config
 
 # Windowless methods first: rows are written as each method finishes, and windows cost ~12x more.
@@ -35,7 +35,7 @@ def save_methods(folder: Path, layers: int) -> list[str]:
     arguments = []
     for method in METHODS:
         extra = {}
-        if layers < 12 and "feature_layers" in config_class(method).__dataclass_fields__:
+        if layers < 12 and "feature_layers" in method_spec(method).config.__dataclass_fields__:
             extra["feature_layers"] = [layers]  # a shallow tower for a quick check of the script
         if method == "one_to_normal":
             extra = {
@@ -43,7 +43,7 @@ def save_methods(folder: Path, layers: int) -> list[str]:
                 "diffusion_resolution": 32,
                 "pool_size": 3,
             }
-        model = model_class(method)(config_class(method)(clip_config=clip_config, **extra)).eval()
+        model = method_spec(method).model(method_spec(method).config(clip_config=clip_config, **extra)).eval()
         if shared is None:
             shared = model.backbone.clip.state_dict()
         model.backbone.load_clip_weights(shared)

@@ -19,8 +19,8 @@ from profile_winclip import write_report
 from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import MetaCanModel
+from hf_fsad.models.metacan.training_metacan import MetaCanTrainingArguments, TaskBatch, meta_objective
 from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config
-from hf_fsad.training.meta_learning import MetaLearningArguments, TaskBatch, meta_objective
 
 
 def task_seconds(model: MetaCanModel, repeats: int, first_order: bool) -> float:
@@ -34,7 +34,7 @@ def task_seconds(model: MetaCanModel, repeats: int, first_order: bool) -> float:
     task = TaskBatch(
         levels(2), levels(8), torch.tensor([0] * 4 + [1] * 4), levels(32), torch.tensor([0] * 16 + [1] * 16)
     )
-    args = MetaLearningArguments(first_order=first_order)
+    args = MetaCanTrainingArguments(first_order=first_order)
     text = torch.randn(2, model.config.clip_config.projection_dim, generator=generator)
     params = dict(model.head.named_parameters())
 

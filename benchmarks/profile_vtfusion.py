@@ -22,10 +22,10 @@ from hf_fsad.data import load_benchmark
 from hf_fsad.evaluation import median_seconds
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
 from hf_fsad.models.vtfusion.modeling_vtfusion import VtFusionModel
+from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainingArguments
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, vit_b16_plus_240_config
-from hf_fsad.training.vtfusion import VtFusionFitArguments
 
-DEFAULT_STEPS = VtFusionFitArguments().max_steps
+DEFAULT_STEPS = VtFusionTrainingArguments().max_steps
 
 
 def make_model(clip_config, **config) -> VtFusionModel:

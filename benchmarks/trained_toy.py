@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
-from hf_fsad.registry import model_class
+from hf_fsad.registry import method_spec
 from hf_fsad.synthesis import ANOMALY_TYPES
 from hf_fsad.testing import save_random_clip, small_clip_config, tiny_clip_config
-from hf_fsad.training.recipes import _recipe, build_model, load_config, train
+from hf_fsad.training.recipes import build_model, load_config, recipe, train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 # method -> (backbone, trained variants as config overrides, untrained variants as model-config changes)
@@ -86,7 +86,7 @@ def main() -> None:
         return
     backbone, trained, untrained = VARIANTS[args.method]
     config_file = CONFIGS / f"{args.method}_toy.yaml"
-    _, arguments_class, _ = _recipe(args.method)
+    _, arguments_class, _ = recipe(args.method)
     with tempfile.TemporaryDirectory() as folder:
         clip = save_random_clip(backbone(), Path(folder) / "clip")
         base = load_config(config_file, [f"model.clip={clip}"])
@@ -105,7 +105,7 @@ def main() -> None:
                 "loss_last": result["history"][-1]["loss"],
                 "seconds_per_step": result["seconds_per_step"],
             }
-            models[label] = model_class(args.method).from_pretrained(output)
+            models[label] = method_spec(args.method).model.from_pretrained(output)
         evaluation = base["evaluation"]
         run_benchmark(
             models,

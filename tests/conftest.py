@@ -7,7 +7,12 @@ import torch
 
 from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
-from hf_fsad.testing import byte_level_clip_tokenizer, save_random_clip, tiny_clip_config
+from hf_fsad.testing import (
+    byte_level_clip_tokenizer,
+    save_random_clip,
+    save_tiny_diffusion_pipeline,
+    tiny_clip_config,
+)
 
 
 def make_tiny_winclip(seed: int = 0, **config) -> WinClipModel:
@@ -49,3 +54,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def diffusion_dir(tmp_path_factory) -> str:
+    """A saved tiny random Stable Diffusion pipeline (One-to-Normal's personalizer), loadable offline."""
+    return save_tiny_diffusion_pipeline(tmp_path_factory.mktemp("tiny_sd"))

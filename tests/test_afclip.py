@@ -1,4 +1,4 @@
-"""AF-CLIP / AF-CLIP+ (papers/af-clip.txt): Eqs. 3-18 on small tensors, prompts, LoRA, save/load, toy training."""
+"""AF-CLIP / AF-CLIP+ (ACM MM 2025): Eqs. 3-18 on small tensors, prompts, LoRA, save/load, toy training."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from scipy.ndimage import gaussian_filter
 from transformers import AutoModel
 
 import hf_fsad
-from hf_fsad import scoring
 from hf_fsad.backbones.clip import ClipBackbone
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
+from hf_fsad.models.afclip import functional_afclip
 from hf_fsad.models.afclip.configuration_afclip import AfClipConfig
-from hf_fsad.models.afclip.modeling_afclip import AfClipModel, AttentionAdapter
+from hf_fsad.models.afclip.losses_afclip import afclip_loss, patch_alignment_loss, segmentation_loss
+from hf_fsad.models.afclip.modeling_afclip import AfClipModel, AttentionAdapter, encode_text_with_context
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
-from hf_fsad.training.losses import afclip_loss, focal_loss, patch_alignment_loss, segmentation_loss
+from hf_fsad.training.losses import focal_loss
 from hf_fsad.visualization import mask_array
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,24 +38,26 @@ def make_tiny_afclip(seed: int = 0, **config) -> AfClipModel:
 
 
 def test_eq_5_gaussian_window_weights_by_hand():
-    torch.testing.assert_close(scoring.gaussian_window_weights(1, 4.0), torch.ones(1, 1, dtype=torch.float64))
+    torch.testing.assert_close(
+        functional_afclip.gaussian_window_weights(1, 4.0), torch.ones(1, 1, dtype=torch.float64)
+    )
     edge, corner = math.exp(-1 / 32), math.exp(-2 / 32)
     raw = torch.tensor(
         [[corner, edge, corner], [edge, 1.0, edge], [corner, edge, corner]], dtype=torch.float64
     )
-    torch.testing.assert_close(scoring.gaussian_window_weights(3, 4.0), raw / raw.sum())
-    assert scoring.gaussian_window_weights(5, 4.0).sum().item() == pytest.approx(1.0)
+    torch.testing.assert_close(functional_afclip.gaussian_window_weights(3, 4.0), raw / raw.sum())
+    assert functional_afclip.gaussian_window_weights(5, 4.0).sum().item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="odd"):
-        scoring.gaussian_window_weights(2, 4.0)
+        functional_afclip.gaussian_window_weights(2, 4.0)
 
 
 def test_eqs_5_6_spatial_aggregation_keeps_cls_and_zero_pads():
     torch.manual_seed(0)
     tokens = torch.randn(1, 1 + 16, 3, dtype=torch.float64)
-    torch.testing.assert_close(scoring.spatial_aggregation(tokens, (4, 4), 1, 4.0), tokens)
-    aggregated = scoring.spatial_aggregation(tokens, (4, 4), 3, 4.0)
+    torch.testing.assert_close(functional_afclip.spatial_aggregation(tokens, (4, 4), 1, 4.0), tokens)
+    aggregated = functional_afclip.spatial_aggregation(tokens, (4, 4), 3, 4.0)
     torch.testing.assert_close(aggregated[:, 0], tokens[:, 0])  # CLS untouched
-    weights = scoring.gaussian_window_weights(3, 4.0)
+    weights = functional_afclip.gaussian_window_weights(3, 4.0)
     grid = tokens[0, 1:].reshape(4, 4, 3)
     interior = sum(weights[dy + 1, dx + 1] * grid[1 + dy, 2 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
     torch.testing.assert_close(aggregated[0, 1 + 1 * 4 + 2], interior)
@@ -71,11 +74,15 @@ def test_gaussian_blur_matches_scipy_on_a_map_with_a_bright_border(mode):
     for sigma in (1.0, 4.0):
         expected = np.stack([gaussian_filter(m, sigma=sigma, mode=mode) for m in maps.numpy()])
         # both float64; they differ only in the order of the sums (~1e-16)
-        torch.testing.assert_close(scoring.gaussian_blur(maps, sigma, mode), torch.from_numpy(expected))
+        torch.testing.assert_close(
+            functional_afclip.gaussian_blur(maps, sigma, mode), torch.from_numpy(expected)
+        )
     other = "mirror" if mode == "reflect" else "reflect"
-    assert (scoring.gaussian_blur(maps, 4.0, mode) - scoring.gaussian_blur(maps, 4.0, other)).abs().max() > 1e-3
+    assert (
+        functional_afclip.gaussian_blur(maps, 4.0, mode) - functional_afclip.gaussian_blur(maps, 4.0, other)
+    ).abs().max() > 1e-3
     with pytest.raises(ValueError, match="blur mode"):
-        scoring.gaussian_blur(maps, 4.0, "nearest")
+        functional_afclip.gaussian_blur(maps, 4.0, "nearest")
 
 
 def test_eqs_3_4_attention_adapter_by_hand_without_residual():
@@ -109,8 +116,8 @@ def test_eq_8_prompt_context_placement_and_end_of_text_index(placement):
     context = backbone.clip.text_model.embeddings.token_embedding(context_ids).detach()
     prompts = ["without defect.", "with a long defect."]
     with torch.no_grad():
-        together = backbone.encode_text_with_context(prompts, context, placement)
-        alone = backbone.encode_text_with_context(prompts[:1], context, placement)
+        together = encode_text_with_context(backbone, prompts, context, placement)
+        alone = encode_text_with_context(backbone, prompts[:1], context, placement)
         for prompt, embedding in zip(prompts, together):
             start, *words, end = backbone.tokenizer(prompt)["input_ids"]
             if placement == "before_start":
@@ -124,7 +131,7 @@ def test_eq_8_prompt_context_placement_and_end_of_text_index(placement):
     # The pooled token is each prompt's own end-of-text token, whatever the padding around it.
     torch.testing.assert_close(together[:1], alone, rtol=1e-5, atol=1e-6)  # as above: padding only
     gradient = torch.autograd.grad(
-        backbone.encode_text_with_context(["with defect."], context.requires_grad_(), placement).sum(),
+        encode_text_with_context(backbone, ["with defect."], context.requires_grad_(), placement).sum(),
         context,
     )[0]
     assert gradient.abs().sum() > 0
@@ -140,7 +147,7 @@ def test_eqs_9_10_token_probabilities_by_hand():
     # token 0: cos normal 1 + 1/sqrt2, anomalous 0 + 1/sqrt2; token 1: normal 0 + 0, anomalous 1 + 1
     logits = torch.tensor([[1 + 2**-0.5, 2**-0.5], [0.0, 2.0]]) / 0.07
     expected = logits.softmax(-1)[:, 1][None]
-    torch.testing.assert_close(scoring.afclip_token_probabilities(sets, text, 0.07), expected)
+    torch.testing.assert_close(functional_afclip.afclip_token_probabilities(sets, text, 0.07), expected)
 
 
 def test_eqs_11_to_15_losses_by_hand():
@@ -222,7 +229,7 @@ def test_eq_13_masks_reach_the_patch_grid_by_bilinear_sampling_then_the_0_5_thre
     from PIL import Image
 
     from hf_fsad.data.common import FEATURES
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
 
     mask = np.zeros((240, 240), dtype=np.uint8)
     mask[:25, :9] = 255
@@ -244,7 +251,8 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     zero_shot = model(images)
     torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0])
     torch.testing.assert_close(
-        zero_shot.anomaly_maps, scoring.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0, "reflect")
+        zero_shot.anomaly_maps,
+        functional_afclip.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0, "reflect"),
     )
 
     bank = model.build_reference_bank(references, "bottle")
@@ -354,8 +362,8 @@ def _auroc(model, data, k: int) -> tuple[float, float]:
 
 
 def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zero_shot(tmp_path, one_thread):
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.testing import save_random_clip
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model, load_config
 
     clip = save_random_clip(small_clip_config(), tmp_path / "clip")
@@ -383,7 +391,7 @@ def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zer
 
 
 def test_lora_training_changes_only_lora_and_context(tmp_path):
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
 
     model = make_tiny_afclip(adapter_type="lora")
     data = load_benchmark("toy", category="weave", num_train=1, num_test_good=2, num_test_anomalous=2)["test"]
@@ -404,8 +412,8 @@ def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
     import subprocess
     import sys
 
+    from hf_fsad.models.afclip.training_afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.testing import save_random_clip
-    from hf_fsad.training.afclip import AfClipTrainer, AfClipTrainingArguments
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model, load_config
 
     clip = save_random_clip(tiny_clip_config(), tmp_path / "clip")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel
 
 from hf_fsad import scoring
 from hf_fsad.data.toy import toy_records
 from hf_fsad.metrics import image_auroc
 from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.anomalous_memory import functional_anomalous_memory
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
@@ -65,7 +65,7 @@ def test_masked_items_form_the_anomalous_memory(model, images):
         windows = (grid - scale + 1) ** 2
         assert bank.tensors[f"reference.window{scale}"].shape[0] == windows + windows - 1
     assert bank.tensors["reference.patch"].shape[0] == 225 + 224  # normal image + unmasked anomalous patches
-    torch.testing.assert_close(bank.tensors["score_weights"], scoring.baseline_score_weights(4))
+    torch.testing.assert_close(bank.tensors["score_weights"], functional_anomalous_memory.baseline_score_weights(4))
     assert bank.k == 1 and int(bank.tensors["num_anomalous"]) == 1
 
 
@@ -150,7 +150,7 @@ def test_nine_scores_and_their_baseline_combination(model, images):
     ).amax(-1)
     torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch)
     masks = scoring.window_masks((15, 15), 7)
-    anomalous_windows = scoring.anomalous_association(
+    anomalous_windows = functional_anomalous_memory.anomalous_association(
         features["window_embeddings.7"], bank.tensors["anomalous.window7"]
     )
     expected = scoring.harmonic_aggregation(anomalous_windows, masks).amax(-1)
@@ -243,7 +243,7 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
     scores = torch.stack(
         [model(views, reference_bank=bank).branch_scores[n] for n in model.score_names()], -1
     ).double()
-    candidates = scoring.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
     aurocs = torch.tensor([image_auroc(labels, scores @ candidate) for candidate in candidates])
     best = int(torch.argmax(aurocs))  # the first of the best
     torch.testing.assert_close(validated.tensors["score_weights"], candidates[best], rtol=0, atol=0)
@@ -269,7 +269,7 @@ def test_signed_weight_draws_reach_the_bank(images):
         images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
     )
     validated = model.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
-    candidates = scoring.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
     assert any(torch.equal(validated.tensors["score_weights"], candidate) for candidate in candidates)
     absolute = make_model(weight_distribution="normal", signed_weights=False)
     bank = absolute.build_reference_bank(
@@ -277,21 +277,6 @@ def test_signed_weight_draws_reach_the_bank(images):
     )
     validated = absolute.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
     assert (validated.tensors["score_weights"] >= 0).all()
-
-
-def test_save_load_round_trip_reproduces_scores(model, images, tmp_path):
-    bank = model.build_reference_bank(
-        images[:1], "tile", anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
-    )
-    expected = model(images[2:], reference_bank=bank)
-    model.save_pretrained(tmp_path / "model")
-    bank.save(tmp_path / "bank.safetensors")
-    loaded = AutoModel.from_pretrained(tmp_path / "model")
-    assert isinstance(loaded, AnomalousMemoryModel) and loaded.config.window_scales == [2, 3, 7]
-    output = loaded(images[2:], reference_bank=ReferenceBank.load(tmp_path / "bank.safetensors"))
-    torch.testing.assert_close(output.image_scores, expected.image_scores, rtol=0, atol=0)
-    for name, value in expected.branch_scores.items():
-        torch.testing.assert_close(output.branch_scores[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_winclip_bank_is_refused(model, make_winclip, images):
@@ -302,3 +287,127 @@ def test_winclip_bank_is_refused(model, make_winclip, images):
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="weight_distribution"):
         AnomalousMemoryConfig(clip_config=tiny_clip_config(), weight_distribution="cauchy")
+
+
+def test_nearest_cosine_and_both_associations_by_hand():
+    query = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    memory = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
+    half = 2**-0.5
+    torch.testing.assert_close(scoring.nearest_cosine(query, memory), torch.tensor([[half, half]]))
+    torch.testing.assert_close(
+        scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2])
+    )
+    torch.testing.assert_close(
+        functional_anomalous_memory.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2])
+    )
+
+
+def test_patch_defect_shares_count_each_patchs_defect_pixels():
+    masks = torch.zeros(1, 4, 6, dtype=torch.bool)
+    masks[0, 1, 5] = True  # one pixel of patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
+    masks[0, 2:, :2] = True  # all of patch (1, 0)
+    masks[0, 3, 2] = True  # one pixel of patch (1, 1)
+    shares = functional_anomalous_memory.patch_defect_shares(masks, 2)
+    assert shares.dtype == torch.float64 and shares.tolist() == [[0, 0, 0.25, 1, 0.25, 0]]
+
+
+def test_window_defect_shares_average_the_covered_patches():
+    masks = scoring.window_masks((3, 3), 2)  # windows at (0,0), (0,1), (1,0), (1,1)
+    patch_shares = torch.zeros(1, 9, dtype=torch.float64)
+    patch_shares[0, 2] = 1.0  # patch (0, 2): only the window at (0, 1) covers it
+    patch_shares[0, 4] = 0.5  # the centre patch is in every window
+    expected = [[0.5 / 4, 1.5 / 4, 0.5 / 4, 0.5 / 4]]
+    assert functional_anomalous_memory.window_defect_shares(patch_shares, masks).tolist() == expected
+
+
+def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
+    shares = torch.tensor(
+        [[0.0, 0.6, 0.5, 0.2], [0.1, 0.3, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
+    )
+    # row 0: two items reach 0.5; row 1: none does, so the two largest (tied) do; row 2: no defect at all
+    expected = [[False, True, True, False], [False, True, True, False], [False, False, False, False]]
+    assert functional_anomalous_memory.anomalous_items(shares, 0.5).tolist() == expected
+    assert functional_anomalous_memory.anomalous_items(shares, 0.05).tolist()[1] == [True, True, True, False]
+
+
+def test_baseline_weights_average_three_groups():
+    weights = functional_anomalous_memory.baseline_score_weights(4)
+    scores = torch.tensor([0.3, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
+    expected = (0.3 + (0.1 + 0.2 + 0.3 + 0.4) / 4 + (0.5 + 0.6 + 0.7 + 0.8) / 4) / 3
+    assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)  # float64 rounding of 9 terms
+
+
+def test_baseline_weights_spread_each_group_over_its_available_levels():
+    available = torch.tensor([True, True, True, True, False, True, True, True, True])
+    expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
+    torch.testing.assert_close(
+        functional_anomalous_memory.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
+    )
+    no_reference = torch.tensor([True, False, False, True, True])  # a whole group gone: two groups share
+    expected = [1 / 2, 0, 0, 1 / 4, 1 / 4]
+    torch.testing.assert_close(
+        functional_anomalous_memory.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
+    )
+
+
+def _raw_weight_draw(distribution: str, seed: int, shape: tuple[int, int]) -> torch.Tensor:
+    """The draw `sample_score_weights` makes, repeated from the same seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    if distribution == "uniform":
+        return torch.rand(shape, generator=generator, dtype=torch.float64)
+    normal = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if distribution == "normal":
+        return normal
+    chi2 = torch.randn((*shape, 3), generator=generator, dtype=torch.float64).pow(2).sum(-1)
+    return normal / (chi2 / 3).sqrt()
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "normal", "student_t"])
+def test_sampled_weights_are_the_seeded_draws_scaled_to_unit_l1_norm(distribution):
+    def draw(seed, signed=True):
+        return functional_anomalous_memory.sample_score_weights(
+            50, 9, distribution, torch.Generator().manual_seed(seed), signed=signed
+        )
+
+    raw = _raw_weight_draw(distribution, 0, (50, 9))
+    # same operations on the same draw: bit-identical
+    torch.testing.assert_close(draw(0), raw / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0)
+    torch.testing.assert_close(
+        draw(0, signed=False), raw.abs() / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0
+    )
+    assert not torch.equal(draw(1), draw(0))
+    # the paper's signed draws: normal and Student-t weights take both signs, uniform ones never
+    assert bool((draw(0) < 0).any()) == (distribution != "uniform")
+    assert (draw(0, signed=False) >= 0).all()
+    with pytest.raises(ValueError, match="Unknown weight distribution"):
+        functional_anomalous_memory.sample_score_weights(1, 9, "cauchy")
+
+
+def test_unit_l1_weights_zero_the_unavailable_scores():
+    weights = torch.tensor([[0.5, -0.25, 0.25]], dtype=torch.float64)
+    available = torch.tensor([True, True, False])
+    assert functional_anomalous_memory.unit_l1_weights(weights, available).tolist() == [[2 / 3, -1 / 3, 0.0]]
+
+
+def test_pairwise_auroc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    assert float(functional_anomalous_memory.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        functional_anomalous_memory.pairwise_auroc(scores, torch.ones(6))
+
+
+def test_weight_search_picks_the_perfect_score():
+    """Score 0 separates the validation set perfectly, scores 1 and 2 are noise: the chosen vector must be
+    dominated by score 0, and reach AUROC 1."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 6 + [1] * 6)
+    noise = torch.rand(12, 2, generator=generator, dtype=torch.float64)
+    scores = torch.cat([labels[:, None].double(), noise], dim=1)
+    candidates = functional_anomalous_memory.sample_score_weights(200, 3, "uniform", generator)
+    weights, auroc = functional_anomalous_memory.select_score_weights(scores, labels, candidates)
+    assert auroc == 1.0
+    assert int(torch.argmax(weights)) == 0
+    assert auroc == float(functional_anomalous_memory.pairwise_auroc(candidates @ scores.T, labels).max())

@@ -27,12 +27,15 @@ LAYERS = {
     "hf_fsad.visualization": 0,
     "hf_fsad.distributed": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
-    # feature cache, the model and bank base classes, the diffusion helpers, the tiny test builders.
+    # feature cache, the model and bank base classes, the tiny test builders.
     "hf_fsad.backbones": 1,
     "hf_fsad.scoring": 1,
     "hf_fsad.features": 1,
     "hf_fsad.modeling_base": 1,
-    "hf_fsad.diffusion": 1,
+    # what every trained method shares: the generic training loop and the shared losses (a method's own
+    # trainer, in its folder, builds on them).
+    "hf_fsad.training.trainer": 1,
+    "hf_fsad.training.losses": 1,
     "hf_fsad.testing": 1,
     # 2: the methods, one sub-package each.
     "hf_fsad.models": 2,
@@ -53,14 +56,8 @@ LAYERS = {
 # A method may import another only where it is built on it.
 METHOD_BASES = {"anomalous_memory": {"winclip"}}
 
-# Known imports against the layers, moved by the models restructure (issue 19, part 2): VTFusion's and
-# One-to-Normal's fitting still lives in `training/`, and their models call it.
-PENDING = {
-    ("hf_fsad.models.one_to_normal.modeling_one_to_normal", "hf_fsad.training.dreambooth"),
-    ("hf_fsad.models.one_to_normal.modeling_one_to_normal", "hf_fsad.training.trainer"),
-    ("hf_fsad.models.vtfusion.modeling_vtfusion", "hf_fsad.training.trainer"),
-    ("hf_fsad.models.vtfusion.modeling_vtfusion", "hf_fsad.training.vtfusion"),
-}
+# Known imports against the layers (none left; an entry needs a reason).
+PENDING: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

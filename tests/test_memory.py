@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from hf_fsad.registry import config_class, model_class
+from hf_fsad.registry import method_spec
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
 
 # The tiny tower's 15 x 15 grid: a scale-s window memory holds (16 - s)^2 items per image; 2 normal references
@@ -34,7 +34,7 @@ LIMIT = 100
 
 def build(model_type: str, **config):
     torch.manual_seed(0)
-    model = model_class(model_type)(config_class(model_type)(clip_config=tiny_clip_config(), **config)).eval()
+    model = method_spec(model_type).model(method_spec(model_type).config(clip_config=tiny_clip_config(), **config)).eval()
     model.tokenizer = byte_level_clip_tokenizer()
     return model
 

@@ -20,12 +20,11 @@ from torch.func import functional_call
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import image_auroc
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
+from hf_fsad.models.metacan.losses_metacan import anomaly_loss, official_focal_loss
 from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead
-from hf_fsad.testing import tiny_clip_config
-from hf_fsad.training.losses import anomaly_loss, focal_loss, official_focal_loss
-from hf_fsad.training.meta_learning import (
+from hf_fsad.models.metacan.training_metacan import (
+    MetaCanTrainingArguments,
     MetaLearner,
-    MetaLearningArguments,
     TaskBatch,
     adapt,
     draw_task,
@@ -33,6 +32,8 @@ from hf_fsad.training.meta_learning import (
     set_loss,
     task_pools,
 )
+from hf_fsad.testing import tiny_clip_config
+from hf_fsad.training.losses import focal_loss
 from hf_fsad.training.recipes import load_config
 from hf_fsad.training.trainer import latest_checkpoint
 from test_metacan import make_tiny_metacan
@@ -71,7 +72,7 @@ def test_official_focal_is_focal_with_logits_on_the_probabilities_averaged():
     torch.testing.assert_close(
         official_focal_loss(scores_t, labels_t), torch.tensor(expected, dtype=torch.float64)
     )
-    args = MetaLearningArguments(loss="official_focal")
+    args = MetaCanTrainingArguments(loss="official_focal")
     assert anomaly_loss(scores_t, labels_t, args.loss, reduction="mean").item() == pytest.approx(
         np.mean(expected), rel=1e-12
     )  # float64 throughout
@@ -90,7 +91,7 @@ def _toy_auxiliary(categories=("stripes", "weave"), **sizes):
 
 def test_task_draws_are_seeded_per_step_and_keep_references_out_of_the_queries():
     dataset = _toy_auxiliary()
-    args = MetaLearningArguments(
+    args = MetaCanTrainingArguments(
         num_shots=2, support_normal=3, support_anomalous=2, query_normal=8, query_anomalous=5
     )
     pools = task_pools(dataset, args.num_shots)
@@ -171,7 +172,7 @@ def test_meta_step_equals_eqs_10_to_12_by_hand():
     head, config = _tiny_head()
     tasks = _tiny_tasks(config)
     text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    args = MetaLearningArguments(inner_lr=0.05)
+    args = MetaCanTrainingArguments(inner_lr=0.05)
     _, inner, query_losses, outer_gradient = _hand_meta_step(head, tasks, text, args)
 
     params = dict(head.named_parameters())
@@ -188,7 +189,7 @@ def test_meta_step_equals_eqs_10_to_12_by_hand():
         torch.testing.assert_close(parameter.grad, outer_gradient[name], rtol=0, atol=1e-6)
     # The second-order terms matter: the first-order variant gives another gradient.
     head.zero_grad()
-    meta_objective(head, params, tasks, text, MetaLearningArguments(inner_lr=0.05, first_order=True))[
+    meta_objective(head, params, tasks, text, MetaCanTrainingArguments(inner_lr=0.05, first_order=True))[
         0
     ].backward()
     assert not torch.allclose(head.differentiator[0].weight.grad, outer_gradient["differentiator.0.weight"])
@@ -198,7 +199,7 @@ def test_every_tasks_query_loss_reaches_the_outer_gradient():
     head, config = _tiny_head()
     tasks = _tiny_tasks(config, num_tasks=3)
     text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    args = MetaLearningArguments(inner_lr=0.05)
+    args = MetaCanTrainingArguments(inner_lr=0.05)
     params = dict(head.named_parameters())
 
     def gradient(selected):
@@ -219,7 +220,7 @@ def test_running_statistics_move_in_the_query_forwards_only():
     head, config = _tiny_head()  # official detector, training mode: BatchNorm uses batch statistics
     tasks = _tiny_tasks(config)
     text = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    args = MetaLearningArguments(inner_lr=0.05)
+    args = MetaCanTrainingArguments(inner_lr=0.05)
     params = dict(head.named_parameters())
     before = {name: buffer.clone() for name, buffer in head.named_buffers()}
     adapted = adapt(head, params, tasks[0], text, args)
@@ -251,17 +252,17 @@ def test_set_loss_averages_the_official_focal_and_sums_the_others():
     params = dict(head.named_parameters())
     scores = functional_call(head, params, (task.query, task.references, text))["score"]
     inputs = (head, params, task.query, task.query_labels, task.references, text)
-    official = set_loss(*inputs, MetaLearningArguments(loss="official_focal"))
+    official = set_loss(*inputs, MetaCanTrainingArguments(loss="official_focal"))
     expected = official_focal_loss(scores, task.query_labels).mean()  # the official code's mean
     assert official.item() == pytest.approx(expected.item(), rel=1e-12)  # float64 throughout
-    summed = set_loss(*inputs, MetaLearningArguments(loss="bce+focal"))
+    summed = set_loss(*inputs, MetaCanTrainingArguments(loss="bce+focal"))
     expected = anomaly_loss(scores, task.query_labels, "bce+focal", reduction="sum")  # Eq. 9's sum
     assert summed.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
 def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradient(tmp_path):
     model = make_tiny_metacan().double()
-    args = MetaLearningArguments(
+    args = MetaCanTrainingArguments(
         support_normal=2,
         support_anomalous=2,
         query_normal=3,
@@ -312,7 +313,7 @@ def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categori
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={tiny_clip_dir}"])
-    args = MetaLearningArguments(**config["training"])
+    args = MetaCanTrainingArguments(**config["training"])
     model = build_model(config["model"], args.seed)
     learner = MetaLearner(model, _auxiliary_dataset(config["data"]), args, tmp_path)
     held_out = MetaLearner(model, _auxiliary_dataset(config["data"] | {"categories": ["grid"]}), args, None)
@@ -335,7 +336,7 @@ def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categori
 
 
 def test_checkpoints_keep_the_running_statistics_and_resume_restores_them(tmp_path):
-    args = MetaLearningArguments(
+    args = MetaCanTrainingArguments(
         support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, max_steps=1
     )
     model = make_tiny_metacan()
@@ -353,7 +354,7 @@ def test_checkpoints_keep_the_running_statistics_and_resume_restores_them(tmp_pa
 
 
 def test_official_detector_refuses_one_query_sets(tmp_path):
-    args = MetaLearningArguments(support_normal=1, support_anomalous=0)
+    args = MetaCanTrainingArguments(support_normal=1, support_anomalous=0)
     with pytest.raises(ValueError, match="at least 2 queries"):
         MetaLearner(make_tiny_metacan(), _toy_auxiliary(), args, tmp_path)
     MetaLearner(
@@ -387,7 +388,7 @@ def _train_in_process(
     from hf_fsad.training.recipes import _auxiliary_dataset, build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}", *overrides])
-    args = MetaLearningArguments(**config["training"])
+    args = MetaCanTrainingArguments(**config["training"])
     model = build_model(config["model"], args.seed).to(dtype)
     if train:
         MetaLearner(model, _auxiliary_dataset(config["data"]), args, output_dir).train()
@@ -512,7 +513,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(t
 def test_training_refuses_a_model_without_trainable_parts(tmp_path):
     model = make_tiny_metacan(use_detector=False)
     with pytest.raises(ValueError, match="Nothing to train"):
-        MetaLearner(model, _toy_auxiliary(), MetaLearningArguments(), tmp_path)
+        MetaLearner(model, _toy_auxiliary(), MetaCanTrainingArguments(), tmp_path)
 
 
 def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_dir):
@@ -546,7 +547,7 @@ def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_di
 
 
 def test_gradient_accumulation_averages_meta_batches(tmp_path):
-    args = MetaLearningArguments(
+    args = MetaCanTrainingArguments(
         support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, inner_lr=0.05,
         outer_lr=0.1, outer_optimizer="sgd", gradient_accumulation_steps=2,
     )  # fmt: skip
@@ -569,7 +570,7 @@ def test_gradient_accumulation_averages_meta_batches(tmp_path):
 RECORDING_HEAD_DTYPES = """
 import json, os, runpy, sys
 import torch
-from hf_fsad.training.meta_learning import MetaLearner
+from hf_fsad.models.metacan.training_metacan import MetaLearner
 
 dtypes = set()
 on_train_start = MetaLearner.on_train_start
@@ -634,7 +635,7 @@ def build_model_from(clip_dir: str):
     from hf_fsad.training.recipes import build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}"])
-    return build_model(config["model"], MetaLearningArguments(**config["training"]).seed)
+    return build_model(config["model"], MetaCanTrainingArguments(**config["training"]).seed)
 
 
 def parameter_vector(model) -> torch.Tensor:

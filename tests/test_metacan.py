@@ -1,4 +1,4 @@
-"""MetaCAN (papers/metacan.txt): Eqs. 1-8 by hand, the model contract, save/load and Auto classes."""
+"""MetaCAN (Lv et al., CIKM 2025): Eqs. 1-8 by hand, the model contract, save/load and Auto classes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import AutoModel
 
 import hf_fsad
-from hf_fsad import scoring
+from hf_fsad.models.metacan import functional_metacan
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
 from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead, MetaCanModel
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config, vit_b16_plus_240_config
@@ -30,27 +30,27 @@ def test_eqs_1_2_topk_reference_anomaly_by_hand():
     # query 1: cosines 1, 0, 1/sqrt2, -1 -> top 2 = 1 and 1/sqrt2; query 2: 0, 1, 1/sqrt2, 0 -> 1 and 1/sqrt2
     expected = 0.5 * (1 - (1 + 1 / math.sqrt(2)) / 2)
     torch.testing.assert_close(
-        scoring.topk_reference_anomaly(query, reference, 2), torch.full((1, 2), expected)
+        functional_metacan.topk_reference_anomaly(query, reference, 2), torch.full((1, 2), expected)
     )
     # k = 3: query 1 -> (1 + 1/sqrt2 + 0)/3
-    first = scoring.topk_reference_anomaly(query, reference, 3)[0, 0]
+    first = functional_metacan.topk_reference_anomaly(query, reference, 3)[0, 0]
     torch.testing.assert_close(first, torch.tensor(0.5 * (1 - (1 + 1 / math.sqrt(2)) / 3)))
     with pytest.raises(ValueError, match="nearest of 4"):
-        scoring.topk_reference_anomaly(query, reference, 5)
+        functional_metacan.topk_reference_anomaly(query, reference, 5)
 
 
 def test_eqs_3_4_image_image_score_sums_level_maxima():
     levels = [torch.tensor([[0.1, 0.4], [0.2, 0.0]]), torch.tensor([[0.3, 0.2], [0.5, 0.6]])]
-    torch.testing.assert_close(scoring.image_image_score(levels), torch.tensor([0.4 + 0.3, 0.2 + 0.6]))
+    torch.testing.assert_close(functional_metacan.image_image_score(levels), torch.tensor([0.4 + 0.3, 0.2 + 0.6]))
 
 
 def test_eq_8_fusion_and_ablations():
     image_image, image_text = torch.tensor([1.2, 0.3]), torch.tensor([0.8, 0.1])
-    torch.testing.assert_close(scoring.metacan_fusion(image_image, image_text, 3), torch.tensor([0.5, 0.1]))
-    torch.testing.assert_close(scoring.metacan_fusion(image_image, None, 3), torch.tensor([0.4, 0.1]))
-    torch.testing.assert_close(scoring.metacan_fusion(None, image_text, 3), image_text)
+    torch.testing.assert_close(functional_metacan.metacan_fusion(image_image, image_text, 3), torch.tensor([0.5, 0.1]))
+    torch.testing.assert_close(functional_metacan.metacan_fusion(image_image, None, 3), torch.tensor([0.4, 0.1]))
+    torch.testing.assert_close(functional_metacan.metacan_fusion(None, image_text, 3), image_text)
     with pytest.raises(ValueError, match="at least one branch"):
-        scoring.metacan_fusion(None, None, 3)
+        functional_metacan.metacan_fusion(None, None, 3)
 
 
 def _hand_detector(m_it, params: dict, buffers: dict, detector_type: str, training: bool):

@@ -23,13 +23,18 @@ import hf_fsad
 from extras import import_extra
 from hf_fsad import scoring
 from hf_fsad.data import load_benchmark
-from hf_fsad.diffusion import Personalizer, load_img2img_pipeline, most_similar, require_diffusers
 from hf_fsad.metrics.functional import pixel_auroc
+from hf_fsad.models.one_to_normal import functional_one_to_normal
 from hf_fsad.models.one_to_normal.configuration_one_to_normal import OneToNormalConfig
+from hf_fsad.models.one_to_normal.diffusion_one_to_normal import (
+    Personalizer,
+    load_img2img_pipeline,
+    most_similar,
+    require_diffusers,
+)
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
 from hf_fsad.testing import (
     byte_level_clip_tokenizer,
-    save_tiny_diffusion_pipeline,
     small_clip_config,
     tiny_clip_config,
 )
@@ -39,11 +44,6 @@ import_extra("diffusers", "diffusers")
 
 FAST = {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3}
 TINY_FIT = {"num_class_images": 1, "class_image_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def diffusion_dir(tmp_path_factory) -> str:
-    return save_tiny_diffusion_pipeline(tmp_path_factory.mktemp("tiny_sd"))
 
 
 def make_model(diffusion_dir: str, clip_config=None, **config) -> OneToNormalModel:
@@ -80,13 +80,13 @@ def test_ssim_matches_a_float64_reference_and_is_one_for_identical_images():
     rng = np.random.default_rng(0)
     x = rng.random((3, 20, 24))
     y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
-    actual = scoring.ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None])
+    actual = functional_one_to_normal.ssim(torch.from_numpy(x)[None], torch.from_numpy(y)[None])
     # both float64; the separable convolutions and scipy's filter sum in different orders
     assert actual.item() == pytest.approx(_reference_ssim(x, y), rel=1e-9)
     # exactly 1: with x = y numerator and denominator are the same float64 products
-    assert scoring.ssim(torch.from_numpy(x)[None], torch.from_numpy(x)[None]).item() == 1.0
+    assert functional_one_to_normal.ssim(torch.from_numpy(x)[None], torch.from_numpy(x)[None]).item() == 1.0
     with pytest.raises(ValueError, match="one shape"):
-        scoring.ssim(torch.zeros(1, 3, 20, 20), torch.zeros(1, 3, 20, 24))
+        functional_one_to_normal.ssim(torch.zeros(1, 3, 20, 20), torch.zeros(1, 3, 20, 24))
 
 
 def test_eq_2_selection_picks_the_candidate_most_similar_to_the_query():
@@ -111,15 +111,15 @@ def test_eq_2_selection_picks_the_candidate_most_similar_to_the_query():
 def test_eqs_4_to_7_on_hand_computed_features():
     query = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # (1 image, 2 patches, 2 dims)
     personalized = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
-    assert scoring.personalized_difference(query, personalized).tolist() == [[0.0, 1.0]]
+    assert functional_one_to_normal.personalized_difference(query, personalized).tolist() == [[0.0, 1.0]]
     memory = torch.tensor([[0.6, 0.8], [-1.0, 0.0]])
     # 0.6 and 0.8 round in float32 (ulp 6e-8), and so does their norm
     torch.testing.assert_close(
-        scoring.pool_difference(query, memory), torch.tensor([[0.4, 0.2]]), rtol=0, atol=1e-7
+        functional_one_to_normal.pool_difference(query, memory), torch.tensor([[0.4, 0.2]]), rtol=0, atol=1e-7
     )
     level_maps = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.5, 0.2]])]
-    assert scoring.level_mean_of_maxima(level_maps).tolist() == [0.75]  # (1 + 0.5) / 2
-    total = scoring.one_to_normal_score(
+    assert functional_one_to_normal.level_mean_of_maxima(level_maps).tolist() == [0.75]  # (1 + 0.5) / 2
+    total = functional_one_to_normal.one_to_normal_score(
         torch.tensor([0.75]), torch.tensor([0.3]), torch.tensor([0.8]), 1.0, 0.5
     )
     assert total.item() == pytest.approx(0.75 + 0.3 + 0.4, rel=1e-7)  # float32 0.3 and 0.8 (ulp 3e-8, 6e-8)
@@ -171,7 +171,7 @@ def test_bad_inputs_get_clear_errors(diffusion_dir, monkeypatch):
 def test_dreambooth_views_are_flips_and_quarter_turns_of_crops():
     """Sec. 3.2's augmentation: with whole-image crops every view is one of the 8 flips x quarter turns of the
     image, and seeded draws reach all 8; smaller crops zoom in (a view no flip or turn gives)."""
-    from hf_fsad.training.dreambooth import augment
+    from hf_fsad.models.one_to_normal.training_one_to_normal import augment
 
     array = (np.random.default_rng(0).random((12, 12, 3)) * 255).astype(np.uint8)
     dihedral = [np.rot90(flipped, turns) for flipped in (array, array[:, ::-1]) for turns in range(4)]
@@ -194,11 +194,14 @@ def _fixed_denoising_loss(trainer, images) -> float:
 
 
 def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir):
-    from hf_fsad.training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+    from hf_fsad.models.one_to_normal.training_one_to_normal import (
+        DreamBoothLoraTrainer,
+        OneToNormalTrainingArguments,
+    )
 
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
-    args = DreamBoothArguments(
+    args = OneToNormalTrainingArguments(
         max_steps=40, learning_rate=1e-2, num_class_images=0, crop_scale_range=(1.0, 1.0)
     )
     trainer = DreamBoothLoraTrainer(model, normals, "grid", args)
@@ -215,12 +218,15 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
 
 
 def test_eq_1_denoising_loss_is_the_mse_to_the_noise(diffusion_dir):
-    from hf_fsad.training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+    from hf_fsad.models.one_to_normal.training_one_to_normal import (
+        DreamBoothLoraTrainer,
+        OneToNormalTrainingArguments,
+    )
 
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
     trainer = DreamBoothLoraTrainer(
-        model, normals, "grid", DreamBoothArguments(max_steps=1, num_class_images=0)
+        model, normals, "grid", OneToNormalTrainingArguments(max_steps=1, num_class_images=0)
     )
     prediction = torch.full((2, 4, 16, 16), 0.5)
     trainer.unet = lambda noisy, timesteps, encoder_hidden_states: type("Out", (), {"sample": prediction})
@@ -257,8 +263,8 @@ def test_training_entry_point_fits_and_saves(diffusion_dir, tiny_clip_dir, tmp_p
     non-zero one was trained) and the anomaly-free pool, so it scores without references once loaded."""
     from safetensors.torch import load_file
 
-    from hf_fsad.diffusion import LORA_WEIGHTS_NAME
-    from hf_fsad.training.dreambooth import main as train_main
+    from hf_fsad.models.one_to_normal.diffusion_one_to_normal import LORA_WEIGHTS_NAME
+    from hf_fsad.training.recipes import dreambooth_main as train_main
 
     normal_dir = tmp_path / "normal"
     normal_dir.mkdir()
@@ -485,7 +491,9 @@ def test_with_a_perfect_restorer_s_p_localises_planted_defects(diffusion_dir):
     layers = model.config.feature_layers
     s_p_map = torch.stack(
         [
-            scoring.personalized_difference(features[f"query.{l}"], features[f"personalized.{l}"])
+            functional_one_to_normal.personalized_difference(
+                features[f"query.{l}"], features[f"personalized.{l}"]
+            )
             for l in layers
         ]
     ).mean(0)

@@ -1,4 +1,5 @@
-"""`import hf_fsad` is light and registers every method with transformers, whatever the import order."""
+"""`import hf_fsad` registers every method with transformers (`AutoConfig` / `AutoModel` / pipeline), and
+`registry.METHODS` holds one spec per method."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import sys
 import textwrap
 
 import pytest
+from transformers import AutoConfig, AutoModel
+
+from hf_fsad.registry import METHODS, method_spec
+from hf_fsad.training.recipes import recipe
+from hf_fsad.training.trainer import FsadTrainingArguments
 
 CHECK_REGISTERED = """
 from transformers import AutoConfig, AutoModel
@@ -30,31 +36,37 @@ def run_python(code: str) -> str:
 
 @pytest.mark.parametrize(
     "imports",
-    [
-        "import hf_fsad",
-        "import transformers\nimport hf_fsad",
-        "from transformers import AutoModel\nimport hf_fsad",
-        "from transformers import pipeline\nimport hf_fsad",
-        "import hf_fsad\nfrom transformers.pipelines import pipeline",
-        "from hf_fsad.models.winclip.modeling_winclip import WinClipModel",
-    ],
-    ids=[
-        "hf_fsad",
-        "transformers-first",
-        "automodel-first",
-        "pipelines-first",
-        "pipelines-after",
-        "modeling-only",
-    ],
+    ["import hf_fsad", "from hf_fsad.models.winclip.modeling_winclip import WinClipModel"],
+    ids=["hf_fsad", "modeling-only"],
 )
-def test_methods_are_registered_in_any_import_order(imports):
+def test_methods_are_registered_at_import(imports):
+    # a subprocess: this test process has registered everything long ago
     run_python(imports + "\n" + CHECK_REGISTERED)
 
 
-def test_import_loads_neither_torch_nor_transformers():
-    """What keeps `import hf_fsad` fast (its time is measured in benchmarks/profile_winclip.py)."""
-    output = run_python("import sys, hf_fsad; print('torch' in sys.modules, 'transformers' in sys.modules)")
-    assert output.split() == ["False", "False"]
+def test_registration_installs_no_import_hook():
+    code = "import sys, hf_fsad; print([type(f).__module__ for f in sys.meta_path])"
+    assert "hf_fsad" not in run_python(code)
+
+
+@pytest.mark.parametrize("model_type", sorted(METHODS))
+def test_each_spec_names_classes_of_its_method(model_type):
+    spec = METHODS[model_type]
+    assert spec.config.model_type == model_type
+    assert spec.model.config_class is spec.config
+    assert AutoConfig.for_model(model_type).__class__ is spec.config
+    assert AutoModel._model_mapping[spec.config] is spec.model
+    if spec.trainer is not None:
+        assert spec.trainer.__module__ == f"hf_fsad.models.{model_type}.training_{model_type}"
+        assert issubclass(spec.training_arguments, FsadTrainingArguments)
+    assert (spec.recipe is not None) <= (spec.trainer is not None)  # a recipe needs a trainer
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(ValueError, match="Unknown method 'patchcore'; available: afclip, anomalous_memory"):
+        method_spec("patchcore")
+    with pytest.raises(ValueError, match="No training recipe for 'winclip'; available: afclip, metacan"):
+        recipe("winclip")
 
 
 LAYERED_METHODS = ["metacan", "afclip", "vtfusion", "one_to_normal"]
@@ -62,23 +74,21 @@ LAYERED_METHODS = ["metacan", "afclip", "vtfusion", "one_to_normal"]
 
 @pytest.mark.parametrize("method", LAYERED_METHODS)
 def test_feature_layers_beyond_the_tower_are_refused_by_name(method):
-    from hf_fsad.registry import config_class
     from hf_fsad.testing import tiny_clip_config
 
     with pytest.raises(
         ValueError, match=r"feature layer 3 does not exist: the vision tower has blocks 1\.\.2"
     ):
-        config_class(method)(clip_config=tiny_clip_config(), feature_layers=[1, 3])
+        method_spec(method).config(clip_config=tiny_clip_config(), feature_layers=[1, 3])
     with pytest.raises(ValueError, match="feature layer 0 does not exist"):
-        config_class(method)(clip_config=tiny_clip_config(), feature_layers=[0])
+        method_spec(method).config(clip_config=tiny_clip_config(), feature_layers=[0])
 
 
 def test_default_feature_layers_end_four_equal_groups_of_blocks():
-    from hf_fsad.registry import config_class
     from hf_fsad.testing import tiny_clip_config, vit_l14_336_config
 
-    assert config_class("afclip")(clip_config=vit_l14_336_config()).feature_layers == [6, 12, 18, 24]
-    assert config_class("vtfusion")(clip_config=vit_l14_336_config(12)).feature_layers == [3, 6, 9, 12]
+    assert method_spec("afclip").config(clip_config=vit_l14_336_config()).feature_layers == [6, 12, 18, 24]
+    assert method_spec("vtfusion").config(clip_config=vit_l14_336_config(12)).feature_layers == [3, 6, 9, 12]
     # Under four blocks AF-CLIP keeps the four levels (repeating blocks); the others keep distinct blocks.
-    assert config_class("afclip")(clip_config=tiny_clip_config()).feature_layers == [1, 1, 1, 2]
-    assert config_class("one_to_normal")(clip_config=tiny_clip_config()).feature_layers == [1, 2]
+    assert method_spec("afclip").config(clip_config=tiny_clip_config()).feature_layers == [1, 1, 1, 2]
+    assert method_spec("one_to_normal").config(clip_config=tiny_clip_config()).feature_layers == [1, 2]

@@ -1,4 +1,5 @@
-"""Each scoring equation on small tensors against hand-computed or float64 values."""
+"""The shared scoring functions (`hf_fsad.scoring`) on small tensors against hand-computed or float64 values;
+each method's own equations are tested in its test file."""
 
 from __future__ import annotations
 
@@ -69,11 +70,6 @@ def test_harmonic_aggregation_with_a_zero_score_is_exactly_zero():
     assert result[8].item() == pytest.approx(1.0)  # not covered by it
 
 
-def test_harmonic_mean():
-    values = torch.tensor([[1.0, 2.0], [4.0, 2.0]], dtype=torch.float64)
-    assert scoring.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0])
-
-
 def test_class_scores_by_hand():
     text = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)  # normal along x, anomalous along y
     embeddings = torch.tensor([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
@@ -128,40 +124,6 @@ def test_ensemble_text_embedding_variants():
     assert raw.tolist() == pytest.approx([1.5, 0.5])
 
 
-def test_zero_shot_map_is_harmonic_mean_of_image_and_scales():
-    masks = [scoring.window_masks((3, 3), 2), scoring.window_masks((3, 3), 3)]
-    image_scores = torch.tensor([0.5], dtype=torch.float64)
-    scale2 = torch.tensor([[0.2, 0.4, 0.5, 1.0]], dtype=torch.float64)
-    scale3 = torch.tensor([[0.8]], dtype=torch.float64)
-    result = scoring.winclip_zero_shot_map(image_scores, [scale2, scale3], masks)[0]
-    assert result[0].item() == pytest.approx(3 / (1 / 0.5 + 1 / 0.2 + 1 / 0.8))
-    centre_scale2 = 4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0)
-    assert result[4].item() == pytest.approx(3 / (1 / 0.5 + 1 / centre_scale2 + 1 / 0.8))
-
-
-def test_few_shot_map_averages_patch_and_window_levels():
-    masks = [scoring.window_masks((2, 2), 2)]  # one window covering all four patches
-    patches = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)
-    reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
-    reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    result = scoring.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
-        0
-    ]
-    window_score = (1 - 1 / math.sqrt(2)) / 2
-    assert result.tolist() == pytest.approx(
-        [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]
-    )
-
-
-def test_fuse_zero_few_shot():
-    zero_map = torch.tensor([[0.2, 0.4]])
-    few_map = torch.tensor([[0.1, 0.3]])
-    fused_map, image = scoring.fuse_zero_few_shot(zero_map, torch.tensor([0.6]), few_map)
-    assert fused_map[0].tolist() == pytest.approx([0.15, 0.35])
-    assert image.tolist() == pytest.approx([(0.6 + 0.3) / 2])
-
-
 def test_upsample_maps_bilinear():
     maps = torch.tensor([[[0.0, 1.0]]])
     result = scoring.upsample_maps(maps, (1, 4))[0, 0]
@@ -172,133 +134,9 @@ def test_upsample_maps_bilinear():
 # --- anomalous memory ------------------------------------------------------------------------------------
 
 
-def test_nearest_cosine_and_both_associations_by_hand():
-    query = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
-    memory = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
-    half = 2**-0.5
-    torch.testing.assert_close(scoring.nearest_cosine(query, memory), torch.tensor([[half, half]]))
-    torch.testing.assert_close(
-        scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2])
-    )
-    torch.testing.assert_close(
-        scoring.anomalous_association(query, memory), torch.tensor([[(1 + half) / 2] * 2])
-    )
-
-
-def test_patch_defect_shares_count_each_patchs_defect_pixels():
-    masks = torch.zeros(1, 4, 6, dtype=torch.bool)
-    masks[0, 1, 5] = True  # one pixel of patch (row 0, column 2) of a 2x3 grid of 2-pixel patches
-    masks[0, 2:, :2] = True  # all of patch (1, 0)
-    masks[0, 3, 2] = True  # one pixel of patch (1, 1)
-    shares = scoring.patch_defect_shares(masks, 2)
-    assert shares.dtype == torch.float64 and shares.tolist() == [[0, 0, 0.25, 1, 0.25, 0]]
-
-
-def test_window_defect_shares_average_the_covered_patches():
-    masks = scoring.window_masks((3, 3), 2)  # windows at (0,0), (0,1), (1,0), (1,1)
-    patch_shares = torch.zeros(1, 9, dtype=torch.float64)
-    patch_shares[0, 2] = 1.0  # patch (0, 2): only the window at (0, 1) covers it
-    patch_shares[0, 4] = 0.5  # the centre patch is in every window
-    expected = [[0.5 / 4, 1.5 / 4, 0.5 / 4, 0.5 / 4]]
-    assert scoring.window_defect_shares(patch_shares, masks).tolist() == expected
-
-
-def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
-    shares = torch.tensor(
-        [[0.0, 0.6, 0.5, 0.2], [0.1, 0.3, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64
-    )
-    # row 0: two items reach 0.5; row 1: none does, so the two largest (tied) do; row 2: no defect at all
-    expected = [[False, True, True, False], [False, True, True, False], [False, False, False, False]]
-    assert scoring.anomalous_items(shares, 0.5).tolist() == expected
-    assert scoring.anomalous_items(shares, 0.05).tolist()[1] == [True, True, True, False]
-
-
 def test_level_image_scores_take_each_maximum():
     maps = [torch.tensor([[0.1, 0.5], [0.3, 0.2]]), torch.tensor([[0.9, 0.0], [0.4, 0.6]])]
     torch.testing.assert_close(scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]))
-
-
-def test_baseline_weights_average_three_groups():
-    weights = scoring.baseline_score_weights(4)
-    scores = torch.tensor([0.3, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], dtype=torch.float64)
-    expected = (0.3 + (0.1 + 0.2 + 0.3 + 0.4) / 4 + (0.5 + 0.6 + 0.7 + 0.8) / 4) / 3
-    assert float(scores @ weights) == pytest.approx(expected, abs=1e-15)  # float64 rounding of 9 terms
-
-
-def test_baseline_weights_spread_each_group_over_its_available_levels():
-    available = torch.tensor([True, True, True, True, False, True, True, True, True])
-    expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
-    torch.testing.assert_close(
-        scoring.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
-    )
-    no_reference = torch.tensor([True, False, False, True, True])  # a whole group gone: two groups share
-    expected = [1 / 2, 0, 0, 1 / 4, 1 / 4]
-    torch.testing.assert_close(
-        scoring.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
-    )
-
-
-def _raw_weight_draw(distribution: str, seed: int, shape: tuple[int, int]) -> torch.Tensor:
-    """The draw `sample_score_weights` makes, repeated from the same seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    if distribution == "uniform":
-        return torch.rand(shape, generator=generator, dtype=torch.float64)
-    normal = torch.randn(shape, generator=generator, dtype=torch.float64)
-    if distribution == "normal":
-        return normal
-    chi2 = torch.randn((*shape, 3), generator=generator, dtype=torch.float64).pow(2).sum(-1)
-    return normal / (chi2 / 3).sqrt()
-
-
-@pytest.mark.parametrize("distribution", ["uniform", "normal", "student_t"])
-def test_sampled_weights_are_the_seeded_draws_scaled_to_unit_l1_norm(distribution):
-    def draw(seed, signed=True):
-        return scoring.sample_score_weights(
-            50, 9, distribution, torch.Generator().manual_seed(seed), signed=signed
-        )
-
-    raw = _raw_weight_draw(distribution, 0, (50, 9))
-    # same operations on the same draw: bit-identical
-    torch.testing.assert_close(draw(0), raw / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0)
-    torch.testing.assert_close(
-        draw(0, signed=False), raw.abs() / raw.abs().sum(-1, keepdim=True), rtol=0, atol=0
-    )
-    assert not torch.equal(draw(1), draw(0))
-    # the paper's signed draws: normal and Student-t weights take both signs, uniform ones never
-    assert bool((draw(0) < 0).any()) == (distribution != "uniform")
-    assert (draw(0, signed=False) >= 0).all()
-    with pytest.raises(ValueError, match="Unknown weight distribution"):
-        scoring.sample_score_weights(1, 9, "cauchy")
-
-
-def test_unit_l1_weights_zero_the_unavailable_scores():
-    weights = torch.tensor([[0.5, -0.25, 0.25]], dtype=torch.float64)
-    available = torch.tensor([True, True, False])
-    assert scoring.unit_l1_weights(weights, available).tolist() == [[2 / 3, -1 / 3, 0.0]]
-
-
-def test_pairwise_auroc_matches_sklearn_with_ties():
-    from sklearn.metrics import roc_auc_score
-
-    scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
-    labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    assert float(scoring.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
-    with pytest.raises(ValueError, match="both normal and anomalous"):
-        scoring.pairwise_auroc(scores, torch.ones(6))
-
-
-def test_weight_search_picks_the_perfect_score():
-    """Score 0 separates the validation set perfectly, scores 1 and 2 are noise: the chosen vector must be
-    dominated by score 0, and reach AUROC 1."""
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0] * 6 + [1] * 6)
-    noise = torch.rand(12, 2, generator=generator, dtype=torch.float64)
-    scores = torch.cat([labels[:, None].double(), noise], dim=1)
-    candidates = scoring.sample_score_weights(200, 3, "uniform", generator)
-    weights, auroc = scoring.select_score_weights(scores, labels, candidates)
-    assert auroc == 1.0
-    assert int(torch.argmax(weights)) == 0
-    assert auroc == float(scoring.pairwise_auroc(candidates @ scores.T, labels).max())
 
 
 def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():

@@ -23,23 +23,24 @@ from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.metrics.functional import image_auroc, pixel_auroc
+from hf_fsad.models.vtfusion import functional_vtfusion
 from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
+from hf_fsad.models.vtfusion.losses_vtfusion import (
+    compactness_loss,
+    mse_segmentation_loss,
+    separation_loss,
+    vtfusion_loss,
+)
 from hf_fsad.models.vtfusion.modeling_vtfusion import (
     FusionBlock,
     SegmentationNetwork,
     SpatialSelfAttention,
     VtFusionModel,
 )
+from hf_fsad.models.vtfusion.training_vtfusion import anomalous_patches
 from hf_fsad.synthesis import SYNTHESIS_KINDS, random_anomaly
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
-from hf_fsad.training.losses import (
-    compactness_loss,
-    mse_segmentation_loss,
-    separation_loss,
-    vtfusion_loss,
-)
 from hf_fsad.training.trainer import parameter_digest
-from hf_fsad.training.vtfusion import anomalous_patches
 from hf_fsad.visualization import mask_array
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,22 +66,22 @@ def toy_normals(count: int, category: str = "weave", seed: int = 1) -> list[Imag
 
 def test_eq_1_prototypes_average_the_stacked_normal_features_per_location():
     levels = [torch.tensor([[[1.0], [2.0]], [[3.0], [6.0]]]), torch.tensor([[[0.0], [1.0]], [[2.0], [1.0]]])]
-    stacked = scoring.stack_levels(levels)  # (2 images, 2 locations, 2 = c x L)
+    stacked = functional_vtfusion.stack_levels(levels)  # (2 images, 2 locations, 2 = c x L)
     assert stacked.tolist() == [[[1, 0], [2, 1]], [[3, 2], [6, 1]]]
-    assert scoring.initial_prototypes(stacked).tolist() == [[2, 1], [4, 1]]
+    assert functional_vtfusion.initial_prototypes(stacked).tolist() == [[2, 1], [4, 1]]
 
 
 def test_eqs_2_5_squared_distance_to_the_nearest_prototype_of_any_location():
     features = torch.tensor([[[0.0, 0.0], [3.0, 4.0]]])
     prototypes = torch.tensor([[1.0, 0.0], [3.0, 3.0]])
     # location 0: min(1, 18) = 1; location 1: min(4 + 16, 0 + 1) = 1 (nearest is the other location's)
-    assert scoring.nearest_prototype_distance(features, prototypes).tolist() == [[1.0, 1.0]]
+    assert functional_vtfusion.nearest_prototype_distance(features, prototypes).tolist() == [[1.0, 1.0]]
     torch.manual_seed(0)
     features, prototypes = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     brute = ((features[:, :, None] - prototypes[None, None]) ** 2).sum(-1).amin(-1)
-    torch.testing.assert_close(scoring.nearest_prototype_distance(features, prototypes), brute)
+    torch.testing.assert_close(functional_vtfusion.nearest_prototype_distance(features, prototypes), brute)
     with pytest.raises(ValueError, match="no prototypes"):
-        scoring.nearest_prototype_distance(features, prototypes[:0])
+        functional_vtfusion.nearest_prototype_distance(features, prototypes[:0])
 
 
 def test_eqs_3_4_compactness_and_separation_losses_by_hand():
@@ -107,7 +108,7 @@ def test_eq_6_text_map_sums_each_levels_anomalous_softmax():
         )
 
     expected = [[anomalous(1, 0) + anomalous(0, 1), anomalous(0.6, 0.8) + anomalous(0.8, 0.6)]]
-    actual = scoring.text_guided_map([level_1, level_2], text, temperature=1 / scale)
+    actual = functional_vtfusion.text_guided_map([level_1, level_2], text, temperature=1 / scale)
     torch.testing.assert_close(actual, torch.tensor(expected))
 
 
@@ -279,8 +280,8 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     torch.testing.assert_close(output.image_scores, output.anomaly_maps.flatten(1).amax(-1))
     features = model.encode_images(images)
     levels = model.level_features(features)
-    vision = scoring.nearest_prototype_distance(scoring.stack_levels(levels), model.prototypes)
-    text = scoring.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
+    vision = functional_vtfusion.nearest_prototype_distance(functional_vtfusion.stack_levels(levels), model.prototypes)
+    text = functional_vtfusion.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
     torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
     torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
     # Eqs. 7 and 9 through the model: M_f = Upsample(phi(M_v (+) M_t (+) M_vt)) to the input size
@@ -296,7 +297,7 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     normal_features = unfitted.encode_images(
         unfitted.image_processor()(normals, return_tensors="pt").pixel_values
     )
-    stacked = scoring.stack_levels(unfitted.level_features(normal_features))
+    stacked = functional_vtfusion.stack_levels(unfitted.level_features(normal_features))
     torch.testing.assert_close(unfitted.prototypes, stacked.mean(0))
 
 
@@ -314,7 +315,7 @@ def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
 def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(ablated):
     """The trainer's loss on batch 0, recomputed in float64 from the same batch: NFC + AFS + lambda SEG, or
     lambda SEG alone "w/o AIE" (no adaptor, and then no contrastive losses)."""
-    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+    from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
     switches = {"use_feature_adaptor": False, "use_text_adapter": False} if ablated else {}
     model = make_tiny_vtfusion(segmentation_weight=2.0, margin=0.3, **switches)
@@ -323,7 +324,7 @@ def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(
     assert trainable == {"image_encoder", "fusion", "segmentation"} | (
         {"text_adapter"} if not ablated else set()
     )
-    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=1))
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionTrainingArguments(max_steps=1))
     loss = trainer.compute_loss(0)
 
     views, anomalies, masks = trainer.training_batch(0)
@@ -356,11 +357,11 @@ def test_banks_need_a_fitted_model_and_no_references():
 
 
 def test_fit_trains_only_aie_ate_mpf_with_the_papers_learning_rates():
-    from hf_fsad.training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+    from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
     model = make_tiny_vtfusion()
     backbone = {name: p.clone() for name, p in model.backbone.state_dict().items()}
-    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionFitArguments(max_steps=2))
+    trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionTrainingArguments(max_steps=2))
     rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -511,7 +512,7 @@ def test_cli_fit_saves_a_model_that_scores_and_reports_bad_files(tiny_clip_dir, 
 
 
 def test_fit_protocol_entry_point_runs_the_config(tiny_clip_dir, tmp_path):
-    from hf_fsad.training.vtfusion import main as fit_main
+    from hf_fsad.training.recipes import fit_main
 
     config = str(REPO / "training" / "configs" / "vtfusion_toy.yaml")
     dataset = (

@@ -9,7 +9,7 @@ One model per category: `hf-fsad fit --method vtfusion --normal DIR --out DIR --
 
 import sys
 
-from hf_fsad.training.vtfusion import main
+from hf_fsad.training.recipes import fit_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

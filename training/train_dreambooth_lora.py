@@ -9,7 +9,7 @@ Saves the model with `pytorch_lora_weights.safetensors` beside it (diffusers' Lo
 
 import sys
 
-from hf_fsad.training.dreambooth import main
+from hf_fsad.training.recipes import dreambooth_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

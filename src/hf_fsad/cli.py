@@ -226,15 +226,15 @@ def fit(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     import hf_fsad  # noqa: F401  (registers the methods)
-    from hf_fsad.hub import model_card, write_model_card
+    from hf_fsad.hub import save_trained_model
     from hf_fsad.io import atomic_directory, prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
-    from hf_fsad.registry import model_class
+    from hf_fsad.registry import method_spec
 
     if bool(args.clip) == bool(args.model):
         print("error: give either --clip (a fresh model) or --model (a saved one to refit)", file=sys.stderr)
         return 2
-    if not getattr(model_class(args.method), "fits_per_category", False):
+    if not method_spec(args.method).model.fits_per_category:
         print(
             f"error: {args.method} is not fitted per category; train it with training/train_{args.method}.py",
             file=sys.stderr,
@@ -272,9 +272,7 @@ def fit(args: argparse.Namespace) -> int:
     text += f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}." if losses else "."
     summary = {"arguments": {"steps": args.steps, **arguments}, "result": asdict(result)}
     with atomic_directory(output) as folder:
-        model.save_pretrained(folder)
-        write_model_card(folder, model_card(model, args.clip or args.model, None, text))
-        (folder / "fit_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        save_trained_model(model, folder, args.clip or args.model, None, text, summary, "fit_summary.json")
     print(f"fitted {args.method} on {len(normals)} normal images -> {output}", file=sys.stderr)
     return 0
 

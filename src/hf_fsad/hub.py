@@ -125,6 +125,24 @@ def write_model_card(directory: str | os.PathLike, card: ModelCard) -> Path:
     return path
 
 
+def save_trained_model(
+    model,
+    directory: str | os.PathLike,
+    base_model: str | None,
+    datasets: list[str] | None,
+    training: str,
+    summary: dict,
+    summary_name: str,
+) -> Path:
+    """The one way a trained or fitted model is saved: `save_pretrained`, a model card whose Training section
+    is `training`, and the run's arguments and record as `summary_name` (JSON), all in `directory`."""
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    write_model_card(directory, model_card(model, base_model, datasets, training))
+    (directory / summary_name).write_text(json.dumps(summary, indent=1) + "\n")
+    return directory
+
+
 def _fresh_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):

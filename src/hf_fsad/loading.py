@@ -71,7 +71,7 @@ def load_method(source: str):
     from transformers import AutoModel
 
     import hf_fsad  # noqa: F401  (registers the methods)
-    from hf_fsad.registry import METHODS, model_class
+    from hf_fsad.registry import METHODS, method_spec
 
     method, at, clip = source.partition("@")
     if at:
@@ -79,5 +79,5 @@ def load_method(source: str):
             raise ModelLoadError(
                 f"unknown method {method!r} in {source!r}; available: {', '.join(sorted(METHODS))}."
             )
-        return _load(model_class(method).from_clip, clip, "CLIP model")
+        return _load(method_spec(method).model.from_clip, clip, "CLIP model")
     return _load(AutoModel.from_pretrained, source, "model")

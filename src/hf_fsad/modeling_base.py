@@ -154,6 +154,9 @@ class FsadPreTrainedModel(PreTrainedModel):
     # Name prefixes of the bank tensors that are nearest-neighbour memories (M, D), which
     # `config.max_memory_items` thins when set.
     memory_prefixes: tuple[str, ...] = ()
+    # Whether `fit(normal_images, class_name)` must run on each category's normal images before scoring it
+    # (the benchmark runner and `hf-fsad fit` fit such methods per cell / on demand).
+    fits_per_category = False
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
@@ -349,6 +352,40 @@ class FsadPreTrainedModel(PreTrainedModel):
         """
         output = self.score_features(self.encode_images(pixel_values), reference_bank)
         return output if return_dict else output.to_tuple()
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, name: str = "pixel_values"
+    ) -> dict[str, torch.Tensor]:
+        """Per-image features of a batch (B, 3, S, S), name -> tensor with the batch first; `name` names the
+        input in errors. What `score_features` and `build_reference_bank` take instead of pixels."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement encode_images.")
+
+    def score_features(
+        self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
+    ) -> AnomalyDetectionOutput:
+        """Scores (and maps) of `encode_images` features against `reference_bank` (None: the method's
+        default, see `resolve_bank`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement score_features.")
+
+    def build_reference_bank(self, *args, **kwargs) -> ReferenceBank:
+        """The method's k-shot bank (reference features, text embeddings); called without references, the
+        default bank `resolve_bank` scores with."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement build_reference_bank.")
+
+    def fit(self, normal_images, class_name: str | None = None, **arguments):
+        """Fit the model to one category's normal images (methods with `fits_per_category`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} is not fitted per category (fits_per_category is False): give its "
+            "references to `build_reference_bank` instead."
+        )
+
+    def resolve_bank(self, reference_bank: ReferenceBank | None) -> ReferenceBank:
+        """The bank to score with: `reference_bank` checked against this model (`check_bank`), or without one
+        the method's default, `build_reference_bank()` (zero-shot with `config.default_class_name`, or the
+        fitted category). Methods that cannot score without references use `require_bank`."""
+        if reference_bank is not None:
+            return self.check_bank(reference_bank)
+        return self.build_reference_bank()
 
     def features_of(
         self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str

@@ -1,134 +1,108 @@
-"""Which methods exist, and their registration with transformers' Auto classes and pipeline registry.
+"""Which methods exist: one `MethodSpec` per method, and their registration with transformers.
 
-`import hf_fsad` stays light (transformers' modeling stack takes several seconds to import on a small
-machine): it installs post-import hooks, and the classes are registered the moment transformers loads
-`AutoConfig`, `AutoModel` or its pipeline registry (at once if already loaded). So after `import hf_fsad`,
-`AutoModel.from_pretrained` and `pipeline("image-anomaly-detection")` work without `trust_remote_code`.
+`register()` (run by `import hf_fsad`) registers every method's config and model with `AutoConfig` /
+`AutoModel` and the `image-anomaly-detection` task with the pipeline registry, the way transformers documents
+for custom models, so `AutoModel.from_pretrained` and `pipeline("image-anomaly-detection")` work without
+`trust_remote_code`.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
-import sys
-from collections.abc import Callable
+from dataclasses import dataclass
 
-# model_type -> (module, config class name, model class name); a new method adds one line.
-METHODS: dict[str, tuple[str, str, str]] = {
-    "winclip": ("hf_fsad.models.winclip", "WinClipConfig", "WinClipModel"),
-    "anomalous_memory": ("hf_fsad.models.anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
-    "metacan": ("hf_fsad.models.metacan", "MetaCanConfig", "MetaCanModel"),
-    "afclip": ("hf_fsad.models.afclip", "AfClipConfig", "AfClipModel"),
-    "vtfusion": ("hf_fsad.models.vtfusion", "VtFusionConfig", "VtFusionModel"),
-    "one_to_normal": ("hf_fsad.models.one_to_normal", "OneToNormalConfig", "OneToNormalModel"),
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method: its classes, found by name in `hf_fsad.models.<model_type>.<kind>_<model_type>`.
+
+    trainer / training_arguments: the class that trains or fits the model and its arguments (in
+    `training_<model_type>.py`), None for methods that only build banks. recipe: what
+    `hf_fsad.training.recipes.train` calls the training in a model card ("AD meta-learning"), None for
+    methods that YAML training recipes do not train (those fitted per category train through `model.fit`).
+    Trainers load on first use: they import the training stack (accelerate, datasets).
+    """
+
+    model_type: str
+    config_name: str
+    model_name: str
+    trainer_name: str | None = None
+    training_arguments_name: str | None = None
+    recipe: str | None = None
+
+    def _load(self, kind: str, name: str | None) -> type | None:
+        if name is None:
+            return None
+        module = importlib.import_module(f"hf_fsad.models.{self.model_type}.{kind}_{self.model_type}")
+        return getattr(module, name)
+
+    @property
+    def config(self) -> type:
+        return self._load("configuration", self.config_name)
+
+    @property
+    def model(self) -> type:
+        return self._load("modeling", self.model_name)
+
+    @property
+    def trainer(self) -> type | None:
+        return self._load("training", self.trainer_name)
+
+    @property
+    def training_arguments(self) -> type | None:
+        return self._load("training", self.training_arguments_name)
+
+
+# model_type -> its spec; a new method adds one entry.
+METHODS: dict[str, MethodSpec] = {
+    spec.model_type: spec
+    for spec in (
+        MethodSpec("winclip", "WinClipConfig", "WinClipModel"),
+        MethodSpec("anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
+        MethodSpec(
+            "metacan",
+            "MetaCanConfig",
+            "MetaCanModel",
+            "MetaLearner",
+            "MetaCanTrainingArguments",
+            "AD meta-learning",
+        ),
+        MethodSpec(
+            "afclip",
+            "AfClipConfig",
+            "AfClipModel",
+            "AfClipTrainer",
+            "AfClipTrainingArguments",
+            "prompt and adapter training",
+        ),
+        MethodSpec(
+            "vtfusion", "VtFusionConfig", "VtFusionModel", "VtFusionTrainer", "VtFusionTrainingArguments"
+        ),
+        MethodSpec(
+            "one_to_normal",
+            "OneToNormalConfig",
+            "OneToNormalModel",
+            "DreamBoothLoraTrainer",
+            "OneToNormalTrainingArguments",
+        ),
+    )
 }
 
 
-def config_class(model_type: str) -> type:
-    module, config_name, _ = _method(model_type)
-    return getattr(importlib.import_module(f"{module}.configuration_{model_type}"), config_name)
-
-
-def model_class(model_type: str) -> type:
-    module, _, model_name = _method(model_type)
-    return getattr(importlib.import_module(f"{module}.modeling_{model_type}"), model_name)
-
-
-def _method(model_type: str) -> tuple[str, str, str]:
+def method_spec(model_type: str) -> MethodSpec:
+    """The spec of `model_type`; a ValueError lists the known methods."""
     if model_type not in METHODS:
         raise ValueError(f"Unknown method {model_type!r}; available: {', '.join(sorted(METHODS))}.")
     return METHODS[model_type]
 
 
-def register_configs() -> None:
-    from transformers import AutoConfig
+def register() -> None:
+    """Register every method with `AutoConfig`, `AutoModel` and the pipeline registry."""
+    from transformers import AutoConfig, AutoModel
 
-    for model_type in METHODS:
-        AutoConfig.register(model_type, config_class(model_type), exist_ok=True)
+    from .pipeline import register_pipeline
 
-
-def register_models() -> None:
-    from transformers import AutoModel
-
-    register_configs()
-    for model_type in METHODS:
-        AutoModel.register(config_class(model_type), model_class(model_type), exist_ok=True)
-
-
-def register_pipeline() -> None:
-    from .pipeline import register_pipeline as register
-
-    register()
-
-
-_HOOKS: dict[str, Callable[[], None]] = {
-    "transformers.models.auto.configuration_auto": register_configs,
-    "transformers.models.auto.modeling_auto": register_models,
-    "transformers.pipelines": register_pipeline,
-}
-_pending: set[str] = set()
-_running = False
-
-
-_WATCHED = ("transformers.", "hf_fsad.")
-
-
-def _imports_settled(just_loaded: str | None = None) -> bool:
-    """True when no transformers or hf_fsad module is half-way through its import (registering then would
-    recurse into partially initialised modules)."""
-    for name, module in list(sys.modules.items()):
-        initializing = getattr(getattr(module, "__spec__", None), "_initializing", False)
-        if initializing and name.startswith(_WATCHED) and name != just_loaded:
-            return False
-    return True
-
-
-def _run_ready_hooks(just_loaded: str | None = None) -> None:
-    global _running
-    if _running or not _imports_settled(just_loaded):
-        return
-    _running = True
-    try:
-        for module_name, hook in _HOOKS.items():
-            if module_name in _pending and module_name in sys.modules:
-                _pending.discard(module_name)
-                hook()
-    finally:
-        _running = False
-
-
-class _RunHooksAfterExec(importlib.abc.Loader):
-    """Wraps a watched module's loader to run ready registration hooks once it has executed."""
-
-    def __init__(self, loader: importlib.abc.Loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module) -> None:
-        self._loader.exec_module(module)
-        _run_ready_hooks(just_loaded=module.__name__)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-
-class _ImportWatcher(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if not _pending or not fullname.startswith(_WATCHED):
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return None
-        spec.loader = _RunHooksAfterExec(spec.loader)
-        return spec
-
-
-def install_registration_hooks() -> None:
-    """Register with whatever transformers has loaded already; register the rest as soon as it loads."""
-    _pending.update(_HOOKS)
-    _run_ready_hooks()
-    if _pending and not any(isinstance(finder, _ImportWatcher) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _ImportWatcher())
+    for spec in METHODS.values():
+        AutoConfig.register(spec.model_type, spec.config, exist_ok=True)
+        AutoModel.register(spec.config, spec.model, exist_ok=True)
+    register_pipeline()

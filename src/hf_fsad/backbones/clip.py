@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
-from transformers.masking_utils import create_causal_mask
 
 from ..configuration_base import POSITION_INTERPOLATIONS
 from ..prompts import TEMPLATES, winclip_prompts
@@ -143,7 +142,9 @@ class ClipBackbone(nn.Module):
     def encode_windows(
         self, embeddings: torch.Tensor, grid_size: tuple[int, int], scales: Sequence[int]
     ) -> list[torch.Tensor]:
-        """WinCLIP window embeddings, one (B, W_s, P) tensor per scale.
+        """Embeddings of token subsets, one (B, W_s, P) tensor per scale: each subset (a `scale`x`scale` window
+        of the patch grid) is encoded on its own with the CLS token. A generic primitive kept in the backbone
+        because it is a way to run CLIP; WinCLIP and the anomalous memory use it for their windows.
 
         Each window is CLS + the window's patch embeddings run through every block; its CLS output is
         normalised and projected. The windows of all scales and images run as one batch: shorter windows are
@@ -263,43 +264,6 @@ class ClipBackbone(nn.Module):
                 for prompts in winclip_prompts(class_name, templates)
             ]
         )
-
-    def encode_text_with_context(
-        self, prompts: Sequence[str], context: torch.Tensor, placement: str = "after_start"
-    ) -> torch.Tensor:
-        """Projected text embeddings (n, P) of `prompts` with learnable token embeddings `context` (c, W)
-        spliced into every prompt: right after the start token ("after_start", a prefix of the words) or before
-        it ("before_start"). Differentiable in `context`; the pooled token is the end-of-text token, whose
-        index shifts by c."""
-        if placement not in ("after_start", "before_start"):
-            raise ValueError(f"placement must be 'after_start' or 'before_start', got {placement!r}.")
-        if self.tokenizer is None:
-            raise ValueError("This model has no tokenizer, so it cannot embed prompts.")
-        text_model = self.clip.text_model
-        device = context.device
-        input_ids = self.tokenizer(list(prompts), padding=True, return_tensors="pt").input_ids.to(device)
-        length = input_ids.shape[1] + context.shape[0]
-        if length > text_model.config.max_position_embeddings:
-            raise ValueError(
-                f"Prompts of {input_ids.shape[1]} tokens plus {context.shape[0]} learnable tokens exceed the text "
-                f"encoder's {text_model.config.max_position_embeddings} positions."
-            )
-        words = text_model.embeddings.token_embedding(input_ids)
-        learned = context.to(words.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
-        if placement == "after_start":
-            tokens = torch.cat([words[:, :1], learned, words[:, 1:]], dim=1)
-        else:
-            tokens = torch.cat([learned, words], dim=1)
-        hidden = text_model.embeddings(inputs_embeds=tokens)
-        mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
-        )
-        hidden = text_model.encoder(
-            inputs_embeds=hidden, attention_mask=mask, is_causal=True
-        ).last_hidden_state
-        hidden = text_model.final_layer_norm(hidden)
-        end = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1) + context.shape[0]
-        return self.clip.text_projection(hidden[torch.arange(len(prompts), device=device), end])
 
 
 def resize_position_embeddings(

@@ -192,7 +192,7 @@ def _profile_model(
     references, queries = pixels[:2].to(model.device), pixels[2:].to(model.device)
 
     fit_seconds = None
-    if getattr(model, "fits_per_category", False):
+    if model.fits_per_category:
         model = copy.deepcopy(model)
         started = time.perf_counter()
         with torch.enable_grad():

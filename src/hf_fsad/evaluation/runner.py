@@ -199,7 +199,7 @@ def run_benchmark(
     on; a rerun tries it again.
     """
     protocol = protocol or Protocol()
-    fitting = [name for name, model in models.items() if getattr(model, "fits_per_category", False)]
+    fitting = [name for name, model in models.items() if model.fits_per_category]
     if fitting and 0 in ks:
         raise ValueError(f"{', '.join(fitting)} fit on k normal images: k = 0 (zero-shot) is not possible.")
     out_dir = Path(out_dir)
@@ -342,7 +342,7 @@ def _run_cell(
     class_name = class_name_for(split.dataset, split.category)
     bank_inputs = {"class_name": class_name}
     fit_seconds, generated = None, 0
-    if getattr(model, "fits_per_category", False):
+    if model.fits_per_category:
         model = copy.deepcopy(model)
         normals = split.train.select(row_indices(split.train, manifest.image_ids))["image"]
         fit_seconds = time.perf_counter()

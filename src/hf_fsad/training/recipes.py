@@ -13,7 +13,7 @@ data:         # the auxiliary dataset, through `load_benchmark`
   splits: [train, test]     # concatenated: every category needs anomalous images
   synthetic_anomalies: 0    # N > 0: add N synthetic anomalies (DAS, exact masks) per normal image, so a
                             # normal-only split works too; synthetic_kinds: [crack, noise] restricts them
-training:     # the method's training arguments (MetaLearningArguments, AfClipTrainingArguments)
+training:     # the method's training arguments (MetaCanTrainingArguments, AfClipTrainingArguments)
   max_steps: 200
 evaluation:   # the benchmark run after training (--evaluate): cross-dataset protocol
   datasets: [visa:data/visa, elpv]   # or {name, root, categories, options} entries
@@ -22,19 +22,18 @@ evaluation:   # the benchmark run after training (--evaluate): cross-dataset pro
 ```
 
 `--set section.key=value` overrides any entry (values parsed as YAML), e.g. the ablations of MetaCAN's
-Table 4: `--set model.use_discriminator=false`, `--set training.meta_learning=false`. `RECIPES` lists the
-methods that train.
+Table 4: `--set model.use_discriminator=false`, `--set training.meta_learning=false`. The methods with a
+`recipe` in `hf_fsad.registry.METHODS` train this way.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
@@ -90,24 +89,15 @@ def _auxiliary_dataset(data: dict):
     return dataset
 
 
-# method -> (trainer module, trainer class, arguments class, how its training is described)
-RECIPES: dict[str, tuple[str, str, str, str]] = {
-    "metacan": ("hf_fsad.training.meta_learning", "MetaLearner", "MetaLearningArguments", "AD meta-learning"),
-    "afclip": (
-        "hf_fsad.training.afclip",
-        "AfClipTrainer",
-        "AfClipTrainingArguments",
-        "prompt and adapter training",
-    ),
-}
+def recipe(method: str) -> tuple[type, type, str]:
+    """The trainer class, training-arguments class and description of `method`'s YAML training recipe."""
+    from ..registry import METHODS, method_spec
 
-
-def _recipe(method: str):
-    if method not in RECIPES:
-        raise ValueError(f"No training recipe for {method!r}; available: {', '.join(sorted(RECIPES))}.")
-    module, trainer, arguments, description = RECIPES[method]
-    loaded = importlib.import_module(module)
-    return getattr(loaded, trainer), getattr(loaded, arguments), description
+    spec = method_spec(method)
+    if spec.recipe is None:
+        trained = sorted(name for name, other in METHODS.items() if other.recipe)
+        raise ValueError(f"No training recipe for {method!r}; available: {', '.join(trained)}.")
+    return spec.trainer, spec.training_arguments, spec.recipe
 
 
 def build_model(model_section: dict, seed: int, method: str = "metacan"):
@@ -115,14 +105,14 @@ def build_model(model_section: dict, seed: int, method: str = "metacan"):
     on every process); the other entries are config fields."""
     import torch
 
-    from ..registry import model_class
+    from ..registry import method_spec
 
     settings = dict(model_section)
     clip = settings.pop("clip", None)
     if not clip:
         raise ValueError("The config's model section needs `clip`: a Hub id or a local CLIPModel directory.")
     torch.manual_seed(seed)
-    return model_class(method).from_clip(clip, **settings)
+    return method_spec(method).model.from_clip(clip, **settings)
 
 
 def train(config: dict, method: str = "metacan", resume: bool = False, evaluate: bool = False) -> dict:
@@ -130,10 +120,10 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
 
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
-    from ..hub import model_card, write_model_card
+    from ..hub import save_trained_model
     from .trainer import training_summary
 
-    trainer_class, arguments_class, description = _recipe(method)
+    trainer_class, arguments_class, description = recipe(method)
     known = {field.name for field in fields(arguments_class)}
     unknown = set(config.get("training", {})) - known
     if unknown:
@@ -150,14 +140,20 @@ def train(config: dict, method: str = "metacan", resume: bool = False, evaluate:
     summary = training_summary(args, result) | {"auxiliary_dataset": data}
     if accelerator.is_main_process:
         model.config.trained_on = data["dataset"]
-        model.save_pretrained(output_dir)
         losses = [entry["loss"] for entry in result.history]
         text = (
             f"Trained by {description} on `{data['dataset']}` for {result.steps} steps; "
             f"loss {losses[0]:.4f} -> {losses[-1]:.4f}. Arguments: see training_summary.json."
         )
-        write_model_card(output_dir, model_card(model, config["model"]["clip"], [data["dataset"]], text))
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        save_trained_model(
+            model,
+            output_dir,
+            config["model"]["clip"],
+            [data["dataset"]],
+            text,
+            summary,
+            "training_summary.json",
+        )
         if evaluate:
             summary["evaluation"] = evaluate_model(
                 model, config.get("evaluation") or {}, output_dir / "evaluation"
@@ -218,4 +214,81 @@ def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
     print(
         json.dumps({"steps": result["steps"], "final": result["history"][-1] if result["history"] else None})
     )
+    return 0
+
+
+def fit_main(argv: Sequence[str] | None = None, method: str = "vtfusion") -> int:
+    """`training/fit_vtfusion.py`, for methods fitted per category: a config's model section (`clip` + config
+    fields), its training section (`fit` arguments: steps, anomaly_kinds, learning rates) and its evaluation
+    section (datasets, k, seeds)."""
+    from ..registry import method_spec
+
+    parser = argparse.ArgumentParser(
+        description=f"Fit {method} per category and k, and score each test split."
+    )
+    parser.add_argument(
+        "--config", required=True, help="YAML run config (see training/configs/vtfusion.yaml)"
+    )
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config entries"
+    )
+    arguments = parser.parse_args(argv)
+    overrides = list(arguments.set) + ([f"output_dir={arguments.output_dir}"] if arguments.output_dir else [])
+    config = load_config(arguments.config, overrides)
+    fit_arguments = dict(config.get("training") or {})
+    known = {item.name for item in fields(method_spec(method).training_arguments)} - {"max_steps"} | {"steps"}
+    unknown = set(fit_arguments) - known
+    if unknown:
+        raise ValueError(f"Unknown fit settings {sorted(unknown)}; known: {sorted(known)}.")
+    model = build_model(config.get("model") or {}, 0, method)
+    out_dir = Path(config.get("output_dir") or f"runs/{method}")
+    print(evaluate_model(model, config.get("evaluation") or {}, out_dir, fit_arguments))
+    return 0
+
+
+def dreambooth_main(argv: Sequence[str] | None = None) -> int:
+    """`training/train_dreambooth_lora.py`: fit One-to-Normal (LoRA + anomaly-free pool) on a folder of normal
+    images and save it (with the LoRA beside the weights)."""
+    from ..hub import save_trained_model
+    from ..io import expand_inputs, readable_images
+    from ..registry import method_spec
+
+    arguments_class = method_spec("one_to_normal").training_arguments
+    parser = argparse.ArgumentParser(
+        description="Fit One-to-Normal's anomaly-free customised model (DreamBooth LoRA)."
+    )
+    parser.add_argument("--normal", nargs="+", required=True, help="normal images or directories")
+    parser.add_argument("--class-name", required=True, help="object name of the prompts, e.g. bottle")
+    parser.add_argument("--out", required=True, help="directory for the fitted model")
+    parser.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP Hub id or directory")
+    parser.add_argument("--diffusion-model", default="runwayml/stable-diffusion-v1-5")
+    parser.add_argument("--steps", type=int, default=arguments_class.max_steps)
+    parser.add_argument("--num-class-images", type=int, default=arguments_class.num_class_images)
+    parser.add_argument("--resolution", type=int, default=240, help="diffusion and CLIP input side")
+    parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args(argv)
+    normals = [
+        image for _, image in readable_images(expand_inputs(arguments.normal, "normal image"), "normal image")
+    ]
+    if not normals:
+        parser.error("none of the --normal images could be read")
+    model = method_spec("one_to_normal").model.from_clip(
+        arguments.clip,
+        image_size=arguments.resolution,
+        diffusion_model=arguments.diffusion_model,
+        diffusion_resolution=arguments.resolution,
+        pool_size=arguments.pool_size,
+    )
+    fit_arguments = {
+        "steps": arguments.steps,
+        "seed": arguments.seed,
+        "num_class_images": arguments.num_class_images,
+    }
+    result = model.fit(normals, class_name=arguments.class_name, **fit_arguments)
+    text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps."
+    summary = {"arguments": fit_arguments, "result": asdict(result)}
+    save_trained_model(model, arguments.out, arguments.clip, None, text, summary, "fit_summary.json")
+    print(f"fitted One-to-Normal on {len(normals)} normal images -> {arguments.out}")
     return 0

@@ -39,7 +39,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
-class TrainingArguments:
+class FsadTrainingArguments:
     """What every trainer takes. max_steps: optimiser updates (0 runs none). gradient_accumulation_steps:
     batches per update. mixed_precision: "no", "bf16" or "fp16" (Accelerate autocast). checkpoint_every /
     log_every: in updates. seed: of the batch draws. encode_batch_size and feature_cache_dir: encoding of the frozen
@@ -86,7 +86,7 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 @dataclass
 class TrainingResult:
-    """What `Trainer.train` did: steps run, loss per logged step, seconds per update (after the first,
+    """What `FsadTrainer.train` did: steps run, loss per logged step, seconds per update (after the first,
     which encodes most images), and the trainable parameters' digest on every process (equal when the
     processes stayed in sync)."""
 
@@ -97,12 +97,12 @@ class TrainingResult:
     resumed_from: int | None = None
 
 
-def training_summary(args: TrainingArguments, result: TrainingResult) -> dict:
+def training_summary(args: FsadTrainingArguments, result: TrainingResult) -> dict:
     """A JSON-ready record of a run: its arguments and results."""
     return {"arguments": asdict(args), "result": asdict(result)}
 
 
-class Trainer:
+class FsadTrainer:
     """Trains the parameters of `model` that require gradients (the backbone stays frozen).
 
     Checkpoints go to `output_dir/checkpoints` (none when output_dir is None).
@@ -115,7 +115,7 @@ class Trainer:
     def __init__(
         self,
         model: FsadPreTrainedModel,
-        args: TrainingArguments,
+        args: FsadTrainingArguments,
         output_dir: str | os.PathLike | None,
         optimizer_factory,
         accelerator: Accelerator | None = None,

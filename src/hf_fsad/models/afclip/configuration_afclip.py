@@ -11,8 +11,8 @@ PROMPT_PLACEMENTS = ("after_start", "before_start")
 
 
 class AfClipConfig(FsadConfig):
-    """Config of `AfClipModel` (papers/af-clip.txt): zero-shot AF-CLIP, and AF-CLIP+ when the bank holds
-    normal references.
+    """Config of `AfClipModel` ("AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation",
+    ACM MM 2025): zero-shot AF-CLIP, and AF-CLIP+ when the bank holds normal references.
 
     Args:
         feature_layers: 1-based vision blocks whose raw tokens are used; default: the ends of four equal

@@ -1,14 +1,20 @@
-"""AF-CLIP (zero-shot) and AF-CLIP+ (few-shot): anomaly-focused CLIP (papers/af-clip.txt)."""
+"""AF-CLIP (zero-shot) and AF-CLIP+ (few-shot): anomaly-focused CLIP ("AF-CLIP: Zero-Shot Anomaly Detection
+via Anomaly-Focused CLIP Adaptation", ACM MM 2025)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
+from ...backbones.clip import ClipBackbone
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import afclip_token_probabilities, gaussian_blur, reference_association, spatial_aggregation
+from ...scoring import reference_association
 from .configuration_afclip import AfClipConfig
+from .functional_afclip import afclip_token_probabilities, gaussian_blur, spatial_aggregation
 
 
 class AttentionAdapter(nn.Module):
@@ -34,6 +40,42 @@ class AttentionAdapter(nn.Module):
 
         attended = F.scaled_dot_product_attention(heads(self.query), heads(self.key), heads(self.value))
         return self.output(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+def encode_text_with_context(
+    backbone: ClipBackbone, prompts: Sequence[str], context: torch.Tensor, placement: str = "after_start"
+) -> torch.Tensor:
+    """AF-CLIP's learnable prompts: projected text embeddings (n, P) of `prompts` with learnable token embeddings `context` (c, W)
+    spliced into every prompt: right after the start token ("after_start", a prefix of the words) or before
+    it ("before_start"). Differentiable in `context`; the pooled token is the end-of-text token, whose
+    index shifts by c."""
+    if placement not in ("after_start", "before_start"):
+        raise ValueError(f"placement must be 'after_start' or 'before_start', got {placement!r}.")
+    if backbone.tokenizer is None:
+        raise ValueError("This model has no tokenizer, so it cannot embed prompts.")
+    text_model = backbone.clip.text_model
+    device = context.device
+    input_ids = backbone.tokenizer(list(prompts), padding=True, return_tensors="pt").input_ids.to(device)
+    length = input_ids.shape[1] + context.shape[0]
+    if length > text_model.config.max_position_embeddings:
+        raise ValueError(
+            f"Prompts of {input_ids.shape[1]} tokens plus {context.shape[0]} learnable tokens exceed the text "
+            f"encoder's {text_model.config.max_position_embeddings} positions."
+        )
+    words = text_model.embeddings.token_embedding(input_ids)
+    learned = context.to(words.dtype).unsqueeze(0).expand(len(prompts), -1, -1)
+    if placement == "after_start":
+        tokens = torch.cat([words[:, :1], learned, words[:, 1:]], dim=1)
+    else:
+        tokens = torch.cat([learned, words], dim=1)
+    hidden = text_model.embeddings(inputs_embeds=tokens)
+    mask = create_causal_mask(
+        config=text_model.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None
+    )
+    hidden = text_model.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
+    hidden = text_model.final_layer_norm(hidden)
+    end = (input_ids == backbone.tokenizer.eos_token_id).int().argmax(dim=-1) + context.shape[0]
+    return backbone.clip.text_projection(hidden[torch.arange(len(prompts), device=device), end])
 
 
 class AfClipModel(FsadPreTrainedModel):
@@ -154,8 +196,8 @@ class AfClipModel(FsadPreTrainedModel):
 
     def text_embeddings(self) -> torch.Tensor:
         """Eq. 8: (2, P) embeddings of the normal and anomalous state prompts with the learned context."""
-        return self.backbone.encode_text_with_context(
-            self.config.state_prompts, self.context, self.config.context_placement
+        return encode_text_with_context(
+            self.backbone, self.config.state_prompts, self.context, self.config.context_placement
         )
 
     def token_probabilities(self, token_sets: list[torch.Tensor], text_embeddings: torch.Tensor) -> tuple:
@@ -194,7 +236,7 @@ class AfClipModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Zero-shot scores and maps; with references in the bank, AF-CLIP+'s fusion (Eqs. 17-18)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         token_sets = self.token_sets(features)
         probabilities, _ = self.token_probabilities(token_sets, bank.tensors["text_embeddings"])
         image_scores, maps = probabilities[:, 0], self.pixel_maps(probabilities[:, 1:])

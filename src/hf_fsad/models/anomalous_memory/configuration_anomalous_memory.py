@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import field
 
-from ...scoring import WEIGHT_DISTRIBUTIONS
 from ..winclip.configuration_winclip import WinClipConfig
+
+# Distributions `functional_anomalous_memory.sample_score_weights` draws candidate weights from.
+WEIGHT_DISTRIBUTIONS = ("uniform", "normal", "student_t")
 
 
 class AnomalousMemoryConfig(WinClipConfig):

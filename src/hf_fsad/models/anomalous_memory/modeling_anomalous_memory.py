@@ -10,21 +10,19 @@ from PIL import Image
 
 from ...augmentation import augment_views
 from ...modeling_base import AnomalyDetectionOutput, ReferenceBank
-from ...scoring import (
+from ...scoring import harmonic_aggregation, level_image_scores, reference_association
+from ..winclip.modeling_winclip import WinClipModel
+from .configuration_anomalous_memory import AnomalousMemoryConfig
+from .functional_anomalous_memory import (
     anomalous_association,
     anomalous_items,
     baseline_score_weights,
-    harmonic_aggregation,
-    level_image_scores,
     patch_defect_shares,
-    reference_association,
     sample_score_weights,
     select_score_weights,
     unit_l1_weights,
     window_defect_shares,
 )
-from ..winclip.modeling_winclip import WinClipModel
-from .configuration_anomalous_memory import AnomalousMemoryConfig
 
 
 class AnomalousMemoryModel(WinClipModel):

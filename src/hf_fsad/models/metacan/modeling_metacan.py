@@ -6,13 +6,9 @@ import torch
 from torch import nn
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    class_scores,
-    image_image_score,
-    metacan_fusion,
-    topk_reference_anomaly,
-)
+from ...scoring import class_scores
 from .configuration_metacan import MetaCanConfig
+from .functional_metacan import image_image_score, metacan_fusion, topk_reference_anomaly
 
 
 def detector_layers(config: MetaCanConfig) -> nn.Sequential:
@@ -95,7 +91,7 @@ class MetaCanModel(FsadPreTrainedModel):
     image-image discriminator compares a CLIP feature pyramid (blocks 1, 7, 12) with the references' patches,
     and an image-text detector aligns the query-minus-references difference with object-agnostic
     normal/anomalous prompts. The differentiator and detector are trained on an auxiliary dataset by AD
-    meta-learning (`hf_fsad.training.meta_learning`).
+    meta-learning (`hf_fsad.models.metacan.training_metacan`).
 
     An image-level method: `image_scores` are the output. `anomaly_maps` exposes the image-text map (Eq. 6,
     one probability per patch) upsampled to the input size, as the paper's Fig. 3 shows it; it is None when

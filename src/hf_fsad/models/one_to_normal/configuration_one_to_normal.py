@@ -23,7 +23,7 @@ class OneToNormalConfig(FsadConfig):
             the last 2 pixel rows and columns fall outside the grid), with interpolated position embeddings.
             None takes the tower's size.
         feature_layers: 1-based vision blocks whose raw patch tokens are compared (Eqs. 4-5); default: the
-            ends of four equal groups of blocks (the paper's n levels are not given; methods.md: as AF-CLIP).
+            ends of four equal groups of blocks (the paper's n levels are not given; chosen as AF-CLIP's).
         diffusion_model: the Stable Diffusion repository (Hub id or local directory) the anomaly-free
             customised model starts from (Stable Diffusion v1.5 in the paper).
         strength: share of the diffusion the query is noised to before denoising (t = 0.3 T, Sec. 4.1).

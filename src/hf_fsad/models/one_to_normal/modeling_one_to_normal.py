@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...diffusion import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    class_scores,
+from ...scoring import class_scores
+from .configuration_one_to_normal import OneToNormalConfig
+from .diffusion_one_to_normal import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
+from .functional_one_to_normal import (
     level_mean_of_maxima,
     one_to_normal_score,
     personalized_difference,
     pool_difference,
 )
-from .configuration_one_to_normal import OneToNormalConfig
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -224,8 +224,8 @@ class OneToNormalModel(FsadPreTrainedModel):
         """The anomaly-free customised model (Sec. 3.2): a DreamBooth LoRA on the UNet from the normal images
         (augmented; prior preservation with generated class images), then the anomaly-free pool (the normals
         plus `pool_size - k` generated ones, kept at the model's input size and saved with the model).
-        `arguments` are further `DreamBoothArguments`."""
-        from ...training.dreambooth import DreamBoothArguments, DreamBoothLoraTrainer
+        `arguments` are further `OneToNormalTrainingArguments`."""
+        from .training_one_to_normal import DreamBoothLoraTrainer, OneToNormalTrainingArguments
 
         if not normal_images:
             raise ValueError("One-to-Normal needs at least one normal image to fit on.")
@@ -234,7 +234,7 @@ class OneToNormalModel(FsadPreTrainedModel):
             raise ValueError(
                 "One-to-Normal's prompts need the object's name: give class_name (e.g. 'bottle')."
             )
-        args = DreamBoothArguments(max_steps=steps, **arguments)
+        args = OneToNormalTrainingArguments(max_steps=steps, **arguments)
         trainer = DreamBoothLoraTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         result = trainer.train()
         self.config.fitted_class_name = class_name
@@ -300,7 +300,7 @@ class OneToNormalModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Eqs. 4-7: branch scores S_P, S_N, S_text; maps = the S_P map + alpha x the S_N map (level means)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         config = self.config
         layers = config.feature_layers
         query = [features[f"query.{layer}"] for layer in layers]

@@ -12,14 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
-from ...scoring import (
-    l2_normalize,
-    nearest_prototype_distance,
-    stack_levels,
-    text_guided_map,
-    upsample_maps,
-)
+from ...scoring import l2_normalize, upsample_maps
 from .configuration_vtfusion import VtFusionConfig
+from .functional_vtfusion import nearest_prototype_distance, stack_levels, text_guided_map
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -290,11 +285,11 @@ class VtFusionModel(FsadPreTrainedModel):
     ) -> TrainingResult:
         """Fit this model to one category: prototypes from the k `normal_images` (PIL images), then `steps`
         updates of AIE, ATE and MPF on those normals and synthetic anomalies made from them each step.
-        `arguments` are further `VtFusionFitArguments` (seed, anomaly_kinds, learning rates, ...).
+        `arguments` are further `VtFusionTrainingArguments` (seed, anomaly_kinds, learning rates, ...).
         Returns the training record; the model is left fitted, in eval mode."""
-        from ...training.vtfusion import VtFusionFitArguments, VtFusionTrainer
+        from .training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
-        args = VtFusionFitArguments(max_steps=steps, **arguments)
+        args = VtFusionTrainingArguments(max_steps=steps, **arguments)
         trainer = VtFusionTrainer(self, normal_images, class_name, args, accelerator=accelerator)
         return trainer.train()
 
@@ -330,7 +325,7 @@ class VtFusionModel(FsadPreTrainedModel):
     ) -> AnomalyDetectionOutput:
         """M_f as the maps and max(M_f) as the image scores; branch scores are each map's maximum (M_v, M_t
         and, with MPF, M_vt)."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         prediction = self.predict(features, bank.tensors["state_embeddings"], bank.tensors["prototypes"])
         branch_scores = {
             "vision": prediction.vision_map.amax(dim=-1),

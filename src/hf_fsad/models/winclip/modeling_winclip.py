@@ -6,14 +6,9 @@ import torch
 
 from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from ...prompts import TEMPLATES
-from ...scoring import (
-    class_scores,
-    fuse_zero_few_shot,
-    winclip_few_shot_map,
-    winclip_zero_shot_map,
-    window_masks,
-)
+from ...scoring import class_scores, window_masks
 from .configuration_winclip import WinClipConfig
+from .functional_winclip import fuse_zero_few_shot, winclip_few_shot_map, winclip_zero_shot_map
 
 
 class WinClipModel(FsadPreTrainedModel):
@@ -111,7 +106,7 @@ class WinClipModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores and maps (at `config.image_size`) from `encode_images` features."""
-        bank = self.check_bank(reference_bank) if reference_bank is not None else self.build_reference_bank()
+        bank = self.resolve_bank(reference_bank)
         text = bank.tensors["text_embeddings"]
         scales = self.config.window_scales
         masks = self.window_mask_list(text.device)

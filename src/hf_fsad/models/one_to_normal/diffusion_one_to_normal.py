@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scoring import ssim
+from .functional_one_to_normal import ssim
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 UNET_FOLDER = "unet"  # a fully fine-tuned UNet, saved beside the model

@@ -1,5 +1,6 @@
-"""AF-CLIP training (papers/af-clip.txt, Sec. 4.3): prompts and adapter (or LoRA) on an auxiliary dataset with
-image labels and pixel masks, loss of Eq. 15.
+"""AF-CLIP training ("AF-CLIP: Zero-Shot Anomaly Detection via Anomaly-Focused CLIP Adaptation", ACM MM
+2025, Sec. 4.3): prompts and adapter (or LoRA) on an auxiliary dataset with image labels and pixel masks, loss
+of Eq. 15.
 
 With the attention adapter the frozen backbone's features are encoded once per image and cached; with LoRA
 the vision tower itself is trained, so every batch runs it. Batches are seeded permutations of the dataset
@@ -19,19 +20,19 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from ..features import FeatureCache
-from ..visualization import mask_array
-from .losses import afclip_loss
-from .trainer import Trainer, TrainingArguments
+from ...features import FeatureCache
+from ...training.trainer import FsadTrainer, FsadTrainingArguments
+from ...visualization import mask_array
+from .losses_afclip import afclip_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..models.afclip.modeling_afclip import AfClipModel
+    from .modeling_afclip import AfClipModel
 
 
 @dataclass
-class AfClipTrainingArguments(TrainingArguments):
+class AfClipTrainingArguments(FsadTrainingArguments):
     """AF-CLIP training settings; defaults follow the reference code: Adam, learning rate 1e-4, betas
     (0.5, 0.999), batch 8, 2 epochs over MVTec AD's test split (1,725 images: 432 steps).
 
@@ -55,7 +56,7 @@ class AfClipTrainingArguments(TrainingArguments):
     alignment_pairs: str = "batch"
 
 
-class AfClipTrainer(Trainer):
+class AfClipTrainer(FsadTrainer):
     """Trains an `AfClipModel`'s prompt context and adapter (or LoRA weights).
 
     ```python

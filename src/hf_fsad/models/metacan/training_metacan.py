@@ -33,18 +33,18 @@ from datasets import Dataset
 from torch import nn
 from torch.func import functional_call
 
-from ..features import FeatureCache
-from .losses import LOSSES, anomaly_loss
-from .trainer import Trainer, TrainingArguments
+from ...features import FeatureCache
+from ...training.trainer import FsadTrainer, FsadTrainingArguments
+from .losses_metacan import LOSSES, anomaly_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..models.metacan.modeling_metacan import MetaCanModel
+    from .modeling_metacan import MetaCanModel
 
 
 @dataclass
-class MetaLearningArguments(TrainingArguments):
+class MetaCanTrainingArguments(FsadTrainingArguments):
     """Hyper-parameters of AD meta-learning (defaults: the MetaCAN paper's where it states them).
 
     num_shots: k normal references per task (2). support_normal/support_anomalous and
@@ -60,7 +60,7 @@ class MetaLearningArguments(TrainingArguments):
     (`losses.official_focal_loss`). max_steps: outer updates (Algorithm 1's S). 200 (default) draws
     200 x 15 tasks x 40 queries = 120,000 queries on MVTec AD, ~22 passes over its 5,354 images (the
     references add 6,000 draws); the official code runs 15 outer updates, one per "epoch". A meta-batch (all
-    tasks once) is one batch of `TrainingArguments`.
+    tasks once) is one batch of `FsadTrainingArguments`.
     """
 
     num_shots: int = 2
@@ -147,7 +147,7 @@ def _draw(rng: np.random.Generator, rows: Sequence[int], count: int) -> list[int
     return [int(row) for row in np.concatenate([rng.permutation(rows) for _ in range(rounds)])[:count]]
 
 
-def draw_task(pool: TaskPool, args: MetaLearningArguments, step: int, task_index: int) -> TaskDraw:
+def draw_task(pool: TaskPool, args: MetaCanTrainingArguments, step: int, task_index: int) -> TaskDraw:
     """The rows task `task_index` uses at meta-batch `step`: a pure function of (seed, step, task)."""
     rng = np.random.default_rng([args.seed, step, task_index])
     normals = rng.permutation(pool.normal_rows)
@@ -183,7 +183,7 @@ def set_loss(
     labels: torch.Tensor,
     references: list[torch.Tensor],
     text_embeddings: torch.Tensor,
-    args: MetaLearningArguments,
+    args: MetaCanTrainingArguments,
     buffers: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eq. 9: f(params, D) = sum over the set's queries of L_b(s, y), with the head run on `params` (the mean
@@ -201,7 +201,7 @@ def adapt(
     params: dict[str, torch.Tensor],
     task: TaskBatch,
     text_embeddings: torch.Tensor,
-    args: MetaLearningArguments,
+    args: MetaCanTrainingArguments,
 ) -> dict[str, torch.Tensor]:
     """Eq. 10: Theta_i = Theta - beta grad f(Theta, D_i^spt); differentiable in Theta unless first-order.
     The inner forward leaves the running statistics as they are."""
@@ -223,7 +223,7 @@ def meta_objective(
     params: dict[str, torch.Tensor],
     tasks: Sequence[TaskBatch],
     text_embeddings: torch.Tensor,
-    args: MetaLearningArguments,
+    args: MetaCanTrainingArguments,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Eq. 11: the sum over tasks of f(Theta_i, D_i^query); returns it and each task's term.
 
@@ -251,11 +251,11 @@ def meta_objective(
 # --- Training loop ----------------------------------------------------------------------------------------
 
 
-class MetaLearner(Trainer):
+class MetaLearner(FsadTrainer):
     """Trains a MetaCAN model's head on an auxiliary dataset by AD meta-learning.
 
     ```python
-    learner = MetaLearner(model, auxiliary_dataset, MetaLearningArguments(max_steps=200), "runs/metacan")
+    learner = MetaLearner(model, auxiliary_dataset, MetaCanTrainingArguments(max_steps=200), "runs/metacan")
     result = learner.train(resume=True)   # continues from the last checkpoint in runs/metacan/checkpoints
     ```
     The dataset needs `image`, `label`, `category` and `path` (e.g. a `load_benchmark` split, or train and
@@ -269,7 +269,7 @@ class MetaLearner(Trainer):
         self,
         model: MetaCanModel,
         dataset: Dataset,
-        args: MetaLearningArguments,
+        args: MetaCanTrainingArguments,
         output_dir: str | os.PathLike,
         accelerator: Accelerator | None = None,
     ):
@@ -308,7 +308,7 @@ class MetaLearner(Trainer):
         return self.parameters | {f"head.{name}": buffer for name, buffer in self.head.named_buffers()}
 
     def training_step(self, step: int) -> float:
-        """`Trainer.training_step`, then the processes' BatchNorm buffers merged (each updated them on its own
+        """`FsadTrainer.training_step`, then the processes' BatchNorm buffers merged (each updated them on its own
         tasks): running statistics averaged, batch counts summed. The running statistics then differ slightly
         from a single process's, which updates them task after task; the parameters do not."""
         world = self.accelerator.num_processes

@@ -14,11 +14,9 @@ frozen backbone's features of the normals are encoded once; the anomalies' at ea
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,20 +24,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..augmentation import random_crop
-from ..scoring import initial_prototypes, stack_levels
-from ..synthesis import DEFAULT_SIZE_RANGE, SYNTHESIS_KINDS, random_anomaly
-from .losses import vtfusion_loss
-from .trainer import Trainer, TrainingArguments
+from ...augmentation import random_crop
+from ...synthesis import DEFAULT_SIZE_RANGE, SYNTHESIS_KINDS, random_anomaly
+from ...training.trainer import FsadTrainer, FsadTrainingArguments
+from .functional_vtfusion import initial_prototypes, stack_levels
+from .losses_vtfusion import vtfusion_loss
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..models.vtfusion.modeling_vtfusion import VtFusionModel
+    from ...modeling_base import FsadPreTrainedModel
 
 
 @dataclass
-class VtFusionFitArguments(TrainingArguments):
+class VtFusionTrainingArguments(FsadTrainingArguments):
     """VTFusion fitting settings: Adam with the paper's learning rates, 1e-3 for the AIE and 1e-4 for the ATE
     and MPF (Sec. IV-A). max_steps: the paper gives no iteration count; 1000 updates of k normal + k synthetic
     images (at 1e-4 the fusion and segmentation layers need that many; the toy recipe trains 200 updates with
@@ -75,7 +73,7 @@ def anomalous_patches(masks: torch.Tensor, grid_size: tuple[int, int], fraction:
     return (shares > fraction).flatten(1)
 
 
-class VtFusionTrainer(Trainer):
+class VtFusionTrainer(FsadTrainer):
     """Fits a `VtFusionModel` to the normal images of one category (what `VtFusionModel.fit` runs).
 
     Every process computes the whole (small) batch, so several processes give the same update as one.
@@ -85,10 +83,10 @@ class VtFusionTrainer(Trainer):
 
     def __init__(
         self,
-        model: VtFusionModel,
+        model: FsadPreTrainedModel,
         normal_images: Sequence[Image.Image],
         class_name: str | None,
-        args: VtFusionFitArguments,
+        args: VtFusionTrainingArguments,
         output_dir: str | os.PathLike | None = None,
         accelerator: Accelerator | None = None,
     ):
@@ -161,32 +159,3 @@ class VtFusionTrainer(Trainer):
             use_separation=config.use_feature_adaptor,
         )
         return losses["total"]
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`training/fit_vtfusion.py`: a config's model section (`clip` + config fields), its training section
-    (`fit` arguments: steps, anomaly_kinds, learning rates) and its evaluation section (datasets, k, seeds)."""
-    from .recipes import build_model, evaluate_model, load_config
-
-    parser = argparse.ArgumentParser(
-        description="Fit VTFusion per category and k, and score each test split."
-    )
-    parser.add_argument(
-        "--config", required=True, help="YAML run config (see training/configs/vtfusion.yaml)"
-    )
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="override config entries"
-    )
-    arguments = parser.parse_args(argv)
-    overrides = list(arguments.set) + ([f"output_dir={arguments.output_dir}"] if arguments.output_dir else [])
-    config = load_config(arguments.config, overrides)
-    fit_arguments = dict(config.get("training") or {})
-    known = {item.name for item in fields(VtFusionFitArguments)} - {"max_steps"} | {"steps"}
-    unknown = set(fit_arguments) - known
-    if unknown:
-        raise ValueError(f"Unknown fit settings {sorted(unknown)}; known: {sorted(known)}.")
-    model = build_model(config.get("model") or {}, 0, "vtfusion")
-    out_dir = Path(config.get("output_dir") or "runs/vtfusion")
-    print(evaluate_model(model, config.get("evaluation") or {}, out_dir, fit_arguments))
-    return 0

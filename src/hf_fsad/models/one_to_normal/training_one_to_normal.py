@@ -14,7 +14,6 @@ so a run is reproducible bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,20 +25,20 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..augmentation import random_crop
-from ..diffusion import to_tensor
-from .trainer import Trainer, TrainingArguments, TrainingResult, parameter_digest
+from ...augmentation import random_crop
+from ...training.trainer import FsadTrainer, FsadTrainingArguments, TrainingResult, parameter_digest
+from .diffusion_one_to_normal import to_tensor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from ..models.one_to_normal.modeling_one_to_normal import OneToNormalModel
+    from ...modeling_base import FsadPreTrainedModel
 
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 
 
 @dataclass
-class DreamBoothArguments(TrainingArguments):
+class OneToNormalTrainingArguments(FsadTrainingArguments):
     """DreamBooth-LoRA settings (diffusers' train_dreambooth_lora defaults where the paper gives none): Adam
     at 1e-4, 400 updates of one instance and one class image, LoRA rank 4 (alpha = rank), 100 class images
     generated with `class_image_steps` denoising steps, prior-preservation weight 1. full_finetune: train
@@ -71,17 +70,17 @@ def augment(
     return view.rotate(90 * int(rng.integers(0, 4)))
 
 
-class DreamBoothLoraTrainer(Trainer):
+class DreamBoothLoraTrainer(FsadTrainer):
     """Trains the LoRA (or, with `full_finetune`, every weight) of the diffusion UNet behind `model` (what
     `OneToNormalModel.fit` runs); afterwards the model holds the fitted weights and a personalizer that uses
     them."""
 
     def __init__(
         self,
-        model: OneToNormalModel,
+        model: FsadPreTrainedModel,
         normal_images: Sequence[Image.Image],
         class_name: str,
-        args: DreamBoothArguments,
+        args: OneToNormalTrainingArguments,
         output_dir: str | os.PathLike | None = None,
         accelerator: Accelerator | None = None,
     ):
@@ -142,7 +141,7 @@ class DreamBoothLoraTrainer(Trainer):
         return self.pipeline.text_encoder(ids)[0]
 
     @torch.no_grad()
-    def _class_latents(self, prompt: str, args: DreamBoothArguments) -> list[torch.Tensor]:
+    def _class_latents(self, prompt: str, args: OneToNormalTrainingArguments) -> list[torch.Tensor]:
         """Prior preservation: the base model's own images of the class (before the LoRA), as latents."""
         resolution = self.normals[0].size[0]
         latents = []
@@ -203,7 +202,7 @@ class DreamBoothLoraTrainer(Trainer):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        from ..diffusion import Personalizer
+        from .diffusion_one_to_normal import Personalizer
 
         result = super().train(resume)
         model, config = self.model, self.model.config
@@ -227,45 +226,3 @@ class DreamBoothLoraTrainer(Trainer):
         )
         model.invalidate_feature_key()
         return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`training/train_dreambooth_lora.py`: fit One-to-Normal (LoRA + anomaly-free pool) on a folder of normal
-    images and save it (with the LoRA beside the weights)."""
-    from ..io import expand_inputs, readable_images
-    from ..registry import model_class
-
-    parser = argparse.ArgumentParser(
-        description="Fit One-to-Normal's anomaly-free customised model (DreamBooth LoRA)."
-    )
-    parser.add_argument("--normal", nargs="+", required=True, help="normal images or directories")
-    parser.add_argument("--class-name", required=True, help="object name of the prompts, e.g. bottle")
-    parser.add_argument("--out", required=True, help="directory for the fitted model")
-    parser.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP Hub id or directory")
-    parser.add_argument("--diffusion-model", default="runwayml/stable-diffusion-v1-5")
-    parser.add_argument("--steps", type=int, default=DreamBoothArguments.max_steps)
-    parser.add_argument("--num-class-images", type=int, default=DreamBoothArguments.num_class_images)
-    parser.add_argument("--resolution", type=int, default=240, help="diffusion and CLIP input side")
-    parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
-    parser.add_argument("--seed", type=int, default=0)
-    arguments = parser.parse_args(argv)
-    normals = [image for _, image in readable_images(expand_inputs(arguments.normal, "normal image"), "normal image")]
-    if not normals:
-        parser.error("none of the --normal images could be read")
-    model = model_class("one_to_normal").from_clip(
-        arguments.clip,
-        image_size=arguments.resolution,
-        diffusion_model=arguments.diffusion_model,
-        diffusion_resolution=arguments.resolution,
-        pool_size=arguments.pool_size,
-    )
-    model.fit(
-        normals,
-        class_name=arguments.class_name,
-        steps=arguments.steps,
-        seed=arguments.seed,
-        num_class_images=arguments.num_class_images,
-    )
-    model.save_pretrained(arguments.out)
-    print(f"fitted One-to-Normal on {len(normals)} normal images -> {arguments.out}")
-    return 0

@@ -1,0 +1,163 @@
+"""The contract every registered method keeps (`FsadPreTrainedModel`), checked on a tiny random model of each:
+it scores, its bank survives a file round trip, a saved model loads back bit for bit through `AutoModel`,
+bad pixels and images of another size are refused by name, and the base class's contract methods are real.
+
+Method test files keep only what is specific to their method.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModel
+
+from hf_fsad.modeling_base import FsadPreTrainedModel, ReferenceBank
+from hf_fsad.registry import METHODS, method_spec
+from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+# Small enough to score in well under a second on one core; the defaults elsewhere.
+TINY_CONFIGS = {
+    "winclip": {},
+    "anomalous_memory": {},
+    "metacan": {"feature_layers": [1, 2], "differentiator_hidden_size": 16, "detector_hidden_sizes": [8, 4]},
+    "afclip": {
+        "feature_layers": [1, 2],
+        "adapter_num_heads": 2,
+        "adapter_head_dim": 8,
+        "num_context_tokens": 3,
+    },
+    "vtfusion": {"feature_layers": [1, 2], "fusion_channels": 4, "segmentation_channels": 8},
+    "one_to_normal": {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3},
+}
+SIZE = 240  # tiny_clip_config's image size
+# Methods whose bank holds what `fit` learnt and takes no reference images.
+BANKS_WITHOUT_REFERENCES = {"vtfusion"}
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_model(model_type: str, diffusion_dir: str) -> FsadPreTrainedModel:
+    """A tiny random model of `model_type`, fitted (2 steps) when the method fits per category."""
+    spec = method_spec(model_type)
+    config = TINY_CONFIGS[model_type] | (
+        {"diffusion_model": diffusion_dir} if model_type == "one_to_normal" else {}
+    )
+    torch.manual_seed(0)
+    model = spec.model(spec.config(clip_config=tiny_clip_config(), **config)).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    if model.fits_per_category:
+        rng = np.random.default_rng(3)
+        normals = [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(2)]
+        extra = {"num_class_images": 1, "class_image_steps": 2} if model_type == "one_to_normal" else {}
+        model.fit(normals, class_name="grid", steps=2, seed=0, **extra)
+        model.eval()
+    return model
+
+
+def bank_of(model: FsadPreTrainedModel) -> ReferenceBank:
+    """A 2-shot bank (or the fitted one), with an anomalous reference where the method needs one."""
+    if model.config.model_type in BANKS_WITHOUT_REFERENCES:
+        return model.build_reference_bank()
+    anomalous = {"anomalous_pixel_values": images(1, 2)} if model.needs_anomalous_references else {}
+    with torch.no_grad():
+        return model.build_reference_bank(images(2, 1), **anomalous)
+
+
+@pytest.fixture(params=sorted(METHODS))
+def model(request, diffusion_dir) -> FsadPreTrainedModel:
+    assert set(TINY_CONFIGS) == set(METHODS)  # a new method adds its tiny config here
+    return tiny_model(request.param, diffusion_dir)
+
+
+def test_scores_are_finite_and_shaped_and_forward_is_encode_then_score(model):
+    bank, queries = bank_of(model), images(2, 4)
+    with torch.no_grad():
+        output = model(queries, reference_bank=bank)
+        split = model.score_features(model.encode_images(queries), bank)
+    assert output.image_scores.shape == (2,) and torch.isfinite(output.image_scores).all()
+    assert output.anomaly_maps is None or output.anomaly_maps.shape == (2, SIZE, SIZE)
+    assert torch.equal(output.image_scores, split.image_scores)
+    assert not torch.equal(output.image_scores[0], output.image_scores[1])  # two random images differ
+
+
+def test_bank_round_trip_reproduces_scores(model, tmp_path):
+    bank, queries = bank_of(model), images(2, 4)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = ReferenceBank.load(tmp_path / "bank.safetensors")
+    assert (loaded.model_type, loaded.config_hash, loaded.k) == (bank.model_type, bank.config_hash, bank.k)
+    with torch.no_grad():
+        assert torch.equal(
+            model(queries, reference_bank=loaded).image_scores,
+            model(queries, reference_bank=bank).image_scores,
+        )
+
+
+def test_save_and_auto_load_is_exact(model, tmp_path):
+    bank, queries = bank_of(model), images(2, 4)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert (
+        type(loaded) is type(model) and loaded.config_hash() == model.config_hash()
+    )  # config + trained weights
+    assert not any(parameter.requires_grad for parameter in loaded.backbone.clip.parameters())
+    with torch.no_grad():
+        expected = model(queries, reference_bank=bank)
+        actual = loaded(queries, reference_bank=ReferenceBank.load(_saved(bank, tmp_path)))
+    assert torch.equal(actual.image_scores, expected.image_scores)  # same weights, same kernels: bit for bit
+    if expected.anomaly_maps is not None:
+        assert torch.equal(actual.anomaly_maps, expected.anomaly_maps)
+    for name, scores in (expected.branch_scores or {}).items():
+        assert torch.equal(actual.branch_scores[name], scores), name
+
+
+def _saved(bank: ReferenceBank, folder) -> str:
+    path = folder / "bank.safetensors"
+    bank.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (torch.randn(1, 1, SIZE, SIZE), r"3 \(RGB\) channels"),
+        (torch.full((1, 3, SIZE, SIZE), float("nan")), "contains NaN values"),
+        (torch.full((1, 3, SIZE, SIZE), float("inf")), "contains infinite values"),
+        (torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8), "floating-point"),
+        (torch.randn(3, SIZE, SIZE), r"shape \(B, 3, H, W\)"),
+        (torch.randn(1, 3, 224, 224), f"224x224 images, but this model takes {SIZE}x{SIZE}"),
+    ],
+    ids=["one-channel", "nan", "inf", "uint8", "no-batch", "another-size"],
+)
+def test_bad_pixels_and_another_size_are_refused_by_name(model, pixels, message):
+    bank = bank_of(model)
+    with pytest.raises(ValueError, match=message):
+        model(pixels, reference_bank=bank)
+
+
+def test_a_bank_of_another_method_is_refused(model):
+    bank = bank_of(model)
+    foreign = ReferenceBank("another_method", bank.config_hash, bank.class_name, bank.k, bank.tensors)
+    with pytest.raises(ValueError, match="built by a 'another_method' model"):
+        model(images(1, 4), reference_bank=foreign)
+
+
+def test_the_base_class_declares_the_contract():
+    class Bare(FsadPreTrainedModel):
+        pass
+
+    bare = Bare(method_spec("winclip").config(clip_config=tiny_clip_config()))
+    assert Bare.fits_per_category is False
+    for call, name in [
+        (lambda: bare.encode_images(images(1, 0)), "encode_images"),
+        (lambda: bare.score_features({}), "score_features"),
+        (lambda: bare.build_reference_bank(), "build_reference_bank"),
+    ]:
+        with pytest.raises(NotImplementedError, match=f"Bare does not implement {name}"):
+            call()
+    with pytest.raises(NotImplementedError, match="Bare is not fitted per category"):
+        bare.fit([], class_name="grid")
