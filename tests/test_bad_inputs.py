@@ -290,3 +290,16 @@ def test_a_killed_run_leaves_complete_results_and_resume_finishes_them(saved_win
     assert resumed.returncode == 0 and f"resuming: {len(first) - 1} inputs already in" in resumed.stderr
     assert final[: len(first)] == first  # what the killed run saved is kept as it was
     assert sorted(record["path"] for record in final[1:]) == sorted(str(p) for p in inputs.iterdir())
+
+
+def test_dataset_files_are_checked_without_decoding_and_broken_ones_named(tmp_path):
+    from hf_fsad.io import check_image_file
+
+    inputs = _make_inputs(tmp_path / "inputs")
+    for name, (path, reason) in inputs.items():
+        if reason is None or name == "huge.png":  # the default limit (67 Mpx) admits 400x300
+            check_image_file(path)
+        else:
+            expected = "is a directory" if name == "folder.png" else reason
+            with pytest.raises(ImageReadError, match=expected):
+                check_image_file(path, max_pixels=100000)

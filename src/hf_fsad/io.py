@@ -14,10 +14,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
+T = TypeVar("T")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 # 8192 pixels a side: a 67-megapixel image costs about 1 GB to score with a full-size heatmap.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -62,13 +64,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at `path` as RGB, or an `ImageReadError` saying why it cannot be used.
-
-    The pixel count is checked from the header before anything is decoded, so a decompression bomb or a
-    huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
-    decompression-bomb limit still applies).
-    """
+def _with_open_image(path: str | os.PathLike, max_pixels: int | None, use: Callable[[Image.Image], T]) -> T:
+    """`use(image)` on the opened image at `path`, after the file and its header's pixel count are checked;
+    every failure becomes an `ImageReadError` saying why."""
     path = Path(path)
     if path.is_dir():
         raise ImageReadError("is a directory, not an image file")
@@ -78,12 +76,11 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageReadError("empty file")
     try:
         with warnings.catch_warnings():
-            # Size is checked below against `max_pixels`; PIL's warning would only repeat it.
+            # Size is checked against `max_pixels`; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _check_pixel_count(*image.size, max_pixels)
-                image.load()
-                return to_rgb(image)
+                return use(image)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as error:
@@ -96,26 +93,25 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageReadError(f"cannot decode the image ({type(error).__name__}: {error})") from None
 
 
+def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image at `path` as RGB, or an `ImageReadError` saying why it cannot be used.
+
+    The pixel count is checked from the header before anything is decoded, so a decompression bomb or a
+    huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
+    decompression-bomb limit still applies).
+    """
+
+    def decode(image: Image.Image) -> Image.Image:
+        image.load()
+        return to_rgb(image)
+
+    return _with_open_image(path, max_pixels, decode)
+
+
 def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Raise `ImageReadError` when `path` is not a usable image, reading its structure without decoding the
     pixels (PIL's `verify`: headers and checksums), so a whole dataset folder can be checked cheaply."""
-    path = Path(path)
-    if not path.is_file() or path.stat().st_size == 0:
-        read_image(path, max_pixels)  # raises the reason: a directory, a missing or an empty file
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_pixel_count(*image.size, max_pixels)
-                image.verify()
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageReadError(f"refused as a decompression bomb ({error})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError("not an image PIL can read (unknown or corrupt format)") from None
-    except Exception as error:  # noqa: BLE001  (PIL's parsers raise OSError, SyntaxError, struct.error, ...)
-        raise ImageReadError(f"corrupt image ({type(error).__name__}: {error})") from None
+    _with_open_image(path, max_pixels, lambda image: image.verify())
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:
