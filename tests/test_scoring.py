@@ -45,10 +45,11 @@ def test_harmonic_aggregation_by_hand():
     masks = scoring.window_masks((3, 3), 2)
     result = scoring.harmonic_aggregation(scores, masks)[0]
     # corner patches see one window; the centre sees all four; edge-middle patches see two
-    assert result[0].item() == pytest.approx(0.2)
-    assert result[8].item() == pytest.approx(1.0)
-    assert result[1].item() == pytest.approx(2 / (1 / 0.2 + 1 / 0.4))
-    assert result[4].item() == pytest.approx(4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0))
+    # float64, a handful of ops: rel 1e-12 leaves ~4000 ulp (2.2e-16) of room
+    assert result[0].item() == pytest.approx(0.2, rel=1e-12)
+    assert result[8].item() == pytest.approx(1.0, rel=1e-12)
+    assert result[1].item() == pytest.approx(2 / (1 / 0.2 + 1 / 0.4), rel=1e-12)
+    assert result[4].item() == pytest.approx(4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0), rel=1e-12)
 
 
 def test_harmonic_aggregation_matches_loop_over_positions():
@@ -58,6 +59,7 @@ def test_harmonic_aggregation_matches_loop_over_positions():
     expected = torch.stack(
         [torch.stack([1 / (1 / s[masks[:, p]]).mean() for p in range(225)]) for s in scores]
     )
+    # float64 defaults (rtol 1e-7): the same means, vectorised vs looped (reduction order of <= 9 terms)
     torch.testing.assert_close(scoring.harmonic_aggregation(scores, masks), expected)
 
 
@@ -66,12 +68,13 @@ def test_harmonic_aggregation_with_a_zero_score_is_exactly_zero():
     result = scoring.harmonic_aggregation(scores, scoring.window_masks((3, 3), 2))[0]
     assert not torch.isnan(result).any()
     assert result[0].item() == 0.0 and result[4].item() == 0.0  # covered by the zero window
-    assert result[8].item() == pytest.approx(1.0)  # not covered by it
+    assert result[8].item() == pytest.approx(1.0, rel=1e-12)  # not covered by it; float64, a few ops
 
 
 def test_harmonic_mean():
     values = torch.tensor([[1.0, 2.0], [4.0, 2.0]], dtype=torch.float64)
-    assert scoring.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0])
+    # float64, two terms each: rel 1e-12 is ~4000 ulp
+    assert scoring.harmonic_mean(values, dim=0).tolist() == pytest.approx([2 / (1 + 1 / 4), 2.0], rel=1e-12)
 
 
 def test_class_scores_by_hand():
@@ -80,7 +83,8 @@ def test_class_scores_by_hand():
     scores = scoring.class_scores(embeddings, text, temperature=0.07)
     # cos to (normal, anomalous): (1, 0), (0, 1), (1/sqrt2, 1/sqrt2)
     sigmoid = 1 / (1 + math.exp(-1 / 0.07))
-    assert scores.tolist() == pytest.approx([1 - sigmoid, sigmoid, 0.5])
+    # float64; 1 - sigmoid (~6e-7) loses ~1e-16 / 6e-7 ~ 2e-10 relative to cancellation, hence rel 1e-9
+    assert scores.tolist() == pytest.approx([1 - sigmoid, sigmoid, 0.5], rel=1e-9)
 
 
 def test_reference_association_by_hand():
@@ -88,7 +92,10 @@ def test_reference_association_by_hand():
     reference = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     result = scoring.reference_association(query, reference)
     # nearest (largest) cosines: 1, 1/sqrt2, -1/sqrt2 (to [1, 1]) -> (1 - cos) / 2
-    assert result[0].tolist() == pytest.approx([0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2])
+    # float64 cosines and square roots, a few ops: rel 1e-12 (values >= 0.15, the zero is exact)
+    assert result[0].tolist() == pytest.approx(
+        [0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2], rel=1e-12, abs=0
+    )
 
 
 def _brute_force_nearest_cosine(query: torch.Tensor, memory: torch.Tensor, num_nearest: int) -> torch.Tensor:
@@ -123,9 +130,10 @@ def test_reference_association_rejects_empty_memory():
 def test_ensemble_text_embedding_variants():
     embeddings = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     normalised = scoring.ensemble_text_embedding(embeddings, normalize_each=True)
-    assert normalised.tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)])
+    # float64 norm and mean of two vectors: rel 1e-12 is ~4000 ulp
+    assert normalised.tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-12)
     raw = scoring.ensemble_text_embedding(embeddings, normalize_each=False)
-    assert raw.tolist() == pytest.approx([1.5, 0.5])
+    assert raw.tolist() == pytest.approx([1.5, 0.5], rel=1e-12)
 
 
 def test_zero_shot_map_is_harmonic_mean_of_image_and_scales():
@@ -134,9 +142,10 @@ def test_zero_shot_map_is_harmonic_mean_of_image_and_scales():
     scale2 = torch.tensor([[0.2, 0.4, 0.5, 1.0]], dtype=torch.float64)
     scale3 = torch.tensor([[0.8]], dtype=torch.float64)
     result = scoring.winclip_zero_shot_map(image_scores, [scale2, scale3], masks)[0]
-    assert result[0].item() == pytest.approx(3 / (1 / 0.5 + 1 / 0.2 + 1 / 0.8))
+    # float64 harmonic means of <= 4 terms: rel 1e-12 is ~4000 ulp
+    assert result[0].item() == pytest.approx(3 / (1 / 0.5 + 1 / 0.2 + 1 / 0.8), rel=1e-12)
     centre_scale2 = 4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0)
-    assert result[4].item() == pytest.approx(3 / (1 / 0.5 + 1 / centre_scale2 + 1 / 0.8))
+    assert result[4].item() == pytest.approx(3 / (1 / 0.5 + 1 / centre_scale2 + 1 / 0.8), rel=1e-12)
 
 
 def test_few_shot_map_averages_patch_and_window_levels():
@@ -149,8 +158,9 @@ def test_few_shot_map_averages_patch_and_window_levels():
         0
     ]
     window_score = (1 - 1 / math.sqrt(2)) / 2
+    # float64 cosines and means, a few ops: rel 1e-12 is ~4000 ulp
     assert result.tolist() == pytest.approx(
-        [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]
+        [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2], rel=1e-12
     )
 
 
@@ -158,6 +168,7 @@ def test_fuse_zero_few_shot():
     zero_map = torch.tensor([[0.2, 0.4]])
     few_map = torch.tensor([[0.1, 0.3]])
     fused_map, image = scoring.fuse_zero_few_shot(zero_map, torch.tensor([0.6]), few_map)
+    # float32 means vs Python float64: within 1 float32 ulp (6e-8 rel); approx's default rel 1e-6
     assert fused_map[0].tolist() == pytest.approx([0.15, 0.35])
     assert image.tolist() == pytest.approx([(0.6 + 0.3) / 2])
 
@@ -166,6 +177,7 @@ def test_upsample_maps_bilinear():
     maps = torch.tensor([[[0.0, 1.0]]])
     result = scoring.upsample_maps(maps, (1, 4))[0, 0]
     # half-pixel centres: 0, 0.25, 0.75, 1
+    # float32 bilinear weights 0.25 / 0.75 are exact in binary; approx's default rel 1e-6 is ~16 ulp
     assert result.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
 
 
@@ -176,6 +188,7 @@ def test_nearest_cosine_and_both_associations_by_hand():
     query = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
     memory = torch.tensor([[1.0, 1.0], [0.0, -3.0]])
     half = 2**-0.5
+    # float32 cosines vs float64-rounded 2**-0.5: a few ulp, inside assert_close's float32 defaults
     torch.testing.assert_close(scoring.nearest_cosine(query, memory), torch.tensor([[half, half]]))
     torch.testing.assert_close(
         scoring.reference_association(query, memory), torch.tensor([[(1 - half) / 2] * 2])
@@ -215,7 +228,10 @@ def test_anomalous_items_need_the_fraction_or_hold_the_largest_share():
 
 def test_level_image_scores_take_each_maximum():
     maps = [torch.tensor([[0.1, 0.5], [0.3, 0.2]]), torch.tensor([[0.9, 0.0], [0.4, 0.6]])]
-    torch.testing.assert_close(scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]))
+    # a maximum picks an element: exact
+    torch.testing.assert_close(
+        scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]), rtol=0, atol=0
+    )
 
 
 def test_baseline_weights_average_three_groups():
@@ -228,6 +244,7 @@ def test_baseline_weights_average_three_groups():
 def test_baseline_weights_spread_each_group_over_its_available_levels():
     available = torch.tensor([True, True, True, True, False, True, True, True, True])
     expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
+    # float64 defaults (rtol 1e-7): 1/9 computed as (1/3)/3 vs 1/9 differs by an ulp
     torch.testing.assert_close(
         scoring.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
     )
@@ -282,7 +299,10 @@ def test_pairwise_auroc_matches_sklearn_with_ties():
 
     scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    assert float(scoring.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
+    # ratios of pair counts in float64: both sides round the same fraction (1e-12 absolute)
+    assert float(scoring.pairwise_auroc(scores, labels)[0]) == pytest.approx(
+        roc_auc_score(labels, scores[0]), abs=1e-12
+    )
     with pytest.raises(ValueError, match="both normal and anomalous"):
         scoring.pairwise_auroc(scores, torch.ones(6))
 
@@ -303,6 +323,7 @@ def test_weight_search_picks_the_perfect_score():
 
 def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():
     vectors = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    # float64 defaults (rtol 1e-7): both divide by the same norm, clamped differently at zero
     torch.testing.assert_close(scoring.l2_normalize(vectors), torch.nn.functional.normalize(vectors, dim=-1))
     (gradient,) = torch.autograd.grad(scoring.l2_normalize(vectors).sum(), vectors, create_graph=True)
     (second,) = torch.autograd.grad(gradient.pow(2).sum(), vectors)
