@@ -213,6 +213,7 @@ def test_text_cache_survives_save_and_load(tiny_winclip, tmp_path, monkeypatch):
         raise AssertionError("the text tower ran for a cached prompt")
 
     monkeypatch.setattr(loaded.backbone.clip, "get_text_features", no_text_tower)
+    # the cache file stores the float32 tensors as they are: exact
     torch.testing.assert_close(loaded.text_embeddings("screw"), expected, rtol=0, atol=0)
     with pytest.raises(AssertionError, match="text tower ran"):
         loaded.text_embeddings("nut")

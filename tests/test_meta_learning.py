@@ -181,7 +181,7 @@ def test_meta_step_equals_eqs_10_to_12_by_hand():
     for task, expected in zip(tasks, inner):
         adapted = adapt(head, params, task, text, args)
         for name in params:
-            # float64 both sides, the same ops in another order through second-order autograd: ~1e-14; 1e-10 bound
+            # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
             torch.testing.assert_close(adapted[name], expected[name], rtol=0, atol=1e-10)
     total, losses = meta_objective(head, params, tasks, text, args)
     for loss, expected in zip(losses, query_losses):
@@ -284,7 +284,7 @@ def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradi
     learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name].detach() - args.outer_lr * outer_gradient[name]
-        # float64 both sides, the same ops in another order through second-order autograd: ~1e-14; 1e-10 bound
+        # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
         torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-10)
 
 
@@ -568,7 +568,7 @@ def test_gradient_accumulation_averages_meta_batches(tmp_path):
     learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name] - args.outer_lr * (gradients[0][name] + gradients[1][name]) / 2
-        # float64 both sides, the same ops in another order through second-order autograd: ~1e-14; 1e-10 bound
+        # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
         torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-10)
 
 

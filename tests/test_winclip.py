@@ -240,6 +240,7 @@ def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
     )
     assert from_features.k == from_pixels.k == 2
     for name, tensor in from_pixels.tensors.items():
+        # the same encoder on the same batch: bit-identical
         torch.testing.assert_close(from_features.tensors[name], tensor, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not both"):
         tiny_winclip.build_reference_bank(
@@ -314,6 +315,7 @@ def test_prompt_templates_choose_the_ensemble(make_winclip):
             for states in (NORMAL_STATES, ANOMALOUS_STATES)
         ]
     )
+    # the same prompts through the same text tower in one batch: bit-identical
     torch.testing.assert_close(model.text_embeddings("nut"), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
         make_winclip(prompt_templates=["a photo of a nut."])
