@@ -38,15 +38,18 @@ def make_tiny_afclip(seed: int = 0, **config) -> AfClipModel:
 
 
 def test_eq_5_gaussian_window_weights_by_hand():
-    torch.testing.assert_close(
+    # exp(0) / 1: exact
+    assert torch.equal(
         functional_afclip.gaussian_window_weights(1, 4.0), torch.ones(1, 1, dtype=torch.float64)
     )
     edge, corner = math.exp(-1 / 32), math.exp(-2 / 32)
     raw = torch.tensor(
         [[corner, edge, corner], [edge, 1.0, edge], [corner, edge, corner]], dtype=torch.float64
     )
+    # float64 defaults (rtol 1e-7): the same exponentials, normalised in another order (~1e-16)
     torch.testing.assert_close(functional_afclip.gaussian_window_weights(3, 4.0), raw / raw.sum())
-    assert functional_afclip.gaussian_window_weights(5, 4.0).sum().item() == pytest.approx(1.0)
+    # a float64 sum of 25 weights: ~25 * 1.1e-16, rel 1e-12 leaves room
+    assert functional_afclip.gaussian_window_weights(5, 4.0).sum().item() == pytest.approx(1.0, rel=1e-12)
     with pytest.raises(ValueError, match="odd"):
         functional_afclip.gaussian_window_weights(2, 4.0)
 
@@ -54,12 +57,14 @@ def test_eq_5_gaussian_window_weights_by_hand():
 def test_eqs_5_6_spatial_aggregation_keeps_cls_and_zero_pads():
     torch.manual_seed(0)
     tokens = torch.randn(1, 1 + 16, 3, dtype=torch.float64)
+    # float64 defaults: a 1 x 1 window of weight 1 (sums of x * 1 and zero padding, ~1e-16)
     torch.testing.assert_close(functional_afclip.spatial_aggregation(tokens, (4, 4), 1, 4.0), tokens)
     aggregated = functional_afclip.spatial_aggregation(tokens, (4, 4), 3, 4.0)
-    torch.testing.assert_close(aggregated[:, 0], tokens[:, 0])  # CLS untouched
+    torch.testing.assert_close(aggregated[:, 0], tokens[:, 0], rtol=0, atol=0)  # CLS untouched
     weights = functional_afclip.gaussian_window_weights(3, 4.0)
     grid = tokens[0, 1:].reshape(4, 4, 3)
     interior = sum(weights[dy + 1, dx + 1] * grid[1 + dy, 2 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    # float64 defaults (rtol 1e-7): a 9-term weighted sum in another order (~1e-16)
     torch.testing.assert_close(aggregated[0, 1 + 1 * 4 + 2], interior)
     corner = sum(weights[dy + 1, dx + 1] * grid[dy, dx] for dy in (0, 1) for dx in (0, 1))  # zeros outside
     torch.testing.assert_close(aggregated[0, 1], corner)
@@ -73,7 +78,7 @@ def test_gaussian_blur_matches_scipy_on_a_map_with_a_bright_border(mode):
     maps[:, 0, :] = maps[:, :, -1] = 1.0
     for sigma in (1.0, 4.0):
         expected = np.stack([gaussian_filter(m, sigma=sigma, mode=mode) for m in maps.numpy()])
-        # both float64; they differ only in the order of the sums (~1e-16)
+        # both float64; they differ only in the order of the sums (~1e-16): float64 defaults
         torch.testing.assert_close(
             functional_afclip.gaussian_blur(maps, sigma, mode), torch.from_numpy(expected)
         )
@@ -96,6 +101,7 @@ def test_eqs_3_4_attention_adapter_by_hand_without_residual():
         q, k, v = (normed @ layer.weight[rows].T for layer in (adapter.query, adapter.key, adapter.value))
         heads.append(torch.softmax(q @ k.transpose(1, 2) / math.sqrt(3), dim=-1) @ v)
     expected = torch.cat(heads, dim=-1) @ adapter.output.weight.T + adapter.output.bias
+    # float64 defaults (rtol 1e-7): the same ops, heads fused vs one by one (reduction order)
     torch.testing.assert_close(adapter(tokens), expected)
     assert adapter.query.bias is None and adapter.output.bias is not None
     with torch.no_grad():
@@ -147,12 +153,14 @@ def test_eqs_9_10_token_probabilities_by_hand():
     # token 0: cos normal 1 + 1/sqrt2, anomalous 0 + 1/sqrt2; token 1: normal 0 + 0, anomalous 1 + 1
     logits = torch.tensor([[1 + 2**-0.5, 2**-0.5], [0.0, 2.0]]) / 0.07
     expected = logits.softmax(-1)[:, 1][None]
+    # float32 cosines and softmax vs the same formula on float32 constants: float32 defaults
     torch.testing.assert_close(functional_afclip.afclip_token_probabilities(sets, text, 0.07), expected)
 
 
 def test_eqs_11_to_15_losses_by_hand():
     p, y = torch.tensor([0.8, 0.3]), torch.tensor([1, 0])
     expected_focal = [-(0.2**4) * math.log(0.8), -(0.3**4) * math.log(0.7)]
+    # float32 log and powers vs Python float64: ~1 ulp each, inside the float32 defaults
     torch.testing.assert_close(focal_loss(p, y, gamma=4.0), torch.tensor(expected_focal))
     maps, masks = torch.tensor([[0.9, 0.2, 0.1, 0.6]]), torch.tensor([[1, 0, 0, 0]])
     focal = [
@@ -162,7 +170,8 @@ def test_eqs_11_to_15_losses_by_hand():
         -(0.6**4) * math.log(0.4),
     ]
     l1 = (0.1 + 0.2 + 0.1 + 0.6) / 4
-    assert segmentation_loss(maps, masks).item() == pytest.approx(np.mean(focal) + l1, rel=1e-5)
+    # float32 focal + L1 over 4 pixels vs float64: ~10 ops of 6e-8 relative -> 1e-6
+    assert segmentation_loss(maps, masks).item() == pytest.approx(np.mean(focal) + l1, rel=1e-6)
 
     torch.manual_seed(3)
     features = torch.randn(3, 6, 4, dtype=torch.float64)
@@ -175,6 +184,7 @@ def test_eqs_11_to_15_losses_by_hand():
         cross = cos[a][:, n].mean()
         same_pairs = [cos[i, j] for i in range(6) for j in range(6) if i != j and a[i] == a[j]]
         values.append(torch.relu(cross - torch.stack(same_pairs).mean()))
+    # float64 loss rounded to float32 vs the float32 cast here: float32 defaults (<= 1 ulp)
     torch.testing.assert_close(
         patch_alignment_loss(features, patch_masks, pairs="image"), torch.stack(values).mean().float()
     )
@@ -197,6 +207,7 @@ def test_eqs_11_to_15_losses_by_hand():
         + 0.5 * segmentation_loss(probabilities[:, 1:], grid)
         + 2.0 * patch_alignment_loss(sets[0][:, 1:], grid)
     )
+    # float32 defaults: the same three terms, summed in another order
     torch.testing.assert_close(terms["total"], expected)
 
 
@@ -211,7 +222,7 @@ def test_eq_14_patch_alignment_pools_the_batch_as_the_official_code_or_goes_imag
     e1, e2 = [1.0, 0.0], [0.0, 1.0]
     features = torch.tensor([[e1, e2, e1], [e1, [-1.0, 0.0], e2]])
     masks = torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=torch.bool)
-    # float32 arithmetic on exact cosines: within approx's default relative 1e-6
+    # float32 arithmetic on exact cosines: a few ulp (6e-8), within approx's default relative 1e-6
     assert patch_alignment_loss(features, masks, pairs="batch").item() == pytest.approx(3 / 14)
     assert patch_alignment_loss(features, masks, pairs="image").item() == pytest.approx(1 / 2)
     # Without image B the self pairs alone lift the same-label mean to 3/5 > 1/2: no loss in the official form.
@@ -249,10 +260,13 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     text = model.text_embeddings().detach()
     probabilities, _ = model.token_probabilities(model.token_sets(features), text)
     zero_shot = model(images)
-    torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0])
+    # the forward pass runs the same ops on the same batch: bit-identical
+    torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(
         zero_shot.anomaly_maps,
         functional_afclip.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0, "reflect"),
+        rtol=0,
+        atol=0,
     )
 
     bank = model.build_reference_bank(references, "bottle")
@@ -265,6 +279,7 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
             for q, r in zip(model.token_sets(features), reference_sets)
         ]
     ).mean(0)
+    # float32 cosines, mean of 3 sets, another memory chunking than the model's: ~1e-7 abs each, 1e-5 rel
     torch.testing.assert_close(few_shot.branch_scores["memory"], memory.amax(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         few_shot.image_scores, memory.amax(-1) + 0.1 * probabilities[:, 0], rtol=1e-5, atol=1e-6
@@ -273,6 +288,7 @@ def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
     torch.testing.assert_close(few_shot.anomaly_maps, expected_maps, rtol=1e-5, atol=1e-6)
     # A query that is one of the references has nothing unusual for the memory.
     same = model(references[:1], reference_bank=bank)
+    # float32 cosine of a token with itself: 1 within a few ulp, so (1 - cos) / 2 < 1e-6
     assert same.branch_scores["memory"].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -340,6 +356,7 @@ def test_merged_lora_matches_unmerged():
             folded += 1
     assert folded == len(model.config.feature_layers) * len(model.config.lora_target_modules)
     merged = model(images, reference_bank=model.build_reference_bank(references))
+    # merged weights round differently (~6e-8) through 2 blocks and the memory cosines: 1e-5 bound
     torch.testing.assert_close(merged.image_scores, unmerged.image_scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(merged.anomaly_maps, unmerged.anomaly_maps, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="no LoRA"):

@@ -56,16 +56,25 @@ def test_masked_items_form_the_anomalous_memory(model, images):
     features = model.encode_images(images[1:2])
     grid = 15
     assert bank.tensors["anomalous.patch"].shape[0] == 1
-    torch.testing.assert_close(bank.tensors["anomalous.patch"][0], features["patch_tokens"][0, 0])
+    # bank items are the selected feature rows, copied: exact
+    torch.testing.assert_close(
+        bank.tensors["anomalous.patch"][0], features["patch_tokens"][0, 0], rtol=0, atol=0
+    )
     for scale in (2, 3, 7):  # the corner patch lies in exactly one window per scale
         assert bank.tensors[f"anomalous.window{scale}"].shape[0] == 1
         torch.testing.assert_close(
-            bank.tensors[f"anomalous.window{scale}"][0], features[f"window_embeddings.{scale}"][0, 0]
+            bank.tensors[f"anomalous.window{scale}"][0],
+            features[f"window_embeddings.{scale}"][0, 0],
+            rtol=0,
+            atol=0,
         )
         windows = (grid - scale + 1) ** 2
         assert bank.tensors[f"reference.window{scale}"].shape[0] == windows + windows - 1
     assert bank.tensors["reference.patch"].shape[0] == 225 + 224  # normal image + unmasked anomalous patches
-    torch.testing.assert_close(bank.tensors["score_weights"], functional_anomalous_memory.baseline_score_weights(4))
+    # the bank stores this function's weights: exact
+    torch.testing.assert_close(
+        bank.tensors["score_weights"], functional_anomalous_memory.baseline_score_weights(4), rtol=0, atol=0
+    )
     assert bank.k == 1 and int(bank.tensors["num_anomalous"]) == 1
 
 
@@ -83,9 +92,12 @@ def test_items_join_the_anomalous_memory_when_mostly_defect(images):
     for fraction, (patches, windows) in expected.items():
         model = make_model(anomalous_item_fraction=fraction)
         bank = model.build_reference_bank(anomalous_features=features, anomalous_masks=mask)
-        torch.testing.assert_close(bank.tensors["anomalous.patch"], features["patch_tokens"][0, patches])
+        # bank items are the selected feature rows, copied: exact
         torch.testing.assert_close(
-            bank.tensors["anomalous.window2"], features["window_embeddings.2"][0, windows]
+            bank.tensors["anomalous.patch"], features["patch_tokens"][0, patches], rtol=0, atol=0
+        )
+        torch.testing.assert_close(
+            bank.tensors["anomalous.window2"], features["window_embeddings.2"][0, windows], rtol=0, atol=0
         )
         # the normal memory holds the defect-free items only, whatever the fraction
         assert bank.tensors["reference.patch"].shape[0] == 225 - 2
@@ -105,6 +117,7 @@ def test_k0_large_central_defect_leaves_one_memory_empty_and_still_scores(model,
     assert bank.tensors["reference.patch"].shape[0] == 225 - 9
     assert bank.tensors["anomalous.window7"].shape[0] > 0
     expected_weights = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
+    # float64 defaults (rtol 1e-7): 1/9 and 1/12 computed in another order differ by an ulp
     torch.testing.assert_close(
         bank.tensors["score_weights"], torch.tensor(expected_weights, dtype=torch.float64)
     )
@@ -122,7 +135,8 @@ def test_k0_large_central_defect_leaves_one_memory_empty_and_still_scores(model,
     torch.testing.assert_close(output.image_scores.double(), by_hand, rtol=1e-6, atol=1e-7)
     features = model.encode_images(images[2:])
     reference_patch = scoring.reference_association(features["patch_tokens"], bank.tensors["reference.patch"])
-    torch.testing.assert_close(scores["reference.patch"], reference_patch.amax(-1))
+    # the model's own ops on the same batch and memory: bit-identical
+    torch.testing.assert_close(scores["reference.patch"], reference_patch.amax(-1), rtol=0, atol=0)
 
     views = torch.cat([images[:1], images[1:2]])
     validated = model.validate_weights(bank, views, [0, 1])
@@ -141,20 +155,21 @@ def test_nine_scores_and_their_baseline_combination(model, images):
     output = model(images[2:], reference_bank=bank)
     assert list(output.branch_scores) == model.score_names() and len(model.score_names()) == 9
     features = model.encode_images(images[2:])
+    # the model's own ops on the same batch and memories: bit-identical
     text = bank.tensors["text_embeddings"]
     torch.testing.assert_close(
-        output.branch_scores["text"], scoring.class_scores(features["image_embeddings"], text)
+        output.branch_scores["text"], scoring.class_scores(features["image_embeddings"], text), rtol=0, atol=0
     )
     reference_patch = scoring.reference_association(
         features["patch_tokens"], bank.tensors["reference.patch"]
     ).amax(-1)
-    torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch)
+    torch.testing.assert_close(output.branch_scores["reference.patch"], reference_patch, rtol=0, atol=0)
     masks = scoring.window_masks((15, 15), 7)
     anomalous_windows = functional_anomalous_memory.anomalous_association(
         features["window_embeddings.7"], bank.tensors["anomalous.window7"]
     )
     expected = scoring.harmonic_aggregation(anomalous_windows, masks).amax(-1)
-    torch.testing.assert_close(output.branch_scores["anomalous.window7"], expected)
+    torch.testing.assert_close(output.branch_scores["anomalous.window7"], expected, rtol=0, atol=0)
     stacked = torch.stack([output.branch_scores[name] for name in model.score_names()], -1).double()
     baseline = stacked[:, 0] / 3 + stacked[:, 1:5].mean(-1) / 3 + stacked[:, 5:].mean(-1) / 3
     torch.testing.assert_close(output.image_scores.double(), baseline, rtol=1e-6, atol=1e-7)
@@ -237,21 +252,26 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
     assert labels == [0] * 5 + [1] * 5
     # five seeded augmentations of each sample (seeds weight_seed * 1000 + 2 * index + label)
     expected_views = pixels(model, augment_views(normal.image, 5, 0) + augment_views(defect.image, 5, 1))
-    torch.testing.assert_close(views, expected_views, rtol=0, atol=0)
+    torch.testing.assert_close(views, expected_views, rtol=0, atol=0)  # the same seeded views
 
     validated = model.validate_weights(bank, views, labels)
     scores = torch.stack(
         [model(views, reference_bank=bank).branch_scores[n] for n in model.score_names()], -1
     ).double()
-    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "uniform", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(
+        100, 9, "uniform", torch.Generator().manual_seed(0)
+    )
     aurocs = torch.tensor([image_auroc(labels, scores @ candidate) for candidate in candidates])
     best = int(torch.argmax(aurocs))  # the first of the best
+    # a copied row: exact
     torch.testing.assert_close(validated.tensors["score_weights"], candidates[best], rtol=0, atol=0)
+    # float64 AUROC of the model's own scores (a ratio of counts): equal up to float64 rounding
     assert float(validated.tensors["validation_auroc"]) == pytest.approx(float(aurocs[best]), abs=1e-12)
     assert float(aurocs[best]) > image_auroc(labels, scores @ bank.tensors["score_weights"]) - 1e-12
 
     validated.save(tmp_path / "bank.safetensors")
     reloaded = ReferenceBank.load(tmp_path / "bank.safetensors")
+    # saved as is: exact
     torch.testing.assert_close(reloaded.tensors["score_weights"], candidates[best], rtol=0, atol=0)
     torch.testing.assert_close(
         model(views, reference_bank=reloaded).image_scores.double(),
@@ -269,7 +289,9 @@ def test_signed_weight_draws_reach_the_bank(images):
         images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
     )
     validated = model.validate_weights(bank, torch.cat([images[:1], images[1:2]]), [0, 1])
-    candidates = functional_anomalous_memory.sample_score_weights(100, 9, "normal", torch.Generator().manual_seed(0))
+    candidates = functional_anomalous_memory.sample_score_weights(
+        100, 9, "normal", torch.Generator().manual_seed(0)
+    )
     assert any(torch.equal(validated.tensors["score_weights"], candidate) for candidate in candidates)
     absolute = make_model(weight_distribution="normal", signed_weights=False)
     bank = absolute.build_reference_bank(
@@ -341,12 +363,14 @@ def test_baseline_weights_spread_each_group_over_its_available_levels():
     available = torch.tensor([True, True, True, True, False, True, True, True, True])
     expected = [1 / 3, 1 / 9, 1 / 9, 1 / 9, 0, 1 / 12, 1 / 12, 1 / 12, 1 / 12]
     torch.testing.assert_close(
-        functional_anomalous_memory.baseline_score_weights(4, available), torch.tensor(expected, dtype=torch.float64)
+        functional_anomalous_memory.baseline_score_weights(4, available),
+        torch.tensor(expected, dtype=torch.float64),
     )
     no_reference = torch.tensor([True, False, False, True, True])  # a whole group gone: two groups share
     expected = [1 / 2, 0, 0, 1 / 4, 1 / 4]
     torch.testing.assert_close(
-        functional_anomalous_memory.baseline_score_weights(2, no_reference), torch.tensor(expected, dtype=torch.float64)
+        functional_anomalous_memory.baseline_score_weights(2, no_reference),
+        torch.tensor(expected, dtype=torch.float64),
     )
 
 
@@ -394,7 +418,9 @@ def test_pairwise_auroc_matches_sklearn_with_ties():
 
     scores = torch.tensor([[0.1, 0.4, 0.4, 0.8, 0.3, 0.4]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    assert float(functional_anomalous_memory.pairwise_auroc(scores, labels)[0]) == pytest.approx(roc_auc_score(labels, scores[0]))
+    assert float(functional_anomalous_memory.pairwise_auroc(scores, labels)[0]) == pytest.approx(
+        roc_auc_score(labels, scores[0])
+    )
     with pytest.raises(ValueError, match="both normal and anomalous"):
         functional_anomalous_memory.pairwise_auroc(scores, torch.ones(6))
 

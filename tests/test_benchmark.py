@@ -59,8 +59,10 @@ def test_cells_match_direct_scoring_and_features_are_encoded_once(make_winclip, 
     with torch.no_grad():
         bank = model.build_reference_bank(pixels(chosen["image"]), class_name="textured surface")
         expected = model(pixels(data["test"]["image"]), reference_bank=bank)
+    # the runner encodes in batches of its own size: float32 reduction order (~1e-7 rel), 1e-5 bound
     np.testing.assert_allclose(two_shot["image_scores"], expected.image_scores.numpy(), rtol=1e-5)
     labels = data["test"]["label"]
+    # metrics of scores equal up to that rounding (no near-ties here): AUROC a few ulp, AUPRO within 1e-6
     assert two_shot["metrics"]["image_auroc"] == pytest.approx(
         image_auroc(labels, expected.image_scores.numpy())
     )
@@ -126,6 +128,7 @@ def test_feature_cache_in_memory_counts(make_winclip):
     assert (cache.hits, cache.misses) == (0, 2)
     second = cache.features(model, data, [1, 2])
     assert (cache.hits, cache.misses) == (1, 3)
+    # a cache hit returns the stored tensor: exact
     torch.testing.assert_close(first["patch_tokens"][1], second["patch_tokens"][0], rtol=0, atol=0)
     with pytest.raises(ValueError, match="No images to encode"):
         cache.features(model, data, [])
@@ -155,6 +158,7 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
     )
     assert set(row.per_image_seconds) == set(row.bare_forward_seconds) == {1, 2}
     for size in (1, 2):
+        # float64 ratios of the same measured numbers: a few ulp, inside approx's default rel 1e-6
         assert row.images_per_second[size] == pytest.approx(1 / row.per_image_seconds[size])
         assert row.bare_forward_multiple(size) == pytest.approx(
             row.per_image_seconds[size] / row.bare_forward_seconds[size]
@@ -409,6 +413,7 @@ def test_crop_and_squash_preprocess_a_non_square_image_as_pil_does_and_masks_fol
     cropped = model.image_processor(crop=True)(image, return_tensors="pt").pixel_values[0].numpy()
     np.testing.assert_allclose(cropped, by_hand, atol=1e-5)  # float32 normalisation vs float64
     squashed = model.image_processor()(image, return_tensors="pt").pixel_values[0].numpy()
+    # as above: float32 normalisation of values within [-2, 3] (ulp 2.4e-7) vs float64
     np.testing.assert_allclose(
         squashed, normalised(image.resize((240, 240), Image.Resampling.BICUBIC)), atol=1e-5
     )

@@ -47,11 +47,13 @@ SMALL_DATA = ["data.num_train=6", "data.num_test_good=2", "data.num_test_anomalo
 def test_focal_and_bce_losses_by_hand():
     scores, labels = torch.tensor([0.9, 0.2]), torch.tensor([1, 1])
     expected_focal = [-(0.1**2) * np.log(0.9), -(0.8**2) * np.log(0.2)]
+    # float32 log and powers vs numpy float64 rounded to float32: ~1 ulp, float32 defaults
     torch.testing.assert_close(focal_loss(scores, labels), torch.tensor(expected_focal, dtype=torch.float32))
     scores, labels = torch.tensor([0.9, 0.2]), torch.tensor([1, 0])
     bce = [-np.log(0.9), -np.log(0.8)]
     focal = [-(0.1**2) * np.log(0.9), -(0.2**2) * np.log(0.8)]
     total = anomaly_loss(scores, labels, "bce+focal")
+    # float32 logs of two scores vs numpy float64: a few ulp (6e-8 rel) each, rel 1e-6
     assert total.item() == pytest.approx(sum(bce) + sum(focal), rel=1e-6)
     assert anomaly_loss(scores, labels, "bce", reduction="mean").item() == pytest.approx(
         np.mean(bce), rel=1e-6
@@ -69,6 +71,7 @@ def test_official_focal_is_focal_with_logits_on_the_probabilities_averaged():
         bce = -(y * np.log(p) + (1 - y) * np.log(1 - p))
         expected.append((1 - np.exp(-bce)) ** 2 * bce)
     scores_t, labels_t = torch.tensor(scores, dtype=torch.float64), torch.tensor(labels)
+    # float64 defaults (rtol 1e-7): the same exp / log, in another order (~1e-16)
     torch.testing.assert_close(
         official_focal_loss(scores_t, labels_t), torch.tensor(expected, dtype=torch.float64)
     )
@@ -179,19 +182,21 @@ def test_meta_step_equals_eqs_10_to_12_by_hand():
     for task, expected in zip(tasks, inner):
         adapted = adapt(head, params, task, text, args)
         for name in params:
-            torch.testing.assert_close(adapted[name], expected[name], rtol=0, atol=1e-6)
+            # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
+            torch.testing.assert_close(adapted[name], expected[name], rtol=0, atol=1e-10)
     total, losses = meta_objective(head, params, tasks, text, args)
     for loss, expected in zip(losses, query_losses):
-        assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-10)
     head.zero_grad()
     total.backward()
     for name, parameter in head.named_parameters():
-        torch.testing.assert_close(parameter.grad, outer_gradient[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(parameter.grad, outer_gradient[name], rtol=0, atol=1e-10)
     # The second-order terms matter: the first-order variant gives another gradient.
     head.zero_grad()
     meta_objective(head, params, tasks, text, MetaCanTrainingArguments(inner_lr=0.05, first_order=True))[
         0
     ].backward()
+    # a difference, not rounding: allclose's defaults (rtol 1e-5) are far below the second-order terms
     assert not torch.allclose(head.differentiator[0].weight.grad, outer_gradient["differentiator.0.weight"])
 
 
@@ -209,6 +214,7 @@ def test_every_tasks_query_loss_reaches_the_outer_gradient():
 
     per_task = [gradient([task]) for task in tasks]
     total = gradient(tasks)
+    # float64: the same per-task gradients, summed by autograd vs here (reduction order ~1e-16)
     torch.testing.assert_close(total, sum(per_task), rtol=1e-10, atol=1e-12)
     for index, task_gradient in enumerate(per_task):
         assert task_gradient.norm() > 1e-3
@@ -237,6 +243,7 @@ def test_running_statistics_move_in_the_query_forwards_only():
     expected_mean = 0.9 * before["detector.2.running_mean"] + 0.1 * hidden.mean(0)
     expected_var = 0.9 * before["detector.2.running_var"] + 0.1 * hidden.var(0, unbiased=True)
     buffers = dict(head.named_buffers())
+    # float64 both sides: the same momentum update, mean and variance in another order (~1e-16)
     torch.testing.assert_close(buffers["detector.2.running_mean"], expected_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(buffers["detector.2.running_var"], expected_var, rtol=1e-12, atol=1e-12)
     # float64 on both sides. The whole objective: one update per task, from its query forward.
@@ -279,7 +286,8 @@ def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradi
     learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name].detach() - args.outer_lr * outer_gradient[name]
-        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
+        # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-10)
 
 
 def _held_out_auroc(model, held_out, seeds=(0, 1, 2)) -> float:
@@ -562,7 +570,8 @@ def test_gradient_accumulation_averages_meta_batches(tmp_path):
     learner.training_step(0)
     for name, parameter in model.head.named_parameters():
         expected = theta[name] - args.outer_lr * (gradients[0][name] + gradients[1][name]) / 2
-        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-6)
+        # float64 both sides, same ops in another order (second-order autograd): ~1e-14; 1e-10 bound
+        torch.testing.assert_close(parameter.detach(), expected, rtol=0, atol=1e-10)
 
 
 # `python -c RECORDING_HEAD_DTYPES script args...` runs the training script and writes the dtypes of the

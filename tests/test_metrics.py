@@ -32,6 +32,7 @@ def random_image_scores():
 
 def test_image_auroc_and_auprc_agree_with_sklearn(random_image_scores):
     labels, scores = random_image_scores
+    # float64 count ratios / trapezoids on both sides, summation order differs: ~n * eps64 = 5e-14
     assert image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
     assert image_auprc(labels, scores) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
 
@@ -40,6 +41,7 @@ def test_pixel_auroc_and_auprc_agree_with_sklearn():
     rng = np.random.default_rng(1)
     masks = rng.random((3, 8, 8)) > 0.8
     maps = masks + rng.normal(size=(3, 8, 8))
+    # as above, 192 pixels
     assert pixel_auroc(masks, maps) == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
     assert pixel_auprc(masks, maps) == pytest.approx(
         average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12
@@ -48,9 +50,10 @@ def test_pixel_auroc_and_auprc_agree_with_sklearn():
 
 def test_f1_max_by_hand():
     # Threshold 0.35 flags 0.35, 0.4 and 0.8: precision 2/3, recall 1, F1 0.8 (the best threshold).
-    assert image_f1_max([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8)
+    # float64 2 * P * R / (P + R) of small fractions: a few ulp; rel 1e-12
+    assert image_f1_max([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.8, rel=1e-12)
     masks = np.array([[[0, 0], [1, 1]]])
-    assert pixel_f1_max(masks, np.array([[[0.1, 0.4], [0.35, 0.8]]])) == pytest.approx(0.8)
+    assert pixel_f1_max(masks, np.array([[[0.1, 0.4], [0.35, 0.8]]])) == pytest.approx(0.8, rel=1e-12)
 
 
 # Two regions (8-connected): A = {(0,0), (0,1)}, B = {(1,3)}; five normal pixels.
@@ -61,6 +64,7 @@ HAND_MAP = np.array([[[0.9, 0.5, 0.8, 0.1], [0.2, 0.3, 0.4, 0.7]]])
 def test_aupro_by_hand():
     # Descending scores: 0.9 (A: PRO 1/4) | 0.8 (normal: FPR 1/5) | 0.7 (B: PRO 3/4) | 0.5 (A: PRO 1) | then
     # normals. Up to FPR 0.3: 0.25 * 0.2 + 1.0 * 0.1 = 0.15, normalised by 0.3 -> 0.5.
+    # float64 trapezoids of a few exact-ish fractions: a few ulp
     assert pixel_aupro(HAND_MASK, HAND_MAP) == pytest.approx(0.5, abs=1e-12)
     # Up to FPR 1: 0.25 * 0.2 + 1.0 * 0.8 = 0.85.
     assert pixel_aupro(HAND_MASK, HAND_MAP, fpr_limit=1.0) == pytest.approx(0.85, abs=1e-12)
@@ -103,8 +107,9 @@ def test_aupro_matches_the_straightforward_definition(seed):
     maps = masks * rng.random() + rng.random((3, 12, 12))
     maps = np.round(maps, 2)  # ties, to exercise their handling
     for limit in (0.05, 0.3, 1.0):
+        # float64 areas of <= 432 thresholds summed in another order: ~n * eps64 = 1e-13
         assert pixel_aupro(masks, maps, limit) == pytest.approx(
-            straightforward_aupro(masks, maps, limit), abs=1e-6
+            straightforward_aupro(masks, maps, limit), abs=1e-12
         )
 
 
@@ -135,6 +140,7 @@ def test_evaluate_modules_load_offline_and_agree(name):
         predictions = references + rng.random((2, 6, 6))
     module = evaluate.load(module_path(name))
     result = module.compute(references=references, predictions=predictions)
+    # the module calls the same function on the same arrays (through a list round trip): a few ulp
     assert result == {name: pytest.approx(METRICS[name](references, predictions), abs=1e-12)}
 
 

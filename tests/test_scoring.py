@@ -46,10 +46,11 @@ def test_harmonic_aggregation_by_hand():
     masks = scoring.window_masks((3, 3), 2)
     result = scoring.harmonic_aggregation(scores, masks)[0]
     # corner patches see one window; the centre sees all four; edge-middle patches see two
-    assert result[0].item() == pytest.approx(0.2)
-    assert result[8].item() == pytest.approx(1.0)
-    assert result[1].item() == pytest.approx(2 / (1 / 0.2 + 1 / 0.4))
-    assert result[4].item() == pytest.approx(4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0))
+    # float64, a handful of ops: rel 1e-12 leaves ~4000 ulp (2.2e-16) of room
+    assert result[0].item() == pytest.approx(0.2, rel=1e-12)
+    assert result[8].item() == pytest.approx(1.0, rel=1e-12)
+    assert result[1].item() == pytest.approx(2 / (1 / 0.2 + 1 / 0.4), rel=1e-12)
+    assert result[4].item() == pytest.approx(4 / (1 / 0.2 + 1 / 0.4 + 1 / 0.5 + 1 / 1.0), rel=1e-12)
 
 
 def test_harmonic_aggregation_matches_loop_over_positions():
@@ -59,6 +60,7 @@ def test_harmonic_aggregation_matches_loop_over_positions():
     expected = torch.stack(
         [torch.stack([1 / (1 / s[masks[:, p]]).mean() for p in range(225)]) for s in scores]
     )
+    # float64 defaults (rtol 1e-7): the same means, vectorised vs looped (reduction order of <= 9 terms)
     torch.testing.assert_close(scoring.harmonic_aggregation(scores, masks), expected)
 
 
@@ -67,7 +69,7 @@ def test_harmonic_aggregation_with_a_zero_score_is_exactly_zero():
     result = scoring.harmonic_aggregation(scores, scoring.window_masks((3, 3), 2))[0]
     assert not torch.isnan(result).any()
     assert result[0].item() == 0.0 and result[4].item() == 0.0  # covered by the zero window
-    assert result[8].item() == pytest.approx(1.0)  # not covered by it
+    assert result[8].item() == pytest.approx(1.0, rel=1e-12)  # not covered by it; float64, a few ops
 
 
 def test_class_scores_by_hand():
@@ -76,7 +78,8 @@ def test_class_scores_by_hand():
     scores = scoring.class_scores(embeddings, text, temperature=0.07)
     # cos to (normal, anomalous): (1, 0), (0, 1), (1/sqrt2, 1/sqrt2)
     sigmoid = 1 / (1 + math.exp(-1 / 0.07))
-    assert scores.tolist() == pytest.approx([1 - sigmoid, sigmoid, 0.5])
+    # float64; 1 - sigmoid (~6e-7) loses ~1e-16 / 6e-7 ~ 2e-10 relative to cancellation, hence rel 1e-9
+    assert scores.tolist() == pytest.approx([1 - sigmoid, sigmoid, 0.5], rel=1e-9)
 
 
 def test_reference_association_by_hand():
@@ -84,7 +87,10 @@ def test_reference_association_by_hand():
     reference = torch.tensor([[2.0, 0.0], [1.0, 1.0]], dtype=torch.float64)
     result = scoring.reference_association(query, reference)
     # nearest (largest) cosines: 1, 1/sqrt2, -1/sqrt2 (to [1, 1]) -> (1 - cos) / 2
-    assert result[0].tolist() == pytest.approx([0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2])
+    # float64 cosines and square roots, a few ops: rel 1e-12 (values >= 0.15, the zero is exact)
+    assert result[0].tolist() == pytest.approx(
+        [0.0, (1 - 1 / math.sqrt(2)) / 2, (1 + 1 / math.sqrt(2)) / 2], rel=1e-12, abs=0
+    )
 
 
 def _brute_force_nearest_cosine(query: torch.Tensor, memory: torch.Tensor, num_nearest: int) -> torch.Tensor:
@@ -119,15 +125,17 @@ def test_reference_association_rejects_empty_memory():
 def test_ensemble_text_embedding_variants():
     embeddings = torch.tensor([[3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
     normalised = scoring.ensemble_text_embedding(embeddings, normalize_each=True)
-    assert normalised.tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)])
+    # float64 norm and mean of two vectors: rel 1e-12 is ~4000 ulp
+    assert normalised.tolist() == pytest.approx([1 / math.sqrt(2), 1 / math.sqrt(2)], rel=1e-12)
     raw = scoring.ensemble_text_embedding(embeddings, normalize_each=False)
-    assert raw.tolist() == pytest.approx([1.5, 0.5])
+    assert raw.tolist() == pytest.approx([1.5, 0.5], rel=1e-12)
 
 
 def test_upsample_maps_bilinear():
     maps = torch.tensor([[[0.0, 1.0]]])
     result = scoring.upsample_maps(maps, (1, 4))[0, 0]
     # half-pixel centres: 0, 0.25, 0.75, 1
+    # float32 bilinear weights 0.25 / 0.75 are exact in binary; approx's default rel 1e-6 is ~16 ulp
     assert result.tolist() == pytest.approx([0.0, 0.25, 0.75, 1.0])
 
 
@@ -136,11 +144,15 @@ def test_upsample_maps_bilinear():
 
 def test_level_image_scores_take_each_maximum():
     maps = [torch.tensor([[0.1, 0.5], [0.3, 0.2]]), torch.tensor([[0.9, 0.0], [0.4, 0.6]])]
-    torch.testing.assert_close(scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]))
+    # a maximum picks an element: exact
+    torch.testing.assert_close(
+        scoring.level_image_scores(maps), torch.tensor([[0.5, 0.9], [0.3, 0.6]]), rtol=0, atol=0
+    )
 
 
 def test_l2_normalize_matches_f_normalize_and_is_twice_differentiable_at_zero():
     vectors = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    # float64 defaults (rtol 1e-7): both divide by the same norm, clamped differently at zero
     torch.testing.assert_close(scoring.l2_normalize(vectors), torch.nn.functional.normalize(vectors, dim=-1))
     (gradient,) = torch.autograd.grad(scoring.l2_normalize(vectors).sum(), vectors, create_graph=True)
     (second,) = torch.autograd.grad(gradient.pow(2).sum(), vectors)

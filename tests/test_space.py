@@ -54,6 +54,7 @@ def test_scores_through_the_api_match_the_model(client, saved_winclip_dir, tmp_p
             pixels(queries), reference_bank=model.build_reference_bank(pixels(references), class_name)
         )
     (result,) = results
+    # the app scores one query per forward, here a batch: float32 rounding ~1e-7 relative, 1e-5 bound
     assert result["score"] == pytest.approx(expected.image_scores.item(), rel=1e-5)
     assert result["verdict"] == ("fail" if result["score"] >= 0.5 else "pass")
     assert set(result["branch_scores"]) == set(expected.branch_scores)
@@ -64,6 +65,7 @@ def test_scores_through_the_api_match_the_model(client, saved_winclip_dir, tmp_p
     again = client.predict(
         saved_winclip_dir, [], class_name, [upload(p) for p in queries], 0.5, upload(bank), api_name="/detect"
     )
+    # the same bank tensors and query through the same float32 forward: ~1e-7 relative at most
     assert again[2][0]["score"] == pytest.approx(result["score"], rel=1e-6)
 
 
@@ -153,6 +155,7 @@ def test_defective_references_with_masks_reach_methods_that_use_them(client, sav
             pixels("normal"), "fabric", anomalous_pixel_values=pixels("defect"), anomalous_masks=mask
         )
         expected = model(pixels("query"), reference_bank=bank).image_scores.item()
+    # as above: the app's batch vs this one, float32 rounding ~1e-7 relative
     assert results[0]["score"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(gradio_client.exceptions.AppError, match="does not use anomalous references"):
         client.predict(

@@ -79,6 +79,7 @@ def test_eqs_2_5_squared_distance_to_the_nearest_prototype_of_any_location():
     torch.manual_seed(0)
     features, prototypes = torch.randn(3, 7, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
     brute = ((features[:, :, None] - prototypes[None, None]) ** 2).sum(-1).amin(-1)
+    # float64 defaults (rtol 1e-7): |f|^2 - 2 f.p + |p|^2 vs the squared difference (~1e-15)
     torch.testing.assert_close(functional_vtfusion.nearest_prototype_distance(features, prototypes), brute)
     with pytest.raises(ValueError, match="no prototypes"):
         functional_vtfusion.nearest_prototype_distance(features, prototypes[:0])
@@ -88,6 +89,7 @@ def test_eqs_3_4_compactness_and_separation_losses_by_hand():
     r, alpha = 0.1, 0.2
     distances = torch.tensor([[0.0, 0.005, 0.05, 0.2]])
     # NFC: mean of max(0, d - 0.01) = (0 + 0 + 0.04 + 0.19) / 4
+    # float32 constants (6e-8 rel) through a subtraction and a mean: ~3e-7, approx's default rel 1e-6
     assert compactness_loss(distances, r).item() == pytest.approx(0.23 / 4)
     # AFS on the anomalous locations only: (r + alpha)^2 = 0.09; max(0, 0.09 - d) at locations 1 and 3
     locations = torch.tensor([[False, True, False, True]])
@@ -109,11 +111,13 @@ def test_eq_6_text_map_sums_each_levels_anomalous_softmax():
 
     expected = [[anomalous(1, 0) + anomalous(0, 1), anomalous(0.6, 0.8) + anomalous(0.8, 0.6)]]
     actual = functional_vtfusion.text_guided_map([level_1, level_2], text, temperature=1 / scale)
+    # float32 exp / softmax vs Python float64 rounded to float32: a few ulp, float32 defaults
     torch.testing.assert_close(actual, torch.tensor(expected))
 
 
 def test_eqs_8_10_segmentation_and_total_loss():
     maps, masks = torch.tensor([[[0.5, 0.0], [1.0, 0.2]]]), torch.tensor([[[True, False], [True, False]]])
+    # float32 constants through squares and a mean: ~3e-7 relative, approx's default rel 1e-6 (and below)
     assert mse_segmentation_loss(maps, masks).item() == pytest.approx((0.25 + 0 + 0 + 0.04) / 4)
     normal, anomalous = torch.tensor([[0.5, 0.0]]), torch.tensor([[0.0, 0.3]])
     locations = torch.tensor([[True, True]])
@@ -161,6 +165,7 @@ def test_self_attention_by_hand_in_float64():
     q, k, v = project(attention.query), project(attention.key), project(attention.value)
     weights = torch.softmax(torch.einsum("bcn,bcm->bnm", q, k) / math.sqrt(3), dim=-1)
     expected = torch.einsum("bnm,bcm->bcn", weights, v).reshape(2, 3, 2, 3)
+    # float32 defaults: einsum here vs the module's 1x1 convolutions (reduction order of 3 terms)
     torch.testing.assert_close(attention(prediction), expected)
 
 
@@ -239,6 +244,7 @@ def test_eqs_7_9_fusion_block_and_segmentation_network_by_hand_in_float64(grid):
         for smooth, level in zip(segmentation.smoothing, top_down)
     ]
     expected = torch.sigmoid(_conv(torch.cat(smoothed, dim=1), segmentation.head))
+    # as above: float64 defaults
     torch.testing.assert_close(segmentation(inputs), expected)
     assert expected.shape == (2, 1, *grid) and 0 < expected.min() and expected.max() < 1
 
@@ -249,8 +255,10 @@ def test_unfitted_encoders_are_clip_features_and_the_adaptor_convolves_the_patch
     features = model.encode_images(torch.randn(2, 3, 240, 240))
     tokens = features["tokens.1"][:, 1:]
     clip_features = F.normalize(model.backbone.project(tokens), dim=-1)
+    # float32 defaults: the model projects (B, 225) tokens as one (B * 225) batch, another kernel blocking
     torch.testing.assert_close(model.level_features(features)[0], clip_features)
     text = torch.randn(2, model.config.clip_config.projection_dim)
+    # float32 defaults: the model's normalisation divides in another order than F.normalize (1 ulp seen)
     torch.testing.assert_close(model.text_features(text), F.normalize(text, dim=-1))
 
     adaptor = model.image_encoder.adaptors[0]
@@ -261,6 +269,7 @@ def test_unfitted_encoders_are_clip_features_and_the_adaptor_convolves_the_patch
     expected = F.normalize(
         F.conv2d(grid, adaptor.weight, adaptor.bias, padding=1).flatten(2).transpose(1, 2), dim=-1
     )
+    # float32 defaults: the model's convolution may pick another kernel (reduction order)
     torch.testing.assert_close(model.level_features(features)[0], expected)
 
 
@@ -277,19 +286,24 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     assert bank.class_name == "fabric" and bank.k == 2
     output = model(images, reference_bank=bank)
     assert output.anomaly_maps.shape == (2, 240, 240)
-    torch.testing.assert_close(output.image_scores, output.anomaly_maps.flatten(1).amax(-1))
+    # a maximum picks an element; below, the model's own ops on the same batch: bit-identical
+    torch.testing.assert_close(output.image_scores, output.anomaly_maps.flatten(1).amax(-1), rtol=0, atol=0)
     features = model.encode_images(images)
     levels = model.level_features(features)
-    vision = functional_vtfusion.nearest_prototype_distance(functional_vtfusion.stack_levels(levels), model.prototypes)
-    text = functional_vtfusion.text_guided_map(levels, model.text_features(bank.tensors["state_embeddings"]), 0.01)
-    torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1))
-    torch.testing.assert_close(output.branch_scores["text"], text.amax(-1))
+    vision = functional_vtfusion.nearest_prototype_distance(
+        functional_vtfusion.stack_levels(levels), model.prototypes
+    )
+    text = functional_vtfusion.text_guided_map(
+        levels, model.text_features(bank.tensors["state_embeddings"]), 0.01
+    )
+    torch.testing.assert_close(output.branch_scores["vision"], vision.amax(-1), rtol=0, atol=0)
+    torch.testing.assert_close(output.branch_scores["text"], text.amax(-1), rtol=0, atol=0)
     # Eqs. 7 and 9 through the model: M_f = Upsample(phi(M_v (+) M_t (+) M_vt)) to the input size
     grids = [vision.reshape(2, 1, 15, 15), text.reshape(2, 1, 15, 15)]
     fused = model.fusion(*grids)
     coarse = model.segmentation(torch.cat([*grids, fused], dim=1)).squeeze(1)
-    torch.testing.assert_close(output.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
-    torch.testing.assert_close(output.branch_scores["fused"], fused.flatten(1).amax(-1))
+    torch.testing.assert_close(output.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)), rtol=0, atol=0)
+    torch.testing.assert_close(output.branch_scores["fused"], fused.flatten(1).amax(-1), rtol=0, atol=0)
     # Eq. 1 through the model: fitting without updates sets the prototypes to the normals' mean features
     unfitted = make_tiny_vtfusion()
     normals = toy_normals(2)
@@ -298,6 +312,7 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
         unfitted.image_processor()(normals, return_tensors="pt").pixel_values
     )
     stacked = functional_vtfusion.stack_levels(unfitted.level_features(normal_features))
+    # float32 defaults: a mean over 2 images x 225 locations, summed in the model's order
     torch.testing.assert_close(unfitted.prototypes, stacked.mean(0))
 
 
@@ -308,7 +323,10 @@ def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
     bank = model.build_reference_bank()
     prediction = model.predict(features, bank.tensors["state_embeddings"], bank.tensors["prototypes"])
     coarse = (prediction.vision_map + prediction.text_map).reshape(1, 15, 15)
-    torch.testing.assert_close(prediction.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)))
+    # the model's own ops on the same features: bit-identical
+    torch.testing.assert_close(
+        prediction.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize("ablated", [False, True])
@@ -341,7 +359,7 @@ def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(
         assert locations.any()
         expected = expected + (distances[:2] - r**2).clamp_min(0).mean()
         expected = expected + ((r + alpha) ** 2 - distances[2:]).clamp_min(0)[locations].mean()
-    # float32 loss vs the float64 sums of the same float32 maps: relative rounding ~1e-7
+    # float32 means of 450 terms vs float64: typical sqrt(n) * eps32 ~ 1e-6 (worst n * eps32 ~ 3e-5)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -484,6 +502,7 @@ def test_benchmark_runner_fits_a_copy_per_cell(tmp_path):
         [image.convert("RGB") for image in data["test"]["image"]], return_tensors="pt"
     ).pixel_values
     expected = direct(test, reference_bank=direct.build_reference_bank())
+    # the runner encodes in batches of its own size: float32 reduction order through the model, 1e-5
     np.testing.assert_allclose(cell["image_scores"], expected.image_scores.numpy(), rtol=1e-5)
     with pytest.raises(ValueError, match="k = 0"):
         run_benchmark({"vtfusion": model}, [spec], ks=[0], seeds=[0], out_dir=tmp_path / "zero")

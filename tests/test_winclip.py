@@ -61,6 +61,7 @@ def test_zero_shot_scores_are_the_text_branch(tiny_winclip):
             [ensemble_text_embedding(tiny_winclip.backbone.encode_text(p)) for p in (normal, anomalous)]
         )
     assert torch.isfinite(output.anomaly_maps).all() and torch.isfinite(output.image_scores).all()
+    # float32 defaults: the model's text embeddings come from batches of another shape (reduction order)
     torch.testing.assert_close(output.image_scores, class_scores(image_embeddings, text, 0.07))
     assert set(output.branch_scores) == {"zero_shot"}
     assert (output.anomaly_maps >= 0).all() and (output.anomaly_maps <= 1).all()
@@ -72,7 +73,8 @@ def test_few_shot_fusion_halves_the_branches(tiny_winclip):
         bank = tiny_winclip.build_reference_bank(_pixels(tiny_winclip, dataset["train"]["image"]))
         output = tiny_winclip(_pixels(tiny_winclip, dataset["test"]["image"]), reference_bank=bank)
     expected = (output.branch_scores["zero_shot"] + output.branch_scores["few_shot"]) / 2
-    torch.testing.assert_close(output.image_scores, expected)
+    # halving is exact in binary, and the model adds the same two branch scores: bit-identical
+    torch.testing.assert_close(output.image_scores, expected, rtol=0, atol=0)
 
 
 def test_reference_image_scores_itself_as_normal(tiny_winclip):
@@ -82,6 +84,7 @@ def test_reference_image_scores_itself_as_normal(tiny_winclip):
     with torch.no_grad():
         bank = tiny_winclip.build_reference_bank(pixels)
         output = tiny_winclip(pixels, reference_bank=bank)
+    # float32 cosine of a token with itself is 1 within a few ulp: (1 - cos) / 2 < 1e-6
     assert output.branch_scores["few_shot"].item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -99,6 +102,7 @@ def test_prompt_averaging_variants_follow_their_formulas(make_winclip):
             normalised[state].double(), mean_of_units / mean_of_units.norm(), rtol=0, atol=1e-6
         )
         torch.testing.assert_close(raw[state].double(), embeddings.mean(dim=0), rtol=0, atol=1e-6)
+    # a difference, not rounding: allclose's defaults (rtol 1e-5) are far below a change of direction
     assert not torch.allclose(
         torch.nn.functional.normalize(raw, dim=-1), normalised
     )  # not the same direction
@@ -192,6 +196,7 @@ def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
     )
     assert from_features.k == from_pixels.k == 2
     for name, tensor in from_pixels.tensors.items():
+        # the same encoder on the same batch: bit-identical
         torch.testing.assert_close(from_features.tensors[name], tensor, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not both"):
         tiny_winclip.build_reference_bank(
@@ -242,6 +247,7 @@ def test_half_precision_autocast_stays_within_the_documented_tolerance(make_winc
         with model.autocast(precision):
             half = model(queries, reference_bank=bank)
     assert half.image_scores.dtype == getattr(torch, precision)  # autocast did take over
+    # the documented bounds: 16-bit floats keep 8-11 mantissa bits (~4e-3 relative) through 2 blocks
     assert (half.image_scores.float() - exact.image_scores).abs().max() <= 0.01
     assert (half.anomaly_maps.float() - exact.anomaly_maps).abs().max() <= 0.02
     with pytest.raises(ValueError, match="Unknown precision"):
@@ -260,6 +266,7 @@ def test_prompt_templates_choose_the_ensemble(make_winclip):
             for states in (NORMAL_STATES, ANOMALOUS_STATES)
         ]
     )
+    # the same prompts through the same text tower in one batch: bit-identical
     torch.testing.assert_close(model.text_embeddings("nut"), expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"exactly one '\{\}'"):
         make_winclip(prompt_templates=["a photo of a nut."])
