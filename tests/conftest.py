@@ -23,6 +23,22 @@ def make_tiny_winclip(seed: int = 0, **config) -> WinClipModel:
 
 
 @pytest.fixture
+def coreset_warnings():
+    """coreset_warnings(caught): the coreset warnings among those `pytest.warns` caught, without their
+    config hint. Other warnings (a ResourceWarning for an event loop a Space test left to the garbage
+    collector) are not the model's."""
+
+    def messages(caught) -> set[str]:
+        return {
+            str(warning.message).split(" (config")[0]
+            for warning in caught
+            if warning.category is UserWarning and "k-center coreset" in str(warning.message)
+        }
+
+    return messages
+
+
+@pytest.fixture
 def make_winclip():
     """Factory of tiny random WinCLIP models: make_winclip(seed=0, **config)."""
     return make_tiny_winclip

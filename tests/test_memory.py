@@ -46,7 +46,7 @@ def bank_of(model, references: torch.Tensor, anomalous: torch.Tensor):
 
 
 @pytest.mark.parametrize("model_type", sorted(WHOLE_MEMORIES))
-def test_every_memory_is_whole_by_default_and_thinned_only_on_request_with_a_warning(model_type):
+def test_every_memory_is_whole_by_default_and_thinned_only_on_request_with_a_warning(model_type, coreset_warnings):
     references, anomalous = torch.randn(2, 3, 240, 240), torch.randn(1, 3, 240, 240)
     exact_model, thinned_model = build(model_type), build(model_type, max_memory_items=LIMIT)
     with warnings.catch_warnings():
@@ -59,8 +59,7 @@ def test_every_memory_is_whole_by_default_and_thinned_only_on_request_with_a_war
 
     with pytest.warns(UserWarning) as caught:
         thinned = bank_of(thinned_model, references, anomalous)
-    thinning = [warning for warning in caught if warning.category is UserWarning]
-    assert {str(warning.message).split(" (config")[0] for warning in thinning} == {
+    assert coreset_warnings(caught) == {
         f"{model_type}: memory '{name}' holds {size} items; keeping a greedy k-center coreset of {LIMIT}"
         for name, size in WHOLE_MEMORIES[model_type].items()
         if size > LIMIT

@@ -204,7 +204,7 @@ def test_bank_from_features_equals_bank_from_pixels(tiny_winclip):
         )
 
 
-def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
+def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip, coreset_warnings):
     """max_memory_items caps each memory at a subset of the exact one, with a warning naming it and both
     sizes; a subset can only move nearest neighbours farther, so the few-shot map can only rise; with no
     limit (the default) the bank is exact."""
@@ -216,7 +216,7 @@ def test_memory_beyond_the_limit_becomes_a_coreset(make_winclip):
         exact = exact_model.build_reference_bank(references)
         with pytest.warns(UserWarning) as caught:
             capped = capped_model.build_reference_bank(references)
-        messages = {str(warning.message).split(" (config")[0] for warning in caught}
+        messages = coreset_warnings(caught)
         assert messages == {
             f"winclip: memory '{name}' holds {size} items; keeping a greedy k-center coreset of 100"
             for name, size in (
