@@ -161,3 +161,16 @@ def test_the_base_class_declares_the_contract():
             call()
     with pytest.raises(NotImplementedError, match="Bare is not fitted per category"):
         bare.fit([], class_name="grid")
+    assert Bare.validates_weights is False and Bare.saves_its_references is False
+    for call in (lambda: bare.validation_set([], []), lambda: bare.validate_weights(None, images(1, 0), [0])):
+        with pytest.raises(NotImplementedError, match="Bare has no weights to validate"):
+            call()
+
+
+def test_each_flag_matches_what_the_method_implements(model):
+    """A method that says it fits per category or validates weights implements that step; one that does not
+    inherits the base class's refusal (callers read the flags and never probe for methods)."""
+    cls = type(model)
+    assert model.fits_per_category == (cls.fit is not FsadPreTrainedModel.fit)
+    assert model.validates_weights == (cls.validate_weights is not FsadPreTrainedModel.validate_weights)
+    assert model.validates_weights == (cls.validation_set is not FsadPreTrainedModel.validation_set)

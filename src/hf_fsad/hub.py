@@ -36,7 +36,7 @@ CARD_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 def usage_snippet(model, repo: str) -> str:
     """Python that loads `repo` and scores `images` (PIL) with the references `normal_images`."""
     # a saved VTFusion holds its normal images' prototypes; every other method takes references
-    holds_references = getattr(model, "saves_its_references", False)
+    holds_references = model.saves_its_references
     bank_inputs = "" if holds_references else 'processor(normal_images, return_tensors="pt").pixel_values'
     return _USAGE.format(repo=repo, bank_inputs=bank_inputs)
 

@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPTokenizer, PreTrainedModel
@@ -157,6 +159,12 @@ class FsadPreTrainedModel(PreTrainedModel):
     # Whether `fit(normal_images, class_name)` must run on each category's normal images before scoring it
     # (the benchmark runner and `hf-fsad fit` fit such methods per cell / on demand).
     fits_per_category = False
+    # Whether `validate_weights` tunes the bank on labelled views from `validation_set` (the benchmark runner
+    # then gives it the protocol's held-out normal and anomalous images).
+    validates_weights = False
+    # Whether the saved model holds what it learnt from its references (VTFusion's prototypes), so its bank
+    # is built without references and takes none.
+    saves_its_references = False
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)
@@ -378,6 +386,23 @@ class FsadPreTrainedModel(PreTrainedModel):
             f"{type(self).__name__} is not fitted per category (fits_per_category is False): give its "
             "references to `build_reference_bank` instead."
         )
+
+    def validation_set(
+        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Preprocessed labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with
+        `validates_weights`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weights to validate (validates_weights is False).")
+
+    def validate_weights(
+        self,
+        reference_bank: ReferenceBank,
+        validation_pixel_values: torch.Tensor,
+        validation_labels: Sequence[int],
+    ) -> ReferenceBank:
+        """The bank with the method's weights chosen on labelled validation images (methods with
+        `validates_weights`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weights to validate (validates_weights is False).")
 
     def resolve_bank(self, reference_bank: ReferenceBank | None) -> ReferenceBank:
         """The bank to score with: `reference_bank` checked against this model (`check_bank`), or without one

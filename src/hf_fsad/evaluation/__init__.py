@@ -2,14 +2,14 @@
 
 from .profiling import ProfileRow, alternating_medians, matmul_flops, median_seconds, profile_models
 from .report import results_markdown
-from .runner import CLASS_NAMES, DatasetSpec, GeneratedReferences, Protocol, class_name_for, run_benchmark
+from .runner import CLASS_NAMES, DatasetSpec, Protocol, ReferenceGenerator, class_name_for, run_benchmark
 
 __all__ = [
     "CLASS_NAMES",
     "DatasetSpec",
-    "GeneratedReferences",
     "ProfileRow",
     "Protocol",
+    "ReferenceGenerator",
     "alternating_medians",
     "class_name_for",
     "matmul_flops",

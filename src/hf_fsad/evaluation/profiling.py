@@ -200,7 +200,7 @@ def _profile_model(
         fit_seconds = time.perf_counter() - started
         model.eval()
     # Methods that keep what they learnt from their references (VTFusion's prototypes) build banks without.
-    own_references = getattr(model, "saves_its_references", False)
+    own_references = model.saves_its_references
     reference_features = None if own_references else model.encode_images(references)
 
     def bank_from_features():

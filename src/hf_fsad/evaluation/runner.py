@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset
+from PIL import Image
 
 from ..data import ReferenceManifest, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
@@ -92,7 +94,7 @@ class Protocol:
     anomalous_shots: numbers of anomalous references to run (0 = normal references only); they are drawn
     from the test split's anomalous images and every cell of a seed leaves out the same
     max(anomalous_shots) images, so methods compare on one test set. num_validation: normal train images
-    kept for weight validation (methods with `validate_weights`). max_test: cap on scored test images
+    kept for weight validation (methods with `validates_weights`). max_test: cap on scored test images
     (seeded subset; the anomalous-memory paper scores up to 100 per class).
     """
 
@@ -185,7 +187,7 @@ def run_benchmark(
     num_heatmaps: int = 4,
     protocol: Protocol | None = None,
     fit_arguments: dict | None = None,
-    generated_references: GeneratedReferences | None = None,
+    generated_references: ReferenceGenerator | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
@@ -194,7 +196,8 @@ def run_benchmark(
     references (`needs_anomalous_references`) run the protocol's anomalous shots > 0, the others 0. Methods
     fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
     references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
-    adds generated anomaly-free images to every other method's k references (One-to-Normal, Sec. 4.3).
+    (e.g. One-to-Normal's `GeneratedReferences`) adds generated anomaly-free images to every other method's
+    k references.
     A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
     on; a rerun tries it again.
     """
@@ -272,32 +275,27 @@ def run_benchmark(
     return results
 
 
-@dataclass
-class GeneratedReferences:
-    """One-to-Normal's reference augmentation (paper Sec. 4.3) for other methods: per cell, a copy of
-    `generator` (a `OneToNormalModel`) is fitted on the cell's k normal references and generates `count`
-    anomaly-free images, which join the references in the method's bank. Run such methods under their own
-    labels. The generator's own pool is not used (pool_size=1 skips generating it)."""
+class ReferenceGenerator(typing.Protocol):
+    """Makes extra anomaly-free references from a cell's k normal images, e.g. One-to-Normal's
+    `GeneratedReferences` (paper Sec. 4.3); the runner adds them to every other method's references."""
 
-    generator: FsadPreTrainedModel
     count: int
-    fit_arguments: dict = field(default_factory=dict)
 
-    def features(
-        self, model: FsadPreTrainedModel, normals: Sequence, class_name: str, seed: int, batch_size: int
-    ) -> dict[str, torch.Tensor]:
-        """`model`'s features of `count` images generated from `normals`."""
-        generator = copy.deepcopy(self.generator)
-        generator.fit(normals, class_name=class_name, **({"seed": seed} | self.fit_arguments))
-        images = generator.generate_normals(normals, self.count)
-        processor = model.paper_image_processor()
-        parts = [
-            model.encode_images(
-                processor(images[start : start + batch_size], return_tensors="pt").pixel_values
-            )
-            for start in range(0, len(images), batch_size)
-        ]
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+    def generate(self, normal_images: Sequence[Image.Image], class_name: str, seed: int) -> list[Image.Image]:
+        """`count` anomaly-free images made from `normal_images`, seeded."""
+        ...
+
+
+def _generated_features(
+    model: FsadPreTrainedModel, images: Sequence[Image.Image], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """`model`'s features of generated images, preprocessed as its paper's evaluation."""
+    processor = model.paper_image_processor()
+    parts = [
+        model.encode_images(processor(images[start : start + batch_size], return_tensors="pt").pixel_values)
+        for start in range(0, len(images), batch_size)
+    ]
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 @dataclass
@@ -328,7 +326,7 @@ def _run_cell(
     protocol: Protocol,
     batch_size: int,
     fit_arguments: dict,
-    generated_references: GeneratedReferences | None = None,
+    generated_references: ReferenceGenerator | None = None,
 ) -> _CellRun:
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
@@ -353,8 +351,9 @@ def _run_cell(
         features = cache.features(model, split.train, rows, batch_size, "references")
         if generated_references is not None:
             normals = split.train.select(rows)["image"]
-            extra = generated_references.features(model, normals, class_name, seed, batch_size)
-            generated = generated_references.count
+            images = generated_references.generate(normals, class_name, seed)
+            extra = _generated_features(model, images, batch_size)
+            generated = len(images)
             features = {
                 name: torch.cat([tensor, extra[name].to(tensor.device)]) for name, tensor in features.items()
             }
@@ -368,7 +367,7 @@ def _run_cell(
         )
         bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
     bank = model.build_reference_bank(**bank_inputs)
-    if anomalous_ids and manifest.validation_ids and hasattr(model, "validate_weights"):
+    if anomalous_ids and manifest.validation_ids and model.validates_weights:
         normals = select_ids(split.train, manifest.validation_ids)["image"]
         views, view_labels = model.validation_set(normals, anomalous_references["image"])
         bank = model.validate_weights(bank, views, view_labels)

@@ -40,6 +40,7 @@ class AnomalousMemoryModel(WinClipModel):
     config_class = AnomalousMemoryConfig
     memory_prefixes = ("reference.", "anomalous.")
     needs_anomalous_references = True
+    validates_weights = True
 
     def level_names(self) -> list[str]:
         return ["patch", *(f"window{scale}" for scale in self.config.window_scales)]
