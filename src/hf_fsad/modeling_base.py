@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import ModelOutput, cached_file
 
 from .backbones.clip import ClipBackbone
+from .calibration import Calibration, fit_calibration
 from .configuration_base import FsadConfig
 from .scoring import greedy_coreset, upsample_maps
 
@@ -47,11 +50,17 @@ class AnomalyDetectionOutput(ModelOutput):
     image_scores: (B,) higher = more anomalous.
     anomaly_maps: (B, H, W) at input resolution, or None for image-level-only methods.
     branch_scores: name -> (B,) per-branch image scores, to explain which cue fired.
+    With a calibrated bank (`model.calibrate`), also: normalized_scores (B,) in (0, 1), 0.5 at the
+    threshold; labels (B,) 1 = anomalous; anomaly_masks (B, H, W) True where the map is above the pixel
+    threshold. Without one they stay None.
     """
 
     image_scores: torch.Tensor | None = None
     anomaly_maps: torch.Tensor | None = None
     branch_scores: dict[str, torch.Tensor] | None = None
+    normalized_scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    anomaly_masks: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,6 +68,7 @@ class ReferenceBank:
     """A method's k-shot "prompt": reference features and text embeddings, saved as safetensors.
 
     Build one with `model.build_reference_bank(...)`; it only fits the model type and config that built it.
+    `model.calibrate(bank, ...)` adds a `calibration` (thresholds and score normalisation), saved with it.
     """
 
     model_type: str
@@ -66,6 +76,7 @@ class ReferenceBank:
     class_name: str
     k: int
     tensors: dict[str, torch.Tensor]
+    calibration: Calibration | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank to one `.safetensors` file (atomically)."""
@@ -78,6 +89,8 @@ class ReferenceBank:
             "class_name": self.class_name,
             "k": str(self.k),
         }
+        if self.calibration is not None:
+            metadata["calibration"] = self.calibration.to_json()
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
         temporary = path.with_name(path.name + ".tmp")
         save_file(tensors, temporary, metadata=metadata)
@@ -97,17 +110,36 @@ class ReferenceBank:
             ) from None
         if metadata.get("format") != "hf_fsad.reference_bank":
             raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
+        calibration = None
+        if "calibration" in metadata:
+            try:
+                calibration = Calibration.from_json(metadata["calibration"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"Reference bank {path}: {error}") from None
         return cls(
             model_type=metadata["model_type"],
             config_hash=metadata["config_hash"],
             class_name=metadata["class_name"],
             k=int(metadata["k"]),
             tensors=load_file(str(path)),
+            calibration=calibration,
         )
 
     def to(self, device: torch.device | str) -> ReferenceBank:
         tensors = {name: tensor.to(device) for name, tensor in self.tensors.items()}
-        return ReferenceBank(self.model_type, self.config_hash, self.class_name, self.k, tensors)
+        return dataclasses.replace(self, tensors=tensors)
+
+
+def apply_calibration(output: AnomalyDetectionOutput, calibration: Calibration) -> AnomalyDetectionOutput:
+    """`output` with the calibrated decisions: normalised scores, labels and (with a pixel threshold) masks."""
+    return AnomalyDetectionOutput(
+        image_scores=output.image_scores,
+        anomaly_maps=output.anomaly_maps,
+        branch_scores=output.branch_scores,
+        normalized_scores=calibration.normalize(output.image_scores),
+        labels=calibration.labels(output.image_scores),
+        anomaly_masks=calibration.masks(output.anomaly_maps),
+    )
 
 
 def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str = "pixel_values") -> None:
@@ -359,6 +391,8 @@ class FsadPreTrainedModel(PreTrainedModel):
         output) and `build_reference_bank`; keeping encoding apart lets features be cached and reused.
         """
         output = self.score_features(self.encode_images(pixel_values), reference_bank)
+        if reference_bank is not None and reference_bank.calibration is not None:
+            output = apply_calibration(output, reference_bank.calibration)
         return output if return_dict else output.to_tuple()
 
     def encode_images(
@@ -392,7 +426,9 @@ class FsadPreTrainedModel(PreTrainedModel):
     ) -> tuple[torch.Tensor, list[int]]:
         """Preprocessed labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with
         `validates_weights`)."""
-        raise NotImplementedError(f"{type(self).__name__} has no weights to validate (validates_weights is False).")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no weights to validate (validates_weights is False)."
+        )
 
     def validate_weights(
         self,
@@ -402,7 +438,120 @@ class FsadPreTrainedModel(PreTrainedModel):
     ) -> ReferenceBank:
         """The bank with the method's weights chosen on labelled validation images (methods with
         `validates_weights`)."""
-        raise NotImplementedError(f"{type(self).__name__} has no weights to validate (validates_weights is False).")
+        raise NotImplementedError(
+            f"{type(self).__name__} has no weights to validate (validates_weights is False)."
+        )
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        reference_bank: ReferenceBank,
+        reference_pixel_values: torch.Tensor | None = None,
+        *,
+        reference_features: dict[str, torch.Tensor] | None = None,
+        normal_pixel_values: torch.Tensor | None = None,
+        anomalous_pixel_values: torch.Tensor | None = None,
+        anomalous_masks: torch.Tensor | None = None,
+        false_alarm_rate: float = 0.05,
+        bank_inputs: dict | None = None,
+        batch_size: int = 8,
+    ) -> ReferenceBank:
+        """The bank with a `Calibration`: thresholds and score normalisation (`hf_fsad.calibration`).
+
+        Normal scores come from held-out `normal_pixel_values` scored against the bank when given, else
+        leave-one-out on the bank's own references (`reference_pixel_values` or their `encode_images`
+        features): each is scored against a bank built from the others (at least 2; not for methods that
+        `saves_its_references`). `bank_inputs` are the other arguments the bank was built with (anomalous
+        memory: its anomalous references, or {} when it had none). With only normals the image threshold is
+        the conformal one for `false_alarm_rate`; with `anomalous_pixel_values` too, the best-F1 one. The
+        pixel threshold is the best pixel F1 with `anomalous_masks` ((A, H, W) at the input size, non-zero =
+        defect), else the conformal threshold of the normal maps' maxima. Leave-one-out banks hold k - 1
+        references, so for nearest-neighbour methods their normal scores run higher than with k: the
+        threshold errs towards fewer false alarms.
+        """
+        bank = self.check_bank(reference_bank)
+        if normal_pixel_values is not None:
+            normal, source = (
+                self._score_in_batches(normal_pixel_values, bank, batch_size, "normal_pixel_values"),
+                "held_out",
+            )
+        else:
+            features = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
+            if features is None:
+                raise ValueError(
+                    "Calibration needs normal images: the bank's references (reference_pixel_values, scored "
+                    "leave-one-out) or held-out normal_pixel_values."
+                )
+            normal, source = self._leave_one_out(bank, features, bank_inputs), "leave_one_out"
+        anomalous = None
+        if anomalous_pixel_values is not None:
+            anomalous = self._score_in_batches(
+                anomalous_pixel_values, bank, batch_size, "anomalous_pixel_values"
+            )
+        elif anomalous_masks is not None:
+            raise ValueError("anomalous_masks were given without anomalous_pixel_values.")
+        calibration = fit_calibration(
+            normal.image_scores,
+            normal.anomaly_maps,
+            None if anomalous is None else anomalous.image_scores,
+            None if anomalous is None else anomalous.anomaly_maps,
+            anomalous_masks,
+            normal_source=source,
+            false_alarm_rate=false_alarm_rate,
+        )
+        if calibration.false_alarm_bound is not None and calibration.false_alarm_bound > false_alarm_rate:
+            warnings.warn(
+                f"{calibration.num_normal} normal scores cannot guarantee a false-alarm rate of "
+                f"{false_alarm_rate:.1%}: the threshold (their maximum) guarantees "
+                f"{calibration.false_alarm_bound:.1%}. Give at least {math.ceil(1 / false_alarm_rate) - 1} "
+                "normal images for the rate asked.",
+                stacklevel=3,  # the caller of calibrate, past torch.no_grad's wrapper
+            )
+        return dataclasses.replace(reference_bank, calibration=calibration)
+
+    def _score_in_batches(
+        self, pixel_values: torch.Tensor, bank: ReferenceBank, batch_size: int, name: str
+    ) -> AnomalyDetectionOutput:
+        outputs = [
+            self.score_features(self.encode_images(pixel_values[start : start + batch_size], name), bank)
+            for start in range(0, max(len(pixel_values), 1), batch_size)
+        ]
+        return _concatenated(outputs)
+
+    def _leave_one_out(
+        self, bank: ReferenceBank, features: dict[str, torch.Tensor], bank_inputs: dict | None
+    ) -> AnomalyDetectionOutput:
+        """Each reference scored against a bank built from the others; tensors the rebuilt bank lacks (weights
+        chosen on validation images) are kept from `bank`."""
+        if self.saves_its_references:
+            raise ValueError(
+                f"{type(self).__name__} keeps what it learnt from its references in its weights: leave-one-out "
+                "would refit it once per reference. Give held-out normal images (normal_pixel_values)."
+            )
+        if self.needs_anomalous_references and bank_inputs is None:
+            raise ValueError(
+                f"{type(self).__name__} builds its bank with anomalous references too: pass the arguments the "
+                "bank was built with (anomalous_pixel_values or anomalous_features, anomalous_masks) in "
+                "bank_inputs ({} if it had none), or give held-out normal_pixel_values."
+            )
+        k = next(iter(features.values())).shape[0]
+        if k < 2:
+            raise ValueError(
+                "Leave-one-out calibration needs at least 2 references (with 1 the others are none): give more "
+                "references or held-out normal images (normal_pixel_values)."
+            )
+        outputs, bank_inputs = [], bank_inputs or {}
+        for index in range(k):
+            others = {
+                name: torch.cat([tensor[:index], tensor[index + 1 :]]) for name, tensor in features.items()
+            }
+            rebuilt = self.build_reference_bank(
+                class_name=bank.class_name, reference_features=others, **bank_inputs
+            )
+            left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=bank.tensors | rebuilt.tensors)
+            left_out = {name: tensor[index : index + 1] for name, tensor in features.items()}
+            outputs.append(self.score_features(left_out, left_out_bank))
+        return _concatenated(outputs)
 
     def resolve_bank(self, reference_bank: ReferenceBank | None) -> ReferenceBank:
         """The bank to score with: `reference_bank` checked against this model (`check_bank`), or without one
@@ -484,3 +633,12 @@ class FsadPreTrainedModel(PreTrainedModel):
                 f"(bank hash {bank.config_hash}, model hash {expected}). Rebuild it with this model."
             )
         return bank.to(self.device)
+
+
+def _concatenated(outputs: list[AnomalyDetectionOutput]) -> AnomalyDetectionOutput:
+    """Image scores and maps of several outputs, on the CPU."""
+    maps = [output.anomaly_maps for output in outputs]
+    return AnomalyDetectionOutput(
+        image_scores=torch.cat([output.image_scores.float().cpu() for output in outputs]),
+        anomaly_maps=None if maps[0] is None else torch.cat([part.float().cpu() for part in maps]),
+    )
