@@ -16,7 +16,7 @@ PACKAGE = "hf_fsad"
 # the longest matching prefix decides.
 LAYERS = {
     # 0: foundations with no model in them: file I/O, configs' base, prompt text, metrics, datasets,
-    # synthetic anomalies, augmentation, drawing, process groups.
+    # synthetic anomalies, augmentation, drawing, process groups, calibrated thresholds.
     "hf_fsad.io": 0,
     "hf_fsad.configuration_base": 0,
     "hf_fsad.prompts": 0,
@@ -26,6 +26,7 @@ LAYERS = {
     "hf_fsad.augmentation": 0,
     "hf_fsad.visualization": 0,
     "hf_fsad.distributed": 0,
+    "hf_fsad.calibration": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
     # feature cache, the model and bank base classes, the tiny test builders.
     "hf_fsad.backbones": 1,
