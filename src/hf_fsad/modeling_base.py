@@ -194,6 +194,8 @@ class FsadPreTrainedModel(PreTrainedModel):
     # Whether `validate_weights` tunes the bank on labelled views from `validation_set` (the benchmark runner
     # then gives it the protocol's held-out normal and anomalous images).
     validates_weights = False
+    # The bank tensors `validate_weights` sets; leave-one-out calibration keeps them from the validated bank.
+    validated_tensors: tuple[str, ...] = ()
     # Whether the saved model holds what it learnt from its references (VTFusion's prototypes), so its bank
     # is built without references and takes none.
     saves_its_references = False
@@ -521,8 +523,7 @@ class FsadPreTrainedModel(PreTrainedModel):
     def _leave_one_out(
         self, bank: ReferenceBank, features: dict[str, torch.Tensor], bank_inputs: dict | None
     ) -> AnomalyDetectionOutput:
-        """Each reference scored against a bank built from the others; tensors the rebuilt bank lacks (weights
-        chosen on validation images) are kept from `bank`."""
+        """Each reference scored against a bank built from the others, with `bank`'s `validated_tensors`."""
         if self.saves_its_references:
             raise ValueError(
                 f"{type(self).__name__} keeps what it learnt from its references in its weights: leave-one-out "
@@ -548,7 +549,8 @@ class FsadPreTrainedModel(PreTrainedModel):
             rebuilt = self.build_reference_bank(
                 class_name=bank.class_name, reference_features=others, **bank_inputs
             )
-            left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=bank.tensors | rebuilt.tensors)
+            validated = {name: bank.tensors[name] for name in self.validated_tensors if name in bank.tensors}
+            left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=rebuilt.tensors | validated)
             left_out = {name: tensor[index : index + 1] for name, tensor in features.items()}
             outputs.append(self.score_features(left_out, left_out_bank))
         return _concatenated(outputs)

@@ -41,6 +41,7 @@ class AnomalousMemoryModel(WinClipModel):
     memory_prefixes = ("reference.", "anomalous.")
     needs_anomalous_references = True
     validates_weights = True
+    validated_tensors = ("score_weights", "validation_auroc")
 
     def level_names(self) -> list[str]:
         return ["patch", *(f"window{scale}" for scale in self.config.window_scales)]

@@ -1,0 +1,289 @@
+"""Calibrated decisions: the estimators on hand-worked numbers, the bank round trip, and `model.calibrate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hf_fsad.calibration import (
+    MEDIAN_NORMAL_LEVEL,
+    Calibration,
+    best_f1_threshold,
+    conformal_threshold,
+    logistic_scale,
+)
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+# Scores of one image computed in another batch may differ in the last float32 bits (the GEMM blocking
+# follows the batch size); scores here are O(1), so 1e-6 is a few ulps.
+BATCH_ORDER_TOLERANCE = 1e-6
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    return torch.randn(count, 3, 240, 240, generator=torch.Generator().manual_seed(seed))
+
+
+def calibration(**changes) -> Calibration:
+    fields = {
+        "image_threshold": 1.0,
+        "image_scale": 0.5,
+        "rule": "false_alarm_rate",
+        "normal_source": "held_out",
+        "num_normal": 19,
+        "num_anomalous": 0,
+        "target_false_alarm_rate": 0.05,
+        "false_alarm_bound": 0.05,
+        "calibration_false_alarm_rate": 0.0,
+    }
+    return Calibration(**(fields | changes))
+
+
+@pytest.mark.parametrize(
+    ("n", "alpha", "rank", "bound"),
+    [
+        (19, 0.05, 19, 1 / 20),  # ceil(20 * 0.95) = 19 exactly: no float rounding up to 20
+        (99, 0.05, 95, 5 / 100),  # ceil(100 * 0.95) = 95
+        (9, 0.25, 8, 2 / 10),  # ceil(10 * 0.75) = 8
+        (3, 0.05, 3, 1 / 4),  # ceil(4 * 0.95) = 4 > 3: capped at the maximum, guarantee 1/(n+1)
+    ],
+)
+def test_conformal_threshold_is_the_order_statistic_with_its_guarantee(n, alpha, rank, bound):
+    scores = np.random.default_rng(n).permutation(np.arange(1.0, n + 1))  # the j-th smallest is j
+    threshold, guaranteed = conformal_threshold(scores, alpha)
+    assert threshold == rank
+    assert guaranteed == pytest.approx(bound, abs=1e-15)  # one float division
+
+
+def test_conformal_threshold_refuses_bad_input():
+    with pytest.raises(ValueError, match=r"false_alarm_rate must lie in \(0, 1\)"):
+        conformal_threshold([1.0, 2.0], 0.0)
+    with pytest.raises(ValueError, match="No normal calibration scores"):
+        conformal_threshold([], 0.1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        conformal_threshold([1.0, float("nan")], 0.1)
+
+
+def test_best_f1_threshold_on_a_hand_worked_example():
+    # descending: 0.9(a) 0.7(n) 0.6(a) 0.6(a) 0.2(n). Cuts after 0.9: F1 = 2*1/(1+3) = 0.5; after 0.7:
+    # 2*1/(2+3) = 0.4; after the two 0.6: 2*3/(4+3) = 6/7; the cut lies halfway between 0.6 and 0.2.
+    threshold, f1 = best_f1_threshold([1, 0, 1, 1, 0], [0.9, 0.7, 0.6, 0.6, 0.2])
+    assert threshold == pytest.approx(0.4, abs=1e-15)  # (0.6 + 0.2) / 2 in float64
+    assert f1 == pytest.approx(6 / 7, abs=1e-15)
+
+
+def test_best_f1_threshold_prefers_fewer_alarms_among_equal_f1():
+    # descending 0.9(a) 0.8(n) 0.7(n) 0.6(a) 0.5(n), 2 anomalies. Cuts: after 0.9: 2*1/(1+2) = 2/3; after 0.8:
+    # 2/4; after 0.7: 2/5; after 0.6: 2*2/(4+2) = 2/3 again. The tie goes to the higher cut, (0.9 + 0.8) / 2.
+    threshold, f1 = best_f1_threshold([1, 0, 0, 1, 0], [0.9, 0.8, 0.7, 0.6, 0.5])
+    assert threshold == pytest.approx(0.85, abs=1e-15)
+    assert f1 == pytest.approx(2 / 3, abs=1e-15)
+
+
+def test_best_f1_threshold_needs_both_classes_and_two_distinct_scores():
+    with pytest.raises(ValueError, match="both normal and anomalous"):
+        best_f1_threshold([0, 0], [0.1, 0.2])
+    with pytest.raises(ValueError, match="All calibration scores are equal"):
+        best_f1_threshold([0, 1], [0.5, 0.5])
+
+
+def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_tenth():
+    normal = np.array([0.1, 0.2, 0.3, 0.4, 1.0])
+    scale = logistic_scale(1.0, normal)
+    assert scale == pytest.approx((1.0 - 0.3) / math.log(9), rel=1e-15)
+    rule = calibration(image_threshold=1.0, image_scale=scale)
+    normalized = rule.normalize(torch.tensor([1.0, 0.3], dtype=torch.float64))
+    # computed in float64, returned as float32: 6e-8 is float32's half ulp at 1
+    torch.testing.assert_close(normalized, torch.tensor([0.5, MEDIAN_NORMAL_LEVEL]), rtol=0, atol=6e-8)
+    raw = torch.linspace(-3, 5, 2001, dtype=torch.float64)
+    values = rule.normalize(raw)
+    assert torch.all(values[1:] >= values[:-1]) and values.min() > 0 and values.max() < 1
+    assert torch.equal(rule.labels(raw), (raw > 1.0).long())
+
+
+def test_logistic_scale_falls_back_when_the_median_is_not_below_the_threshold():
+    assert logistic_scale(0.2, np.array([0.2, 0.2, 0.4])) == pytest.approx(np.std([0.2, 0.2, 0.4]))
+    assert logistic_scale(0.2, np.array([0.2, 0.2])) == 1.0
+
+
+def test_calibration_json_round_trip_and_validation():
+    rule = calibration(pixel_threshold=0.3, pixel_scale=0.1, pixel_rule="best_f1")
+    assert Calibration.from_json(rule.to_json()) == rule
+    fields = json.loads(rule.to_json())
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\]"):
+        Calibration.from_json(json.dumps(fields | {"colour": "red"}))
+    with pytest.raises(ValueError, match=r"missing fields \['image_threshold'\]"):
+        Calibration.from_json(json.dumps({k: v for k, v in fields.items() if k != "image_threshold"}))
+    with pytest.raises(ValueError, match="not JSON"):
+        Calibration.from_json("{")
+    with pytest.raises(TypeError, match="not a JSON object"):
+        Calibration.from_json("[1]")
+    for change, message in [
+        ({"image_threshold": float("nan")}, "image_threshold must be a finite number"),
+        ({"image_scale": -1.0}, "image_scale must be positive"),
+        ({"rule": "gut_feeling"}, "rule must be one of"),
+        ({"normal_source": "internet"}, "normal_source must be one of"),
+        ({"num_normal": -2}, "num_normal must be a non-negative integer"),
+        ({"pixel_threshold": 0.3}, "pixel_threshold, pixel_scale and pixel_rule must be given together"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            calibration(**change)
+
+
+def test_the_calibration_travels_in_the_bank_file_and_a_broken_one_is_named(tiny_winclip, tmp_path):
+    references = images(3, 0)
+    bank = tiny_winclip.calibrate(tiny_winclip.build_reference_bank(references), references)
+    path = tmp_path / "bank.safetensors"
+    bank.save(path)
+    loaded = ReferenceBank.load(path)
+    assert loaded.calibration == bank.calibration
+    assert ReferenceBank.load(path).to("cpu").calibration == bank.calibration
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    broken = tmp_path / "broken.safetensors"
+    save_file(bank.tensors, broken, metadata=metadata | {"calibration": '{"image_threshold": 1}'})
+    with pytest.raises(ValueError, match=rf"Reference bank {broken}: Invalid calibration: missing fields"):
+        ReferenceBank.load(broken)
+
+
+def test_a_bank_without_calibration_scores_exactly_as_before(tiny_winclip):
+    references, queries = images(3, 0), images(2, 1)
+    bank = tiny_winclip.build_reference_bank(references)
+    assert bank.calibration is None
+    output = tiny_winclip(queries, reference_bank=bank)
+    assert output.normalized_scores is None and output.labels is None and output.anomaly_masks is None
+    assert set(output.keys()) == {"image_scores", "anomaly_maps", "branch_scores"}
+    calibrated = tiny_winclip(queries, reference_bank=tiny_winclip.calibrate(bank, references))
+    # the calibration adds decisions and changes no score: same model, same batch
+    assert torch.equal(calibrated.image_scores, output.image_scores)
+    assert torch.equal(calibrated.anomaly_maps, output.anomaly_maps)
+
+
+def test_leave_one_out_scores_each_reference_against_the_others(tiny_winclip):
+    references, queries = images(4, 0), images(3, 1)
+    bank = tiny_winclip.build_reference_bank(references, class_name="tile")
+    with pytest.warns(UserWarning, match="4 normal scores cannot guarantee a false-alarm rate of 5.0%"):
+        calibrated = tiny_winclip.calibrate(bank, references)
+    left_out = []
+    for index in range(4):
+        others = torch.cat([references[:index], references[index + 1 :]])
+        own_bank = tiny_winclip.build_reference_bank(others, class_name="tile")
+        left_out.append(tiny_winclip(references[index : index + 1], reference_bank=own_bank))
+    scores = torch.cat([output.image_scores for output in left_out]).double()
+    maxima = torch.cat([output.anomaly_maps.flatten(1).amax(1) for output in left_out]).double()
+    rule = calibrated.calibration
+    assert (rule.rule, rule.normal_source, rule.num_normal, rule.num_anomalous) == (
+        "false_alarm_rate",
+        "leave_one_out",
+        4,
+        0,
+    )
+    # 4 scores, alpha 0.05: the largest, guaranteeing 1/5
+    assert rule.image_threshold == pytest.approx(float(scores.max()), abs=BATCH_ORDER_TOLERANCE)
+    assert rule.false_alarm_bound == pytest.approx(0.2, abs=1e-15)
+    assert rule.pixel_threshold == pytest.approx(float(maxima.max()), abs=BATCH_ORDER_TOLERANCE)
+    assert rule.calibration_false_alarm_rate == 0.0
+
+    output = tiny_winclip(queries, reference_bank=calibrated)
+    assert torch.equal(output.labels, (output.image_scores.double() > rule.image_threshold).long())
+    expected = torch.sigmoid((output.image_scores.double() - rule.image_threshold) / rule.image_scale)
+    # float64 logistic rounded to float32
+    torch.testing.assert_close(output.normalized_scores, expected.float(), rtol=0, atol=6e-8)
+    assert torch.equal(output.anomaly_masks, output.anomaly_maps.double() > rule.pixel_threshold)
+
+
+def test_held_out_normals_and_anomalies_give_a_best_f1_threshold(tiny_winclip):
+    references, normals, anomalous = images(2, 0), images(3, 1), images(2, 2) * 3
+    masks = torch.zeros(2, 240, 240)
+    masks[:, 32:96, 32:96] = 1
+    bank = tiny_winclip.build_reference_bank(references)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # best F1 has no false-alarm target to miss
+        rule = tiny_winclip.calibrate(
+            bank, normal_pixel_values=normals, anomalous_pixel_values=anomalous, anomalous_masks=masks
+        ).calibration
+    normal_output = tiny_winclip(normals, reference_bank=bank)
+    anomalous_output = tiny_winclip(anomalous, reference_bank=bank)
+    scores = torch.cat([normal_output.image_scores, anomalous_output.image_scores]).double().numpy()
+    threshold, f1 = best_f1_threshold([0, 0, 0, 1, 1], scores)
+    assert (rule.rule, rule.normal_source, rule.num_normal, rule.num_anomalous) == (
+        "best_f1",
+        "held_out",
+        3,
+        2,
+    )
+    assert rule.false_alarm_bound is None
+    assert rule.image_threshold == pytest.approx(threshold, abs=BATCH_ORDER_TOLERANCE)
+    assert rule.calibration_f1 == pytest.approx(f1, abs=1e-12)  # a ratio of small integers
+    assert rule.calibration_false_alarm_rate == pytest.approx(float((scores[:3] > threshold).mean()))
+    maps = torch.cat([normal_output.anomaly_maps, anomalous_output.anomaly_maps]).double().numpy()
+    pixel_labels = np.r_[np.zeros(3 * 240 * 240), masks.numpy().ravel()]
+    assert (rule.pixel_rule, rule.pixel_threshold) == (
+        "best_f1",
+        pytest.approx(best_f1_threshold(pixel_labels, maps.ravel())[0], abs=BATCH_ORDER_TOLERANCE),
+    )
+
+
+def test_calibration_refuses_what_it_cannot_do(tiny_winclip):
+    references = images(2, 0)
+    bank = tiny_winclip.build_reference_bank(references)
+    with pytest.raises(ValueError, match="Calibration needs normal images"):
+        tiny_winclip.calibrate(bank)
+    with pytest.raises(ValueError, match="needs at least 2 references"):
+        tiny_winclip.calibrate(tiny_winclip.build_reference_bank(references[:1]), references[:1])
+    with pytest.raises(ValueError, match="anomalous_masks were given without anomalous_pixel_values"):
+        tiny_winclip.calibrate(bank, references, anomalous_masks=torch.ones(1, 240, 240))
+    with pytest.raises(ValueError, match=r"anomalous_masks have shape \(1, 120, 120\)"):
+        tiny_winclip.calibrate(
+            bank, references, anomalous_pixel_values=images(1, 3), anomalous_masks=torch.ones(1, 120, 120)
+        )
+    with pytest.raises(ValueError, match="anomalous_masks mark no defect pixel"):
+        tiny_winclip.calibrate(
+            bank, references, anomalous_pixel_values=images(1, 3), anomalous_masks=torch.zeros(1, 240, 240)
+        )
+    tiny_winclip.saves_its_references = (
+        True  # as VTFusion: what it learnt from its references is in its weights
+    )
+    try:
+        with pytest.raises(ValueError, match="leave-one-out would refit it once per reference"):
+            tiny_winclip.calibrate(bank, references)
+        held_out = tiny_winclip.calibrate(bank, normal_pixel_values=images(3, 4))
+        assert held_out.calibration.normal_source == "held_out"
+    finally:
+        del tiny_winclip.saves_its_references
+
+
+def test_leave_one_out_keeps_the_validated_weights_of_anomalous_memory():
+    torch.manual_seed(0)
+    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    references, anomalous, validation = images(3, 0), images(1, 1), images(2, 2)
+    mask = torch.zeros(1, 240, 240, dtype=torch.bool)
+    mask[0, :48, :48] = True
+    bank_inputs = {"anomalous_pixel_values": anomalous, "anomalous_masks": mask}
+    bank = model.build_reference_bank(references, "tile", **bank_inputs)
+    bank = model.validate_weights(bank, validation, [0, 1])
+    with pytest.raises(ValueError, match="builds its bank with anomalous references too"):
+        model.calibrate(bank, references)
+    with pytest.warns(UserWarning, match="3 normal scores cannot guarantee"):
+        rule = model.calibrate(bank, references, bank_inputs=bank_inputs).calibration
+    scores = []
+    for index in range(3):
+        others = torch.cat([references[:index], references[index + 1 :]])
+        rebuilt = model.build_reference_bank(others, "tile", **bank_inputs)
+        with_weights = dataclasses.replace(
+            rebuilt, tensors=rebuilt.tensors | {"score_weights": bank.tensors["score_weights"]}
+        )
+        scores.append(model(references[index : index + 1], reference_bank=with_weights).image_scores)
+    assert rule.image_threshold == pytest.approx(float(torch.cat(scores).max()), abs=BATCH_ORDER_TOLERANCE)
