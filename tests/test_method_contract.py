@@ -1,6 +1,7 @@
 """The contract every registered method keeps (`FsadPreTrainedModel`), checked on a tiny random model of each:
-it scores, its bank survives a file round trip, a saved model loads back bit for bit through `AutoModel`,
-bad pixels and images of another size are refused by name, and the base class's contract methods are real.
+it scores, its bank survives a file round trip, it calibrates and its decisions follow the stored thresholds,
+a saved model loads back bit for bit through `AutoModel`, bad pixels and images of another size are refused
+by name, and the base class's contract methods are real.
 
 Method test files keep only what is specific to their method.
 """
@@ -94,6 +95,28 @@ def test_bank_round_trip_reproduces_scores(model, tmp_path):
             model(queries, reference_bank=loaded).image_scores,
             model(queries, reference_bank=bank).image_scores,
         )
+
+
+def test_every_method_calibrates_and_its_decisions_survive_the_bank_file(model, tmp_path):
+    """Leave-one-out on the bank's 2 references (held-out normals for a bank without references), then the
+    labels, normalised scores and masks of the reloaded bank follow the stored thresholds."""
+    bank, queries = bank_of(model), images(2, 4)
+    anomalous = {"anomalous_pixel_values": images(1, 2)} if model.needs_anomalous_references else {}
+    with pytest.warns(UserWarning, match="normal scores cannot guarantee"):  # 2 or 3 normals: too few for 5 %
+        if model.saves_its_references:
+            calibrated = model.calibrate(bank, normal_pixel_values=images(3, 5))
+        else:
+            calibrated = model.calibrate(bank, images(2, 1), bank_inputs=anomalous)
+    calibrated.save(tmp_path / "bank.safetensors")
+    rule = ReferenceBank.load(tmp_path / "bank.safetensors").calibration
+    assert rule == calibrated.calibration
+    with torch.no_grad():
+        output = model(queries, reference_bank=ReferenceBank.load(tmp_path / "bank.safetensors"))
+    assert torch.equal(output.labels, (output.image_scores.double() > rule.image_threshold).long())
+    normalized = torch.sigmoid((output.image_scores.double() - rule.image_threshold) / rule.image_scale)
+    torch.testing.assert_close(output.normalized_scores, normalized.float(), rtol=0, atol=6e-8)  # f64 -> f32
+    if output.anomaly_maps is not None:
+        assert torch.equal(output.anomaly_masks, output.anomaly_maps.double() > rule.pixel_threshold)
 
 
 def test_save_and_auto_load_is_exact(model, tmp_path):
