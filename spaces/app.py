@@ -14,6 +14,7 @@ the raw score.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -95,6 +96,20 @@ def normalized_map(calibration: Calibration, anomaly_map: np.ndarray) -> np.ndar
     0.5 at the calibrated pixel threshold, as the normalised image score is at the image threshold."""
     centred = torch.from_numpy(anomaly_map).double() - calibration.pixel_threshold
     return torch.sigmoid(centred / calibration.pixel_scale).numpy()
+
+
+# The calibrated heatmap's colour scale runs over normalised map values from 1% (blue) to 99% (red), so the
+# pixel threshold is its middle (green) and every query shares it.
+HEATMAP_LEVELS = 0.01
+
+
+def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None:
+    """The raw map values where the normalised map is HEATMAP_LEVELS and 1 - HEATMAP_LEVELS; None (each
+    heatmap on its own min and max) without a pixel calibration."""
+    if calibration is None or calibration.pixel_threshold is None:
+        return None
+    half_width = calibration.pixel_scale * math.log(1 / HEATMAP_LEVELS - 1)
+    return calibration.pixel_threshold - half_width, calibration.pixel_threshold + half_width
 
 
 def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:
@@ -247,7 +262,7 @@ def detect(
     heatmaps, annotated, results, branches = [], [], [], []
     for index, (name, image) in enumerate(queries):
         progress(0.2 + 0.8 * index / len(queries), desc=f"scoring {name}")
-        result = pipe(image, reference_bank=bank)
+        result = pipe(image, reference_bank=bank, heatmap_range=heatmap_range(calibration))
         normalized, verdict, region = decide(calibration, result["score"], result["anomaly_map"], threshold)
         results.append(
             {
@@ -361,7 +376,11 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():
                 decision = gr.Markdown(elem_id="decision")
-                heatmaps = gr.Gallery(label="Heatmaps", format="png", columns=2)
+                heatmaps = gr.Gallery(
+                    label="Heatmaps (calibrated: one colour scale, green at the pixel threshold)",
+                    format="png",
+                    columns=2,
+                )
                 annotated = gr.Gallery(
                     label="Regions at the threshold (calibrated pixel threshold at 0.5)",
                     format="png",

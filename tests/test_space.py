@@ -177,7 +177,7 @@ def _matching_row(path: str, rows) -> dict | None:
     return next((row for row in rows if row["image"].convert("RGB").tobytes() == pixels), None)
 
 
-def test_examples_show_normal_references_and_a_defective_query_from_toy_and_elpv(tmp_path):
+def test_examples_show_normal_references_and_queries_from_toy_and_elpv(tmp_path):
     from hf_fsad.data import load_benchmark
     from hf_fsad.data.toy import toy_records
 
@@ -287,6 +287,50 @@ def test_defective_references_reach_methods_that_learn_from_them_and_are_not_use
     # as above: the app's batch vs this one, float32 rounding ~1e-7 relative
     assert results[0]["score"] == pytest.approx(expected.image_scores.item(), rel=1e-5)
     assert calibration.image_threshold == pytest.approx(expected_bank.calibration.image_threshold, rel=1e-6)
+
+
+def test_calibrated_heatmaps_share_a_scale_centred_on_the_pixel_threshold():
+    import numpy as np
+
+    from hf_fsad.calibration import Calibration
+
+    calibration = Calibration(
+        image_threshold=0.3, image_scale=0.01, rule="false_alarm_rate", normal_source="leave_one_out",
+        num_normal=4, num_anomalous=0, target_false_alarm_rate=0.05, false_alarm_bound=0.2,
+        calibration_false_alarm_rate=0.0, pixel_threshold=0.25, pixel_scale=0.002, pixel_rule="false_alarm_rate",
+    )  # fmt: skip
+    low, high = space.heatmap_range(calibration)
+    # the ends are where the normalised map is 1% and 99%, the middle the pixel threshold
+    levels = space.normalized_map(calibration, np.array([low, (low + high) / 2, high], dtype=np.float32))
+    # maps are float32: rounding the inputs (~2e-8) over the scale 0.002 moves the levels by < 1e-6
+    assert levels == pytest.approx([0.01, 0.5, 0.99], abs=1e-6)
+    assert space.heatmap_range(None) is None
+
+
+def test_a_method_that_keeps_its_references_in_its_weights_is_not_calibrated_and_the_page_says_so(
+    client, toy, tmp_path
+):
+    """VTFusion is fitted on its normals, so none is left to score leave-one-out: raw scores, with the note."""
+    from hf_fsad.models.vtfusion.configuration_vtfusion import VtFusionConfig
+    from hf_fsad.models.vtfusion.modeling_vtfusion import VtFusionModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+    references, _, queries = toy
+    torch.manual_seed(0)
+    config = VtFusionConfig(
+        clip_config=tiny_clip_config(), feature_layers=[1, 2], fusion_channels=4, segmentation_channels=8
+    )
+    model = VtFusionModel(config).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    model.fit([Image.open(path).convert("RGB") for path in references[:2]], class_name="fabric", steps=1)
+    model.save_pretrained(tmp_path / "vtfusion")
+    _, _, decision, results, _, bank = _detect(client, str(tmp_path / "vtfusion"), [], queries)
+    assert "Not calibrated" in decision and "keeps what it learnt from its references" in decision
+    assert [r["normalized_score"] for r in results] == [None, None]
+    assert [r["verdict"] for r in results] == [
+        ("fail" if r["score"] >= 0.5 else "pass") + " (uncalibrated)" for r in results
+    ]
+    assert ReferenceBank.load(bank).calibration is None
 
 
 def test_masks_without_defective_references_are_refused(client, saved_winclip_dir, toy):
