@@ -113,8 +113,8 @@ def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None
 
 
 def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:
-    """The bank from the uploaded normal references and, for methods that use them, the defective references
-    with optional masks (in the same order), calibrated where possible; and the line saying how it was."""
+    """The bank from the uploaded normal references (and the defective ones, with optional masks in the same
+    order, for methods that learn from them), calibrated where possible; and the line saying how."""
     processor = model.image_processor()
 
     def pixels(images):
@@ -143,37 +143,41 @@ def build_bank(model, references, anomalous_files, mask_files, class_name) -> tu
         bank = model.build_reference_bank(reference_pixels, class_name=class_name, **in_bank)
     except ValueError as error:
         raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
-    return calibrate(model, bank, reference_pixels, defects, in_bank)
+    return calibrated_bank(model, bank, reference_pixels, defects, in_bank)
 
 
-def calibrate(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
+def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
     """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
     defective references (best F1), with its `describe()` line; or the bank as it is and why not."""
-    method = model.config.model_type
-    if model.saves_its_references:
-        return bank, uncalibrated(
-            f"{method} keeps what it learnt from its references in its weights, so they cannot be scored "
-            "leave-one-out, and a threshold needs normal images it has not seen."
-        )
-    if reference_pixels is None or len(reference_pixels) < 2:
-        return bank, uncalibrated(
-            "a threshold needs at least 2 normal references, each scored against a bank of the others."
-        )
     held_out_defects = {} if model.needs_anomalous_references else defects
-    try:
-        bank = model.calibrate(bank, reference_pixels, bank_inputs=in_bank, **held_out_defects)
-    except ValueError as error:
-        return bank, uncalibrated(str(error))
+    reason = None
+    if model.saves_its_references:
+        reason = (
+            f"{model.config.model_type} keeps what it learnt from its references in its weights, so they "
+            "cannot be scored leave-one-out, and a threshold needs normal images it has not seen."
+        )
+    elif reference_pixels is None or len(reference_pixels) < 2:
+        reason = "a threshold needs at least 2 normal references, each scored against a bank of the others."
+    else:
+        try:
+            bank = model.calibrate(bank, reference_pixels, bank_inputs=in_bank, **held_out_defects)
+        except ValueError as error:
+            reason = str(error)
+    if reason is not None:
+        if held_out_defects:
+            reason += " The defective references were not used: without normal scores they set no threshold."
+        return bank, uncalibrated(reason)
     line = f"**Calibrated:** {bank.calibration.describe()}."
     if defects and model.needs_anomalous_references:
         line += (
             " The defective references are in the bank, so they do not set the threshold: scored against a "
-            "bank that holds them they would look more anomalous than new defects."
+            "bank that holds them, each would be matched with itself."
         )
     return bank, line
 
 
 def uncalibrated(reason: str) -> str:
+    """The note shown instead of a calibration line: why, and that the slider then acts on raw scores."""
     return (
         f"**Not calibrated:** {reason} The verdict compares the raw score with the slider, and raw scores "
         "have no common scale: treat pass/fail as unreliable."

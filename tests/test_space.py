@@ -153,6 +153,9 @@ def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_w
     # its bank has no calibration, and uploaded again it says so
     assert ReferenceBank.load(bank).calibration is None
     assert "saved without a calibration" in _detect(client, saved_winclip_dir, [], queries, bank=bank)[2]
+    # a defective reference cannot stand in for the missing normal scores: the note says it was not used
+    decision = _detect(client, saved_winclip_dir, references[:1], queries, defects=queries[1:])[2]
+    assert "Not calibrated" in decision and "defective references were not used" in decision
 
 
 def test_bad_uploads_say_what_to_do(client, saved_winclip_dir, tmp_path):
