@@ -4,11 +4,17 @@
 
 One pipeline per model serves every user (models are stateless: references live in the per-request bank).
 Methods come from `hf_fsad.registry`, so a new method appears here without editing this file.
+
+Raw scores have no common scale (a tiny random WinCLIP scores a clear defect 0.27), so the bank built from
+the uploads is calibrated (`model.calibrate`) and the pass/fail slider acts on the normalised score, whose
+0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
+the raw score.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -20,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import hf_fsad  # noqa: F401  (registers the methods)
+from hf_fsad.calibration import Calibration
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.modeling_base import ReferenceBank
@@ -68,9 +75,8 @@ def read_images(files: list | None, what: str) -> list[tuple[str, Image.Image]]:
     return images
 
 
-def annotate(image: Image.Image, anomaly_map: np.ndarray, threshold: float) -> Image.Image:
-    """The image with the region where the map reaches `threshold` outlined in red."""
-    region = anomaly_map >= threshold
+def annotate(image: Image.Image, region: np.ndarray) -> Image.Image:
+    """The image with `region` (a boolean map of the image's size) outlined in red."""
     annotated = image.convert("RGB").copy()
     if region.any():
         edge = region & ~(
@@ -85,38 +91,147 @@ def annotate(image: Image.Image, anomaly_map: np.ndarray, threshold: float) -> I
     return annotated
 
 
-def build_bank(model, references, anomalous_files, mask_files, class_name) -> ReferenceBank:
-    """The bank from the uploaded normal references and, for methods that use them, anomalous references
-    with optional masks (in the same order)."""
+def normalized_map(calibration: Calibration, anomaly_map: np.ndarray) -> np.ndarray:
+    """The map on the pixel calibration's logistic scale, sigmoid((map - pixel_threshold) / pixel_scale):
+    0.5 at the calibrated pixel threshold, as the normalised image score is at the image threshold."""
+    centred = torch.from_numpy(anomaly_map).double() - calibration.pixel_threshold
+    return torch.sigmoid(centred / calibration.pixel_scale).numpy()
+
+
+# The calibrated heatmap's colour scale runs over normalised map values from 1% (blue) to 99% (red), so the
+# pixel threshold is its middle (green) and every query shares it.
+HEATMAP_LEVELS = 0.01
+
+
+def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None:
+    """The raw map values where the normalised map is HEATMAP_LEVELS and 1 - HEATMAP_LEVELS; None (each
+    heatmap on its own min and max) without a pixel calibration."""
+    if calibration is None or calibration.pixel_threshold is None:
+        return None
+    half_width = calibration.pixel_scale * math.log(1 / HEATMAP_LEVELS - 1)
+    return calibration.pixel_threshold - half_width, calibration.pixel_threshold + half_width
+
+
+def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:
+    """The bank from the uploaded normal references (and the defective ones, with optional masks in the same
+    order, for methods that learn from them), calibrated where possible; and the line saying how."""
     processor = model.image_processor()
 
     def pixels(images):
         return processor([image for _, image in images], return_tensors="pt").pixel_values if images else None
 
-    extra = {}
-    anomalous = read_images(anomalous_files, "Anomalous reference")
+    defects = {}
+    anomalous = read_images(anomalous_files, "Defective reference")
+    masks = read_images(mask_files, "Mask")
+    if masks and not anomalous:
+        raise gr.Error("Masks were uploaded without defective references: add the images they outline.")
     if anomalous:
-        if not model.needs_anomalous_references:
-            raise gr.Error(
-                f"{model.config.model_type} does not use anomalous references: remove them, or pick a method "
-                "that learns from defective samples (anomalous_memory)."
-            )
-        extra["anomalous_pixel_values"] = pixels(anomalous)
-        masks = read_images(mask_files, "Mask")
+        defects["anomalous_pixel_values"] = pixels(anomalous)
         if masks:
             if len(masks) != len(anomalous):
                 raise gr.Error(
-                    f"{len(masks)} masks for {len(anomalous)} anomalous references: give one mask per image, in "
+                    f"{len(masks)} masks for {len(anomalous)} defective references: give one mask per image, in "
                     "the same order, or none."
                 )
             size = model.config.image_size
-            extra["anomalous_masks"] = torch.from_numpy(
+            defects["anomalous_masks"] = torch.from_numpy(
                 np.stack([mask_array(mask, size) for _, mask in masks])
             )
+    in_bank = defects if model.needs_anomalous_references else {}
+    reference_pixels = pixels(references)
     try:
-        return model.build_reference_bank(pixels(references), class_name=class_name, **extra)
+        bank = model.build_reference_bank(reference_pixels, class_name=class_name, **in_bank)
     except ValueError as error:
         raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
+    return calibrated_bank(model, bank, reference_pixels, defects, in_bank)
+
+
+def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
+    """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
+    defective references (best F1), with its `describe()` line; or the bank as it is and why not."""
+    held_out_defects = {} if model.needs_anomalous_references else defects
+    reason = None
+    if model.saves_its_references:
+        reason = (
+            f"{model.config.model_type} keeps what it learnt from its references in its weights, so they "
+            "cannot be scored leave-one-out, and a threshold needs normal images it has not seen."
+        )
+    elif reference_pixels is None or len(reference_pixels) < 2:
+        reason = "a threshold needs at least 2 normal references, each scored against a bank of the others."
+    else:
+        try:
+            bank = model.calibrate(bank, reference_pixels, bank_inputs=in_bank, **held_out_defects)
+        except ValueError as error:
+            reason = str(error)
+    if reason is not None:
+        if held_out_defects:
+            reason += " The defective references were not used: without normal scores they set no threshold."
+        return bank, uncalibrated(reason)
+    line = f"**Calibrated:** {bank.calibration.describe()}."
+    if defects and model.needs_anomalous_references:
+        line += (
+            " The defective references are in the bank, so they do not set the threshold: scored against a "
+            "bank that holds them, each would be matched with itself."
+        )
+    return bank, line
+
+
+def uncalibrated(reason: str) -> str:
+    """The note shown instead of a calibration line: why, and that the slider then acts on raw scores."""
+    return (
+        f"**Not calibrated:** {reason} The verdict compares the raw score with the slider, and raw scores "
+        "have no common scale: treat pass/fail as unreliable."
+    )
+
+
+def loaded_bank(model, bank_file) -> tuple[ReferenceBank, str]:
+    """The uploaded bank, checked against the model, with its own calibration line (or why it has none)."""
+    try:
+        bank = model.check_bank(
+            ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
+        )
+    except (ValueError, TypeError) as error:
+        raise gr.Error(f"The uploaded bank cannot be used: {error}") from None
+    if bank.calibration is None:
+        return bank, uncalibrated(
+            "the loaded bank was saved without a calibration; build it again from 2 or more references."
+        )
+    return bank, f"**Calibrated (loaded bank):** {bank.calibration.describe()}."
+
+
+def decide(
+    calibration: Calibration | None, score: float, anomaly_map: np.ndarray | None, threshold: float
+) -> tuple[float | None, str, np.ndarray | None]:
+    """(normalised score, verdict, region to outline) of one query at the slider's `threshold`: on the
+    normalised score and map with a calibration, else on the raw ones, said in the verdict."""
+    if calibration is None:
+        verdict = "fail" if score >= threshold else "pass"
+        region = None if anomaly_map is None else anomaly_map >= threshold
+        return None, f"{verdict} (uncalibrated)", region
+    normalized = float(calibration.normalize(torch.tensor([score]))[0])
+    region = None if anomaly_map is None else normalized_map(calibration, anomaly_map) >= threshold
+    return normalized, "fail" if normalized >= threshold else "pass", region
+
+
+def decision_table(line: str, results: list[dict], threshold: float) -> str:
+    """Markdown: the calibration line, the rule at the slider's level, and each query's scores and verdict."""
+    scale = "raw" if results[0]["normalized_score"] is None else "normalised"
+    rows = [
+        f"| {r['image']} | {r['score']:.4f} | "
+        f"{'—' if r['normalized_score'] is None else format(r['normalized_score'], '.3f')} | **{r['verdict']}** |"
+        for r in results
+    ]
+    return "\n".join(
+        [
+            line,
+            "",
+            f"Fail when the {scale} score is at least {threshold:.2f}.",
+            "",
+            "| query | score | normalised score | verdict |",
+            "|---|---|---|---|",
+            *rows,
+        ]
+    )
 
 
 def detect(
@@ -130,32 +245,34 @@ def detect(
     mask_files=None,
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
 ):
-    """Score the queries; returns heatmaps, annotated images, per-query results, branch scores, the bank."""
+    """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
+    branch scores and the bank.
+
+    With a calibrated bank a query fails when its normalised score reaches `threshold` and the outlined
+    region is where the normalised map does; otherwise both compare raw values with `threshold`.
+    """
     pipe = get_pipeline(source)
     model = pipe.model
     queries = read_images(query_files, "Query")
     if not queries:
         raise gr.Error("Upload at least one query image to score.")
     references = read_images(reference_files, "Reference")
-    progress(0.1, desc="building the reference bank")
+    progress(0.1, desc="building and calibrating the reference bank")
     if bank_file:
-        try:
-            bank = model.check_bank(
-                ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
-            )
-        except (ValueError, TypeError) as error:
-            raise gr.Error(f"The uploaded bank cannot be used: {error}") from None
+        bank, line = loaded_bank(model, bank_file)
     else:
-        bank = build_bank(model, references, anomalous_files, mask_files, class_name or None)
+        bank, line = build_bank(model, references, anomalous_files, mask_files, class_name or None)
+    calibration = bank.calibration
     heatmaps, annotated, results, branches = [], [], [], []
     for index, (name, image) in enumerate(queries):
         progress(0.2 + 0.8 * index / len(queries), desc=f"scoring {name}")
-        result = pipe(image, reference_bank=bank)
-        verdict = "fail" if result["score"] >= threshold else "pass"
+        result = pipe(image, reference_bank=bank, heatmap_range=heatmap_range(calibration))
+        normalized, verdict, region = decide(calibration, result["score"], result["anomaly_map"], threshold)
         results.append(
             {
                 "image": name,
                 "score": result["score"],
+                "normalized_score": normalized,
                 "verdict": verdict,
                 "branch_scores": result["branch_scores"],
             }
@@ -165,13 +282,17 @@ def detect(
             for branch, value in result["branch_scores"].items()
         ]
         if result["heatmap"] is not None:
-            heatmaps.append((result["heatmap"], f"{name}: {result['score']:.3f} ({verdict})"))
-            annotated.append((annotate(image, result["anomaly_map"], threshold), name))
+            shown = f"{result['score']:.3f}" + (
+                "" if normalized is None else f", normalised {normalized:.2f}"
+            )
+            heatmaps.append((result["heatmap"], f"{name}: {shown} ({verdict})"))
+            annotated.append((annotate(image, region), f"{name} ({verdict})"))
     bank_path = Path(tempfile.mkdtemp()) / f"{bank.class_name.replace(' ', '_')}-bank.safetensors"
     bank.save(bank_path)
     return (
         heatmaps,
         annotated,
+        decision_table(line, results, threshold),
         results,
         pd.DataFrame(branches, columns=["query", "branch", "score"]),
         str(bank_path),
@@ -179,17 +300,21 @@ def detect(
 
 
 def toy_examples(folder: Path) -> list[list]:
-    """Example inputs from the toy generator (two normal references and a defective query), as files."""
+    """Example inputs from the toy generator, as files: four normal references (enough for a leave-one-out
+    calibration), then a normal and a defective query."""
     from hf_fsad.data.toy import toy_records
 
     folder.mkdir(parents=True, exist_ok=True)
-    records = toy_records("weave", num_train=2, num_test_good=0, num_test_anomalous=1, seed=4)
+    records = toy_records("weave", num_train=4, num_test_good=1, num_test_anomalous=1, seed=4)
+    names = [f"toy_weave_reference_{index}" for index in range(len(records["train"]))]
+    names += [f"toy_weave_{record.defect_type}" for record in records["test"]]
     paths = []
-    for index, record in enumerate(records["train"] + records["test"]):
-        path = folder / f"toy_weave_{index}.png"
+    for name, record in zip(names, records["train"] + records["test"]):
+        path = folder / f"{name}.png"
         record.image.save(path)
         paths.append(str(path))
-    return [[paths[:2], "fabric", paths[2:]]]
+    references = len(records["train"])
+    return [[paths[:references], "fabric", paths[references:]]]
 
 
 def elpv_examples(folder: Path) -> list[list]:
@@ -218,7 +343,8 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
         gr.Markdown(
             "# Few-shot anomaly detection\nUpload a few normal images of a part and the images to check. "
             "Choose a saved model, a Hub id, or METHOD@CLIP for a fresh method (no training needed for "
-            "WinCLIP)."
+            "WinCLIP). With 2 or more references the pass/fail threshold is calibrated on them (each scored "
+            "against the others); defective references, when given, set it for the best F1."
         )
         with gr.Row():
             with gr.Column():
@@ -234,27 +360,43 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                     file_count="multiple", file_types=["image"], label="Query images", elem_id="queries"
                 )
                 threshold = gr.Slider(
-                    0, 1, value=0.5, step=0.01, label="Threshold (score >= threshold: fail)"
+                    0,
+                    1,
+                    value=0.5,
+                    step=0.01,
+                    label="Threshold on the normalised score (fail at or above; 0.5 = calibrated threshold)",
                 )
                 bank_in = gr.File(file_types=[".safetensors"], label="Load a reference bank (optional)")
-                with gr.Accordion("Defective references (methods that learn from them)", open=False):
+                with gr.Accordion(
+                    "Defective references (set the threshold; anomalous_memory also learns from them)",
+                    open=False,
+                ):
                     anomalous = gr.File(
-                        file_count="multiple", file_types=["image"], label="Anomalous references"
+                        file_count="multiple", file_types=["image"], label="Defective references"
                     )
                     masks = gr.File(
                         file_count="multiple", file_types=["image"], label="Their masks (same order)"
                     )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():
-                heatmaps = gr.Gallery(label="Heatmaps", format="png")
-                annotated = gr.Gallery(label="Thresholded regions", format="png")
+                decision = gr.Markdown(elem_id="decision")
+                heatmaps = gr.Gallery(
+                    label="Heatmaps (calibrated: one colour scale, green at the pixel threshold)",
+                    format="png",
+                    columns=2,
+                )
+                annotated = gr.Gallery(
+                    label="Regions at the threshold (calibrated pixel threshold at 0.5)",
+                    format="png",
+                    columns=2,
+                )
                 results = gr.JSON(label="Scores")
                 branches = gr.BarPlot(x="branch", y="score", color="query", label="Branch scores")
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
             detect,
             [source, references, class_name, queries, threshold, bank_in, anomalous, masks],
-            [heatmaps, annotated, results, branches, bank_out],
+            [heatmaps, annotated, decision, results, branches, bank_out],
             api_name="detect",
         )
         examples = Path(tempfile.gettempdir()) / "hf_fsad_space_examples"
