@@ -91,13 +91,6 @@ def annotate(image: Image.Image, region: np.ndarray) -> Image.Image:
     return annotated
 
 
-def normalized_map(calibration: Calibration, anomaly_map: np.ndarray) -> np.ndarray:
-    """The map on the pixel calibration's logistic scale, sigmoid((map - pixel_threshold) / pixel_scale):
-    0.5 at the calibrated pixel threshold, as the normalised image score is at the image threshold."""
-    centred = torch.from_numpy(anomaly_map).double() - calibration.pixel_threshold
-    return torch.sigmoid(centred / calibration.pixel_scale).numpy()
-
-
 # The calibrated heatmap's colour scale runs over normalised map values from 1% (blue) to 99% (red), so the
 # pixel threshold is its middle (green) and every query shares it.
 HEATMAP_LEVELS = 0.01
@@ -205,12 +198,13 @@ def decide(
     """(normalised score, verdict, region to outline) of one query at the slider's `threshold`: on the
     normalised score and map with a calibration, else on the raw ones, said in the verdict."""
     if calibration is None:
-        verdict = "fail" if score >= threshold else "pass"
-        region = None if anomaly_map is None else anomaly_map >= threshold
+        verdict = "fail" if score > threshold else "pass"
+        region = None if anomaly_map is None else anomaly_map > threshold
         return None, f"{verdict} (uncalibrated)", region
     normalized = float(calibration.normalize(torch.tensor([score]))[0])
-    region = None if anomaly_map is None else normalized_map(calibration, anomaly_map) >= threshold
-    return normalized, "fail" if normalized >= threshold else "pass", region
+    if anomaly_map is not None:
+        anomaly_map = calibration.normalize_maps(torch.from_numpy(anomaly_map)).numpy()
+    return normalized, "fail" if normalized > threshold else "pass", None if anomaly_map is None else anomaly_map > threshold
 
 
 def decision_table(line: str, results: list[dict], threshold: float) -> str:
@@ -225,7 +219,7 @@ def decision_table(line: str, results: list[dict], threshold: float) -> str:
         [
             line,
             "",
-            f"Fail when the {scale} score is at least {threshold:.2f}.",
+            f"Fail when the {scale} score is above {threshold:.2f}.",
             "",
             "| query | score | normalised score | verdict |",
             "|---|---|---|---|",

@@ -109,6 +109,12 @@ def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_ten
     values = rule.normalize(raw)
     assert torch.all(values[1:] >= values[:-1]) and values.min() > 0 and values.max() < 1
     assert torch.equal(rule.labels(raw), (raw > 1.0).long())
+    with pytest.raises(ValueError, match="no pixel threshold"):
+        rule.normalize_maps(raw[None])
+    pixel_rule = calibration(pixel_threshold=0.2, pixel_scale=0.05, pixel_rule="false_alarm_rate")
+    maps = torch.tensor([[0.2, 0.2 + 0.05 * math.log(9)]])  # at the threshold; one scale of ln 9 above it
+    # float32 maps, float64 logistic: the input rounding (~1e-8) over the scale 0.05 is < 1e-6
+    torch.testing.assert_close(pixel_rule.normalize_maps(maps), torch.tensor([[0.5, 0.9]]), rtol=0, atol=1e-6)
 
 
 def test_logistic_scale_falls_back_when_the_median_is_not_below_the_threshold():

@@ -102,11 +102,13 @@ def test_every_method_calibrates_and_its_decisions_survive_the_bank_file(model, 
     labels, normalised scores and masks of the reloaded bank follow the stored thresholds."""
     bank, queries = bank_of(model), images(2, 4)
     anomalous = {"anomalous_pixel_values": images(1, 2)} if model.needs_anomalous_references else {}
+    normals = (
+        {"normal_pixel_values": images(3, 5)}
+        if model.saves_its_references
+        else {"reference_pixel_values": images(2, 1), "bank_inputs": anomalous}
+    )
     with pytest.warns(UserWarning, match="normal scores cannot guarantee"):  # 2 or 3 normals: too few for 5 %
-        if model.saves_its_references:
-            calibrated = model.calibrate(bank, normal_pixel_values=images(3, 5))
-        else:
-            calibrated = model.calibrate(bank, images(2, 1), bank_inputs=anomalous)
+        calibrated = model.calibrate(bank, **normals)
     calibrated.save(tmp_path / "bank.safetensors")
     rule = ReferenceBank.load(tmp_path / "bank.safetensors").calibration
     assert rule == calibrated.calibration

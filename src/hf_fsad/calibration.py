@@ -174,6 +174,12 @@ class Calibration:
         """Scores in (0, 1), strictly increasing in the raw score; the image threshold maps to 0.5."""
         return torch.sigmoid((image_scores.double() - self.image_threshold) / self.image_scale).float()
 
+    def normalize_maps(self, anomaly_maps: torch.Tensor) -> torch.Tensor:
+        """Maps on the pixel threshold's logistic scale: 0.5 at the pixel threshold (needs one)."""
+        if self.pixel_threshold is None:
+            raise ValueError("This calibration has no pixel threshold (the method gives no anomaly maps).")
+        return torch.sigmoid((anomaly_maps.double() - self.pixel_threshold) / self.pixel_scale).float()
+
     def labels(self, image_scores: torch.Tensor) -> torch.Tensor:
         """1 where the image is anomalous (score above the threshold), else 0."""
         return (image_scores.double() > self.image_threshold).long()
