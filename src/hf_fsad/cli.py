@@ -221,7 +221,8 @@ def score(args: argparse.Namespace) -> int:
     The results file is replaced atomically, at the end or when the run is interrupted (Ctrl-C, SIGTERM;
     single process) with the images scored so far: it is always the previous file or a complete new one.
     Exit status: 0 scored (unreadable inputs are reported and skipped), 1 no input could be scored, 2 the
-    run could not start (arguments, model, bank, output location), 130 interrupted (results so far kept).
+    run could not start (arguments, model, bank, calibration, output location), 130 interrupted (results so
+    far kept). A calibrated bank adds each image's verdict to its record and a count of them at the end.
     """
     import torch
     from accelerate import PartialState
