@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
 from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
-from hf_fsad.visualization import mask_array
+from hf_fsad.visualization import mask_array, outline_region
 
 UNCALIBRATED_KEYS = {"path", "score", "branch_scores", "heatmap"}
 CALIBRATED_KEYS = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold"}
@@ -225,3 +226,47 @@ def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normal
         str(tmp_path / "vtfusion"), files, tmp_path, "--calibration-normal", str(files["held_out"])
     )
     assert status == 0 and all(set(record) == CALIBRATED_KEYS for record in records)
+
+
+def test_outline_region_draws_the_inner_border():
+    image = Image.new("RGB", (8, 6), (10, 20, 30))
+    region = np.zeros((6, 8), dtype=bool)
+    region[1:5, 2:7] = True  # a 4 x 5 block inside the image
+    region[3:6, 0] = True  # a strip on the image's edge: its pixels are all border
+    drawn = np.asarray(outline_region(image, region, colour=(255, 0, 0), width=1))
+    expected_border = region.copy()
+    expected_border[2:4, 3:6] = False  # the block's interior
+    assert ((drawn == (255, 0, 0)).all(axis=-1) == expected_border).all()
+    assert (drawn[~expected_border] == (10, 20, 30)).all()
+    # width 2 also takes the ring inside: the block's interior (2 x 3) has no pixel two steps from outside
+    wide = np.asarray(outline_region(image, region, colour=(255, 0, 0), width=2))
+    assert ((wide == (255, 0, 0)).all(axis=-1) == region).all()
+
+
+def test_heatmaps_outline_the_pipeline_mask(saved_winclip_dir, files, tmp_path):
+    from transformers import pipeline
+
+    bank_path = tmp_path / "bank.safetensors"
+    common = ["--batch-size", "1"]
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", str(files["refs"]), "--save-bank", str(bank_path),
+        "--heatmaps", str(tmp_path / "outlined"), *common,
+    )  # fmt: skip
+    assert status == 0
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--bank", str(bank_path), "--no-calibration",
+        "--heatmaps", str(tmp_path / "plain"), *common,
+    )  # fmt: skip
+    assert status == 0
+    pipe = pipeline("image-anomaly-detection", model=saved_winclip_dir)
+    queries = sorted(files["queries"].iterdir())
+    # one image per forward in both, through the same model: the same maps, so the same masks
+    results = pipe(list(map(str, queries)), reference_bank=ReferenceBank.load(bank_path))
+    outlined_pixels = 0
+    for query, result in zip(queries, results, strict=True):
+        name = f"{query.stem}.heatmap.png"
+        plain = Image.open(tmp_path / "plain" / name)
+        outlined = np.asarray(Image.open(tmp_path / "outlined" / name))
+        np.testing.assert_array_equal(outlined, np.asarray(outline_region(plain, result["mask"])))
+        outlined_pixels += int((outlined != np.asarray(plain)).any(axis=-1).sum())
+    assert outlined_pixels > 0

@@ -363,8 +363,8 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
     from tqdm.auto import tqdm
 
     from hf_fsad.io import save_image_atomically
-    from hf_fsad.pipeline import decision
-    from hf_fsad.visualization import heatmap_overlay
+    from hf_fsad.pipeline import decision, resized_map
+    from hf_fsad.visualization import heatmap_overlay, outline_region
 
     with (
         open(share, "w") as sink,
@@ -386,9 +386,13 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
                     record |= decision(result, index, bank.calibration)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
-                    overlay = heatmap_overlay(
-                        image, result.anomaly_maps[index].float().cpu().numpy(), args.heatmap_range
-                    )
+                    anomaly_map = result.anomaly_maps[index]
+                    overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
+                    calibration = bank.calibration
+                    if calibration is not None and calibration.pixel_threshold is not None:
+                        # the pipeline's mask: the map at the image's size above the pixel threshold
+                        at_image_size = torch.from_numpy(resized_map(anomaly_map, image.size))
+                        overlay = outline_region(overlay, calibration.masks(at_image_size).numpy())
                     save_image_atomically(overlay, target)
                     record["heatmap"] = str(target)
                 sink.write(json.dumps(record) + "\n")

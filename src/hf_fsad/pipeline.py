@@ -102,6 +102,15 @@ def calibrate_reference_bank(
     return calibrated, None
 
 
+def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) anomaly map resized bilinearly to `size` (width, height), as float32."""
+    width, height = size
+    resized = torch.nn.functional.interpolate(
+        anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0]
+    return resized.cpu().numpy().astype(np.float32)
+
+
 def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
     """The calibrated decision on image `index` of a calibrated `output`: `label` ("anomalous" when the
     score is above `threshold`, else "normal"), `normalized_score` (0.5 at the threshold) and `threshold`
@@ -258,14 +267,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             "heatmap": None,
         }
         if "anomaly_maps" in output:
-            width, height = image.size
-            anomaly_map = torch.nn.functional.interpolate(
-                output["anomaly_maps"][:1, None].float(),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=False,
-            )[0, 0]
-            result["anomaly_map"] = anomaly_map.cpu().numpy().astype(np.float32)
+            result["anomaly_map"] = resized_map(output["anomaly_maps"][0], image.size)
             result["heatmap"] = heatmap_overlay(image, result["anomaly_map"], heatmap_range)
         calibration = model_outputs["calibration"]
         if calibration is not None:
