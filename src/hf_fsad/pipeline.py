@@ -139,7 +139,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     `build_reference_bank`), and with a calibrated bank each result also has `label` ("anomalous" or
     "normal"), `normalized_score` (0.5 at the threshold), `threshold` (the raw image threshold) and `mask`
     (bool array at the image's own size, the map above the pixel threshold; None without maps or pixel
-    threshold). Without a calibration the result has only the first four keys.
+    threshold). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
+    asks for a calibration (`calibrate=True`: an error when it is impossible).
     """
 
     _load_processor = False
@@ -226,6 +227,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     ):
         if reference_bank is not None and reference_images is not None:
             raise ValueError("Give either reference_images or reference_bank, not both.")
+        if false_alarm_rate is not None and calibrate is None:
+            calibrate = True
         calibration = {
             name: value
             for name, value in {
