@@ -9,7 +9,7 @@ from transformers import pipeline
 
 import hf_fsad  # noqa: F401  (registers the task)
 from hf_fsad.data.toy import toy_records
-from hf_fsad.pipeline import ImageAnomalyDetectionPipeline
+from hf_fsad.pipeline import ImageAnomalyDetectionPipeline, calibrate_reference_bank
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,119 @@ def test_conflicting_or_empty_references_are_refused(pipe, toy):
         pipe(image, reference_images=[image], reference_bank=bank)
     with pytest.raises(ValueError, match="reference_images is empty"):
         pipe(image, reference_images=[])
+
+
+# --- calibrated decisions ------------------------------------------------------------------------------
+
+UNCALIBRATED_KEYS = {"score", "branch_scores", "anomaly_map", "heatmap"}
+
+
+def test_two_references_give_calibrated_decisions(pipe, toy):
+    references = [example.image for example in toy["train"]]
+    queries = [example.image for example in [*toy["train"], *toy["test"]]]
+    queries[-1] = queries[-1].resize((300, 180))
+    bank = pipe.build_reference_bank(references, class_name="fabric")
+    calibration = bank.calibration
+    assert (calibration.normal_source, calibration.num_normal) == ("leave_one_out", 2)
+    # the default "auto" calibration is the same as model.calibrate's on the same references
+    processor, model = pipe.model.image_processor(), pipe.model
+    with torch.no_grad():
+        expected = model.calibrate(
+            model.build_reference_bank(
+                processor(references, return_tensors="pt").pixel_values, class_name="fabric"
+            ),
+            processor(references, return_tensors="pt").pixel_values,
+        ).calibration
+    assert calibration == expected
+
+    results = pipe(queries, reference_bank=bank)
+    calibrated_keys = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold", "mask"}
+    assert all(set(result) == calibrated_keys for result in results)
+    scores = torch.tensor([result["score"] for result in results])
+    assert [result["threshold"] for result in results] == [calibration.image_threshold] * len(results)
+    assert [result["label"] for result in results] == [
+        "anomalous" if score > calibration.image_threshold else "normal" for score in scores.double().tolist()
+    ]
+    # both verdicts occur (fixed seeds), so the comparison above can tell them apart
+    assert {result["label"] for result in results} == {"normal", "anomalous"}
+    # the float32 score the pipeline returns is the one the model normalised, through the same function: exact
+    assert [result["normalized_score"] for result in results] == calibration.normalize(scores).tolist()
+    for result in results:
+        anomaly_map = result["anomaly_map"]
+        assert result["mask"].dtype == bool and result["mask"].shape == anomaly_map.shape
+        # float64 comparison, as Calibration.masks does (float32 would round the threshold)
+        expected_mask = anomaly_map.astype(np.float64) > calibration.pixel_threshold
+        np.testing.assert_array_equal(result["mask"], expected_mask)
+    assert results[-1]["mask"].shape == (180, 300)
+    # some pixels above the threshold and some below: the comparison above can tell them apart
+    masks = np.concatenate([result["mask"].ravel() for result in results])
+    assert masks.any() and not masks.all()
+
+
+def test_without_calibration_the_results_are_as_before(pipe, toy):
+    references = [example.image for example in toy["train"]]
+    queries = [example.image for example in toy["test"]]
+    processor, model = pipe.model.image_processor(), pipe.model
+    with torch.no_grad():
+        plain_bank = model.build_reference_bank(
+            processor(references, return_tensors="pt").pixel_values, class_name="fabric"
+        )
+    before = pipe(queries, reference_bank=plain_bank)
+    uncalibrated = {
+        "calibrate=False": pipe(queries, reference_images=references, class_name="fabric", calibrate=False),
+        "one reference": pipe(queries, reference_images=references[:1], class_name="fabric"),
+        "zero-shot": pipe(queries, class_name="fabric"),
+    }
+    for name, results in [("a bank built by the model", before), *uncalibrated.items()]:
+        assert all(set(result) == UNCALIBRATED_KEYS for result in results), name
+    for reused, original in zip(uncalibrated["calibrate=False"], before, strict=True):
+        assert reused["score"] == original["score"]
+        assert reused["branch_scores"] == original["branch_scores"]
+        assert np.array_equal(reused["anomaly_map"], original["anomaly_map"])
+    # calibrating changes no score
+    calibrated = pipe(queries, reference_images=references, class_name="fabric")
+    assert [r["score"] for r in calibrated] == [r["score"] for r in before]
+
+
+def test_held_out_calibration_images(pipe, toy):
+    references = [toy["train"][0].image]
+    held_out = [toy["train"][1].image, toy["test"][0].image, toy["test"][0].image.rotate(90)]
+    bank = pipe.build_reference_bank(references, class_name="fabric", calibration_images=held_out)
+    assert (bank.calibration.normal_source, bank.calibration.num_normal) == ("held_out", 3)
+    # 3 normals are too few for 5 %: the conformal threshold is their largest score
+    plain = pipe.build_reference_bank(references, class_name="fabric", calibrate=False)
+    assert plain.calibration is None
+    held_out_scores = [result["score"] for result in pipe(held_out, reference_bank=plain)]
+    # calibrate scores the 3 in one batch, the pipeline one by one: float32 rounding ~1e-7 relative
+    assert bank.calibration.image_threshold == pytest.approx(max(held_out_scores), rel=1e-5)
+    # a saved bank is calibrated the same way, in the call
+    result = pipe(toy["test"][1].image, reference_bank=plain, calibration_images=held_out)
+    assert result["threshold"] == bank.calibration.image_threshold
+    # calibrate=False takes a calibration away
+    assert set(pipe(toy["test"][1].image, reference_bank=bank, calibrate=False)) == UNCALIBRATED_KEYS
+
+
+def test_impossible_calibration_is_refused_when_asked(pipe, toy):
+    image = toy["test"][0].image
+    for asked in ({"calibrate": True}, {"false_alarm_rate": 0.1}):
+        with pytest.raises(ValueError, match="needs at least 2 reference images, got 1; give held-out normal"):
+            pipe(image, reference_images=[toy["train"][0].image], **asked)
+    with pytest.raises(ValueError, match="Calibration images were given with calibrate=False"):
+        pipe(image, reference_images=[image], calibrate=False, calibration_images=[image])
+    with pytest.raises(ValueError, match="calibration_images is empty"):
+        pipe(image, reference_images=[image], calibration_images=[])
+
+
+def test_methods_that_keep_their_references_are_not_calibrated_leave_one_out(toy):
+    from test_vtfusion import make_tiny_vtfusion
+
+    model = make_tiny_vtfusion()
+    model.fit([example.image for example in toy["train"]], class_name="fabric", steps=1)
+    bank = model.build_reference_bank()
+    pixel_values = model.image_processor()([toy["test"][0].image] * 2, return_tensors="pt").pixel_values
+    same, refusal = calibrate_reference_bank(model, bank, reference_pixel_values=pixel_values)
+    assert same is bank and refusal.startswith("VtFusionModel keeps what it learnt")
+    with pytest.raises(ValueError, match="Cannot calibrate by leave-one-out: VtFusionModel"):
+        calibrate_reference_bank(model, bank, True)
+    calibrated, refusal = calibrate_reference_bank(model, bank, normal_pixel_values=pixel_values)
+    assert refusal is None and calibrated.calibration.normal_source == "held_out"

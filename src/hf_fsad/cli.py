@@ -8,9 +8,18 @@ import json
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from hf_fsad.io import expand_inputs, readable_images
+from PIL import Image
+
+from hf_fsad.io import ImageReadError, expand_inputs, read_image, readable_images
+
+if TYPE_CHECKING:
+    from hf_fsad.modeling_base import ReferenceBank
+
+DEFAULT_FALSE_ALARM_RATE = 0.05
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -33,7 +42,7 @@ def _unique_name(stem: str, used: set[str]) -> str:
     return name
 
 
-def _distinct(paths: Sequence[Path], report: bool = True) -> list[Path]:
+def _distinct(paths: Sequence[Path], report: bool = True, what: str = "input") -> list[Path]:
     """`paths` without repeats of a file (first occurrence kept; each repeat reported if `report`)."""
     seen: set[Path] = set()
     distinct = []
@@ -41,7 +50,7 @@ def _distinct(paths: Sequence[Path], report: bool = True) -> list[Path]:
         key = path.resolve()
         if key in seen:
             if report:
-                print(f"skipped input {path}: listed more than once", file=sys.stderr)
+                print(f"skipped {what} {path}: listed more than once", file=sys.stderr)
             continue
         seen.add(key)
         distinct.append(path)
@@ -80,6 +89,131 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@dataclass
+class _CalibrationFiles:
+    """The images `score` calibrates with, read before the model loads: held-out normals, anomalous images
+    and their masks (one per anomalous image, in the same order, or None)."""
+
+    normal: list[Image.Image]
+    anomalous: list[Image.Image]
+    masks: list[Image.Image] | None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.normal or self.anomalous)
+
+
+def _calibration_paths(option: str, inputs: Sequence[str]) -> list[Path]:
+    what = f"{option} image"
+    paths = _distinct(expand_inputs(inputs, what), what=what)
+    if not paths:
+        raise ValueError(f"{option} holds no image files")
+    return paths
+
+
+def _masks_of(images: Sequence[Path], masks: Sequence[Path]) -> list[Path]:
+    """The mask of each anomalous image: the one with the image's file stem, alone or followed by `_mask`
+    (MVTec AD's `000_mask.png` for `000.png`)."""
+    by_stem: dict[str, Path] = {}
+    for mask in masks:
+        stem = mask.stem.removesuffix("_mask")
+        if stem in by_stem:
+            raise ValueError(
+                f"--calibration-masks {by_stem[stem]} and {mask} both match the image stem {stem!r}"
+            )
+        by_stem[stem] = mask
+    stems: dict[str, Path] = {}
+    for image in images:
+        if image.stem in stems:
+            raise ValueError(
+                f"--calibration-anomalous {stems[image.stem]} and {image} share the file stem "
+                f"{image.stem!r}, so masks cannot be matched to them; rename one"
+            )
+        stems[image.stem] = image
+    unmatched = [str(image) for image in images if image.stem not in by_stem]
+    if unmatched:
+        raise ValueError(
+            f"--calibration-masks has no mask for {', '.join(unmatched)} (a mask is matched by file stem: "
+            "000.png or 000_mask.png for 000.png)"
+        )
+    unused = [str(mask) for stem, mask in by_stem.items() if stem not in stems]
+    if unused:
+        raise ValueError(f"--calibration-masks {', '.join(unused)} match no --calibration-anomalous image")
+    return [by_stem[image.stem] for image in images]
+
+
+def _read_calibration_files(args: argparse.Namespace) -> _CalibrationFiles:
+    """Read the calibration options' files; a ValueError names the option and the file that cannot be used.
+    Unlike inputs, none is skipped: the threshold would silently rest on other images than those given."""
+
+    def read(option: str, paths: Sequence[Path]) -> list[Image.Image]:
+        images = []
+        for path in paths:
+            try:
+                images.append(read_image(path, args.max_pixels))
+            except ImageReadError as error:
+                raise ValueError(f"{option} {path}: {error}") from None
+        return images
+
+    if args.calibration_masks and not args.calibration_anomalous:
+        raise ValueError("--calibration-masks needs --calibration-anomalous (the images they mark)")
+    normal, anomalous, masks = [], [], None
+    if args.calibration_normal:
+        normal_paths = _calibration_paths("--calibration-normal", args.calibration_normal)
+        normal = read("--calibration-normal", normal_paths)
+    if args.calibration_anomalous:
+        anomalous_paths = _calibration_paths("--calibration-anomalous", args.calibration_anomalous)
+        if args.calibration_masks:
+            mask_paths = _masks_of(
+                anomalous_paths, _calibration_paths("--calibration-masks", args.calibration_masks)
+            )
+            masks = read("--calibration-masks", mask_paths)
+        anomalous = read("--calibration-anomalous", anomalous_paths)
+    return _CalibrationFiles(normal, anomalous, masks)
+
+
+def _calibrate(
+    model, processor, bank, references, files: _CalibrationFiles, args: argparse.Namespace
+) -> tuple[ReferenceBank, str | None, list[str]]:
+    """(bank, why it is not calibrated or None, the warnings calibrating raised): the bank calibrated as the
+    options ask. A built bank is calibrated by leave-one-out by default; a `--bank` is used as saved unless
+    calibration options are given."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from hf_fsad.pipeline import calibrate_reference_bank
+    from hf_fsad.visualization import mask_array
+
+    asked = files.given or args.false_alarm_rate is not None
+    if args.bank and not asked and not args.no_calibration:
+        return bank, None if bank.calibration else "the --bank was saved without a calibration", []
+
+    def pixels(images: list) -> torch.Tensor | None:
+        return processor(images, return_tensors="pt").pixel_values if images else None
+
+    masks = None
+    if files.masks is not None:
+        size = model.config.image_size
+        masks = torch.from_numpy(np.stack([mask_array(mask, size) for mask in files.masks]))
+    # Calibration scores are computed as the queries' are: same precision, same batch size.
+    with torch.no_grad(), model.autocast(args.precision), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank, refusal = calibrate_reference_bank(
+            model,
+            bank,
+            False if args.no_calibration else True if asked else "auto",
+            reference_pixel_values=references,
+            normal_pixel_values=pixels(files.normal),
+            anomalous_pixel_values=pixels(files.anomalous),
+            anomalous_masks=masks,
+            false_alarm_rate=args.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
+            batch_size=args.batch_size,
+        )
+    return bank, refusal, [str(warning.message) for warning in caught]
+
+
 def score(args: argparse.Namespace) -> int:
     """Score images; under `accelerate launch` or `torchrun` the processes split the inputs in order, each
     writes its share, and the main process joins the shares into one ordered results file.
@@ -87,7 +221,8 @@ def score(args: argparse.Namespace) -> int:
     The results file is replaced atomically, at the end or when the run is interrupted (Ctrl-C, SIGTERM;
     single process) with the images scored so far: it is always the previous file or a complete new one.
     Exit status: 0 scored (unreadable inputs are reported and skipped), 1 no input could be scored, 2 the
-    run could not start (arguments, model, bank, output location), 130 interrupted (results so far kept).
+    run could not start (arguments, model, bank, calibration, output location), 130 interrupted (results so
+    far kept). A calibrated bank adds each image's verdict to its record and a count of them at the end.
     """
     import torch
     from accelerate import PartialState
@@ -100,12 +235,22 @@ def score(args: argparse.Namespace) -> int:
     if args.bank and args.reference:
         print("error: give either --bank or --reference, not both", file=sys.stderr)
         return 2
+    calibration_options = (
+        args.calibration_normal,
+        args.calibration_anomalous,
+        args.calibration_masks,
+        args.false_alarm_rate,
+    )
+    if args.no_calibration and any(option is not None for option in calibration_options):
+        print("error: --no-calibration goes with no other calibration option", file=sys.stderr)
+        return 2
     try:
         output = prepare_output_file(args.output, "--output")
         heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
         if args.save_bank:
             prepare_output_file(args.save_bank, "--save-bank")
         previous = _previous_results(output) if args.resume else []
+        calibration_files = _read_calibration_files(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -120,6 +265,7 @@ def score(args: argparse.Namespace) -> int:
         model.compile_backbone()
     processor = model.image_processor()
 
+    references = None
     if args.bank:
         try:
             bank = model.check_bank(ReferenceBank.load(args.bank))
@@ -127,7 +273,6 @@ def score(args: argparse.Namespace) -> int:
             print(f"error: --bank {args.bank}: {error}", file=sys.stderr)
             return 2
     else:
-        references = None
         if args.reference:
             readable = readable_images(
                 expand_inputs(args.reference, "reference"), "reference", args.max_pixels
@@ -139,6 +284,21 @@ def score(args: argparse.Namespace) -> int:
             references = processor(images, return_tensors="pt").pixel_values
         with torch.no_grad():
             bank = model.build_reference_bank(references, class_name=args.class_name)
+    try:
+        bank, refusal, notes = _calibrate(model, processor, bank, references, calibration_files, args)
+    except ValueError as error:
+        print(f"error: calibration: {error}", file=sys.stderr)
+        return 2
+    if state.is_main_process:
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        if bank.calibration is not None:
+            print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
+        elif refusal is not None:
+            print(
+                f"not calibrated: {refusal}; --calibration-normal gives held-out normal images",
+                file=sys.stderr,
+            )
     if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
 
@@ -182,7 +342,18 @@ def score(args: argparse.Namespace) -> int:
         )
         return 130
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
+    if bank.calibration is not None:
+        print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
     return 0 if scored or not paths else 1
+
+
+def _verdict_summary(records: Sequence[dict]) -> str:
+    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`."""
+    labels = [record["label"] for record in records if "label" in record]
+    failed = labels.count("anomalous")
+    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed} pass"
+    unlabelled = len(records) - len(labels)
+    return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
 
 
 def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state) -> None:
@@ -192,7 +363,8 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
     from tqdm.auto import tqdm
 
     from hf_fsad.io import save_image_atomically
-    from hf_fsad.visualization import heatmap_overlay
+    from hf_fsad.pipeline import decision, resized_map
+    from hf_fsad.visualization import heatmap_overlay, outline_region
 
     with (
         open(share, "w") as sink,
@@ -210,11 +382,17 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
                     "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
                     "heatmap": None,
                 }
+                if bank.calibration is not None:
+                    record |= decision(result, index, bank.calibration)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
-                    overlay = heatmap_overlay(
-                        image, result.anomaly_maps[index].float().cpu().numpy(), args.heatmap_range
-                    )
+                    anomaly_map = result.anomaly_maps[index]
+                    overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
+                    calibration = bank.calibration
+                    if calibration is not None and calibration.pixel_threshold is not None:
+                        # the pipeline's mask: the map at the image's size above the pixel threshold
+                        at_image_size = torch.from_numpy(resized_map(anomaly_map, image.size))
+                        overlay = outline_region(overlay, calibration.masks(at_image_size).numpy())
                     save_image_atomically(overlay, target)
                     record["heatmap"] = str(target)
                 sink.write(json.dumps(record) + "\n")
@@ -420,6 +598,13 @@ def _pixel_limit(text: str) -> int | None:
     return value or None
 
 
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (e.g. 0.05 for 5 %), got {value}")
+    return value
+
+
 def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
     from hf_fsad.io import DEFAULT_MAX_PIXELS
 
@@ -459,6 +644,41 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar=("LOW", "HIGH"),
         help="scores at the ends of the colour scale (default: each map's own min and max)",
+    )
+    calibration = score_parser.add_argument_group(
+        "calibration",
+        "pass/fail decisions: a bank built from 2 or more --reference images is calibrated by scoring each "
+        "against the others (leave-one-out); the JSON lines then hold label, normalized_score and threshold",
+    )
+    calibration.add_argument(
+        "--false-alarm-rate",
+        type=_rate,
+        help=f"share of normal images allowed to fail (default {DEFAULT_FALSE_ALARM_RATE}; giving it asks "
+        "for a calibration)",
+    )
+    calibration.add_argument(
+        "--calibration-normal",
+        nargs="+",
+        metavar="PATH",
+        help="held-out normal images or directories to calibrate on (also calibrates a --bank)",
+    )
+    calibration.add_argument(
+        "--calibration-anomalous",
+        nargs="+",
+        metavar="PATH",
+        help="defective images: the threshold with the best F1 instead of the false-alarm rate",
+    )
+    calibration.add_argument(
+        "--calibration-masks",
+        nargs="+",
+        metavar="PATH",
+        help="a defect mask per --calibration-anomalous image, matched by file stem (000.png or "
+        "000_mask.png for 000.png): the pixel threshold with the best F1",
+    )
+    calibration.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="no decisions, only scores (a calibrated --bank's calibration is left out)",
     )
     score_parser.add_argument("--batch-size", type=int, default=8)
     score_parser.add_argument(

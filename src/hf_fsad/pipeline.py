@@ -1,10 +1,13 @@
-"""The `image-anomaly-detection` pipeline: images in, scores, maps and heatmap overlays out."""
+"""The `image-anomaly-detection` pipeline: images in, scores, maps and heatmap overlays out, and with a
+calibrated bank pass/fail decisions."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -13,11 +16,15 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .calibration import Calibration
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
-from .modeling_base import FsadPreTrainedModel, ReferenceBank
+from .modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"
+# The name of each calibrated label (`Calibration.labels`: 1 = anomalous).
+LABEL_NAMES = ("normal", "anomalous")
+logger = logging.getLogger(__name__)
 
 
 def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -32,6 +39,89 @@ def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     return to_rgb(image)
 
 
+def leave_one_out_refusal(model: FsadPreTrainedModel, num_references: int) -> str | None:
+    """Why `model.calibrate` cannot score `num_references` references leave-one-out, or None when it can."""
+    if model.saves_its_references:
+        return (
+            f"{type(model).__name__} keeps what it learnt from its normal images in its weights, so none can "
+            "be left out"
+        )
+    if num_references < 2:
+        return f"leave-one-out needs at least 2 reference images, got {num_references}"
+    return None
+
+
+def calibrate_reference_bank(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank,
+    calibrate: bool | Literal["auto"] = "auto",
+    *,
+    reference_pixel_values: torch.Tensor | None = None,
+    normal_pixel_values: torch.Tensor | None = None,
+    anomalous_pixel_values: torch.Tensor | None = None,
+    anomalous_masks: torch.Tensor | None = None,
+    false_alarm_rate: float = 0.05,
+    batch_size: int = 8,
+) -> tuple[ReferenceBank, str | None]:
+    """(`bank` calibrated by `model.calibrate`, None), or (`bank` as given, the reason) when
+    calibrate="auto" and it cannot be calibrated.
+
+    The normals are the held-out `normal_pixel_values` when given, else the references the bank was built
+    from alone (`reference_pixel_values`, no anomalous references), each scored against a bank of the
+    others. "auto" calibrates when there are normals to use; True, or calibration images, require a
+    calibration (a ValueError says why it is impossible); False returns the bank without one.
+    """
+    calibration_images = (normal_pixel_values, anomalous_pixel_values, anomalous_masks)
+    asked = calibrate is True or any(images is not None for images in calibration_images)
+    if calibrate is False:
+        if asked:
+            raise ValueError("Calibration images were given with calibrate=False.")
+        return dataclasses.replace(bank, calibration=None), None
+    if calibrate != "auto" and calibrate is not True:
+        raise ValueError(f'calibrate must be True, False or "auto", got {calibrate!r}.')
+    if normal_pixel_values is None:
+        num_references = 0 if reference_pixel_values is None else len(reference_pixel_values)
+        refusal = leave_one_out_refusal(model, num_references)
+        if refusal is not None:
+            if asked:
+                raise ValueError(
+                    f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal images."
+                )
+            return bank, refusal
+    calibrated = model.calibrate(
+        bank,
+        reference_pixel_values if normal_pixel_values is None else None,
+        normal_pixel_values=normal_pixel_values,
+        anomalous_pixel_values=anomalous_pixel_values,
+        anomalous_masks=anomalous_masks,
+        false_alarm_rate=false_alarm_rate,
+        # The references alone built the bank: the anomalous memory of a rebuilt bank is empty too.
+        bank_inputs={} if model.needs_anomalous_references else None,
+        batch_size=batch_size,
+    )
+    return calibrated, None
+
+
+def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) anomaly map resized bilinearly to `size` (width, height), as float32."""
+    width, height = size
+    resized = torch.nn.functional.interpolate(
+        anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
+    )[0, 0]
+    return resized.cpu().numpy().astype(np.float32)
+
+
+def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
+    """The calibrated decision on image `index` of a calibrated `output`: `label` ("anomalous" when the
+    score is above `threshold`, else "normal"), `normalized_score` (0.5 at the threshold) and `threshold`
+    (the raw image threshold)."""
+    return {
+        "label": LABEL_NAMES[int(output["labels"][index])],
+        "normalized_score": float(output["normalized_scores"][index]),
+        "threshold": calibration.image_threshold,
+    }
+
+
 class ImageAnomalyDetectionPipeline(Pipeline):
     """Score images for anomalies with any hf_fsad method.
 
@@ -39,10 +129,18 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     pipe = pipeline("image-anomaly-detection", model="path/or/hub-id")
     results = pipe(["query.png"], reference_images=["good1.png", "good2.png"], class_name="screw")
     results[0]["score"], results[0]["anomaly_map"], results[0]["heatmap"]
+    results[0]["label"], results[0]["normalized_score"], results[0]["mask"]   # with 2 or more references
     ```
     References are encoded once per call (or pass `reference_bank=` to reuse a saved bank). Each result has
     `score` (float), `anomaly_map` (float32 array at the image's own size, or None for image-level methods)
     and `heatmap` (PIL overlay, or None). `heatmap_range=(low, high)` fixes the colour scale.
+
+    With 2 or more references the bank is calibrated leave-one-out (`calibrate="auto"`, see
+    `build_reference_bank`), and with a calibrated bank each result also has `label` ("anomalous" or
+    "normal"), `normalized_score` (0.5 at the threshold), `threshold` (the raw image threshold) and `mask`
+    (bool array at the image's own size, the map above the pixel threshold; None without maps or pixel
+    threshold). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
+    asks for a calibration (`calibrate=True`: an error when it is impossible).
     """
 
     _load_processor = False
@@ -57,30 +155,94 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = self.model.image_processor()
 
+    def _pixel_values(self, images: Sequence[Any] | Any | None, name: str) -> torch.Tensor | None:
+        """Images (paths, URLs or PIL images; one or a sequence) as one batch of pixel values, or None."""
+        if images is None:
+            return None
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
+        images = [as_rgb_image(image) for image in images]
+        return self.image_processor(images, return_tensors="pt").pixel_values
+
     def build_reference_bank(
-        self, reference_images: Sequence[Any] | None = None, class_name: str | None = None
+        self,
+        reference_images: Sequence[Any] | None = None,
+        class_name: str | None = None,
+        calibrate: bool | Literal["auto"] = "auto",
+        false_alarm_rate: float = 0.05,
+        calibration_images: Sequence[Any] | None = None,
     ) -> ReferenceBank:
-        """Encode reference images (paths, URLs or PIL images) into the model's bank."""
-        pixel_values = None
-        if reference_images is not None:
-            if isinstance(reference_images, (str, bytes)) or not isinstance(reference_images, Sequence):
-                reference_images = [reference_images]
-            if len(reference_images) == 0:
-                raise ValueError(
-                    "reference_images is empty: give at least one normal image, or leave it out."
-                )
-            images = [as_rgb_image(image) for image in reference_images]
-            pixel_values = self.image_processor(images, return_tensors="pt").pixel_values
-        return self.model.build_reference_bank(pixel_values, class_name=class_name)
+        """Encode reference images (paths, URLs or PIL images) into the model's bank, calibrated.
+
+        calibrate="auto": calibrated for `false_alarm_rate` (the conformal threshold, see
+        `hf_fsad.calibration`) on `calibration_images` (held-out normal images) when given, else on the
+        references left out one at a time when there are 2 or more and the method allows it (not VTFusion);
+        otherwise not calibrated (logged at INFO). True: calibrated, or a ValueError saying why it cannot
+        be. False: never.
+        """
+        pixel_values = self._pixel_values(reference_images, "reference_images")
+        bank = self.model.build_reference_bank(pixel_values, class_name=class_name)
+        return self.calibrate_bank(
+            bank,
+            pixel_values,
+            calibrate,
+            false_alarm_rate=false_alarm_rate,
+            calibration_images=calibration_images,
+        )
+
+    def calibrate_bank(
+        self,
+        bank: ReferenceBank,
+        reference_pixel_values: torch.Tensor | None = None,
+        calibrate: bool | Literal["auto"] = "auto",
+        *,
+        false_alarm_rate: float = 0.05,
+        calibration_images: Sequence[Any] | None = None,
+    ) -> ReferenceBank:
+        """`bank` calibrated as `build_reference_bank` describes; `reference_pixel_values` are the references
+        it was built from (None for a saved bank: then only `calibration_images` can calibrate it)."""
+        bank, refusal = calibrate_reference_bank(
+            self.model,
+            bank,
+            calibrate,
+            reference_pixel_values=reference_pixel_values,
+            normal_pixel_values=self._pixel_values(calibration_images, "calibration_images"),
+            false_alarm_rate=false_alarm_rate,
+        )
+        if refusal is not None:
+            logger.info("Reference bank not calibrated: %s.", refusal)
+        return bank
 
     def _sanitize_parameters(
-        self, reference_images=None, reference_bank=None, class_name=None, heatmap_range=None
+        self,
+        reference_images=None,
+        reference_bank=None,
+        class_name=None,
+        heatmap_range=None,
+        calibrate=None,
+        false_alarm_rate=None,
+        calibration_images=None,
     ):
         if reference_bank is not None and reference_images is not None:
             raise ValueError("Give either reference_images or reference_bank, not both.")
+        if false_alarm_rate is not None and calibrate is None:
+            calibrate = True
+        calibration = {
+            name: value
+            for name, value in {
+                "calibrate": calibrate,
+                "false_alarm_rate": false_alarm_rate,
+                "calibration_images": calibration_images,
+            }.items()
+            if value is not None
+        }
         forward_params = {}
-        if reference_bank is None and (reference_images is not None or class_name is not None):
-            reference_bank = self.build_reference_bank(reference_images, class_name)
+        if reference_bank is None and (reference_images is not None or class_name is not None or calibration):
+            reference_bank = self.build_reference_bank(reference_images, class_name, **calibration)
+        elif reference_bank is not None and calibration:
+            reference_bank = self.calibrate_bank(reference_bank, **calibration)
         if reference_bank is not None:
             forward_params["reference_bank"] = reference_bank
         postprocess_params = {"heatmap_range": heatmap_range} if heatmap_range is not None else {}
@@ -94,26 +256,28 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         self, model_inputs: dict[str, Any], reference_bank: ReferenceBank | None = None
     ) -> dict[str, Any]:
         output = self.model(model_inputs["pixel_values"], reference_bank=reference_bank)
-        return {"output": output, "image": model_inputs["image"]}
+        calibration = None if reference_bank is None else reference_bank.calibration
+        return {"output": output, "image": model_inputs["image"], "calibration": calibration}
 
     def postprocess(self, model_outputs: dict[str, Any], heatmap_range=None) -> dict[str, Any]:
+        # The pipeline hands the output back as a plain ModelOutput, which drops the fields that are None.
         output, image = model_outputs["output"], model_outputs["image"]
+        branch_scores = output.get("branch_scores", {})
         result = {
-            "score": float(output.image_scores[0]),
-            "branch_scores": {name: float(value[0]) for name, value in (output.branch_scores or {}).items()},
+            "score": float(output["image_scores"][0]),
+            "branch_scores": {name: float(value[0]) for name, value in branch_scores.items()},
             "anomaly_map": None,
             "heatmap": None,
         }
-        if output.anomaly_maps is not None:
-            width, height = image.size
-            anomaly_map = torch.nn.functional.interpolate(
-                output.anomaly_maps[:1, None].float(),
-                size=(height, width),
-                mode="bilinear",
-                align_corners=False,
-            )[0, 0]
-            result["anomaly_map"] = anomaly_map.cpu().numpy().astype(np.float32)
+        if "anomaly_maps" in output:
+            result["anomaly_map"] = resized_map(output["anomaly_maps"][0], image.size)
             result["heatmap"] = heatmap_overlay(image, result["anomaly_map"], heatmap_range)
+        calibration = model_outputs["calibration"]
+        if calibration is not None:
+            result |= decision(output, 0, calibration)
+            anomaly_map = result["anomaly_map"]
+            mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
+            result["mask"] = None if mask is None else mask.numpy()
         return result
 
 

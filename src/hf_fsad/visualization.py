@@ -46,6 +46,23 @@ def heatmap_overlay(
     return Image.fromarray(overlay)
 
 
+def outline_region(
+    image: Image.Image, region: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255), width: int = 2
+) -> Image.Image:
+    """`image` with the inner border of `region` (bool (H, W) at the image's size), `width` pixels wide,
+    drawn in `colour` (white stands out on a jet heatmap); the region's pixels off the border are kept."""
+    region = np.asarray(region, dtype=bool)
+    if region.shape != (image.height, image.width):
+        raise ValueError(f"region has shape {region.shape}, the image is {image.height}x{image.width}.")
+    inner = region
+    for _ in range(width):  # erosion by the 4-neighbourhood; outside the image counts as outside the region
+        padded = np.pad(inner, 1)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    pixels = np.array(image.convert("RGB"))
+    pixels[region & ~inner] = colour
+    return Image.fromarray(pixels)
+
+
 def resize_center_crop(
     image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
 ) -> Image.Image:

@@ -1,0 +1,272 @@
+"""`hf-fsad score` with calibrated decisions: labels in the JSON lines, the calibration kept in saved banks,
+held-out and anomalous calibration files, and runs that cannot be calibrated."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_fsad.cli import main
+from hf_fsad.data.toy import toy_records
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from hf_fsad.visualization import mask_array, outline_region
+
+UNCALIBRATED_KEYS = {"path", "score", "branch_scores", "heatmap"}
+CALIBRATED_KEYS = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold"}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """refs/ (3 normal), held_out/ (3 normal), defects/ (2 anomalous) with masks/ (`<stem>_mask.png`) and
+    queries/ (2 good, 2 anomalous), as PNG files."""
+    root = tmp_path_factory.mktemp("calibration_files")
+    splits = toy_records("stripes", num_train=6, num_test_good=2, num_test_anomalous=4, seed=4)
+    folders = {name: root / name for name in ("refs", "held_out", "defects", "masks", "queries")}
+    for folder in folders.values():
+        folder.mkdir()
+    for index, example in enumerate(splits["train"]):
+        example.image.save(folders["refs" if index < 3 else "held_out"] / f"normal{index}.png")
+    good = [example for example in splits["test"] if example.mask is None]
+    defective = [example for example in splits["test"] if example.mask is not None]
+    for index, example in enumerate(defective[:2]):
+        example.image.save(folders["defects"] / f"{index:03d}.png")
+        example.mask.save(folders["masks"] / f"{index:03d}_mask.png")
+    for index, example in enumerate([*good, *defective[2:]]):
+        example.image.save(folders["queries"] / f"{example.defect_type}{index}.png")
+    return folders
+
+
+def _read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _pixels(model, folder):
+    images = [Image.open(path).convert("RGB") for path in sorted(folder.iterdir())]
+    return model.image_processor()(images, return_tensors="pt").pixel_values
+
+
+def _score(model_dir, files, tmp_path, *options):
+    output = tmp_path / "results.jsonl"
+    status = main(["score", "--model", model_dir, "--output", str(output), str(files["queries"]), *options])
+    return status, (_read(output) if status == 0 else None)
+
+
+def _assert_verdicts(records, calibration, errors):
+    assert all(set(record) == CALIBRATED_KEYS for record in records)
+    assert all(record["threshold"] == calibration.image_threshold for record in records)
+    scores = torch.tensor([record["score"] for record in records])
+    assert [record["label"] for record in records] == [
+        "anomalous" if score > calibration.image_threshold else "normal" for score in scores.double().tolist()
+    ]
+    # the JSON score is the float32 score the model normalised, through the same function: exact
+    assert [record["normalized_score"] for record in records] == calibration.normalize(scores).tolist()
+    failed = sum(record["label"] == "anomalous" for record in records)
+    assert f"{len(records)} images: {failed} fail (anomalous), {len(records) - failed} pass" in errors
+    assert f"calibration: {calibration.describe()}" in errors
+
+
+def test_references_are_calibrated_leave_one_out_and_the_bank_keeps_it(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    bank_path = tmp_path / "bank.safetensors"
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", str(files["refs"]), "--save-bank", str(bank_path)
+    )
+    assert status == 0
+    errors = capsys.readouterr().err
+    calibration = ReferenceBank.load(bank_path).calibration
+    assert (calibration.normal_source, calibration.num_normal, calibration.rule) == (
+        "leave_one_out", 3, "false_alarm_rate"
+    )  # fmt: skip
+    _assert_verdicts(records, calibration, errors)
+    # both verdicts occur (fixed seeds), so the label check tells them apart
+    assert {record["label"] for record in records} == {"normal", "anomalous"}
+    # 3 normals cannot reach 5 %: the warning says so on one line
+    assert "warning: 3 normal scores cannot guarantee a false-alarm rate of 5.0%" in errors
+    # the threshold is model.calibrate's on the same references (leave-one-out scores each image alone: exact)
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
+    references = _pixels(model, files["refs"])
+    with torch.no_grad():
+        expected = model.calibrate(model.build_reference_bank(references), references).calibration
+    assert calibration == expected
+
+    # the saved bank scores the same verdicts again
+    status, reused = _score(saved_winclip_dir, files, tmp_path, "--bank", str(bank_path))
+    assert status == 0 and reused == records
+
+
+def test_a_saved_bank_is_calibrated_on_held_out_normals(saved_winclip_dir, files, tmp_path, capsys):
+    plain, calibrated = tmp_path / "plain.safetensors", tmp_path / "calibrated.safetensors"
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--no-calibration", "--save-bank", str(plain),
+    )  # fmt: skip
+    assert status == 0 and all(set(record) == UNCALIBRATED_KEYS for record in records)
+    assert ReferenceBank.load(plain).calibration is None
+    errors = capsys.readouterr().err
+    assert "calibration" not in errors and "fail (anomalous)" not in errors
+
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--bank", str(plain), "--calibration-normal", str(files["held_out"]),
+        "--false-alarm-rate", "0.25", "--save-bank", str(calibrated),
+    )  # fmt: skip
+    assert status == 0
+    calibration = ReferenceBank.load(calibrated).calibration
+    assert (calibration.normal_source, calibration.num_normal) == ("held_out", 3)
+    assert calibration.target_false_alarm_rate == 0.25
+    _assert_verdicts(records, calibration, capsys.readouterr().err)
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
+    with torch.no_grad():
+        held_out = model(_pixels(model, files["held_out"]), reference_bank=ReferenceBank.load(plain))
+    # 3 normals at 25 %: j = ceil(4 * 0.75) = 3, the largest score (the CLI scores the 3 in one batch too)
+    assert calibration.image_threshold == held_out.image_scores.max().item()
+
+    # --no-calibration leaves a calibrated bank's calibration out
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path, "--bank", str(calibrated), "--no-calibration"
+    )
+    assert status == 0 and all(set(record) == UNCALIBRATED_KEYS for record in records)
+
+
+def test_anomalous_images_and_masks_give_best_f1_thresholds(saved_winclip_dir, files, tmp_path, capsys):
+    bank_path = tmp_path / "bank.safetensors"
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]),
+        "--calibration-masks", str(files["masks"]), "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0
+    calibration = ReferenceBank.load(bank_path).calibration
+    assert (calibration.rule, calibration.pixel_rule, calibration.num_anomalous) == ("best_f1", "best_f1", 2)
+    _assert_verdicts(records, calibration, capsys.readouterr().err)
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
+    references = _pixels(model, files["refs"])
+    size = model.config.image_size
+    masks = torch.stack(
+        [torch.from_numpy(mask_array(Image.open(path), size)) for path in sorted(files["masks"].iterdir())]
+    )
+    with torch.no_grad():
+        expected = model.calibrate(
+            model.build_reference_bank(references),
+            references,
+            anomalous_pixel_values=_pixels(model, files["defects"]),
+            anomalous_masks=masks,
+        ).calibration
+    assert calibration == expected
+
+
+def test_one_reference_is_reported_and_scored_uncalibrated(saved_winclip_dir, files, tmp_path, capsys):
+    one = str(files["refs"] / "normal0.png")
+    status, records = _score(saved_winclip_dir, files, tmp_path, "--reference", one)
+    assert status == 0 and all(set(record) == UNCALIBRATED_KEYS for record in records)
+    errors = capsys.readouterr().err
+    assert "not calibrated: leave-one-out needs at least 2 reference images, got 1;" in errors
+    assert "fail (anomalous)" not in errors
+    # asked for explicitly, the same calibration stops the run
+    status, _ = _score(saved_winclip_dir, files, tmp_path, "--reference", one, "--false-alarm-rate", "0.1")
+    assert status == 2
+    assert "error: calibration: Cannot calibrate by leave-one-out: leave-one-out needs at least 2" in (
+        capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--calibration-masks", "{masks}"], "--calibration-masks needs --calibration-anomalous"),
+        (
+            ["--calibration-anomalous", "{defects}", "--calibration-masks", "{masks}/000_mask.png"],
+            "--calibration-masks has no mask for {defects}/001.png",
+        ),
+        (
+            ["--calibration-anomalous", "{defects}/000.png", "--calibration-masks", "{masks}"],
+            "--calibration-masks {masks}/001_mask.png match no --calibration-anomalous image",
+        ),
+        (
+            ["--calibration-anomalous", "{defects}/000.png", "--calibration-masks", "{masks}/000_mask.png",
+             "{defects}/000.png"],
+            "--calibration-masks {masks}/000_mask.png and {defects}/000.png both match the image stem '000'",
+        ),
+        (["--calibration-normal", "{broken}"], "--calibration-normal {broken}: not an image PIL can read"),
+        (["--calibration-normal", "{empty}"], "--calibration-normal holds no image files"),
+        (["--calibration-normal", "{held_out}", "--no-calibration"], "--no-calibration goes with no other"),
+    ],
+)
+def test_calibration_files_that_cannot_be_used_stop_the_run(
+    saved_winclip_dir, files, tmp_path, capsys, options, message
+):
+    (tmp_path / "broken.png").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    paths = {name: str(folder) for name, folder in files.items()}
+    paths |= {"broken": str(tmp_path / "broken.png"), "empty": str(tmp_path / "empty")}
+    status, _ = _score(saved_winclip_dir, files, tmp_path, *(option.format(**paths) for option in options))
+    assert status == 2
+    assert f"error: {message.format(**paths)}" in capsys.readouterr().err
+
+
+def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normals(
+    files, tmp_path, capsys
+):
+    from test_vtfusion import make_tiny_vtfusion
+
+    model = make_tiny_vtfusion()
+    model.fit([Image.open(path) for path in sorted(files["refs"].iterdir())], class_name="tile", steps=1)
+    model.save_pretrained(tmp_path / "vtfusion")
+    status, records = _score(str(tmp_path / "vtfusion"), files, tmp_path)
+    assert status == 0 and all(set(record) == UNCALIBRATED_KEYS for record in records)
+    errors = capsys.readouterr().err
+    assert "not calibrated: VtFusionModel keeps what it learnt from its normal images" in errors
+    status, records = _score(
+        str(tmp_path / "vtfusion"), files, tmp_path, "--calibration-normal", str(files["held_out"])
+    )
+    assert status == 0 and all(set(record) == CALIBRATED_KEYS for record in records)
+
+
+def test_outline_region_draws_the_inner_border():
+    image = Image.new("RGB", (8, 6), (10, 20, 30))
+    region = np.zeros((6, 8), dtype=bool)
+    region[1:5, 2:7] = True  # a 4 x 5 block inside the image
+    region[3:6, 0] = True  # a strip on the image's edge: its pixels are all border
+    drawn = np.asarray(outline_region(image, region, colour=(255, 0, 0), width=1))
+    expected_border = region.copy()
+    expected_border[2:4, 3:6] = False  # the block's interior
+    assert ((drawn == (255, 0, 0)).all(axis=-1) == expected_border).all()
+    assert (drawn[~expected_border] == (10, 20, 30)).all()
+    # width 2 also takes the ring inside: the block's interior (2 x 3) has no pixel two steps from outside
+    wide = np.asarray(outline_region(image, region, colour=(255, 0, 0), width=2))
+    assert ((wide == (255, 0, 0)).all(axis=-1) == region).all()
+
+
+def test_heatmaps_outline_the_pipeline_mask(saved_winclip_dir, files, tmp_path):
+    from transformers import pipeline
+
+    bank_path = tmp_path / "bank.safetensors"
+    common = ["--batch-size", "1"]
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", str(files["refs"]), "--save-bank", str(bank_path),
+        "--heatmaps", str(tmp_path / "outlined"), *common,
+    )  # fmt: skip
+    assert status == 0
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--bank", str(bank_path), "--no-calibration",
+        "--heatmaps", str(tmp_path / "plain"), *common,
+    )  # fmt: skip
+    assert status == 0
+    pipe = pipeline("image-anomaly-detection", model=saved_winclip_dir)
+    queries = sorted(files["queries"].iterdir())
+    # one image per forward in both, through the same model: the same maps, so the same masks
+    results = pipe(list(map(str, queries)), reference_bank=ReferenceBank.load(bank_path))
+    outlined_pixels = 0
+    for query, result in zip(queries, results, strict=True):
+        name = f"{query.stem}.heatmap.png"
+        plain = Image.open(tmp_path / "plain" / name)
+        outlined = np.asarray(Image.open(tmp_path / "outlined" / name))
+        np.testing.assert_array_equal(outlined, np.asarray(outline_region(plain, result["mask"])))
+        outlined_pixels += int((outlined != np.asarray(plain)).any(axis=-1).sum())
+    assert outlined_pixels > 0
