@@ -143,14 +143,9 @@ def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[Re
     """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
     defective references (best F1), with its `describe()` line; or the bank as it is and why not."""
     held_out_defects = {} if model.needs_anomalous_references else defects
-    reason = None
-    if model.saves_its_references:
-        reason = (
-            f"{model.config.model_type} keeps what it learnt from its references in its weights, so they "
-            "cannot be scored leave-one-out, and a threshold needs normal images it has not seen."
-        )
-    elif reference_pixels is None or len(reference_pixels) < 2:
-        reason = "a threshold needs at least 2 normal references, each scored against a bank of the others."
+    reason = model.leave_one_out_refusal(0 if reference_pixels is None else len(reference_pixels))
+    if reason is not None:
+        reason = f"{reason[0].upper()}{reason[1:]}: a threshold needs normal images the bank does not hold."
     else:
         try:
             bank = model.calibrate(bank, reference_pixels, bank_inputs=in_bank, **held_out_defects)

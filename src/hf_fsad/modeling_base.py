@@ -520,26 +520,30 @@ class FsadPreTrainedModel(PreTrainedModel):
         ]
         return _concatenated(outputs)
 
+    def leave_one_out_refusal(self, num_references: int) -> str | None:
+        """Why `calibrate` cannot score `num_references` references leave-one-out; None when it can."""
+        if self.saves_its_references:
+            return (
+                f"{type(self).__name__} keeps what it learnt from its normal images in its weights, so none can "
+                "be left out (it would be refitted once per reference)"
+            )
+        if num_references < 2:
+            return f"leave-one-out needs at least 2 reference images, got {num_references}"
+        return None
+
     def _leave_one_out(
         self, bank: ReferenceBank, features: dict[str, torch.Tensor], bank_inputs: dict | None
     ) -> AnomalyDetectionOutput:
         """Each reference scored against a bank built from the others, with `bank`'s `validated_tensors`."""
-        if self.saves_its_references:
-            raise ValueError(
-                f"{type(self).__name__} keeps what it learnt from its references in its weights: leave-one-out "
-                "would refit it once per reference. Give held-out normal images (normal_pixel_values)."
-            )
+        k = next(iter(features.values())).shape[0]
+        refusal = self.leave_one_out_refusal(k)
+        if refusal is not None:
+            raise ValueError(f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values.")
         if self.needs_anomalous_references and bank_inputs is None:
             raise ValueError(
                 f"{type(self).__name__} builds its bank with anomalous references too: pass the arguments the "
                 "bank was built with (anomalous_pixel_values or anomalous_features, anomalous_masks) in "
                 "bank_inputs ({} if it had none), or give held-out normal_pixel_values."
-            )
-        k = next(iter(features.values())).shape[0]
-        if k < 2:
-            raise ValueError(
-                "Leave-one-out calibration needs at least 2 references (with 1 the others are none): give more "
-                "references or held-out normal images (normal_pixel_values)."
             )
         outputs, bank_inputs = [], bank_inputs or {}
         for index in range(k):

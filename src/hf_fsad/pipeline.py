@@ -39,18 +39,6 @@ def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     return to_rgb(image)
 
 
-def leave_one_out_refusal(model: FsadPreTrainedModel, num_references: int) -> str | None:
-    """Why `model.calibrate` cannot score `num_references` references leave-one-out, or None when it can."""
-    if model.saves_its_references:
-        return (
-            f"{type(model).__name__} keeps what it learnt from its normal images in its weights, so none can "
-            "be left out"
-        )
-    if num_references < 2:
-        return f"leave-one-out needs at least 2 reference images, got {num_references}"
-    return None
-
-
 def calibrate_reference_bank(
     model: FsadPreTrainedModel,
     bank: ReferenceBank,
@@ -81,7 +69,7 @@ def calibrate_reference_bank(
         raise ValueError(f'calibrate must be True, False or "auto", got {calibrate!r}.')
     if normal_pixel_values is None:
         num_references = 0 if reference_pixel_values is None else len(reference_pixel_values)
-        refusal = leave_one_out_refusal(model, num_references)
+        refusal = model.leave_one_out_refusal(num_references)
         if refusal is not None:
             if asked:
                 raise ValueError(
