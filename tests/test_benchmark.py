@@ -487,3 +487,127 @@ def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip,
     value = cell(results, k=0)["metrics"]["pixel_auroc"]
     assert value == pytest.approx(pixel_auroc(cropped, maps), abs=1e-9)  # the same numbers, one summation
     assert abs(pixel_auroc(squashed, maps) - value) > 1e-3  # squashed masks would have scored otherwise
+
+
+def test_cells_record_decisions_at_their_calibrated_threshold(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    model = make_winclip()
+    # 3 references: 3 leave-one-out normals reach the 25 % rate (rank ceil(4 x 0.75) = 3, bound 1/4)
+    protocol = Protocol(false_alarm_rate=0.25)
+    results = run_benchmark(
+        {"winclip": model}, [SPEC], ks=[0, 1, 3], seeds=[0], out_dir=tmp_path, protocol=protocol
+    )
+
+    calibrated = cell(results, k=3)
+    calibration = calibrated["calibration"]
+    assert calibration["normal_source"] == "leave_one_out" and calibration["num_normal"] == 3
+    assert calibrated["false_alarm_bound"] == calibration["false_alarm_bound"] == 0.25
+    assert calibrated["target_false_alarm_rate"] == 0.25 and calibrated["calibration_note"] is None
+    # The runner's threshold is the one model.calibrate gives the cell's references directly.
+    data = load_benchmark("toy", category="stripes", **TOY)
+    train = data["train"]
+    chosen = train.select([train["path"].index(i) for i in calibrated["reference_ids"]])
+    pixels = model.image_processor()([im.convert("RGB") for im in chosen["image"]], return_tensors="pt")
+    with torch.no_grad():
+        bank = model.build_reference_bank(pixels.pixel_values, class_name="textured surface")
+        direct = model.calibrate(bank, pixels.pixel_values, false_alarm_rate=0.25).calibration
+    # features encoded in the runner's batches vs all at once: float32 rounding (~1e-7 rel), 1e-5 bound
+    assert calibration["image_threshold"] == pytest.approx(direct.image_threshold, rel=1e-5)
+
+    # F1, false-alarm and miss rates of the saved scores at the stored threshold, by hand: exact
+    scores, labels = calibrated["image_scores"], data["test"]["label"]
+    flagged = [score > calibration["image_threshold"] for score in scores]
+    pairs = list(zip(flagged, labels))
+    true_positives, false_positives = pairs.count((True, 1)), pairs.count((True, 0))
+    misses, normals = pairs.count((False, 1)), labels.count(0)
+    assert calibrated["calibrated_f1"] == 2 * true_positives / (2 * true_positives + false_positives + misses)
+    assert calibrated["false_alarm_rate"] == false_positives / normals
+    assert calibrated["miss_rate"] == misses / labels.count(1)
+
+    for k, reason in ((0, "zero-shot: no references"), (1, "1 normal reference: leave-one-out needs 2")):
+        uncalibrated = cell(results, k=k)
+        assert uncalibrated["calibration"] is None
+        assert (
+            uncalibrated["calibration_note"]
+            == f"{reason}, and no validation normals (Protocol.num_validation, --validation)"
+        )
+        assert uncalibrated["calibrated_f1"] is uncalibrated["false_alarm_rate"] is None
+        assert uncalibrated["metrics"]["image_auroc"] is not None  # the threshold-free metrics stay
+
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "| method | k | image_auroc | calibrated_f1 | false_alarm_rate | false_alarm_bound | image_auprc |"
+        in table
+    )
+    f1, far = 100 * calibrated["calibrated_f1"], 100 * calibrated["false_alarm_rate"]
+    assert (
+        f"| winclip | 3 | {100 * calibrated['metrics']['image_auroc']:.1f} | {f1:.1f} | {far:.1f} | 25.0 |"
+        in table
+    )
+    assert "| winclip | 1 | " in table and "conformal threshold for a false-alarm rate of 25.0%" in table
+    assert "set on the k references scored leave-one-out (banks of k - 1 references)" in table
+    assert "- winclip k=1: 1 normal reference: leave-one-out needs 2" in table
+
+
+def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    protocol = Protocol(num_validation=2, false_alarm_rate=0.4)
+    results = run_benchmark(
+        {"winclip": make_winclip()}, [SPEC], ks=[1], seeds=[0], out_dir=tmp_path, protocol=protocol
+    )
+    (one_shot,) = results["cells"]
+    calibration = one_shot["calibration"]
+    assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
+    # 2 held-out normals at 40 %: rank ceil(3 x 0.6) = 2, the higher one; the bound (2 - 2 + 1) / 3
+    assert one_shot["false_alarm_bound"] == pytest.approx(1 / 3)
+    assert one_shot["calibration_note"] is None
+
+
+def test_a_rerun_at_another_false_alarm_rate_recalibrates_from_the_cache(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    first = run_benchmark({"winclip": make_winclip()}, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
+    model = make_winclip()
+    encoder = CountingEncoder(model)
+    same = run_benchmark({"winclip": model}, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
+    assert same["skipped_cells"] == 1 and same["cells"] == first["cells"]
+    looser = run_benchmark(
+        {"winclip": model},
+        [SPEC],
+        ks=[2],
+        seeds=[0],
+        out_dir=tmp_path,
+        protocol=Protocol(false_alarm_rate=0.7),
+    )
+    assert looser["skipped_cells"] == 0 and encoder.count == 0  # recalibrated on the cached features
+    (old,), (new,) = first["cells"], looser["cells"]
+    assert new["image_scores"] == old["image_scores"]
+    # 2 leave-one-out normals: at 5 % the higher one (rank ceil(3 x 0.95) = 3, capped at 2; bound 1/3), at
+    # 70 % the lower one (rank ceil(3 x 0.3) = 1; bound 2/3)
+    assert (old["target_false_alarm_rate"], new["target_false_alarm_rate"]) == (0.05, 0.7)
+    assert (old["false_alarm_bound"], new["false_alarm_bound"]) == (
+        pytest.approx(1 / 3),
+        pytest.approx(2 / 3),
+    )
+    assert new["calibration"]["image_threshold"] < old["calibration"]["image_threshold"]
+
+
+def test_decision_columns_average_categories_then_seeds():
+    metrics = {"image_auroc": 0.8, "image_auprc": 0.7, "image_f1_max": 0.6}
+    metrics |= {name: None for name in ("pixel_auroc", "pixel_auprc", "pixel_f1_max", "pixel_aupro")}
+    calibration = {"target_false_alarm_rate": 0.05, "normal_source": "leave_one_out"}
+    cells = [
+        {"method": "m", "dataset": "elpv", "category": c, "k": 2, "seed": s, "metrics": metrics,
+         "calibration": calibration, "calibration_note": None, "calibrated_f1": f1, "false_alarm_rate": far,
+         "false_alarm_bound": 1 / 3}
+        for c, s, f1, far in (("mono", 0, 0.5, 0.1), ("poly", 0, 0.7, 0.3), ("mono", 1, 0.4, 0.0), ("poly", 1, 0.4, 0.0))
+    ]  # fmt: skip
+    table = results_markdown(
+        {"cells": cells, "feature_cache": {"hits": 3, "misses": 1, "hit_rate": 0.75}, "wall_seconds": 5}
+    )
+    # F1 per seed: 0.6 and 0.4 -> 50.0 ± 14.1; false alarms 0.2 and 0.0 -> 10.0 ± 14.1; bound 33.3 each
+    assert (
+        "| m | 2 | 80.0 ± 0.0 | 50.0 ± 14.1 | 10.0 ± 14.1 | 33.3 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in table
+    )
