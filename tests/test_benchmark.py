@@ -561,7 +561,7 @@ def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tm
     calibration = one_shot["calibration"]
     assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
     # 2 held-out normals at 40 %: rank ceil(3 x 0.6) = 2, the higher one; the bound (2 - 2 + 1) / 3
-    assert one_shot["false_alarm_bound"] == pytest.approx(1 / 3)
+    assert one_shot["false_alarm_bound"] == 1 / 3
     assert one_shot["calibration_note"] is None
 
 
@@ -587,10 +587,7 @@ def test_a_rerun_at_another_false_alarm_rate_recalibrates_from_the_cache(make_wi
     # 2 leave-one-out normals: at 5 % the higher one (rank ceil(3 x 0.95) = 3, capped at 2; bound 1/3), at
     # 70 % the lower one (rank ceil(3 x 0.3) = 1; bound 2/3)
     assert (old["target_false_alarm_rate"], new["target_false_alarm_rate"]) == (0.05, 0.7)
-    assert (old["false_alarm_bound"], new["false_alarm_bound"]) == (
-        pytest.approx(1 / 3),
-        pytest.approx(2 / 3),
-    )
+    assert (old["false_alarm_bound"], new["false_alarm_bound"]) == (1 / 3, 2 / 3)
     assert new["calibration"]["image_threshold"] < old["calibration"]["image_threshold"]
 
 
@@ -611,3 +608,14 @@ def test_decision_columns_average_categories_then_seeds():
     assert (
         "| m | 2 | 80.0 ± 0.0 | 50.0 ± 14.1 | 10.0 ± 14.1 | 33.3 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |" in table
     )
+
+
+def test_cli_benchmark_false_alarm_rate(saved_winclip_dir, tmp_path, capsys):
+    arguments = ["benchmark", "--methods", f"w={saved_winclip_dir}", "--datasets", "toy::grid", "--k", "2"]
+    arguments += ["--seeds", "0", "--out", str(tmp_path)]
+    assert main([*arguments, "--false-alarm-rate", "1.5"]) == 2
+    assert "false_alarm_rate must lie in (0, 1), got 1.5." in capsys.readouterr().err
+    assert main([*arguments, "--false-alarm-rate", "0.7"]) == 0
+    scored = cell(json.loads((tmp_path / "results.json").read_text()), method="w")
+    # 2 leave-one-out normals at 70 %: the lower one (rank ceil(3 x 0.3) = 1), bound 2/3
+    assert scored["target_false_alarm_rate"] == 0.7 and scored["false_alarm_bound"] == 2 / 3
