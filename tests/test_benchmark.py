@@ -619,3 +619,42 @@ def test_cli_benchmark_false_alarm_rate(saved_winclip_dir, tmp_path, capsys):
     scored = cell(json.loads((tmp_path / "results.json").read_text()), method="w")
     # 2 leave-one-out normals at 70 %: the lower one (rank ceil(3 x 0.3) = 1), bound 2/3
     assert scored["target_false_alarm_rate"] == 0.7 and scored["false_alarm_bound"] == 2 / 3
+
+
+class FlippedReferences:
+    """A `ReferenceGenerator` that adds each normal reference flipped left to right."""
+
+    count = 2
+
+    def generate(self, normal_images, class_name, seed):
+        return [image.transpose(0) for image in normal_images]  # PIL's FLIP_LEFT_RIGHT
+
+
+def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_only(make_winclip, tmp_path):
+    """Leave-one-out would be biased where the references shaped more than the bank: a model fitted on all of
+    them (VTFusion) or references generated from all of them; held-out validation normals are not."""
+    from hf_fsad.evaluation import Protocol
+    from test_vtfusion import make_tiny_vtfusion
+
+    def only_cell(model, out: str, **arguments) -> dict:
+        results = run_benchmark(model, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path / out, **arguments)
+        (found,) = results["cells"]
+        return found
+
+    fitted = {"vtfusion": make_tiny_vtfusion()}
+    fit = {"fit_arguments": {"steps": 1}}
+    without = only_cell(fitted, "fitted", **fit)
+    assert without["calibration"] is None and without["calibration_note"] == (
+        "VtFusionModel is fitted on all 2 references: leave-one-out would refit it per reference, and no "
+        "validation normals (Protocol.num_validation, --validation)"
+    )
+    with_validation = only_cell(fitted, "validated", protocol=Protocol(num_validation=2), **fit)
+    calibration = with_validation["calibration"]
+    assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
+    assert with_validation["calibrated_f1"] is not None and with_validation["false_alarm_bound"] == 1 / 3
+
+    generated = only_cell({"winclip": make_winclip()}, "generated", generated_references=FlippedReferences())
+    assert generated["generated_references"] == 2 and generated["calibration"] is None
+    assert generated["calibration_note"].startswith(
+        "the generated references are made from all 2: leaving one out keeps its copies"
+    )

@@ -357,7 +357,7 @@ def _calibration_normals(
     if model.fits_per_category or model.saves_its_references:
         obstacle = f"{name} is fitted on all {k} references: leave-one-out would refit it per reference"
     elif generated:
-        obstacle = f"{generated} generated references are made from all {k}: leaving one out keeps its copies"
+        obstacle = f"the generated references are made from all {k}: leaving one out keeps its copies"
     elif k < 2:
         obstacle = "zero-shot: no references" if k == 0 else "1 normal reference: leave-one-out needs 2"
     else:
