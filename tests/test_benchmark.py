@@ -547,7 +547,7 @@ def test_cells_record_decisions_at_their_calibrated_threshold(make_winclip, tmp_
     )
     assert "| winclip | 1 | " in table and "conformal threshold for a false-alarm rate of 25.0%" in table
     assert "set on the k references scored leave-one-out (banks of k - 1 references)" in table
-    assert "- winclip k=1: 1 normal reference: leave-one-out needs 2" in table
+    assert "- winclip k=1 (not calibrated): 1 normal reference: leave-one-out needs 2" in table
 
 
 def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tmp_path):
@@ -652,6 +652,10 @@ def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_onl
     calibration = with_validation["calibration"]
     assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
     assert with_validation["calibrated_f1"] is not None and with_validation["false_alarm_bound"] == 1 / 3
+    # 2 normals cannot reach 5 %: calibrate's warning is the cell's note, not a line per cell on the console
+    assert with_validation["calibration_note"].startswith(
+        "2 normal scores cannot guarantee a false-alarm rate of 5.0%: the threshold (their maximum) guarantees"
+    )
 
     generated = only_cell({"winclip": make_winclip()}, "generated", generated_references=FlippedReferences())
     assert generated["generated_references"] == 2 and generated["calibration"] is None

@@ -80,7 +80,7 @@ def _value(cell: dict, name: str) -> float | None:
 
 
 def _calibration_lines(cells: list[dict]) -> list[str]:
-    """What the calibrated columns mean and promise, and why the cells without them have none."""
+    """What the calibrated columns mean and promise; why cells have no calibration, or what limits it."""
     calibrations = [cell["calibration"] for cell in cells if cell.get("calibration")]
     lines = []
     if calibrations:
@@ -102,15 +102,17 @@ def _calibration_lines(cells: list[dict]) -> list[str]:
             "1 / (normals + 1))."
         )
         lines += ["", explanation]
-    reasons = sorted(
-        {
-            (cell["method"], shots_label(cell["k"], cell.get("anomalous", 0)), cell["calibration_note"])
-            for cell in cells
-            if cell.get("calibration_note")
-        }
-    )
-    if reasons:
-        lines += ["", "Not calibrated:", *(f"- {method} k={k}: {note}" for method, k, note in reasons)]
+    notes = {
+        (cell["method"], shots_label(cell["k"], cell.get("anomalous", 0)), not cell.get("calibration"), note)
+        for cell in cells
+        if (note := cell.get("calibration_note"))
+    }
+    if notes:
+        lines += ["", "Calibration notes:"]
+        lines += [
+            f"- {method} k={k}{' (not calibrated)' if uncalibrated else ''}: {note}"
+            for method, k, uncalibrated, note in sorted(notes)
+        ]
     return lines
 
 

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,14 +380,20 @@ def _calibrate(
     batch_size: int,
 ) -> tuple[ReferenceBank, dict]:
     """The bank calibrated on `normals` (from `_calibration_normals`; None: left uncalibrated, `note` says
-    why) and the cell's calibration record."""
-    record = {"target_false_alarm_rate": protocol.false_alarm_rate, "calibration_note": note}
+    why) and the cell's calibration record. Warnings of the calibration (too few normals for the rate asked)
+    become the cell's note, so a run of many cells reports them in its table rather than once per cell."""
+    record = {"target_false_alarm_rate": protocol.false_alarm_rate}
     if normals is None:
-        return bank, record | {"calibration": None, "calibration_seconds": None}
-    started = time.perf_counter()
-    bank = model.calibrate(bank, false_alarm_rate=protocol.false_alarm_rate, batch_size=batch_size, **normals)
-    record["calibration_seconds"] = time.perf_counter() - started
-    return bank, record | {"calibration": dataclasses.asdict(bank.calibration)}
+        return bank, record | {"calibration": None, "calibration_note": note, "calibration_seconds": None}
+    started, rate = time.perf_counter(), protocol.false_alarm_rate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank = model.calibrate(bank, false_alarm_rate=rate, batch_size=batch_size, **normals)
+    return bank, record | {
+        "calibration": dataclasses.asdict(bank.calibration),
+        "calibration_note": " ".join(str(warning.message) for warning in caught) or None,
+        "calibration_seconds": time.perf_counter() - started,
+    }
 
 
 def _decisions(calibration: dict | None, labels: np.ndarray, scores: np.ndarray) -> dict:
