@@ -549,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--false-alarm-rate",
         type=float,
         default=0.05,
-        help="false-alarm rate each cell's calibrated threshold is set for (its F1 and false alarms are reported)",
+        help="false-alarm rate of each cell's calibrated threshold (F1 and false alarms at it are reported)",
     )
     bench_parser.add_argument(
         "--out", required=True, help="output directory (results.json, results.md, plots/)"

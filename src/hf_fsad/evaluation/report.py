@@ -138,11 +138,11 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
         ]
 
         def row_key(cell: dict) -> tuple:
-            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on")
+            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on") or ""
 
-        for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}, key=str):
+        for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}):
             group = [c for c in in_dataset if row_key(c) == (method, k, anomalous, trained_on)]
-            label = method if trained_on is None else f"{method} (trained on {trained_on})"
+            label = f"{method} (trained on {trained_on})" if trained_on else method
             values = []
             for name in metrics:
                 per_seed = {}
@@ -153,9 +153,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
             lines.append(f"| {label} | {shots_label(k, anomalous)} | " + " | ".join(values) + " |")
         lines += _calibration_lines(in_dataset)
         categories = sorted({cell["category"] for cell in in_dataset})
-        columns = sorted(
-            {(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset}, key=str
-        )
+        columns = sorted({(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset})
         per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
         if len(categories) > 1:
             for name in per_category:
