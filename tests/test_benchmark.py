@@ -555,14 +555,15 @@ def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tm
 
     protocol = Protocol(num_validation=2, false_alarm_rate=0.4)
     results = run_benchmark(
-        {"winclip": make_winclip()}, [SPEC], ks=[1], seeds=[0], out_dir=tmp_path, protocol=protocol
+        {"winclip": make_winclip()}, [SPEC], ks=[0, 1], seeds=[0], out_dir=tmp_path, protocol=protocol
     )
-    (one_shot,) = results["cells"]
-    calibration = one_shot["calibration"]
-    assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
-    # 2 held-out normals at 40 %: rank ceil(3 x 0.6) = 2, the higher one; the bound (2 - 2 + 1) / 3
-    assert one_shot["false_alarm_bound"] == 1 / 3
-    assert one_shot["calibration_note"] is None
+    for k in (0, 1):  # zero-shot, and one reference
+        calibrated = cell(results, k=k)
+        calibration = calibrated["calibration"]
+        assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
+        # 2 held-out normals at 40 %: rank ceil(3 x 0.6) = 2, the higher one; the bound (2 - 2 + 1) / 3
+        assert calibrated["false_alarm_bound"] == 1 / 3 and calibrated["calibration_note"] is None
+    assert cell(results, k=0)["reference_ids"] == [] and len(cell(results, k=1)["reference_ids"]) == 1
 
 
 def test_a_rerun_at_another_false_alarm_rate_recalibrates_from_the_cache(make_winclip, tmp_path):

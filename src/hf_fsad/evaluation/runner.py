@@ -426,7 +426,7 @@ def _run_cell(
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
     started = time.perf_counter()
-    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test
+    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
     manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
     test = split.test
     if manifest is not None and manifest.test_ids is not None:
