@@ -665,3 +665,42 @@ def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_onl
     assert generated["calibration_note"].startswith(
         "the generated references are made from all 2: leaving one out keeps its copies"
     )
+
+
+def test_a_bank_with_anomalous_references_is_calibrated_leave_one_out_with_them(make_winclip, tmp_path):
+    """The anomalous memory's leave-one-out banks hold the cell's anomalous reference too (`bank_inputs`;
+    without one the memory builds no bank)."""
+    from hf_fsad.data.sampling import select_ids
+    from hf_fsad.evaluation import Protocol
+    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+    torch.manual_seed(0)
+    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    protocol = Protocol(anomalous_shots=(1,), max_test=4, false_alarm_rate=0.4)
+    spec = DatasetSpec("toy", categories=["grid"], options=TOY)
+    results = run_benchmark({"memory": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path, protocol=protocol)
+    (calibrated,) = results["cells"]
+    assert calibrated["calibration"]["normal_source"] == "leave_one_out"
+
+    data = load_benchmark("toy", category="grid", **TOY)
+    processor = model.paper_image_processor()
+
+    def pixels(split: str, ids: list[str]) -> torch.Tensor:
+        images = select_ids(data[split], ids)["image"]
+        return processor([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
+
+    references = pixels("train", calibrated["reference_ids"])
+    (anomalous_id,) = calibrated["anomalous_ids"]
+    mask = select_ids(data["test"], [anomalous_id])["mask"][0]
+    anomalous = {
+        "anomalous_pixel_values": pixels("test", [anomalous_id]),
+        "anomalous_masks": torch.from_numpy(mask_array(mask, 240, crop=True))[None],
+    }
+    with torch.no_grad():
+        bank = model.build_reference_bank(references, class_name="textured surface", **anomalous)
+        direct = model.calibrate(bank, references, false_alarm_rate=0.4, bank_inputs=anomalous).calibration
+    # features encoded in the runner's batches vs all at once: float32 rounding (~1e-7 rel), 1e-5 bound
+    assert calibrated["calibration"]["image_threshold"] == pytest.approx(direct.image_threshold, rel=1e-5)

@@ -337,6 +337,7 @@ class _CellRun:
 
 
 def _is_finished(cell: dict | None, protocol: Protocol) -> bool:
+    """Whether a saved cell needs no rerun: it ran without error, calibrated for the protocol's rate."""
     return (
         cell is not None
         and "error" not in cell
@@ -468,10 +469,10 @@ def _run_cell(
     if weights_validated:
         views, view_labels = model.validation_set(validation_normals, anomalous_references["image"])
         bank = model.validate_weights(bank, views, view_labels)
-    normals, note = _calibration_normals(
+    calibration_normals, note = _calibration_normals(
         model, k, generated, bank_inputs, validation_normals, weights_validated
     )
-    bank, calibration = _calibrate(model, bank, normals, note, protocol, batch_size)
+    bank, calibration = _calibrate(model, bank, calibration_normals, note, protocol, batch_size)
     test_features = cache.features(
         model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
     )
