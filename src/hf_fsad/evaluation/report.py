@@ -14,6 +14,7 @@ from ..visualization import resize_center_crop, save_heatmap_panels
 METRIC_NAMES = [*IMAGE_METRICS, *PIXEL_METRICS]
 # Decisions at each cell's calibrated threshold (`run_benchmark`), shown beside image AUROC.
 DECISION_NAMES = ["calibrated_f1", "false_alarm_rate", "false_alarm_bound"]
+COLUMN_NAMES = ["image_auroc", *DECISION_NAMES, *(name for name in METRIC_NAMES if name != "image_auroc")]
 
 
 def shots_label(k: int, anomalous: int) -> str:
@@ -126,9 +127,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
     for dataset in sorted({cell["dataset"] for cell in cells}):
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
         metrics = [
-            name
-            for name in [METRIC_NAMES[0], *DECISION_NAMES, *METRIC_NAMES[1:]]
-            if any(_value(cell, name) is not None for cell in in_dataset)
+            name for name in COLUMN_NAMES if any(_value(cell, name) is not None for cell in in_dataset)
         ]
         lines += [
             f"## {dataset}",
