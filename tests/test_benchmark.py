@@ -487,3 +487,220 @@ def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip,
     value = cell(results, k=0)["metrics"]["pixel_auroc"]
     assert value == pytest.approx(pixel_auroc(cropped, maps), abs=1e-9)  # the same numbers, one summation
     assert abs(pixel_auroc(squashed, maps) - value) > 1e-3  # squashed masks would have scored otherwise
+
+
+def test_cells_record_decisions_at_their_calibrated_threshold(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    model = make_winclip()
+    # 3 references: 3 leave-one-out normals reach the 25 % rate (rank ceil(4 x 0.75) = 3, bound 1/4)
+    protocol = Protocol(false_alarm_rate=0.25)
+    results = run_benchmark(
+        {"winclip": model}, [SPEC], ks=[0, 1, 3], seeds=[0], out_dir=tmp_path, protocol=protocol
+    )
+
+    calibrated = cell(results, k=3)
+    calibration = calibrated["calibration"]
+    assert calibration["normal_source"] == "leave_one_out" and calibration["num_normal"] == 3
+    assert calibrated["false_alarm_bound"] == calibration["false_alarm_bound"] == 0.25
+    assert calibrated["target_false_alarm_rate"] == 0.25 and calibrated["calibration_note"] is None
+    # The runner's threshold is the one model.calibrate gives the cell's references directly.
+    data = load_benchmark("toy", category="stripes", **TOY)
+    train = data["train"]
+    chosen = train.select([train["path"].index(i) for i in calibrated["reference_ids"]])
+    pixels = model.image_processor()([im.convert("RGB") for im in chosen["image"]], return_tensors="pt")
+    with torch.no_grad():
+        bank = model.build_reference_bank(pixels.pixel_values, class_name="textured surface")
+        direct = model.calibrate(bank, pixels.pixel_values, false_alarm_rate=0.25).calibration
+    # features encoded in the runner's batches vs all at once: float32 rounding (~1e-7 rel), 1e-5 bound
+    assert calibration["image_threshold"] == pytest.approx(direct.image_threshold, rel=1e-5)
+
+    # F1, false-alarm and miss rates of the saved scores at the stored threshold, by hand: exact
+    scores, labels = calibrated["image_scores"], data["test"]["label"]
+    flagged = [score > calibration["image_threshold"] for score in scores]
+    pairs = list(zip(flagged, labels))
+    true_positives, false_positives = pairs.count((True, 1)), pairs.count((True, 0))
+    misses, normals = pairs.count((False, 1)), labels.count(0)
+    assert calibrated["calibrated_f1"] == 2 * true_positives / (2 * true_positives + false_positives + misses)
+    assert calibrated["false_alarm_rate"] == false_positives / normals
+    assert calibrated["miss_rate"] == misses / labels.count(1)
+
+    for k, reason in ((0, "zero-shot: no references"), (1, "1 normal reference: leave-one-out needs 2")):
+        uncalibrated = cell(results, k=k)
+        assert uncalibrated["calibration"] is None
+        assert (
+            uncalibrated["calibration_note"]
+            == f"{reason}, and no validation normals (Protocol.num_validation, --validation)"
+        )
+        assert uncalibrated["calibrated_f1"] is uncalibrated["false_alarm_rate"] is None
+        assert uncalibrated["metrics"]["image_auroc"] is not None  # the threshold-free metrics stay
+
+    table = (tmp_path / "results.md").read_text()
+    assert (
+        "| method | k | image_auroc | calibrated_f1 | false_alarm_rate | false_alarm_bound | image_auprc |"
+        in table
+    )
+    f1, far = 100 * calibrated["calibrated_f1"], 100 * calibrated["false_alarm_rate"]
+    assert (
+        f"| winclip | 3 | {100 * calibrated['metrics']['image_auroc']:.1f} | {f1:.1f} | {far:.1f} | 25.0 |"
+        in table
+    )
+    assert "| winclip | 1 | " in table and "conformal threshold for a false-alarm rate of 25.0%" in table
+    assert "set on the k references scored leave-one-out (banks of k - 1 references)" in table
+    assert "- winclip k=1 (not calibrated): 1 normal reference: leave-one-out needs 2" in table
+
+
+def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    protocol = Protocol(num_validation=2, false_alarm_rate=0.4)
+    results = run_benchmark(
+        {"winclip": make_winclip()}, [SPEC], ks=[0, 1], seeds=[0], out_dir=tmp_path, protocol=protocol
+    )
+    for k in (0, 1):  # zero-shot, and one reference
+        calibrated = cell(results, k=k)
+        calibration = calibrated["calibration"]
+        assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
+        # 2 held-out normals at 40 %: rank ceil(3 x 0.6) = 2, the higher one; the bound (2 - 2 + 1) / 3
+        assert calibrated["false_alarm_bound"] == 1 / 3 and calibrated["calibration_note"] is None
+    assert cell(results, k=0)["reference_ids"] == [] and len(cell(results, k=1)["reference_ids"]) == 1
+
+
+def test_a_rerun_at_another_false_alarm_rate_recalibrates_from_the_cache(make_winclip, tmp_path):
+    from hf_fsad.evaluation import Protocol
+
+    first = run_benchmark({"winclip": make_winclip()}, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
+    model = make_winclip()
+    encoder = CountingEncoder(model)
+    same = run_benchmark({"winclip": model}, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
+    assert same["skipped_cells"] == 1 and same["cells"] == first["cells"]
+    looser = run_benchmark(
+        {"winclip": model},
+        [SPEC],
+        ks=[2],
+        seeds=[0],
+        out_dir=tmp_path,
+        protocol=Protocol(false_alarm_rate=0.7),
+    )
+    assert looser["skipped_cells"] == 0 and encoder.count == 0  # recalibrated on the cached features
+    (old,), (new,) = first["cells"], looser["cells"]
+    assert new["image_scores"] == old["image_scores"]
+    # 2 leave-one-out normals: at 5 % the higher one (rank ceil(3 x 0.95) = 3, capped at 2; bound 1/3), at
+    # 70 % the lower one (rank ceil(3 x 0.3) = 1; bound 2/3)
+    assert (old["target_false_alarm_rate"], new["target_false_alarm_rate"]) == (0.05, 0.7)
+    assert (old["false_alarm_bound"], new["false_alarm_bound"]) == (1 / 3, 2 / 3)
+    assert new["calibration"]["image_threshold"] < old["calibration"]["image_threshold"]
+
+
+def test_decision_columns_average_categories_then_seeds():
+    metrics = {"image_auroc": 0.8, "image_auprc": 0.7, "image_f1_max": 0.6}
+    metrics |= {name: None for name in ("pixel_auroc", "pixel_auprc", "pixel_f1_max", "pixel_aupro")}
+    calibration = {"target_false_alarm_rate": 0.05, "normal_source": "leave_one_out"}
+    draws = [("mono", 0, 0.5, 0.1), ("poly", 0, 0.7, 0.3), ("mono", 1, 0.4, 0.0), ("poly", 1, 0.4, 0.0)]
+    cells = [
+        {"method": "m", "dataset": "elpv", "category": category, "k": 2, "seed": seed, "metrics": metrics,
+         "calibration": calibration, "calibration_note": None, "calibrated_f1": f1, "false_alarm_rate": far,
+         "false_alarm_bound": 1 / 3}
+        for category, seed, f1, far in draws
+    ]  # fmt: skip
+    cache = {"hits": 3, "misses": 1, "hit_rate": 0.75}
+    table = results_markdown({"cells": cells, "feature_cache": cache, "wall_seconds": 5})
+    # F1 per seed: 0.6 and 0.4 -> 50.0 ± 14.1; false alarms 0.2 and 0.0 -> 10.0 ± 14.1; bound 33.3 each
+    row = "| m | 2 | 80.0 ± 0.0 | 50.0 ± 14.1 | 10.0 ± 14.1 | 33.3 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |"
+    assert row in table
+    more_shots = [cell | {"k": 10} for cell in cells]
+    table = results_markdown({"cells": more_shots + cells, "feature_cache": cache, "wall_seconds": 5})
+    assert table.index("| m | 2 |") < table.index("| m | 10 |")  # rows in the order of k, not of its digits
+
+
+def test_cli_benchmark_false_alarm_rate(saved_winclip_dir, tmp_path, capsys):
+    arguments = ["benchmark", "--methods", f"w={saved_winclip_dir}", "--datasets", "toy::grid", "--k", "2"]
+    arguments += ["--seeds", "0", "--out", str(tmp_path)]
+    assert main([*arguments, "--false-alarm-rate", "1.5"]) == 2
+    assert "false_alarm_rate must lie in (0, 1), got 1.5." in capsys.readouterr().err
+    assert main([*arguments, "--false-alarm-rate", "0.7"]) == 0
+    scored = cell(json.loads((tmp_path / "results.json").read_text()), method="w")
+    # 2 leave-one-out normals at 70 %: the lower one (rank ceil(3 x 0.3) = 1), bound 2/3
+    assert scored["target_false_alarm_rate"] == 0.7 and scored["false_alarm_bound"] == 2 / 3
+
+
+class FlippedReferences:
+    """A `ReferenceGenerator` that adds each normal reference flipped left to right."""
+
+    count = 2
+
+    def generate(self, normal_images, class_name, seed):
+        return [image.transpose(0) for image in normal_images]  # PIL's FLIP_LEFT_RIGHT
+
+
+def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_only(make_winclip, tmp_path):
+    """Leave-one-out would be biased where the references shaped more than the bank: a model fitted on all of
+    them (VTFusion) or references generated from all of them; held-out validation normals are not."""
+    from hf_fsad.evaluation import Protocol
+    from test_vtfusion import make_tiny_vtfusion
+
+    def only_cell(model, out: str, **arguments) -> dict:
+        results = run_benchmark(model, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path / out, **arguments)
+        (found,) = results["cells"]
+        return found
+
+    fitted = {"vtfusion": make_tiny_vtfusion()}
+    fit = {"fit_arguments": {"steps": 1}}
+    without = only_cell(fitted, "fitted", **fit)
+    assert without["calibration"] is None and without["calibration_note"] == (
+        "VtFusionModel is fitted on all 2 references: leave-one-out would refit it per reference, and no "
+        "validation normals (Protocol.num_validation, --validation)"
+    )
+    with_validation = only_cell(fitted, "validated", protocol=Protocol(num_validation=2), **fit)
+    calibration = with_validation["calibration"]
+    assert calibration["normal_source"] == "held_out" and calibration["num_normal"] == 2
+    assert with_validation["calibrated_f1"] is not None and with_validation["false_alarm_bound"] == 1 / 3
+    # 2 normals cannot reach 5 %: calibrate's warning is the cell's note, not a line per cell on the console
+    assert with_validation["calibration_note"].startswith(
+        "2 normal scores cannot guarantee a false-alarm rate of 5.0%: the threshold (their maximum)"
+    )
+
+    generated = only_cell({"winclip": make_winclip()}, "generated", generated_references=FlippedReferences())
+    assert generated["generated_references"] == 2 and generated["calibration"] is None
+    assert generated["calibration_note"].startswith(
+        "the generated references are made from all 2: leaving one out keeps its copies"
+    )
+
+
+def test_a_bank_with_anomalous_references_is_calibrated_leave_one_out_with_them(make_winclip, tmp_path):
+    """The anomalous memory's leave-one-out banks hold the cell's anomalous reference too (`bank_inputs`;
+    without one the memory builds no bank)."""
+    from hf_fsad.data.sampling import select_ids
+    from hf_fsad.evaluation import Protocol
+    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
+    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+
+    torch.manual_seed(0)
+    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
+    model.tokenizer = byte_level_clip_tokenizer()
+    protocol = Protocol(anomalous_shots=(1,), max_test=4, false_alarm_rate=0.4)
+    spec = DatasetSpec("toy", categories=["grid"], options=TOY)
+    results = run_benchmark({"memory": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path, protocol=protocol)
+    (calibrated,) = results["cells"]
+    assert calibrated["calibration"]["normal_source"] == "leave_one_out"
+
+    data = load_benchmark("toy", category="grid", **TOY)
+    processor = model.paper_image_processor()
+
+    def pixels(split: str, ids: list[str]) -> torch.Tensor:
+        images = select_ids(data[split], ids)["image"]
+        return processor([image.convert("RGB") for image in images], return_tensors="pt").pixel_values
+
+    references = pixels("train", calibrated["reference_ids"])
+    (anomalous_id,) = calibrated["anomalous_ids"]
+    mask = select_ids(data["test"], [anomalous_id])["mask"][0]
+    anomalous = {
+        "anomalous_pixel_values": pixels("test", [anomalous_id]),
+        "anomalous_masks": torch.from_numpy(mask_array(mask, 240, crop=True))[None],
+    }
+    with torch.no_grad():
+        bank = model.build_reference_bank(references, class_name="textured surface", **anomalous)
+        direct = model.calibrate(bank, references, false_alarm_rate=0.4, bank_inputs=anomalous).calibration
+    # features encoded in the runner's batches vs all at once: float32 rounding (~1e-7 rel), 1e-5 bound
+    assert calibrated["calibration"]["image_threshold"] == pytest.approx(direct.image_threshold, rel=1e-5)

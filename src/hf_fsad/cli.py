@@ -542,6 +542,7 @@ def benchmark(args: argparse.Namespace) -> int:
     try:
         out = prepare_output_dir(args.out, "--out")
         datasets = [DatasetSpec.parse(text) for text in args.datasets]
+        protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test, args.false_alarm_rate)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -572,7 +573,6 @@ def benchmark(args: argparse.Namespace) -> int:
         print(f"profile: {out / 'profile' / 'profile.md'}")
         return 0
     cache = FeatureCache(args.feature_cache or out / "feature_cache")
-    protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test)
     results = run_benchmark(
         models, datasets, args.k, args.seeds, out, args.batch_size, cache, args.title, protocol=protocol
     )
@@ -764,6 +764,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument(
         "--max-test", type=int, help="score at most this many test images per category (seeded)"
+    )
+    bench_parser.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.05,
+        help="false-alarm rate of each cell's calibrated threshold (F1 and false alarms at it are reported)",
     )
     bench_parser.add_argument(
         "--out", required=True, help="output directory (results.json, results.md, plots/)"

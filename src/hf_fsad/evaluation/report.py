@@ -12,6 +12,9 @@ from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 from ..visualization import resize_center_crop, save_heatmap_panels
 
 METRIC_NAMES = [*IMAGE_METRICS, *PIXEL_METRICS]
+# Decisions at each cell's calibrated threshold (`run_benchmark`), shown beside image AUROC.
+DECISION_NAMES = ["calibrated_f1", "false_alarm_rate", "false_alarm_bound"]
+COLUMN_NAMES = ["image_auroc", *DECISION_NAMES, *(name for name in METRIC_NAMES if name != "image_auroc")]
 
 
 def shots_label(k: int, anomalous: int) -> str:
@@ -72,17 +75,59 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def _value(cell: dict, name: str) -> float | None:
+    """A cell's metric or calibrated decision (None where it has none)."""
+    return cell["metrics"][name] if name in METRIC_NAMES else cell.get(name)
+
+
+def _calibration_lines(cells: list[dict]) -> list[str]:
+    """What the calibrated columns mean and promise; why cells have no calibration, or what limits it."""
+    calibrations = [cell["calibration"] for cell in cells if cell.get("calibration")]
+    lines = []
+    if calibrations:
+        rates = ", ".join(sorted({f"{c['target_false_alarm_rate']:.1%}" for c in calibrations}))
+        sources = {c["normal_source"] for c in calibrations}
+        normals = " and ".join(
+            text
+            for source, text in (
+                ("leave_one_out", "the k references scored leave-one-out (banks of k - 1 references)"),
+                ("held_out", "the protocol's held-out validation normals"),
+            )
+            if source in sources
+        )
+        explanation = (
+            f"calibrated_f1, false_alarm_rate: image F1, and the share of normal test images flagged, at the "
+            f"conformal threshold for a false-alarm rate of {rates} set on {normals}. Its promise: "
+            "false_alarm_rate <= false_alarm_bound in expectation over reference draws, not in every draw "
+            "(with fewer than 1 / rate - 1 normals the threshold is their highest score, and the bound "
+            "1 / (normals + 1))."
+        )
+        lines += ["", explanation]
+    notes = {
+        (cell["method"], shots_label(cell["k"], cell.get("anomalous", 0)), not cell.get("calibration"), note)
+        for cell in cells
+        if (note := cell.get("calibration_note"))
+    }
+    if notes:
+        lines += ["", "Calibration notes:"]
+        lines += [
+            f"- {method} k={k}{' (not calibrated)' if uncalibrated else ''}: {note}"
+            for method, k, uncalibrated, note in sorted(notes)
+        ]
+    return lines
+
+
 def results_markdown(results: dict, title: str | None = None, plots: Sequence[str] = ()) -> str:
     """Tables in the papers' style: per dataset, method x k rows, metrics x100 as mean ± std over seeds of
-    the mean over categories; then image/pixel AUROC per category; then the cells that failed, with their
-    errors."""
+    the mean over categories, with F1 and false-alarm rate at the calibrated threshold beside image AUROC;
+    then image/pixel AUROC per category; then the cells that failed, with their errors."""
     failed = [cell for cell in results["cells"] if "error" in cell]
     cells = [cell for cell in results["cells"] if "error" not in cell]
     lines = [f"# {title or 'hf_fsad benchmark'}", ""]
     for dataset in sorted({cell["dataset"] for cell in cells}):
         in_dataset = [cell for cell in cells if cell["dataset"] == dataset]
         metrics = [
-            name for name in METRIC_NAMES if any(cell["metrics"][name] is not None for cell in in_dataset)
+            name for name in COLUMN_NAMES if any(_value(cell, name) is not None for cell in in_dataset)
         ]
         lines += [
             f"## {dataset}",
@@ -92,23 +137,22 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
         ]
 
         def row_key(cell: dict) -> tuple:
-            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on")
+            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on") or ""
 
-        for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}, key=str):
+        for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}):
             group = [c for c in in_dataset if row_key(c) == (method, k, anomalous, trained_on)]
-            label = method if trained_on is None else f"{method} (trained on {trained_on})"
+            label = f"{method} (trained on {trained_on})" if trained_on else method
             values = []
             for name in metrics:
                 per_seed = {}
                 for cell in group:
-                    if cell["metrics"][name] is not None:
-                        per_seed.setdefault(cell["seed"], []).append(cell["metrics"][name])
+                    if _value(cell, name) is not None:
+                        per_seed.setdefault(cell["seed"], []).append(_value(cell, name))
                 values.append(_mean_std([statistics.mean(v) for v in per_seed.values()]))
             lines.append(f"| {label} | {shots_label(k, anomalous)} | " + " | ".join(values) + " |")
+        lines += _calibration_lines(in_dataset)
         categories = sorted({cell["category"] for cell in in_dataset})
-        columns = sorted(
-            {(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset}, key=str
-        )
+        columns = sorted({(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset})
         per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
         if len(categories) > 1:
             for name in per_category:

@@ -11,6 +11,9 @@ test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained o
 it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
 per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
 reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
+Each cell's bank is calibrated (`model.calibrate`) for the protocol's false-alarm rate, leave-one-out on its
+k references (or on the protocol's validation normals where leave-one-out cannot run), and the cell records
+F1, false-alarm and miss rates of the test images at that threshold beside the threshold-free metrics.
 Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
 centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
 geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
@@ -19,11 +22,13 @@ geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
 import time
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,7 @@ from ..data.sampling import row_indices, select_ids
 from ..features import FeatureCache
 from ..io import atomic_write_text
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
-from ..modeling_base import FsadPreTrainedModel
+from ..modeling_base import FsadPreTrainedModel, ReferenceBank
 from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
 
@@ -94,13 +99,20 @@ class Protocol:
     anomalous_shots: numbers of anomalous references to run (0 = normal references only); they are drawn
     from the test split's anomalous images and every cell of a seed leaves out the same
     max(anomalous_shots) images, so methods compare on one test set. num_validation: normal train images
-    kept for weight validation (methods with `validates_weights`). max_test: cap on scored test images
-    (seeded subset; the anomalous-memory paper scores up to 100 per class).
+    kept for weight validation (methods with `validates_weights`); where leave-one-out cannot calibrate a
+    cell, they calibrate it instead (unless they chose its weights). max_test: cap on scored test images
+    (seeded subset; the anomalous-memory paper scores up to 100 per class). false_alarm_rate: the rate the
+    calibrated threshold of every cell is set for (conformal, `hf_fsad.calibration`).
     """
 
     anomalous_shots: tuple[int, ...] = (0,)
     num_validation: int = 0
     max_test: int | None = None
+    false_alarm_rate: float = 0.05
+
+    def __post_init__(self):
+        if not 0 < self.false_alarm_rate < 1:
+            raise ValueError(f"false_alarm_rate must lie in (0, 1), got {self.false_alarm_rate}.")
 
     def manifest_name(self, k: int, seed: int) -> str:
         name = f"k{k}-a{max(self.anomalous_shots)}-seed{seed}"
@@ -234,7 +246,8 @@ def run_benchmark(
                                 "anomalous": anomalous,
                             }
                             finished = cells.get(_cell_id(cell))
-                            if finished is not None and "error" not in finished:  # failed cells run again
+                            # failed cells run again, and so do cells calibrated for another rate
+                            if _is_finished(finished, protocol):
                                 skipped += 1
                                 continue
                             try:
@@ -290,12 +303,18 @@ def _generated_features(
     model: FsadPreTrainedModel, images: Sequence[Image.Image], batch_size: int
 ) -> dict[str, torch.Tensor]:
     """`model`'s features of generated images, preprocessed as its paper's evaluation."""
-    processor = model.paper_image_processor()
     parts = [
-        model.encode_images(processor(images[start : start + batch_size], return_tensors="pt").pixel_values)
+        model.encode_images(_paper_pixel_values(model, images[start : start + batch_size]))
         for start in range(0, len(images), batch_size)
     ]
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def _paper_pixel_values(model: FsadPreTrainedModel, images: Sequence[Image.Image]) -> torch.Tensor:
+    """`images` preprocessed as `model`'s paper evaluated (the feature cache's preprocessing)."""
+    return model.paper_image_processor()(
+        [image.convert("RGB") for image in images], return_tensors="pt"
+    ).pixel_values
 
 
 @dataclass
@@ -317,6 +336,83 @@ class _CellRun:
     crop: bool
 
 
+def _is_finished(cell: dict | None, protocol: Protocol) -> bool:
+    """Whether a saved cell needs no rerun: it ran without error, calibrated for the protocol's rate."""
+    return (
+        cell is not None
+        and "error" not in cell
+        and cell.get("target_false_alarm_rate") == protocol.false_alarm_rate
+    )
+
+
+def _calibration_normals(
+    model: FsadPreTrainedModel,
+    k: int,
+    generated: int,
+    bank_inputs: dict,
+    validation_normals: list[Image.Image],
+    weights_validated: bool,
+) -> tuple[dict | None, str | None]:
+    """(`model.calibrate`'s normals, None) for a cell: leave-one-out on its references where that is sound,
+    else the protocol's validation normals; or (None, why neither can calibrate it)."""
+    name = type(model).__name__
+    if model.fits_per_category or model.saves_its_references:
+        obstacle = f"{name} is fitted on all {k} references: leave-one-out would refit it per reference"
+    elif generated:
+        obstacle = f"the generated references are made from all {k}: leaving one out keeps its copies"
+    elif k < 2:
+        obstacle = "zero-shot: no references" if k == 0 else "1 normal reference: leave-one-out needs 2"
+    else:
+        anomalous = {key: value for key, value in bank_inputs.items() if key.startswith("anomalous_")}
+        return {"reference_features": bank_inputs["reference_features"], "bank_inputs": anomalous}, None
+    if weights_validated:
+        return None, f"{obstacle}, and the validation normals chose the bank's weights"
+    if validation_normals:
+        return {"normal_pixel_values": _paper_pixel_values(model, validation_normals)}, None
+    return None, f"{obstacle}, and no validation normals (Protocol.num_validation, --validation)"
+
+
+def _calibrate(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank,
+    normals: dict | None,
+    note: str | None,
+    protocol: Protocol,
+    batch_size: int,
+) -> tuple[ReferenceBank, dict]:
+    """The bank calibrated on `normals` (from `_calibration_normals`; None: left uncalibrated, `note` says
+    why) and the cell's calibration record. Warnings of the calibration (too few normals for the rate asked)
+    become the cell's note, so a run of many cells reports them in its table rather than once per cell."""
+    record = {"target_false_alarm_rate": protocol.false_alarm_rate}
+    if normals is None:
+        return bank, record | {"calibration": None, "calibration_note": note, "calibration_seconds": None}
+    started, rate = time.perf_counter(), protocol.false_alarm_rate
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bank = model.calibrate(bank, false_alarm_rate=rate, batch_size=batch_size, **normals)
+    return bank, record | {
+        "calibration": dataclasses.asdict(bank.calibration),
+        "calibration_note": " ".join(str(warning.message) for warning in caught) or None,
+        "calibration_seconds": time.perf_counter() - started,
+    }
+
+
+def _decisions(calibration: dict | None, labels: np.ndarray, scores: np.ndarray) -> dict:
+    """Image F1, false-alarm and miss rates of the test images at the calibrated threshold ("anomalous when
+    the score is above it", as `Calibration.labels`), and the false-alarm rate the estimator promised; all
+    None without a calibration."""
+    if calibration is None:
+        return dict.fromkeys(("calibrated_f1", "false_alarm_rate", "miss_rate", "false_alarm_bound"))
+    anomalous, flagged = labels != 0, scores.astype(np.float64) > calibration["image_threshold"]
+    true_positives = int((flagged & anomalous).sum())
+    return {
+        "calibrated_f1": 2 * true_positives / int(flagged.sum() + anomalous.sum()),
+        "false_alarm_rate": float(flagged[~anomalous].mean()),
+        "miss_rate": float((~flagged[anomalous]).mean()),
+        "false_alarm_bound": calibration["false_alarm_bound"],
+    }
+
+
 def _run_cell(
     model: FsadPreTrainedModel,
     cache: FeatureCache,
@@ -331,7 +427,7 @@ def _run_cell(
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
     started = time.perf_counter()
-    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test
+    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
     manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
     test = split.test
     if manifest is not None and manifest.test_ids is not None:
@@ -367,10 +463,16 @@ def _run_cell(
         )
         bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
     bank = model.build_reference_bank(**bank_inputs)
-    if anomalous_ids and manifest.validation_ids and model.validates_weights:
-        normals = select_ids(split.train, manifest.validation_ids)["image"]
-        views, view_labels = model.validation_set(normals, anomalous_references["image"])
+    validation_ids = manifest.validation_ids if manifest is not None else None
+    validation_normals = select_ids(split.train, validation_ids)["image"] if validation_ids else []
+    weights_validated = bool(anomalous_ids and validation_normals and model.validates_weights)
+    if weights_validated:
+        views, view_labels = model.validation_set(validation_normals, anomalous_references["image"])
         bank = model.validate_weights(bank, views, view_labels)
+    calibration_normals, note = _calibration_normals(
+        model, k, generated, bank_inputs, validation_normals, weights_validated
+    )
+    bank, calibration = _calibrate(model, bank, calibration_normals, note, protocol, batch_size)
     test_features = cache.features(
         model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
     )
@@ -386,6 +488,8 @@ def _run_cell(
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
         "generated_references": generated,
+        **calibration,
+        **_decisions(calibration["calibration"], labels, scores),
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
