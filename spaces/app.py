@@ -353,7 +353,7 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                     1,
                     value=0.5,
                     step=0.01,
-                    label="Threshold on the normalised score (fail at or above; 0.5 = calibrated threshold)",
+                    label="Threshold on the normalised score (fail above; 0.5 = calibrated threshold)",
                 )
                 bank_in = gr.File(file_types=[".safetensors"], label="Load a reference bank (optional)")
                 with gr.Accordion(
