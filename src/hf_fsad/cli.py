@@ -442,13 +442,15 @@ def fit(args: argparse.Namespace) -> int:
         return 2
     model = model.to(args.device)
     arguments = {"seed": args.seed}
+    if args.steps is not None:
+        arguments["steps"] = args.steps
     if args.kinds:
         arguments["anomaly_kinds"] = args.kinds
-    result = model.fit(normals, class_name=args.class_name, steps=args.steps, **arguments)
+    result = model.fit(normals, class_name=args.class_name, **arguments)
     losses = [entry["loss"] for entry in result.history]
     text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps"
     text += f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}." if losses else "."
-    summary = {"arguments": {"steps": args.steps, **arguments}, "result": asdict(result)}
+    summary = {"arguments": arguments | {"steps": result.steps}, "result": asdict(result)}
     with atomic_directory(output) as folder:
         save_trained_model(model, folder, args.clip or args.model, None, text, summary, "fit_summary.json")
     print(f"fitted {args.method} on {len(normals)} normal images -> {output}", file=sys.stderr)
@@ -705,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit_parser.add_argument("--clip", help="CLIP Hub id or local CLIPModel directory for a fresh model")
     fit_parser.add_argument("--model", help="a saved model of the method to refit instead")
     fit_parser.add_argument("--class-name", help="object word of the text prompts (default: object)")
-    fit_parser.add_argument("--steps", type=int, default=1000, help="optimiser updates (default 1000)")
+    fit_parser.add_argument(
+        "--steps", type=int, help="optimiser updates (default: the method's, VTFusion 1000, One-to-Normal 400)"
+    )
     fit_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
     fit_parser.add_argument(
         "--kinds", nargs="+", help="synthetic anomaly types to draw from (default: all DAS types)"
