@@ -20,7 +20,7 @@ from extras import import_extra
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
 from hf_fsad.deploy import run_exported
-from hf_fsad.export import NOT_EXPORTABLE, ExportedModel, export_model
+from hf_fsad.export import NOT_EXPORTABLE, ExportedModel, cached_export, export_model
 from hf_fsad.modeling_base import apply_calibration
 from hf_fsad.registry import method_spec
 from hf_fsad.visualization import heatmap_overlay
@@ -183,6 +183,19 @@ def test_export_refuses_a_bank_of_another_model(exported, make_winclip, tmp_path
     with pytest.raises(ValueError, match="another config or backbone"):
         export_model(make_winclip(seed=1), bank, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_cached_export_exports_once_per_model_bank_and_runtime(exported, toy, tmp_path, monkeypatch):
+    model, bank, _ = exported("winclip")
+    first = cached_export(model, bank, "onnxruntime", tmp_path)
+    manifest_time = (first / "hf_fsad_export.json").stat().st_mtime_ns
+    monkeypatch.setattr("hf_fsad.export.export_model", lambda *args: pytest.fail("exported again"))
+    assert cached_export(model, bank, "onnxruntime", tmp_path) == first
+    assert (first / "hf_fsad_export.json").stat().st_mtime_ns == manifest_time
+    monkeypatch.undo()
+    calibrated = cached_export(model, calibrated_bank(model, bank, toy), "onnxruntime", tmp_path)
+    assert calibrated != first and run_exported.read_manifest(calibrated)["calibration"] is not None
+    assert_parity(model, bank, ExportedModel(first), pixels(model, toy[1][:2]))
 
 
 def test_cli_exports_a_saved_model_and_bank(saved_winclip_dir, toy, tmp_path, capsys):

@@ -9,6 +9,8 @@ or openvino. `NOT_EXPORTABLE` says why the methods left out are.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .deploy import run_exported
-from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, ExportedModel
+from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
 from .io import atomic_directory, atomic_write_text
 from .modeling_base import FsadPreTrainedModel, ReferenceBank
 
@@ -38,7 +40,7 @@ NOT_EXPORTABLE = {
         "tensors, which torch.onnx converts only in 4-D; exporting it needs that attention written per head."
     ),
 }
-__all__ = ["EXPORT_FORMATS", "NOT_EXPORTABLE", "BankScorer", "ExportedModel", "export_model"]
+__all__ = ["EXPORT_FORMATS", "NOT_EXPORTABLE", "BankScorer", "ExportedModel", "cached_export", "export_model"]
 
 
 class BankScorer(nn.Module):
@@ -113,6 +115,37 @@ def export_model(
         atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
         shutil.copyfile(run_exported.__file__, folder / RUNNER_FILE)
     return out_dir
+
+
+def cached_export(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank | None,
+    runtime: str = "onnxruntime",
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The export folder of `model` scoring against `bank` for `runtime` ("onnxruntime": ONNX, "openvino": IR),
+    exported on first use and reused after: it lives under `cache_dir` (default `~/.cache/hf_fsad/exports`)
+    in a folder named by the model (`config_hash`, `feature_key`), the bank (its tensors, class and
+    calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
+    bank = model.resolve_bank(bank)
+    runtime_version = importlib.import_module(runtime).__version__
+    digest = hashlib.sha256()
+    for part in (model.config_hash(), model.feature_key(), __version__, torch.__version__, runtime_version):
+        digest.update(part.encode())
+    digest.update(
+        json.dumps([bank.class_name, bank.k, bank.calibration and bank.calibration.to_json()]).encode()
+    )
+    for name, tensor in sorted(bank.tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "hf_fsad" / "exports")
+    folder = cache_dir / f"{model.config.model_type}-{runtime}-{digest.hexdigest()[:16]}"
+    if not (folder / MANIFEST_FILE).is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        export_model(model, bank, folder, "openvino" if runtime == "openvino" else "onnx")
+    return folder
 
 
 def _check_dynamic_batch(onnx_path: Path) -> None:

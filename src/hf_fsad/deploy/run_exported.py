@@ -205,6 +205,16 @@ def _image_paths(inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
+def _unique_name(stem: str, used: set[str]) -> str:
+    """`<stem>.png`, or `<stem>-2.png`, ... when another image of the run had the same stem."""
+    name, count = f"{stem}.png", 1
+    while name in used:
+        count += 1
+        name = f"{stem}-{count}.png"
+    used.add(name)
+    return name
+
+
 def _write_atomically(path: Path, write) -> None:
     temporary = path.with_name(path.name + ".tmp")
     try:
@@ -218,8 +228,10 @@ def score_files(
     model: ExportedModel, paths: Sequence[Path], batch_size: int = 8, heatmap_dir: Path | None = None
 ) -> list[dict]:
     """One result per readable image: path, score and (with a calibrated bank) normalised score and label;
-    unreadable images are reported on stderr and skipped. Heatmaps go to `heatmap_dir` as <stem>.png."""
+    unreadable images are reported on stderr and skipped. Heatmaps go to `heatmap_dir` as <stem>.png
+    (<stem>-2.png, ... for repeated stems)."""
     calibration = model.manifest.get("calibration")
+    heatmap_names: set[str] = set()
     readable = []
     for path in paths:
         try:
@@ -239,7 +251,7 @@ def score_files(
                 )
                 result["label"] = int(labels(scores[index : index + 1], calibration)[0])
             if heatmap_dir is not None and "anomaly_maps" in outputs:
-                heatmap = heatmap_dir / f"{path.stem}.png"
+                heatmap = heatmap_dir / _unique_name(path.stem, heatmap_names)
                 overlay = heatmap_overlay(image, outputs["anomaly_maps"][index])
                 _write_atomically(heatmap, lambda target, overlay=overlay: overlay.save(target, format="PNG"))
                 result["heatmap"] = str(heatmap)
