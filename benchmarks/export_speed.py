@@ -162,13 +162,19 @@ def measure(method: str, args: argparse.Namespace, backends: list[str]) -> dict:
                 str(args.repeats),
             ]
             command += ["--batch-sizes", *map(str, args.batch_sizes)]
-            completed = subprocess.run(command, check=True, capture_output=True, text=True)
-            results["backends"][backend] = json.loads(completed.stdout.strip().splitlines()[-1])
+            completed = subprocess.run(command, check=False, capture_output=True, text=True)
+            if completed.returncode:  # e.g. killed for memory: recorded, and the other backends still run
+                error = (completed.stderr.strip().splitlines() or [f"exit status {completed.returncode}"])[-1]
+                results["backends"][backend] = {"failed": error, "returncode": completed.returncode}
+            else:
+                results["backends"][backend] = json.loads(completed.stdout.strip().splitlines()[-1])
             print(method, backend, results["backends"][backend], file=sys.stderr, flush=True)
         reference_scores = np.load(folder / "eager.scores.npy")
         maps_path = folder / "eager.maps.npy"
         reference_maps = np.load(maps_path) if maps_path.exists() else None
         for backend, result in results["backends"].items():
+            if "failed" in result:
+                continue
             result["score_error"] = float(
                 np.abs(np.load(folder / f"{backend}.scores.npy") - reference_scores).max()
             )
@@ -191,6 +197,9 @@ def markdown(report: dict) -> str:
     for method, result in report["methods"].items():
         eager = result["backends"]["eager"]["seconds_per_image"]
         for backend, row in result["backends"].items():
+            if "failed" in row:
+                lines.append(f"| {method} | {backend} | failed (exit {row['returncode']}): {row['failed']} |")
+                continue
             cells = [
                 f"{row['seconds_per_image'][key]:.3f} ({row['seconds_per_image'][key] / eager[key]:.2f}×)"
                 for key in sorted(row["seconds_per_image"], key=int)
