@@ -27,6 +27,8 @@ LAYERS = {
     "hf_fsad.visualization": 0,
     "hf_fsad.distributed": 0,
     "hf_fsad.calibration": 0,
+    # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
+    "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
     # feature cache, the model and bank base classes, the tiny test builders.
     "hf_fsad.backbones": 1,
@@ -50,6 +52,7 @@ LAYERS = {
     "hf_fsad.hub": 3,
     "hf_fsad.training": 3,
     "hf_fsad.demo": 3,
+    "hf_fsad.export": 3,
     # 4: the command line, the top.
     "hf_fsad.cli": 4,
 }

@@ -534,6 +534,26 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Export a model and its bank to ONNX or OpenVINO (`hf_fsad.export`); exit 2 when the model, the bank or
+    the output folder cannot be used, or the method does not export."""
+    from hf_fsad.export import export_model
+    from hf_fsad.io import prepare_output_dir
+    from hf_fsad.loading import ModelLoadError, load_method
+    from hf_fsad.modeling_base import ReferenceBank
+
+    try:
+        output = prepare_output_dir(Path(args.out).resolve().parent, "--out") / Path(args.out).name
+        model = load_method(args.model)
+        bank = ReferenceBank.load(args.bank) if args.bank else None
+        export_model(model, bank, output, args.format)
+    except (ModelLoadError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {model.config.model_type} ({args.format}) -> {output}", file=sys.stderr)
+    return 0
+
+
 def benchmark(args: argparse.Namespace) -> int:
     from hf_fsad.data import load_benchmark
     from hf_fsad.evaluation import DatasetSpec, Protocol, profile_models, run_benchmark
@@ -743,6 +763,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert_parser.add_argument("output_dir")
     convert_parser.set_defaults(handler=convert)
+
+    export_parser = commands.add_parser(
+        "export", help="export a model and its bank to ONNX or OpenVINO, with a torch-free runner"
+    )
+    export_parser.add_argument("--model", required=True, help="saved model dir, Hub id, or METHOD@CLIP")
+    export_parser.add_argument(
+        "--bank", help="reference bank (.safetensors); default: the method's own (zero-shot) bank"
+    )
+    export_parser.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export_parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    export_parser.set_defaults(handler=export)
 
     bench_parser = commands.add_parser("benchmark", help="evaluate methods on benchmarks (papers' protocol)")
     bench_parser.add_argument(

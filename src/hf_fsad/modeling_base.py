@@ -164,6 +164,8 @@ def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str
         raise ValueError(
             f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size."
         )
+    if torch.compiler.is_exporting():
+        return  # the values are symbolic while a graph is exported; the exported graph does not check them
     if torch.isnan(pixel_values).any():
         raise ValueError(f"{name} contains NaN values ({int(torch.isnan(pixel_values).sum())} of them).")
     if torch.isinf(pixel_values).any():
@@ -632,7 +634,8 @@ class FsadPreTrainedModel(PreTrainedModel):
                 f"This reference bank was built by a '{bank.model_type}' model, but this model is "
                 f"'{self.config.model_type}'. Rebuild the bank with `model.build_reference_bank(...)`."
             )
-        expected = self.config_hash()
+        # While a graph is exported the weights are symbolic: `hf_fsad.export` checks the bank before it traces.
+        expected = bank.config_hash if torch.compiler.is_exporting() else self.config_hash()
         if bank.config_hash != expected:
             raise ValueError(
                 f"This reference bank was built by a '{bank.model_type}' model with another config or backbone "

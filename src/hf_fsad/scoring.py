@@ -47,7 +47,7 @@ def harmonic_aggregation(window_scores: torch.Tensor, masks: torch.Tensor) -> to
     """
     masks = masks.to(window_scores.dtype)
     coverage = masks.sum(dim=0)
-    if torch.any(coverage == 0):
+    if not torch.compiler.is_exporting() and torch.any(coverage == 0):  # no value checks in an exported graph
         raise ValueError("Some patches are covered by no window; use stride 1 or a smaller scale.")
     reciprocal = window_scores.reciprocal()
     is_zero = torch.isinf(reciprocal)
@@ -90,7 +90,9 @@ def nearest_cosine(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     flat = F.normalize(query, dim=-1).reshape(-1, query.shape[-1])
-    nearest = [_nearest_in_memory(chunk, memory, num_nearest, chunk_size) for chunk in flat.split(chunk_size)]
+    # An exported graph takes any batch, so it cannot split the queries into a batch-dependent count of chunks.
+    chunks = [flat] if torch.compiler.is_exporting() else flat.split(chunk_size)
+    nearest = [_nearest_in_memory(chunk, memory, num_nearest, chunk_size) for chunk in chunks]
     return torch.cat(nearest).reshape(query.shape[:-1])
 
 

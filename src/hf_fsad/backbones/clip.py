@@ -164,13 +164,13 @@ class ClipBackbone(nn.Module):
         mask = mask.masked_fill(~packing.attend.to(embeddings.device), blocked)
         mask = mask.unsqueeze(1).repeat(batch, 1, 1, 1)  # (B*R, 1, L, L)
         slots = packing.cls_positions.to(embeddings.device).repeat(batch, 1)  # (B*R, S)
-        rows_per_pass = max(1, self.window_tokens_per_pass // length)
-        cls_outputs = torch.cat(
-            [
-                self._window_tower(*chunk)
-                for chunk in zip(*(part.split(rows_per_pass) for part in (sequences, mask, slots)))
-            ]
-        )
+        # An exported graph takes any batch: one pass, not a batch-dependent count of chunks.
+        if torch.compiler.is_exporting():
+            chunks = [(sequences, mask, slots)]
+        else:
+            rows_per_pass = max(1, self.window_tokens_per_pass // length)
+            chunks = zip(*(part.split(rows_per_pass) for part in (sequences, mask, slots)))
+        cls_outputs = torch.cat([self._window_tower(*chunk) for chunk in chunks])
         projected = self.project(cls_outputs).reshape(batch, rows * slots.shape[1], -1)
         return [projected[:, order.to(embeddings.device)] for order in packing.window_slots]
 

@@ -75,10 +75,14 @@ class AnomalousMemoryModel(WinClipModel):
         windows = self.window_mask_list(self.device)
         return [patches, *(window_defect_shares(patches, window_masks) for window_masks in windows)]
 
+    def available_score_flags(self, bank_tensors: dict[str, torch.Tensor]) -> list[bool]:
+        """Per `score_names()`: False where the bank's memory at that level is empty. Read from shapes alone,
+        so an exported graph (`hf_fsad.export`) can use it."""
+        return [True, *(bank_tensors[name].shape[0] > 0 for name in self.score_names()[1:])]
+
     def available_scores(self, bank_tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(1 + 2L,) bool over `score_names()`: False where the bank's memory at that level is empty."""
-        sizes = [bank_tensors[name].shape[0] for name in self.score_names()[1:]]
-        return torch.tensor([True, *(size > 0 for size in sizes)])
+        """(1 + 2L,) bool tensor of `available_score_flags`."""
+        return torch.tensor(self.available_score_flags(bank_tensors))
 
     @torch.no_grad()
     def build_reference_bank(
@@ -166,7 +170,8 @@ class AnomalousMemoryModel(WinClipModel):
             reference_bank,
             "with an anomalous reference: model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...).",
         )
-        scores, maps, available = self._scores_and_maps(features, bank)
+        scores, maps, _ = self._scores_and_maps(features, bank)
+        available = self.available_score_flags(bank.tensors)
         weights = bank.tensors["score_weights"].to(scores)
         names = self.score_names()
         return AnomalyDetectionOutput(

@@ -1,0 +1,184 @@
+"""Export a method with its reference bank into one ONNX or OpenVINO graph, for runtimes without PyTorch.
+
+The graph maps preprocessed `pixel_values` (B, 3, S, S), any batch size, to `image_scores` (B,) and, for
+methods with maps, `anomaly_maps` (B, S, S); the bank (reference features, text embeddings) is baked in as
+constants. Beside it: `hf_fsad_export.json` (the image processor's settings, the method, the bank's class and
+calibration, the output names) and `run_exported.py`, a runner that needs only numpy, Pillow and onnxruntime
+or openvino. `NOT_EXPORTABLE` says why the methods left out are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .deploy import run_exported
+from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
+from .io import atomic_directory, atomic_write_text
+from .modeling_base import FsadPreTrainedModel, ReferenceBank
+
+EXPORT_FORMATS = ("onnx", "openvino")
+MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+RUNNER_FILE = "run_exported.py"
+INPUT_NAME = "pixel_values"
+# Methods whose scoring is not one fixed graph, with the reason a user reads.
+NOT_EXPORTABLE = {
+    "one_to_normal": (
+        "One-to-Normal turns each query into a normal image with a Stable Diffusion loop (many UNet and VAE "
+        "passes per image, a scheduler stepping in Python) before scoring it: not one fixed graph."
+    ),
+    "vtfusion": (
+        "VTFusion's fusion module runs scaled_dot_product_attention on 3-D (batch, locations, channels) "
+        "tensors, which torch.onnx converts only in 4-D; exporting it needs that attention written per head."
+    ),
+}
+__all__ = ["EXPORT_FORMATS", "NOT_EXPORTABLE", "BankScorer", "ExportedModel", "cached_export", "export_model"]
+
+
+class BankScorer(nn.Module):
+    """`model` scoring against a fixed `bank`: pixel values -> (image scores, anomaly maps), the graph exported."""
+
+    def __init__(self, model: FsadPreTrainedModel, bank: ReferenceBank):
+        super().__init__()
+        self.model = model
+        self.bank = bank
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        output = self.model.score_features(self.model.encode_images(pixel_values), self.bank)
+        return (
+            (output.image_scores,)
+            if output.anomaly_maps is None
+            else (output.image_scores, output.anomaly_maps)
+        )
+
+
+def export_model(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank | None,
+    out_dir: str | os.PathLike,
+    format: str = "onnx",
+) -> Path:
+    """Write `model` scoring against `bank` (None: the method's default bank, `resolve_bank`) to `out_dir` as
+    one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
+    manifest JSON and the runner. The folder is replaced atomically. Returns `out_dir`.
+
+    The graph computes what `model(pixel_values, reference_bank=bank)` does in float32 (the parity tests hold
+    it to 1e-4); it does not check pixel values for NaN as the PyTorch model does.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose from {EXPORT_FORMATS}.")
+    model_type = model.config.model_type
+    if model_type in NOT_EXPORTABLE:
+        raise ValueError(f"{model_type} cannot be exported: {NOT_EXPORTABLE[model_type]}")
+    model = model.eval()
+    bank = model.resolve_bank(bank)  # checked against the model here: the traced graph cannot hash weights
+    scorer = BankScorer(model, bank).eval()
+    size = model.config.image_size
+    example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+    with torch.no_grad():
+        output_names = ["image_scores", "anomaly_maps"][: len(scorer(example))]
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as folder:
+        onnx_path = folder / MODEL_FILES["onnx"]
+        with torch.no_grad():
+            torch.onnx.export(
+                scorer,
+                (example,),
+                str(onnx_path),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=output_names,
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                verbose=False,
+            )
+        _check_dynamic_batch(onnx_path)
+        if format == "openvino":
+            import openvino
+
+            # f32 weights: OpenVINO's default compresses them to f16, which moves the scores
+            openvino.save_model(
+                openvino.convert_model(str(onnx_path)),
+                str(folder / MODEL_FILES["openvino"]),
+                compress_to_fp16=False,
+            )
+            onnx_path.unlink()
+            onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
+        manifest = _manifest(model, bank, MODEL_FILES[format], output_names)
+        atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
+        shutil.copyfile(run_exported.__file__, folder / RUNNER_FILE)
+    return out_dir
+
+
+def cached_export(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank | None,
+    runtime: str = "onnxruntime",
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """The export folder of `model` scoring against `bank` for `runtime` ("onnxruntime": ONNX, "openvino": IR),
+    exported on first use and reused after: it lives under `cache_dir` (default `~/.cache/hf_fsad/exports`)
+    in a folder named by the model (`config_hash`, `feature_key`), the bank (its tensors, class and
+    calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
+    bank = model.resolve_bank(bank)
+    runtime_version = importlib.import_module(runtime).__version__
+    digest = hashlib.sha256()
+    for part in (model.config_hash(), model.feature_key(), __version__, torch.__version__, runtime_version):
+        digest.update(part.encode())
+    digest.update(
+        json.dumps([bank.class_name, bank.k, bank.calibration and bank.calibration.to_json()]).encode()
+    )
+    for name, tensor in sorted(bank.tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    cache_dir = Path(cache_dir or Path.home() / ".cache" / "hf_fsad" / "exports")
+    folder = cache_dir / f"{model.config.model_type}-{runtime}-{digest.hexdigest()[:16]}"
+    if not (folder / MANIFEST_FILE).is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        export_model(model, bank, folder, "openvino" if runtime == "openvino" else "onnx")
+    return folder
+
+
+def _check_dynamic_batch(onnx_path: Path) -> None:
+    """Raise when the exporter fixed the batch size (it falls back to a static graph rather than fail)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch.dim_param:
+        raise RuntimeError(
+            f"The exported graph takes batches of {batch.dim_value} images only: some step of the method "
+            "depends on the batch size in Python (a loop over chunks, a branch on a shape)."
+        )
+
+
+def _manifest(
+    model: FsadPreTrainedModel, bank: ReferenceBank, model_file: str, output_names: list[str]
+) -> dict:
+    processor = model.image_processor().to_dict()
+    processor["resample"] = int(processor["resample"])
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": "1",
+        "model_file": model_file,
+        "model_type": model.config.model_type,
+        "config_hash": bank.config_hash,
+        "class_name": bank.class_name,
+        "k": bank.k,
+        "input_name": INPUT_NAME,
+        "output_names": output_names,
+        "image_size": model.config.image_size,
+        "image_processor": json.loads(json.dumps(processor)),
+        "calibration": None if bank.calibration is None else json.loads(bank.calibration.to_json()),
+        "hf_fsad_version": __version__,
+        "torch_version": torch.__version__,
+    }
