@@ -1,17 +1,18 @@
 """Per-image latency, peak memory and score error of PyTorch eager, `--compile`, ONNX Runtime and OpenVINO (f32,
-and bf16 where the CPU has it) for each exported method, at batch 1 and 16.
+and bf16 where the CPU has it) for each exported method, at batch 1 and 16; and the float32 matrix-product
+rate of each backend (`matmul_rates`).
 
-    .venv/bin/python benchmarks/export_speed.py [--methods winclip metacan afclip anomalous_memory]
+    .venv/bin/python benchmarks/export_speed.py [--methods winclip metacan afclip anomalous_memory vtfusion]
         [--layers 12] [--repeats 2] [--out benchmarks/results]
 
 Random weights of ViT-B-16-plus-240 size (12 blocks, 240 px; no pretrained weights can be fetched offline),
 the byte-level test tokenizer, a 2-shot bank of toy images (the anomalous memory: plus one anomalous toy image
-and its mask), 16 toy query images. Each backend runs in a fresh process that loads only what it needs (the
-saved model and bank for PyTorch, the export folder for the runtimes, which import no torch), so its peak
-memory is what a process scoring with it holds (VmHWM). Batch 1: median of `--repeats` calls after one
-warm-up call; batch 16: one call (`--compile`: after a warm-up call, which compiles that shape). Score error:
-the largest difference to PyTorch eager's scores and maps on the 16 images. The CPU's model, core count and
-vector flags are written with every table.
+and its mask; VTFusion: fitted on them for 2 steps), 16 toy query images. Each backend runs in a fresh
+process that loads only what it needs (the saved model and bank for PyTorch, the export folder for the
+runtimes, which import no torch), so its peak memory is what a process scoring with it holds (VmHWM).
+Batch 1: median of `--repeats` calls after one warm-up call; batch 16: one call (`--compile`: after a
+warm-up call, which compiles that shape). Score error: the largest difference to PyTorch eager's scores and
+maps on the 16 images. The CPU's model, core count and vector flags are written with every table.
 """
 
 from __future__ import annotations
@@ -110,6 +111,46 @@ def run_backend(backend: str, folder: Path, batch_sizes: list[int], repeats: int
     return {"seconds_per_image": seconds, "peak_memory_mb": peak_mb}
 
 
+def matmul_rates(rows: int = 3616, width: int = 896, repeats: int = 5) -> dict:
+    """GFLOP/s of one float32 matrix product of the tower's MLP shape ((rows, width) @ (width, 4 width);
+    3,616 rows = 16 images' 226 tokens) in PyTorch, ONNX Runtime and OpenVINO: the rate each backend's
+    matrix products run at, which bounds what a graph made of them can gain over eager."""
+    import onnx
+    import onnxruntime
+    import openvino
+    import torch
+    from onnx import TensorProto, helper
+
+    generator = np.random.default_rng(0)
+    inputs = generator.standard_normal((rows, width), dtype=np.float32)
+    weight = generator.standard_normal((width, 4 * width), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 4 * width])],
+        [helper.make_tensor("w", TensorProto.FLOAT, weight.shape, weight.ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as work:
+        path = str(Path(work) / "matmul.onnx")
+        onnx.save(model, path)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        request = (
+            openvino.Core()
+            .compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            .create_infer_request()
+        )
+    torch_inputs, torch_weight = torch.from_numpy(inputs), torch.from_numpy(weight)
+    flops = 2 * rows * width * 4 * width
+    products = {
+        "torch": lambda: torch.mm(torch_inputs, torch_weight),
+        "onnxruntime": lambda: session.run(None, {"x": inputs}),
+        "openvino-f32": lambda: request.infer({"x": inputs}),
+    }
+    return {name: flops / timed(product, repeats, True) / 1e9 for name, product in products.items()}
+
+
 def prepare(method: str, layers: int, folder: Path) -> dict:
     """Save a random model of `method`, its toy bank and 16 toy queries into `folder`; export it to ONNX and
     OpenVINO there. Returns the export times."""
@@ -132,8 +173,12 @@ def prepare(method: str, layers: int, folder: Path) -> dict:
     if model.needs_anomalous_references:
         mask = torch.from_numpy(np.asarray(toy["test"]["mask"][-1]) > 0)[None]
         anomalous = {"anomalous_pixel_values": queries[-1:], "anomalous_masks": mask}
-    with torch.no_grad():
-        bank = model.build_reference_bank(references, "stripes", **anomalous)
+    if model.fits_per_category:  # VTFusion: fitted on the 2 references (2 steps: speed is not accuracy)
+        model.fit(list(toy["train"]["image"]), class_name="stripes", steps=2)
+        bank = model.build_reference_bank()
+    else:
+        with torch.no_grad():
+            bank = model.build_reference_bank(references, "stripes", **anomalous)
     model.save_pretrained(folder / "model")
     bank.save(folder / "bank.safetensors")
     np.save(folder / "queries.npy", queries.numpy())
@@ -209,6 +254,14 @@ def markdown(report: dict) -> str:
                 f"| {method} | {backend} | {' | '.join(cells)} | {row['peak_memory_mb']:.0f} | "
                 f"{row['score_error']:.1e} | {map_error} |"
             )
+    rates = report.get("matmul_gflops")
+    if rates:
+        lines += [
+            "",
+            "Float32 matrix product of the tower's MLP shape (3616 x 896 @ 896 x 3584), GFLOP/s: "
+            + ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+            + ".",
+        ]
     lines += [
         "",
         "Export time (s): "
@@ -223,7 +276,9 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", default=["winclip", "metacan", "afclip", "anomalous_memory"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["winclip", "metacan", "afclip", "anomalous_memory", "vtfusion"]
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
@@ -245,12 +300,12 @@ def main() -> None:
     report = {"cpu": cpu, "layers": args.layers, "repeats": args.repeats, "batch_sizes": args.batch_sizes}
     previous = out / "export_speed.json"
     # methods measured by earlier runs with the same settings are kept (one method per run is fine)
-    if previous.exists() and {**json.loads(previous.read_text()), "methods": None} == {
-        **report,
-        "methods": None,
-    }:
-        report["methods"] = json.loads(previous.read_text())["methods"]
+    if previous.exists():
+        kept = json.loads(previous.read_text())
+        if {key: kept.get(key) for key in report} == report:
+            report["methods"] = kept["methods"]
     report.setdefault("methods", {})
+    report["matmul_gflops"] = matmul_rates()
     for method in args.methods:
         report["methods"][method] = measure(method, args, backends)
         # written after each method, so a long run leaves what it measured so far

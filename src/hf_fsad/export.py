@@ -35,10 +35,6 @@ NOT_EXPORTABLE = {
         "One-to-Normal turns each query into a normal image with a Stable Diffusion loop (many UNet and VAE "
         "passes per image, a scheduler stepping in Python) before scoring it: not one fixed graph."
     ),
-    "vtfusion": (
-        "VTFusion's fusion module runs scaled_dot_product_attention on 3-D (batch, locations, channels) "
-        "tensors, which torch.onnx converts only in 4-D; exporting it needs that attention written per head."
-    ),
 }
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)

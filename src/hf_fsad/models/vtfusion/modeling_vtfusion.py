@@ -86,10 +86,11 @@ class SpatialSelfAttention(nn.Module):
         batch, channels, height, width = embedded.shape
 
         def tokens(projection: nn.Conv2d) -> torch.Tensor:
-            return projection(embedded).flatten(2).transpose(1, 2)  # (B, hw, C)
+            # (B, 1, hw, C): one attention head, in the 4-D layout torch.onnx exports
+            return projection(embedded).flatten(2).transpose(1, 2)[:, None]
 
         attended = F.scaled_dot_product_attention(tokens(self.query), tokens(self.key), tokens(self.value))
-        return attended.transpose(1, 2).reshape(batch, channels, height, width)
+        return attended[:, 0].transpose(1, 2).reshape(batch, channels, height, width)
 
 
 class ResidualBlock(nn.Module):
