@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...loading import load_diffusion_pipeline
 from .functional_one_to_normal import ssim
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -39,13 +40,18 @@ def load_img2img_pipeline(
 ):
     """A `StableDiffusionImg2ImgPipeline` from `diffusion_model` (its UNet replaced by the one saved in
     `unet_directory`, a full fine-tune, when given) with a DDIM scheduler of "trailing" timestep spacing (so
-    strength s starts denoising at s x T exactly), without safety checker or progress bars."""
+    strength s starts denoising at s x T exactly), without safety checker or progress bars; a `ModelLoadError`
+    (one line) when `diffusion_model` cannot be loaded."""
     require_diffusers()
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 
     components = {"unet": UNet2DConditionModel.from_pretrained(unet_directory)} if unet_directory else {}
-    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(
-        diffusion_model, safety_checker=None, requires_safety_checker=False, **components
+    pipeline = load_diffusion_pipeline(
+        StableDiffusionImg2ImgPipeline,
+        diffusion_model,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **components,
     )
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
     pipeline.set_progress_bar_config(disable=True)
