@@ -384,10 +384,10 @@ def test_fit_refuses_what_the_method_does_not_use(tiny_clip_dir, toy_files, tmp_
     one_to_normal = [*common, "--method", "one_to_normal", "--class-name", "grid"]
     missing = tmp_path / "no-such-sd"
     assert main([*one_to_normal, "--diffusion-model", str(missing)]) == 2
-    line = _error_line(capsys)
-    assert line.startswith("error: diffusion model: ") and f"local directory {missing} does not exist" in line
+    expected = f"error: diffusion model {missing}: the local folder does not exist (and it is not a Hub id)."
+    assert _error_line(capsys) == expected
     assert main([*one_to_normal, "--diffusion-model", tiny_clip_dir]) == 2  # a CLIP, not a diffusers folder
-    assert f"local path {tiny_clip_dir} has no model_index.json" in _error_line(capsys)
+    assert f"diffusion model {tiny_clip_dir}: the local path has no model_index.json" in _error_line(capsys)
     assert main([*one_to_normal, "--kinds", "cutpaste"]) == 2
     assert _error_line(capsys) == "error: --kinds: one_to_normal is not fitted on synthetic anomalies"
     assert main([*common, "--method", "vtfusion", "--diffusion-model", str(missing)]) == 2

@@ -577,10 +577,7 @@ def fit(args: argparse.Namespace) -> int:
         arguments["anomaly_kinds"] = args.kinds
     try:
         result = model.fit(normals, class_name=args.class_name, **arguments)
-    except ModelLoadError as error:
-        print(f"error: diffusion model: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:  # what the method refuses before fitting: a missing class name, image sizes
+    except ValueError as error:  # what stops a fit: a diffusion model, a missing class name, image sizes
         print(f"error: {error}", file=sys.stderr)
         return 2
     losses = [entry["loss"] for entry in result.history]

@@ -45,21 +45,11 @@ def check_local_model_dir(path: Path, what: str = "model") -> None:
         )
 
 
-def check_local_pipeline_dir(path: Path, what: str = "diffusion model") -> None:
-    """Raise `ModelLoadError` when the directory `path` cannot hold a diffusers pipeline: a file, or a
-    directory without `model_index.json`."""
-    if not (path / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"local path {path} has no model_index.json, so it is not a {what}: give a diffusers pipeline "
-            "folder (written by save_pretrained, or downloaded from the Hub) or a Hub id."
-        )
-
-
-def _load(loader, source: str, what: str, check=check_local_model_dir):
-    """`loader(source)`, with a local directory checked first (`check`) and any failure turned into one line."""
+def _load(loader, source: str, what: str):
+    """`loader(source)`, with a local directory checked first and any failure turned into one line."""
     path = Path(source)
     if path.exists():
-        check(path, what)
+        check_local_model_dir(path, what)
         try:
             return loader(source)
         except Exception as error:  # noqa: BLE001  (transformers raises many types for a broken save)
@@ -91,14 +81,3 @@ def load_method(source: str):
             )
         return _load(method_spec(method).model.from_clip, clip, "CLIP model")
     return _load(AutoModel.from_pretrained, source, "model")
-
-
-def load_diffusion_pipeline(pipeline_class, source: str, **kwargs):
-    """`pipeline_class.from_pretrained(source, **kwargs)` (a diffusers pipeline from a Hub id or a local
-    folder); a `ModelLoadError` with a one-line message when it cannot be loaded."""
-    return _load(
-        lambda name: pipeline_class.from_pretrained(name, **kwargs),
-        str(source),
-        "diffusion model",
-        check_local_pipeline_dir,
-    )

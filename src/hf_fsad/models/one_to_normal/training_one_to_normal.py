@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ...augmentation import random_crop
-from ...loading import load_diffusion_pipeline
 from ...training.trainer import FsadTrainer, FsadTrainingArguments, TrainingResult, parameter_digest
-from .diffusion_one_to_normal import to_tensor
+from .diffusion_one_to_normal import load_diffusion_pipeline, to_tensor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
