@@ -276,7 +276,7 @@ def test_defects_build_the_anomalous_memory_bank_as_python_does(
     bank_path, masked, unmasked = (
         tmp_path / "bank.safetensors",
         tmp_path / "masked.jsonl",
-        tmp_path / "un.jsonl",
+        tmp_path / "u.jsonl",
     )
     with_mask = ["--defect", str(defect), "--defect-mask", str(mask), "--save-bank", str(bank_path)]
     assert main([*common, *with_mask, "--output", str(masked), *inputs]) == 0
@@ -316,10 +316,9 @@ def test_defects_and_banks_are_refused_where_they_do_not_fit(
     root, queries = toy_files
     defect, mask = defect_files
     bank = tmp_path / "bank.safetensors"
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
     with torch.no_grad():
-        WinClipModel.from_pretrained(saved_winclip_dir).build_reference_bank(None, class_name="tile").save(
-            bank
-        )
+        model.build_reference_bank(None, class_name="tile").save(bank)
 
     def score(model: str, *options: str) -> int:  # the input first: options take several paths
         return main(
