@@ -14,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert install-anomalib install-runtime compare-anomalib demo test test-core test-convert test-runtime e2e lint clean
+.PHONY: install install-convert install-anomalib install-runtime compare-anomalib demo test test-core test-convert test-runtime e2e lint cli-docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,7 +72,11 @@ e2e: install
 	HF_FSAD_SCREENSHOT=docs/space_screenshot.png $(VENV)/bin/python -m pytest -q -m e2e
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks training spaces
+	$(VENV)/bin/ruff check src tests benchmarks training spaces scripts
+
+# docs/cli.md from the CLI's parser (tests/test_cli.py fails when they disagree).
+cli-docs: install
+	$(VENV)/bin/python scripts/cli_reference.py
 
 clean:
 	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) $(RUNTIME_VENV) demo_output

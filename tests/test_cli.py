@@ -1,7 +1,10 @@
-"""`hf-fsad score`: scores match the model, bad files are reported and skipped, outputs are atomic."""
+"""`hf-fsad score` and `fit`: scores match the model, bad files are reported and skipped, outputs are atomic,
+options that cannot go together are refused; every option has a help text and docs/cli.md is the parser's."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -15,7 +18,14 @@ from PIL import Image
 from hf_fsad import cli
 from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
+from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
+from hf_fsad.models.one_to_normal import training_one_to_normal
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from hf_fsad.registry import METHODS
+from hf_fsad.visualization import mask_array
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +50,22 @@ def _read(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _expected_scores(model_dir, root, queries):
-    model = WinClipModel.from_pretrained(model_dir)
-    processor = model.image_processor()
-    load = lambda paths: (
-        processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
-    )
+def _pixels(model, paths):
+    images = [Image.open(path).convert("RGB") for path in paths]
+    return model.image_processor()(images, return_tensors="pt").pixel_values
+
+
+def _expected_scores(model, root, queries):
     with torch.no_grad():
-        bank = model.build_reference_bank(load(sorted((root / "refs").iterdir())))
-        return model(load(queries), reference_bank=bank).image_scores.tolist()
+        bank = model.build_reference_bank(_pixels(model, sorted((root / "refs").iterdir())))
+        return model(_pixels(model, queries), reference_bank=bank).image_scores.tolist()
+
+
+def _error_line(capsys) -> str:
+    """The CLI's one `error:` line on stderr (beside it, only the progress bars of loading a model)."""
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
 
 
 def test_scores_match_the_model_and_bad_files_are_skipped(saved_winclip_dir, toy_files, tmp_path, capsys):
@@ -84,7 +101,7 @@ def test_scores_match_the_model_and_bad_files_are_skipped(saved_winclip_dir, toy
     assert f"skipped input {missing}: file not found" in errors
     records = _read(output)
     assert [r["path"] for r in records] == list(map(str, queries))
-    expected = _expected_scores(saved_winclip_dir, root, queries)
+    expected = _expected_scores(WinClipModel.from_pretrained(saved_winclip_dir), root, queries)
     # the CLI scores in its own batches: float32 rounding ~1e-7 relative, 1e-5 bound
     assert [r["score"] for r in records] == pytest.approx(expected, rel=1e-5)
     assert Image.open(records[0]["heatmap"]).size == (240, 200)
@@ -224,3 +241,187 @@ def test_two_processes_give_the_single_process_results(saved_winclip_dir, toy_fi
     for one, two in zip(single, double, strict=True):
         assert one["heatmap"].replace("single", "double") == two["heatmap"]
         assert {**one, "heatmap": None} == {**two, "heatmap": None}
+
+
+def test_method_at_clip_scores_as_the_fresh_method(tiny_clip_dir, toy_files, tmp_path):
+    root, queries = toy_files
+    output = tmp_path / "results.jsonl"
+    model_source = f"winclip@{tiny_clip_dir}"
+    arguments = ["score", "--model", model_source, "--reference", str(root / "refs"), "--output", str(output)]
+    assert main([*arguments, *map(str, queries)]) == 0
+    expected = _expected_scores(WinClipModel.from_clip(tiny_clip_dir), root, queries)
+    # the CLI scores in its own batches: float32 rounding ~1e-7 relative, 1e-5 bound
+    assert [record["score"] for record in _read(output)] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def defect_files(tmp_path_factory):
+    """One defective image (`defects/000.png`) and its mask (`masks/000_mask.png`)."""
+    root = tmp_path_factory.mktemp("defect_files")
+    (example,) = toy_records("stripes", num_train=0, num_test_good=0, num_test_anomalous=1, seed=5)["test"]
+    (root / "defects").mkdir()
+    (root / "masks").mkdir()
+    example.image.save(root / "defects" / "000.png")
+    example.mask.save(root / "masks" / "000_mask.png")
+    return root / "defects" / "000.png", root / "masks" / "000_mask.png"
+
+
+def test_defects_build_the_anomalous_memory_bank_as_python_does(
+    tiny_clip_dir, toy_files, defect_files, tmp_path
+):
+    root, queries = toy_files
+    defect, mask = defect_files
+    inputs = list(map(str, queries))
+    common = ["score", "--model", f"anomalous_memory@{tiny_clip_dir}", "--reference", str(root / "refs")]
+    bank_path, masked, unmasked = (
+        tmp_path / "bank.safetensors",
+        tmp_path / "masked.jsonl",
+        tmp_path / "u.jsonl",
+    )
+    with_mask = ["--defect", str(defect), "--defect-mask", str(mask), "--save-bank", str(bank_path)]
+    assert main([*common, *with_mask, "--output", str(masked), *inputs]) == 0
+
+    model = AnomalousMemoryModel.from_clip(tiny_clip_dir)
+    references = _pixels(model, sorted((root / "refs").iterdir()))
+    defects = {
+        "anomalous_pixel_values": _pixels(model, [defect]),
+        "anomalous_masks": torch.from_numpy(mask_array(Image.open(mask), model.config.image_size)[None]),
+    }
+    with torch.no_grad():
+        bank = model.build_reference_bank(references, **defects)
+        expected = model(_pixels(model, queries), reference_bank=bank).image_scores
+    saved = ReferenceBank.load(bank_path)
+    # the same images through the same code: the same tensors, exactly
+    assert saved.tensors.keys() == bank.tensors.keys()
+    assert all(torch.equal(saved.tensors[name], tensor) for name, tensor in bank.tensors.items())
+    # the mask put some, not all, of the defect's patches in the anomalous memory
+    patches = model.config.image_size // model.config.clip_config.vision_config.patch_size
+    assert saved.tensors["num_anomalous"].item() == 1
+    assert 0 < saved.tensors["anomalous.patch"].shape[0] < patches**2
+    # the 2 references are calibrated leave-one-out, each against a bank of the other and the defect
+    with pytest.warns(UserWarning, match="2 normal scores cannot guarantee"):
+        assert saved.calibration == model.calibrate(bank, references, bank_inputs=defects).calibration
+    # the CLI scores in its own batches: float32 rounding ~1e-7 relative, 1e-5 bound
+    assert [record["score"] for record in _read(masked)] == pytest.approx(expected.tolist(), rel=1e-5)
+
+    # without its mask the whole defect is anomalous memory: other scores
+    assert main([*common, "--defect", str(defect), "--output", str(unmasked), *inputs]) == 0
+    without_mask = torch.tensor([record["score"] for record in _read(unmasked)])
+    assert (without_mask - expected).abs().max() > 1e-3
+
+
+def test_defects_and_banks_are_refused_where_they_do_not_fit(
+    tiny_clip_dir, saved_winclip_dir, toy_files, defect_files, tmp_path, capsys
+):
+    root, queries = toy_files
+    defect, mask = defect_files
+    bank = tmp_path / "bank.safetensors"
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
+    with torch.no_grad():
+        model.build_reference_bank(None, class_name="tile").save(bank)
+
+    def score(model: str, *options: str) -> int:  # the input first: options take several paths
+        return main(
+            ["score", str(queries[0]), "--model", model, "--output", str(tmp_path / "r.jsonl"), *options]
+        )
+
+    assert score(f"winclip@{tiny_clip_dir}", "--reference", str(root / "refs"), "--defect", str(defect)) == 2
+    assert "error: --defect: winclip builds its bank from normal references only" in _error_line(capsys)
+    assert score(f"anomalous_memory@{tiny_clip_dir}", "--reference", str(root / "refs")) == 2
+    assert "anomalous_memory builds its bank from defective images too" in _error_line(capsys)
+    assert score(saved_winclip_dir, "--bank", str(bank), "--defect", str(defect)) == 2
+    assert "--defect builds a bank from defective images, --bank reuses a built one" in _error_line(capsys)
+    assert score(saved_winclip_dir, "--defect-mask", str(mask)) == 2
+    assert "--defect-mask needs --defect" in _error_line(capsys)
+    # the bank's class is fixed: another --class-name is refused, its own accepted
+    assert score(saved_winclip_dir, "--bank", str(bank), "--class-name", "bottle") == 2
+    assert "the --bank holds class 'tile'" in _error_line(capsys)
+    assert score(saved_winclip_dir, "--bank", str(bank), "--class-name", "tile") == 0
+    # argparse refuses a bank with references (one or the other in the usage line)
+    with pytest.raises(SystemExit) as exit_info:
+        score(saved_winclip_dir, "--bank", str(bank), "--reference", str(root / "refs"))
+    assert exit_info.value.code == 2
+    assert "error: argument --reference: not allowed with argument --bank" in capsys.readouterr().err
+
+
+def test_fit_one_to_normal_takes_its_own_steps_and_diffusion_model(
+    tiny_clip_dir, toy_files, tmp_path, monkeypatch
+):
+    """The trainer is replaced by one that records what it was given and stops: the fit itself is tested in
+    tests/test_one_to_normal.py."""
+    root, _ = toy_files
+    given = {}
+
+    class Stop(Exception):
+        pass
+
+    class RecordingTrainer:
+        def __init__(self, model, normal_images, class_name, args, accelerator=None):
+            given.update(steps=args.max_steps, diffusion=model.config.diffusion_model, class_name=class_name)
+            raise Stop
+
+    monkeypatch.setattr(training_one_to_normal, "DreamBoothLoraTrainer", RecordingTrainer)
+    arguments = ["fit", "--method", "one_to_normal", "--clip", tiny_clip_dir, "--normal", str(root / "refs")]
+    sd = str(tmp_path / "my-sd")
+    with pytest.raises(Stop):
+        main([*arguments, "--out", str(tmp_path / "fitted"), "--class-name", "grid", "--diffusion-model", sd])
+    # One-to-Normal's 400 DreamBooth updates, not VTFusion's 1000
+    assert given == {"steps": 400, "diffusion": sd, "class_name": "grid"}
+
+
+def test_fit_refuses_what_the_method_does_not_use(tiny_clip_dir, toy_files, tmp_path, capsys):
+    root, _ = toy_files
+    common = [
+        "fit",
+        "--clip",
+        tiny_clip_dir,
+        "--normal",
+        str(root / "refs"),
+        "--out",
+        str(tmp_path / "fitted"),
+    ]
+    one_to_normal = [*common, "--method", "one_to_normal", "--class-name", "grid"]
+    missing = tmp_path / "no-such-sd"
+    assert main([*one_to_normal, "--diffusion-model", str(missing)]) == 2
+    expected = f"error: diffusion model {missing}: the local folder does not exist (and it is not a Hub id)."
+    assert _error_line(capsys) == expected
+    assert main([*one_to_normal, "--diffusion-model", tiny_clip_dir]) == 2  # a CLIP, not a diffusers folder
+    assert f"diffusion model {tiny_clip_dir}: the local path has no model_index.json" in _error_line(capsys)
+    assert main([*one_to_normal, "--kinds", "cutpaste"]) == 2
+    assert _error_line(capsys) == "error: --kinds: one_to_normal is not fitted on synthetic anomalies"
+    assert main([*common, "--method", "vtfusion", "--diffusion-model", str(missing)]) == 2
+    assert _error_line(capsys) == "error: --diffusion-model: vtfusion uses no diffusion model"
+    assert main([*common, "--method", "anomalous_memory"]) == 2
+    assert "needs no fitting" in _error_line(capsys)
+    assert not (tmp_path / "fitted").exists()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    parser = cli.build_parser()
+    undocumented = [
+        f"{name} {action.dest}"
+        for name, command in _subcommands(parser).items()
+        for action in command._actions
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert undocumented == []
+    # fit's help names the methods fitted per category
+    fitted = [name for name, spec in METHODS.items() if spec.model.fits_per_category]
+    assert sorted(fitted) == ["one_to_normal", "vtfusion"]
+    assert "(one_to_normal, vtfusion)" in _subcommands(parser)["fit"].description
+
+
+def test_docs_cli_md_is_the_parsers_help():
+    spec = importlib.util.spec_from_file_location("cli_reference", REPO / "scripts" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.reference()
+    assert (REPO / "docs" / "cli.md").read_text(encoding="utf-8") == text, "run `make cli-docs`"
+    for name, command in _subcommands(cli.build_parser()).items():
+        assert f"## `hf-fsad {name}`" in text
+        assert all(option in text for action in command._actions for option in action.option_strings)

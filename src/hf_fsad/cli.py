@@ -18,6 +18,8 @@ from hf_fsad.deploy.run_exported import RUNTIMES
 from hf_fsad.io import ImageReadError, expand_inputs, read_image, readable_images
 
 if TYPE_CHECKING:
+    import torch
+
     from hf_fsad.modeling_base import ReferenceBank
 
 DEFAULT_FALSE_ALARM_RATE = 0.05
@@ -104,7 +106,7 @@ class _CalibrationFiles:
         return bool(self.normal or self.anomalous)
 
 
-def _calibration_paths(option: str, inputs: Sequence[str]) -> list[Path]:
+def _option_paths(option: str, inputs: Sequence[str]) -> list[Path]:
     what = f"{option} image"
     paths = _distinct(expand_inputs(inputs, what), what=what)
     if not paths:
@@ -112,80 +114,108 @@ def _calibration_paths(option: str, inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def _masks_of(images: Sequence[Path], masks: Sequence[Path]) -> list[Path]:
+def _masks_of(
+    images: Sequence[Path], masks: Sequence[Path], image_option: str, mask_option: str
+) -> list[Path]:
     """The mask of each anomalous image: the one with the image's file stem, alone or followed by `_mask`
-    (MVTec AD's `000_mask.png` for `000.png`)."""
+    (MVTec AD's `000_mask.png` for `000.png`). The options are named in the errors."""
     by_stem: dict[str, Path] = {}
     for mask in masks:
         stem = mask.stem.removesuffix("_mask")
         if stem in by_stem:
-            raise ValueError(
-                f"--calibration-masks {by_stem[stem]} and {mask} both match the image stem {stem!r}"
-            )
+            raise ValueError(f"{mask_option} {by_stem[stem]} and {mask} both match the image stem {stem!r}")
         by_stem[stem] = mask
     stems: dict[str, Path] = {}
     for image in images:
         if image.stem in stems:
             raise ValueError(
-                f"--calibration-anomalous {stems[image.stem]} and {image} share the file stem "
+                f"{image_option} {stems[image.stem]} and {image} share the file stem "
                 f"{image.stem!r}, so masks cannot be matched to them; rename one"
             )
         stems[image.stem] = image
     unmatched = [str(image) for image in images if image.stem not in by_stem]
     if unmatched:
         raise ValueError(
-            f"--calibration-masks has no mask for {', '.join(unmatched)} (a mask is matched by file stem: "
+            f"{mask_option} has no mask for {', '.join(unmatched)} (a mask is matched by file stem: "
             "000.png or 000_mask.png for 000.png)"
         )
     unused = [str(mask) for stem, mask in by_stem.items() if stem not in stems]
     if unused:
-        raise ValueError(f"--calibration-masks {', '.join(unused)} match no --calibration-anomalous image")
+        raise ValueError(f"{mask_option} {', '.join(unused)} match no {image_option} image")
     return [by_stem[image.stem] for image in images]
 
 
+def _read_images(option: str, paths: Sequence[Path], max_pixels: int | None) -> list[Image.Image]:
+    """The images of an option; a ValueError names the option and the file that cannot be used. Unlike
+    inputs, none is skipped: what they set (a threshold, a bank) would silently rest on other images."""
+    images = []
+    for path in paths:
+        try:
+            images.append(read_image(path, max_pixels))
+        except ImageReadError as error:
+            raise ValueError(f"{option} {path}: {error}") from None
+    return images
+
+
+def _read_anomalous(
+    image_option: str,
+    image_inputs: Sequence[str] | None,
+    mask_option: str,
+    mask_inputs: Sequence[str] | None,
+    max_pixels: int | None,
+) -> tuple[list[Image.Image], list[Image.Image] | None]:
+    """The anomalous images an option gives and their masks (matched by file stem, in the images' order),
+    or None without masks."""
+    if mask_inputs and not image_inputs:
+        raise ValueError(f"{mask_option} needs {image_option} (the images they mark)")
+    if not image_inputs:
+        return [], None
+    paths = _option_paths(image_option, image_inputs)
+    masks = None
+    if mask_inputs:
+        mask_paths = _masks_of(paths, _option_paths(mask_option, mask_inputs), image_option, mask_option)
+        masks = _read_images(mask_option, mask_paths, max_pixels)
+    return _read_images(image_option, paths, max_pixels), masks
+
+
 def _read_calibration_files(args: argparse.Namespace) -> _CalibrationFiles:
-    """Read the calibration options' files; a ValueError names the option and the file that cannot be used.
-    Unlike inputs, none is skipped: the threshold would silently rest on other images than those given."""
-
-    def read(option: str, paths: Sequence[Path]) -> list[Image.Image]:
-        images = []
-        for path in paths:
-            try:
-                images.append(read_image(path, args.max_pixels))
-            except ImageReadError as error:
-                raise ValueError(f"{option} {path}: {error}") from None
-        return images
-
-    if args.calibration_masks and not args.calibration_anomalous:
-        raise ValueError("--calibration-masks needs --calibration-anomalous (the images they mark)")
-    normal, anomalous, masks = [], [], None
+    """Read the calibration options' files; a ValueError names the option and the file that cannot be used."""
+    normal = []
     if args.calibration_normal:
-        normal_paths = _calibration_paths("--calibration-normal", args.calibration_normal)
-        normal = read("--calibration-normal", normal_paths)
-    if args.calibration_anomalous:
-        anomalous_paths = _calibration_paths("--calibration-anomalous", args.calibration_anomalous)
-        if args.calibration_masks:
-            mask_paths = _masks_of(
-                anomalous_paths, _calibration_paths("--calibration-masks", args.calibration_masks)
-            )
-            masks = read("--calibration-masks", mask_paths)
-        anomalous = read("--calibration-anomalous", anomalous_paths)
+        normal_paths = _option_paths("--calibration-normal", args.calibration_normal)
+        normal = _read_images("--calibration-normal", normal_paths, args.max_pixels)
+    anomalous, masks = _read_anomalous(
+        "--calibration-anomalous",
+        args.calibration_anomalous,
+        "--calibration-masks",
+        args.calibration_masks,
+        args.max_pixels,
+    )
     return _CalibrationFiles(normal, anomalous, masks)
 
 
-def _calibrate(
-    model, processor, bank, references, files: _CalibrationFiles, args: argparse.Namespace
-) -> tuple[ReferenceBank, str | None, list[str]]:
-    """(bank, why it is not calibrated or None, the warnings calibrating raised): the bank calibrated as the
-    options ask. A built bank is calibrated by leave-one-out by default; a `--bank` is used as saved unless
-    calibration options are given."""
-    import warnings
-
+def _mask_tensor(masks: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Masks as a boolean (A, size, size) tensor at the model's input size (non-zero = defect)."""
     import numpy as np
     import torch
 
-    from hf_fsad.pipeline import calibrate_reference_bank
     from hf_fsad.visualization import mask_array
+
+    return torch.from_numpy(np.stack([mask_array(mask, size) for mask in masks]))
+
+
+def _calibrate(
+    model, processor, bank, references, bank_inputs: dict, files: _CalibrationFiles, args: argparse.Namespace
+) -> tuple[ReferenceBank, str | None, list[str]]:
+    """(bank, why it is not calibrated or None, the warnings calibrating raised): the bank calibrated as the
+    options ask. A built bank is calibrated by leave-one-out by default (each reference scored against a bank
+    of the others and the `bank_inputs` it was built with); a `--bank` is used as saved unless calibration
+    options are given."""
+    import warnings
+
+    import torch
+
+    from hf_fsad.pipeline import calibrate_reference_bank
 
     asked = files.given or args.false_alarm_rate is not None
     if args.bank and not asked and not args.no_calibration:
@@ -194,10 +224,7 @@ def _calibrate(
     def pixels(images: list) -> torch.Tensor | None:
         return processor(images, return_tensors="pt").pixel_values if images else None
 
-    masks = None
-    if files.masks is not None:
-        size = model.config.image_size
-        masks = torch.from_numpy(np.stack([mask_array(mask, size) for mask in files.masks]))
+    masks = None if files.masks is None else _mask_tensor(files.masks, model.config.image_size)
     # Calibration scores are computed as the queries' are: same precision, same batch size.
     with torch.no_grad(), model.autocast(args.precision), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -211,6 +238,7 @@ def _calibrate(
             anomalous_masks=masks,
             false_alarm_rate=args.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
             batch_size=args.batch_size,
+            bank_inputs=bank_inputs,
         )
     return bank, refusal, [str(warning.message) for warning in caught]
 
@@ -233,8 +261,11 @@ def score(args: argparse.Namespace) -> int:
     from hf_fsad.loading import ModelLoadError, load_method
     from hf_fsad.modeling_base import ReferenceBank
 
-    if args.bank and args.reference:
-        print("error: give either --bank or --reference, not both", file=sys.stderr)
+    if args.bank and args.defect:
+        print(
+            "error: --defect builds a bank from defective images, --bank reuses a built one: give one",
+            file=sys.stderr,
+        )
         return 2
     calibration_options = (
         args.calibration_normal,
@@ -256,6 +287,9 @@ def score(args: argparse.Namespace) -> int:
             prepare_output_file(args.save_bank, "--save-bank")
         previous = _previous_results(output) if args.resume else []
         calibration_files = _read_calibration_files(args)
+        defects, defect_masks = _read_anomalous(
+            "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -266,18 +300,44 @@ def score(args: argparse.Namespace) -> int:
     except ModelLoadError as error:
         print(f"error: --model: {error}", file=sys.stderr)
         return 2
+    method = model.config.model_type
+    if defects and not model.needs_anomalous_references:
+        print(
+            f"error: --defect: {method} builds its bank from normal references only (defective images can "
+            "calibrate its threshold: --calibration-anomalous)",
+            file=sys.stderr,
+        )
+        return 2
+    if model.needs_anomalous_references and not defects and not args.bank:
+        print(
+            f"error: {method} builds its bank from defective images too: give --defect IMAGE (and "
+            "--defect-mask MASK), or a --bank",
+            file=sys.stderr,
+        )
+        return 2
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
 
-    references = None
+    references, bank_inputs = None, {}
     if args.bank:
         try:
             bank = model.check_bank(ReferenceBank.load(args.bank))
         except ValueError as error:
             print(f"error: --bank {args.bank}: {error}", file=sys.stderr)
             return 2
+        if args.class_name is not None and args.class_name != bank.class_name:
+            print(
+                f"error: --class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
+                "when it was built (build a bank of another class from --reference)",
+                file=sys.stderr,
+            )
+            return 2
     else:
+        if defects:
+            bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
+            if defect_masks is not None:
+                bank_inputs["anomalous_masks"] = _mask_tensor(defect_masks, model.config.image_size)
         if args.reference:
             readable = readable_images(
                 expand_inputs(args.reference, "reference"), "reference", args.max_pixels
@@ -287,10 +347,16 @@ def score(args: argparse.Namespace) -> int:
                 print("error: none of the --reference images could be read", file=sys.stderr)
                 return 1
             references = processor(images, return_tensors="pt").pixel_values
-        with torch.no_grad():
-            bank = model.build_reference_bank(references, class_name=args.class_name)
+        try:
+            with torch.no_grad():
+                bank = model.build_reference_bank(references, class_name=args.class_name, **bank_inputs)
+        except ValueError as error:
+            print(f"error: the reference bank cannot be built: {error}", file=sys.stderr)
+            return 2
     try:
-        bank, refusal, notes = _calibrate(model, processor, bank, references, calibration_files, args)
+        bank, refusal, notes = _calibrate(
+            model, processor, bank, references, bank_inputs, calibration_files, args
+        )
     except ValueError as error:
         print(f"error: calibration: {error}", file=sys.stderr)
         return 2
@@ -447,7 +513,9 @@ def _score_paths(
 
 
 def fit(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+    """Fit a method that is fitted per category on normal images and save it. Exit status: 0 fitted, 1 no
+    normal image could be read, 2 it could not start (arguments, models, output location)."""
+    from dataclasses import asdict, fields
 
     import hf_fsad  # noqa: F401  (registers the methods)
     from hf_fsad.hub import save_trained_model
@@ -458,11 +526,24 @@ def fit(args: argparse.Namespace) -> int:
     if bool(args.clip) == bool(args.model):
         print("error: give either --clip (a fresh model) or --model (a saved one to refit)", file=sys.stderr)
         return 2
-    if not method_spec(args.method).model.fits_per_category:
-        print(
-            f"error: {args.method} is not fitted per category; train it with training/train_{args.method}.py",
-            file=sys.stderr,
+    try:
+        spec = method_spec(args.method)
+    except ValueError as error:
+        print(f"error: --method: {error}", file=sys.stderr)
+        return 2
+    if not spec.model.fits_per_category:
+        how = (
+            f"train it with training/train_{args.method}.py"
+            if spec.recipe
+            else "it needs no fitting: give `hf-fsad score` its --reference images"
         )
+        print(f"error: {args.method} is not fitted per category; {how}", file=sys.stderr)
+        return 2
+    if args.kinds and "anomaly_kinds" not in {field.name for field in fields(spec.training_arguments)}:
+        print(f"error: --kinds: {args.method} is not fitted on synthetic anomalies", file=sys.stderr)
+        return 2
+    if args.diffusion_model and not hasattr(spec.config, "diffusion_model"):
+        print(f"error: --diffusion-model: {args.method} uses no diffusion model", file=sys.stderr)
         return 2
     try:
         output = prepare_output_dir(Path(args.out).parent, "--out") / Path(args.out).name
@@ -486,13 +567,19 @@ def fit(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.diffusion_model:
+        model.config.diffusion_model = args.diffusion_model
     model = model.to(args.device)
     arguments = {"seed": args.seed}
     if args.steps is not None:
         arguments["steps"] = args.steps
     if args.kinds:
         arguments["anomaly_kinds"] = args.kinds
-    result = model.fit(normals, class_name=args.class_name, **arguments)
+    try:
+        result = model.fit(normals, class_name=args.class_name, **arguments)
+    except ValueError as error:  # what stops a fit: a diffusion model, a missing class name, image sizes
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     losses = [entry["loss"] for entry in result.history]
     text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps"
     text += f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}." if losses else "."
@@ -705,18 +792,64 @@ def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hf_fsad.registry import METHODS
+
+    methods = ", ".join(sorted(METHODS))
+    fitted = [name for name, spec in sorted(METHODS.items()) if spec.model.fits_per_category]
+    learn_defects = [name for name, spec in sorted(METHODS.items()) if spec.model.needs_anomalous_references]
     parser = argparse.ArgumentParser(
         prog="hf-fsad", description="Few-shot image anomaly detection with CLIP."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    score_parser = commands.add_parser("score", help="score images for anomalies")
-    score_parser.add_argument("inputs", nargs="+", help="image files or directories")
-    score_parser.add_argument("--model", required=True, help="saved model directory or Hub id")
-    score_parser.add_argument("--reference", nargs="+", help="normal reference images or directories")
-    score_parser.add_argument("--class-name", help="object name for the text prompts (default: the model's)")
-    score_parser.add_argument("--bank", help="reuse a reference bank saved with --save-bank")
-    score_parser.add_argument("--save-bank", help="save the reference bank (.safetensors) for later runs")
+    score_parser = commands.add_parser(
+        "score",
+        help="score images for anomalies",
+        description="Score images against normal references (--reference) or a saved bank (--bank); with a "
+        "calibrated bank each image also gets a pass/fail verdict. Exit status: 0 scored, 1 no input could "
+        "be scored, 2 the run could not start, 130 interrupted (results so far kept).",
+    )
+    score_parser.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
+    score_parser.add_argument(
+        "--model",
+        required=True,
+        help="a saved model directory, a Hub id, or METHOD@CLIP: a fresh method on a CLIP checkpoint (Hub id "
+        f"or local CLIPModel directory), e.g. winclip@openai/clip-vit-base-patch16; methods: {methods}",
+    )
+    bank_source = score_parser.add_mutually_exclusive_group()
+    bank_source.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="PATH",
+        help="normal reference images or directories to build the bank from (default: none, zero-shot)",
+    )
+    bank_source.add_argument(
+        "--bank",
+        help="a reference bank saved with --save-bank, instead of --reference (its class and calibration "
+        "come with it)",
+    )
+    score_parser.add_argument(
+        "--defect",
+        nargs="+",
+        metavar="PATH",
+        help="defective images or directories for the bank of a method that learns from them "
+        f"({', '.join(learn_defects)}); not with --bank",
+    )
+    score_parser.add_argument(
+        "--defect-mask",
+        nargs="+",
+        metavar="PATH",
+        help="a defect mask per --defect image, matched by file stem (000.png or 000_mask.png for "
+        "000.png); without masks each defective image goes wholly to the anomalous memory",
+    )
+    score_parser.add_argument(
+        "--class-name",
+        help="object name for the text prompts of a built bank (default: the model's); with --bank only "
+        "the bank's own class is accepted",
+    )
+    score_parser.add_argument(
+        "--save-bank", help="save the reference bank (.safetensors) for later runs (--bank)"
+    )
     score_parser.add_argument(
         "--output", required=True, help="results file (JSON lines), replaced atomically at the end"
     )
@@ -725,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the results already in --output and score only the inputs not in it",
     )
-    score_parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG)")
+    score_parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG; default: none)")
     score_parser.add_argument(
         "--heatmap-range",
         nargs=2,
@@ -768,15 +901,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no decisions, only scores (a calibrated --bank's calibration is left out)",
     )
-    score_parser.add_argument("--batch-size", type=int, default=8)
     score_parser.add_argument(
-        "--device", default="cpu", help="device of a single process (several processes take one each)"
+        "--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)"
+    )
+    score_parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of a single process, e.g. cuda or cuda:1 (default %(default)s; several processes "
+        "take one each)",
     )
     score_parser.add_argument(
         "--precision",
         choices=["float32", "bfloat16", "float16"],
         default="float32",
-        help="compute in half precision under torch.autocast (GPU; see docs/performance.md)",
+        help="compute in half precision under torch.autocast (GPU; see docs/performance.md; default "
+        "%(default)s)",
     )
     score_parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
@@ -792,23 +931,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_pixels(score_parser)
     score_parser.set_defaults(handler=score)
 
-    fit_parser = commands.add_parser("fit", help="fit a per-category method (VTFusion) on normal images")
-    fit_parser.add_argument("--method", default="vtfusion", help="a method fitted per category (vtfusion)")
+    fit_parser = commands.add_parser(
+        "fit",
+        help=f"fit a method fitted per category ({', '.join(fitted)}) on normal images",
+        description=f"Fit a method that is fitted per category ({', '.join(fitted)}) on one part's normal "
+        "images and save it (save_pretrained); `hf-fsad score --model OUT` then scores without references. "
+        "Exit status: 0 fitted, 1 no normal image could be read, 2 it could not start.",
+    )
     fit_parser.add_argument(
-        "--normal", nargs="+", required=True, help="normal images or directories (k <= 8 in the paper)"
+        "--method", default="vtfusion", help=f"the method to fit: {' or '.join(fitted)} (default %(default)s)"
+    )
+    fit_parser.add_argument(
+        "--normal", nargs="+", required=True, help="normal images or directories (k <= 8 in the papers)"
     )
     fit_parser.add_argument("--out", required=True, help="directory for the fitted model (save_pretrained)")
     fit_parser.add_argument("--clip", help="CLIP Hub id or local CLIPModel directory for a fresh model")
     fit_parser.add_argument("--model", help="a saved model of the method to refit instead")
-    fit_parser.add_argument("--class-name", help="object word of the text prompts (default: object)")
     fit_parser.add_argument(
-        "--steps", type=int, help="optimiser updates (default: the method's, VTFusion 1000, One-to-Normal 400)"
+        "--class-name",
+        help="object word of the text prompts (default: object; One-to-Normal needs one, e.g. bottle)",
     )
-    fit_parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic anomalies")
     fit_parser.add_argument(
-        "--kinds", nargs="+", help="synthetic anomaly types to draw from (default: all DAS types)"
+        "--steps",
+        type=int,
+        help="optimiser updates (default: the method's, VTFusion 1000, One-to-Normal 400)",
     )
-    fit_parser.add_argument("--device", default="cpu")
+    fit_parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the training draws (default %(default)s)"
+    )
+    fit_parser.add_argument(
+        "--kinds", nargs="+", help="VTFusion: synthetic anomaly types to draw from (default: all DAS types)"
+    )
+    fit_parser.add_argument(
+        "--diffusion-model",
+        help="One-to-Normal: the Stable Diffusion it personalises, a Hub id or a local diffusers folder "
+        "(default: the model's config, runwayml/stable-diffusion-v1-5 for a fresh one); kept in the saved "
+        "config, so scoring loads it from there",
+    )
+    fit_parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     _add_max_pixels(fit_parser)
     fit_parser.set_defaults(handler=fit)
 
@@ -823,7 +983,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("PROMPT", "ADAPTOR"),
         help="the AF-CLIP authors' <dataset>_prompt.pt and <dataset>_adaptor.pt: writes an AfClipModel",
     )
-    convert_parser.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31")
+    convert_parser.add_argument(
+        "--pretrained", help="with --open-clip: open_clip pretrained tag, e.g. laion400m_e31"
+    )
     convert_parser.add_argument(
         "--clip",
         help="with --afclip-official: the CLIP the weights were trained on "
@@ -835,7 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument(
         "--trained-on", help="with --afclip-official: the weights' auxiliary dataset, e.g. mvtec_ad or visa"
     )
-    convert_parser.add_argument("output_dir")
+    convert_parser.add_argument("output_dir", help="directory to write the converted model to")
     convert_parser.set_defaults(handler=convert)
 
     export_parser = commands.add_parser(
@@ -845,7 +1007,9 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument(
         "--bank", help="reference bank (.safetensors); default: the method's own (zero-shot) bank"
     )
-    export_parser.add_argument("--format", choices=["onnx", "openvino"], default="onnx")
+    export_parser.add_argument(
+        "--format", choices=["onnx", "openvino"], default="onnx", help="runtime format (default %(default)s)"
+    )
     export_parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     export_parser.set_defaults(handler=export)
 
@@ -859,34 +1023,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument(
         "--datasets", nargs="+", required=True, help="NAME[:ROOT[:CATEGORY]], e.g. elpv mvtec_ad:/data/mvtec"
     )
-    bench_parser.add_argument("--k", nargs="+", type=int, default=[2, 4, 8], help="shots (0 = zero-shot)")
-    bench_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    bench_parser.add_argument(
+        "--k", nargs="+", type=int, default=[2, 4, 8], help="shots (0 = zero-shot; default 2 4 8)"
+    )
+    bench_parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the reference draws (default 0 1 2)"
+    )
     bench_parser.add_argument(
         "--anomalous",
         nargs="+",
         type=int,
         default=[0],
-        help="anomalous references drawn from the test split, for methods that use them (e.g. 1)",
+        help="anomalous references drawn from the test split, for methods that use them (e.g. 1; default 0)",
     )
     bench_parser.add_argument(
-        "--validation", type=int, default=0, help="normal train images kept for weight validation"
+        "--validation",
+        type=int,
+        default=0,
+        help="normal train images kept for weight validation (default %(default)s)",
     )
     bench_parser.add_argument(
-        "--max-test", type=int, help="score at most this many test images per category (seeded)"
+        "--max-test", type=int, help="score at most this many test images per category (seeded; default: all)"
     )
     bench_parser.add_argument(
         "--false-alarm-rate",
         type=float,
         default=0.05,
-        help="false-alarm rate of each cell's calibrated threshold (F1 and false alarms at it are reported)",
+        help="false-alarm rate of each cell's calibrated threshold (F1 and false alarms at it are reported; "
+        "default %(default)s)",
     )
     bench_parser.add_argument(
         "--out", required=True, help="output directory (results.json, results.md, plots/)"
     )
     bench_parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
     bench_parser.add_argument("--title", help="heading of the results table (say here if weights are random)")
-    bench_parser.add_argument("--batch-size", type=int, default=8)
-    bench_parser.add_argument("--device", default="cpu")
+    bench_parser.add_argument(
+        "--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)"
+    )
+    bench_parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default %(default)s)")
     bench_parser.add_argument(
         "--profile", action="store_true", help="measure latency, memory and k-scaling instead"
     )
@@ -897,13 +1071,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="score the test images with PyTorch (default) or each cell's model and bank exported to ONNX "
         "Runtime or OpenVINO (CPU; one export per cell; references and calibration stay in PyTorch)",
     )
-    bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
-    bench_parser.add_argument("--profile-batch-sizes", nargs="+", type=int, default=[1, 16])
     bench_parser.add_argument(
-        "--profile-repeats", type=int, default=3, help="timed calls per figure (median)"
+        "--profile-k",
+        nargs="+",
+        type=int,
+        default=[2, 8, 32, 128, 256],
+        help="with --profile: bank sizes of the k-scaling (default 2 8 32 128 256)",
     )
     bench_parser.add_argument(
-        "--fit-steps", type=int, default=2, help="updates of the timed fit of per-category methods"
+        "--profile-batch-sizes",
+        nargs="+",
+        type=int,
+        default=[1, 16],
+        help="with --profile: batch sizes timed (default 1 16)",
+    )
+    bench_parser.add_argument(
+        "--profile-repeats",
+        type=int,
+        default=3,
+        help="with --profile: timed calls per figure (median; default %(default)s)",
+    )
+    bench_parser.add_argument(
+        "--fit-steps",
+        type=int,
+        default=2,
+        help="with --profile: updates of the timed fit of per-category methods (default %(default)s)",
     )
     bench_parser.set_defaults(handler=benchmark)
 
@@ -923,15 +1115,31 @@ def build_parser() -> argparse.ArgumentParser:
     space_parser.add_argument("repo_id", help="Hub Space repo, e.g. user/hf-fsad-demo")
     space_parser.set_defaults(handler=push_space)
     for parser_ in (push_parser, bank_parser, space_parser):
-        parser_.add_argument("--private", action="store_true")
-        parser_.add_argument("--dry-run", metavar="DIR", help="only build the upload folder in DIR")
+        parser_.add_argument(
+            "--private",
+            action="store_true",
+            help="create the repo as private (default: public; an existing repo keeps its visibility)",
+        )
+        parser_.add_argument(
+            "--dry-run",
+            metavar="DIR",
+            help="only build the upload folder in DIR, upload nothing (no token needed)",
+        )
     push_parser.set_defaults(handler=push)
     bank_parser.set_defaults(handler=push_bank)
 
     demo_parser = commands.add_parser("demo", help="score a generated toy dataset and write a report")
-    demo_parser.add_argument("--out", default="demo_output")
-    demo_parser.add_argument("--backbone", default="openai/clip-vit-base-patch16")
-    demo_parser.add_argument("--k", type=int, default=2, help="number of normal references")
+    demo_parser.add_argument(
+        "--out", default="demo_output", help="directory for report.md and heatmaps (default %(default)s)"
+    )
+    demo_parser.add_argument(
+        "--backbone",
+        default="openai/clip-vit-base-patch16",
+        help="CLIP Hub id or local directory (default %(default)s; offline and not cached: a random one)",
+    )
+    demo_parser.add_argument(
+        "--k", type=int, default=2, help="number of normal references (default %(default)s)"
+    )
     demo_parser.set_defaults(handler=demo)
     return parser
 

@@ -50,14 +50,17 @@ def calibrate_reference_bank(
     anomalous_masks: torch.Tensor | None = None,
     false_alarm_rate: float = 0.05,
     batch_size: int = 8,
+    bank_inputs: dict | None = None,
 ) -> tuple[ReferenceBank, str | None]:
     """(`bank` calibrated by `model.calibrate`, None), or (`bank` as given, the reason) when
     calibrate="auto" and it cannot be calibrated.
 
     The normals are the held-out `normal_pixel_values` when given, else the references the bank was built
-    from alone (`reference_pixel_values`, no anomalous references), each scored against a bank of the
-    others. "auto" calibrates when there are normals to use; True, or calibration images, require a
-    calibration (a ValueError says why it is impossible); False returns the bank without one.
+    from (`reference_pixel_values`), each scored against a bank of the others and of `bank_inputs`, the
+    anomalous references the bank was built with (anomalous memory: `anomalous_pixel_values` and
+    `anomalous_masks`; None: none). "auto" calibrates when there are normals to use; True, or calibration
+    images, require a calibration (a ValueError says why it is impossible); False returns the bank without
+    one.
     """
     calibration_images = (normal_pixel_values, anomalous_pixel_values, anomalous_masks)
     asked = calibrate is True or any(images is not None for images in calibration_images)
@@ -83,8 +86,7 @@ def calibrate_reference_bank(
         anomalous_pixel_values=anomalous_pixel_values,
         anomalous_masks=anomalous_masks,
         false_alarm_rate=false_alarm_rate,
-        # The references alone built the bank: the anomalous memory of a rebuilt bank is empty too.
-        bank_inputs={} if model.needs_anomalous_references else None,
+        bank_inputs=(bank_inputs or {}) if model.needs_anomalous_references else None,
         batch_size=batch_size,
     )
     return calibrated, None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,18 +35,45 @@ def require_diffusers() -> None:
         ) from None
 
 
+def load_diffusion_pipeline(pipeline_class: type, diffusion_model: str | os.PathLike, **kwargs):
+    """`pipeline_class.from_pretrained(diffusion_model, **kwargs)`: a diffusers pipeline from a Hub id or a
+    local folder; a ValueError of one line naming `diffusion_model` when it cannot be loaded."""
+    path = Path(diffusion_model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ValueError(
+            f"diffusion model {path}: the local path has no model_index.json, so it is not a diffusers "
+            "pipeline folder (one written by save_pretrained or downloaded from the Hub)."
+        )
+    if not path.exists() and (path.is_absolute() or len(path.parts) > 2):
+        raise ValueError(f"diffusion model {path}: the local folder does not exist (and it is not a Hub id).")
+    try:
+        return pipeline_class.from_pretrained(diffusion_model, **kwargs)
+    except Exception as error:  # noqa: BLE001  (network, authentication, missing repo or files: one line each)
+        lines = str(error).strip().splitlines()
+        raise ValueError(
+            f"diffusion model {diffusion_model} could not be loaded ({type(error).__name__}: "
+            f"{lines[0] if lines else ''}): give a Stable Diffusion Hub id (online or in the cache) or a local "
+            "diffusers folder."
+        ) from None
+
+
 def load_img2img_pipeline(
     diffusion_model: str | os.PathLike, unet_directory: str | os.PathLike | None = None
 ):
     """A `StableDiffusionImg2ImgPipeline` from `diffusion_model` (its UNet replaced by the one saved in
     `unet_directory`, a full fine-tune, when given) with a DDIM scheduler of "trailing" timestep spacing (so
-    strength s starts denoising at s x T exactly), without safety checker or progress bars."""
+    strength s starts denoising at s x T exactly), without safety checker or progress bars; a one-line
+    ValueError when `diffusion_model` cannot be loaded."""
     require_diffusers()
     from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
 
     components = {"unet": UNet2DConditionModel.from_pretrained(unet_directory)} if unet_directory else {}
-    pipeline = StableDiffusionImg2ImgPipeline.from_pretrained(
-        diffusion_model, safety_checker=None, requires_safety_checker=False, **components
+    pipeline = load_diffusion_pipeline(
+        StableDiffusionImg2ImgPipeline,
+        diffusion_model,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **components,
     )
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, timestep_spacing="trailing")
     pipeline.set_progress_bar_config(disable=True)

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ...augmentation import random_crop
 from ...training.trainer import FsadTrainer, FsadTrainingArguments, TrainingResult, parameter_digest
-from .diffusion_one_to_normal import to_tensor
+from .diffusion_one_to_normal import load_diffusion_pipeline, to_tensor
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -94,8 +94,11 @@ class DreamBoothLoraTrainer(FsadTrainer):
         if len(sizes) > 1:
             raise ValueError(f"The normal images must have one size, got {sorted(sizes)}.")
         config = model.config
-        self.pipeline = StableDiffusionPipeline.from_pretrained(
-            config.diffusion_model, safety_checker=None, requires_safety_checker=False
+        self.pipeline = load_diffusion_pipeline(
+            StableDiffusionPipeline,
+            config.diffusion_model,
+            safety_checker=None,
+            requires_safety_checker=False,
         )
         self.pipeline.set_progress_bar_config(disable=True)
         self.pipeline.to(accelerator.device if accelerator is not None else PartialState().device)
