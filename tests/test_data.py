@@ -431,6 +431,13 @@ def test_folder_unreadable_image_is_skipped_with_a_warning(folder_root, caplog):
     assert "skipped bracket/dent/d0.png" in caplog.text
 
 
+def test_a_file_edited_in_place_is_read_again_not_served_from_the_cache(folder_root):
+    mask = folder_root / "bracket" / "masks" / "scratch" / "s0.png"
+    assert mask_array(load_benchmark("folder", root=folder_root)["test"][3]["mask"]).sum() == 255 * 24
+    save_image(mask, np.full((16, 16), 255))  # same path, new content
+    assert mask_array(load_benchmark("folder", root=folder_root)["test"][3]["mask"]).sum() == 255 * 256
+
+
 # --- Hub layout ------------------------------------------------------------------------------------------
 
 
