@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -704,3 +705,31 @@ def test_a_bank_with_anomalous_references_is_calibrated_leave_one_out_with_them(
         direct = model.calibrate(bank, references, false_alarm_rate=0.4, bank_inputs=anomalous).calibration
     # features encoded in the runner's batches vs all at once: float32 rounding (~1e-7 rel), 1e-5 bound
     assert calibrated["calibration"]["image_threshold"] == pytest.approx(direct.image_threshold, rel=1e-5)
+
+
+def test_cli_benchmark_on_your_own_folder(saved_winclip_dir, tmp_path, capsys):
+    from test_data import make_folder_root
+
+    root = make_folder_root(tmp_path / "parts", ("bracket", "plate"))
+    shutil.rmtree(root / "plate" / "dent")  # every plate defect has a mask: pixel metrics there only
+    arguments = ["benchmark", "--methods", f"w={saved_winclip_dir}", "--datasets", f"folder:{root}"]
+    assert main([*arguments, "--k", "2", "--seeds", "0", "--out", str(tmp_path / "out")]) == 0
+    assert "2 cells (0 already done)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted((c["dataset"], c["category"], c["k"]) for c in results["cells"]) == [
+        ("folder", "bracket", 2),
+        ("folder", "plate", 2),
+    ]
+    for category, num_test in (("bracket", 5), ("plate", 4)):
+        scored = cell(results, category=category)
+        data = load_benchmark("folder", root=root, category=category)
+        assert set(scored["reference_ids"]) <= set(data["train"]["path"])
+        assert len(scored["image_scores"]) == num_test == data["test"].num_rows
+        assert scored["metrics"]["image_auroc"] == pytest.approx(
+            image_auroc(data["test"]["label"], scored["image_scores"])
+        )
+    assert cell(results, category="bracket")["metrics"]["pixel_auroc"] is None  # dent/ has no masks
+    assert 0 <= cell(results, category="plate")["metrics"]["pixel_auroc"] <= 1
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "## folder" in table and "| w | 2 |" in table
+    assert "| bracket | – |" in table.split("pixel_auroc per category:")[1]  # no number from a masks-less category

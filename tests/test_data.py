@@ -309,6 +309,135 @@ def test_toy_all_categories():
     assert sorted(set(dataset["test"]["category"])) == ["grid", "stripes", "weave"]
 
 
+# --- Your own folder ------------------------------------------------------------------------------------
+
+
+def make_folder_root(root, categories=("bracket",)):
+    """ROOT/<category>/: good/ (8 normals), scratch/ (2 images, masked: one mask named <stem>.png, one
+    <stem>_mask.png with VisA-style 0/1 values), dent/ (1 image, no masks)."""
+    for category in categories:
+        base = root / category
+        for index in range(8):
+            save_image(base / "good" / f"{index:03d}.png", noise(index))
+        for index in range(2):
+            save_image(base / "scratch" / f"s{index}.png", noise(30 + index))
+        save_image(base / "masks" / "scratch" / "s0.png", box_mask((16, 16), (2, 6, 3, 9)))
+        save_image(base / "masks" / "scratch" / "s1_mask.png", box_mask((16, 16), (8, 12, 0, 4), value=1))
+        save_image(base / "dent" / "d0.png", noise(40))
+    return root
+
+
+@pytest.fixture
+def folder_root(tmp_path):
+    return make_folder_root(tmp_path)
+
+
+def test_folder_split_labels_and_masks(folder_root):
+    dataset = load_benchmark("folder", root=folder_root)
+    train, test = dataset["train"], dataset["test"]
+    assert train.features == FEATURES
+    assert train.num_rows == 6 and set(train["label"]) == {0}  # round(0.75 x 8) normals
+    assert test["label"] == [0, 0, 1, 1, 1]
+    assert test["defect_type"] == ["good", "good", "dent", "scratch", "scratch"]
+    assert set(train["category"]) == set(test["category"]) == {"bracket"}
+    normals = set(train["path"]) | set(test["path"][:2])
+    assert normals == {f"bracket/good/{index:03d}.png" for index in range(8)}
+    assert test["path"][2:] == ["bracket/dent/d0.png", "bracket/scratch/s0.png", "bracket/scratch/s1.png"]
+    np.testing.assert_array_equal(np.asarray(test[3]["image"]), noise(30))
+    np.testing.assert_array_equal(mask_array(test[3]["mask"]), box_mask((16, 16), (2, 6, 3, 9)))
+    np.testing.assert_array_equal(mask_array(test[4]["mask"]), box_mask((16, 16), (8, 12, 0, 4)))
+    assert test["mask"][:3] == [None, None, None]  # normals, and dent/ without a masks/dent/ folder
+
+
+def test_folder_split_is_seeded_and_a_category_folder_is_a_root(folder_root):
+    first = load_benchmark("folder", root=folder_root)["train"]["path"]
+    assert load_benchmark("folder", root=folder_root, seed=0)["train"]["path"] == first
+    assert set(load_benchmark("folder", root=folder_root, seed=1)["train"]["path"]) != set(first)
+    assert load_benchmark("folder", root=folder_root, train_fraction=0.5)["train"].num_rows == 4
+    alone = load_benchmark("folder", root=folder_root / "bracket", category="bracket")
+    assert alone["train"]["path"] == [path.removeprefix("bracket/") for path in first]
+    assert set(alone["test"]["category"]) == {"bracket"}
+
+
+def test_folder_several_categories(tmp_path):
+    dataset = load_benchmark("folder", root=make_folder_root(tmp_path, ("bracket", "plate")))
+    assert sorted(set(dataset["test"]["category"])) == ["bracket", "plate"]
+    assert dataset["train"].num_rows == 12
+    assert load_benchmark("folder", root=tmp_path, category="plate")["test"].num_rows == 5
+    with pytest.raises(BenchmarkLayoutError, match="Category 'gear' is not in"):
+        load_benchmark("folder", root=tmp_path, category="gear")
+
+
+def remove_normals(base, keep):
+    for file in sorted((base / "good").iterdir())[keep:]:
+        file.unlink()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda base: shutil.rmtree(base / "good"), r"folder \S*bracket/good, but it does not exist"),
+        (lambda base: remove_normals(base, 0), r"folder \S*bracket/good holds no images"),
+        (lambda base: remove_normals(base, 1), r"bracket/good holds 1 normal image\(s\): too few to split"),
+        (
+            lambda base: save_image(base / "masks" / "scratch" / "s7.png", np.zeros((16, 16))),
+            r"mask \S*masks/scratch/s7\.png has no image in \S*bracket/scratch",
+        ),
+        (
+            lambda base: (base / "masks" / "scratch" / "s1_mask.png").unlink(),
+            r"No mask for \S*bracket/scratch/s1\.png: expected \S*masks/scratch/s1\.png or s1_mask\.png",
+        ),
+        (
+            lambda base: save_image(base / "masks" / "scratch" / "s0_mask.png", np.zeros((16, 16))),
+            r"scratch/s0\.png has several masks",
+        ),
+        (
+            lambda base: save_image(base / "masks" / "crack" / "c0.png", np.zeros((16, 16))),
+            r"masks/crack matches no defect folder",
+        ),
+        (
+            lambda base: [shutil.rmtree(base / name) for name in ("dent", "scratch", "masks")],
+            r"bracket has no defect folder",
+        ),
+        (lambda base: (base / "dent" / "d0.png").unlink(), r"folder \S*bracket/dent holds no images"),
+    ],
+    ids=[
+        "no-good-folder",
+        "no-normals",
+        "too-few-normals",
+        "mask-without-image",
+        "missing-mask",
+        "two-masks",
+        "masks-of-no-defect",
+        "no-defects",
+        "empty-defect-folder",
+    ],
+)
+def test_folder_malformed(folder_root, change, message):
+    change(folder_root / "bracket")
+    with pytest.raises(BenchmarkLayoutError, match=message):
+        load_benchmark("folder", root=folder_root)
+
+
+def test_folder_train_fraction_must_leave_both_splits(folder_root):
+    with pytest.raises(ValueError, match="strictly between 0 and 1, got 1.0"):
+        load_benchmark("folder", root=folder_root, train_fraction=1.0)
+
+
+def test_folder_unreadable_image_is_skipped_with_a_warning(folder_root, caplog):
+    (folder_root / "bracket" / "dent" / "d0.png").write_bytes(b"not a png")
+    test = load_benchmark("folder", root=folder_root)["test"]
+    assert test["defect_type"] == ["good", "good", "scratch", "scratch"]
+    assert "skipped bracket/dent/d0.png" in caplog.text
+
+
+def test_a_file_edited_in_place_is_read_again_not_served_from_the_cache(folder_root):
+    mask = folder_root / "bracket" / "masks" / "scratch" / "s0.png"
+    assert mask_array(load_benchmark("folder", root=folder_root)["test"][3]["mask"]).sum() == 255 * 24
+    save_image(mask, np.full((16, 16), 255))  # same path, new content
+    assert mask_array(load_benchmark("folder", root=folder_root)["test"][3]["mask"]).sum() == 255 * 256
+
+
 # --- Hub layout ------------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from datasets.exceptions import DatasetGenerationError
+from datasets.fingerprint import Hasher
 from PIL import Image as PILImage
 
 from ..io import ImageReadError, check_image_file
@@ -143,14 +144,35 @@ def _generate(records: Sequence[Record]) -> Iterator[dict]:
         yield _decode(record)
 
 
+def _file_stamps(records: Sequence[Record]) -> list[tuple[str, int, int] | None]:
+    """(path, size, modification time) of every image and mask file (None for arrays and missing files)."""
+    stamps = []
+    for record in records:
+        for source in (record.image, record.mask):
+            try:
+                stat = os.stat(source) if isinstance(source, (str, os.PathLike)) else None
+            except OSError:
+                stat = None
+            stamps.append(None if stat is None else (str(source), stat.st_size, stat.st_mtime_ns))
+    return stamps
+
+
 def build_dataset(records: Sequence[Record], name: str, split: str) -> Dataset:
-    """Records -> Dataset (decoded by `Dataset.from_generator`); `name` becomes `info.dataset_name`."""
+    """Records -> Dataset (decoded by `Dataset.from_generator`); `name` becomes `info.dataset_name`.
+
+    The cache fingerprint covers the files' sizes and modification times, not only their paths: an image or
+    mask edited in place is read again, not served stale from the `datasets` cache."""
     if not records:
         dataset = Dataset.from_dict({key: [] for key in FEATURES}, features=FEATURES, split=split)
     else:
+        records = list(records)
         try:
             dataset = Dataset.from_generator(
-                _generate, features=FEATURES, gen_kwargs={"records": list(records)}, split=split
+                _generate,
+                features=FEATURES,
+                gen_kwargs={"records": records},
+                split=split,
+                fingerprint=Hasher.hash([records, _file_stamps(records)]),
             )
         except DatasetGenerationError as error:
             if isinstance(error.__cause__, BenchmarkLayoutError):

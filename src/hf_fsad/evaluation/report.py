@@ -167,6 +167,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                                 for c in in_dataset
                                 if (c["method"], c["k"], c.get("anomalous", 0), c["category"])
                                 == (m, k, a, category)
+                                and c["metrics"][name] is not None  # e.g. a category without masks
                             ]
                         )
                         for m, k, a in columns
