@@ -143,10 +143,16 @@ def test_the_block_extraction_finds_the_readmes_snippets():
     python = _blocks(ROOT / "README.md", {"python"})
     assert len(python) >= 10, [line for line, _, _ in python]
     assert any("AnomalousMemoryModel.from_clip" in body for _, _, body in python)
-    assert any(line for line, _, body in _blocks(ROOT / "docs" / "performance.md", SHELL) if "torchrun" in body)
+    assert any(
+        line for line, _, body in _blocks(ROOT / "docs" / "performance.md", SHELL) if "torchrun" in body
+    )
 
 
-@pytest.mark.parametrize("doc", [doc for doc in DOCS if _blocks(doc, {"python"})], ids=lambda path: path.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize(
+    "doc",
+    [doc for doc in DOCS if _blocks(doc, {"python"})],
+    ids=lambda path: path.relative_to(ROOT).as_posix(),
+)
 def test_every_python_snippet_runs(doc, documented_workspace, quick_fits, tmp_path, monkeypatch):
     """The Python blocks of each page run in order, each in a fresh namespace (so each defines what it
     uses), in one working directory holding what the page assumes on disk; a block may be skipped only with
@@ -208,7 +214,9 @@ def test_every_cli_command_in_the_docs_parses():
                     failures.append(f"{where}\n    unknown subcommand {words[0]!r}")
                     continue
                 known = subcommands.choices[words[0]]._option_string_actions
-                unknown = [word for word in words if word.startswith("--") and word.split("=")[0] not in known]
+                unknown = [
+                    word for word in words if word.startswith("--") and word.split("=")[0] not in known
+                ]
                 if unknown:
                     failures.append(f"{where}\n    flags the parser does not have: {unknown}")
                     continue
