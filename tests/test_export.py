@@ -265,3 +265,97 @@ def test_runner_imports_only_numpy_pillow_the_runtimes_and_the_standard_library(
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             imported.add(node.module.split(".")[0])
     assert imported - set(sys.stdlib_module_names) == {"numpy", "PIL", "onnxruntime", "openvino"}
+
+
+def _write_images(folder: Path, images) -> list[Path]:
+    folder.mkdir(parents=True)
+    for index, image in enumerate(images):
+        image.save(folder / f"{index}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_score_cli_on_an_exported_runtime_scores_and_decides_as_pytorch(
+    runtime, saved_winclip_dir, toy, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the export cache lives under ~/.cache
+    references = _write_images(tmp_path / "good", toy[0])
+    _write_images(tmp_path / "queries", toy[1])
+
+    def score(name: str, *options: str) -> list[dict]:
+        argv = ["score", str(tmp_path / "queries"), "--model", saved_winclip_dir]
+        argv += ["--reference", *map(str, references), "--heatmaps", str(tmp_path / name)]
+        assert cli_main([*argv, "--output", str(tmp_path / f"{name}.jsonl"), *options]) == 0
+        return _records(tmp_path / f"{name}.jsonl")
+
+    expected, actual = score("torch"), score("exported", "--runtime", runtime)
+    assert [record["path"] for record in actual] == [record["path"] for record in expected]
+    np.testing.assert_allclose(
+        [record["score"] for record in actual], [record["score"] for record in expected], rtol=0, atol=PARITY
+    )
+    threshold = expected[0]["threshold"]
+    assert {record["threshold"] for record in actual} == {threshold}  # calibrated in PyTorch, as before
+    for record, reference in zip(actual, expected):
+        if abs(reference["score"] - threshold) > PARITY:  # a score this near the threshold may flip
+            assert record["label"] == reference["label"]
+        assert record["branch_scores"] == {} and Path(record["heatmap"]).is_file()
+    (folder,) = (tmp_path / "home" / ".cache" / "hf_fsad" / "exports").iterdir()
+    assert folder.name.startswith(f"winclip-{runtime}-")
+    made = (folder / run_exported.MANIFEST_FILE).stat().st_mtime_ns
+    assert score("again", "--runtime", runtime) == [
+        record | {"heatmap": str(tmp_path / "again" / Path(record["heatmap"]).name)} for record in actual
+    ]
+    assert (folder / run_exported.MANIFEST_FILE).stat().st_mtime_ns == made  # reused, not exported again
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--device", "cuda"], "runs on the CPU"),
+        (["--compile"], "compiled by its runtime"),
+        (["--precision", "bfloat16"], "bfloat16 with openvino"),
+        (["--precision", "float16"], "float16 is not available"),
+    ],
+)
+def test_score_cli_refuses_options_an_exported_runtime_cannot_honour(options, message, tmp_path, capsys):
+    argv = ["score", str(tmp_path), "--model", "winclip@nowhere", "--runtime", "onnxruntime", *options]
+    assert cli_main([*argv, "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_benchmark_runner_on_an_exported_runtime_scores_as_pytorch(exported, tmp_path, monkeypatch):
+    from hf_fsad.evaluation import DatasetSpec, run_benchmark
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model, _, _ = exported("winclip")
+    spec = DatasetSpec(
+        "toy", categories=["stripes"], options={"num_train": 4, "num_test_good": 3, "num_test_anomalous": 3}
+    )
+    cells = {}
+    for runtime in ("torch", "onnxruntime"):
+        results = run_benchmark(
+            {"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "run", runtime=runtime
+        )
+        (cell,) = results["cells"]
+        assert cell["runtime"] == runtime and results["skipped_cells"] == 0  # another runtime reruns the cell
+        cells[runtime] = cell
+    np.testing.assert_allclose(
+        cells["onnxruntime"]["image_scores"], cells["torch"]["image_scores"], rtol=0, atol=PARITY
+    )
+    assert cells["onnxruntime"]["calibration"] == cells["torch"]["calibration"]
+    for name, value in cells["torch"]["metrics"].items():
+        # threshold-free ranking metrics of 6 images: scores within PARITY order them alike unless two tie
+        assert cells["onnxruntime"]["metrics"][name] == pytest.approx(value, abs=0.02), name
+    with pytest.raises(ValueError, match="vtfusion cannot be exported"):
+        run_benchmark(
+            {"v": tiny_model("vtfusion", diffusion_dir="")},
+            [spec],
+            ks=[2],
+            seeds=[0],
+            out_dir=tmp_path / "v",
+            runtime="openvino",
+        )

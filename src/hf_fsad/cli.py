@@ -1,4 +1,4 @@
-"""`hf-fsad` command line: score, fit, benchmark, convert, demo, push, push-bank, push-space."""
+"""`hf-fsad` command line: score, fit, benchmark, convert, export, demo, push, push-bank, push-space."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from hf_fsad.deploy.run_exported import RUNTIMES
 from hf_fsad.io import ImageReadError, expand_inputs, read_image, readable_images
 
 if TYPE_CHECKING:
@@ -244,6 +245,10 @@ def score(args: argparse.Namespace) -> int:
     if args.no_calibration and any(option is not None for option in calibration_options):
         print("error: --no-calibration goes with no other calibration option", file=sys.stderr)
         return 2
+    runtime_conflict = _runtime_conflict(args)
+    if runtime_conflict:
+        print(f"error: --runtime {args.runtime}: {runtime_conflict}", file=sys.stderr)
+        return 2
     try:
         output = prepare_output_file(args.output, "--output")
         heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
@@ -301,6 +306,11 @@ def score(args: argparse.Namespace) -> int:
             )
     if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
+    try:
+        scorer = _scorer(model, bank, args, state)
+    except (ValueError, ImportError) as error:
+        print(f"error: --runtime {args.runtime}: {error}", file=sys.stderr)
+        return 2
 
     all_paths = _distinct(expand_inputs(args.inputs), report=state.is_main_process)
     used_names: set[str] = set()
@@ -317,7 +327,7 @@ def score(args: argparse.Namespace) -> int:
             try:
                 with state.split_between_processes(paths) as own_paths:
                     _score_paths(
-                        model, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state
+                        scorer, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state
                     )
             except KeyboardInterrupt:
                 if state.num_processes > 1:
@@ -356,9 +366,46 @@ def _verdict_summary(records: Sequence[dict]) -> str:
     return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
 
 
-def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state) -> None:
-    """Score `paths` in batches into the JSON-lines file `share` (heatmaps beside, if asked); each line is
-    written whole, so an interrupted share holds complete records only."""
+def _runtime_conflict(args: argparse.Namespace) -> str | None:
+    """Why the score options cannot run on `--runtime`, or None: the exported runtimes run on the CPU, in
+    float32 (OpenVINO also in bfloat16), with their own graph compiler."""
+    if args.runtime == "torch":
+        return None
+    if args.device != "cpu":
+        return f"the exported graph runs on the CPU; --device {args.device} is for --runtime torch"
+    if args.compile:
+        return "--compile compiles the PyTorch model; the exported graph is compiled by its runtime"
+    if args.precision == "float16" or (args.precision == "bfloat16" and args.runtime == "onnxruntime"):
+        return f"--precision {args.precision} is not available (float32; bfloat16 with openvino)"
+    return None
+
+
+def _scorer(model, bank, args: argparse.Namespace, state):
+    """pixel values -> calibrated AnomalyDetectionOutput: the model in PyTorch, or its export on `--runtime`
+    (exported once, by the main process, into the export cache)."""
+    import torch
+
+    if args.runtime == "torch":
+
+        def score_batch(pixel_values: torch.Tensor):
+            with torch.no_grad(), model.autocast(args.precision):
+                return model(pixel_values, reference_bank=bank)
+
+        return score_batch
+    from hf_fsad.export import ExportedScorer, cached_export
+
+    if state.is_main_process:  # the other processes wait, then find it in the cache
+        folder = cached_export(model, bank, args.runtime)
+        print(f"{args.runtime} export (made on first use): {folder}", file=sys.stderr)
+    state.wait_for_everyone()
+    return ExportedScorer(model, bank, args.runtime, "bf16" if args.precision == "bfloat16" else "f32")
+
+
+def _score_paths(
+    scorer, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state
+) -> None:
+    """Score `paths` in batches with `scorer` (`_scorer`) into the JSON-lines file `share` (heatmaps beside, if
+    asked); each line is written whole, so an interrupted share holds complete records only."""
     import torch
     from tqdm.auto import tqdm
 
@@ -373,8 +420,7 @@ def _score_paths(model, processor, bank, paths, share: Path, args, heatmap_dir, 
         readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in _batches(readable, args.batch_size):
             pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
-            with torch.no_grad(), model.autocast(args.precision):
-                result = model(pixel_values, reference_bank=bank)
+            result = scorer(pixel_values)
             for index, (path, image) in enumerate(batch):
                 record = {
                     "path": str(path),
@@ -594,9 +640,29 @@ def benchmark(args: argparse.Namespace) -> int:
         )
         print(f"profile: {out / 'profile' / 'profile.md'}")
         return 0
+    if args.runtime != "torch":
+        from hf_fsad.export import check_exportable
+
+        try:
+            if args.device != "cpu":
+                raise ValueError(f"the exported graphs run on the CPU; --device {args.device} is for torch")
+            for model in models.values():
+                check_exportable(model)
+        except ValueError as error:
+            print(f"error: --runtime {args.runtime}: {error}", file=sys.stderr)
+            return 2
     cache = FeatureCache(args.feature_cache or out / "feature_cache")
     results = run_benchmark(
-        models, datasets, args.k, args.seeds, out, args.batch_size, cache, args.title, protocol=protocol
+        models,
+        datasets,
+        args.k,
+        args.seeds,
+        out,
+        args.batch_size,
+        cache,
+        args.title,
+        protocol=protocol,
+        runtime=args.runtime,
     )
     print(
         f"{len(results['cells'])} cells ({results['skipped_cells']} already done), feature-cache hit rate "
@@ -715,6 +781,14 @@ def build_parser() -> argparse.ArgumentParser:
     score_parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
     )
+    score_parser.add_argument(
+        "--runtime",
+        choices=["torch", *RUNTIMES],
+        default="torch",
+        help="score with PyTorch (default, the reference) or the model and bank exported to ONNX Runtime or "
+        "OpenVINO (CPU, float32; needs the export extra; exported once into ~/.cache/hf_fsad/exports); "
+        "branch_scores are then empty",
+    )
     _add_max_pixels(score_parser)
     score_parser.set_defaults(handler=score)
 
@@ -815,6 +889,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--device", default="cpu")
     bench_parser.add_argument(
         "--profile", action="store_true", help="measure latency, memory and k-scaling instead"
+    )
+    bench_parser.add_argument(
+        "--runtime",
+        choices=["torch", *RUNTIMES],
+        default="torch",
+        help="score the test images with PyTorch (default) or each cell's model and bank exported to ONNX "
+        "Runtime or OpenVINO (CPU; one export per cell; references and calibration stay in PyTorch)",
     )
     bench_parser.add_argument("--profile-k", nargs="+", type=int, default=[2, 8, 32, 128, 256])
     bench_parser.add_argument("--profile-batch-sizes", nargs="+", type=int, default=[1, 16])

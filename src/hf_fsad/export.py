@@ -23,7 +23,7 @@ from . import __version__
 from .deploy import run_exported
 from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
 from .io import atomic_directory, atomic_write_text
-from .modeling_base import FsadPreTrainedModel, ReferenceBank
+from .modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank, apply_calibration
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
@@ -40,7 +40,19 @@ NOT_EXPORTABLE = {
         "tensors, which torch.onnx converts only in 4-D; exporting it needs that attention written per head."
     ),
 }
-__all__ = ["EXPORT_FORMATS", "NOT_EXPORTABLE", "BankScorer", "ExportedModel", "cached_export", "export_model"]
+# What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
+SCORING_RUNTIMES = ("torch", *RUNTIMES)
+__all__ = [
+    "EXPORT_FORMATS",
+    "NOT_EXPORTABLE",
+    "SCORING_RUNTIMES",
+    "BankScorer",
+    "ExportedModel",
+    "ExportedScorer",
+    "cached_export",
+    "check_exportable",
+    "export_model",
+]
 
 
 class BankScorer(nn.Module):
@@ -75,9 +87,7 @@ def export_model(
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}; choose from {EXPORT_FORMATS}.")
-    model_type = model.config.model_type
-    if model_type in NOT_EXPORTABLE:
-        raise ValueError(f"{model_type} cannot be exported: {NOT_EXPORTABLE[model_type]}")
+    check_exportable(model)
     model = model.eval()
     bank = model.resolve_bank(bank)  # checked against the model here: the traced graph cannot hash weights
     scorer = BankScorer(model, bank).eval()
@@ -117,6 +127,13 @@ def export_model(
     return out_dir
 
 
+def check_exportable(model: FsadPreTrainedModel) -> None:
+    """Raise a ValueError saying why when `model`'s method does not export (`NOT_EXPORTABLE`)."""
+    model_type = model.config.model_type
+    if model_type in NOT_EXPORTABLE:
+        raise ValueError(f"{model_type} cannot be exported: {NOT_EXPORTABLE[model_type]}")
+
+
 def cached_export(
     model: FsadPreTrainedModel,
     bank: ReferenceBank | None,
@@ -146,6 +163,38 @@ def cached_export(
         cache_dir.mkdir(parents=True, exist_ok=True)
         export_model(model, bank, folder, "openvino" if runtime == "openvino" else "onnx")
     return folder
+
+
+class ExportedScorer:
+    """Scores as `model(pixel_values, reference_bank=bank)` does, on the graph `cached_export` made of them.
+
+    runtime: "onnxruntime" or "openvino"; precision: OpenVINO's "f32" (default: PyTorch's numerics within
+    1e-4) or "bf16". The output has `image_scores`, `anomaly_maps` and, with a calibrated bank, the calibrated
+    decisions (`apply_calibration`); `branch_scores` is empty: the graph returns the final scores only.
+    """
+
+    def __init__(
+        self,
+        model: FsadPreTrainedModel,
+        bank: ReferenceBank | None,
+        runtime: str = "onnxruntime",
+        precision: str = "f32",
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        check_exportable(model)
+        self.bank = model.resolve_bank(bank)
+        self.exported = ExportedModel(cached_export(model, self.bank, runtime, cache_dir), runtime, precision)
+
+    def __call__(self, pixel_values: torch.Tensor) -> AnomalyDetectionOutput:
+        outputs = self.exported(pixel_values.detach().float().cpu().numpy())
+        maps = outputs.get("anomaly_maps")
+        output = AnomalyDetectionOutput(
+            image_scores=torch.from_numpy(outputs["image_scores"]),
+            anomaly_maps=None if maps is None else torch.from_numpy(maps),
+            branch_scores={},
+        )
+        calibration = self.bank.calibration
+        return output if calibration is None else apply_calibration(output, calibration)
 
 
 def _check_dynamic_batch(onnx_path: Path) -> None:

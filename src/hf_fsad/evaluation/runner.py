@@ -40,6 +40,7 @@ from PIL import Image
 
 from ..data import ReferenceManifest, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
+from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
 from ..io import atomic_write_text
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
@@ -187,6 +188,20 @@ def _score(
     return np.concatenate(scores), np.concatenate(maps) if maps else None
 
 
+def _score_exported(
+    scorer: ExportedScorer, model: FsadPreTrainedModel, images: Sequence[Image.Image], batch_size: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`_score` on the exported graph: images preprocessed as for the feature cache, then scored by `scorer`."""
+    outputs = [
+        scorer(_paper_pixel_values(model, images[start : start + batch_size]))
+        for start in range(0, len(images), batch_size)
+    ]
+    maps = [output.anomaly_maps.numpy() for output in outputs if output.anomaly_maps is not None]
+    return np.concatenate([output.image_scores.numpy() for output in outputs]), (
+        np.concatenate(maps) if maps else None
+    )
+
+
 def run_benchmark(
     models: dict[str, FsadPreTrainedModel],
     datasets: Sequence[DatasetSpec],
@@ -200,6 +215,7 @@ def run_benchmark(
     protocol: Protocol | None = None,
     fit_arguments: dict | None = None,
     generated_references: ReferenceGenerator | None = None,
+    runtime: str = "torch",
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
@@ -209,11 +225,18 @@ def run_benchmark(
     fitted per category (`fits_per_category`, e.g. VTFusion) fit a copy of the model on each cell's k normal
     references, with the cell's seed and `fit_arguments` (e.g. steps, anomaly_kinds). `generated_references`
     (e.g. One-to-Normal's `GeneratedReferences`) adds generated anomaly-free images to every other method's
-    k references.
+    k references. `runtime` scores the test images with PyTorch (default: on cached features) or with each
+    cell's model and bank exported to "onnxruntime" or "openvino" (`ExportedScorer`: one export per cell, test
+    images encoded by the exported graph); references and calibration stay in PyTorch.
     A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
     on; a rerun tries it again.
     """
     protocol = protocol or Protocol()
+    if runtime not in SCORING_RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; choose from {SCORING_RUNTIMES}.")
+    if runtime != "torch":
+        for model in models.values():
+            check_exportable(model)
     fitting = [name for name, model in models.items() if model.fits_per_category]
     if fitting and 0 in ks:
         raise ValueError(f"{', '.join(fitting)} fit on k normal images: k = 0 (zero-shot) is not possible.")
@@ -247,7 +270,7 @@ def run_benchmark(
                             }
                             finished = cells.get(_cell_id(cell))
                             # failed cells run again, and so do cells calibrated for another rate
-                            if _is_finished(finished, protocol):
+                            if _is_finished(finished, protocol, runtime):
                                 skipped += 1
                                 continue
                             try:
@@ -261,6 +284,7 @@ def run_benchmark(
                                     batch_size,
                                     fit_arguments or {},
                                     generated_references,
+                                    runtime,
                                 )
                             # one failing cell is reported, and the others run
                             except Exception as error:  # noqa: BLE001
@@ -336,12 +360,14 @@ class _CellRun:
     crop: bool
 
 
-def _is_finished(cell: dict | None, protocol: Protocol) -> bool:
-    """Whether a saved cell needs no rerun: it ran without error, calibrated for the protocol's rate."""
+def _is_finished(cell: dict | None, protocol: Protocol, runtime: str) -> bool:
+    """Whether a saved cell needs no rerun: it ran without error, calibrated for the protocol's rate, on
+    `runtime`."""
     return (
         cell is not None
         and "error" not in cell
         and cell.get("target_false_alarm_rate") == protocol.false_alarm_rate
+        and cell.get("runtime", "torch") == runtime
     )
 
 
@@ -423,6 +449,7 @@ def _run_cell(
     batch_size: int,
     fit_arguments: dict,
     generated_references: ReferenceGenerator | None = None,
+    runtime: str = "torch",
 ) -> _CellRun:
     """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
     k, anomalous, seed = shots
@@ -473,10 +500,13 @@ def _run_cell(
         model, k, generated, bank_inputs, validation_normals, weights_validated
     )
     bank, calibration = _calibrate(model, bank, calibration_normals, note, protocol, batch_size)
-    test_features = cache.features(
-        model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
-    )
-    scores, maps = _score(model, test_features, bank, batch_size)
+    if runtime == "torch":
+        test_features = cache.features(
+            model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
+        )
+        scores, maps = _score(model, test_features, bank, batch_size)
+    else:
+        scores, maps = _score_exported(ExportedScorer(model, bank, runtime), model, test["image"], batch_size)
     labels, masks = np.asarray(test["label"]), _test_masks(test, size, crop)
     validation_auroc = bank.tensors.get("validation_auroc")
     values = {
@@ -487,6 +517,7 @@ def _run_cell(
         "anomalous_ids": anomalous_ids,
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
+        "runtime": runtime,
         "generated_references": generated,
         **calibration,
         **_decisions(calibration["calibration"], labels, scores),
