@@ -71,7 +71,8 @@ def _documented_workspace(directory: Path) -> None:
     """What the snippets assume a reader has on disk, built from tiny random models and toy images: the
     CLIP checkpoints they name (a local folder at a Hub id's path is what `from_pretrained` loads first),
     the converted `clip-vit-b-16-plus-240`, the trained models the training section writes, Stable
-    Diffusion's folder, normal images in `good/`, queries in `queries/` and an annotated `defect.png`."""
+    Diffusion's folder, normal images in `good/`, queries in `queries/`, an annotated `defect.png`, and a
+    `parts/` folder of two categories in the own-data layout."""
     import numpy as np
     from PIL import Image
 
@@ -102,6 +103,18 @@ def _documented_workspace(directory: Path) -> None:
     anomalous["image"].save(directory / "defect.png")
     mask = np.array(anomalous["mask"].convert("L")) > 0
     Image.fromarray((mask * 255).astype(np.uint8)).save(directory / "defect_mask.png")
+
+    # Your own part in the generic folder layout (docs/own_data.md): good/, a defect type, its masks.
+    for category, texture in (("bracket", "grid"), ("plate", "stripes")):
+        part = load_benchmark("toy", category=texture, num_train=8, num_test_good=0, num_test_anomalous=2)
+        folder = directory / "parts" / category
+        for name in ("good", "scratch", "masks/scratch"):
+            (folder / name).mkdir(parents=True)
+        for index, image in enumerate(part["train"]["image"]):
+            image.save(folder / f"good/{index:03d}.png")
+        for index, row in enumerate(part["test"]):
+            row["image"].save(folder / f"scratch/{index:03d}.png")
+            row["mask"].convert("L").save(folder / f"masks/scratch/{index:03d}.png")
 
 
 @pytest.fixture(scope="module")
