@@ -19,8 +19,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 HEADER = """# Command-line reference
 
-Every `hf-fsad` command with its options, as `hf-fsad COMMAND --help` prints them (wrapped at 100 columns
-here; your terminal's width wraps them there). The Python API and the methods are described in the
+Every `hf-fsad` command with its options, as `hf-fsad COMMAND --help` prints them (wrapped at 100
+columns in this page; in a terminal, at its width). The Python API and the methods are described in the
 [README](../README.md).
 """
 

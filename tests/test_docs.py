@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # `tests/test_x.py::test_name`, and `::test_other` in the same cell meaning the same file.
 REFERENCE = re.compile(r"(tests/[\w/]+\.py)?::(\w+)")
@@ -74,3 +76,198 @@ def test_the_own_data_snippets_run_on_a_generated_folder(tiny_clip_dir, tmp_path
         train = set(load_benchmark("folder", root="parts", category="bracket", **split)["train"]["path"])
         references = {i for c in cells if c["category"] == "bracket" for i in c["reference_ids"]}
         assert references <= train and len(train) == (6 if out == "parts" else 4)
+
+
+# --- Every snippet of the README and docs/ runs -------------------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A fenced block, possibly indented (inside a list item): its language, the rest of the fence line, its body.
+FENCE = re.compile(r"^([ \t]*)```(\w*)([^\n]*)\n(.*?)^\1```[ \t]*$", re.DOTALL | re.MULTILINE)
+NO_RUN = "no-run:"
+
+
+def _blocks(path: Path, languages: set[str]) -> list[tuple[int, str, str]]:
+    """(line, fence info after the language, dedented body) of each block of `languages` in `path`."""
+    text = path.read_text(encoding="utf-8")
+    blocks = []
+    for match in FENCE.finditer(text):
+        indent, language, info, body = match.groups()
+        if language in languages:
+            lines = [line.removeprefix(indent) for line in body.splitlines()]
+            blocks.append((text.count("\n", 0, match.start()) + 1, info.strip(), "\n".join(lines) + "\n"))
+    return blocks
+
+
+def _documented_workspace(directory: Path) -> None:
+    """What the snippets assume a reader has on disk, built from tiny random models and toy images: the
+    CLIP checkpoints they name (a local folder at a Hub id's path is what `from_pretrained` loads first),
+    the converted `clip-vit-b-16-plus-240`, the trained models the training section writes, Stable
+    Diffusion's folder, normal images in `good/`, queries in `queries/`, an annotated `defect.png`, and a
+    `parts/` folder of two categories in the own-data layout."""
+    import numpy as np
+    from PIL import Image
+
+    from hf_fsad import AfClipModel, MetaCanModel
+    from hf_fsad.data import load_benchmark
+    from hf_fsad.testing import save_random_clip, save_tiny_diffusion_pipeline, tiny_clip_config
+
+    for name in (
+        "openai/clip-vit-base-patch16",
+        "openai/clip-vit-large-patch14",
+        "openai/clip-vit-large-patch14-336",
+        "clip-vit-b-16-plus-240",
+    ):
+        save_random_clip(tiny_clip_config(), directory / name)
+    clip = str(directory / "clip-vit-b-16-plus-240")
+    MetaCanModel.from_clip(clip, feature_layers=[1, 2]).save_pretrained(directory / "runs/metacan-mvtec")
+    AfClipModel.from_clip(clip, feature_layers=[1, 2]).save_pretrained(directory / "runs/afclip-mvtec")
+    save_tiny_diffusion_pipeline(directory / "runwayml/stable-diffusion-v1-5")
+
+    data = load_benchmark("toy", category="weave", num_train=4, num_test_good=2, num_test_anomalous=2)
+    for folder in ("good", "queries"):
+        (directory / folder).mkdir()
+    for index, image in enumerate(data["train"]["image"]):
+        image.save(directory / f"good/good{index}.png")
+    for index, image in enumerate(data["test"]["image"]):
+        image.save(directory / f"queries/part{index}.png")
+    anomalous = data["test"].filter(lambda row: row["label"] == 1)[0]
+    anomalous["image"].save(directory / "defect.png")
+    mask = np.array(anomalous["mask"].convert("L")) > 0
+    Image.fromarray((mask * 255).astype(np.uint8)).save(directory / "defect_mask.png")
+
+    # Your own part in the generic folder layout (docs/own_data.md): good/, a defect type, its masks.
+    for category, texture in (("bracket", "grid"), ("plate", "stripes")):
+        part = load_benchmark("toy", category=texture, num_train=8, num_test_good=0, num_test_anomalous=2)
+        folder = directory / "parts" / category
+        for name in ("good", "scratch", "masks/scratch"):
+            (folder / name).mkdir(parents=True)
+        for index, image in enumerate(part["train"]["image"]):
+            image.save(folder / f"good/{index:03d}.png")
+        for index, row in enumerate(part["test"]):
+            row["image"].save(folder / f"scratch/{index:03d}.png")
+            row["mask"].convert("L").save(folder / f"masks/scratch/{index:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def documented_workspace(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("docs_workspace")
+    _documented_workspace(directory)
+    return directory
+
+
+@pytest.fixture
+def quick_fits(monkeypatch):
+    """Fitting snippets run with a few updates and the tiny diffusion model's small settings, so the suite
+    stays fast: the code path is the documented one, only the step counts and sizes shrink."""
+    from functools import partialmethod
+
+    from hf_fsad import OneToNormalModel, VtFusionModel
+
+    monkeypatch.setattr(VtFusionModel, "fit", partialmethod(VtFusionModel.fit, steps=2))
+    monkeypatch.setattr(
+        OneToNormalModel,
+        "fit",
+        partialmethod(OneToNormalModel.fit, steps=2, num_class_images=1, class_image_steps=2),
+    )
+    from_clip = OneToNormalModel.from_clip.__func__
+    monkeypatch.setattr(
+        OneToNormalModel,
+        "from_clip",
+        classmethod(
+            lambda cls, clip, **config: from_clip(
+                cls, clip, **{"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3} | config
+            )
+        ),
+    )
+
+
+def test_the_block_extraction_finds_the_readmes_snippets():
+    """Guards the runner below: a fence pattern that stopped matching would let every page pass empty. The
+    README has a Python block per method section, the quick starts and the pipeline (11 when written)."""
+    python = _blocks(ROOT / "README.md", {"python"})
+    assert len(python) >= 10, [line for line, _, _ in python]
+    assert any("AnomalousMemoryModel.from_clip" in body for _, _, body in python)
+    assert any(
+        line for line, _, body in _blocks(ROOT / "docs" / "performance.md", SHELL) if "torchrun" in body
+    )
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [doc for doc in DOCS if _blocks(doc, {"python"})],
+    ids=lambda path: path.relative_to(ROOT).as_posix(),
+)
+def test_every_python_snippet_runs(doc, documented_workspace, quick_fits, tmp_path, monkeypatch):
+    """The Python blocks of each page run in order, each in a fresh namespace (so each defines what it
+    uses), in one working directory holding what the page assumes on disk; a block may be skipped only with
+    a reason on its fence line (```python no-run: why)."""
+    import shutil
+
+    blocks = _blocks(doc, {"python"})
+    workspace = tmp_path / "workspace"
+    shutil.copytree(documented_workspace, workspace)
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for line, info, body in blocks:
+        if info.startswith(NO_RUN):
+            assert info[len(NO_RUN) :].strip(), f"{doc.name}:{line}: a no-run block must say why"
+            continue
+        assert not info, f"{doc.name}:{line}: unknown fence info {info!r} (only '{NO_RUN} reason')"
+        try:
+            exec(compile(body, f"{doc.name}:{line}", "exec"), {"__name__": "__snippet__"})  # noqa: S102
+        except Exception as error:
+            raise AssertionError(f"the Python block at {doc.name}:{line} fails: {error!r}") from error
+
+
+SHELL = {"bash", "sh", "shell", "console"}
+
+
+def _cli_commands(body: str) -> list[str]:
+    """The `hf-fsad ...` command lines of a shell block (continuations joined, comments dropped), also when
+    run as `python -m hf_fsad.cli` under torchrun or accelerate launch."""
+    commands = []
+    for line in body.replace("\\\n", " ").splitlines():
+        line = line.split(" #")[0].strip()
+        if line.startswith("hf-fsad "):
+            commands.append(line.removeprefix("hf-fsad "))
+        elif "-m hf_fsad.cli " in line:
+            commands.append(line.split("-m hf_fsad.cli ", 1)[1])
+    return commands
+
+
+def test_every_cli_command_in_the_docs_parses():
+    """Every `hf-fsad` command in a shell block of the README and docs/ uses a subcommand and flags the
+    parser accepts, with valid values: the docs cannot drift from the CLI."""
+    import argparse
+    import contextlib
+    import io
+    import shlex
+
+    from hf_fsad.cli import build_parser
+
+    parser = build_parser()
+    (subcommands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    failures, checked = [], 0
+    for doc in DOCS:
+        for line, _, body in _blocks(doc, SHELL):
+            for command in _cli_commands(body):
+                checked += 1
+                words = shlex.split(command)
+                where = f"{doc.relative_to(ROOT)}:{line}: hf-fsad {command}"
+                if words[0] not in subcommands.choices:
+                    failures.append(f"{where}\n    unknown subcommand {words[0]!r}")
+                    continue
+                known = subcommands.choices[words[0]]._option_string_actions
+                unknown = [
+                    word for word in words if word.startswith("--") and word.split("=")[0] not in known
+                ]
+                if unknown:
+                    failures.append(f"{where}\n    flags the parser does not have: {unknown}")
+                    continue
+                stderr = io.StringIO()
+                try:
+                    with contextlib.redirect_stderr(stderr):
+                        parser.parse_args(words)
+                except SystemExit:
+                    failures.append(f"{where}\n    {stderr.getvalue().strip().splitlines()[-1]}")
+    assert checked > 20 and not failures, "\n".join(failures)

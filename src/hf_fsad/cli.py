@@ -1056,7 +1056,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output directory (results.json, results.md, plots/)"
     )
     bench_parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
-    bench_parser.add_argument("--title", help="heading of the results table (say here if weights are random)")
+    bench_parser.add_argument("--title", help="heading of the results table (say in it if the weights are random)")
     bench_parser.add_argument(
         "--batch-size", type=int, default=8, help="images per forward pass (default %(default)s)"
     )
