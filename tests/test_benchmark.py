@@ -96,6 +96,28 @@ def test_rerun_skips_finished_cells_and_manifests_replay_exactly(make_winclip, t
         assert new["image_scores"] == old["image_scores"]
 
 
+def test_a_rerun_on_changed_images_runs_the_cells_again_on_new_references(make_winclip, tmp_path):
+    from test_data import make_folder_root, noise, save_image
+
+    root = make_folder_root(tmp_path / "parts")
+    spec = DatasetSpec("folder", str(root))
+    model = make_winclip()
+    first = run_benchmark({"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "run")
+    manifest = tmp_path / "run" / "manifests" / "folder" / "bracket" / "k2-a0-seed0.json"
+    assert json.loads(manifest.read_text())["data_id"] == first["cells"][0]["data_id"]
+    save_image(root / "bracket" / "good" / "008.png", noise(8))  # one more normal: another split
+    again = run_benchmark({"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "run")
+    (cell,) = again["cells"]
+    assert again["skipped_cells"] == 0 and cell["data_id"] != first["cells"][0]["data_id"]
+    assert json.loads(manifest.read_text())["data_id"] == cell["data_id"]
+    fresh = run_benchmark({"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "fresh")
+    assert cell["num_test"] == fresh["cells"][0]["num_test"] == 5  # 3 defects + 2 of the 9 normals
+    assert cell["reference_ids"] == fresh["cells"][0]["reference_ids"]  # drawn as a fresh run draws
+    assert cell["image_scores"] == fresh["cells"][0]["image_scores"]
+    unchanged = run_benchmark({"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "run")
+    assert unchanged["skipped_cells"] == 1
+
+
 def test_methods_sharing_a_backbone_share_features(make_winclip, tmp_path):
     plain, cooler = make_winclip(), make_winclip(temperature=0.05)
     assert plain.feature_key() == cooler.feature_key()
@@ -326,7 +348,9 @@ def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path, c
 
     assert {entry.dataset_config for entry in eval_results(saved, "winclip")} == {"0-shot"}
 
-    model.build_reference_bank = build  # fixed: a rerun runs the failed cells again and skips the finished one
+    model.build_reference_bank = (
+        build  # fixed: a rerun runs the failed cells again and skips the finished one
+    )
     rerun = run_benchmark({"winclip": model}, [SPEC], ks=[0, 1], seeds=[0, 1], out_dir=tmp_path)
     assert rerun["skipped_cells"] == 1 and not any("error" in c for c in rerun["cells"])
     assert "Failed cells" not in (tmp_path / "results.md").read_text()
@@ -471,9 +495,7 @@ def test_benchmark_crops_images_and_masks_of_non_square_data_alike(make_winclip,
          "category": Value("string"), "defect_type": Value("string"), "path": Value("string")}
     )  # fmt: skip
     test = Dataset.from_dict(rows, features=features)
-    monkeypatch.setattr(
-        runner, "load_benchmark", lambda *args, **kwargs: DatasetDict(train=test, test=test)
-    )
+    monkeypatch.setattr(runner, "load_benchmark", lambda *args, **kwargs: DatasetDict(train=test, test=test))
     model = make_winclip()
     results = run_benchmark({"winclip": model}, [DatasetSpec("wide")], ks=[0], seeds=[0], out_dir=tmp_path)
 
@@ -732,4 +754,6 @@ def test_cli_benchmark_on_your_own_folder(saved_winclip_dir, tmp_path, capsys):
     assert 0 <= cell(results, category="plate")["metrics"]["pixel_auroc"] <= 1
     table = (tmp_path / "out" / "results.md").read_text()
     assert "## folder" in table and "| w | 2 |" in table
-    assert "| bracket | – |" in table.split("pixel_auroc per category:")[1]  # no number from a masks-less category
+    assert (
+        "| bracket | – |" in table.split("pixel_auroc per category:")[1]
+    )  # no number from a masks-less category

@@ -14,7 +14,7 @@ from datasets import Dataset
 from ..io import atomic_write_text
 
 _REQUIRED = ("dataset", "category", "k", "seed", "image_ids")
-_OPTIONAL = ("anomalous_ids", "validation_ids", "test_ids")
+_OPTIONAL = ("anomalous_ids", "validation_ids", "test_ids", "data_id")
 
 
 @dataclass
@@ -23,7 +23,8 @@ class ReferenceManifest:
 
     image_ids: the k normal references (train split). anomalous_ids: anomalous references, taken out of
     the test split. validation_ids: normal train images kept for weight validation. test_ids: the scored
-    test images (None: the whole test split of the category).
+    test images (None: the whole test split of the category). data_id: the identity of the images drawn
+    from (the benchmark runner's; None when unknown).
     """
 
     dataset: str
@@ -34,6 +35,7 @@ class ReferenceManifest:
     anomalous_ids: list[str] = field(default_factory=list)
     validation_ids: list[str] = field(default_factory=list)
     test_ids: list[str] | None = None
+    data_id: str | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the manifest as JSON (atomically)."""

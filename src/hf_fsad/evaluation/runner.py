@@ -10,7 +10,9 @@ sampler and written to a manifest (`out/manifests/...`, reused on reruns, so a r
 test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained on another dataset records
 it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
 per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
-reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun.
+reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun, unless the category's images changed
+(added, removed or relabelled: cells and manifests record a `data_id` of them, and such cells run again on
+newly drawn references).
 Each cell's bank is calibrated (`model.calibrate`) for the protocol's false-alarm rate, leave-one-out on its
 k references (or on the protocol's validation normals where leave-one-out cannot run), and the cell records
 F1, false-alarm and miss rates of the test images at that threshold beside the threshold-free metrics.
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -130,7 +134,10 @@ def _manifest(
 ) -> ReferenceManifest:
     path = out_dir / "manifests" / split.dataset / split.category / protocol.manifest_name(k, seed)
     if path.is_file():
-        return ReferenceManifest.load(path)
+        manifest = ReferenceManifest.load(path)
+        if manifest.data_id in (None, split.data_id):  # None: written before data ids were recorded
+            return manifest
+        logger.warning("%s was drawn from other images of %s: drawing anew", path, split.category)
     manifest = sample_references(
         split.train,
         k,
@@ -141,6 +148,7 @@ def _manifest(
         num_validation=protocol.num_validation,
         max_test=protocol.max_test,
     )
+    manifest = dataclasses.replace(manifest, data_id=split.data_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest.save(path)
     return manifest
@@ -270,7 +278,7 @@ def run_benchmark(
                             }
                             finished = cells.get(_cell_id(cell))
                             # failed cells run again, and so do cells calibrated for another rate
-                            if _is_finished(finished, protocol, runtime):
+                            if _is_finished(finished, protocol, runtime, split):
                                 skipped += 1
                                 continue
                             try:
@@ -348,6 +356,13 @@ class _CategorySplit:
     train: Dataset
     test: Dataset
 
+    @functools.cached_property
+    def data_id(self) -> str:
+        """The identity of the category's images: their ids in each split and the test labels. Cells and
+        manifests record it, so a rerun after images were added, removed or relabelled runs again."""
+        content = [sorted(self.train["path"]), sorted(zip(self.test["path"], self.test["label"]))]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
 
 @dataclass
 class _CellRun:
@@ -360,14 +375,15 @@ class _CellRun:
     crop: bool
 
 
-def _is_finished(cell: dict | None, protocol: Protocol, runtime: str) -> bool:
+def _is_finished(cell: dict | None, protocol: Protocol, runtime: str, split: _CategorySplit) -> bool:
     """Whether a saved cell needs no rerun: it ran without error, calibrated for the protocol's rate, on
-    `runtime`."""
+    `runtime`, on the split's current images (cells saved before data ids were recorded count as current)."""
     return (
         cell is not None
         and "error" not in cell
         and cell.get("target_false_alarm_rate") == protocol.false_alarm_rate
         and cell.get("runtime", "torch") == runtime
+        and cell.get("data_id", split.data_id) == split.data_id
     )
 
 
@@ -518,6 +534,7 @@ def _run_cell(
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
         "runtime": runtime,
+        "data_id": split.data_id,
         "generated_references": generated,
         **calibration,
         **_decisions(calibration["calibration"], labels, scores),
