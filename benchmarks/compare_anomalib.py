@@ -83,8 +83,8 @@ def agreement(seed: int, k: int, batch_size: int) -> dict:
 
 @torch.no_grad()
 def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> dict:
+    from hf_fsad.bank import ReferenceBank
     from hf_fsad.evaluation import alternating_medians, matmul_flops, median_seconds
-    from hf_fsad.modeling_base import ReferenceBank
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 
     theirs, ours = build_models(seed)
@@ -123,7 +123,7 @@ def compare(seed: int, k: int, batch_size: int, repeats: int, folder: Path) -> d
             "hf_fsad (saved model: prompt embeddings cached)": lambda: loaded.build_reference_bank(
                 references, CLASS_NAME
             ),
-            "hf_fsad (saved model + saved bank)": lambda: loaded.check_bank(
+            "hf_fsad (saved model + saved bank)": lambda: loaded.checked_bank(
                 ReferenceBank.load(folder / "bank.safetensors")
             ),
         },

@@ -70,8 +70,8 @@ def run_backend(backend: str, folder: Path, batch_sizes: list[int], repeats: int
     if backend in ("eager", "compile"):
         import torch
 
+        from hf_fsad.bank import ReferenceBank
         from hf_fsad.loading import load_method
-        from hf_fsad.modeling_base import ReferenceBank
 
         model = load_method(str(folder / "model")).eval()
         bank = ReferenceBank.load(folder / "bank.safetensors")

@@ -26,10 +26,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import hf_fsad  # noqa: F401  (registers the methods)
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from hf_fsad.loading import ModelLoadError, load_method
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.registry import METHODS
 from hf_fsad.visualization import mask_array
 
@@ -175,7 +175,7 @@ def uncalibrated(reason: str) -> str:
 def loaded_bank(model, bank_file) -> tuple[ReferenceBank, str]:
     """The uploaded bank, checked against the model, with its own calibration line (or why it has none)."""
     try:
-        bank = model.check_bank(
+        bank = model.checked_bank(
             ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
         )
     except (ValueError, TypeError) as error:

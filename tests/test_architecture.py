@@ -15,10 +15,14 @@ PACKAGE = "hf_fsad"
 # Module (or package prefix) -> layer. A module may import its own layer or a lower one, never a higher one;
 # the longest matching prefix decides.
 LAYERS = {
-    # 0: foundations with no model in them: file I/O, configs' base, prompt text, metrics, datasets,
-    # synthetic anomalies, augmentation, drawing, process groups, calibrated thresholds.
+    # 0: foundations with no model in them: file I/O, configs' base, the output type, the reference bank file,
+    # the image processor and pixel checks, prompt text, metrics, datasets, synthetic anomalies, augmentation,
+    # drawing, process groups, calibrated thresholds.
     "hf_fsad.io": 0,
     "hf_fsad.configuration_base": 0,
+    "hf_fsad.modeling_outputs": 0,
+    "hf_fsad.bank": 0,
+    "hf_fsad.image_processing": 0,
     "hf_fsad.prompts": 0,
     "hf_fsad.metrics": 0,
     "hf_fsad.data": 0,
@@ -30,7 +34,7 @@ LAYERS = {
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
-    # feature cache, the model and bank base classes, the tiny test builders.
+    # feature cache, the model base class, the tiny test builders.
     "hf_fsad.backbones": 1,
     "hf_fsad.scoring": 1,
     "hf_fsad.features": 1,
@@ -205,3 +209,31 @@ def test_no_module_imports_another_modules_private_names():
                     f"{module}: from {'.' * node.level}{node.module or ''} import {name}" for name in names
                 ]
     assert private == []
+
+
+# What knows no model: the output type and the bank (its class, file format and checks) live apart from the
+# model base, which builds on them.
+MODEL_FREE = ("hf_fsad.modeling_outputs", "hf_fsad.bank", "hf_fsad.image_processing")
+
+
+def _imports_transitively(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        for target in GRAPH.get(todo.pop(), ()):
+            if target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def test_outputs_and_the_bank_import_no_model():
+    model_modules = ("hf_fsad.modeling_base", "hf_fsad.models", "hf_fsad.backbones")
+    for module in MODEL_FREE:
+        assert module in GRAPH, f"{module} is missing"
+        reached = _imports_transitively(module)
+        assert [m for m in sorted(reached) if m.startswith(model_modules)] == [], module
+
+
+def test_the_model_base_imports_the_bank_and_not_the_other_way():
+    assert {"hf_fsad.bank", "hf_fsad.modeling_outputs"} <= GRAPH["hf_fsad.modeling_base"]
+    assert "hf_fsad.modeling_base" not in _imports_transitively("hf_fsad.bank")

@@ -33,6 +33,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from .modeling_outputs import AnomalyDetectionOutput
+
 RULES = ("false_alarm_rate", "best_f1")
 NORMAL_SOURCES = ("leave_one_out", "held_out")
 # The logistic scale puts the median normal calibration score at this normalised score.
@@ -278,3 +280,15 @@ def _finite(values, what: str) -> np.ndarray:
 
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def apply_calibration(output: AnomalyDetectionOutput, calibration: Calibration) -> AnomalyDetectionOutput:
+    """`output` with the calibrated decisions: normalised scores, labels and (with a pixel threshold) masks."""
+    return AnomalyDetectionOutput(
+        image_scores=output.image_scores,
+        anomaly_maps=output.anomaly_maps,
+        branch_scores=output.branch_scores,
+        normalized_scores=calibration.normalize(output.image_scores),
+        labels=calibration.labels(output.image_scores),
+        anomaly_masks=calibration.masks(output.anomaly_maps),
+    )

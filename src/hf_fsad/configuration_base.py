@@ -30,7 +30,7 @@ class FsadConfig(PreTrainedConfig):
             windows), searched exactly in chunks (`scoring.nearest_cosine`: bounded peak memory, cost linear
             in the memory's size), so every paper setting is computed as published. An int thins each larger
             memory to a greedy k-center coreset of that many items (`scoring.greedy_coreset`, PatchCore's), so
-            per-image cost stops growing with k; `make_bank` then warns with the memory and both sizes.
+            per-image cost stops growing with k; `bank_from_tensors` then warns with the memory and both sizes.
         position_interpolation: how the vision tower's grid of position embeddings is resized for an
             `image_size` other than the checkpoint's: "bicubic" (transformers' `interpolate_pos_encoding`) or
             "bilinear" (what AF-CLIP's official code does); the CLS position is kept as it is.

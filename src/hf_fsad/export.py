@@ -20,10 +20,13 @@ import torch
 from torch import nn
 
 from . import __version__
+from .bank import ReferenceBank
+from .calibration import apply_calibration
 from .deploy import run_exported
 from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
 from .io import atomic_directory, atomic_write_text
-from .modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank, apply_calibration
+from .modeling_base import FsadPreTrainedModel
+from .modeling_outputs import AnomalyDetectionOutput
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
@@ -74,7 +77,7 @@ def export_model(
     out_dir: str | os.PathLike,
     format: str = "onnx",
 ) -> Path:
-    """Write `model` scoring against `bank` (None: the method's default bank, `resolve_bank`) to `out_dir` as
+    """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
     manifest JSON and the runner. The folder is replaced atomically. Returns `out_dir`.
 
@@ -85,7 +88,7 @@ def export_model(
         raise ValueError(f"Unknown export format {format!r}; choose from {EXPORT_FORMATS}.")
     check_exportable(model)
     model = model.eval()
-    bank = model.resolve_bank(bank)  # checked against the model here: the traced graph cannot hash weights
+    bank = model.bank_or_default(bank)  # checked against the model here: the traced graph cannot hash weights
     scorer = BankScorer(model, bank).eval()
     size = model.config.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
@@ -142,7 +145,7 @@ def cached_export(
     calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
-    bank = model.resolve_bank(bank)
+    bank = model.bank_or_default(bank)
     runtime_version = importlib.import_module(runtime).__version__
     digest = hashlib.sha256()
     for part in (model.config_hash(), model.feature_key(), __version__, torch.__version__, runtime_version):
@@ -178,7 +181,7 @@ class ExportedScorer:
         cache_dir: str | os.PathLike | None = None,
     ):
         check_exportable(model)
-        self.bank = model.resolve_bank(bank)
+        self.bank = model.bank_or_default(bank)
         self.exported = ExportedModel(cached_export(model, self.bank, runtime, cache_dir), runtime, precision)
 
     def __call__(self, pixel_values: torch.Tensor) -> AnomalyDetectionOutput:

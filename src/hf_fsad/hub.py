@@ -189,7 +189,7 @@ def stage_model(
 
 def stage_bank(bank_file: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """The folder `hf-fsad push-bank` uploads: the reference bank and a README saying what it fits."""
-    from .modeling_base import ReferenceBank
+    from .bank import ReferenceBank
 
     bank = ReferenceBank.load(bank_file)
     folder = _fresh_folder(folder)

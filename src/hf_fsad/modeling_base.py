@@ -1,32 +1,47 @@
-"""What every method shares: config base, model base, output type and the reference bank."""
+"""`FsadPreTrainedModel`: the base class of every method, which declares the method contract.
+
+Its neighbours hold what is not the model: the config base in `configuration_base`, the output type in
+`modeling_outputs`, the reference bank (its file format and its check against a model) in `bank`, the image
+processor and the pixel checks in `image_processing`, thresholds and calibrated decisions in `calibration`.
+The two fingerprints stay here as methods, as they hash the model's own weights: `config_hash` (which banks
+fit the model) and `feature_key` (which cached features it can reuse).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import hashlib
+import importlib
 import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPTokenizer, PreTrainedModel
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import cached_file
 
+# `ReferenceBank`, `apply_calibration` and `validate_pixel_values` are used through their modules: importing
+# them from this one is deprecated (`__getattr__` below), so they are not bound here.
+from . import bank as bank_module
+from . import calibration as calibration_module
+from . import image_processing as image_processing_module
 from .backbones.clip import ClipBackbone
-from .calibration import Calibration, fit_calibration
+from .calibration import fit_calibration
 from .configuration_base import FsadConfig
+from .modeling_outputs import concatenated_outputs
 from .scoring import greedy_coreset, upsample_maps
 
-BANK_FORMAT_VERSION = "1"
+if TYPE_CHECKING:
+    from .bank import ReferenceBank
+    from .modeling_outputs import AnomalyDetectionOutput
+
 # Precisions `FsadPreTrainedModel.autocast` offers: name -> autocast dtype (None: compute as stored).
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompt embeddings the model computed before it was saved (see `ClipBackbone.text_cache`).
@@ -43,133 +58,20 @@ def _without_volatile_keys(config: dict) -> dict:
     }
 
 
-@dataclass
-class AnomalyDetectionOutput(ModelOutput):
-    """Output of every method.
+def _deprecated_verb(old_name: str, new_name: str) -> Callable:
+    """A method `old_name` that warns and calls `new_name` (kept for one release after the rename)."""
 
-    image_scores: (B,) higher = more anomalous.
-    anomaly_maps: (B, H, W) at input resolution, or None for image-level-only methods.
-    branch_scores: name -> (B,) per-branch image scores, to explain which cue fired.
-    With a calibrated bank (`model.calibrate`), also: normalized_scores (B,) in (0, 1), 0.5 at the
-    threshold; labels (B,) 1 = anomalous; anomaly_masks (B, H, W) True where the map is above the pixel
-    threshold. Without one they stay None.
-    """
-
-    image_scores: torch.Tensor | None = None
-    anomaly_maps: torch.Tensor | None = None
-    branch_scores: dict[str, torch.Tensor] | None = None
-    normalized_scores: torch.Tensor | None = None
-    labels: torch.Tensor | None = None
-    anomaly_masks: torch.Tensor | None = None
-
-
-@dataclass
-class ReferenceBank:
-    """A method's k-shot "prompt": reference features and text embeddings, saved as safetensors.
-
-    Build one with `model.build_reference_bank(...)`; it only fits the model type and config that built it.
-    `model.calibrate(bank, ...)` adds a `calibration` (thresholds and score normalisation), saved with it.
-    """
-
-    model_type: str
-    config_hash: str
-    class_name: str
-    k: int
-    tensors: dict[str, torch.Tensor]
-    calibration: Calibration | None = None
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the bank to one `.safetensors` file (atomically)."""
-        path = Path(path)
-        metadata = {
-            "format": "hf_fsad.reference_bank",
-            "format_version": BANK_FORMAT_VERSION,
-            "model_type": self.model_type,
-            "config_hash": self.config_hash,
-            "class_name": self.class_name,
-            "k": str(self.k),
-        }
-        if self.calibration is not None:
-            metadata["calibration"] = self.calibration.to_json()
-        tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
-        temporary = path.with_name(path.name + ".tmp")
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> ReferenceBank:
-        """Read a bank written by `save`; a ValueError says why a file is not one."""
-        if not Path(path).is_file():
-            raise ValueError(f"Reference bank {path} does not exist.")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except SafetensorError as error:
-            raise ValueError(
-                f"{path} is not an hf_fsad reference bank (not a safetensors file: {error})."
-            ) from None
-        if metadata.get("format") != "hf_fsad.reference_bank":
-            raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
-        calibration = None
-        if "calibration" in metadata:
-            try:
-                calibration = Calibration.from_json(metadata["calibration"])
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"Reference bank {path}: {error}") from None
-        return cls(
-            model_type=metadata["model_type"],
-            config_hash=metadata["config_hash"],
-            class_name=metadata["class_name"],
-            k=int(metadata["k"]),
-            tensors=load_file(str(path)),
-            calibration=calibration,
+    def deprecated(self, *args, **kwargs):
+        warnings.warn(
+            f"`{old_name}` is deprecated and will be removed in the next release: use `{new_name}`.",
+            DeprecationWarning,
+            stacklevel=2,
         )
+        return getattr(self, new_name)(*args, **kwargs)
 
-    def to(self, device: torch.device | str) -> ReferenceBank:
-        tensors = {name: tensor.to(device) for name, tensor in self.tensors.items()}
-        return dataclasses.replace(self, tensors=tensors)
-
-
-def apply_calibration(output: AnomalyDetectionOutput, calibration: Calibration) -> AnomalyDetectionOutput:
-    """`output` with the calibrated decisions: normalised scores, labels and (with a pixel threshold) masks."""
-    return AnomalyDetectionOutput(
-        image_scores=output.image_scores,
-        anomaly_maps=output.anomaly_maps,
-        branch_scores=output.branch_scores,
-        normalized_scores=calibration.normalize(output.image_scores),
-        labels=calibration.labels(output.image_scores),
-        anomaly_masks=calibration.masks(output.anomaly_maps),
-    )
-
-
-def validate_pixel_values(pixel_values: torch.Tensor, patch_size: int, name: str = "pixel_values") -> None:
-    """Raise an error naming the problem when `pixel_values` cannot be a batch of RGB images."""
-    if not isinstance(pixel_values, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(pixel_values).__name__}."
-        )
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"{name} must be a floating-point tensor (normalised pixels from `model.image_processor()`), "
-            f"got dtype {pixel_values.dtype}."
-        )
-    if pixel_values.ndim != 4:
-        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}.")
-    if pixel_values.shape[0] == 0:
-        raise ValueError(f"{name} holds no images (batch size 0).")
-    if pixel_values.shape[1] != 3:
-        raise ValueError(f"{name} must have 3 (RGB) channels, got {pixel_values.shape[1]}.")
-    height, width = pixel_values.shape[-2:]
-    if height < patch_size or width < patch_size:
-        raise ValueError(
-            f"{name} images are {height}x{width}, smaller than the {patch_size}-pixel patch size."
-        )
-    if torch.compiler.is_exporting():
-        return  # the values are symbolic while a graph is exported; the exported graph does not check them
-    if torch.isnan(pixel_values).any():
-        raise ValueError(f"{name} contains NaN values ({int(torch.isnan(pixel_values).sum())} of them).")
-    if torch.isinf(pixel_values).any():
-        raise ValueError(f"{name} contains infinite values ({int(torch.isinf(pixel_values).sum())} of them).")
+    deprecated.__name__ = deprecated.__qualname__ = old_name
+    deprecated.__doc__ = f"Deprecated: use `{new_name}`."
+    return deprecated
 
 
 class FsadPreTrainedModel(PreTrainedModel):
@@ -307,18 +209,7 @@ class FsadPreTrainedModel(PreTrainedModel):
         crop=True: the short side is resized to `config.image_size` and the centre square kept, as the papers'
         evaluation code does (see `paper_image_processor`). The processor's saved config records which.
         """
-        size = self.config.image_size
-        geometry = (
-            {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
-            if crop
-            else {"size": {"height": size, "width": size}}
-        )
-        return CLIPImageProcessorPil(
-            **geometry,
-            do_center_crop=crop,
-            image_mean=list(self.config.image_mean),
-            image_std=list(self.config.image_std),
-        )
+        return image_processing_module.build_image_processor(self.config, crop)
 
     def paper_image_processor(self) -> CLIPImageProcessorPil:
         """`image_processor` with the geometry of the method's published evaluation
@@ -341,9 +232,9 @@ class FsadPreTrainedModel(PreTrainedModel):
             )
 
     def check_pixels(self, pixel_values: torch.Tensor, name: str = "pixel_values") -> torch.Tensor:
-        """`pixel_values` on the model's device and dtype, after `validate_pixel_values` and
+        """`pixel_values` on the model's device and dtype, after `image_processing.validate_pixel_values` and
         `check_input_size`."""
-        validate_pixel_values(pixel_values, self.backbone.patch_size, name)
+        image_processing_module.validate_pixel_values(pixel_values, self.backbone.patch_size, name)
         self.check_input_size(pixel_values)
         return pixel_values.to(self.device, self.dtype)
 
@@ -351,6 +242,25 @@ class FsadPreTrainedModel(PreTrainedModel):
         """(B, P) patch-grid scores -> (B, S, S) maps at `config.image_size`, bilinearly."""
         size = self.config.image_size
         return upsample_maps(patch_maps.reshape(-1, *self.grid_size()), (size, size))
+
+    def config_hash(self) -> str:
+        """Fingerprint of the config, the backbone's projections and every trained weight (a method's own
+        layers, LoRA); a reference bank only fits a matching model. Recomputed only when a weight changed."""
+        clip = self.backbone.clip
+        weights = [clip.visual_projection.weight, clip.text_projection.weight]
+        weights += [
+            p for name, p in self.named_parameters() if not name.startswith("backbone.") or "lora_" in name
+        ]
+        config = json.dumps(_without_volatile_keys(self.config.to_dict()), sort_keys=True, default=str)
+        state = (config, tuple((w.data_ptr(), w._version) for w in weights))
+        cached = getattr(self, "_config_hash_cache", None)
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        digest = hashlib.sha256(config.encode())
+        for weight in weights:
+            digest.update(weight.detach().float().cpu().numpy().tobytes())
+        self._config_hash_cache = (state, digest.hexdigest()[:16])
+        return self._config_hash_cache[1]
 
     def feature_spec(self) -> dict:
         """What `encode_images` computes besides the weights; equal specs on equal backbones share cached
@@ -396,7 +306,7 @@ class FsadPreTrainedModel(PreTrainedModel):
         """
         output = self.score_features(self.encode_images(pixel_values), reference_bank)
         if reference_bank is not None and reference_bank.calibration is not None:
-            output = apply_calibration(output, reference_bank.calibration)
+            output = calibration_module.apply_calibration(output, reference_bank.calibration)
         return output if return_dict else output.to_tuple()
 
     def encode_images(
@@ -410,12 +320,12 @@ class FsadPreTrainedModel(PreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores (and maps) of `encode_images` features against `reference_bank` (None: the method's
-        default, see `resolve_bank`)."""
+        default, see `bank_or_default`)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement score_features.")
 
     def build_reference_bank(self, *args, **kwargs) -> ReferenceBank:
         """The method's k-shot bank (reference features, text embeddings); called without references, the
-        default bank `resolve_bank` scores with."""
+        default bank `bank_or_default` scores with."""
         raise NotImplementedError(f"{type(self).__name__} does not implement build_reference_bank.")
 
     def fit(self, normal_images, class_name: str | None = None, **arguments):
@@ -473,7 +383,7 @@ class FsadPreTrainedModel(PreTrainedModel):
         references, so for nearest-neighbour methods their normal scores run higher than with k: the
         threshold errs towards fewer false alarms.
         """
-        bank = self.check_bank(reference_bank)
+        bank = self.checked_bank(reference_bank)
         if normal_pixel_values is not None:
             normal, source = (
                 self._score_in_batches(normal_pixel_values, bank, batch_size, "normal_pixel_values"),
@@ -520,7 +430,7 @@ class FsadPreTrainedModel(PreTrainedModel):
             self.score_features(self.encode_images(pixel_values[start : start + batch_size], name), bank)
             for start in range(0, max(len(pixel_values), 1), batch_size)
         ]
-        return _concatenated(outputs)
+        return concatenated_outputs(outputs)
 
     def leave_one_out_refusal(self, num_references: int) -> str | None:
         """Why `calibrate` cannot score `num_references` references leave-one-out; None when it can."""
@@ -559,15 +469,7 @@ class FsadPreTrainedModel(PreTrainedModel):
             left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=rebuilt.tensors | validated)
             left_out = {name: tensor[index : index + 1] for name, tensor in features.items()}
             outputs.append(self.score_features(left_out, left_out_bank))
-        return _concatenated(outputs)
-
-    def resolve_bank(self, reference_bank: ReferenceBank | None) -> ReferenceBank:
-        """The bank to score with: `reference_bank` checked against this model (`check_bank`), or without one
-        the method's default, `build_reference_bank()` (zero-shot with `config.default_class_name`, or the
-        fitted category). Methods that cannot score without references use `require_bank`."""
-        if reference_bank is not None:
-            return self.check_bank(reference_bank)
-        return self.build_reference_bank()
+        return concatenated_outputs(outputs)
 
     def features_of(
         self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str
@@ -582,29 +484,14 @@ class FsadPreTrainedModel(PreTrainedModel):
             raise ValueError(f"The reference set {name} is empty: give at least one image, or None.")
         return self.encode_images(pixel_values, name)
 
-    def config_hash(self) -> str:
-        """Fingerprint of the config, the backbone's projections and every trained weight (a method's own
-        layers, LoRA); a reference bank only fits a matching model. Recomputed only when a weight changed."""
-        clip = self.backbone.clip
-        weights = [clip.visual_projection.weight, clip.text_projection.weight]
-        weights += [
-            p for name, p in self.named_parameters() if not name.startswith("backbone.") or "lora_" in name
-        ]
-        config = json.dumps(_without_volatile_keys(self.config.to_dict()), sort_keys=True, default=str)
-        state = (config, tuple((w.data_ptr(), w._version) for w in weights))
-        cached = getattr(self, "_config_hash_cache", None)
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        digest = hashlib.sha256(config.encode())
-        for weight in weights:
-            digest.update(weight.detach().float().cpu().numpy().tobytes())
-        self._config_hash_cache = (state, digest.hexdigest()[:16])
-        return self._config_hash_cache[1]
+    # The bank verbs: `build_reference_bank` (the method's public builder) keeps its tensors with
+    # `bank_from_tensors`; scoring takes `bank_or_default` (a bank is optional) or `required_bank` (one is
+    # needed), both checked with `checked_bank`.
 
-    def make_bank(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
-        """A bank of `tensors`. Its memories (`memory_prefixes`) are kept whole (exact search) unless
-        `config.max_memory_items` is set: then a larger one is thinned to a greedy k-center coreset of that
-        size, with a warning naming the memory and both sizes."""
+    def bank_from_tensors(self, class_name: str, k: int, tensors: dict[str, torch.Tensor]) -> ReferenceBank:
+        """A bank of `tensors` for this model. Its memories (`memory_prefixes`) are kept whole (exact search)
+        unless `config.max_memory_items` is set: then a larger one is thinned to a greedy k-center coreset of
+        that size, with a warning naming the memory and both sizes."""
         limit = self.config.max_memory_items
         kept = {}
         for name, tensor in tensors.items():
@@ -617,37 +504,59 @@ class FsadPreTrainedModel(PreTrainedModel):
                 )
                 tensor = tensor[greedy_coreset(tensor, limit)]
             kept[name] = tensor
-        return ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, kept)
+        return bank_module.ReferenceBank(self.config.model_type, self.config_hash(), class_name, k, kept)
 
-    def require_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:
-        """`check_bank` for methods that cannot score without a bank; `how` says in the error how to build one."""
+    def bank_or_default(self, reference_bank: ReferenceBank | None) -> ReferenceBank:
+        """The bank to score with: `reference_bank` checked against this model (`checked_bank`), or without
+        one the method's default, `build_reference_bank()` (zero-shot with `config.default_class_name`, or the
+        fitted category). Methods that cannot score without references use `required_bank`."""
+        if reference_bank is not None:
+            return self.checked_bank(reference_bank)
+        return self.build_reference_bank()
+
+    def required_bank(self, bank: ReferenceBank | None, how: str) -> ReferenceBank:
+        """`checked_bank` for methods that cannot score without a bank; `how` says in the error how to build
+        one."""
         if bank is None:
             raise ValueError(f"{type(self).__name__} needs a reference bank {how}")
-        return self.check_bank(bank)
+        return self.checked_bank(bank)
 
-    def check_bank(self, bank: ReferenceBank) -> ReferenceBank:
-        """Raise a clear error when `bank` was built by another model type or config; else the bank on our device."""
-        if not isinstance(bank, ReferenceBank):
+    def checked_bank(self, bank: ReferenceBank) -> ReferenceBank:
+        """`bank` on this model's device; a clear error when it is no bank or another model type or config
+        built it (`ReferenceBank.check_built_by`)."""
+        if not isinstance(bank, bank_module.ReferenceBank):
             raise TypeError(f"reference_bank must be a ReferenceBank, got {type(bank).__name__}.")
-        if bank.model_type != self.config.model_type:
-            raise ValueError(
-                f"This reference bank was built by a '{bank.model_type}' model, but this model is "
-                f"'{self.config.model_type}'. Rebuild the bank with `model.build_reference_bank(...)`."
-            )
         # While a graph is exported the weights are symbolic: `hf_fsad.export` checks the bank before it traces.
-        expected = bank.config_hash if torch.compiler.is_exporting() else self.config_hash()
-        if bank.config_hash != expected:
-            raise ValueError(
-                f"This reference bank was built by a '{bank.model_type}' model with another config or backbone "
-                f"(bank hash {bank.config_hash}, model hash {expected}). Rebuild it with this model."
-            )
+        bank.check_built_by(
+            self.config.model_type, bank.config_hash if torch.compiler.is_exporting() else self.config_hash()
+        )
         return bank.to(self.device)
 
+    make_bank = _deprecated_verb("make_bank", "bank_from_tensors")
+    resolve_bank = _deprecated_verb("resolve_bank", "bank_or_default")
+    require_bank = _deprecated_verb("require_bank", "required_bank")
+    check_bank = _deprecated_verb("check_bank", "checked_bank")
 
-def _concatenated(outputs: list[AnomalyDetectionOutput]) -> AnomalyDetectionOutput:
-    """Image scores and maps of several outputs, on the CPU."""
-    maps = [output.anomaly_maps for output in outputs]
-    return AnomalyDetectionOutput(
-        image_scores=torch.cat([output.image_scores.float().cpu() for output in outputs]),
-        anomaly_maps=None if maps[0] is None else torch.cat([part.float().cpu() for part in maps]),
+
+# Public names that moved out of this module -> their module; importing them from here still works, with a
+# DeprecationWarning, for one release.
+_MOVED_NAMES = {
+    "AnomalyDetectionOutput": "hf_fsad.modeling_outputs",
+    "ReferenceBank": "hf_fsad.bank",
+    "BANK_FORMAT_VERSION": "hf_fsad.bank",
+    "apply_calibration": "hf_fsad.calibration",
+    "validate_pixel_values": "hf_fsad.image_processing",
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    new_module = _MOVED_NAMES[name]
+    warnings.warn(
+        f"`{__name__}.{name}` moved to `{new_module}.{name}`; importing it from `{__name__}` will stop working "
+        "in the next release.",
+        DeprecationWarning,
+        stacklevel=2,
     )
+    return getattr(importlib.import_module(new_module), name)

@@ -16,9 +16,11 @@ from transformers import Pipeline
 from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .bank import ReferenceBank
 from .calibration import Calibration
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
-from .modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from .modeling_base import FsadPreTrainedModel
+from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"

@@ -11,7 +11,9 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from ...backbones.clip import ClipBackbone
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_base import FsadPreTrainedModel
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import reference_association
 from .configuration_afclip import AfClipConfig
 from .functional_afclip import afclip_token_probabilities, gaussian_blur, spatial_aggregation
@@ -229,14 +231,14 @@ class AfClipModel(FsadPreTrainedModel):
             k = features[f"tokens.{self.config.feature_layers[0]}"].shape[0]
             for name, tokens in zip(self.set_names(), self.token_sets(features)):
                 tensors[f"memory.{name}"] = tokens[:, 1:].flatten(0, 1)
-        return self.make_bank(class_name or self.config.default_class_name, k, tensors)
+        return self.bank_from_tensors(class_name or self.config.default_class_name, k, tensors)
 
     @torch.no_grad()
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Zero-shot scores and maps; with references in the bank, AF-CLIP+'s fusion (Eqs. 17-18)."""
-        bank = self.resolve_bank(reference_bank)
+        bank = self.bank_or_default(reference_bank)
         token_sets = self.token_sets(features)
         probabilities, _ = self.token_probabilities(token_sets, bank.tensors["text_embeddings"])
         image_scores, maps = probabilities[:, 0], self.pixel_maps(probabilities[:, 1:])

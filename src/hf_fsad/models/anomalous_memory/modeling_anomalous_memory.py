@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from ...augmentation import augment_views
-from ...modeling_base import AnomalyDetectionOutput, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import harmonic_aggregation, level_image_scores, reference_association
 from ..winclip.modeling_winclip import WinClipModel
 from .configuration_anomalous_memory import AnomalousMemoryConfig
@@ -136,7 +137,7 @@ class AnomalousMemoryModel(WinClipModel):
         )
         k = normal["patch_tokens"].shape[0] if normal is not None else 0
         tensors["num_anomalous"] = torch.tensor(count)
-        return self.make_bank(class_name, k, tensors)
+        return self.bank_from_tensors(class_name, k, tensors)
 
     def _scores_and_maps(
         self, features: dict[str, torch.Tensor], bank: ReferenceBank
@@ -166,7 +167,7 @@ class AnomalousMemoryModel(WinClipModel):
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
-        bank = self.require_bank(
+        bank = self.required_bank(
             reference_bank,
             "with an anomalous reference: model.build_reference_bank(anomalous_pixel_values=..., anomalous_masks=...).",
         )
@@ -199,7 +200,7 @@ class AnomalousMemoryModel(WinClipModel):
             raise ValueError(
                 f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images."
             )
-        bank = self.check_bank(reference_bank)
+        bank = self.checked_bank(reference_bank)
         features = self.encode_images(validation_pixel_values, "validation_pixel_values")
         scores, _, available = self._scores_and_maps(features, bank)
         generator = torch.Generator().manual_seed(self.config.weight_seed)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_base import FsadPreTrainedModel
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import class_scores
 from .configuration_metacan import MetaCanConfig
 from .functional_metacan import image_image_score, metacan_fusion, topk_reference_anomaly
@@ -151,14 +153,14 @@ class MetaCanModel(FsadPreTrainedModel):
         for layer in sorted(set(self.config.feature_layers)):
             tensors[f"tokens.{layer}"] = reference_features[f"tokens.{layer}"]
         k = tensors[f"tokens.{self.config.feature_layers[0]}"].shape[0]
-        return self.make_bank(class_name or self.config.default_class_name, k, tensors)
+        return self.bank_from_tensors(class_name or self.config.default_class_name, k, tensors)
 
     @torch.no_grad()
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores (and the image-text map) from `encode_images` features and a bank of k normal references."""
-        bank = self.require_bank(
+        bank = self.required_bank(
             reference_bank,
             "of k >= 1 normal images: `model.build_reference_bank(processor(images).pixel_values)`.",
         )

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_base import FsadPreTrainedModel
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import class_scores
 from .configuration_one_to_normal import OneToNormalConfig
 from .diffusion_one_to_normal import LORA_WEIGHTS_NAME, UNET_FOLDER, Personalizer, load_img2img_pipeline
@@ -295,14 +297,14 @@ class OneToNormalModel(FsadPreTrainedModel):
         for layer in self.config.feature_layers:
             tensors[f"memory.{layer}"] = reference_features[f"query.{layer}"].flatten(0, 1)
         k = reference_features[f"query.{self.config.feature_layers[0]}"].shape[0]
-        return self.make_bank(class_name, k, tensors)
+        return self.bank_from_tensors(class_name, k, tensors)
 
     @torch.no_grad()
     def score_features(
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Eqs. 4-7: branch scores S_P, S_N, S_text; maps = the S_P map + alpha x the S_N map (level means)."""
-        bank = self.resolve_bank(reference_bank)
+        bank = self.bank_or_default(reference_bank)
         config = self.config
         layers = config.feature_layers
         query = [features[f"query.{layer}"] for layer in layers]

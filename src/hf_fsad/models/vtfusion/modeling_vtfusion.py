@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_base import FsadPreTrainedModel
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import l2_normalize, upsample_maps
 from .configuration_vtfusion import VtFusionConfig
 from .functional_vtfusion import nearest_prototype_distance, stack_levels, text_guided_map
@@ -318,7 +320,7 @@ class VtFusionModel(FsadPreTrainedModel):
             "prototypes": self.prototypes.clone(),
             "state_embeddings": self.backbone.state_embeddings(class_name),
         }
-        return self.make_bank(class_name, self.config.num_fitted_normals, tensors)
+        return self.bank_from_tensors(class_name, self.config.num_fitted_normals, tensors)
 
     @torch.no_grad()
     def score_features(
@@ -326,7 +328,7 @@ class VtFusionModel(FsadPreTrainedModel):
     ) -> AnomalyDetectionOutput:
         """M_f as the maps and max(M_f) as the image scores; branch scores are each map's maximum (M_v, M_t
         and, with MPF, M_vt)."""
-        bank = self.resolve_bank(reference_bank)
+        bank = self.bank_or_default(reference_bank)
         prediction = self.predict(features, bank.tensors["state_embeddings"], bank.tensors["prototypes"])
         branch_scores = {
             "vision": prediction.vision_map.amax(dim=-1),

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ...modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+from ...bank import ReferenceBank
+from ...modeling_base import FsadPreTrainedModel
+from ...modeling_outputs import AnomalyDetectionOutput
 from ...prompts import TEMPLATES
 from ...scoring import class_scores, window_masks
 from .configuration_winclip import WinClipConfig
@@ -83,7 +85,7 @@ class WinClipModel(FsadPreTrainedModel):
                 *(f"window_embeddings.{scale}" for scale in self.config.window_scales),
             ]:
                 tensors[name] = reference_features[name].flatten(0, 1)
-        return self.make_bank(class_name, k, tensors)
+        return self.bank_from_tensors(class_name, k, tensors)
 
     def window_mask_list(self, device: torch.device | None = None) -> list[torch.Tensor]:
         """`window_masks` (W_s, P) of each configured scale on the patch grid."""
@@ -106,7 +108,7 @@ class WinClipModel(FsadPreTrainedModel):
         self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank | None = None
     ) -> AnomalyDetectionOutput:
         """Scores and maps (at `config.image_size`) from `encode_images` features."""
-        bank = self.resolve_bank(reference_bank)
+        bank = self.bank_or_default(reference_bank)
         text = bank.tensors["text_embeddings"]
         scales = self.config.window_scales
         masks = self.window_mask_list(text.device)
