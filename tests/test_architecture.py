@@ -34,11 +34,12 @@ LAYERS = {
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
-    # feature cache, the model base class, the tiny test builders.
+    # feature cache, the model base class and its calibration mixin, the tiny test builders.
     "hf_fsad.backbones": 1,
     "hf_fsad.scoring": 1,
     "hf_fsad.features": 1,
     "hf_fsad.modeling_base": 1,
+    "hf_fsad.modeling_calibration": 1,
     # what every trained method shares: the generic training loop and the shared losses (a method's own
     # trainer, in its folder, builds on them).
     "hf_fsad.training.trainer": 1,

@@ -2,7 +2,8 @@
 
 Its neighbours hold what is not the model: the config base in `configuration_base`, the output type in
 `modeling_outputs`, the reference bank (its file format and its check against a model) in `bank`, the image
-processor and the pixel checks in `image_processing`, thresholds and calibrated decisions in `calibration`.
+processor and the pixel checks in `image_processing`, thresholds and calibrated decisions in `calibration`;
+`calibrate` (held-out or leave-one-out scores of a bank) comes from `modeling_calibration.CalibrationMixin`.
 The two fingerprints stay here as methods, as they hash the model's own weights: `config_hash` (which banks
 fit the model) and `feature_key` (which cached features it can reuse).
 """
@@ -10,11 +11,9 @@ fit the model) and `feature_key` (which cached features it can reuse).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import importlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,9 +32,8 @@ from . import bank as bank_module
 from . import calibration as calibration_module
 from . import image_processing as image_processing_module
 from .backbones.clip import ClipBackbone
-from .calibration import fit_calibration
 from .configuration_base import FsadConfig
-from .modeling_outputs import concatenated_outputs
+from .modeling_calibration import CalibrationMixin
 from .scoring import greedy_coreset, upsample_maps
 
 if TYPE_CHECKING:
@@ -74,7 +72,7 @@ def _deprecated_verb(old_name: str, new_name: str) -> Callable:
     return deprecated
 
 
-class FsadPreTrainedModel(PreTrainedModel):
+class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
     """Base of every method: a frozen CLIP backbone (`self.backbone`) plus the method's own parts.
 
     `from_pretrained` loads the CLIP tokenizer saved beside the weights and freezes the backbone;
@@ -355,121 +353,6 @@ class FsadPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(
             f"{type(self).__name__} has no weights to validate (validates_weights is False)."
         )
-
-    @torch.no_grad()
-    def calibrate(
-        self,
-        reference_bank: ReferenceBank,
-        reference_pixel_values: torch.Tensor | None = None,
-        *,
-        reference_features: dict[str, torch.Tensor] | None = None,
-        normal_pixel_values: torch.Tensor | None = None,
-        anomalous_pixel_values: torch.Tensor | None = None,
-        anomalous_masks: torch.Tensor | None = None,
-        false_alarm_rate: float = 0.05,
-        bank_inputs: dict | None = None,
-        batch_size: int = 8,
-    ) -> ReferenceBank:
-        """The bank with a `Calibration`: thresholds and score normalisation (`hf_fsad.calibration`).
-
-        Normal scores come from held-out `normal_pixel_values` scored against the bank when given, else
-        leave-one-out on the bank's own references (`reference_pixel_values` or their `encode_images`
-        features): each is scored against a bank built from the others (at least 2; not for methods that
-        `saves_its_references`). `bank_inputs` are the other arguments the bank was built with (anomalous
-        memory: its anomalous references, or {} when it had none). With only normals the image threshold is
-        the conformal one for `false_alarm_rate`; with `anomalous_pixel_values` too, the best-F1 one. The
-        pixel threshold is the best pixel F1 with `anomalous_masks` ((A, H, W) at the input size, non-zero =
-        defect), else the conformal threshold of the normal maps' maxima. Leave-one-out banks hold k - 1
-        references, so for nearest-neighbour methods their normal scores run higher than with k: the
-        threshold errs towards fewer false alarms.
-        """
-        bank = self.checked_bank(reference_bank)
-        if normal_pixel_values is not None:
-            normal, source = (
-                self._score_in_batches(normal_pixel_values, bank, batch_size, "normal_pixel_values"),
-                "held_out",
-            )
-        else:
-            features = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
-            if features is None:
-                raise ValueError(
-                    "Calibration needs normal images: the bank's references (reference_pixel_values, scored "
-                    "leave-one-out) or held-out normal_pixel_values."
-                )
-            normal, source = self._leave_one_out(bank, features, bank_inputs), "leave_one_out"
-        anomalous = None
-        if anomalous_pixel_values is not None:
-            anomalous = self._score_in_batches(
-                anomalous_pixel_values, bank, batch_size, "anomalous_pixel_values"
-            )
-        elif anomalous_masks is not None:
-            raise ValueError("anomalous_masks were given without anomalous_pixel_values.")
-        calibration = fit_calibration(
-            normal.image_scores,
-            normal.anomaly_maps,
-            None if anomalous is None else anomalous.image_scores,
-            None if anomalous is None else anomalous.anomaly_maps,
-            anomalous_masks,
-            normal_source=source,
-            false_alarm_rate=false_alarm_rate,
-        )
-        if calibration.false_alarm_bound is not None and calibration.false_alarm_bound > false_alarm_rate:
-            warnings.warn(
-                f"{calibration.num_normal} normal scores cannot guarantee a false-alarm rate of "
-                f"{false_alarm_rate:.1%}: the threshold (their maximum) guarantees "
-                f"{calibration.false_alarm_bound:.1%}. Give at least {math.ceil(1 / false_alarm_rate) - 1} "
-                "normal images for the rate asked.",
-                stacklevel=3,  # the caller of calibrate, past torch.no_grad's wrapper
-            )
-        return dataclasses.replace(reference_bank, calibration=calibration)
-
-    def _score_in_batches(
-        self, pixel_values: torch.Tensor, bank: ReferenceBank, batch_size: int, name: str
-    ) -> AnomalyDetectionOutput:
-        outputs = [
-            self.score_features(self.encode_images(pixel_values[start : start + batch_size], name), bank)
-            for start in range(0, max(len(pixel_values), 1), batch_size)
-        ]
-        return concatenated_outputs(outputs)
-
-    def leave_one_out_refusal(self, num_references: int) -> str | None:
-        """Why `calibrate` cannot score `num_references` references leave-one-out; None when it can."""
-        if self.saves_its_references:
-            return (
-                f"{type(self).__name__} keeps what it learnt from its normal images in its weights, so none can "
-                "be left out (it would be refitted once per reference)"
-            )
-        if num_references < 2:
-            return f"leave-one-out needs at least 2 reference images, got {num_references}"
-        return None
-
-    def _leave_one_out(
-        self, bank: ReferenceBank, features: dict[str, torch.Tensor], bank_inputs: dict | None
-    ) -> AnomalyDetectionOutput:
-        """Each reference scored against a bank built from the others, with `bank`'s `validated_tensors`."""
-        k = next(iter(features.values())).shape[0]
-        refusal = self.leave_one_out_refusal(k)
-        if refusal is not None:
-            raise ValueError(f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values.")
-        if self.needs_anomalous_references and bank_inputs is None:
-            raise ValueError(
-                f"{type(self).__name__} builds its bank with anomalous references too: pass the arguments the "
-                "bank was built with (anomalous_pixel_values or anomalous_features, anomalous_masks) in "
-                "bank_inputs ({} if it had none), or give held-out normal_pixel_values."
-            )
-        outputs, bank_inputs = [], bank_inputs or {}
-        for index in range(k):
-            others = {
-                name: torch.cat([tensor[:index], tensor[index + 1 :]]) for name, tensor in features.items()
-            }
-            rebuilt = self.build_reference_bank(
-                class_name=bank.class_name, reference_features=others, **bank_inputs
-            )
-            validated = {name: bank.tensors[name] for name in self.validated_tensors if name in bank.tensors}
-            left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=rebuilt.tensors | validated)
-            left_out = {name: tensor[index : index + 1] for name, tensor in features.items()}
-            outputs.append(self.score_features(left_out, left_out_bank))
-        return concatenated_outputs(outputs)
 
     def features_of(
         self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str
