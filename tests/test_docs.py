@@ -102,12 +102,13 @@ def _documented_workspace(directory: Path) -> None:
     """What the snippets assume a reader has on disk, built from tiny random models and toy images: the
     CLIP checkpoints they name (a local folder at a Hub id's path is what `from_pretrained` loads first),
     the converted `clip-vit-b-16-plus-240`, the trained models the training section writes, Stable
-    Diffusion's folder, normal images in `good/`, queries in `queries/`, an annotated `defect.png`, and a
-    `parts/` folder of two categories in the own-data layout."""
+    Diffusion's folder, normal images in `good/`, queries in `queries/`, an annotated `defect.png`, a
+    `parts/` folder of two categories in the own-data layout, and the README's Python quick start's saved
+    model `winclip-bottle` and calibrated bank `bottle.safetensors` (pages beyond the README start there)."""
     import numpy as np
     from PIL import Image
 
-    from hf_fsad import AfClipModel, MetaCanModel
+    from hf_fsad import AfClipModel, MetaCanModel, WinClipModel
     from hf_fsad.data import load_benchmark
     from hf_fsad.testing import save_random_clip, save_tiny_diffusion_pipeline, tiny_clip_config
 
@@ -134,6 +135,12 @@ def _documented_workspace(directory: Path) -> None:
     anomalous["image"].save(directory / "defect.png")
     mask = np.array(anomalous["mask"].convert("L")) > 0
     Image.fromarray((mask * 255).astype(np.uint8)).save(directory / "defect_mask.png")
+
+    winclip = WinClipModel.from_clip(str(directory / "openai/clip-vit-base-patch16"))
+    references = winclip.image_processor()(list(data["train"]["image"]), return_tensors="pt").pixel_values
+    bank = winclip.calibrate(winclip.build_reference_bank(references, class_name="bottle"), references)
+    bank.save(directory / "bottle.safetensors")
+    winclip.save_pretrained(directory / "winclip-bottle")
 
     # Your own part in the generic folder layout (docs/own_data.md): good/, a defect type, its masks.
     for category, texture in (("bracket", "grid"), ("plate", "stripes")):
@@ -181,12 +188,14 @@ def quick_fits(monkeypatch):
     )
 
 
-def test_the_block_extraction_finds_the_readmes_snippets():
+def test_the_block_extraction_finds_the_docs_snippets():
     """Guards the runner below: a fence pattern that stopped matching would let every page pass empty. The
-    README has a Python block per method section, the quick starts and the pipeline (11 when written)."""
-    python = _blocks(ROOT / "README.md", {"python"})
-    assert len(python) >= 10, [line for line, _, _ in python]
-    assert any("AnomalousMemoryModel.from_clip" in body for _, _, body in python)
+    README has the Python quick start and the pipeline; docs/methods.md a block per method but WinCLIP (whose
+    block is the README's); the other pages the rest (16 in all when written)."""
+    assert len(_blocks(ROOT / "README.md", {"python"})) >= 2
+    methods = _blocks(ROOT / "docs" / "methods.md", {"python"})
+    assert any("AnomalousMemoryModel.from_clip" in body for _, _, body in methods)
+    assert sum(len(_blocks(doc, {"python"})) for doc in DOCS) >= 14
     assert any(
         line for line, _, body in _blocks(ROOT / "docs" / "performance.md", SHELL) if "torchrun" in body
     )
@@ -271,3 +280,64 @@ def test_every_cli_command_in_the_docs_parses():
                 except SystemExit:
                     failures.append(f"{where}\n    {stderr.getvalue().strip().splitlines()[-1]}")
     assert checked > 20 and not failures, "\n".join(failures)
+
+
+# --- Every relative link of the README and docs/ resolves ---------------------------------------------------
+
+# [text](target) and ![alt](target); the target ends at whitespace or the closing parenthesis.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _prose(path: Path) -> list[str]:
+    """The lines of `path` outside fenced code blocks (where `#` starts a comment, not a heading)."""
+    lines, fenced = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub gives the headings of `path`: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading suffixed -1, -2, ..."""
+    anchors: set[str] = set()
+    for line in _prose(path):
+        heading = re.match(r"#{1,6} (.+)", line)
+        if heading:
+            slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+            anchor, repeat = slug, 0
+            while anchor in anchors:
+                repeat += 1
+                anchor = f"{slug}-{repeat}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_the_anchor_rule_matches_githubs():
+    """Guards the link test below on headings whose anchors GitHub is known to give."""
+    anchors = _anchors(ROOT / "docs" / "performance.md")
+    assert "every-method-hf-fsad-benchmark---profile" in anchors
+    assert "exported-runtimes-onnx-runtime-and-openvino" in anchors
+    assert "quick-start-passfail-on-your-own-images" in _anchors(ROOT / "README.md")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """Every relative link of the README and docs/ names an existing file and, with `#anchor`, a heading of
+    it: moving a section cannot leave a link behind."""
+    failures, checked = [], 0
+    for doc in DOCS:
+        for line in _prose(doc):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target):  # https:, mailto: ...
+                    continue
+                checked += 1
+                file, _, anchor = target.partition("#")
+                path = (doc.parent / file).resolve() if file else doc
+                where = f"{doc.relative_to(ROOT)}: ({target})"
+                if not path.exists():
+                    failures.append(f"{where}: no file {path.relative_to(ROOT)}")
+                elif anchor and anchor not in _anchors(path):
+                    failures.append(f"{where}: no heading with anchor #{anchor} in {path.relative_to(ROOT)}")
+    assert checked > 30 and not failures, "\n".join(failures)
