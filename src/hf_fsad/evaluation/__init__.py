@@ -2,7 +2,7 @@
 
 import warnings
 
-from ..data import BENCHMARKS, class_name_for
+from .. import data
 from .profiling import ProfileRow, alternating_medians, matmul_flops, median_seconds, profile_models
 from .report import results_markdown
 from .runner import Cell, DatasetSpec, Protocol, ReferenceGenerator, run_benchmark
@@ -37,5 +37,5 @@ def __getattr__(name: str):
         stacklevel=2,
     )
     if name == "class_name_for":
-        return class_name_for
-    return {dataset: spec.class_name for dataset, spec in BENCHMARKS.items() if spec.class_name}
+        return data.class_name_for
+    return {dataset: spec.class_name for dataset, spec in data.BENCHMARKS.items() if spec.class_name}
