@@ -65,6 +65,16 @@ LAYERS = {
 # A method may import another only where it is built on it.
 METHOD_BASES = {"anomalous_memory": {"winclip"}}
 
+# The data layer's shared modules; every other module under hf_fsad.data is one dataset (or family).
+DATA_SHARED = {
+    "hf_fsad.data",
+    "hf_fsad.data.common",
+    "hf_fsad.data.benchmarks",
+    "hf_fsad.data.hub",
+    "hf_fsad.data.sampling",
+    "hf_fsad.data.synthetic",
+}
+
 # Known imports against the layers (none left; an entry needs a reason).
 PENDING: set[tuple[str, str]] = set()
 
@@ -238,3 +248,43 @@ def test_outputs_and_the_bank_import_no_model():
 def test_the_model_base_imports_the_bank_and_not_the_other_way():
     assert {"hf_fsad.bank", "hf_fsad.modeling_outputs"} <= GRAPH["hf_fsad.modeling_base"]
     assert "hf_fsad.modeling_base" not in _imports_transitively("hf_fsad.bank")
+
+
+DATASET_MODULES = {
+    module for module in GRAPH if module.startswith("hf_fsad.data.") and module not in DATA_SHARED
+}
+
+
+def _data_violations(edges: list[tuple[str, str]], dataset_modules: set[str]) -> list[str]:
+    """Imports from one dataset module to another, and from the data layer to anything model-related (every
+    layer above the foundations)."""
+    found = []
+    for importer, imported in edges:
+        if importer in dataset_modules and imported in dataset_modules:
+            found.append(f"dataset module {importer} imports dataset module {imported}")
+        if (importer == "hf_fsad.data" or importer.startswith("hf_fsad.data.")) and _layer(imported) > 0:
+            found.append(f"{importer} imports {imported} (layer {_layer(imported)}): data imports no model")
+    return found
+
+
+def test_the_data_checks_catch_a_dataset_importing_another_and_data_importing_a_model():
+    planted = [
+        ("hf_fsad.data.elpv", "hf_fsad.data.toy"),
+        ("hf_fsad.data.elpv", "hf_fsad.data.common"),  # the shared helpers: allowed
+        ("hf_fsad.data.benchmarks", "hf_fsad.data.elpv"),  # the table: allowed
+        ("hf_fsad.data.hub", "hf_fsad.modeling_base"),
+    ]
+    assert _data_violations(planted, {"hf_fsad.data.elpv", "hf_fsad.data.toy"}) == [
+        "dataset module hf_fsad.data.elpv imports dataset module hf_fsad.data.toy",
+        "hf_fsad.data.hub imports hf_fsad.modeling_base (layer 1): data imports no model",
+    ]
+
+
+def test_dataset_modules_import_no_other_dataset_and_data_imports_no_model():
+    assert {"hf_fsad.data.elpv", "hf_fsad.data.mvtec_ad", "hf_fsad.data.toy"} <= DATASET_MODULES
+    assert _data_violations(EDGES, DATASET_MODULES) == []
+
+
+def test_every_dataset_module_is_in_the_benchmark_table():
+    # the table (`BENCHMARKS` in data/benchmarks.py) imports each dataset module's spec
+    assert sorted(DATASET_MODULES - GRAPH["hf_fsad.data.benchmarks"]) == []

@@ -272,6 +272,54 @@ def test_dataset_spec_parsing():
     assert DatasetSpec.from_entry(entry) == DatasetSpec("toy", None, ["weave"], {"seed": 1})
 
 
+def test_cells_come_in_the_order_they_run_and_keep_their_ids():
+    from types import SimpleNamespace
+
+    from hf_fsad.evaluation import Cell
+    from hf_fsad.evaluation.runner import _cells
+
+    models = {
+        "winclip": SimpleNamespace(needs_anomalous_references=False),
+        "memory": SimpleNamespace(needs_anomalous_references=True),
+    }
+    split = SimpleNamespace(dataset="toy", category="grid")
+    cells = list(_cells(models, split, ks=[0, 1], seeds=[0, 1], anomalous_shots=(0, 1)))
+    # zero-shot runs one seed; a method needing anomalous references runs the shots > 0 only, others 0
+    assert [(c.method, c.k, c.anomalous, c.seed) for c in cells] == [
+        ("winclip", 0, 0, 0),
+        ("winclip", 1, 0, 0),
+        ("winclip", 1, 0, 1),
+        ("memory", 0, 1, 0),
+        ("memory", 0, 1, 1),
+        ("memory", 1, 1, 0),
+        ("memory", 1, 1, 1),
+    ]
+    assert cells[1] == Cell("winclip", "toy", "grid", k=1, seed=0, anomalous=0)
+    assert cells[1].id == "winclip|toy|grid|1|0|0"
+    assert list(cells[1].record) == ["method", "dataset", "category", "k", "seed", "anomalous"]
+
+
+def test_the_class_words_moved_to_the_data_layer_and_the_old_names_warn():
+    import hf_fsad.evaluation
+    from hf_fsad.data import class_name_for
+
+    with pytest.warns(DeprecationWarning, match=r"hf_fsad\.data\.class_name_for"):
+        assert hf_fsad.evaluation.class_name_for is class_name_for
+    with pytest.warns(DeprecationWarning, match="CLASS_NAMES moved"):
+        class_names = hf_fsad.evaluation.CLASS_NAMES
+    assert class_names == {
+        "elpv": "solar cell",
+        "headct": "head CT scan",
+        "brainmri": "brain MRI scan",
+        "aitex": "fabric",
+        "ksdd": "metal surface",
+        "sdd": "metal surface",
+        "mnist": "handwritten digit",
+        "sklearn_digits": "handwritten digit",
+        "toy": "textured surface",
+    }
+
+
 def test_cross_dataset_rows_are_labelled(make_winclip, tmp_path):
     model = make_winclip()
     model.config.trained_on = "mvtec_ad"

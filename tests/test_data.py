@@ -14,6 +14,7 @@ from hf_fsad.data import (
     FEATURES,
     BenchmarkLayoutError,
     ReferenceManifest,
+    class_name_for,
     load_benchmark,
     sample_references,
     write_hub_layout,
@@ -115,6 +116,23 @@ def test_missing_root_and_unknown_benchmark(tmp_path):
         load_benchmark("visa")
     with pytest.raises(ValueError, match="Unknown benchmark 'mvtec'"):
         load_benchmark("mvtec")
+
+
+def test_each_dataset_declares_its_prompt_class_word():
+    assert class_name_for("elpv", "mono") == "solar cell"
+    assert class_name_for("sdd", "ksdd") == "metal surface"
+    assert class_name_for("mvtec_ad", "metal_nut") == "metal nut"  # none declared: the category's name
+    assert class_name_for("not_a_benchmark", "metal_nut") == "metal nut"
+
+
+def test_names_of_the_old_benchmarks_module_warn_and_are_the_moved_ones():
+    from hf_fsad.data import elpv
+
+    with pytest.warns(DeprecationWarning, match=r"moved to hf_fsad\.data\.elpv\.build_elpv"):
+        from hf_fsad.data.benchmarks import build_elpv
+    assert build_elpv is elpv.build_elpv
+    with pytest.raises(ImportError):
+        from hf_fsad.data.benchmarks import build_nothing  # noqa: F401
 
 
 # --- VisA ------------------------------------------------------------------------------------------------

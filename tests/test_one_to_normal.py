@@ -529,8 +529,9 @@ def test_runner_fits_one_to_normal_per_cell_and_augments_other_methods_reference
     """The One-to-Normal cell scores what a copy fitted on the cell's references scores; the WinCLIP+ cell with
     generated references scores what a bank of the references plus the images a fitted generator makes
     scores, and the plain cell what the references alone score."""
+    from hf_fsad.data import class_name_for
     from hf_fsad.data.sampling import select_ids
-    from hf_fsad.evaluation import DatasetSpec, class_name_for, run_benchmark
+    from hf_fsad.evaluation import DatasetSpec, run_benchmark
     from hf_fsad.models.one_to_normal.modeling_one_to_normal import GeneratedReferences
     from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
     from hf_fsad.models.winclip.modeling_winclip import WinClipModel

@@ -1,4 +1,5 @@
-"""What every benchmark builder shares: the features, records -> `datasets.Dataset`, layout errors, splits.
+"""What every benchmark builder shares: the features, records -> `datasets.Dataset`, layout errors, splits,
+and `BenchmarkSpec`, the declaration each dataset module makes of its builder, layout and prompt words.
 
 A builder scans a folder into `Record`s (cheap: paths, labels, crop boxes) and `build_dataset_dict` turns
 them into a `DatasetDict` with `Dataset.from_generator`, decoding images only there.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,3 +201,55 @@ def split_normals(
     order = np.random.default_rng(seed).permutation(len(ordered))
     num_train = round(train_fraction * len(ordered))
     return [ordered[i] for i in order[:num_train]], [ordered[i] for i in order[num_train:]]
+
+
+# --- What a dataset module declares, and the helpers its builder uses --------------------------------------
+
+Splits = dict[str, list[Record]]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """A builder `(root, category, seed, **options) -> {"train": records, "test": records}` and its layout.
+
+    categories: None when they are read from the folder. default_root: where the data is found when no root
+    is given (e.g. an installed package), None if nowhere. class_name: the word prompts name for every
+    category (e.g. "solar cell" for ELPV's mono and poly); None: the category's own name. needs_folder: False
+    for data made or bundled in Python (no root needed).
+    """
+
+    build: Callable[..., Splits]
+    layout: str
+    categories: tuple[str, ...] | None = None
+    default_root: Callable[[], Path | None] | None = None
+    class_name: str | None = None
+    needs_folder: bool = True
+
+    def class_name_for(self, category: str) -> str:
+        """The prompt class word of `category`."""
+        return self.class_name or category.replace("_", " ")
+
+
+def relative_path(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def require_images(folder: Path, layout: str) -> list[Path]:
+    """The images in `folder` (sorted), or a BenchmarkLayoutError when it is missing or holds none."""
+    files = image_files(require_dir(folder, layout))
+    if not files:
+        raise BenchmarkLayoutError(f"The folder {folder} holds no images. Expected layout: {layout}")
+    return files
+
+
+def choose_categories(found: list[str], requested: str | None, source: object, layout: str) -> list[str]:
+    """`[requested]` if `source` has it, all `found` categories if None, else an error naming both."""
+    if not found:
+        raise BenchmarkLayoutError(f"No categories found in {source}. Expected layout: {layout}")
+    if requested is None:
+        return found
+    if requested not in found:
+        raise BenchmarkLayoutError(
+            f"Category {requested!r} is not in {source} (found: {', '.join(found)}). Expected layout: {layout}"
+        )
+    return [requested]

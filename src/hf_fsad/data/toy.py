@@ -6,12 +6,14 @@ defect whose mask marks exactly the changed pixels. Used by the tests and the of
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from datasets import DatasetDict
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-from .common import Record, build_dataset_dict
+from .common import BenchmarkSpec, Record, Splits, build_dataset_dict, choose_categories
 
 # category -> (spatial frequency in cycles per image, orientation in radians, base RGB, pattern RGB amplitude)
 TOY_CATEGORIES: dict[str, tuple[float, float, tuple[int, int, int], tuple[int, int, int]]] = {
@@ -111,3 +113,19 @@ def load_toy(category: str = "stripes", seed: int = 0, **kwargs) -> DatasetDict:
     `load_benchmark("toy", category=None)` gives all categories.
     """
     return build_dataset_dict(toy_records(category=category, seed=seed, **kwargs), "toy")
+
+
+def build_toy(root: Path | None, category: str | None, seed: int, **options) -> Splits:
+    """The generated toy textures; options: num_train, num_test_good, num_test_anomalous, image_size,
+    defects (see `toy_records`)."""
+    categories = choose_categories(list(TOY_CATEGORIES), category, "the toy generator", "generated")
+    splits: Splits = {"train": [], "test": []}
+    for name in categories:
+        for split, records in toy_records(name, seed=seed, **options).items():
+            splits[split] += records
+    return splits
+
+
+TOY_BENCHMARK = BenchmarkSpec(
+    build_toy, "generated", tuple(TOY_CATEGORIES), class_name="textured surface", needs_folder=False
+)

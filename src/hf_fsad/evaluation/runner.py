@@ -27,13 +27,14 @@ import copy
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import time
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from ..data import ReferenceManifest, load_benchmark, sample_references
+from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
@@ -53,21 +54,6 @@ from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
 
 logger = logging.getLogger(__name__)
-
-# Prompt class words where the category name is not a good one.
-CLASS_NAMES = {
-    "elpv": "solar cell",
-    "headct": "head CT scan",
-    "brainmri": "brain MRI scan",
-    "aitex": "fabric",
-    "ksdd": "metal surface",
-    "sdd": "metal surface",
-    "mnist": "handwritten digit",
-    "sklearn_digits": "handwritten digit",
-    "toy": "textured surface",
-}
-def class_name_for(dataset: str, category: str) -> str:
-    return CLASS_NAMES.get(dataset, category.replace("_", " "))
 
 
 @dataclass
@@ -93,8 +79,31 @@ class DatasetSpec:
 
 
 def _cell_id(cell: dict) -> str:
+    """The id of a cell in results.json (cells saved before anomalous shots were recorded had 0)."""
     keys = ("method", "dataset", "category", "k", "seed")
     return "|".join([*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))])
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the benchmark: `method` on `category` of `dataset`, with k normal and `anomalous` anomalous
+    references drawn with `seed`."""
+
+    method: str
+    dataset: str
+    category: str
+    k: int
+    seed: int
+    anomalous: int
+
+    @property
+    def record(self) -> dict:
+        """The cell's fields as results.json records them."""
+        return dataclasses.asdict(self)
+
+    @property
+    def id(self) -> str:
+        return _cell_id(self.record)
 
 
 @dataclass(frozen=True)
@@ -252,69 +261,48 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    cells = {_cell_id(cell): cell for cell in previous.get("cells", [])}
+    results_by_id = {_cell_id(cell): cell for cell in previous.get("cells", [])}
     cache = feature_cache or FeatureCache(out_dir / "feature_cache")
     started = time.perf_counter()
     skipped = 0
 
-    for spec in datasets:
-        for category, train, test in _category_splits(spec):
-            split = _CategorySplit(spec.name, category, train, test)
-            first_seed_scores, shown = {}, None
-            for method, model in models.items():
-                for anomalous in protocol.anomalous_shots:
-                    if (anomalous > 0) != model.needs_anomalous_references:
-                        continue
-                    for k in ks:
-                        zero_shot = k == 0 and anomalous == 0
-                        for seed in seeds[:1] if zero_shot else seeds:
-                            cell = {
-                                "method": method,
-                                "dataset": spec.name,
-                                "category": category,
-                                "k": k,
-                                "seed": seed,
-                                "anomalous": anomalous,
-                            }
-                            finished = cells.get(_cell_id(cell))
-                            # failed cells run again, and so do cells calibrated for another rate
-                            if _is_finished(finished, protocol, runtime, split):
-                                skipped += 1
-                                continue
-                            try:
-                                run = _run_cell(
-                                    model,
-                                    cache,
-                                    out_dir,
-                                    split,
-                                    (k, anomalous, seed),
-                                    protocol,
-                                    batch_size,
-                                    fit_arguments or {},
-                                    generated_references,
-                                    runtime,
-                                )
-                            # one failing cell is reported, and the others run
-                            except Exception as error:  # noqa: BLE001
-                                message = f"{type(error).__name__}: {error}"
-                                logger.warning("cell %s failed: %s", _cell_id(cell), message)
-                                cells[_cell_id(cell)] = cell | {"error": message}
-                                _write_results(results_file, cells, cache, started, skipped)
-                                continue
-                            cells[_cell_id(cell)] = cell | run.values
-                            logger.info("cell %s: %.1f s", _cell_id(cell), run.values["seconds"])
-                            _write_results(results_file, cells, cache, started, skipped)
-                            if seed == seeds[0]:
-                                first_seed_scores[(method, k, anomalous)] = (run.scores, run.labels)
-                                shown = (
-                                    (f"{method} k={shots_label(k, anomalous)}", run)
-                                    if run.maps is not None
-                                    else shown
-                                )
-            if first_seed_scores:
-                plot_category(out_dir, split.dataset, split.category, first_seed_scores, shown, num_heatmaps)
+    for split in _category_splits(datasets):
+        first_seed_scores, shown = {}, None
+        for cell in _cells(models, split, ks, seeds, protocol.anomalous_shots):
+            # failed cells run again, and so do cells calibrated for another rate
+            if _is_finished(results_by_id.get(cell.id), protocol, runtime, split):
+                skipped += 1
+                continue
+            try:
+                run = _run_cell(
+                    models[cell.method],
+                    cache,
+                    out_dir,
+                    split,
+                    cell,
+                    protocol,
+                    batch_size,
+                    fit_arguments or {},
+                    generated_references,
+                    runtime,
+                )
+            # one failing cell is reported, and the others run
+            except Exception as error:  # noqa: BLE001
+                message = f"{type(error).__name__}: {error}"
+                logger.warning("cell %s failed: %s", cell.id, message)
+                results_by_id[cell.id] = cell.record | {"error": message}
+            else:
+                results_by_id[cell.id] = cell.record | run.values
+                logger.info("cell %s: %.1f s", cell.id, run.values["seconds"])
+                if cell.seed == seeds[0]:
+                    first_seed_scores[(cell.method, cell.k, cell.anomalous)] = (run.scores, run.labels)
+                    if run.maps is not None:
+                        shown = (f"{cell.method} k={shots_label(cell.k, cell.anomalous)}", run)
+            _write_results(results_file, results_by_id, cache, started, skipped)
+        if first_seed_scores:
+            plot_category(out_dir, split.dataset, split.category, first_seed_scores, shown, num_heatmaps)
 
-    results = _write_results(results_file, cells, cache, started, skipped)
+    results = _write_results(results_file, results_by_id, cache, started, skipped)
     plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
     atomic_write_text(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
     return results
@@ -460,15 +448,15 @@ def _run_cell(
     cache: FeatureCache,
     out_dir: Path,
     split: _CategorySplit,
-    shots: tuple[int, int, int],
+    cell: Cell,
     protocol: Protocol,
     batch_size: int,
     fit_arguments: dict,
     generated_references: ReferenceGenerator | None = None,
     runtime: str = "torch",
 ) -> _CellRun:
-    """Score one cell: k normal and `anomalous` anomalous references drawn with `seed`."""
-    k, anomalous, seed = shots
+    """Score one cell of `split`: k normal and `anomalous` anomalous references drawn with `seed`."""
+    k, anomalous, seed = cell.k, cell.anomalous, cell.seed
     started = time.perf_counter()
     needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
     manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
@@ -544,16 +532,36 @@ def _run_cell(
     return _CellRun(scores, maps, labels, masks, test, values, crop)
 
 
-def _category_splits(spec: DatasetSpec):
-    """(category, train, test) for each category of `spec`."""
-    if spec.categories:
-        for category in spec.categories:
-            data = load_benchmark(spec.name, spec.root, category, **spec.options)
-            yield category, data["train"], data["test"]
-        return
-    data = load_benchmark(spec.name, spec.root, None, **spec.options)
-    for category in sorted(set(data["test"]["category"])):
-        yield category, _only(data["train"], category), _only(data["test"], category)
+def _category_splits(datasets: Sequence[DatasetSpec]) -> Iterator[_CategorySplit]:
+    """Each category of each dataset, loaded when its turn comes."""
+    for spec in datasets:
+        if spec.categories:
+            for category in spec.categories:
+                data = load_benchmark(spec.name, spec.root, category, **spec.options)
+                yield _CategorySplit(spec.name, category, data["train"], data["test"])
+            continue
+        data = load_benchmark(spec.name, spec.root, None, **spec.options)
+        for category in sorted(set(data["test"]["category"])):
+            yield _CategorySplit(
+                spec.name, category, _only(data["train"], category), _only(data["test"], category)
+            )
+
+
+def _cells(
+    models: dict[str, FsadPreTrainedModel],
+    split: _CategorySplit,
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    anomalous_shots: Sequence[int],
+) -> Iterator[Cell]:
+    """The cells of one category in the order they run: by method, anomalous shots, k, seed. A method runs the
+    anomalous shots > 0 if it needs anomalous references, else 0; zero-shot cells (no references) run once."""
+    for (method, model), anomalous, k in itertools.product(models.items(), anomalous_shots, ks):
+        if (anomalous > 0) != model.needs_anomalous_references:
+            continue
+        zero_shot = k == 0 and anomalous == 0
+        for seed in seeds[:1] if zero_shot else seeds:
+            yield Cell(method, split.dataset, split.category, k, seed, anomalous)
 
 
 def _only(dataset: Dataset, category: str) -> Dataset:
@@ -569,5 +577,3 @@ def _write_results(path: Path, cells: dict, cache: FeatureCache, started: float,
     }
     atomic_write_text(path, json.dumps(results, indent=1) + "\n")
     return results
-
-
