@@ -49,7 +49,8 @@ from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
 from ..io import atomic_write_text
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
-from ..modeling_base import FsadPreTrainedModel, ReferenceBank
+from ..bank import ReferenceBank
+from ..modeling_base import FsadPreTrainedModel
 from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
 
