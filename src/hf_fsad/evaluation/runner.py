@@ -43,13 +43,13 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
+from ..bank import ReferenceBank
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
 from ..io import atomic_write_text
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
-from ..bank import ReferenceBank
 from ..modeling_base import FsadPreTrainedModel
 from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
