@@ -391,7 +391,7 @@ def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zer
         [f"model.clip={clip}", "data.categories=[weave]", "training.max_steps=200"],
     )
     args = AfClipTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed, "afclip")
+    model = build_model(config["model"], args.seed, config["method"])
     unseen = load_benchmark(
         "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
     )
@@ -462,7 +462,7 @@ def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
     # Batch 0's loss in float64 in this process: each half alone, and the whole batch.
     config = load_config(config_path, overrides)
     args = AfClipTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed, "afclip").double().train()
+    model = build_model(config["model"], args.seed, config["method"]).double().train()
     trainer = AfClipTrainer(model, _auxiliary_dataset(config["data"]), args, None)
     batch = trainer.batch_rows(0)
     with torch.no_grad():

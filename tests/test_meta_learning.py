@@ -322,7 +322,7 @@ def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categori
 
     config = load_config(TOY_CONFIG, [f"model.clip={tiny_clip_dir}"])
     args = MetaCanTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed)
+    model = build_model(config["model"], args.seed, config["method"])
     learner = MetaLearner(model, _auxiliary_dataset(config["data"]), args, tmp_path)
     held_out = MetaLearner(model, _auxiliary_dataset(config["data"] | {"categories": ["grid"]}), args, None)
     text = model.text_embeddings()
@@ -400,7 +400,7 @@ def _train_in_process(
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}", *overrides])
     args = MetaCanTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed).to(dtype)
+    model = build_model(config["model"], args.seed, config["method"]).to(dtype)
     if train:
         MetaLearner(model, _auxiliary_dataset(config["data"]), args, output_dir).train()
     return {f"head.{name}": parameter.detach() for name, parameter in model.head.named_parameters()}
@@ -647,7 +647,7 @@ def build_model_from(clip_dir: str):
     from hf_fsad.training.recipes import build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}"])
-    return build_model(config["model"], MetaCanTrainingArguments(**config["training"]).seed)
+    return build_model(config["model"], MetaCanTrainingArguments(**config["training"]).seed, config["method"])
 
 
 def parameter_vector(model) -> torch.Tensor:
