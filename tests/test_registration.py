@@ -79,6 +79,8 @@ def test_a_run_config_says_its_method_or_its_entry_point_does(tmp_path):
         train({"data": {"dataset": "toy"}})
     with pytest.raises(ValueError, match="The config is for 'afclip', but this command runs 'metacan'"):
         train({"method": "afclip"}, "metacan")
+    with pytest.raises(ValueError, match="does not run 'winclip'; it runs afclip, metacan"):
+        train({"method": "winclip"})
     config = tmp_path / "run.yaml"
     config.write_text("output_dir: runs/fit\n")
     with pytest.raises(

@@ -108,7 +108,8 @@ def fitted_methods() -> list[str]:
 
 def config_method(config: dict, method: str | None, choices: Sequence[str]) -> str:
     """The method `config` runs: `method` (an entry point's own) or the config's `method` entry. A ValueError
-    names the `choices` when neither says, and refuses a config of another method."""
+    names the `choices` when neither says or the method is not one of them, and refuses a config of another
+    method."""
     declared = config.get("method")
     if method and declared and declared != method:
         raise ValueError(f"The config is for {declared!r}, but this command runs {method!r}.")
@@ -117,6 +118,8 @@ def config_method(config: dict, method: str | None, choices: Sequence[str]) -> s
         raise ValueError(
             f"The config does not say its method: add `method: <name>`, one of {', '.join(choices)}."
         )
+    if method not in choices:
+        raise ValueError(f"This command does not run {method!r}; it runs {', '.join(choices)}.")
     return method
 
 
