@@ -61,11 +61,16 @@ def test_every_method_declares_its_model_tester(model_type):
 
 
 def test_a_method_without_a_tester_is_named(monkeypatch):
-    monkeypatch.setitem(METHODS, "untested", MethodSpec("untested", "UntestedConfig", "UntestedModel"))
+    untested = MethodSpec(model_type="untested", config_name="UntestedConfig", model_name="UntestedModel")
+    monkeypatch.setitem(METHODS, "untested", untested)
     with pytest.raises(
         LookupError, match=r"untested has no tests/test_untested.py declaring its UntestedModelTester"
     ):
         method_tester("untested")
+    renamed = MethodSpec(model_type="winclip", config_name="WinClipConfig", model_name="RenamedModel")
+    monkeypatch.setitem(METHODS, "winclip", renamed)
+    with pytest.raises(LookupError, match=r"tests/test_winclip.py declares no RenamedModelTester"):
+        method_tester("winclip")
 
 
 def test_scores_are_finite_and_shaped_and_forward_is_encode_then_score(model):
