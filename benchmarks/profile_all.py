@@ -35,9 +35,10 @@ def save_methods(folder: Path, layers: int) -> list[str]:
     arguments = []
     for method in METHODS:
         extra = {}
-        if layers < 12 and "feature_layers" in method_spec(method).config.__dataclass_fields__:
+        fields = method_spec(method).config.__dataclass_fields__
+        if layers < 12 and "feature_layers" in fields:
             extra["feature_layers"] = [layers]  # a shallow tower for a quick check of the script
-        if method == "one_to_normal":
+        if "diffusion_model" in fields:  # a method that personalizes queries by diffusion (One-to-Normal)
             extra = {
                 "diffusion_model": save_tiny_diffusion_pipeline(folder / "tiny_sd"),
                 "diffusion_resolution": 32,

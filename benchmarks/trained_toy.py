@@ -66,7 +66,7 @@ def vtfusion(out: Path) -> None:
         evaluation = config["evaluation"]
         for label, (changes, fit_changes) in VTFUSION_VARIANTS.items():
             run_benchmark(
-                {label: build_model(config["model"] | changes, 0, "vtfusion")},
+                {label: build_model(config["model"] | changes, 0, config["method"])},
                 [DatasetSpec.from_entry(entry) for entry in evaluation["datasets"]],
                 ks=evaluation["k"],
                 seeds=evaluation["seeds"],

@@ -1,25 +1,14 @@
-"""Shared fixtures: tiny random CLIP backbones (no pretrained weights can be fetched here)."""
+"""Shared fixtures: tiny random CLIP backbones (no pretrained weights can be fetched here); the tiny WinCLIP,
+the model most tests share, is its tester's (tests/test_winclip.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_fsad.models.winclip.configuration_winclip import WinClipConfig
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
-from hf_fsad.testing import (
-    byte_level_clip_tokenizer,
-    save_random_clip,
-    save_tiny_diffusion_pipeline,
-    tiny_clip_config,
-)
-
-
-def make_tiny_winclip(seed: int = 0, **config) -> WinClipModel:
-    torch.manual_seed(seed)
-    model = WinClipModel(WinClipConfig(clip_config=tiny_clip_config(), **config)).eval()
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model
+from hf_fsad.testing import save_random_clip, save_tiny_diffusion_pipeline, tiny_clip_config
+from test_winclip import WinClipModelTester
 
 
 @pytest.fixture
@@ -41,12 +30,12 @@ def coreset_warnings():
 @pytest.fixture
 def make_winclip():
     """Factory of tiny random WinCLIP models: make_winclip(seed=0, **config)."""
-    return make_tiny_winclip
+    return WinClipModelTester.tiny_model
 
 
 @pytest.fixture
 def tiny_winclip() -> WinClipModel:
-    return make_tiny_winclip()
+    return WinClipModelTester.tiny_model()
 
 
 @pytest.fixture(scope="session")
@@ -58,7 +47,7 @@ def tiny_clip_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def saved_winclip_dir(tmp_path_factory) -> str:
     directory = tmp_path_factory.mktemp("winclip")
-    make_tiny_winclip().save_pretrained(directory)
+    WinClipModelTester.tiny_model().save_pretrained(directory)
     return str(directory)
 
 

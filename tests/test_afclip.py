@@ -23,18 +23,20 @@ from hf_fsad.models.afclip.modeling_afclip import AfClipModel, AttentionAdapter,
 from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
 from hf_fsad.training.losses import focal_loss
 from hf_fsad.visualization import mask_array
+from model_tester import ModelTester
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"feature_layers": [1, 2], "adapter_num_heads": 2, "adapter_head_dim": 8, "num_context_tokens": 3}
 
 
+class AfClipModelTester(ModelTester):
+    model_type = "afclip"
+    config = SMALL
+
+
 def make_tiny_afclip(seed: int = 0, **config) -> AfClipModel:
-    torch.manual_seed(seed)
-    model = AfClipModel(
-        AfClipConfig(clip_config=tiny_clip_config(), **(SMALL | {"lora_rank": 4} | config))
-    ).eval()
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model
+    """The tester's tiny model, with a LoRA rank for the tests that switch to the LoRA adapter."""
+    return AfClipModelTester.tiny_model(seed, **({"lora_rank": 4} | config))
 
 
 def test_eq_5_gaussian_window_weights_by_hand():
@@ -389,7 +391,7 @@ def test_toy_training_improves_zero_shot_on_unseen_images_and_two_shot_beats_zer
         [f"model.clip={clip}", "data.categories=[weave]", "training.max_steps=200"],
     )
     args = AfClipTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed, "afclip")
+    model = build_model(config["model"], args.seed, config["method"])
     unseen = load_benchmark(
         "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
     )
@@ -460,7 +462,7 @@ def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
     # Batch 0's loss in float64 in this process: each half alone, and the whole batch.
     config = load_config(config_path, overrides)
     args = AfClipTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed, "afclip").double().train()
+    model = build_model(config["model"], args.seed, config["method"]).double().train()
     trainer = AfClipTrainer(model, _auxiliary_dataset(config["data"]), args, None)
     batch = trainer.batch_rows(0)
     with torch.no_grad():
@@ -480,9 +482,12 @@ def test_torchrun_two_cpu_processes_share_batches_and_stay_identical(tmp_path):
 
 def test_methods_with_equal_feature_keys_compute_equal_features():
     """The benchmark runner shares cached features between models whose `feature_key()` match."""
-    from test_metacan import make_tiny_metacan
+    from test_metacan import MetaCanModelTester
 
-    metacan, afclip = make_tiny_metacan(feature_layers=[1, 2]), make_tiny_afclip(feature_layers=[1, 2])
+    metacan, afclip = (
+        MetaCanModelTester.tiny_model(feature_layers=[1, 2]),
+        make_tiny_afclip(feature_layers=[1, 2]),
+    )
     afclip.backbone.load_state_dict(metacan.backbone.state_dict())
     assert metacan.feature_key() == afclip.feature_key()
     images = torch.randn(1, 3, 240, 240)

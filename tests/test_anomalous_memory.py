@@ -12,20 +12,17 @@ from hf_fsad.metrics import image_auroc
 from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.anomalous_memory import functional_anomalous_memory
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
-from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
-from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+from hf_fsad.testing import tiny_clip_config
+from model_tester import ModelTester
 
 
-def make_model(seed: int = 0, **config) -> AnomalousMemoryModel:
-    torch.manual_seed(seed)
-    model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config(), **config)).eval()
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model
+class AnomalousMemoryModelTester(ModelTester):
+    model_type = "anomalous_memory"
 
 
 @pytest.fixture(scope="module")
 def model():
-    return make_model()
+    return AnomalousMemoryModelTester.tiny_model()
 
 
 def pixels(model, images):
@@ -83,14 +80,14 @@ def test_items_join_the_anomalous_memory_when_mostly_defect(images):
     0.375 and 0.125 for the scale-2 windows at (0, 0) and (1, 0), 0 elsewhere."""
     mask = torch.zeros(1, 240, 240, dtype=torch.bool)
     mask[0, :24, :16] = True
-    features = make_model().encode_images(images[1:2])
+    features = AnomalousMemoryModelTester.tiny_model().encode_images(images[1:2])
     expected = {  # fraction -> (anomalous patches, anomalous scale-2 windows)
         0.5: ([0, 15], [0]),  # no window is half defect: the one with the largest share stands for it
         1.0: ([0], [0]),
         0.1: ([0, 15], [0, 14]),
     }
     for fraction, (patches, windows) in expected.items():
-        model = make_model(anomalous_item_fraction=fraction)
+        model = AnomalousMemoryModelTester.tiny_model(anomalous_item_fraction=fraction)
         bank = model.build_reference_bank(anomalous_features=features, anomalous_masks=mask)
         # bank items are the selected feature rows, copied: exact
         torch.testing.assert_close(
@@ -209,7 +206,7 @@ def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
     """Same random backbone: WinCLIP+ with one normal reference vs the anomalous memory with that reference
     plus one annotated defect of the type tested (the discolorations random features find hardest)."""
     winclip = make_winclip()
-    anomalous = make_model()
+    anomalous = AnomalousMemoryModelTester.tiny_model()
     anomalous.backbone.load_state_dict(winclip.backbone.state_dict())
     results = {}
     for category in ("stripes", "grid"):
@@ -284,7 +281,7 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
 
 
 def test_signed_weight_draws_reach_the_bank(images):
-    model = make_model(weight_distribution="normal")
+    model = AnomalousMemoryModelTester.tiny_model(weight_distribution="normal")
     bank = model.build_reference_bank(
         images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
     )
@@ -293,7 +290,7 @@ def test_signed_weight_draws_reach_the_bank(images):
         100, 9, "normal", torch.Generator().manual_seed(0)
     )
     assert any(torch.equal(validated.tensors["score_weights"], candidate) for candidate in candidates)
-    absolute = make_model(weight_distribution="normal", signed_weights=False)
+    absolute = AnomalousMemoryModelTester.tiny_model(weight_distribution="normal", signed_weights=False)
     bank = absolute.build_reference_bank(
         images[:1], anomalous_pixel_values=images[1:2], anomalous_masks=corner_mask()
     )

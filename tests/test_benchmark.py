@@ -15,6 +15,7 @@ from hf_fsad.evaluation import DatasetSpec, profile_models, results_markdown, ru
 from hf_fsad.features import FeatureCache
 from hf_fsad.metrics import image_auroc, pixel_aupro
 from hf_fsad.visualization import mask_array
+from model_tester import method_tester
 
 TOY = {"num_train": 4, "num_test_good": 3, "num_test_anomalous": 3, "image_size": 96}
 SPEC = DatasetSpec("toy", categories=["stripes"], options=TOY)
@@ -158,23 +159,8 @@ def test_feature_cache_in_memory_counts(make_winclip):
 
 
 @pytest.mark.parametrize("method", ["winclip", "anomalous_memory", "metacan", "vtfusion"])
-def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, method):
-    from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
-    from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
-    from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
-
-    model = make_winclip()
-    if method == "anomalous_memory":
-        model = AnomalousMemoryModel(AnomalousMemoryConfig(clip_config=tiny_clip_config())).eval()
-        model.tokenizer = byte_level_clip_tokenizer()
-    if method == "metacan":
-        from test_metacan import make_tiny_metacan
-
-        model = make_tiny_metacan()
-    if method == "vtfusion":
-        from test_vtfusion import make_tiny_vtfusion
-
-        model = make_tiny_vtfusion()
+def test_profile_writes_latency_memory_and_k_scaling(tmp_path, method):
+    model = method_tester(method).tiny_model()
     images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
     (row,) = profile_models(
         {method: model}, images, tmp_path, ks=(2, 8), batch_sizes=(1, 2), repeats=1, fit_steps=1
@@ -190,8 +176,8 @@ def test_profile_writes_latency_memory_and_k_scaling(make_winclip, tmp_path, met
     assert row.work_multiple() == pytest.approx(row.flops_per_image / row.bare_forward_flops)
     # Every method runs the whole tower once; windows hold several times an image's tokens.
     assert row.flops_per_image > row.bare_forward_flops
-    assert (row.work_multiple() > 3) == (method in ("winclip", "anomalous_memory"))
-    if method == "vtfusion":  # fitted on the 2 references; its bank is its prototypes, whatever k
+    assert (row.work_multiple() > 3) == bool(getattr(model.config, "window_scales", None))
+    if model.saves_its_references:  # fitted on the 2 references; its bank is its prototypes, whatever k
         assert row.fit_seconds > 0 and row.fit_steps == 1 and row.k_scaling is None
         assert row.reference_seconds is None
     else:
@@ -405,9 +391,12 @@ def test_a_failing_cell_is_reported_and_the_others_run(make_winclip, tmp_path, c
 
 
 def test_image_level_methods_get_image_metrics_only(tmp_path):
-    from test_metacan import make_tiny_metacan
+    from test_metacan import MetaCanModelTester
 
-    models = {"metacan": make_tiny_metacan(), "no_maps": make_tiny_metacan(use_detector=False)}
+    models = {
+        "metacan": MetaCanModelTester.tiny_model(),
+        "no_maps": MetaCanModelTester.tiny_model(use_detector=False),
+    }
     results = run_benchmark(models, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path)
     with_maps, without = cell(results, method="metacan"), cell(results, method="no_maps")
     assert without["metrics"]["pixel_auroc"] is None and without["metrics"]["image_auroc"] is not None
@@ -708,14 +697,14 @@ def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_onl
     """Leave-one-out would be biased where the references shaped more than the bank: a model fitted on all of
     them (VTFusion) or references generated from all of them; held-out validation normals are not."""
     from hf_fsad.evaluation import Protocol
-    from test_vtfusion import make_tiny_vtfusion
+    from test_vtfusion import VtFusionModelTester
 
     def only_cell(model, out: str, **arguments) -> dict:
         results = run_benchmark(model, [SPEC], ks=[2], seeds=[0], out_dir=tmp_path / out, **arguments)
         (found,) = results["cells"]
         return found
 
-    fitted = {"vtfusion": make_tiny_vtfusion()}
+    fitted = {"vtfusion": VtFusionModelTester.tiny_model()}
     fit = {"fit_arguments": {"steps": 1}}
     without = only_cell(fitted, "fitted", **fit)
     assert without["calibration"] is None and without["calibration_note"] == (

@@ -213,9 +213,9 @@ def test_calibration_files_that_cannot_be_used_stop_the_run(
 def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normals(
     files, tmp_path, capsys
 ):
-    from test_vtfusion import make_tiny_vtfusion
+    from test_vtfusion import VtFusionModelTester
 
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     model.fit([Image.open(path) for path in sorted(files["refs"].iterdir())], class_name="tile", steps=1)
     model.save_pretrained(tmp_path / "vtfusion")
     status, records = _score(str(tmp_path / "vtfusion"), files, tmp_path)

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_winclip
 from extras import import_extra
 from hf_fsad.calibration import fit_calibration
 from hf_fsad.data import load_benchmark
 from hf_fsad.features import FeatureCache
 from hf_fsad.modeling_base import apply_calibration
+from test_winclip import WinClipModelTester
 
 Z = 4.0
 NUM_REFERENCES = 4  # the bank of the held-out checks
@@ -46,7 +46,7 @@ def normals(request):
         size = NUM_REFERENCES + NUM_NORMALS
         toy = load_benchmark("toy", category="stripes", num_train=size, num_test_good=1, num_test_anomalous=1)
         train, class_name = toy["train"], "textured surface"
-    model = make_tiny_winclip()
+    model = WinClipModelTester.tiny_model()
     features = FeatureCache().features(model, train, range(NUM_REFERENCES, NUM_REFERENCES + NUM_NORMALS), 16)
     images = [image.convert("RGB") for image in train.select(range(NUM_REFERENCES))["image"]]
     pixels = model.paper_image_processor()(images, return_tensors="pt").pixel_values

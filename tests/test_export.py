@@ -20,16 +20,19 @@ from extras import import_extra
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
 from hf_fsad.deploy import run_exported
-from hf_fsad.export import NOT_EXPORTABLE, ExportedModel, cached_export, export_model
+from hf_fsad.export import ExportedModel, cached_export, export_model
 from hf_fsad.modeling_base import apply_calibration
-from hf_fsad.registry import method_spec
+from hf_fsad.registry import METHODS, method_spec
 from hf_fsad.visualization import heatmap_overlay
+from model_tester import method_tester
 from test_method_contract import tiny_model
 
 import_extra("onnxruntime", "export")
 import_extra("openvino", "export")
 
-EXPORTED_METHODS = ["afclip", "anomalous_memory", "metacan", "vtfusion", "winclip"]
+# The methods whose class declares no `export_refusal`, and those that say why they cannot export.
+EXPORTED_METHODS = sorted(name for name, spec in METHODS.items() if spec.model.export_refusal is None)
+REFUSED_METHODS = sorted(set(METHODS) - set(EXPORTED_METHODS))
 # The issue's parity bound. Measured: <= 4e-6 on these models (float32 sums in another order).
 PARITY = 1e-4
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -68,13 +71,13 @@ def calibrated_bank(model, bank, toy):
 
 
 @pytest.fixture(scope="module")
-def exported(toy, tmp_path_factory):
+def exported(toy, tmp_path_factory, request):
     """method -> (model, bank, ONNX export folder), exported once per module."""
     cache = {}
 
     def get(method: str):
         if method not in cache:
-            model = tiny_model(method, diffusion_dir="")
+            model = tiny_model(method, request)
             bank = toy_bank(model, toy)
             cache[method] = model, bank, export_model(model, bank, tmp_path_factory.mktemp(method) / "onnx")
         return cache[method]
@@ -172,13 +175,18 @@ def test_runner_heatmap_equals_hf_fsad_heatmap_overlay(toy):
     assert np.array_equal(drawn, np.asarray(heatmap_overlay(image, anomaly_map)))
 
 
-def test_methods_left_out_are_refused_with_their_reason(tmp_path):
-    for method, reason in NOT_EXPORTABLE.items():
-        model = SimpleNamespace(
-            config=SimpleNamespace(model_type=method)
-        )  # refused before anything else is read
-        with pytest.raises(ValueError, match=f"{method} cannot be exported: {reason[:30]}"):
-            export_model(model, None, tmp_path / method)
+@pytest.mark.parametrize("method", REFUSED_METHODS)
+def test_methods_left_out_are_refused_with_their_reason(method, tmp_path):
+    model = method_tester(method).tiny_model()  # unfitted: refused before anything else is read
+    reason = model.export_refusal
+    with pytest.raises(ValueError, match=f"{method} cannot be exported: {reason[:30]}"):
+        export_model(model, None, tmp_path / method)
+
+
+def test_the_deprecated_table_of_refusals_is_read_from_the_classes():
+    with pytest.warns(DeprecationWarning, match="read the model class's `export_refusal`"):
+        from hf_fsad.export import NOT_EXPORTABLE
+    assert NOT_EXPORTABLE == {method: METHODS[method].model.export_refusal for method in REFUSED_METHODS}
 
 
 def test_export_refuses_a_bank_of_another_model(exported, make_winclip, tmp_path):
@@ -353,10 +361,11 @@ def test_benchmark_runner_on_an_exported_runtime_scores_as_pytorch(exported, tmp
     for name, value in cells["torch"]["metrics"].items():
         # threshold-free ranking metrics of 6 images: scores within PARITY order them alike unless two tie
         assert cells["onnxruntime"]["metrics"][name] == pytest.approx(value, abs=0.02), name
-    one_to_normal = SimpleNamespace(config=SimpleNamespace(model_type="one_to_normal"))  # refused first
-    with pytest.raises(ValueError, match="one_to_normal cannot be exported"):
+    # a method that declares an export refusal is refused first: nothing else of it is read
+    refused = SimpleNamespace(config=SimpleNamespace(model_type="diffusing"), export_refusal="a Python loop")
+    with pytest.raises(ValueError, match="diffusing cannot be exported: a Python loop"):
         run_benchmark(
-            {"o": one_to_normal},
+            {"o": refused},
             [spec],
             ks=[2],
             seeds=[0],

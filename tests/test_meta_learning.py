@@ -36,7 +36,7 @@ from hf_fsad.testing import tiny_clip_config
 from hf_fsad.training.losses import focal_loss
 from hf_fsad.training.recipes import load_config
 from hf_fsad.training.trainer import latest_checkpoint
-from test_metacan import make_tiny_metacan
+from test_metacan import MetaCanModelTester
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = REPO / "training" / "configs" / "metacan_toy.yaml"
@@ -268,7 +268,7 @@ def test_set_loss_averages_the_official_focal_and_sums_the_others():
 
 
 def test_one_outer_step_of_the_learner_is_theta_minus_alpha_times_the_hand_gradient(tmp_path):
-    model = make_tiny_metacan().double()
+    model = MetaCanModelTester.tiny_model().double()
     args = MetaCanTrainingArguments(
         support_normal=2,
         support_anomalous=2,
@@ -322,7 +322,7 @@ def test_meta_learning_on_toy_lowers_the_meta_loss_on_seen_and_held_out_categori
 
     config = load_config(TOY_CONFIG, [f"model.clip={tiny_clip_dir}"])
     args = MetaCanTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed)
+    model = build_model(config["model"], args.seed, config["method"])
     learner = MetaLearner(model, _auxiliary_dataset(config["data"]), args, tmp_path)
     held_out = MetaLearner(model, _auxiliary_dataset(config["data"] | {"categories": ["grid"]}), args, None)
     text = model.text_embeddings()
@@ -347,13 +347,13 @@ def test_checkpoints_keep_the_running_statistics_and_resume_restores_them(tmp_pa
     args = MetaCanTrainingArguments(
         support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, max_steps=1
     )
-    model = make_tiny_metacan()
+    model = MetaCanModelTester.tiny_model()
     MetaLearner(model, _toy_auxiliary(), args, tmp_path).train()
     saved = load_file(tmp_path / "checkpoints" / "checkpoint-1" / "trainable.safetensors")
     statistics = {f"head.{name}": b for name, b in model.head.named_buffers() if "running" in name}
     assert statistics and all(torch.equal(saved[name], value) for name, value in statistics.items())
     assert not torch.equal(statistics["head.detector.2.running_var"], torch.ones(8))  # moved from its init
-    fresh = make_tiny_metacan()
+    fresh = MetaCanModelTester.tiny_model()
     MetaLearner(fresh, _toy_auxiliary(), args, tmp_path).load_checkpoint(
         tmp_path / "checkpoints" / "checkpoint-1"
     )
@@ -364,9 +364,12 @@ def test_checkpoints_keep_the_running_statistics_and_resume_restores_them(tmp_pa
 def test_official_detector_refuses_one_query_sets(tmp_path):
     args = MetaCanTrainingArguments(support_normal=1, support_anomalous=0)
     with pytest.raises(ValueError, match="at least 2 queries"):
-        MetaLearner(make_tiny_metacan(), _toy_auxiliary(), args, tmp_path)
+        MetaLearner(MetaCanModelTester.tiny_model(), _toy_auxiliary(), args, tmp_path)
     MetaLearner(
-        make_tiny_metacan(detector_type="paper", detector_hidden_sizes=[8]), _toy_auxiliary(), args, tmp_path
+        MetaCanModelTester.tiny_model(detector_type="paper", detector_hidden_sizes=[8]),
+        _toy_auxiliary(),
+        args,
+        tmp_path,
     )
 
 
@@ -397,7 +400,7 @@ def _train_in_process(
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}", *overrides])
     args = MetaCanTrainingArguments(**config["training"])
-    model = build_model(config["model"], args.seed).to(dtype)
+    model = build_model(config["model"], args.seed, config["method"]).to(dtype)
     if train:
         MetaLearner(model, _auxiliary_dataset(config["data"]), args, output_dir).train()
     return {f"head.{name}": parameter.detach() for name, parameter in model.head.named_parameters()}
@@ -519,7 +522,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_like_an_uninterrupted_run(t
 
 
 def test_training_refuses_a_model_without_trainable_parts(tmp_path):
-    model = make_tiny_metacan(use_detector=False)
+    model = MetaCanModelTester.tiny_model(use_detector=False)
     with pytest.raises(ValueError, match="Nothing to train"):
         MetaLearner(model, _toy_auxiliary(), MetaCanTrainingArguments(), tmp_path)
 
@@ -559,7 +562,7 @@ def test_gradient_accumulation_averages_meta_batches(tmp_path):
         support_normal=2, support_anomalous=2, query_normal=2, query_anomalous=2, inner_lr=0.05,
         outer_lr=0.1, outer_optimizer="sgd", gradient_accumulation_steps=2,
     )  # fmt: skip
-    model = make_tiny_metacan().double()
+    model = MetaCanModelTester.tiny_model().double()
     learner = MetaLearner(model, _toy_auxiliary(), args, tmp_path)
     text = model.text_embeddings()
     theta = {name: p.detach().clone() for name, p in model.head.named_parameters()}
@@ -644,7 +647,7 @@ def build_model_from(clip_dir: str):
     from hf_fsad.training.recipes import build_model
 
     config = load_config(TOY_CONFIG, [f"model.clip={clip_dir}"])
-    return build_model(config["model"], MetaCanTrainingArguments(**config["training"]).seed)
+    return build_model(config["model"], MetaCanTrainingArguments(**config["training"]).seed, config["method"])
 
 
 def parameter_vector(model) -> torch.Tensor:

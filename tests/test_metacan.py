@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import pytest
 import torch
@@ -12,16 +13,18 @@ from transformers import AutoModel
 import hf_fsad
 from hf_fsad.models.metacan import functional_metacan
 from hf_fsad.models.metacan.configuration_metacan import MetaCanConfig
-from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead, MetaCanModel
-from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config, vit_b16_plus_240_config
+from hf_fsad.models.metacan.modeling_metacan import CategoryToAnomalyHead
+from hf_fsad.testing import tiny_clip_config, vit_b16_plus_240_config
+from model_tester import ModelTester
 
 
-def make_tiny_metacan(seed: int = 0, **config) -> MetaCanModel:
-    settings = {"feature_layers": [1, 2], "differentiator_hidden_size": 16, "detector_hidden_sizes": [8, 4]}
-    torch.manual_seed(seed)
-    model = MetaCanModel(MetaCanConfig(clip_config=tiny_clip_config(), **(settings | config))).eval()
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model
+class MetaCanModelTester(ModelTester):
+    model_type = "metacan"
+    config: ClassVar[dict] = {
+        "feature_layers": [1, 2],
+        "differentiator_hidden_size": 16,
+        "detector_hidden_sizes": [8, 4],
+    }
 
 
 def test_eqs_1_2_topk_reference_anomaly_by_hand():
@@ -210,7 +213,7 @@ def test_differentiator_output_relu_keeps_d_non_negative_and_moves_m_it():
 def test_prompts_are_table_5_with_object_each_normalised_then_averaged():
     from hf_fsad.prompts import winclip_prompts
 
-    model = make_tiny_metacan()
+    model = MetaCanModelTester.tiny_model()
     normal, anomalous = winclip_prompts("object")
     assert (len(normal), len(anomalous)) == (7 * 22, 4 * 22)  # Table 5: 7 and 4 states x 22 templates
     assert "a photo of the flawless object for anomaly detection." in normal
@@ -227,7 +230,7 @@ def test_prompts_are_table_5_with_object_each_normalised_then_averaged():
 
 
 def test_model_scores_equal_head_on_bank_and_maps_upsample_the_image_text_map():
-    model = make_tiny_metacan()
+    model = MetaCanModelTester.tiny_model()
     torch.manual_seed(1)
     references, images = torch.randn(3, 3, 240, 240), torch.randn(2, 3, 240, 240)
     bank = model.build_reference_bank(references, "screw")
@@ -252,7 +255,7 @@ def test_model_scores_equal_head_on_bank_and_maps_upsample_the_image_text_map():
 
 
 def test_a_query_equal_to_a_reference_scores_zero_in_every_level():
-    model = make_tiny_metacan(use_detector=False)
+    model = MetaCanModelTester.tiny_model(use_detector=False)
     torch.manual_seed(2)
     images = torch.randn(1, 3, 240, 240)
     output = model(images, reference_bank=model.build_reference_bank(images))
@@ -263,24 +266,24 @@ def test_a_query_equal_to_a_reference_scores_zero_in_every_level():
 def test_ablations_change_the_score_as_table_4():
     torch.manual_seed(3)
     references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
-    full = make_tiny_metacan()
+    full = MetaCanModelTester.tiny_model()
     out = full(images, reference_bank=full.build_reference_bank(references))
-    no_detector = make_tiny_metacan(use_detector=False)
+    no_detector = MetaCanModelTester.tiny_model(use_detector=False)
     ablated = no_detector(images, reference_bank=no_detector.build_reference_bank(references))
     # float32 defaults: the same branch score, halved by the fusion (Eq. 8) in another order
     torch.testing.assert_close(ablated.image_scores, out.branch_scores["image_image"] / 2)
     assert ablated.anomaly_maps is None and "image_text" not in ablated.branch_scores
-    no_discriminator = make_tiny_metacan(use_discriminator=False)
+    no_discriminator = MetaCanModelTester.tiny_model(use_discriminator=False)
     ablated = no_discriminator(images, reference_bank=no_discriminator.build_reference_bank(references))
     # float32 defaults: the image-text score, through the fusion's arithmetic
     torch.testing.assert_close(ablated.image_scores, out.branch_scores["image_text"])
     with pytest.raises(ValueError, match="cannot both be False"):
-        make_tiny_metacan(use_detector=False, use_discriminator=False)
+        MetaCanModelTester.tiny_model(use_detector=False, use_discriminator=False)
 
 
 @pytest.mark.parametrize("detector_type", ["official", "paper"])
 def test_in_eval_mode_a_querys_score_ignores_its_batch(detector_type):
-    model = make_tiny_metacan(detector_type=detector_type, detector_hidden_sizes=[8])
+    model = MetaCanModelTester.tiny_model(detector_type=detector_type, detector_hidden_sizes=[8])
     torch.manual_seed(4)
     bank = model.build_reference_bank(torch.randn(2, 3, 240, 240))
     images = torch.randn(4, 3, 240, 240)
@@ -296,7 +299,7 @@ def test_in_eval_mode_a_querys_score_ignores_its_batch(detector_type):
 
 
 def test_save_load_round_trip_is_exact_and_auto_model_loads_it(tmp_path):
-    model = make_tiny_metacan(detector_hidden_sizes=[8, 4])
+    model = MetaCanModelTester.tiny_model(detector_hidden_sizes=[8, 4])
     with torch.no_grad():
         for parameter in model.head.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.1)
@@ -319,7 +322,7 @@ def test_save_load_round_trip_is_exact_and_auto_model_loads_it(tmp_path):
 
 
 def test_clear_errors(tiny_winclip):
-    model = make_tiny_metacan()
+    model = MetaCanModelTester.tiny_model()
     images = torch.randn(1, 3, 240, 240)
     with pytest.raises(ValueError, match="needs a reference bank"):
         model(images)
@@ -340,7 +343,7 @@ def test_pipeline_scores_with_reference_images(tmp_path):
 
     from hf_fsad.data import load_benchmark
 
-    model = make_tiny_metacan()
+    model = MetaCanModelTester.tiny_model()
     model.save_pretrained(tmp_path)
     data = load_benchmark("toy", category="grid", num_train=3, num_test_good=1, num_test_anomalous=1)
     results = pipeline("image-anomaly-detection", model=str(tmp_path))(

@@ -3,7 +3,8 @@ it scores, its bank survives a file round trip, it calibrates and its decisions 
 a saved model loads back bit for bit through `AutoModel`, bad pixels and images of another size are refused
 by name, and the base class's contract methods are real.
 
-Method test files keep only what is specific to their method.
+Each method's tiny model is its tester's (`<Model>Tester` in tests/test_<model_type>.py, tests/model_tester.py);
+method test files keep only what is specific to their method.
 """
 
 from __future__ import annotations
@@ -15,53 +16,34 @@ from PIL import Image
 from transformers import AutoModel
 
 from hf_fsad.modeling_base import FsadPreTrainedModel, ReferenceBank
-from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
+from hf_fsad.registry import METHODS, MethodSpec, method_spec
+from hf_fsad.testing import tiny_clip_config
+from model_tester import method_tester
 
-# Small enough to score in well under a second on one core; the defaults elsewhere.
-TINY_CONFIGS = {
-    "winclip": {},
-    "anomalous_memory": {},
-    "metacan": {"feature_layers": [1, 2], "differentiator_hidden_size": 16, "detector_hidden_sizes": [8, 4]},
-    "afclip": {
-        "feature_layers": [1, 2],
-        "adapter_num_heads": 2,
-        "adapter_head_dim": 8,
-        "num_context_tokens": 3,
-    },
-    "vtfusion": {"feature_layers": [1, 2], "fusion_channels": 4, "segmentation_channels": 8},
-    "one_to_normal": {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3},
-}
 SIZE = 240  # tiny_clip_config's image size
-# Methods whose bank holds what `fit` learnt and takes no reference images.
-BANKS_WITHOUT_REFERENCES = {"vtfusion"}
 
 
 def images(count: int, seed: int) -> torch.Tensor:
     return torch.randn(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-def tiny_model(model_type: str, diffusion_dir: str) -> FsadPreTrainedModel:
-    """A tiny random model of `model_type`, fitted (2 steps) when the method fits per category."""
-    spec = method_spec(model_type)
-    config = TINY_CONFIGS[model_type] | (
-        {"diffusion_model": diffusion_dir} if model_type == "one_to_normal" else {}
-    )
-    torch.manual_seed(0)
-    model = spec.model(spec.config(clip_config=tiny_clip_config(), **config)).eval()
-    model.tokenizer = byte_level_clip_tokenizer()
+def tiny_model(model_type: str, request: pytest.FixtureRequest) -> FsadPreTrainedModel:
+    """The tiny random model of `model_type`'s tester (config fields its `config_fixtures` name taken from
+    `request`), fitted (2 steps, the tester's `fit_arguments`) when the method fits per category."""
+    tester = method_tester(model_type)
+    fixtures = {field: request.getfixturevalue(name) for field, name in tester.config_fixtures.items()}
+    model = tester.tiny_model(**fixtures)
     if model.fits_per_category:
         rng = np.random.default_rng(3)
         normals = [Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(2)]
-        extra = {"num_class_images": 1, "class_image_steps": 2} if model_type == "one_to_normal" else {}
-        model.fit(normals, class_name="grid", steps=2, seed=0, **extra)
+        model.fit(normals, class_name="grid", steps=2, seed=0, **tester.fit_arguments)
         model.eval()
     return model
 
 
 def bank_of(model: FsadPreTrainedModel) -> ReferenceBank:
     """A 2-shot bank (or the fitted one), with an anomalous reference where the method needs one."""
-    if model.config.model_type in BANKS_WITHOUT_REFERENCES:
+    if model.saves_its_references:  # its bank holds what `fit` learnt and takes no reference images
         return model.build_reference_bank()
     anomalous = {"anomalous_pixel_values": images(1, 2)} if model.needs_anomalous_references else {}
     with torch.no_grad():
@@ -69,9 +51,26 @@ def bank_of(model: FsadPreTrainedModel) -> ReferenceBank:
 
 
 @pytest.fixture(params=sorted(METHODS))
-def model(request, diffusion_dir) -> FsadPreTrainedModel:
-    assert set(TINY_CONFIGS) == set(METHODS)  # a new method adds its tiny config here
-    return tiny_model(request.param, diffusion_dir)
+def model(request) -> FsadPreTrainedModel:
+    return tiny_model(request.param, request)
+
+
+@pytest.mark.parametrize("model_type", sorted(METHODS))
+def test_every_method_declares_its_model_tester(model_type):
+    assert method_tester(model_type).model_type == model_type
+
+
+def test_a_method_without_a_tester_is_named(monkeypatch):
+    untested = MethodSpec(model_type="untested", config_name="UntestedConfig", model_name="UntestedModel")
+    monkeypatch.setitem(METHODS, "untested", untested)
+    with pytest.raises(
+        LookupError, match=r"untested has no tests/test_untested.py declaring its UntestedModelTester"
+    ):
+        method_tester("untested")
+    renamed = MethodSpec(model_type="winclip", config_name="WinClipConfig", model_name="RenamedModel")
+    monkeypatch.setitem(METHODS, "winclip", renamed)
+    with pytest.raises(LookupError, match=r"tests/test_winclip.py declares no RenamedModelTester"):
+        method_tester("winclip")
 
 
 def test_scores_are_finite_and_shaped_and_forward_is_encode_then_score(model):
@@ -187,6 +186,7 @@ def test_the_base_class_declares_the_contract():
     with pytest.raises(NotImplementedError, match="Bare is not fitted per category"):
         bare.fit([], class_name="grid")
     assert Bare.validates_weights is False and Bare.saves_its_references is False
+    assert Bare.export_refusal is None
     for call in (lambda: bare.validation_set([], []), lambda: bare.validate_weights(None, images(1, 0), [0])):
         with pytest.raises(NotImplementedError, match="Bare has no weights to validate"):
             call()

@@ -10,6 +10,7 @@ import hashlib
 import math
 import sys
 import warnings
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -39,6 +40,7 @@ from hf_fsad.testing import (
     tiny_clip_config,
 )
 from hf_fsad.visualization import mask_array
+from model_tester import ModelTester
 
 import_extra("diffusers", "diffusers")
 
@@ -46,12 +48,16 @@ FAST = {"diffusion_resolution": 32, "num_inference_steps": 10, "pool_size": 3}
 TINY_FIT = {"num_class_images": 1, "class_image_steps": 2}
 
 
+class OneToNormalModelTester(ModelTester):
+    model_type = "one_to_normal"
+    config = FAST
+    config_fixtures: ClassVar[dict] = {"diffusion_model": "diffusion_dir"}  # the tiny Stable Diffusion
+    fit_arguments = TINY_FIT
+
+
 def make_model(diffusion_dir: str, clip_config=None, **config) -> OneToNormalModel:
-    torch.manual_seed(0)
-    settings = FAST | {"diffusion_model": diffusion_dir} | config
-    model = OneToNormalModel(OneToNormalConfig(clip_config=clip_config or tiny_clip_config(), **settings))
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model.eval()
+    """The tester's tiny model on the tiny Stable Diffusion pipeline saved in `diffusion_dir`."""
+    return OneToNormalModelTester.tiny_model(clip_config=clip_config, diffusion_model=diffusion_dir, **config)
 
 
 def toy(category: str = "grid", **sizes):

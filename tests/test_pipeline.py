@@ -210,9 +210,9 @@ def test_impossible_calibration_is_refused_when_asked(pipe, toy):
 
 
 def test_methods_that_keep_their_references_are_not_calibrated_leave_one_out(toy):
-    from test_vtfusion import make_tiny_vtfusion
+    from test_vtfusion import VtFusionModelTester
 
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     model.fit([example.image for example in toy["train"]], class_name="fabric", steps=1)
     bank = model.build_reference_bank()
     pixel_values = model.image_processor()([toy["test"][0].image] * 2, return_tensors="pt").pixel_values

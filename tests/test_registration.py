@@ -6,13 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from transformers import AutoConfig, AutoModel
 
 from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.training.recipes import recipe
+from hf_fsad.training.recipes import fit_main, fitted_methods, load_config, recipe, recipe_methods, train
 from hf_fsad.training.trainer import FsadTrainingArguments
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 CHECK_REGISTERED = """
 from transformers import AutoConfig, AutoModel
@@ -69,7 +72,34 @@ def test_unknown_method_lists_the_known_ones():
         recipe("winclip")
 
 
-LAYERED_METHODS = ["metacan", "afclip", "vtfusion", "one_to_normal"]
+def test_a_run_config_says_its_method_or_its_entry_point_does(tmp_path):
+    with pytest.raises(
+        ValueError, match="does not say its method: add `method: <name>`, one of afclip, metacan"
+    ):
+        train({"data": {"dataset": "toy"}})
+    with pytest.raises(ValueError, match="The config is for 'afclip', but this command runs 'metacan'"):
+        train({"method": "afclip"}, "metacan")
+    with pytest.raises(ValueError, match="does not run 'winclip'; it runs afclip, metacan"):
+        train({"method": "winclip"})
+    config = tmp_path / "run.yaml"
+    config.write_text("output_dir: runs/fit\n")
+    with pytest.raises(
+        ValueError, match="does not say its method: add `method: <name>`, one of one_to_normal, vtfusion"
+    ):
+        fit_main(["--config", str(config)])
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_declares_the_method_it_is_named_for(path):
+    method = load_config(path)["method"]
+    assert method == path.stem.removesuffix("_toy").removesuffix("_visa")
+    assert method in recipe_methods() + fitted_methods()
+
+
+# The methods whose config picks CLIP blocks.
+LAYERED_METHODS = sorted(
+    name for name, spec in METHODS.items() if "feature_layers" in spec.config.__dataclass_fields__
+)
 
 
 @pytest.mark.parametrize("method", LAYERED_METHODS)

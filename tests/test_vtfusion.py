@@ -39,19 +39,18 @@ from hf_fsad.models.vtfusion.modeling_vtfusion import (
 )
 from hf_fsad.models.vtfusion.training_vtfusion import anomalous_patches
 from hf_fsad.synthesis import SYNTHESIS_KINDS, random_anomaly
-from hf_fsad.testing import byte_level_clip_tokenizer, small_clip_config, tiny_clip_config
+from hf_fsad.testing import small_clip_config, tiny_clip_config
 from hf_fsad.training.trainer import parameter_digest
 from hf_fsad.visualization import mask_array
+from model_tester import ModelTester
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"feature_layers": [1, 2], "fusion_channels": 4, "segmentation_channels": 8}
 
 
-def make_tiny_vtfusion(seed: int = 0, clip_config=None, **config) -> VtFusionModel:
-    torch.manual_seed(seed)
-    model = VtFusionModel(VtFusionConfig(clip_config=clip_config or tiny_clip_config(), **(TINY | config)))
-    model.tokenizer = byte_level_clip_tokenizer()
-    return model.eval()
+class VtFusionModelTester(ModelTester):
+    model_type = "vtfusion"
+    config = TINY
 
 
 def toy_normals(count: int, category: str = "weave", seed: int = 1) -> list[Image.Image]:
@@ -250,7 +249,7 @@ def test_eqs_7_9_fusion_block_and_segmentation_network_by_hand_in_float64(grid):
 
 
 def test_unfitted_encoders_are_clip_features_and_the_adaptor_convolves_the_patch_grid():
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     torch.manual_seed(1)
     features = model.encode_images(torch.randn(2, 3, 240, 240))
     tokens = features["tokens.1"][:, 1:]
@@ -279,7 +278,7 @@ def _fitted(model: VtFusionModel, steps: int = 2, **arguments) -> VtFusionModel:
 
 
 def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
-    model = _fitted(make_tiny_vtfusion())
+    model = _fitted(VtFusionModelTester.tiny_model())
     torch.manual_seed(2)
     images = torch.randn(2, 3, 240, 240)
     bank = model.build_reference_bank()
@@ -305,7 +304,7 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
     torch.testing.assert_close(output.anomaly_maps, scoring.upsample_maps(coarse, (240, 240)), rtol=0, atol=0)
     torch.testing.assert_close(output.branch_scores["fused"], fused.flatten(1).amax(-1), rtol=0, atol=0)
     # Eq. 1 through the model: fitting without updates sets the prototypes to the normals' mean features
-    unfitted = make_tiny_vtfusion()
+    unfitted = VtFusionModelTester.tiny_model()
     normals = toy_normals(2)
     unfitted.fit(normals, steps=0)
     normal_features = unfitted.encode_images(
@@ -317,7 +316,7 @@ def test_scores_are_the_maximum_of_the_maps_and_branches_follow_eqs_5_6():
 
 
 def test_without_mpf_the_map_is_the_upsampled_sum_of_both_predictions():
-    model = _fitted(make_tiny_vtfusion(use_fusion=False))
+    model = _fitted(VtFusionModelTester.tiny_model(use_fusion=False))
     assert model.fusion is None and model.segmentation is None
     features = model.encode_images(torch.randn(1, 3, 240, 240))
     bank = model.build_reference_bank()
@@ -336,7 +335,7 @@ def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(
     from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
     switches = {"use_feature_adaptor": False, "use_text_adapter": False} if ablated else {}
-    model = make_tiny_vtfusion(segmentation_weight=2.0, margin=0.3, **switches)
+    model = VtFusionModelTester.tiny_model(segmentation_weight=2.0, margin=0.3, **switches)
     assert (model.image_encoder.adaptors is None, model.text_adapter is None) == (ablated, ablated)
     trainable = {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"image_encoder", "fusion", "segmentation"} | (
@@ -364,7 +363,7 @@ def test_the_training_loss_is_eq_10_and_the_ablation_drops_the_separation_terms(
 
 
 def test_banks_need_a_fitted_model_and_no_references():
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     with pytest.raises(ValueError, match="not fitted"):
         model.build_reference_bank()
     with pytest.raises(ValueError, match="fitted on its normal images"):
@@ -377,7 +376,7 @@ def test_banks_need_a_fitted_model_and_no_references():
 def test_fit_trains_only_aie_ate_mpf_with_the_papers_learning_rates():
     from hf_fsad.models.vtfusion.training_vtfusion import VtFusionTrainer, VtFusionTrainingArguments
 
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     backbone = {name: p.clone() for name, p in model.backbone.state_dict().items()}
     trainer = VtFusionTrainer(model, toy_normals(2), "fabric", VtFusionTrainingArguments(max_steps=2))
     rates = {id(p): group["lr"] for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -398,7 +397,7 @@ def test_fit_trains_only_aie_ate_mpf_with_the_papers_learning_rates():
 
 
 def test_fitting_is_bit_reproducible_and_seeded():
-    base = make_tiny_vtfusion()
+    base = VtFusionModelTester.tiny_model()
     runs = [_fitted(copy.deepcopy(base), steps=3, seed=seed) for seed in (0, 0, 1)]
     digests = [parameter_digest(run) for run in runs]
     assert digests[0] == digests[1] != digests[2]
@@ -411,8 +410,8 @@ BF16_FIT = """
 import math, sys, torch
 from accelerate import Accelerator
 sys.path.insert(0, {tests!r})
-from test_vtfusion import make_tiny_vtfusion, toy_normals
-model = make_tiny_vtfusion()
+from test_vtfusion import VtFusionModelTester, toy_normals
+model = VtFusionModelTester.tiny_model()
 seen = set()
 model.segmentation.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
 result = model.fit(toy_normals(2), steps=2, accelerator=Accelerator(cpu=True, mixed_precision="bf16"))
@@ -434,7 +433,7 @@ def test_fit_takes_an_accelerator_with_mixed_precision():
 
 
 def test_save_load_round_trip_is_exact_and_automodel_loads_a_fitted_model(tmp_path):
-    model = _fitted(make_tiny_vtfusion(), steps=3)
+    model = _fitted(VtFusionModelTester.tiny_model(), steps=3)
     images = torch.randn(2, 3, 240, 240)
     expected = model(images, reference_bank=model.build_reference_bank())
     model.save_pretrained(tmp_path)
@@ -469,7 +468,9 @@ def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
         "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
     )
     normals = [image.convert("RGB") for image in data["train"]["image"]]
-    model = make_tiny_vtfusion(clip_config=small_clip_config(), fusion_channels=16, segmentation_channels=32)
+    model = VtFusionModelTester.tiny_model(
+        clip_config=small_clip_config(), fusion_channels=16, segmentation_channels=32
+    )
     model.fit(normals, class_name="fabric", steps=0)  # prototypes only: the unfitted model
     before = _auroc(model, data)
     result = model.fit(normals, class_name="fabric", steps=200, learning_rate=1e-3)  # vtfusion_toy.yaml
@@ -483,7 +484,7 @@ def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
 
 
 def test_benchmark_runner_fits_a_copy_per_cell(tmp_path):
-    model = make_tiny_vtfusion()
+    model = VtFusionModelTester.tiny_model()
     spec = DatasetSpec(
         "toy", categories=["stripes"], options={"num_train": 4, "num_test_good": 2, "num_test_anomalous": 2}
     )

@@ -17,6 +17,11 @@ from hf_fsad.models.winclip import functional_winclip
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.prompts import ANOMALOUS_STATES, NORMAL_STATES, winclip_prompts
 from hf_fsad.scoring import class_scores, ensemble_text_embedding
+from model_tester import ModelTester
+
+
+class WinClipModelTester(ModelTester):
+    model_type = "winclip"
 
 
 def _pixels(model, images):

@@ -12,4 +12,4 @@ import sys
 from hf_fsad.training.recipes import fit_main as main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(method="vtfusion"))

@@ -11,4 +11,4 @@ import sys
 from hf_fsad.training.recipes import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(method="metacan"))

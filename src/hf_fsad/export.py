@@ -4,7 +4,7 @@ The graph maps preprocessed `pixel_values` (B, 3, S, S), any batch size, to `ima
 methods with maps, `anomaly_maps` (B, S, S); the bank (reference features, text embeddings) is baked in as
 constants. Beside it: `hf_fsad_export.json` (the image processor's settings, the method, the bank's class and
 calibration, the output names) and `run_exported.py`, a runner that needs only numpy, Pillow and onnxruntime
-or openvino. `NOT_EXPORTABLE` says why the methods left out are.
+or openvino. A method whose scoring is not one fixed graph says why in its class's `export_refusal`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import importlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,23 +28,16 @@ from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, Expor
 from .io import atomic_directory, atomic_write_text
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
+from .registry import METHODS
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 RUNNER_FILE = "run_exported.py"
 INPUT_NAME = "pixel_values"
-# Methods whose scoring is not one fixed graph, with the reason a user reads.
-NOT_EXPORTABLE = {
-    "one_to_normal": (
-        "One-to-Normal turns each query into a normal image with a Stable Diffusion loop (many UNet and VAE "
-        "passes per image, a scheduler stepping in Python) before scoring it: not one fixed graph."
-    ),
-}
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
 __all__ = [
     "EXPORT_FORMATS",
-    "NOT_EXPORTABLE",
     "SCORING_RUNTIMES",
     "BankScorer",
     "ExportedModel",
@@ -127,10 +121,9 @@ def export_model(
 
 
 def check_exportable(model: FsadPreTrainedModel) -> None:
-    """Raise a ValueError saying why when `model`'s method does not export (`NOT_EXPORTABLE`)."""
-    model_type = model.config.model_type
-    if model_type in NOT_EXPORTABLE:
-        raise ValueError(f"{model_type} cannot be exported: {NOT_EXPORTABLE[model_type]}")
+    """Raise a ValueError saying why when `model`'s method does not export (its `export_refusal`)."""
+    if model.export_refusal is not None:
+        raise ValueError(f"{model.config.model_type} cannot be exported: {model.export_refusal}")
 
 
 def cached_export(
@@ -230,3 +223,20 @@ def _manifest(
         "hf_fsad_version": __version__,
         "torch_version": torch.__version__,
     }
+
+
+def __getattr__(name: str):
+    # Deprecated: the methods' own `export_refusal` flags replace the table.
+    if name == "NOT_EXPORTABLE":
+        warnings.warn(
+            "hf_fsad.export.NOT_EXPORTABLE is deprecated and will be removed in the next release; read the "
+            "model class's `export_refusal` (FsadPreTrainedModel) instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {
+            model_type: spec.model.export_refusal
+            for model_type, spec in METHODS.items()
+            if spec.model.export_refusal is not None
+        }
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -101,6 +101,9 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
     # Whether the saved model holds what it learnt from its references (VTFusion's prototypes), so its bank
     # is built without references and takes none.
     saves_its_references = False
+    # Why the method cannot be exported as one fixed ONNX / OpenVINO graph (`hf_fsad.export` refuses it with
+    # this reason); None: it exports.
+    export_refusal: str | None = None
 
     def __init__(self, config: FsadConfig):
         super().__init__(config)

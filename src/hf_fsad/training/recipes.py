@@ -1,8 +1,9 @@
 """Config-file training runs: `accelerate launch training/train_<method>.py --config training/configs/<method>.yaml`.
 
-A config (YAML) has four sections and an output directory:
+A config (YAML) names its method and has four sections and an output directory:
 
 ```yaml
+method: metacan  # the method trained (a registry name); training/train_<method>.py checks it is its own
 output_dir: runs/metacan-mvtec
 model:        # `clip` (a Hub id or local CLIPModel directory) + the method's config fields
   clip: ./clip-vit-b-16-plus-240
@@ -44,9 +45,11 @@ SECTIONS = ("model", "data", "training", "evaluation")
 def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict:
     """Read a YAML run config and apply `section.key=value` overrides."""
     config = yaml.safe_load(Path(path).read_text()) or {}
-    unknown = set(config) - {*SECTIONS, "output_dir"}
+    unknown = set(config) - {*SECTIONS, "method", "output_dir"}
     if unknown:
-        raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {SECTIONS} and output_dir.")
+        raise ValueError(
+            f"{path}: unknown sections {sorted(unknown)}; expected {SECTIONS}, method and output_dir."
+        )
     return apply_overrides(config, overrides)
 
 
@@ -89,18 +92,48 @@ def _auxiliary_dataset(data: dict):
     return dataset
 
 
+def recipe_methods() -> list[str]:
+    """The methods trained by a YAML recipe (`train`, training/train_<method>.py)."""
+    from ..registry import METHODS
+
+    return sorted(name for name, spec in METHODS.items() if spec.recipe)
+
+
+def fitted_methods() -> list[str]:
+    """The methods fitted per category (`fit_main`, training/fit_<method>.py)."""
+    from ..registry import METHODS
+
+    return sorted(name for name, spec in METHODS.items() if spec.model.fits_per_category)
+
+
+def config_method(config: dict, method: str | None, choices: Sequence[str]) -> str:
+    """The method `config` runs: `method` (an entry point's own) or the config's `method` entry. A ValueError
+    names the `choices` when neither says or the method is not one of them, and refuses a config of another
+    method."""
+    declared = config.get("method")
+    if method and declared and declared != method:
+        raise ValueError(f"The config is for {declared!r}, but this command runs {method!r}.")
+    method = method or declared
+    if not method:
+        raise ValueError(
+            f"The config does not say its method: add `method: <name>`, one of {', '.join(choices)}."
+        )
+    if method not in choices:
+        raise ValueError(f"This command does not run {method!r}; it runs {', '.join(choices)}.")
+    return method
+
+
 def recipe(method: str) -> tuple[type, type, str]:
     """The trainer class, training-arguments class and description of `method`'s YAML training recipe."""
-    from ..registry import METHODS, method_spec
+    from ..registry import method_spec
 
     spec = method_spec(method)
     if spec.recipe is None:
-        trained = sorted(name for name, other in METHODS.items() if other.recipe)
-        raise ValueError(f"No training recipe for {method!r}; available: {', '.join(trained)}.")
+        raise ValueError(f"No training recipe for {method!r}; available: {', '.join(recipe_methods())}.")
     return spec.trainer, spec.training_arguments, spec.recipe
 
 
-def build_model(model_section: dict, seed: int, method: str = "metacan"):
+def build_model(model_section: dict, seed: int, method: str):
     """A fresh `method` model around `model_section["clip"]`, its own layers initialised from `seed` (equal
     on every process); the other entries are config fields."""
     import torch
@@ -115,14 +148,16 @@ def build_model(model_section: dict, seed: int, method: str = "metacan"):
     return method_spec(method).model.from_clip(clip, **settings)
 
 
-def train(config: dict, method: str = "metacan", resume: bool = False, evaluate: bool = False) -> dict:
-    """Train `method` as `config` says; save the model (with a model card) to `config["output_dir"]`.
+def train(config: dict, method: str | None = None, resume: bool = False, evaluate: bool = False) -> dict:
+    """Train the config's method (`method` when given: it must match the config's `method` entry) as `config`
+    says; save the model (with a model card) to `config["output_dir"]`.
 
     Returns the training summary (also written to `output_dir/training_summary.json`).
     """
     from ..hub import save_trained_model
     from .trainer import training_summary
 
+    method = config_method(config, method, recipe_methods())
     trainer_class, arguments_class, description = recipe(method)
     known = {field.name for field in fields(arguments_class)}
     unknown = set(config.get("training", {})) - known
@@ -181,12 +216,12 @@ def evaluate_model(model, evaluation: dict, out_dir: Path, fit_arguments: dict |
     return str(out_dir / "results.md")
 
 
-def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
-    """The `training/train_<method>.py` command line."""
+def main(argv: Sequence[str] | None = None, method: str | None = None) -> int:
+    """The `training/train_<method>.py` command line: trains `method` (None: the config's method)."""
     from accelerate import PartialState
 
     parser = argparse.ArgumentParser(
-        description=f"Train {method} from a config (run with accelerate launch)."
+        description=f"Train {method or 'a method'} from a config (run with accelerate launch)."
     )
     parser.add_argument("--config", required=True, help="YAML run config (see hf_fsad.training.recipes)")
     parser.add_argument("--max-steps", type=int, help="override training.max_steps (smoke runs)")
@@ -217,14 +252,14 @@ def main(argv: Sequence[str] | None = None, method: str = "metacan") -> int:
     return 0
 
 
-def fit_main(argv: Sequence[str] | None = None, method: str = "vtfusion") -> int:
-    """`training/fit_vtfusion.py`, for methods fitted per category: a config's model section (`clip` + config
-    fields), its training section (`fit` arguments: steps, anomaly_kinds, learning rates) and its evaluation
-    section (datasets, k, seeds)."""
+def fit_main(argv: Sequence[str] | None = None, method: str | None = None) -> int:
+    """`training/fit_vtfusion.py`, for methods fitted per category (`method`; None: the config's method): a
+    config's model section (`clip` + config fields), its training section (`fit` arguments: steps,
+    anomaly_kinds, learning rates) and its evaluation section (datasets, k, seeds)."""
     from ..registry import method_spec
 
     parser = argparse.ArgumentParser(
-        description=f"Fit {method} per category and k, and score each test split."
+        description=f"Fit {method or 'a method'} per category and k, and score each test split."
     )
     parser.add_argument(
         "--config", required=True, help="YAML run config (see training/configs/vtfusion.yaml)"
@@ -236,6 +271,7 @@ def fit_main(argv: Sequence[str] | None = None, method: str = "vtfusion") -> int
     arguments = parser.parse_args(argv)
     overrides = list(arguments.set) + ([f"output_dir={arguments.output_dir}"] if arguments.output_dir else [])
     config = load_config(arguments.config, overrides)
+    method = config_method(config, method, fitted_methods())
     fit_arguments = dict(config.get("training") or {})
     known = {item.name for item in fields(method_spec(method).training_arguments)} - {"max_steps"} | {"steps"}
     unknown = set(fit_arguments) - known

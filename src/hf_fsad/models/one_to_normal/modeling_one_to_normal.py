@@ -52,6 +52,10 @@ class OneToNormalModel(FsadPreTrainedModel):
     memory_prefixes = ("memory.",)
     # The benchmark runner fits a copy of the model on each cell's normal references.
     fits_per_category = True
+    export_refusal = (
+        "One-to-Normal turns each query into a normal image with a Stable Diffusion loop (many UNet and VAE "
+        "passes per image, a scheduler stepping in Python) before scoring it: not one fixed graph."
+    )
 
     def __init__(self, config: OneToNormalConfig):
         super().__init__(config)
