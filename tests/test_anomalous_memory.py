@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hf_fsad import scoring
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.data.toy import toy_records
 from hf_fsad.metrics import image_auroc
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.anomalous_memory import functional_anomalous_memory
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
 from hf_fsad.testing import tiny_clip_config

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.visualization import mask_array, outline_region
 

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import (
     MEDIAN_NORMAL_LEVEL,
     Calibration,
@@ -20,7 +21,6 @@ from hf_fsad.calibration import (
     conformal_threshold,
     logistic_scale,
 )
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config

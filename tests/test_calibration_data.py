@@ -19,10 +19,9 @@ import pytest
 import torch
 
 from extras import import_extra
-from hf_fsad.calibration import fit_calibration
+from hf_fsad.calibration import apply_calibration, fit_calibration
 from hf_fsad.data import load_benchmark
 from hf_fsad.features import FeatureCache
-from hf_fsad.modeling_base import apply_calibration
 from test_winclip import WinClipModelTester
 
 Z = 4.0

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from hf_fsad import cli
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.models.one_to_normal import training_one_to_normal
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from extras import import_extra
+from hf_fsad.calibration import apply_calibration
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
 from hf_fsad.deploy import run_exported
 from hf_fsad.export import ExportedModel, cached_export, export_model
-from hf_fsad.modeling_base import apply_calibration
 from hf_fsad.registry import METHODS, method_spec
 from hf_fsad.visualization import heatmap_overlay
 from model_tester import method_tester

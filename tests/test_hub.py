@@ -177,7 +177,7 @@ def test_push_stages_exactly_the_model_and_its_card_and_reports_a_refused_upload
 def test_push_bank_stages_the_bank_with_a_readme(saved_winclip_dir, tmp_path):
     from transformers import AutoModel
 
-    from hf_fsad.modeling_base import ReferenceBank
+    from hf_fsad.bank import ReferenceBank
 
     model = AutoModel.from_pretrained(saved_winclip_dir)
     bank = model.build_reference_bank(torch.randn(2, 3, 240, 240), class_name="bottle")

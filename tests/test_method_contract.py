@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel
 
-from hf_fsad.modeling_base import FsadPreTrainedModel, ReferenceBank
+from hf_fsad.bank import ReferenceBank
+from hf_fsad.modeling_base import FsadPreTrainedModel
 from hf_fsad.registry import METHODS, MethodSpec, method_spec
 from hf_fsad.testing import tiny_clip_config
 from model_tester import method_tester

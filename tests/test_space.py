@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from extras import import_extra
-from hf_fsad.modeling_base import ReferenceBank
+from hf_fsad.bank import ReferenceBank
 
 gradio_client = import_extra("gradio_client", "space")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

@@ -10,9 +10,9 @@ import torch
 
 import hf_fsad
 from hf_fsad import scoring
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.data import load_toy
 from hf_fsad.metrics import image_auroc, pixel_auroc
-from hf_fsad.modeling_base import ReferenceBank
 from hf_fsad.models.winclip import functional_winclip
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.prompts import ANOMALOUS_STATES, NORMAL_STATES, winclip_prompts
