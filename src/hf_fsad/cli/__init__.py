@@ -1,0 +1,45 @@
+"""`hf-fsad` command line: score, fit, convert, export, benchmark, push, push-bank, push-space, demo.
+
+One module per command (as transformers' `cli/`): each declares its options (`register(commands)`) beside
+its `run(args)`, which imports what the command needs, so building the parser (`hf-fsad --help`) loads
+neither torch nor transformers. A command stops by raising `CliError`; `main` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import benchmark, convert, demo, export, fit, hub, score
+from ._errors import CliError
+
+# in the order `hf-fsad --help` lists them
+COMMANDS = (score, fit, convert, export, benchmark, hub, demo)
+
+__all__ = ["CliError", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-fsad", description="Few-shot image anomaly detection with CLIP."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command `argv` (default: the process's arguments) names; its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "batch_size", 1) < 1:
+            raise CliError("--batch-size must be at least 1")
+        from hf_fsad.registry import register
+
+        register()  # the console script defers it (hf_fsad/__init__.py); elsewhere it ran at import
+        return args.handler(args)
+    except CliError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_status
