@@ -8,8 +8,11 @@ neither torch nor transformers. A command stops by raising `CliError`; `main` pr
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from . import benchmark, convert, demo, export, fit, hub, score
 from ._errors import CliError
@@ -18,6 +21,27 @@ from ._errors import CliError
 COMMANDS = (score, fit, convert, export, benchmark, hub, demo)
 
 __all__ = ["CliError", "build_parser", "main"]
+
+# Names the single-module command line (hf_fsad/cli.py) defined, kept for one release: name -> new home.
+# Its handlers `score`, `fit`, `benchmark`, `convert`, `export` and `demo` are now the command modules.
+_DEPRECATED = {
+    "DEFAULT_FALSE_ALARM_RATE": "hf_fsad.calibration_policy.DEFAULT_FALSE_ALARM_RATE",
+    "push": "hf_fsad.cli.hub.run_push",
+    "push_bank": "hf_fsad.cli.hub.run_push_bank",
+    "push_space": "hf_fsad.cli.hub.run_push_space",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _DEPRECATED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, new_name = _DEPRECATED[name].rpartition(".")
+    warnings.warn(
+        f"hf_fsad.cli.{name} is deprecated and will be removed in the next release; use {_DEPRECATED[name]}",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return getattr(importlib.import_module(module), new_name)
 
 
 def build_parser() -> argparse.ArgumentParser:
