@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from hf_fsad import registry
+
 from . import benchmark, convert, demo, export, fit, hub, score
 from ._errors import CliError
 
@@ -55,14 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command `argv` (default: the process's arguments) names; its exit status."""
+    """Run the command `argv` (default: the process's arguments) names; its exit status. The methods are
+    registered with transformers first: `import hf_fsad` leaves that to this function in the console script."""
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "batch_size", 1) < 1:
             raise CliError("--batch-size must be at least 1")
-        from hf_fsad.registry import register
-
-        register()  # the console script defers it (hf_fsad/__init__.py); elsewhere it ran at import
+        registry.register()
         return args.handler(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -19,7 +19,10 @@ from ._errors import CliError
 from ._options import add_batch_size, add_device, add_max_pixels, add_precision, add_runtime, rate
 
 if TYPE_CHECKING:
+    import torch
+
     from hf_fsad.calibration_policy import CalibrationImages
+    from hf_fsad.modeling_base import ReferenceBank
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -152,10 +155,9 @@ def run(args: argparse.Namespace) -> int:
     run could not start (arguments, model, bank, calibration, output location), 130 interrupted (results so
     far kept). A calibrated bank adds each image's verdict to its record and a count of them at the end.
     """
-    import torch
     from accelerate import PartialState
 
-    from hf_fsad.calibration_policy import calibrate_bank, mask_tensor
+    from hf_fsad.calibration_policy import calibrate_bank
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
         distinct_paths,
@@ -165,26 +167,12 @@ def run(args: argparse.Namespace) -> int:
         prepare_output_file,
         previous_results,
         read_anomalous_images,
-        readable_images,
         result_shares,
         unique_name,
     )
     from hf_fsad.loading import ModelLoadError, load_method
-    from hf_fsad.modeling_base import ReferenceBank
 
-    if args.bank and args.defect:
-        raise CliError("--defect builds a bank from defective images, --bank reuses a built one: give one")
-    calibration_options = (
-        args.calibration_normal,
-        args.calibration_anomalous,
-        args.calibration_masks,
-        args.false_alarm_rate,
-    )
-    if args.no_calibration and any(option is not None for option in calibration_options):
-        raise CliError("--no-calibration goes with no other calibration option")
-    runtime_conflict = _runtime_conflict(args)
-    if runtime_conflict:
-        raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
+    _check_options(args)
     try:
         output = prepare_output_file(args.output, "--output")
         heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
@@ -203,50 +191,11 @@ def run(args: argparse.Namespace) -> int:
         model = load_method(args.model).to(device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
-    method = model.config.model_type
-    if defects and not model.needs_anomalous_references:
-        raise CliError(
-            f"--defect: {method} builds its bank from normal references only (defective images can "
-            "calibrate its threshold: --calibration-anomalous)"
-        )
-    if model.needs_anomalous_references and not defects and not args.bank:
-        raise CliError(
-            f"{method} builds its bank from defective images too: give --defect IMAGE (and "
-            "--defect-mask MASK), or a --bank"
-        )
+    _check_defects(model, args, defects)
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
-
-    references, bank_inputs = None, {}
-    if args.bank:
-        try:
-            bank = model.check_bank(ReferenceBank.load(args.bank))
-        except ValueError as error:
-            raise CliError(f"--bank {args.bank}: {error}") from None
-        if args.class_name is not None and args.class_name != bank.class_name:
-            raise CliError(
-                f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
-                "when it was built (build a bank of another class from --reference)"
-            )
-    else:
-        if defects:
-            bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
-            if defect_masks is not None:
-                bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
-        if args.reference:
-            readable = readable_images(
-                expand_inputs(args.reference, "reference"), "reference", args.max_pixels
-            )
-            images = [image for _, image in readable]
-            if not images:
-                raise CliError("none of the --reference images could be read", exit_status=1)
-            references = processor(images, return_tensors="pt").pixel_values
-        try:
-            with torch.no_grad():
-                bank = model.build_reference_bank(references, class_name=args.class_name, **bank_inputs)
-        except ValueError as error:
-            raise CliError(f"the reference bank cannot be built: {error}") from None
+    bank, references, bank_inputs = _reference_bank(model, processor, args, defects, defect_masks)
     try:
         bank, refusal, notes = calibrate_bank(
             model,
@@ -322,6 +271,82 @@ def run(args: argparse.Namespace) -> int:
     if bank.calibration is not None:
         print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
     return 0 if scored or not paths else 1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before anything is read or loaded."""
+    if args.bank and args.defect:
+        raise CliError("--defect builds a bank from defective images, --bank reuses a built one: give one")
+    calibration_options = (
+        args.calibration_normal,
+        args.calibration_anomalous,
+        args.calibration_masks,
+        args.false_alarm_rate,
+    )
+    if args.no_calibration and any(option is not None for option in calibration_options):
+        raise CliError("--no-calibration goes with no other calibration option")
+    runtime_conflict = _runtime_conflict(args)
+    if runtime_conflict:
+        raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
+
+
+def _check_defects(model, args: argparse.Namespace, defects: list) -> None:
+    """Refuse defective images for a method that builds its bank from normal references only, and a bank
+    built without them for a method that needs them."""
+    method = model.config.model_type
+    if defects and not model.needs_anomalous_references:
+        raise CliError(
+            f"--defect: {method} builds its bank from normal references only (defective images can "
+            "calibrate its threshold: --calibration-anomalous)"
+        )
+    if model.needs_anomalous_references and not defects and not args.bank:
+        raise CliError(
+            f"{method} builds its bank from defective images too: give --defect IMAGE (and "
+            "--defect-mask MASK), or a --bank"
+        )
+
+
+def _reference_bank(
+    model, processor, args: argparse.Namespace, defects: list, defect_masks: list | None
+) -> tuple[ReferenceBank, torch.Tensor | None, dict]:
+    """(bank, the reference pixel values it was built from or None, the other inputs it was built with): the
+    `--bank`, checked against the model and `--class-name`, or a bank built from `--reference` (none:
+    zero-shot) and, for a method that learns from them, the defective images and their masks
+    (`_check_defects` has checked they go with the model)."""
+    import torch
+
+    from hf_fsad.calibration_policy import mask_tensor
+    from hf_fsad.io import expand_inputs, readable_images
+    from hf_fsad.modeling_base import ReferenceBank
+
+    references, bank_inputs = None, {}
+    if args.bank:
+        try:
+            bank = model.check_bank(ReferenceBank.load(args.bank))
+        except ValueError as error:
+            raise CliError(f"--bank {args.bank}: {error}") from None
+        if args.class_name is not None and args.class_name != bank.class_name:
+            raise CliError(
+                f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
+                "when it was built (build a bank of another class from --reference)"
+            )
+        return bank, references, bank_inputs
+    if defects:
+        bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
+        if defect_masks is not None:
+            bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
+    if args.reference:
+        readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
+        images = [image for _, image in readable]
+        if not images:
+            raise CliError("none of the --reference images could be read", exit_status=1)
+        references = processor(images, return_tensors="pt").pixel_values
+    try:
+        with torch.no_grad():
+            bank = model.build_reference_bank(references, class_name=args.class_name, **bank_inputs)
+    except ValueError as error:
+        raise CliError(f"the reference bank cannot be built: {error}") from None
+    return bank, references, bank_inputs
 
 
 def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
