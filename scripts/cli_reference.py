@@ -22,6 +22,10 @@ HEADER = """# Command-line reference
 Every `hf-fsad` command with its options, as `hf-fsad COMMAND --help` prints them (wrapped at 100
 columns in this page; in a terminal, at its width). The Python API and the methods are described in the
 [README](../README.md).
+
+`hf-fsad --help` and every `hf-fsad COMMAND --help` load neither torch nor transformers nor datasets (they
+load when a command runs): `time hf-fsad --help` takes 0.13 s, against 4.9 s before the command line was
+split (issue 26; both measured in one run on a 2-core CPU machine).
 """
 
 

@@ -7,6 +7,7 @@ at module level, inside functions or under `TYPE_CHECKING` alike. docs/architect
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[1] / "src"
@@ -58,6 +59,7 @@ LAYERS = {
     "hf_fsad.training": 3,
     "hf_fsad.demo": 3,
     "hf_fsad.export": 3,
+    "hf_fsad.calibration_policy": 3,
     # 4: the command line, the top.
     "hf_fsad.cli": 4,
 }
@@ -88,25 +90,30 @@ def _modules() -> dict[str, Path]:
     return {_module_name(path): path for path in sorted((SOURCE / PACKAGE).rglob("*.py"))}
 
 
+def _import_targets(node: ast.AST, package: str, known: set[str]) -> list[str]:
+    """The modules an import statement imports, absolute (`from package import submodule` counts as the
+    submodule); [] for any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+        source = f"{base}.{node.module}" if node.module else base
+    else:
+        source = node.module
+    return [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names]
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
 def _imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The `hf_fsad` modules that `name` imports (`from package import submodule` counts as the submodule)."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
-                source = f"{base}.{node.module}" if node.module else base
-            else:
-                source = node.module
-            targets = [
-                f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source
-                for alias in node.names
-            ]
-        else:
-            continue
+        targets = _import_targets(node, _package_of(name, path), known)
         found.update(target for target in targets if target == PACKAGE or target.startswith(PACKAGE + "."))
     found.discard(name)
     return found
@@ -135,7 +142,7 @@ def test_the_parser_sees_relative_absolute_and_function_level_imports():
     # one of each kind, so an empty graph (a parser that finds nothing) cannot pass the tests below
     assert ("hf_fsad.evaluation.runner", "hf_fsad.features") in EDGES  # `from ..features import`
     assert ("hf_fsad.evaluation.runner", "hf_fsad.evaluation.report") in EDGES  # `from .report import`
-    assert ("hf_fsad.cli", "hf_fsad.distributed") in EDGES  # inside a function, absolute
+    assert ("hf_fsad.cli.score", "hf_fsad.distributed") in EDGES  # inside a function, absolute
     assert ("hf_fsad.data", "hf_fsad.data.sampling") in EDGES  # a package's __init__
     assert ("hf_fsad.models.afclip.modeling_afclip", "hf_fsad.modeling_base") in EDGES  # `from ...x`
 
@@ -288,3 +295,71 @@ def test_dataset_modules_import_no_other_dataset_and_data_imports_no_model():
 def test_every_dataset_module_is_in_the_benchmark_table():
     # the table (`BENCHMARKS` in data/benchmarks.py) imports each dataset module's spec
     assert sorted(DATASET_MODULES - GRAPH["hf_fsad.data.benchmarks"]) == []
+
+
+# The command line: its package (main, build_parser), shared options and error, and one module per command.
+CLI_SHARED = {"hf_fsad.cli", "hf_fsad.cli.__main__", "hf_fsad.cli._errors", "hf_fsad.cli._options"}
+COMMANDS = {
+    f"hf_fsad.cli.{name}" for name in ("score", "fit", "benchmark", "convert", "export", "hub", "demo")
+}
+# What the command line may import at module level, besides the standard library: `hf-fsad --help` builds
+# the parser from these alone, so it loads neither torch nor transformers nor datasets (tests/test_cli.py
+# checks the process). Each command imports the rest inside its functions, when it runs.
+LIGHT_MODULES = {
+    "hf_fsad",
+    "hf_fsad.registry",
+    "hf_fsad.io",
+    "hf_fsad.calibration_policy",
+    "hf_fsad.deploy",
+    "hf_fsad.deploy.run_exported",
+}
+LIGHT_THIRD_PARTY = {"numpy", "PIL"}
+
+
+def _module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The modules `name` imports when it is imported: its imports outside functions and outside
+    `if TYPE_CHECKING:` blocks."""
+    found = set()
+    pending = list(ast.parse(path.read_text(), str(path)).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            pending += node.orelse
+            continue
+        found.update(_import_targets(node, _package_of(name, path), known))
+        pending += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+    found.discard(name)
+    return found
+
+
+def _heavy_module_level_imports(modules: set[str]) -> list[str]:
+    known = _modules()
+    allowed = LIGHT_MODULES | CLI_SHARED | COMMANDS
+    found = []
+    for module in sorted(modules):
+        for imported in sorted(_module_level_imports(module, known[module], set(known))):
+            top = imported.partition(".")[0]
+            if imported not in allowed and top not in sys.stdlib_module_names | LIGHT_THIRD_PARTY:
+                found.append(f"{module} imports {imported} at module level")
+    return found
+
+
+def test_the_cli_is_one_module_per_command():
+    assert {module for module in GRAPH if module.startswith("hf_fsad.cli")} == CLI_SHARED | COMMANDS
+
+
+def test_commands_import_no_other_command():
+    assert [
+        f"{importer} imports {imported}" for importer, imported in EDGES if {importer, imported} <= COMMANDS
+    ] == []
+
+
+def test_the_cli_and_what_it_imports_at_module_level_are_light():
+    assert _heavy_module_level_imports(CLI_SHARED | COMMANDS | LIGHT_MODULES) == []
+    # the check sees a heavy import at module level, and none inside a function or for type checkers only
+    found = _heavy_module_level_imports({"hf_fsad.pipeline"})
+    assert "hf_fsad.pipeline imports torch at module level" in found
+    assert "hf_fsad.pipeline imports transformers at module level" in found
+    assert _heavy_module_level_imports({"hf_fsad.calibration_policy"}) == []  # torch inside its functions

@@ -19,6 +19,7 @@ from hf_fsad import cli
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
+from hf_fsad.io import expand_inputs
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.models.one_to_normal import training_one_to_normal
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
@@ -197,7 +198,7 @@ def test_directories_expand_to_images_only(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ("b.png", "a.JPG", "notes.txt", "sub/c.tif"):
         (tmp_path / name).write_bytes(b"")
-    expanded = cli.expand_inputs([str(tmp_path), str(tmp_path / "notes.txt")])
+    expanded = expand_inputs([str(tmp_path), str(tmp_path / "notes.txt")])
     assert [p.relative_to(tmp_path).as_posix() for p in expanded] == [
         "a.JPG",
         "b.png",
@@ -425,3 +426,54 @@ def test_docs_cli_md_is_the_parsers_help():
     for name, command in _subcommands(cli.build_parser()).items():
         assert f"## `hf-fsad {name}`" in text
         assert all(option in text for action in command._actions for option in action.option_strings)
+
+
+# `hf-fsad ARGS` as the console script runs it, in a fresh interpreter that then names the heavy libraries
+# it loaded (sys.modules), whatever the exit status.
+CONSOLE_SCRIPT = Path(sys.executable).with_name("hf-fsad")
+RUN_CONSOLE_SCRIPT = f"""
+import runpy, sys
+sys.argv = [{str(CONSOLE_SCRIPT)!r}, *sys.argv[1:]]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exit:
+    loaded = [name for name in ("torch", "transformers", "datasets") if name in sys.modules]
+    print(f"exit {{exit.code}}, loaded {{loaded}}", file=sys.stderr)
+"""
+
+
+def _console_script(*arguments: str) -> subprocess.CompletedProcess:
+    assert CONSOLE_SCRIPT.is_file(), "installing the package (pip install -e .) installs the console script"
+    return subprocess.run(
+        [sys.executable, "-c", RUN_CONSOLE_SCRIPT, *arguments], capture_output=True, text=True, check=False
+    )
+
+
+def test_help_loads_neither_torch_nor_transformers_nor_datasets():
+    # the console script registers the methods when a command runs, so its parser alone loads none of them
+    for command in ([], *([name] for name in _subcommands(cli.build_parser()))):
+        completed = _console_script(*command, "--help")
+        assert completed.stderr.splitlines()[-1] == "exit 0, loaded []", (command, completed.stderr)
+        assert "usage: hf-fsad" in completed.stdout
+
+
+def test_the_console_script_registers_the_methods_when_a_command_runs(saved_winclip_dir, toy_files, tmp_path):
+    _, queries = toy_files
+    output = tmp_path / "scores.jsonl"
+    completed = _console_script(
+        "score", "--model", saved_winclip_dir, "--output", str(output), str(queries[0])
+    )
+    assert completed.stderr.splitlines()[-1].startswith("exit 0,"), completed.stderr
+    assert len(_read(output)) == 1
+
+
+def test_the_names_of_the_single_module_cli_still_work_with_a_warning():
+    from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
+    from hf_fsad.cli.hub import run_push_bank
+
+    with pytest.warns(DeprecationWarning, match="use hf_fsad.calibration_policy.DEFAULT_FALSE_ALARM_RATE"):
+        assert cli.DEFAULT_FALSE_ALARM_RATE == DEFAULT_FALSE_ALARM_RATE
+    with pytest.warns(DeprecationWarning, match="use hf_fsad.cli.hub.run_push_bank"):
+        assert cli.push_bank is run_push_bank
+    with pytest.raises(AttributeError):
+        _ = cli.no_such_name

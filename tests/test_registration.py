@@ -59,6 +59,9 @@ def test_each_spec_names_classes_of_its_method(model_type):
     assert spec.model.config_class is spec.config
     assert AutoConfig.for_model(model_type).__class__ is spec.config
     assert AutoModel._model_mapping[spec.config] is spec.model
+    # what the spec declares for the command line (read without importing the model) is the model's
+    assert spec.fits_per_category == spec.model.fits_per_category
+    assert spec.needs_anomalous_references == spec.model.needs_anomalous_references
     if spec.trainer is not None:
         assert spec.trainer.__module__ == f"hf_fsad.models.{model_type}.training_{model_type}"
         assert issubclass(spec.training_arguments, FsadTrainingArguments)
@@ -122,3 +125,26 @@ def test_default_feature_layers_end_four_equal_groups_of_blocks():
     # Under four blocks AF-CLIP keeps the four levels (repeating blocks); the others keep distinct blocks.
     assert method_spec("afclip").config(clip_config=tiny_clip_config()).feature_layers == [1, 1, 1, 2]
     assert method_spec("one_to_normal").config(clip_config=tiny_clip_config()).feature_layers == [1, 2]
+
+
+def test_the_public_names_load_on_first_access():
+    code = """
+    import sys, hf_fsad
+    from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+    assert hf_fsad.WinClipModel is WinClipModel and "WinClipModel" in dir(hf_fsad)
+    assert all(getattr(hf_fsad, name) is not None for name in hf_fsad.__all__)
+    try:
+        hf_fsad.NoSuchModel
+    except AttributeError as error:
+        print(error)
+    """
+    assert run_python(code).strip() == "module 'hf_fsad' has no attribute 'NoSuchModel'"
+
+
+def test_auto_model_loads_a_saved_method_after_only_import_hf_fsad(saved_winclip_dir):
+    code = f"""
+    import hf_fsad
+    from transformers import AutoModel
+    print(type(AutoModel.from_pretrained({saved_winclip_dir!r})).__name__)
+    """
+    assert run_python(code).strip() == "WinClipModel"

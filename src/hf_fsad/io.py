@@ -1,4 +1,6 @@
-"""Reading images from files, whatever they hold, and writing results atomically.
+"""Reading images from files, whatever they hold, writing results atomically, and the file handling of a
+scoring run (repeated inputs, masks matched to images by file stem, resuming, joining the shares of several
+processes).
 
 Every entry point (CLI, pipeline, Space, benchmark loaders) reads user files through `read_image`, so a
 file that cannot be used fails the same way everywhere: an `ImageReadError` whose message says why, which
@@ -7,11 +9,12 @@ the caller reports before going on with the other files.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -219,3 +222,149 @@ def _prepare(path: Path, what: str, directory: bool) -> Path:
         reason = error.strerror or type(error).__name__
         raise ValueError(f"{what} {path} cannot be written: {reason} ({folder})") from None
     return path
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """`items` in lists of `size` (the last one shorter), consumed lazily."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def distinct_paths(paths: Sequence[Path], report: bool = True, what: str = "input") -> list[Path]:
+    """`paths` without repeats of a file (first occurrence kept; each repeat reported on stderr as
+    `skipped WHAT PATH: listed more than once` if `report`)."""
+    seen: set[Path] = set()
+    distinct = []
+    for path in paths:
+        key = path.resolve()
+        if key in seen:
+            if report:
+                print(f"skipped {what} {path}: listed more than once", file=sys.stderr)
+            continue
+        seen.add(key)
+        distinct.append(path)
+    return distinct
+
+
+def unique_name(stem: str, used: set[str]) -> str:
+    """`stem`, or `stem-2`, `stem-3` ... when taken: the first name not in `used` (then added to it)."""
+    name, counter = stem, 1
+    while name in used:
+        counter += 1
+        name = f"{stem}-{counter}"
+    used.add(name)
+    return name
+
+
+def option_image_paths(option: str, inputs: Sequence[str]) -> list[Path]:
+    """The distinct image files an option names (directories expanded); a ValueError when there is none."""
+    what = f"{option} image"
+    paths = distinct_paths(expand_inputs(inputs, what), what=what)
+    if not paths:
+        raise ValueError(f"{option} holds no image files")
+    return paths
+
+
+def read_option_images(option: str, paths: Sequence[Path], max_pixels: int | None) -> list[Image.Image]:
+    """The images of an option; a ValueError names the option and the file that cannot be used. Unlike
+    inputs, none is skipped: what they set (a threshold, a bank) would silently rest on other images."""
+    images = []
+    for path in paths:
+        try:
+            images.append(read_image(path, max_pixels))
+        except ImageReadError as error:
+            raise ValueError(f"{option} {path}: {error}") from None
+    return images
+
+
+def masks_by_stem(
+    images: Sequence[Path], masks: Sequence[Path], image_option: str, mask_option: str
+) -> list[Path]:
+    """The mask of each image: the one with the image's file stem, alone or followed by `_mask` (MVTec AD's
+    `000_mask.png` for `000.png`). A ValueError names the options when a mask is missing, unused or
+    ambiguous."""
+    by_stem: dict[str, Path] = {}
+    for mask in masks:
+        stem = mask.stem.removesuffix("_mask")
+        if stem in by_stem:
+            raise ValueError(f"{mask_option} {by_stem[stem]} and {mask} both match the image stem {stem!r}")
+        by_stem[stem] = mask
+    stems: dict[str, Path] = {}
+    for image in images:
+        if image.stem in stems:
+            raise ValueError(
+                f"{image_option} {stems[image.stem]} and {image} share the file stem "
+                f"{image.stem!r}, so masks cannot be matched to them; rename one"
+            )
+        stems[image.stem] = image
+    unmatched = [str(image) for image in images if image.stem not in by_stem]
+    if unmatched:
+        raise ValueError(
+            f"{mask_option} has no mask for {', '.join(unmatched)} (a mask is matched by file stem: "
+            "000.png or 000_mask.png for 000.png)"
+        )
+    unused = [str(mask) for stem, mask in by_stem.items() if stem not in stems]
+    if unused:
+        raise ValueError(f"{mask_option} {', '.join(unused)} match no {image_option} image")
+    return [by_stem[image.stem] for image in images]
+
+
+def read_anomalous_images(
+    image_option: str,
+    image_inputs: Sequence[str] | None,
+    mask_option: str,
+    mask_inputs: Sequence[str] | None,
+    max_pixels: int | None,
+) -> tuple[list[Image.Image], list[Image.Image] | None]:
+    """The anomalous images an option gives and their masks (matched by file stem, in the images' order),
+    or None without masks; a ValueError names the option and the problem."""
+    if mask_inputs and not image_inputs:
+        raise ValueError(f"{mask_option} needs {image_option} (the images they mark)")
+    if not image_inputs:
+        return [], None
+    paths = option_image_paths(image_option, image_inputs)
+    masks = None
+    if mask_inputs:
+        mask_paths = masks_by_stem(
+            paths, option_image_paths(mask_option, mask_inputs), image_option, mask_option
+        )
+        masks = read_option_images(mask_option, mask_paths, max_pixels)
+    return read_option_images(image_option, paths, max_pixels), masks
+
+
+def previous_results(output: Path) -> list[dict]:
+    """The records of a results file written by an earlier `hf-fsad score` (for --resume); [] when there is
+    none, a ValueError when the file holds anything else."""
+    if not output.exists():
+        return []
+    records = []
+    for number, line in enumerate(output.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            record["path"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"--output {output} is not a results file of hf-fsad score (line {number}); move it away "
+                "or run without --resume"
+            ) from None
+        records.append(record)
+    return records
+
+
+def result_shares(output: Path, num_processes: int) -> list[Path]:
+    """The file each process of a multi-process run writes its share of `output`'s records to."""
+    return [output.with_name(f"{output.name}.part{rank}.tmp") for rank in range(num_processes)]
+
+
+def join_results(output: Path, previous: Sequence[dict], shares: Sequence[Path]) -> str:
+    """Replace `output` atomically with the `previous` records followed by the shares' JSON lines, in rank
+    order; returns the shares' lines."""
+    joined = "".join(share.read_text() for share in shares)
+    atomic_write_text(output, "".join(json.dumps(record) + "\n" for record in previous) + joined)
+    return joined

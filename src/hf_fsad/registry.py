@@ -1,6 +1,6 @@
 """Which methods exist: one `MethodSpec` per method, and their registration with transformers.
 
-`register()` (run by `import hf_fsad`) registers every method's config and model with `AutoConfig` /
+`register()` (run by `import hf_fsad`; in the `hf-fsad` console script, when its command runs) registers every method's config and model with `AutoConfig` /
 `AutoModel` and the `image-anomaly-detection` task with the pipeline registry, the way transformers documents
 for custom models, so `AutoModel.from_pretrained` and `pipeline("image-anomaly-detection")` work without
 `trust_remote_code`.
@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MethodSpec:
     """One method: its classes, found by name in `hf_fsad.models.<model_type>.<kind>_<model_type>`.
 
@@ -21,6 +21,10 @@ class MethodSpec:
     `hf_fsad.training.recipes.train` calls the training in a model card ("AD meta-learning"), None for
     methods that YAML training recipes do not train (those fitted per category train through `model.fit`).
     Trainers load on first use: they import the training stack (accelerate, datasets).
+
+    fits_per_category / needs_anomalous_references: the model class's capability flags of those names,
+    declared here too so that the command line's help lists the methods without importing them (and torch);
+    tests/test_registration.py checks that both say the same.
     """
 
     model_type: str
@@ -29,6 +33,8 @@ class MethodSpec:
     trainer_name: str | None = None
     training_arguments_name: str | None = None
     recipe: str | None = None
+    fits_per_category: bool = False
+    needs_anomalous_references: bool = False
 
     def _load(self, kind: str, name: str | None) -> type | None:
         if name is None:
@@ -57,33 +63,44 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     spec.model_type: spec
     for spec in (
-        MethodSpec("winclip", "WinClipConfig", "WinClipModel"),
-        MethodSpec("anomalous_memory", "AnomalousMemoryConfig", "AnomalousMemoryModel"),
+        MethodSpec(model_type="winclip", config_name="WinClipConfig", model_name="WinClipModel"),
         MethodSpec(
-            "metacan",
-            "MetaCanConfig",
-            "MetaCanModel",
-            "MetaLearner",
-            "MetaCanTrainingArguments",
-            "AD meta-learning",
+            model_type="anomalous_memory",
+            config_name="AnomalousMemoryConfig",
+            model_name="AnomalousMemoryModel",
+            needs_anomalous_references=True,
         ),
         MethodSpec(
-            "afclip",
-            "AfClipConfig",
-            "AfClipModel",
-            "AfClipTrainer",
-            "AfClipTrainingArguments",
-            "prompt and adapter training",
+            model_type="metacan",
+            config_name="MetaCanConfig",
+            model_name="MetaCanModel",
+            trainer_name="MetaLearner",
+            training_arguments_name="MetaCanTrainingArguments",
+            recipe="AD meta-learning",
         ),
         MethodSpec(
-            "vtfusion", "VtFusionConfig", "VtFusionModel", "VtFusionTrainer", "VtFusionTrainingArguments"
+            model_type="afclip",
+            config_name="AfClipConfig",
+            model_name="AfClipModel",
+            trainer_name="AfClipTrainer",
+            training_arguments_name="AfClipTrainingArguments",
+            recipe="prompt and adapter training",
         ),
         MethodSpec(
-            "one_to_normal",
-            "OneToNormalConfig",
-            "OneToNormalModel",
-            "DreamBoothLoraTrainer",
-            "OneToNormalTrainingArguments",
+            model_type="vtfusion",
+            config_name="VtFusionConfig",
+            model_name="VtFusionModel",
+            trainer_name="VtFusionTrainer",
+            training_arguments_name="VtFusionTrainingArguments",
+            fits_per_category=True,
+        ),
+        MethodSpec(
+            model_type="one_to_normal",
+            config_name="OneToNormalConfig",
+            model_name="OneToNormalModel",
+            trainer_name="DreamBoothLoraTrainer",
+            training_arguments_name="OneToNormalTrainingArguments",
+            fits_per_category=True,
         ),
     )
 }

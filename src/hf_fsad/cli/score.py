@@ -1,0 +1,472 @@
+"""`hf-fsad score`: score images against normal references or a saved bank, with pass/fail verdicts when the
+bank is calibrated."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
+from hf_fsad.registry import METHODS
+
+from ._errors import CliError
+from ._options import add_batch_size, add_device, add_max_pixels, add_precision, add_runtime, rate
+
+if TYPE_CHECKING:
+    import torch
+
+    from hf_fsad.calibration_policy import CalibrationImages
+    from hf_fsad.modeling_base import ReferenceBank
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    methods = ", ".join(sorted(METHODS))
+    learn_defects = [name for name, spec in sorted(METHODS.items()) if spec.needs_anomalous_references]
+    parser = commands.add_parser(
+        "score",
+        help="score images for anomalies",
+        description="Score images against normal references (--reference) or a saved bank (--bank); with a "
+        "calibrated bank each image also gets a pass/fail verdict. Exit status: 0 scored, 1 no input could "
+        "be scored, 2 the run could not start, 130 interrupted (results so far kept).",
+    )
+    parser.add_argument("inputs", nargs="+", help="image files or directories (searched recursively)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="a saved model directory, a Hub id, or METHOD@CLIP: a fresh method on a CLIP checkpoint (Hub id "
+        f"or local CLIPModel directory), e.g. winclip@openai/clip-vit-base-patch16; methods: {methods}",
+    )
+    bank_source = parser.add_mutually_exclusive_group()
+    bank_source.add_argument(
+        "--reference",
+        nargs="+",
+        metavar="PATH",
+        help="normal reference images or directories to build the bank from (default: none, zero-shot)",
+    )
+    bank_source.add_argument(
+        "--bank",
+        help="a reference bank saved with --save-bank, instead of --reference (its class and calibration "
+        "come with it)",
+    )
+    parser.add_argument(
+        "--defect",
+        nargs="+",
+        metavar="PATH",
+        help="defective images or directories for the bank of a method that learns from them "
+        f"({', '.join(learn_defects)}); not with --bank",
+    )
+    parser.add_argument(
+        "--defect-mask",
+        nargs="+",
+        metavar="PATH",
+        help="a defect mask per --defect image, matched by file stem (000.png or 000_mask.png for "
+        "000.png); without masks each defective image goes wholly to the anomalous memory",
+    )
+    parser.add_argument(
+        "--class-name",
+        help="object name for the text prompts of a built bank (default: the model's); with --bank only "
+        "the bank's own class is accepted",
+    )
+    parser.add_argument("--save-bank", help="save the reference bank (.safetensors) for later runs (--bank)")
+    parser.add_argument(
+        "--output", required=True, help="results file (JSON lines), replaced atomically at the end"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --output and score only the inputs not in it",
+    )
+    parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG; default: none)")
+    parser.add_argument(
+        "--heatmap-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="scores at the ends of the colour scale (default: each map's own min and max)",
+    )
+    calibration = parser.add_argument_group(
+        "calibration",
+        "pass/fail decisions: a bank built from 2 or more --reference images is calibrated by scoring each "
+        "against the others (leave-one-out); the JSON lines then hold label, normalized_score and threshold",
+    )
+    calibration.add_argument(
+        "--false-alarm-rate",
+        type=rate,
+        help=f"share of normal images allowed to fail (default {DEFAULT_FALSE_ALARM_RATE}; giving it asks "
+        "for a calibration)",
+    )
+    calibration.add_argument(
+        "--calibration-normal",
+        nargs="+",
+        metavar="PATH",
+        help="held-out normal images or directories to calibrate on (also calibrates a --bank)",
+    )
+    calibration.add_argument(
+        "--calibration-anomalous",
+        nargs="+",
+        metavar="PATH",
+        help="defective images: the threshold with the best F1 instead of the false-alarm rate",
+    )
+    calibration.add_argument(
+        "--calibration-masks",
+        nargs="+",
+        metavar="PATH",
+        help="a defect mask per --calibration-anomalous image, matched by file stem (000.png or "
+        "000_mask.png for 000.png): the pixel threshold with the best F1",
+    )
+    calibration.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="no decisions, only scores (a calibrated --bank's calibration is left out)",
+    )
+    add_batch_size(parser)
+    add_device(
+        parser,
+        help="torch device of a single process, e.g. cuda or cuda:1 (default %(default)s; several processes "
+        "take one each)",
+    )
+    add_precision(parser)
+    parser.add_argument(
+        "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
+    )
+    add_runtime(
+        parser,
+        help="score with PyTorch (default, the reference) or the model and bank exported to ONNX Runtime or "
+        "OpenVINO (CPU, float32; needs the export extra; exported once into ~/.cache/hf_fsad/exports); "
+        "branch_scores are then empty",
+    )
+    add_max_pixels(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Score images; under `accelerate launch` or `torchrun` the processes split the inputs in order, each
+    writes its share, and the main process joins the shares into one ordered results file.
+
+    The results file is replaced atomically, at the end or when the run is interrupted (Ctrl-C, SIGTERM;
+    single process) with the images scored so far: it is always the previous file or a complete new one.
+    Exit status: 0 scored (unreadable inputs are reported and skipped), 1 no input could be scored, 2 the
+    run could not start (arguments, model, bank, calibration, output location), 130 interrupted (results so
+    far kept). A calibrated bank adds each image's verdict to its record and a count of them at the end.
+    """
+    from accelerate import PartialState
+
+    from hf_fsad.calibration_policy import calibrate_bank
+    from hf_fsad.distributed import multi_process_cpu
+    from hf_fsad.io import (
+        distinct_paths,
+        expand_inputs,
+        join_results,
+        prepare_output_dir,
+        prepare_output_file,
+        previous_results,
+        read_anomalous_images,
+        result_shares,
+        unique_name,
+    )
+    from hf_fsad.loading import ModelLoadError, load_method
+
+    _check_options(args)
+    try:
+        output = prepare_output_file(args.output, "--output")
+        heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
+        if args.save_bank:
+            prepare_output_file(args.save_bank, "--save-bank")
+        previous = previous_results(output) if args.resume else []
+        calibration_images = _calibration_images(args)
+        defects, defect_masks = read_anomalous_images(
+            "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
+        )
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    state = PartialState(cpu=multi_process_cpu())
+    device = args.device if state.num_processes == 1 else state.device
+    try:
+        model = load_method(args.model).to(device).eval()
+    except ModelLoadError as error:
+        raise CliError(f"--model: {error}") from None
+    _check_defects(model, args, defects)
+    if args.compile:
+        model.compile_backbone()
+    processor = model.image_processor()
+    bank, references, bank_inputs = _reference_bank(model, processor, args, defects, defect_masks)
+    try:
+        bank, refusal, notes = calibrate_bank(
+            model,
+            processor,
+            bank,
+            calibration_images,
+            saved=bool(args.bank),
+            references=references,
+            bank_inputs=bank_inputs,
+            false_alarm_rate=args.false_alarm_rate,
+            no_calibration=args.no_calibration,
+            precision=args.precision,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        raise CliError(f"calibration: {error}") from None
+    if state.is_main_process:
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        if bank.calibration is not None:
+            print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
+        elif refusal is not None:
+            print(
+                f"not calibrated: {refusal}; --calibration-normal gives held-out normal images",
+                file=sys.stderr,
+            )
+    if args.save_bank and state.is_main_process:
+        bank.save(args.save_bank)
+    try:
+        scorer = _scorer(model, bank, args, state)
+    except (ValueError, ImportError) as error:
+        raise CliError(f"--runtime {args.runtime}: {error}") from None
+
+    all_paths = distinct_paths(expand_inputs(args.inputs), report=state.is_main_process)
+    used_names: set[str] = set()
+    heatmap_names = {path: unique_name(path.stem, used_names) for path in all_paths}
+    done = {str(record["path"]) for record in previous}
+    paths = [path for path in all_paths if str(path) not in done]
+    if done and state.is_main_process:
+        print(f"resuming: {len(all_paths) - len(paths)} inputs already in {output}", file=sys.stderr)
+    shares = result_shares(output, state.num_processes)
+    share = shares[state.process_index]
+    interrupted = False
+    try:
+        with _sigterm_interrupts():
+            try:
+                with state.split_between_processes(paths) as own_paths:
+                    _score_paths(
+                        scorer, processor, bank, own_paths, share, args, heatmap_dir, heatmap_names, state
+                    )
+            except KeyboardInterrupt:
+                if state.num_processes > 1:
+                    raise
+                interrupted = True
+            state.wait_for_everyone()
+            if state.is_main_process:
+                joined = join_results(output, previous, shares)
+            state.wait_for_everyone()  # the shares stay until the main process has read them
+    finally:
+        share.unlink(missing_ok=True)
+    # A process group left to the interpreter's exit can abort a rank in gloo's destructor.
+    state.destroy_process_group()
+    if not state.is_main_process:
+        return 0
+    scored = joined.count("\n")
+    if interrupted:
+        print(
+            f"interrupted: {scored} images scored -> {output}; run again with --resume to go on",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
+    if bank.calibration is not None:
+        print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
+    return 0 if scored or not paths else 1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse options that do not go together, before anything is read or loaded."""
+    if args.bank and args.defect:
+        raise CliError("--defect builds a bank from defective images, --bank reuses a built one: give one")
+    calibration_options = (
+        args.calibration_normal,
+        args.calibration_anomalous,
+        args.calibration_masks,
+        args.false_alarm_rate,
+    )
+    if args.no_calibration and any(option is not None for option in calibration_options):
+        raise CliError("--no-calibration goes with no other calibration option")
+    runtime_conflict = _runtime_conflict(args)
+    if runtime_conflict:
+        raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
+
+
+def _check_defects(model, args: argparse.Namespace, defects: list) -> None:
+    """Refuse defective images for a method that builds its bank from normal references only, and a bank
+    built without them for a method that needs them."""
+    method = model.config.model_type
+    if defects and not model.needs_anomalous_references:
+        raise CliError(
+            f"--defect: {method} builds its bank from normal references only (defective images can "
+            "calibrate its threshold: --calibration-anomalous)"
+        )
+    if model.needs_anomalous_references and not defects and not args.bank:
+        raise CliError(
+            f"{method} builds its bank from defective images too: give --defect IMAGE (and "
+            "--defect-mask MASK), or a --bank"
+        )
+
+
+def _reference_bank(
+    model, processor, args: argparse.Namespace, defects: list, defect_masks: list | None
+) -> tuple[ReferenceBank, torch.Tensor | None, dict]:
+    """(bank, the reference pixel values it was built from or None, the other inputs it was built with): the
+    `--bank`, checked against the model and `--class-name`, or a bank built from `--reference` (none:
+    zero-shot) and, for a method that learns from them, the defective images and their masks
+    (`_check_defects` has checked they go with the model)."""
+    import torch
+
+    from hf_fsad.calibration_policy import mask_tensor
+    from hf_fsad.io import expand_inputs, readable_images
+    from hf_fsad.modeling_base import ReferenceBank
+
+    references, bank_inputs = None, {}
+    if args.bank:
+        try:
+            bank = model.check_bank(ReferenceBank.load(args.bank))
+        except ValueError as error:
+            raise CliError(f"--bank {args.bank}: {error}") from None
+        if args.class_name is not None and args.class_name != bank.class_name:
+            raise CliError(
+                f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
+                "when it was built (build a bank of another class from --reference)"
+            )
+        return bank, references, bank_inputs
+    if defects:
+        bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
+        if defect_masks is not None:
+            bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
+    if args.reference:
+        readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
+        images = [image for _, image in readable]
+        if not images:
+            raise CliError("none of the --reference images could be read", exit_status=1)
+        references = processor(images, return_tensors="pt").pixel_values
+    try:
+        with torch.no_grad():
+            bank = model.build_reference_bank(references, class_name=args.class_name, **bank_inputs)
+    except ValueError as error:
+        raise CliError(f"the reference bank cannot be built: {error}") from None
+    return bank, references, bank_inputs
+
+
+def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
+    """The images of the calibration options; a ValueError names the option and the file that cannot be
+    used."""
+    from hf_fsad.calibration_policy import CalibrationImages
+    from hf_fsad.io import option_image_paths, read_anomalous_images, read_option_images
+
+    normal = []
+    if args.calibration_normal:
+        normal_paths = option_image_paths("--calibration-normal", args.calibration_normal)
+        normal = read_option_images("--calibration-normal", normal_paths, args.max_pixels)
+    anomalous, masks = read_anomalous_images(
+        "--calibration-anomalous",
+        args.calibration_anomalous,
+        "--calibration-masks",
+        args.calibration_masks,
+        args.max_pixels,
+    )
+    return CalibrationImages(normal, anomalous, masks)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so a terminated run ends like Ctrl-C: results saved."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _verdict_summary(records: Sequence[dict]) -> str:
+    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`."""
+    labels = [record["label"] for record in records if "label" in record]
+    failed = labels.count("anomalous")
+    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed} pass"
+    unlabelled = len(records) - len(labels)
+    return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
+
+
+def _runtime_conflict(args: argparse.Namespace) -> str | None:
+    """Why the score options cannot run on `--runtime`, or None: the exported runtimes run on the CPU, in
+    float32 (OpenVINO also in bfloat16), with their own graph compiler."""
+    if args.runtime == "torch":
+        return None
+    if args.device != "cpu":
+        return f"the exported graph runs on the CPU; --device {args.device} is for --runtime torch"
+    if args.compile:
+        return "--compile compiles the PyTorch model; the exported graph is compiled by its runtime"
+    if args.precision == "float16" or (args.precision == "bfloat16" and args.runtime == "onnxruntime"):
+        return f"--precision {args.precision} is not available (float32; bfloat16 with openvino)"
+    return None
+
+
+def _scorer(model, bank, args: argparse.Namespace, state):
+    """pixel values -> calibrated AnomalyDetectionOutput: the model in PyTorch, or its export on `--runtime`
+    (exported once, by the main process, into the export cache)."""
+    import torch
+
+    if args.runtime == "torch":
+
+        def score_batch(pixel_values: torch.Tensor):
+            with torch.no_grad(), model.autocast(args.precision):
+                return model(pixel_values, reference_bank=bank)
+
+        return score_batch
+    from hf_fsad.export import ExportedScorer, cached_export
+
+    if state.is_main_process:  # the other processes wait, then find it in the cache
+        folder = cached_export(model, bank, args.runtime)
+        print(f"{args.runtime} export (made on first use): {folder}", file=sys.stderr)
+    state.wait_for_everyone()
+    return ExportedScorer(model, bank, args.runtime, "bf16" if args.precision == "bfloat16" else "f32")
+
+
+def _score_paths(
+    scorer, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state
+) -> None:
+    """Score `paths` in batches with `scorer` (`_scorer`) into the JSON-lines file `share` (heatmaps beside, if
+    asked); each line is written whole, so an interrupted share holds complete records only."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_fsad.io import batched, readable_images, save_image_atomically
+    from hf_fsad.pipeline import decision, resized_map
+    from hf_fsad.visualization import heatmap_overlay, outline_region
+
+    with (
+        open(share, "w") as sink,
+        tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
+    ):
+        readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
+        for batch in batched(readable, args.batch_size):
+            pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
+            result = scorer(pixel_values)
+            for index, (path, image) in enumerate(batch):
+                record = {
+                    "path": str(path),
+                    "score": float(result.image_scores[index]),
+                    "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+                    "heatmap": None,
+                }
+                if bank.calibration is not None:
+                    record |= decision(result, index, bank.calibration)
+                if heatmap_dir and result.anomaly_maps is not None:
+                    target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
+                    anomaly_map = result.anomaly_maps[index]
+                    overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
+                    calibration = bank.calibration
+                    if calibration is not None and calibration.pixel_threshold is not None:
+                        # the pipeline's mask: the map at the image's size above the pixel threshold
+                        at_image_size = torch.from_numpy(resized_map(anomaly_map, image.size))
+                        overlay = outline_region(overlay, calibration.masks(at_image_size).numpy())
+                    save_image_atomically(overlay, target)
+                    record["heatmap"] = str(target)
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+            progress.update(len(batch))
