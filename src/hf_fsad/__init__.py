@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 from .registry import METHODS, MethodSpec, method_spec, register
 
 if TYPE_CHECKING:
+    from .bank import ReferenceBank
     from .configuration_base import FsadConfig
-    from .modeling_base import AnomalyDetectionOutput, FsadPreTrainedModel, ReferenceBank
+    from .modeling_base import FsadPreTrainedModel
+    from .modeling_outputs import AnomalyDetectionOutput
     from .models.afclip.configuration_afclip import AfClipConfig
     from .models.afclip.modeling_afclip import AfClipModel
     from .models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
@@ -38,9 +40,9 @@ __version__ = "0.1.0"
 
 # public name -> the module (relative to this package) that defines it, imported on first access
 _LAZY_NAMES = {
-    "AnomalyDetectionOutput": "modeling_base",
+    "AnomalyDetectionOutput": "modeling_outputs",
     "FsadPreTrainedModel": "modeling_base",
-    "ReferenceBank": "modeling_base",
+    "ReferenceBank": "bank",
     "FsadConfig": "configuration_base",
     "ImageAnomalyDetectionPipeline": "pipeline",
     **{

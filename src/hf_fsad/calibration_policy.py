@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .modeling_base import FsadPreTrainedModel, ReferenceBank
+    from .bank import ReferenceBank
+    from .modeling_base import FsadPreTrainedModel
 
 DEFAULT_FALSE_ALARM_RATE = 0.05
 

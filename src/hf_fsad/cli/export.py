@@ -27,10 +27,10 @@ def register(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Export a model and its bank to ONNX or OpenVINO (`hf_fsad.export`); exit 2 when the model, the bank or
     the output folder cannot be used, or the method does not export."""
+    from hf_fsad.bank import ReferenceBank
     from hf_fsad.export import export_model
     from hf_fsad.io import prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method
-    from hf_fsad.modeling_base import ReferenceBank
 
     try:
         output = prepare_output_dir(Path(args.out).resolve().parent, "--out") / Path(args.out).name

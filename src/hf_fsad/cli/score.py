@@ -21,8 +21,8 @@ from ._options import add_batch_size, add_device, add_max_pixels, add_precision,
 if TYPE_CHECKING:
     import torch
 
+    from hf_fsad.bank import ReferenceBank
     from hf_fsad.calibration_policy import CalibrationImages
-    from hf_fsad.modeling_base import ReferenceBank
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -315,14 +315,14 @@ def _reference_bank(
     (`_check_defects` has checked they go with the model)."""
     import torch
 
+    from hf_fsad.bank import ReferenceBank
     from hf_fsad.calibration_policy import mask_tensor
     from hf_fsad.io import expand_inputs, readable_images
-    from hf_fsad.modeling_base import ReferenceBank
 
     references, bank_inputs = None, {}
     if args.bank:
         try:
-            bank = model.check_bank(ReferenceBank.load(args.bank))
+            bank = model.checked_bank(ReferenceBank.load(args.bank))
         except ValueError as error:
             raise CliError(f"--bank {args.bank}: {error}") from None
         if args.class_name is not None and args.class_name != bank.class_name:
