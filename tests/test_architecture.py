@@ -20,6 +20,7 @@ LAYERS = {
     # the image processor and pixel checks, prompt text, metrics, datasets, synthetic anomalies, augmentation,
     # drawing, process groups, calibrated thresholds.
     "hf_fsad.io": 0,
+    "hf_fsad.deprecation": 0,
     "hf_fsad.configuration_base": 0,
     "hf_fsad.modeling_outputs": 0,
     "hf_fsad.bank": 0,
@@ -308,6 +309,7 @@ COMMANDS = {
 LIGHT_MODULES = {
     "hf_fsad",
     "hf_fsad.registry",
+    "hf_fsad.deprecation",
     "hf_fsad.io",
     "hf_fsad.calibration_policy",
     "hf_fsad.deploy",

@@ -291,7 +291,7 @@ def test_the_class_words_moved_to_the_data_layer_and_the_old_names_warn():
 
     with pytest.warns(DeprecationWarning, match=r"hf_fsad\.data\.class_name_for"):
         assert hf_fsad.evaluation.class_name_for is class_name_for
-    with pytest.warns(DeprecationWarning, match="CLASS_NAMES moved"):
+    with pytest.warns(DeprecationWarning, match=r"`hf_fsad\.evaluation\.CLASS_NAMES` is deprecated"):
         class_names = hf_fsad.evaluation.CLASS_NAMES
     assert class_names == {
         "elpv": "solar cell",

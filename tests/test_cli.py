@@ -471,9 +471,9 @@ def test_the_names_of_the_single_module_cli_still_work_with_a_warning():
     from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
     from hf_fsad.cli.hub import run_push_bank
 
-    with pytest.warns(DeprecationWarning, match="use hf_fsad.calibration_policy.DEFAULT_FALSE_ALARM_RATE"):
+    with pytest.warns(DeprecationWarning, match="use `hf_fsad.calibration_policy.DEFAULT_FALSE_ALARM_RATE`"):
         assert cli.DEFAULT_FALSE_ALARM_RATE == DEFAULT_FALSE_ALARM_RATE
-    with pytest.warns(DeprecationWarning, match="use hf_fsad.cli.hub.run_push_bank"):
+    with pytest.warns(DeprecationWarning, match="use `hf_fsad.cli.hub.run_push_bank`"):
         assert cli.push_bank is run_push_bank
     with pytest.raises(AttributeError):
         _ = cli.no_such_name

@@ -128,7 +128,7 @@ def test_each_dataset_declares_its_prompt_class_word():
 def test_names_of_the_old_benchmarks_module_warn_and_are_the_moved_ones():
     from hf_fsad.data import elpv
 
-    with pytest.warns(DeprecationWarning, match=r"moved to hf_fsad\.data\.elpv\.build_elpv"):
+    with pytest.warns(DeprecationWarning, match=r"use `hf_fsad\.data\.elpv\.build_elpv`"):
         from hf_fsad.data.benchmarks import build_elpv
     assert build_elpv is elpv.build_elpv
     with pytest.raises(ImportError):

@@ -22,7 +22,7 @@ MOVED = [
 
 @pytest.mark.parametrize(("name", "new_module"), MOVED)
 def test_a_moved_name_from_modeling_base_warns_with_its_new_path_and_is_the_same_object(name, new_module):
-    with pytest.warns(DeprecationWarning, match=rf"moved to `{new_module.__name__}\.{name}`"):
+    with pytest.warns(DeprecationWarning, match=rf"use `{new_module.__name__}\.{name}`"):
         old = getattr(modeling_base, name)
     assert old is getattr(new_module, name)
 

@@ -184,7 +184,7 @@ def test_methods_left_out_are_refused_with_their_reason(method, tmp_path):
 
 
 def test_the_deprecated_table_of_refusals_is_read_from_the_classes():
-    with pytest.warns(DeprecationWarning, match="read the model class's `export_refusal`"):
+    with pytest.warns(DeprecationWarning, match=r"use `<model class>\.export_refusal`"):
         from hf_fsad.export import NOT_EXPORTABLE
     assert NOT_EXPORTABLE == {method: METHODS[method].model.export_refusal for method in REFUSED_METHODS}
 

@@ -14,7 +14,6 @@ import importlib
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from .bank import ReferenceBank
 from .calibration import apply_calibration
 from .deploy import run_exported
 from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
+from .deprecation import Replaced, moved_names
 from .io import atomic_directory, atomic_write_text
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
@@ -225,18 +225,17 @@ def _manifest(
     }
 
 
-def __getattr__(name: str):
-    # Deprecated: the methods' own `export_refusal` flags replace the table.
-    if name == "NOT_EXPORTABLE":
-        warnings.warn(
-            "hf_fsad.export.NOT_EXPORTABLE is deprecated and will be removed in the next release; read the "
-            "model class's `export_refusal` (FsadPreTrainedModel) instead.",
-            DeprecationWarning,
-            stacklevel=2,
+# Deprecated: the methods' own `export_refusal` flags replace the table.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "NOT_EXPORTABLE": Replaced(
+            "<model class>.export_refusal",
+            lambda: {
+                model_type: spec.model.export_refusal
+                for model_type, spec in METHODS.items()
+                if spec.model.export_refusal is not None
+            },
         )
-        return {
-            model_type: spec.model.export_refusal
-            for model_type, spec in METHODS.items()
-            if spec.model.export_refusal is not None
-        }
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    },
+)

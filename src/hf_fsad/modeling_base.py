@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +32,7 @@ from . import calibration as calibration_module
 from . import image_processing as image_processing_module
 from .backbones.clip import ClipBackbone
 from .configuration_base import FsadConfig
+from .deprecation import moved_names, renamed_method
 from .modeling_calibration import CalibrationMixin
 from .scoring import greedy_coreset, upsample_maps
 
@@ -54,22 +54,6 @@ def _without_volatile_keys(config: dict) -> dict:
         for key, value in config.items()
         if key not in _VOLATILE_CONFIG_KEYS
     }
-
-
-def _deprecated_verb(old_name: str, new_name: str) -> Callable:
-    """A method `old_name` that warns and calls `new_name` (kept for one release after the rename)."""
-
-    def deprecated(self, *args, **kwargs):
-        warnings.warn(
-            f"`{old_name}` is deprecated and will be removed in the next release: use `{new_name}`.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(self, new_name)(*args, **kwargs)
-
-    deprecated.__name__ = deprecated.__qualname__ = old_name
-    deprecated.__doc__ = f"Deprecated: use `{new_name}`."
-    return deprecated
 
 
 class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
@@ -418,31 +402,21 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         )
         return bank.to(self.device)
 
-    make_bank = _deprecated_verb("make_bank", "bank_from_tensors")
-    resolve_bank = _deprecated_verb("resolve_bank", "bank_or_default")
-    require_bank = _deprecated_verb("require_bank", "required_bank")
-    check_bank = _deprecated_verb("check_bank", "checked_bank")
+    make_bank = renamed_method("make_bank", "bank_from_tensors")
+    resolve_bank = renamed_method("resolve_bank", "bank_or_default")
+    require_bank = renamed_method("require_bank", "required_bank")
+    check_bank = renamed_method("check_bank", "checked_bank")
 
 
-# Public names that moved out of this module -> their module; importing them from here still works, with a
-# DeprecationWarning, for one release.
-_MOVED_NAMES = {
-    "AnomalyDetectionOutput": "hf_fsad.modeling_outputs",
-    "ReferenceBank": "hf_fsad.bank",
-    "BANK_FORMAT_VERSION": "hf_fsad.bank",
-    "apply_calibration": "hf_fsad.calibration",
-    "validate_pixel_values": "hf_fsad.image_processing",
-}
-
-
-def __getattr__(name: str):
-    if name not in _MOVED_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new_module = _MOVED_NAMES[name]
-    warnings.warn(
-        f"`{__name__}.{name}` moved to `{new_module}.{name}`; importing it from `{__name__}` will stop working "
-        "in the next release.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(new_module), name)
+# Public names that moved out of this module; importing them from here still works, with a DeprecationWarning,
+# for one release.
+__getattr__ = moved_names(
+    __name__,
+    {
+        "AnomalyDetectionOutput": "hf_fsad.modeling_outputs.AnomalyDetectionOutput",
+        "ReferenceBank": "hf_fsad.bank.ReferenceBank",
+        "BANK_FORMAT_VERSION": "hf_fsad.bank.BANK_FORMAT_VERSION",
+        "apply_calibration": "hf_fsad.calibration.apply_calibration",
+        "validate_pixel_values": "hf_fsad.image_processing.validate_pixel_values",
+    },
+)

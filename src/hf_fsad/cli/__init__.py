@@ -8,14 +8,12 @@ neither torch nor transformers. A command stops by raising `CliError`; `main` pr
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
 from hf_fsad import registry
 
+from ..deprecation import moved_names
 from . import benchmark, convert, demo, export, fit, hub, score
 from ._errors import CliError
 
@@ -34,16 +32,7 @@ _DEPRECATED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _DEPRECATED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, new_name = _DEPRECATED[name].rpartition(".")
-    warnings.warn(
-        f"hf_fsad.cli.{name} is deprecated and will be removed in the next release; use {_DEPRECATED[name]}",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(module), new_name)
+__getattr__ = moved_names(__name__, _DEPRECATED)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,13 +11,12 @@ type, optional `masks/`).
 
 from __future__ import annotations
 
-import importlib
 import os
-import warnings
 from pathlib import Path
 
 from datasets import DatasetDict
 
+from ..deprecation import moved_names
 from .aitex import AITEX_BENCHMARK
 from .cifar10 import CIFAR10_BENCHMARK
 from .common import BenchmarkSpec, build_dataset_dict, require_dir
@@ -96,14 +95,6 @@ _MOVED = {
     "Splits": "common",
 }
 
-
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    new_path = f"hf_fsad.data.{_MOVED[name]}"
-    warnings.warn(
-        f"hf_fsad.data.benchmarks.{name} moved to {new_path}.{name}; the old path goes in the next release.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return getattr(importlib.import_module(new_path), name)
+__getattr__ = moved_names(
+    __name__, {name: f"hf_fsad.data.{module}.{name}" for name, module in _MOVED.items()}
+)
