@@ -122,7 +122,7 @@ def _documented_workspace(directory: Path) -> None:
     clip = str(directory / "clip-vit-b-16-plus-240")
     MetaCanModel.from_clip(clip, feature_layers=[1, 2]).save_pretrained(directory / "runs/metacan-mvtec")
     AfClipModel.from_clip(clip, feature_layers=[1, 2]).save_pretrained(directory / "runs/afclip-mvtec")
-    save_tiny_diffusion_pipeline(directory / "runwayml/stable-diffusion-v1-5")
+    save_tiny_diffusion_pipeline(directory / "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
     data = load_benchmark("toy", category="weave", num_train=4, num_test_good=2, num_test_anomalous=2)
     for folder in ("good", "queries"):

@@ -10,6 +10,7 @@ import hashlib
 import math
 import sys
 import warnings
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -598,3 +599,32 @@ def test_runner_fits_one_to_normal_per_cell_and_augments_other_methods_reference
     np.testing.assert_allclose(augmented_cell["image_scores"], with_generated, rtol=0, atol=1e-6)
     np.testing.assert_allclose(plain_cell["image_scores"], without, rtol=0, atol=1e-6)
     assert np.abs(with_generated - without).max() > 1e-3  # the two generated references do move the scores
+
+
+
+# `runwayml/stable-diffusion-v1-5` left the Hub in 2024; its maintained copy is this repository.
+MAINTAINED_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_every_default_diffusion_model_is_the_maintained_stable_diffusion_1_5(capsys):
+    from hf_fsad.cli import main
+    from hf_fsad.training.recipes import dreambooth_main
+
+    assert OneToNormalConfig().diffusion_model == MAINTAINED_SD15
+    for command in (lambda: main(["fit", "--help"]), lambda: dreambooth_main(["--help"])):
+        with pytest.raises(SystemExit):
+            command()
+        assert MAINTAINED_SD15 in "".join(capsys.readouterr().out.split())
+
+
+def test_no_file_of_the_repository_names_the_removed_stable_diffusion_repository():
+    root = Path(__file__).resolve().parents[1]
+    removed = "runway" + "ml/stable-diffusion"  # split, so that this file does not name it
+    folders = ("src", "training", "docs", "spaces", "benchmarks")
+    files = [root / "README.md"] + [path for folder in folders for path in (root / folder).rglob("*")]
+    named = [
+        str(path.relative_to(root))
+        for path in files
+        if path.suffix in {".py", ".md", ".yaml", ".txt"} and path.is_file() and removed in path.read_text()
+    ]
+    assert named == []

@@ -1,7 +1,7 @@
 """Fit One-to-Normal's anomaly-free customised model: DreamBooth with LoRA on the Stable Diffusion UNet.
 
     accelerate launch training/train_dreambooth_lora.py --normal good/ --class-name bottle --out one-to-normal-bottle \
-        [--clip openai/clip-vit-large-patch14] [--diffusion-model runwayml/stable-diffusion-v1-5] [--steps 400]
+        [--clip openai/clip-vit-large-patch14] [--diffusion-model stable-diffusion-v1-5/stable-diffusion-v1-5] [--steps 400]
 
 Saves the model with `pytorch_lora_weights.safetensors` beside it (diffusers' LoRA format); load it with
 `AutoModel.from_pretrained` (needs the `diffusers` extra).

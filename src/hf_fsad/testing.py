@@ -102,7 +102,7 @@ def save_random_clip(config: CLIPConfig, directory: str | os.PathLike, seed: int
 def save_tiny_diffusion_pipeline(directory: str | os.PathLike, seed: int = 0) -> str:
     """Save a Stable-Diffusion-layout pipeline (UNet, VAE, CLIP text encoder, byte-level tokenizer, DDIM
     scheduler) with random weights and diffusers' test sizes (32-wide UNet and VAE, 32-wide text encoder):
-    loadable with `StableDiffusionImg2ImgPipeline.from_pretrained` in seconds, as `runwayml/stable-diffusion-v1-5`
+    loadable with `StableDiffusionImg2ImgPipeline.from_pretrained` in seconds, as `stable-diffusion-v1-5/stable-diffusion-v1-5`
     is where the Hub can be reached."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel

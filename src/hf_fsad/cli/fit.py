@@ -49,8 +49,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--diffusion-model",
         help="One-to-Normal: the Stable Diffusion it personalises, a Hub id or a local diffusers folder "
-        "(default: the model's config, runwayml/stable-diffusion-v1-5 for a fresh one); kept in the saved "
-        "config, so scoring loads it from there",
+        "(default: the model's config, stable-diffusion-v1-5/stable-diffusion-v1-5 for a fresh one); kept in "
+        "the saved config, so scoring loads it from there",
     )
     add_device(parser)
     add_max_pixels(parser)

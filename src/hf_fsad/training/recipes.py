@@ -290,7 +290,8 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
     from ..io import expand_inputs, readable_images
     from ..registry import method_spec
 
-    arguments_class = method_spec("one_to_normal").training_arguments
+    spec = method_spec("one_to_normal")
+    arguments_class = spec.training_arguments
     parser = argparse.ArgumentParser(
         description="Fit One-to-Normal's anomaly-free customised model (DreamBooth LoRA)."
     )
@@ -298,7 +299,11 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--class-name", required=True, help="object name of the prompts, e.g. bottle")
     parser.add_argument("--out", required=True, help="directory for the fitted model")
     parser.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP Hub id or directory")
-    parser.add_argument("--diffusion-model", default="runwayml/stable-diffusion-v1-5")
+    parser.add_argument(
+        "--diffusion-model",
+        default=spec.config.diffusion_model,
+        help="Stable Diffusion to personalise: a Hub id or a diffusers folder (default %(default)s)",
+    )
     parser.add_argument("--steps", type=int, default=arguments_class.max_steps)
     parser.add_argument("--num-class-images", type=int, default=arguments_class.num_class_images)
     parser.add_argument("--resolution", type=int, default=240, help="diffusion and CLIP input side")

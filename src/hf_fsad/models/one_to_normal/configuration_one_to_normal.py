@@ -54,7 +54,7 @@ class OneToNormalConfig(FsadConfig):
 
     image_size: int | None = 240
     feature_layers: list[int] | None = None
-    diffusion_model: str = "runwayml/stable-diffusion-v1-5"
+    diffusion_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     strength: float = 0.3
     num_inference_steps: int = 50
     guidance_scale: float = 7.5

@@ -3,8 +3,9 @@ arXiv:2502.01201, Sec. 3.3): img2img personalization of a query towards the norm
 anomaly-free customised model (Stable Diffusion + a DreamBooth LoRA).
 
 Needs the `diffusers` extra. The pipeline is loaded from a Stable Diffusion repository (Hub id or local
-directory, `runwayml/stable-diffusion-v1-5` layout); the per-category LoRA lives next to the fitted model in
-diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`), or a fully fine-tuned UNet in
+directory in the layout of `stable-diffusion-v1-5/stable-diffusion-v1-5`, the maintained copy of Stable
+Diffusion v1.5 since `runwayml/stable-diffusion-v1-5` left the Hub); the per-category LoRA lives next to the
+fitted model in diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`), or a fully fine-tuned UNet in
 `unet/`.
 """
 
