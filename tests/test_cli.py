@@ -457,6 +457,14 @@ def test_help_loads_neither_torch_nor_transformers_nor_datasets():
         assert "usage: hf-fsad" in completed.stdout
 
 
+def test_version_prints_the_installed_version_without_loading_torch():
+    from importlib.metadata import version
+
+    completed = _console_script("--version")
+    assert completed.stdout.strip() == f"hf-fsad {version('hf-fsad')}"
+    assert completed.stderr.splitlines()[-1] == "exit 0, loaded []", completed.stderr
+
+
 def test_the_console_script_registers_the_methods_when_a_command_runs(saved_winclip_dir, toy_files, tmp_path):
     _, queries = toy_files
     output = tmp_path / "scores.jsonl"

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hf_fsad import registry
+from hf_fsad import __version__, registry
 
 from ..deprecation import moved_names
 from . import benchmark, convert, demo, export, fit, hub, score
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-fsad", description="Few-shot image anomaly detection with CLIP."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(commands)

@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from PIL import Image as PILImage
 
-from ..io import ImageReadError, check_image_file
+from ..io import IMAGE_SUFFIXES, ImageReadError, check_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +57,8 @@ def require_file(path: Path, layout: str) -> Path:
     return path
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
 def image_files(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name."""
+    """Image files directly in `folder` (the suffixes `hf-fsad score` reads), sorted by name."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
