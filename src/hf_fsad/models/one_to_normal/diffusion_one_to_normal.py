@@ -4,7 +4,7 @@ anomaly-free customised model (Stable Diffusion + a DreamBooth LoRA).
 
 Needs the `diffusers` extra. The pipeline is loaded from a Stable Diffusion repository (Hub id or local
 directory in the layout of `stable-diffusion-v1-5/stable-diffusion-v1-5`, the maintained copy of Stable
-Diffusion v1.5 since `runwayml/stable-diffusion-v1-5` left the Hub); the per-category LoRA lives next to the
+Diffusion v1.5 since the original repository left the Hub in 2024); the per-category LoRA lives next to the
 fitted model in diffusers' `save_lora_weights` format (`pytorch_lora_weights.safetensors`), or a fully fine-tuned UNet in
 `unet/`.
 """
