@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import re
 from pathlib import Path
 
@@ -201,12 +202,27 @@ def test_the_block_extraction_finds_the_docs_snippets():
     )
 
 
+@pytest.fixture
+def logging_restored():
+    """Logging as it was before the test: a snippet may configure it (docs/development.md sets the `hf_fsad`
+    logger to INFO), which would otherwise reach the tests that run after it."""
+    root, package = logging.getLogger(), logging.getLogger("hf_fsad")
+    handlers, root_level, package_level = list(root.handlers), root.level, package.level
+    yield
+    for handler in [handler for handler in root.handlers if handler not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(root_level)
+    package.setLevel(package_level)
+
+
 @pytest.mark.parametrize(
     "doc",
     [doc for doc in DOCS if _blocks(doc, {"python"})],
     ids=lambda path: path.relative_to(ROOT).as_posix(),
 )
-def test_every_python_snippet_runs(doc, documented_workspace, quick_fits, tmp_path, monkeypatch):
+def test_every_python_snippet_runs(
+    doc, documented_workspace, quick_fits, tmp_path, monkeypatch, logging_restored
+):
     """The Python blocks of each page run in order, each in a fresh namespace (so each defines what it
     uses), in one working directory holding what the page assumes on disk; a block may be skipped only with
     a reason on its fence line (```python no-run: why)."""
