@@ -1,4 +1,4 @@
-"""Reading images from files, whatever they hold, and writing results atomically.
+"""Reading images from files, whatever they hold, and writing results atomically (as valid JSON: `json_safe`).
 
 Every entry point (CLI, pipeline, Space, benchmark loaders) reads user files through `read_image`, so a
 file that cannot be used fails the same way everywhere: an `ImageReadError` whose message says why, which
@@ -7,6 +7,7 @@ the caller reports before going on with the other files.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -170,6 +171,18 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
     """Save `image` as PNG at `path` atomically (`atomic_file`)."""
     with atomic_file(path) as temporary:
         image.save(temporary, format="PNG")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float, in nested dicts, lists and tuples too, replaced by None, so
+    `json.dumps(json_safe(record), allow_nan=False)` writes valid JSON (null, never `NaN`)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
