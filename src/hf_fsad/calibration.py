@@ -27,9 +27,9 @@ normal images' map maxima, so a normal image shows any anomalous pixel with prob
 
 Normalised score: with z = (score - threshold) / scale, normalized = 1/2 + z / (2 (1 + |z|)), the logistic
 of the log-odds sign(z) log(1 + 2 |z|). It is 0.5 at the threshold and strictly increasing, and its tails
-approach 0 and 1 like 1 / |z| instead of exponentially, so scores hundreds of scales above the threshold
-still read apart (a logistic reaches exactly 1.0 in float64 about 37 scales above it). The scale puts the
-median normal calibration score at `MEDIAN_NORMAL_LEVEL` (z = -4), but at least
+approach 0 and 1 like 1 / |z| instead of exponentially, so float32 tells apart scores 1 % apart up to about
+100,000 scales above the threshold (a logistic reads exactly 1.0 from about 37 scales in float64). The
+scale puts the median normal calibration score at `MEDIAN_NORMAL_LEVEL` (z = -4), but at least
 `MIN_RELATIVE_SCALE` times |threshold| (normal scores packed within a hair of each other would otherwise
 make every defect read 1); when the median is not below the threshold (one normal, equal normals) it is
 `FALLBACK_RELATIVE_SCALE` times |threshold|. The label and the normalised score agree exactly:
@@ -62,7 +62,7 @@ NORMAL_SOURCES = ("leave_one_out", "held_out")
 CALIBRATION_FORMAT_VERSION = 2
 # The normalised score the median normal calibration score reads (z = 1 - 1 / (2 level) = -4).
 MEDIAN_NORMAL_LEVEL = 0.1
-# The scale is at least this share of |threshold|: a defect 1000 times the threshold still reads below 1.
+# The scale is at least this share of |threshold|: float32 tells defects 1 % apart up to 100 times it.
 MIN_RELATIVE_SCALE = 1e-3
 # The scale, as a share of |threshold|, when the normal scores give none: 10 % above the threshold reads 0.75.
 FALLBACK_RELATIVE_SCALE = 0.1
@@ -159,12 +159,12 @@ def logistic_scale(threshold: float, normal_scores: np.ndarray) -> float:
     return FALLBACK_RELATIVE_SCALE * abs(threshold) or 1.0
 
 
-def normalized(values: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
+def normalize_around(values: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
     """`values` normalised around `threshold` (module docstring), in float64 for float64 input, else float32.
 
     Above the threshold (or not finite) the result is at least the next float above 0.5, at or below it at
-    most 0.5, so `result > 0.5` is exactly `above(values, threshold)`; a finite value stays below 1 and a
-    non-finite one reads 1.0.
+    most 0.5, so `result > 0.5` is exactly `exceeds_threshold(values, threshold)`; a finite value stays
+    below 1 and a non-finite one reads 1.0.
     """
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     distance = (values.double() - threshold) / scale
@@ -173,12 +173,12 @@ def normalized(values: torch.Tensor, threshold: float, scale: float) -> torch.Te
     half, one = torch.tensor(0.5, dtype=dtype), torch.tensor(1.0, dtype=dtype)
     result = result.clamp(max=torch.nextafter(one, half).item())
     result = torch.where(
-        above(values, threshold), result.clamp(min=torch.nextafter(half, one).item()), result
+        exceeds_threshold(values, threshold), result.clamp(min=torch.nextafter(half, one).item()), result
     )
     return result.masked_fill(~torch.isfinite(values), 1.0)
 
 
-def above(values: torch.Tensor, threshold: float) -> torch.Tensor:
+def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where a value is above `threshold` or not finite (a NaN or infinite score cannot be trusted)."""
     return (values.double() > threshold) | ~torch.isfinite(values)
 
@@ -302,25 +302,25 @@ class Calibration:
     def normalize(self, image_scores: torch.Tensor) -> torch.Tensor:
         """Scores in (0, 1), strictly increasing in the raw score, 0.5 at the image threshold and above 0.5
         exactly where `labels` is 1 (see the module docstring); float64 for float64 input, else float32."""
-        return normalized(image_scores, self.image_threshold, self.image_scale)
+        return normalize_around(image_scores, self.image_threshold, self.image_scale)
 
     def normalize_maps(self, anomaly_maps: torch.Tensor) -> torch.Tensor:
         """Maps normalised around the pixel threshold as `normalize` does the scores (needs one)."""
         if self.pixel_threshold is None:
             raise ValueError("This calibration has no pixel threshold (the method gives no anomaly maps).")
-        return normalized(anomaly_maps, self.pixel_threshold, self.pixel_scale)
+        return normalize_around(anomaly_maps, self.pixel_threshold, self.pixel_scale)
 
     def labels(self, image_scores: torch.Tensor) -> torch.Tensor:
         """1 where the image is anomalous (score above the threshold, or not finite: `score_error`), else
         0."""
-        return above(image_scores, self.image_threshold).long()
+        return exceeds_threshold(image_scores, self.image_threshold).long()
 
     def masks(self, anomaly_maps: torch.Tensor | None) -> torch.Tensor | None:
         """True where a pixel is anomalous (map above the pixel threshold, or not finite); None without maps
         or threshold."""
         if anomaly_maps is None or self.pixel_threshold is None:
             return None
-        return above(anomaly_maps, self.pixel_threshold)
+        return exceeds_threshold(anomaly_maps, self.pixel_threshold)
 
     def shortfall(self) -> str | None:
         """Why the image threshold cannot keep the promise asked, with the number of normals that would; None
