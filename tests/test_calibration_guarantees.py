@@ -23,7 +23,9 @@ from hf_fsad.calibration import (
     conformal_threshold,
     fit_calibration,
     logistic_scale,
+    normalize_around,
     normals_needed,
+    score_at_level,
     score_error,
 )
 from hf_fsad.deploy import run_exported
@@ -147,6 +149,15 @@ def test_a_failing_part_never_reads_one_half():
         threshold = torch.tensor(rule.image_threshold, dtype=dtype)
         just_above = torch.nextafter(threshold, threshold + 1).reshape(1)  # the logistic gave exactly 0.5
         assert rule.labels(just_above).item() == 1 and rule.normalize(just_above).item() > 0.5
+
+
+def test_score_at_level_inverts_the_normalisation():
+    levels = torch.tensor([0.01, 0.1, 0.5, 0.75, 0.99], dtype=torch.float64)
+    raw = torch.tensor([score_at_level(level, 0.25, 0.002) for level in levels.tolist()], dtype=torch.float64)
+    assert raw.tolist() == pytest.approx(
+        [0.25 - 49 * 0.002, 0.25 - 4 * 0.002, 0.25, 0.25 + 0.002, 0.25 + 0.098]
+    )
+    torch.testing.assert_close(normalize_around(raw, 0.25, 0.002), levels, rtol=0, atol=1e-12)
 
 
 def test_the_fallback_scale_is_a_tenth_of_the_threshold():

@@ -178,6 +178,15 @@ def normalize_around(values: torch.Tensor, threshold: float, scale: float) -> to
     return result.masked_fill(~torch.isfinite(values), 1.0)
 
 
+def score_at_level(level: float, threshold: float, scale: float) -> float:
+    """The raw value that `normalize_around(., threshold, scale)` maps to `level` in (0, 1): its inverse, e.g.
+    the ends of a colour scale over normalised levels 0.01 to 0.99."""
+    if not 0 < level < 1:
+        raise ValueError(f"A normalised level lies in (0, 1), got {level}.")
+    distance = 1 / (2 * (1 - level)) - 1 if level > 0.5 else 1 - 1 / (2 * level)
+    return threshold + scale * distance
+
+
 def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where a value is above `threshold` or not finite (a NaN or infinite score cannot be trusted)."""
     return (values.double() > threshold) | ~torch.isfinite(values)
