@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import warnings
 
 import numpy as np
@@ -100,11 +99,13 @@ def test_best_f1_threshold_needs_both_classes_and_two_distinct_scores():
 def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_tenth():
     normal = np.array([0.1, 0.2, 0.3, 0.4, 1.0])
     scale = logistic_scale(1.0, normal)
-    assert scale == pytest.approx((1.0 - 0.3) / math.log(9), rel=1e-15)
+    # 1/2 + z / (2 (1 + |z|)) = 0.1 at z = -4
+    assert scale == pytest.approx((1.0 - 0.3) / 4, rel=1e-15)
     rule = calibration(image_threshold=1.0, image_scale=scale)
     normalized = rule.normalize(torch.tensor([1.0, 0.3], dtype=torch.float64))
-    # computed in float64, returned as float32: 6e-8 is float32's half ulp at 1
-    torch.testing.assert_close(normalized, torch.tensor([0.5, MEDIAN_NORMAL_LEVEL]), rtol=0, atol=6e-8)
+    expected = torch.tensor([0.5, MEDIAN_NORMAL_LEVEL], dtype=torch.float64)
+    torch.testing.assert_close(normalized, expected, rtol=0, atol=1e-15)  # float64 in, float64 out
+    assert rule.normalize(torch.tensor([1.0, 0.3])).dtype == torch.float32
     raw = torch.linspace(-3, 5, 2001, dtype=torch.float64)
     values = rule.normalize(raw)
     assert torch.all(values[1:] >= values[:-1]) and values.min() > 0 and values.max() < 1
@@ -112,14 +113,15 @@ def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_ten
     with pytest.raises(ValueError, match="no pixel threshold"):
         rule.normalize_maps(raw[None])
     pixel_rule = calibration(pixel_threshold=0.2, pixel_scale=0.05, pixel_rule="false_alarm_rate")
-    maps = torch.tensor([[0.2, 0.2 + 0.05 * math.log(9)]])  # at the threshold; one scale of ln 9 above it
-    # float32 maps, float64 logistic: the input rounding (~1e-8) over the scale 0.05 is < 1e-6
+    maps = torch.tensor([[0.2, 0.2 + 0.05 * 4]])  # at the threshold; 4 scales above it: 1 - 1 / (2 * 5)
+    # float32 maps, float64 arithmetic: the input rounding (~1e-8) over the scale 0.05 is < 1e-6
     torch.testing.assert_close(pixel_rule.normalize_maps(maps), torch.tensor([[0.5, 0.9]]), rtol=0, atol=1e-6)
 
 
-def test_logistic_scale_falls_back_when_the_median_is_not_below_the_threshold():
-    assert logistic_scale(0.2, np.array([0.2, 0.2, 0.4])) == pytest.approx(np.std([0.2, 0.2, 0.4]))
-    assert logistic_scale(0.2, np.array([0.2, 0.2])) == 1.0
+def test_logistic_scale_falls_back_to_a_tenth_of_the_threshold_when_the_median_is_not_below_it():
+    assert logistic_scale(0.2, np.array([0.2, 0.2, 0.4])) == pytest.approx(0.02, rel=1e-15)
+    assert logistic_scale(-0.5, np.array([-0.5, -0.5])) == pytest.approx(0.05, rel=1e-15)
+    assert logistic_scale(0.0, np.array([0.0])) == 1.0  # a zero threshold has no size to take a tenth of
 
 
 def test_calibration_json_round_trip_and_validation():
@@ -203,8 +205,9 @@ def test_leave_one_out_scores_each_reference_against_the_others(tiny_winclip):
 
     output = tiny_winclip(queries, reference_bank=calibrated)
     assert torch.equal(output.labels, (output.image_scores.double() > rule.image_threshold).long())
-    expected = torch.sigmoid((output.image_scores.double() - rule.image_threshold) / rule.image_scale)
-    # float64 logistic rounded to float32
+    distance = (output.image_scores.double() - rule.image_threshold) / rule.image_scale
+    expected = 0.5 + distance / (2 * (1 + distance.abs()))  # the module docstring's normalisation
+    # float64 rounded to float32
     torch.testing.assert_close(output.normalized_scores, expected.float(), rtol=0, atol=6e-8)
     assert torch.equal(output.anomaly_masks, output.anomaly_maps.double() > rule.pixel_threshold)
 

@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from .calibration import Calibration
 
-# The `format` and `format_version` a bank file records in its safetensors metadata.
+# The `format` and `format_version` a bank file records in its safetensors metadata. `load` reads every
+# version up to this one and refuses a later one. 2: the calibration carries its own format version (2).
 BANK_FORMAT = "hf_fsad.reference_bank"
-BANK_FORMAT_VERSION = "1"
+BANK_FORMAT_VERSION = "2"
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ReferenceBank:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceBank:
-        """Read a bank written by `save`; a ValueError says why a file is not one."""
+        """Read a bank written by `save` in this or an earlier format version; a ValueError says why a file
+        is not one, or names both versions when it is of a later one."""
         if not Path(path).is_file():
             raise ValueError(f"Reference bank {path} does not exist.")
         try:
@@ -71,6 +73,16 @@ class ReferenceBank:
             ) from None
         if metadata.get("format") != BANK_FORMAT:
             raise ValueError(f"{path} is not an hf_fsad reference bank (no bank metadata in the file).")
+        version = metadata.get("format_version", "1")
+        if not version.isdecimal():
+            raise ValueError(
+                f"Reference bank {path}: format_version must be a positive integer, got {version!r}."
+            )
+        if int(version) > int(BANK_FORMAT_VERSION):
+            raise ValueError(
+                f"Reference bank {path} is in format version {version}, but this hf_fsad reads bank format "
+                f"versions up to {BANK_FORMAT_VERSION}: upgrade hf_fsad to load it."
+            )
         calibration = None
         if "calibration" in metadata:
             try:

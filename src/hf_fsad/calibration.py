@@ -2,8 +2,8 @@
 
 Raw scores change scale with the method, the backbone and the category; a production line needs one rule.
 A `Calibration` holds an image threshold (an image is anomalous when its score is above it), optionally a
-pixel threshold (a pixel is anomalous when its map value is above it) and the scales of a logistic
-normalisation that maps each threshold to 0.5, so one rule ("fail above 0.5") works for every method.
+pixel threshold (a pixel is anomalous when its map value is above it) and the scales of a normalisation that
+maps each threshold to 0.5, so one rule ("fail above 0.5") works for every method.
 
 Two estimators, chosen by the data given:
 
@@ -12,15 +12,36 @@ Two estimators, chosen by the data given:
   the j-th smallest calibration score, j = ceil((n + 1)(1 - alpha)), is exceeded by a new normal image with
   probability at most (n - j + 1) / (n + 1) <= alpha (Vovk et al., "Algorithmic Learning in a Random
   World", 2005; Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction", arXiv:2107.07511).
-  The guarantee is in expectation over calibration sets, not for every set. With n < 1 / alpha - 1 scores
-  no order statistic reaches alpha: the threshold is the largest score and the guarantee 1 / (n + 1),
-  which `false_alarm_bound` records (and `calibrate` warns).
+  The guarantee is in expectation over calibration sets, not for each set. With a `confidence` c, j is
+  instead the smallest rank whose realised false-alarm rate, Beta(n + 1 - j, j) distributed over the draw
+  of the calibration set (Vovk, "Conditional validity of inductive conformal predictors", 2012), is at most
+  alpha with probability >= c. When even the largest score cannot promise what is asked (n < 1 / alpha - 1;
+  with c: 1 - (1 - alpha)^n < c), the threshold is the largest score and `normals_needed` records how many
+  normal scores would (and `calibrate` warns).
 - **best F1** (normal and anomalous images): the threshold with the highest F1 on the calibration scores,
   as anomalib's adaptive threshold, placed halfway between the two calibration scores it separates. It is
   fitted to the data, so it carries no guarantee; `calibration_false_alarm_rate` is its rate on them.
 
 Pixel threshold: best pixel F1 when anomalous masks are given; otherwise the conformal threshold on the
 normal images' map maxima, so a normal image shows any anomalous pixel with probability <= the bound.
+
+Normalised score: with z = (score - threshold) / scale, normalized = 1/2 + z / (2 (1 + |z|)), the logistic
+of the log-odds sign(z) log(1 + 2 |z|). It is 0.5 at the threshold and strictly increasing, and its tails
+approach 0 and 1 like 1 / |z| instead of exponentially, so float32 tells apart scores 1 % apart up to about
+100,000 scales above the threshold (a logistic reads exactly 1.0 from about 37 scales in float64). The
+scale puts the median normal calibration score at `MEDIAN_NORMAL_LEVEL` (z = -4), but at least
+`MIN_RELATIVE_SCALE` times |threshold| (normal scores packed within a hair of each other would otherwise
+make every defect read 1); when the median is not below the threshold (one normal, equal normals) it is
+`FALLBACK_RELATIVE_SCALE` times |threshold|. The label and the normalised score agree exactly:
+`label == (normalized > 0.5)` in float32 and float64. A score at the threshold is normal and reads 0.5 (or
+just below), one above it reads at least the next float above 0.5, and a finite score stays below 1.
+
+Non-finite scores: a NaN or infinite image score means the model's output cannot be trusted, so the part
+fails: its label is anomalous, its normalised score 1.0 exactly and `score_error` says why (records written
+as JSON carry it as `error`, and the score as null: `hf_fsad.io.json_safe`). A NaN map pixel is anomalous.
+
+Format: `to_json` writes `format_version` (`CALIBRATION_FORMAT_VERSION`); `from_json` reads every earlier
+version (fields added later take their defaults) and refuses a later one, naming both versions.
 """
 
 from __future__ import annotations
@@ -37,21 +58,69 @@ from .modeling_outputs import AnomalyDetectionOutput
 
 RULES = ("false_alarm_rate", "best_f1")
 NORMAL_SOURCES = ("leave_one_out", "held_out")
-# The logistic scale puts the median normal calibration score at this normalised score.
+# 2: the normalisation decays like 1 / distance (1: a logistic), `confidence` and `normals_needed`.
+CALIBRATION_FORMAT_VERSION = 2
+# The normalised score the median normal calibration score reads (z = 1 - 1 / (2 level) = -4).
 MEDIAN_NORMAL_LEVEL = 0.1
+# The scale is at least this share of |threshold|: float32 tells defects 1 % apart up to 100 times it.
+MIN_RELATIVE_SCALE = 1e-3
+# The scale, as a share of |threshold|, when the normal scores give none: 10 % above the threshold reads 0.75.
+FALLBACK_RELATIVE_SCALE = 0.1
 
 
-def conformal_threshold(normal_scores: np.ndarray, false_alarm_rate: float) -> tuple[float, float]:
-    """(threshold, guaranteed false-alarm rate): the j-th smallest of the n scores, j = ceil((n + 1)(1 -
-    false_alarm_rate)) capped at n, and (n - j + 1) / (n + 1), the rate a new exchangeable normal score
-    exceeds it with at most."""
-    scores = _finite(normal_scores, "normal calibration scores")
+def conformal_rank(num_scores: int, false_alarm_rate: float, confidence: float | None = None) -> int:
+    """j, the rank (1 = smallest) of the conformal threshold among `num_scores` normal scores, capped at n.
+
+    Without `confidence`: j = ceil((n + 1)(1 - false_alarm_rate)), so a new normal score exceeds it with
+    probability (n - j + 1) / (n + 1) <= false_alarm_rate on average over calibration sets. With it: the
+    smallest j whose realised false-alarm rate, Beta(n + 1 - j, j) over the calibration draw, is at most
+    `false_alarm_rate` with probability >= `confidence`.
+    """
+    _check_rates(false_alarm_rate, confidence)
+    if confidence is None:
+        # (n + 1)(1 - alpha) in exact arithmetic: alpha = 0.05 with n = 19 must give j = 19, not 20
+        rank = math.ceil((num_scores + 1) * (1 - Fraction(str(false_alarm_rate))))
+        return min(max(rank, 1), num_scores)
+    ranks = np.arange(1, num_scores + 1)
+    reached = np.flatnonzero(_probability_within(num_scores, ranks, false_alarm_rate) >= confidence)
+    return int(ranks[reached[0]]) if reached.size else num_scores
+
+
+def normals_needed(false_alarm_rate: float, confidence: float | None = None) -> int:
+    """The fewest normal scores whose largest is a threshold that keeps the promise: n >= 1 / alpha - 1
+    (on average), or 1 - (1 - alpha)^n >= confidence (with `confidence`)."""
+    _check_rates(false_alarm_rate, confidence)
+    if confidence is None:
+        return max(math.ceil(1 / Fraction(str(false_alarm_rate)) - 1), 1)
+    count = max(math.ceil(math.log1p(-confidence) / math.log1p(-false_alarm_rate)) - 1, 1)
+    while _probability_within(count, count, false_alarm_rate) < confidence:  # the closed form may round low
+        count += 1
+    return count
+
+
+def _probability_within(num_scores: int, rank, false_alarm_rate: float):
+    """P(realised false-alarm rate <= false_alarm_rate) for the `rank`-th smallest of `num_scores` scores: the
+    rate is Beta(n + 1 - j, j) distributed over the draw of the calibration scores."""
+    from scipy.stats import beta
+
+    return beta.cdf(false_alarm_rate, num_scores + 1 - np.asarray(rank), rank)
+
+
+def _check_rates(false_alarm_rate: float, confidence: float | None) -> None:
     if not 0 < false_alarm_rate < 1:
         raise ValueError(f"false_alarm_rate must lie in (0, 1), got {false_alarm_rate}.")
+    if confidence is not None and not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1) or be None, got {confidence}.")
+
+
+def conformal_threshold(
+    normal_scores: np.ndarray, false_alarm_rate: float, confidence: float | None = None
+) -> tuple[float, float]:
+    """(threshold, guaranteed false-alarm rate): the j-th smallest of the n scores (`conformal_rank`) and
+    (n - j + 1) / (n + 1), the rate a new exchangeable normal score exceeds it with on average."""
+    scores = _finite(normal_scores, "normal calibration scores")
     n = scores.size
-    # (n + 1)(1 - alpha) in exact arithmetic: alpha = 0.05 with n = 19 must give j = 19, not 20
-    rank = math.ceil((n + 1) * (1 - Fraction(str(false_alarm_rate))))
-    rank = min(max(rank, 1), n)
+    rank = conformal_rank(n, false_alarm_rate, confidence)
     return float(np.sort(scores)[rank - 1]), (n - rank + 1) / (n + 1)
 
 
@@ -79,14 +148,58 @@ def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, fl
 
 
 def logistic_scale(threshold: float, normal_scores: np.ndarray) -> float:
-    """The scale that puts the median normal score at `MEDIAN_NORMAL_LEVEL` after normalisation; when the
-    median is not below the threshold, the spread of the scores (or 1 when they are all equal)."""
+    """The normalisation's scale (module docstring): the one that puts the median normal score at
+    `MEDIAN_NORMAL_LEVEL`, at least `MIN_RELATIVE_SCALE` |threshold|; when the median is not below the
+    threshold, `FALLBACK_RELATIVE_SCALE` |threshold| (1 for a threshold of exactly 0, which has no size)."""
     scores = _finite(normal_scores, "normal calibration scores")
     below = threshold - float(np.median(scores))
     if below > 0:
-        return below / math.log(1 / MEDIAN_NORMAL_LEVEL - 1)
-    spread = float(scores.std())
-    return spread if spread > 0 else 1.0
+        median_distance = 1 / (2 * MEDIAN_NORMAL_LEVEL) - 1  # |z| at which the normalised score is the level
+        return max(below / median_distance, MIN_RELATIVE_SCALE * abs(threshold))
+    return FALLBACK_RELATIVE_SCALE * abs(threshold) or 1.0
+
+
+def normalize_around(values: torch.Tensor, threshold: float, scale: float) -> torch.Tensor:
+    """`values` normalised around `threshold` (module docstring), in float64 for float64 input, else float32.
+
+    Above the threshold (or not finite) the result is at least the next float above 0.5, at or below it at
+    most 0.5, so `result > 0.5` is exactly `exceeds_threshold(values, threshold)`; a finite value stays
+    below 1 and a non-finite one reads 1.0.
+    """
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    distance = (values.double() - threshold) / scale
+    tail = 0.5 / (1 + distance.abs())  # each side's distance to 0 or 1, without cancellation below 0.5
+    result = torch.where(distance > 0, 1 - tail, tail).to(dtype)
+    half, one = torch.tensor(0.5, dtype=dtype), torch.tensor(1.0, dtype=dtype)
+    result = result.clamp(max=torch.nextafter(one, half).item())
+    result = torch.where(
+        exceeds_threshold(values, threshold), result.clamp(min=torch.nextafter(half, one).item()), result
+    )
+    return result.masked_fill(~torch.isfinite(values), 1.0)
+
+
+def score_at_level(level: float, threshold: float, scale: float) -> float:
+    """The raw value that `normalize_around(., threshold, scale)` maps to `level` in (0, 1): its inverse, e.g.
+    the ends of a colour scale over normalised levels 0.01 to 0.99."""
+    if not 0 < level < 1:
+        raise ValueError(f"A normalised level lies in (0, 1), got {level}.")
+    distance = 1 / (2 * (1 - level)) - 1 if level > 0.5 else 1 - 1 / (2 * level)
+    return threshold + scale * distance
+
+
+def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """True where a value is above `threshold` or not finite (a NaN or infinite score cannot be trusted)."""
+    return (values.double() > threshold) | ~torch.isfinite(values)
+
+
+def score_error(image_score: float) -> str | None:
+    """Why an image score cannot be trusted, or None for a finite one; a part with such a score fails."""
+    if math.isfinite(image_score):
+        return None
+    return (
+        f"the image score is {image_score}: the model's output cannot be trusted, so the part fails (check "
+        "the image and the model's precision)"
+    )
 
 
 @dataclass(frozen=True)
@@ -98,7 +211,9 @@ class Calibration:
     "false_alarm_rate" (conformal) or "best_f1". normal_source: "leave_one_out" (each reference scored
     against a bank of the others) or "held_out" (normal images outside the bank). target_false_alarm_rate:
     the alpha asked for; false_alarm_bound: the conformal guarantee of the image threshold (None for best
-    F1); calibration_false_alarm_rate / calibration_f1: measured on the calibration images.
+    F1); calibration_false_alarm_rate / calibration_f1: measured on the calibration images. confidence: the
+    probability asked for the false-alarm rate to stay within the target (None: on average); normals_needed:
+    how many normal scores the promise asked would need, when the threshold had too few (else None).
     """
 
     image_threshold: float
@@ -114,6 +229,8 @@ class Calibration:
     pixel_threshold: float | None = None
     pixel_scale: float | None = None
     pixel_rule: str | None = None
+    confidence: float | None = None
+    normals_needed: int | None = None
 
     def __post_init__(self):
         problems = []
@@ -125,7 +242,7 @@ class Calibration:
         ):
             if not _is_finite_number(getattr(self, name)):
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        for name in ("false_alarm_bound", "calibration_f1", "pixel_threshold", "pixel_scale"):
+        for name in ("false_alarm_bound", "calibration_f1", "pixel_threshold", "pixel_scale", "confidence"):
             value = getattr(self, name)
             if value is not None and not _is_finite_number(value):
                 problems.append(f"{name} must be a finite number or null, got {value!r}")
@@ -133,6 +250,14 @@ class Calibration:
             value = getattr(self, name)
             if _is_finite_number(value) and value <= 0:
                 problems.append(f"{name} must be positive, got {value}")
+        if _is_finite_number(self.confidence) and not 0 < self.confidence < 1:
+            problems.append(f"confidence must lie in (0, 1), got {self.confidence}")
+        if self.normals_needed is not None and (
+            isinstance(self.normals_needed, bool)
+            or not isinstance(self.normals_needed, int)
+            or self.normals_needed < 1
+        ):
+            problems.append(f"normals_needed must be a positive integer or null, got {self.normals_needed!r}")
         if self.rule not in RULES:
             problems.append(f"rule must be one of {RULES}, got {self.rule!r}")
         if self.pixel_rule not in (None, *RULES):
@@ -151,46 +276,76 @@ class Calibration:
             raise ValueError("Invalid calibration: " + "; ".join(problems) + ".")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps({"format_version": CALIBRATION_FORMAT_VERSION} | asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Calibration:
-        """Parse `to_json` output; a ValueError names what is missing, unknown or invalid."""
+        """Parse `to_json` output of this or an earlier format version; a ValueError names what is missing,
+        unknown or invalid, or both versions when the text is of a later one."""
         try:
             fields = json.loads(text)
         except json.JSONDecodeError as error:
             raise ValueError(f"Invalid calibration: not JSON ({error}).") from None
         if not isinstance(fields, dict):
             raise TypeError("Invalid calibration: not a JSON object.")
+        version = fields.pop("format_version", 1)  # version 1 wrote none
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(
+                f"Invalid calibration: format_version must be a positive integer, got {version!r}."
+            )
+        if version > CALIBRATION_FORMAT_VERSION:
+            raise ValueError(
+                f"The calibration is in format version {version}, but this hf_fsad reads calibration format "
+                f"versions up to {CALIBRATION_FORMAT_VERSION}: upgrade hf_fsad to use it."
+            )
         unknown = set(fields) - set(cls.__dataclass_fields__)
         missing = {
             name for name, field in cls.__dataclass_fields__.items() if field.default is MISSING
         } - set(fields)
         if unknown or missing:
-            problems = [f"unknown fields {sorted(unknown)}"] if unknown else []
+            problems = [f"unknown fields {sorted(unknown)} (format version {version})"] if unknown else []
             problems += [f"missing fields {sorted(missing)}"] if missing else []
             raise ValueError("Invalid calibration: " + "; ".join(problems) + ".")
         return cls(**fields)
 
     def normalize(self, image_scores: torch.Tensor) -> torch.Tensor:
-        """Scores in (0, 1), strictly increasing in the raw score; the image threshold maps to 0.5."""
-        return torch.sigmoid((image_scores.double() - self.image_threshold) / self.image_scale).float()
+        """Scores in (0, 1), strictly increasing in the raw score, 0.5 at the image threshold and above 0.5
+        exactly where `labels` is 1 (see the module docstring); float64 for float64 input, else float32."""
+        return normalize_around(image_scores, self.image_threshold, self.image_scale)
 
     def normalize_maps(self, anomaly_maps: torch.Tensor) -> torch.Tensor:
-        """Maps on the pixel threshold's logistic scale: 0.5 at the pixel threshold (needs one)."""
+        """Maps normalised around the pixel threshold as `normalize` does the scores (needs one)."""
         if self.pixel_threshold is None:
             raise ValueError("This calibration has no pixel threshold (the method gives no anomaly maps).")
-        return torch.sigmoid((anomaly_maps.double() - self.pixel_threshold) / self.pixel_scale).float()
+        return normalize_around(anomaly_maps, self.pixel_threshold, self.pixel_scale)
 
     def labels(self, image_scores: torch.Tensor) -> torch.Tensor:
-        """1 where the image is anomalous (score above the threshold), else 0."""
-        return (image_scores.double() > self.image_threshold).long()
+        """1 where the image is anomalous (score above the threshold, or not finite: `score_error`), else
+        0."""
+        return exceeds_threshold(image_scores, self.image_threshold).long()
 
     def masks(self, anomaly_maps: torch.Tensor | None) -> torch.Tensor | None:
-        """True where a pixel is anomalous (map above the pixel threshold); None without maps or threshold."""
+        """True where a pixel is anomalous (map above the pixel threshold, or not finite); None without maps
+        or threshold."""
         if anomaly_maps is None or self.pixel_threshold is None:
             return None
-        return anomaly_maps.double() > self.pixel_threshold
+        return exceeds_threshold(anomaly_maps, self.pixel_threshold)
+
+    def shortfall(self) -> str | None:
+        """Why the image threshold cannot keep the promise asked, with the number of normals that would; None
+        when it does (or for best F1, which promises nothing)."""
+        if self.normals_needed is None:
+            return None
+        asked = f"a false-alarm rate of {self.target_false_alarm_rate:.1%}"
+        if self.confidence is None:
+            reached = f"guarantees {self.false_alarm_bound:.1%}"
+        else:
+            asked += f" with {self.confidence:.0%} confidence"
+            reached = f"keeps it with probability {self._maximum_keeps_target():.1%}"
+        return (
+            f"{self.num_normal} normal scores cannot guarantee {asked}: the threshold (their maximum) "
+            f"{reached}. Give at least {self.normals_needed} normal images for the rate asked."
+        )
 
     def describe(self) -> str:
         """One line for logs and reports: the rule, the data and what the threshold promises."""
@@ -201,10 +356,24 @@ class Calibration:
                 f"best-F1 threshold {self.image_threshold:.6g} from {data} (F1 {self.calibration_f1:.3f}, "
                 f"false alarms on them {self.calibration_false_alarm_rate:.1%}; no guarantee)"
             )
+        threshold = f"conformal threshold {self.image_threshold:.6g} from {data}: false-alarm rate"
+        on_average = f"<= {self.false_alarm_bound:.1%} on average"
+        if self.confidence is None:
+            return f"{threshold} {on_average} (asked {self.target_false_alarm_rate:.1%})"
+        if self.normals_needed is None:
+            kept, asked = f"{self.confidence:.0%}", ""
+        else:
+            kept = f"only {self._maximum_keeps_target():.1%}"
+            asked = f"; {self.confidence:.0%} asked needs {self.normals_needed} normals"
         return (
-            f"conformal threshold {self.image_threshold:.6g} from {data}: false-alarm rate <= "
-            f"{self.false_alarm_bound:.1%} (asked {self.target_false_alarm_rate:.1%})"
+            f"{threshold} <= {self.target_false_alarm_rate:.1%} with probability {kept} over the calibration "
+            f"draw ({on_average}{asked})"
         )
+
+    def _maximum_keeps_target(self) -> float:
+        """The probability over the calibration draw that the largest normal score, as the threshold, keeps
+        the false-alarm rate within the target."""
+        return float(_probability_within(self.num_normal, self.num_normal, self.target_false_alarm_rate))
 
 
 def fit_calibration(
@@ -216,14 +385,18 @@ def fit_calibration(
     *,
     normal_source: str,
     false_alarm_rate: float,
+    confidence: float | None = None,
 ) -> Calibration:
     """The `Calibration` of calibration images' scores (N,) / (A,) and maps (N, H, W) / (A, H, W): conformal
-    thresholds from the normals alone, best-F1 ones where anomalous scores (image) or masks (pixel) are
-    given (see the module docstring)."""
+    thresholds from the normals alone (kept with probability `confidence` over the calibration draw when
+    given, else on average), best-F1 ones where anomalous scores (image) or masks (pixel) are given (see the
+    module docstring)."""
     normal_scores = normal_scores.double().cpu().numpy().ravel()
+    needed = None
     if anomalous_scores is None:
-        image_threshold, bound = conformal_threshold(normal_scores, false_alarm_rate)
+        image_threshold, bound = conformal_threshold(normal_scores, false_alarm_rate, confidence)
         rule, f1 = "false_alarm_rate", None
+        needed = normals_needed(false_alarm_rate, confidence)
     else:
         anomalous_scores = anomalous_scores.double().cpu().numpy().ravel()
         labels = np.r_[np.zeros(normal_scores.size), np.ones(anomalous_scores.size)]
@@ -233,7 +406,7 @@ def fit_calibration(
     if normal_maps is not None:
         normal_maxima = normal_maps.flatten(1).amax(1).double().cpu().numpy()
         if anomalous_masks is None:
-            pixel_threshold, _ = conformal_threshold(normal_maxima, false_alarm_rate)
+            pixel_threshold, _ = conformal_threshold(normal_maxima, false_alarm_rate, confidence)
             pixel_rule = "false_alarm_rate"
         else:
             masks = torch.as_tensor(anomalous_masks).cpu() != 0
@@ -265,6 +438,8 @@ def fit_calibration(
         false_alarm_bound=bound,
         calibration_false_alarm_rate=float((normal_scores > image_threshold).mean()),
         calibration_f1=f1,
+        confidence=confidence,
+        normals_needed=needed if needed is not None and needed > normal_scores.size else None,
         **pixel,
     )
 

@@ -1,6 +1,6 @@
-"""Reading images from files, whatever they hold, writing results atomically, and the file handling of a
-scoring run (repeated inputs, masks matched to images by file stem, resuming, joining the shares of several
-processes).
+"""Reading images from files, whatever they hold, writing results atomically (as valid JSON: `json_safe`), and
+the file handling of a scoring run (repeated inputs, masks matched to images by file stem, resuming, joining
+the shares of several processes).
 
 Every entry point (CLI, pipeline, Space, benchmark loaders) reads user files through `read_image`, so a
 file that cannot be used fails the same way everywhere: an `ImageReadError` whose message says why, which
@@ -10,6 +10,7 @@ the caller reports before going on with the other files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -173,6 +174,18 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
     """Save `image` as PNG at `path` atomically (`atomic_file`)."""
     with atomic_file(path) as temporary:
         image.save(temporary, format="PNG")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float, in nested dicts, lists and tuples too, replaced by None, so
+    `json.dumps(json_safe(record), allow_nan=False)` writes valid JSON (null, never `NaN`)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:

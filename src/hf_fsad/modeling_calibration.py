@@ -10,7 +10,6 @@ and reads the class flags `saves_its_references`, `needs_anomalous_references` a
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ class CalibrationMixin:
         anomalous_pixel_values: torch.Tensor | None = None,
         anomalous_masks: torch.Tensor | None = None,
         false_alarm_rate: float = 0.05,
+        confidence: float | None = None,
         bank_inputs: dict | None = None,
         batch_size: int = 8,
     ) -> ReferenceBank:
@@ -48,11 +48,14 @@ class CalibrationMixin:
         features): each is scored against a bank built from the others (at least 2; not for methods that
         `saves_its_references`). `bank_inputs` are the other arguments the bank was built with (anomalous
         memory: its anomalous references, or {} when it had none). With only normals the image threshold is
-        the conformal one for `false_alarm_rate`; with `anomalous_pixel_values` too, the best-F1 one. The
+        the conformal one for `false_alarm_rate` (kept on average, or with probability `confidence` over the
+        draw of the normals when given); with `anomalous_pixel_values` too, the best-F1 one. The
         pixel threshold is the best pixel F1 with `anomalous_masks` ((A, H, W) at the input size, non-zero =
         defect), else the conformal threshold of the normal maps' maxima. Leave-one-out banks hold k - 1
         references, so for nearest-neighbour methods their normal scores run higher than with k: the
-        threshold errs towards fewer false alarms.
+        threshold errs towards fewer false alarms, except where docs/calibration.md says otherwise (MetaCAN,
+        signed anomalous-memory weights, coreset-thinned memories). When the normals are too few for the
+        promise asked, the threshold is their maximum and a UserWarning says how many would do.
         """
         bank = self.checked_bank(reference_bank)
         if normal_pixel_values is not None:
@@ -83,15 +86,11 @@ class CalibrationMixin:
             anomalous_masks,
             normal_source=source,
             false_alarm_rate=false_alarm_rate,
+            confidence=confidence,
         )
-        if calibration.false_alarm_bound is not None and calibration.false_alarm_bound > false_alarm_rate:
-            warnings.warn(
-                f"{calibration.num_normal} normal scores cannot guarantee a false-alarm rate of "
-                f"{false_alarm_rate:.1%}: the threshold (their maximum) guarantees "
-                f"{calibration.false_alarm_bound:.1%}. Give at least {math.ceil(1 / false_alarm_rate) - 1} "
-                "normal images for the rate asked.",
-                stacklevel=3,  # the caller of calibrate, past torch.no_grad's wrapper
-            )
+        shortfall = calibration.shortfall()
+        if shortfall is not None:
+            warnings.warn(shortfall, stacklevel=3)  # the caller of calibrate, past torch.no_grad's wrapper
         return dataclasses.replace(reference_bank, calibration=calibration)
 
     def _score_in_batches(

@@ -17,8 +17,9 @@ class AnomalyDetectionOutput(ModelOutput):
     anomaly_maps: (B, H, W) at input resolution, or None for image-level-only methods.
     branch_scores: name -> (B,) per-branch image scores, to explain which cue fired.
     With a calibrated bank (`model.calibrate`), also: normalized_scores (B,) in (0, 1), 0.5 at the
-    threshold; labels (B,) 1 = anomalous; anomaly_masks (B, H, W) True where the map is above the pixel
-    threshold. Without one they stay None.
+    threshold; labels (B,) 1 = anomalous, exactly where normalized_scores > 0.5 (a NaN or infinite score is
+    anomalous and normalises to 1.0: `hf_fsad.calibration.score_error`); anomaly_masks (B, H, W) True where
+    the map is above the pixel threshold. Without one they stay None.
     """
 
     image_scores: torch.Tensor | None = None

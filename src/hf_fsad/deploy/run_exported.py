@@ -164,16 +164,24 @@ class ExportedModel:
 
 
 def normalized_scores(image_scores: np.ndarray, calibration: dict) -> np.ndarray:
-    """Calibrated scores in (0, 1), 0.5 at the image threshold (`Calibration.normalize` of hf_fsad)."""
+    """Calibrated scores in (0, 1), 0.5 at the image threshold and above 0.5 exactly where `labels` is 1
+    (hf_fsad's `Calibration.normalize`: 1/2 + z / (2 (1 + |z|)), z = (score - threshold) / scale)."""
     scores = np.asarray(image_scores, dtype=np.float64)
-    return (1 / (1 + np.exp(-(scores - calibration["image_threshold"]) / calibration["image_scale"]))).astype(
-        np.float32
-    )
+    with np.errstate(invalid="ignore"):
+        distance = (scores - calibration["image_threshold"]) / calibration["image_scale"]
+        tail = 0.5 / (1 + np.abs(distance))
+        result = np.where(distance > 0, 1 - tail, tail).astype(np.float32)
+    result = np.minimum(result, np.nextafter(np.float32(1), np.float32(0)))
+    anomalous = labels(scores, calibration) == 1
+    result = np.where(anomalous, np.maximum(result, np.nextafter(np.float32(0.5), np.float32(1))), result)
+    return np.where(np.isfinite(scores), result, np.float32(1)).astype(np.float32)
 
 
 def labels(image_scores: np.ndarray, calibration: dict) -> np.ndarray:
-    """1 where an image is anomalous (score above the calibrated threshold), else 0."""
-    return (np.asarray(image_scores, dtype=np.float64) > calibration["image_threshold"]).astype(np.int64)
+    """1 where an image is anomalous (score above the calibrated threshold, or NaN or infinite: such a score
+    cannot be trusted, so the part fails), else 0."""
+    scores = np.asarray(image_scores, dtype=np.float64)
+    return ((scores > calibration["image_threshold"]) | ~np.isfinite(scores)).astype(np.int64)
 
 
 def jet_lookup() -> np.ndarray:
@@ -228,8 +236,9 @@ def score_files(
     model: ExportedModel, paths: Sequence[Path], batch_size: int = 8, heatmap_dir: Path | None = None
 ) -> list[dict]:
     """One result per readable image: path, score and (with a calibrated bank) normalised score and label;
-    unreadable images are reported on stderr and skipped. Heatmaps go to `heatmap_dir` as <stem>.png
-    (<stem>-2.png, ... for repeated stems)."""
+    a NaN or infinite score is written as null with an `error`, and fails the part. Unreadable images are
+    reported on stderr and skipped. Heatmaps go to `heatmap_dir` as <stem>.png (<stem>-2.png, ... for
+    repeated stems)."""
     calibration = model.manifest.get("calibration")
     heatmap_names: set[str] = set()
     readable = []
@@ -244,7 +253,10 @@ def score_files(
         outputs = model(model.preprocess([image for _, image in batch]))
         scores = outputs["image_scores"]
         for index, (path, image) in enumerate(batch):
-            result = {"path": str(path), "score": float(scores[index])}
+            score = float(scores[index])
+            result = {"path": str(path), "score": score if np.isfinite(score) else None}
+            if not np.isfinite(score):
+                result["error"] = f"the image score is {score}: the part fails"
             if calibration is not None:
                 result["normalized_score"] = float(
                     normalized_scores(scores[index : index + 1], calibration)[0]
@@ -281,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if heatmap_dir is not None:
         heatmap_dir.mkdir(parents=True, exist_ok=True)
     results = score_files(model, _image_paths(args.images), args.batch_size, heatmap_dir)
-    text = json.dumps(results, indent=2)
+    text = json.dumps(results, indent=2, allow_nan=False)
     if args.output:
         _write_atomically(Path(args.output), lambda target: target.write_text(text + "\n", encoding="utf-8"))
     else:
