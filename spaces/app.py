@@ -14,7 +14,6 @@ the raw score.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from PIL import Image, ImageDraw
 
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
-from hf_fsad.calibration import Calibration
+from hf_fsad.calibration import Calibration, score_at_level
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS
@@ -101,8 +100,11 @@ def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None
     heatmap on its own min and max) without a pixel calibration."""
     if calibration is None or calibration.pixel_threshold is None:
         return None
-    half_width = calibration.pixel_scale * math.log(1 / HEATMAP_LEVELS - 1)
-    return calibration.pixel_threshold - half_width, calibration.pixel_threshold + half_width
+    low, high = (
+        score_at_level(level, calibration.pixel_threshold, calibration.pixel_scale)
+        for level in (HEATMAP_LEVELS, 1 - HEATMAP_LEVELS)
+    )
+    return low, high
 
 
 def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:

@@ -270,3 +270,35 @@ def test_heatmaps_outline_the_pipeline_mask(saved_winclip_dir, files, tmp_path):
         np.testing.assert_array_equal(outlined, np.asarray(outline_region(plain, result["mask"])))
         outlined_pixels += int((outlined != np.asarray(plain)).any(axis=-1).sum())
     assert outlined_pixels > 0
+
+
+def test_confidence_is_kept_in_the_bank_and_says_how_many_normals_it_needs(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    bank_path = tmp_path / "bank.safetensors"
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--false-alarm-rate", "0.25", "--confidence", "0.9",
+        "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0
+    calibration = ReferenceBank.load(bank_path).calibration
+    assert (calibration.confidence, calibration.target_false_alarm_rate) == (0.9, 0.25)
+    # the maximum of n normals keeps 25 % with probability 1 - 0.75^n: 0.9 needs 1 - 0.75^n >= 0.9, n >= 9
+    assert calibration.normals_needed == 9
+    errors = capsys.readouterr().err
+    assert "with 90% confidence" in errors and "Give at least 9 normal images" in errors
+    _assert_verdicts(records, calibration, errors)
+    # without --confidence, 3 normals at 25 % reach the promise on average: nothing is missing
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--bank", str(bank_path), "--false-alarm-rate", "0.25", "--calibration-normal", str(files["held_out"]),
+        "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0 and ReferenceBank.load(bank_path).calibration.normals_needed is None
+
+
+def test_confidence_with_no_calibration_is_refused(saved_winclip_dir, files, tmp_path, capsys):
+    status, _ = _score(saved_winclip_dir, files, tmp_path, "--no-calibration", "--confidence", "0.9")
+    assert status == 2
+    assert "--no-calibration goes with no other calibration option" in capsys.readouterr().err

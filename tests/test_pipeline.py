@@ -222,3 +222,34 @@ def test_methods_that_keep_their_references_are_not_calibrated_leave_one_out(toy
         calibrate_reference_bank(model, bank, True)
     calibrated, refusal = calibrate_reference_bank(model, bank, normal_pixel_values=pixel_values)
     assert refusal is None and calibrated.calibration.normal_source == "held_out"
+
+
+def test_confidence_reaches_the_calibration(pipe, toy):
+    references = [example.image for example in toy["train"]]
+    bank = pipe.build_reference_bank(references, false_alarm_rate=0.25, confidence=0.9)
+    # 2 leave-one-out normals: their maximum keeps 25 % with probability 1 - 0.75^2 < 0.9; 9 would
+    assert (bank.calibration.confidence, bank.calibration.normals_needed) == (0.9, 9)
+    results = pipe([toy["test"][0].image], reference_images=references, false_alarm_rate=0.25, confidence=0.9)
+    assert results[0]["threshold"] == bank.calibration.image_threshold
+
+
+def test_a_part_with_a_non_finite_score_fails_with_the_reason_and_writes_valid_json():
+    import json
+
+    from hf_fsad.calibration import apply_calibration, fit_calibration
+    from hf_fsad.io import json_line
+    from hf_fsad.modeling_outputs import AnomalyDetectionOutput
+    from hf_fsad.pipeline import decision
+
+    calibration = fit_calibration(
+        torch.tensor([0.28, 0.29, 0.30]), None, normal_source="held_out", false_alarm_rate=0.25
+    )
+    output = apply_calibration(
+        AnomalyDetectionOutput(image_scores=torch.tensor([0.2, float("nan"), float("inf")])), calibration
+    )
+    verdicts = [decision(output, index, calibration) for index in range(3)]
+    assert [verdict["label"] for verdict in verdicts] == ["normal", "anomalous", "anomalous"]
+    assert "error" not in verdicts[0]
+    assert all("cannot be trusted" in verdict["error"] for verdict in verdicts[1:])
+    record = json.loads(json_line({"score": float(output.image_scores[1]), **verdicts[1]}))
+    assert record["score"] is None and record["label"] == "anomalous"

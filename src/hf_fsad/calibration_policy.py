@@ -56,6 +56,7 @@ def calibrate_bank(
     references: torch.Tensor | None,
     bank_inputs: dict,
     false_alarm_rate: float | None,
+    confidence: float | None = None,
     no_calibration: bool,
     precision: str,
     batch_size: int,
@@ -64,7 +65,7 @@ def calibrate_bank(
 
     A built bank is calibrated by leave-one-out by default (each of its `references` scored against a bank of
     the others and the `bank_inputs` it was built with); a `saved` bank is used as saved unless calibration
-    images or a `false_alarm_rate` are given (None: `DEFAULT_FALSE_ALARM_RATE`, not asked for).
+    images, a `false_alarm_rate` or a `confidence` are given (None: `DEFAULT_FALSE_ALARM_RATE`, not asked for).
     `no_calibration` leaves any calibration out. Calibration scores are computed as the queries' are: at
     `precision`, `batch_size` images at a time. A ValueError says why an asked-for calibration is impossible.
     """
@@ -72,7 +73,7 @@ def calibrate_bank(
 
     from .pipeline import calibrate_reference_bank
 
-    asked = images.given or false_alarm_rate is not None
+    asked = images.given or false_alarm_rate is not None or confidence is not None
     if saved and not asked and not no_calibration:
         return bank, None if bank.calibration else "the --bank was saved without a calibration", []
 
@@ -91,6 +92,7 @@ def calibrate_bank(
             anomalous_pixel_values=pixel_values(images.anomalous),
             anomalous_masks=masks,
             false_alarm_rate=false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
+            confidence=confidence,
             batch_size=batch_size,
             bank_inputs=bank_inputs,
         )

@@ -188,6 +188,11 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def json_line(record: dict) -> str:
+    """`record` as one line of valid JSON (a non-finite number as null, `json_safe`), newline included."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move the folder `source` to `target`, removing a previous `target` first."""
     target = Path(target)
@@ -379,5 +384,5 @@ def join_results(output: Path, previous: Sequence[dict], shares: Sequence[Path])
     """Replace `output` atomically with the `previous` records followed by the shares' JSON lines, in rank
     order; returns the shares' lines."""
     joined = "".join(share.read_text() for share in shares)
-    atomic_write_text(output, "".join(json.dumps(record) + "\n" for record in previous) + joined)
+    atomic_write_text(output, "".join(json_line(record) for record in previous) + joined)
     return joined

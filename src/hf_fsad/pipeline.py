@@ -17,7 +17,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
-from .calibration import Calibration
+from .calibration import Calibration, score_error
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
@@ -51,6 +51,7 @@ def calibrate_reference_bank(
     anomalous_pixel_values: torch.Tensor | None = None,
     anomalous_masks: torch.Tensor | None = None,
     false_alarm_rate: float = 0.05,
+    confidence: float | None = None,
     batch_size: int = 8,
     bank_inputs: dict | None = None,
 ) -> tuple[ReferenceBank, str | None]:
@@ -62,7 +63,8 @@ def calibrate_reference_bank(
     anomalous references the bank was built with (anomalous memory: `anomalous_pixel_values` and
     `anomalous_masks`; None: none). "auto" calibrates when there are normals to use; True, or calibration
     images, require a calibration (a ValueError says why it is impossible); False returns the bank without
-    one.
+    one. `confidence`: the false-alarm rate holds with that probability over the calibration draw, not only
+    on average (`hf_fsad.calibration.conformal_rank`).
     """
     calibration_images = (normal_pixel_values, anomalous_pixel_values, anomalous_masks)
     asked = calibrate is True or any(images is not None for images in calibration_images)
@@ -88,6 +90,7 @@ def calibrate_reference_bank(
         anomalous_pixel_values=anomalous_pixel_values,
         anomalous_masks=anomalous_masks,
         false_alarm_rate=false_alarm_rate,
+        confidence=confidence,
         bank_inputs=(bank_inputs or {}) if model.needs_anomalous_references else None,
         batch_size=batch_size,
     )
@@ -106,12 +109,14 @@ def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
 def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
     """The calibrated decision on image `index` of a calibrated `output`: `label` ("anomalous" when the
     score is above `threshold`, else "normal"), `normalized_score` (0.5 at the threshold) and `threshold`
-    (the raw image threshold)."""
-    return {
+    (the raw image threshold); and `error`, why the part fails, when its score is not finite."""
+    verdict = {
         "label": LABEL_NAMES[int(output["labels"][index])],
         "normalized_score": float(output["normalized_scores"][index]),
         "threshold": calibration.image_threshold,
     }
+    error = score_error(float(output["image_scores"][index]))
+    return verdict if error is None else verdict | {"error": error}
 
 
 class ImageAnomalyDetectionPipeline(Pipeline):
@@ -165,6 +170,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         calibrate: bool | Literal["auto"] = "auto",
         false_alarm_rate: float = 0.05,
         calibration_images: Sequence[Any] | None = None,
+        confidence: float | None = None,
     ) -> ReferenceBank:
         """Encode reference images (paths, URLs or PIL images) into the model's bank, calibrated.
 
@@ -172,7 +178,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         `hf_fsad.calibration`) on `calibration_images` (held-out normal images) when given, else on the
         references left out one at a time when there are 2 or more and the method allows it (not VTFusion);
         otherwise not calibrated (logged at INFO). True: calibrated, or a ValueError saying why it cannot
-        be. False: never.
+        be. False: never. `confidence`: the false-alarm rate holds with that probability over the draw of
+        the calibration images, not only on average.
         """
         pixel_values = self._pixel_values(reference_images, "reference_images")
         bank = self.model.build_reference_bank(pixel_values, class_name=class_name)
@@ -182,6 +189,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             calibrate,
             false_alarm_rate=false_alarm_rate,
             calibration_images=calibration_images,
+            confidence=confidence,
         )
 
     def calibrate_bank(
@@ -192,6 +200,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         *,
         false_alarm_rate: float = 0.05,
         calibration_images: Sequence[Any] | None = None,
+        confidence: float | None = None,
     ) -> ReferenceBank:
         """`bank` calibrated as `build_reference_bank` describes; `reference_pixel_values` are the references
         it was built from (None for a saved bank: then only `calibration_images` can calibrate it)."""
@@ -202,6 +211,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             reference_pixel_values=reference_pixel_values,
             normal_pixel_values=self._pixel_values(calibration_images, "calibration_images"),
             false_alarm_rate=false_alarm_rate,
+            confidence=confidence,
         )
         if refusal is not None:
             logger.info("Reference bank not calibrated: %s.", refusal)
@@ -216,10 +226,11 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         calibrate=None,
         false_alarm_rate=None,
         calibration_images=None,
+        confidence=None,
     ):
         if reference_bank is not None and reference_images is not None:
             raise ValueError("Give either reference_images or reference_bank, not both.")
-        if false_alarm_rate is not None and calibrate is None:
+        if (false_alarm_rate is not None or confidence is not None) and calibrate is None:
             calibrate = True
         calibration = {
             name: value
@@ -227,6 +238,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
                 "calibrate": calibrate,
                 "false_alarm_rate": false_alarm_rate,
                 "calibration_images": calibration_images,
+                "confidence": confidence,
             }.items()
             if value is not None
         }

@@ -102,6 +102,12 @@ def register(commands: argparse._SubParsersAction) -> None:
         "for a calibration)",
     )
     calibration.add_argument(
+        "--confidence",
+        type=rate,
+        help="probability that the false-alarm rate holds for this calibration, not only on average over "
+        "calibrations (e.g. 0.9; needs more normal images, and says how many when there are too few)",
+    )
+    calibration.add_argument(
         "--calibration-normal",
         nargs="+",
         metavar="PATH",
@@ -206,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             references=references,
             bank_inputs=bank_inputs,
             false_alarm_rate=args.false_alarm_rate,
+            confidence=args.confidence,
             no_calibration=args.no_calibration,
             precision=args.precision,
             batch_size=args.batch_size,
@@ -282,6 +289,7 @@ def _check_options(args: argparse.Namespace) -> None:
         args.calibration_anomalous,
         args.calibration_masks,
         args.false_alarm_rate,
+        args.confidence,
     )
     if args.no_calibration and any(option is not None for option in calibration_options):
         raise CliError("--no-calibration goes with no other calibration option")
@@ -435,7 +443,7 @@ def _score_paths(
     import torch
     from tqdm.auto import tqdm
 
-    from hf_fsad.io import batched, readable_images, save_image_atomically
+    from hf_fsad.io import batched, json_line, readable_images, save_image_atomically
     from hf_fsad.pipeline import decision, resized_map
     from hf_fsad.visualization import heatmap_overlay, outline_region
 
@@ -467,6 +475,6 @@ def _score_paths(
                         overlay = outline_region(overlay, calibration.masks(at_image_size).numpy())
                     save_image_atomically(overlay, target)
                     record["heatmap"] = str(target)
-                sink.write(json.dumps(record) + "\n")
+                sink.write(json_line(record))
                 sink.flush()
             progress.update(len(batch))
