@@ -60,7 +60,8 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of `upright(image)`, from the header alone (nothing decoded)."""
+    """(width, height) of `upright(image)` without turning it (a PNG is decoded, as its EXIF may follow its
+    pixels)."""
     width, height = image.size
     return (height, width) if _orientation(image) in _QUARTER_TURNS else (width, height)
 
