@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
-from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
+from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS
 from hf_fsad.visualization import mask_array
@@ -59,13 +59,14 @@ def get_pipeline(source: str):
     return _PIPELINES[source]
 
 
-def read_images(files: list | None, what: str) -> list[tuple[str, Image.Image]]:
-    """(name, RGB image) per uploaded file; a file that is not a usable image stops with a gr.Error."""
+def read_images(files: list | None, what: str, read=read_image) -> list[tuple[str, Image.Image]]:
+    """(name, RGB image) per uploaded file, read as the CLI reads it (`read_image`, or `read_mask` for
+    masks); a file that is not a usable image stops with a gr.Error."""
     images = []
     for file in files or []:
         path = Path(file if isinstance(file, str) else file.name)
         try:
-            images.append((path.name, read_image(path)))
+            images.append((path.name, read(path)))
         except ImageReadError as error:
             raise gr.Error(
                 f"{what} {path.name} is not an image this demo can use: {error}. Upload PNG, JPEG, BMP or TIFF "
@@ -117,7 +118,7 @@ def build_bank(model, references, anomalous_files, mask_files, class_name) -> tu
 
     defects = {}
     anomalous = read_images(anomalous_files, "Defective reference")
-    masks = read_images(mask_files, "Mask")
+    masks = read_images(mask_files, "Mask", read_mask)
     if masks and not anomalous:
         raise gr.Error("Masks were uploaded without defective references: add the images they outline.")
     if anomalous:
@@ -323,7 +324,7 @@ def elpv_examples(folder: Path) -> list[list]:
     paths = []
     for index, row in enumerate([*normals, query]):
         path = folder / f"elpv_{index}.png"
-        row["image"].convert("RGB").save(path)
+        to_upright_rgb(row["image"]).save(path)
         paths.append(str(path))
     return [[paths[:2], "solar cell", paths[2:]]]
 

@@ -17,7 +17,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .io import atomic_file
+from .io import atomic_file, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 
 
@@ -86,7 +86,7 @@ class FeatureCache:
         ):
             batch = dataset.select(missing[start : start + batch_size])
             pixel_values = processor(
-                [image.convert("RGB") for image in batch["image"]], return_tensors="pt"
+                [to_upright_rgb(image) for image in batch["image"]], return_tensors="pt"
             ).pixel_values
             encoded = model.encode_images(pixel_values)
             for index, path in enumerate(batch["path"]):

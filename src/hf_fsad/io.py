@@ -4,7 +4,9 @@ the shares of several processes).
 
 Every entry point (CLI, pipeline, Space, benchmark loaders) reads user files through `read_image`, so a
 file that cannot be used fails the same way everywhere: an `ImageReadError` whose message says why, which
-the caller reports before going on with the other files.
+the caller reports before going on with the other files. Every image and mask is turned upright by its EXIF
+orientation and converted to RGB by one rule (`to_upright_rgb`: transparency composited on white as
+transformers' `CLIPImageProcessor` does), whatever path it comes in by.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 T = TypeVar("T")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -41,13 +43,45 @@ def _check_pixel_count(width: int, height: int, max_pixels: int | None) -> None:
         )
 
 
+# The EXIF orientations that turn an image a quarter (width and height swap).
+_QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def _orientation(image: Image.Image) -> int:
+    return image.getexif().get(ExifTags.Base.Orientation, 1)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation tag says (a phone photo taken sideways), the way transformers'
+    `load_image` and `datasets`' image decoding do; `image` itself when it has no such tag. The tag is removed
+    from the turned image, so turning twice is harmless."""
+    if _orientation(image) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of `upright(image)` without turning it (a PNG is decoded, as its EXIF may follow its
+    pixels)."""
+    width, height = image.size
+    return (height, width) if _orientation(image) in _QUARTER_TURNS else (width, height)
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Whether `image` has an alpha band (RGBA, LA, PA) or a transparent colour (a palette or PNG `tRNS`
+    entry): transformers' `convert_to_rgb` test, so both read the same images as transparent."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` as 8-bit RGB with its full value range kept.
 
     16- and 32-bit integer images are scaled from 0..65535 (so 16-bit greyscale keeps its contrast instead of
     saturating at 255); float images are read as 0..1 when their maximum is at most 1 and as 0..255
-    otherwise, and refused when values fall outside that range, since any mapping would be a guess. Alpha is
-    dropped: the colour channels are scored as they are.
+    otherwise, and refused when values fall outside that range, since any mapping would be a guess.
+    Transparency (`has_transparency`) is composited on white, as `CLIPImageProcessor` does
+    (transformers' `convert_to_rgb`), so a bank built from `processor(Image.open(path))` and one built by the
+    CLI see the same pixels.
     """
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
@@ -65,7 +99,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if low < 0 or high > 255:
             raise ImageReadError(f"float image with values {low:g}..{high:g} outside 0..1 and 0..255")
         return Image.fromarray(np.round(values * scale).astype(np.uint8), mode="L").convert("RGB")
+    if has_transparency(image):
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")
+
+
+def to_upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` as every path reads it: turned upright (`upright`), then converted to RGB (`to_rgb`)."""
+    return to_rgb(upright(image))
 
 
 def _with_open_image(path: str | os.PathLike, max_pixels: int | None, use: Callable[[Image.Image], T]) -> T:
@@ -98,7 +140,8 @@ def _with_open_image(path: str | os.PathLike, max_pixels: int | None, use: Calla
 
 
 def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at `path` as RGB, or an `ImageReadError` saying why it cannot be used.
+    """The image at `path`, upright (`upright`) and as RGB (`to_rgb`), or an `ImageReadError` saying why it
+    cannot be used.
 
     The pixel count is checked from the header before anything is decoded, so a decompression bomb or a
     huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
@@ -107,7 +150,20 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
 
     def decode(image: Image.Image) -> Image.Image:
         image.load()
-        return to_rgb(image)
+        return to_upright_rgb(image)
+
+    return _with_open_image(path, max_pixels, decode)
+
+
+def read_mask(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The mask at `path` as `read_image` reads images (upright, RGB, same errors), except that transparency
+    is ignored rather than composited on white: a mask's colours mark the defect, and a transparent
+    background made white would read as anomalous."""
+
+    def decode(image: Image.Image) -> Image.Image:
+        image.load()
+        image = upright(image)
+        return image.convert("RGB") if has_transparency(image) else to_rgb(image)
 
     return _with_open_image(path, max_pixels, decode)
 
@@ -289,13 +345,19 @@ def option_image_paths(option: str, inputs: Sequence[str]) -> list[Path]:
     return paths
 
 
-def read_option_images(option: str, paths: Sequence[Path], max_pixels: int | None) -> list[Image.Image]:
-    """The images of an option; a ValueError names the option and the file that cannot be used. Unlike
-    inputs, none is skipped: what they set (a threshold, a bank) would silently rest on other images."""
+def read_option_images(
+    option: str,
+    paths: Sequence[Path],
+    max_pixels: int | None,
+    read: Callable[[Path, int | None], Image.Image] = read_image,
+) -> list[Image.Image]:
+    """The images of an option (`read`: `read_image`, or `read_mask` for masks); a ValueError names the
+    option and the file that cannot be used. Unlike inputs, none is skipped: what they set (a threshold, a
+    bank) would silently rest on other images."""
     images = []
     for path in paths:
         try:
-            images.append(read_image(path, max_pixels))
+            images.append(read(path, max_pixels))
         except ImageReadError as error:
             raise ValueError(f"{option} {path}: {error}") from None
     return images
@@ -352,7 +414,7 @@ def read_anomalous_images(
         mask_paths = masks_by_stem(
             paths, option_image_paths(mask_option, mask_inputs), image_option, mask_option
         )
-        masks = read_option_images(mask_option, mask_paths, max_pixels)
+        masks = read_option_images(mask_option, mask_paths, max_pixels, read_mask)
     return read_option_images(image_option, paths, max_pixels), masks
 
 

@@ -18,7 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
-from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
+from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
@@ -30,15 +30,16 @@ logger = logging.getLogger(__name__)
 
 
 def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A pipeline input (file path, URL, PIL image, array) as RGB; a file that cannot be used raises
-    `ImageReadError` naming it, as the CLI's messages do."""
+    """A pipeline input (file path, URL, PIL image, array) upright and as RGB, as the CLI reads files
+    (`to_upright_rgb`); a file that cannot be used raises `ImageReadError` naming it, as the CLI's messages
+    do. A URL is fetched by transformers' `load_image`, which turns it upright but drops its alpha."""
     if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http://", "https://", "data:")):
         try:
             return read_image(source, max_pixels)
         except ImageReadError as error:
             raise ImageReadError(f"{source}: {error}") from None
     image = source if isinstance(source, Image.Image) else load_image(source)
-    return to_rgb(image)
+    return to_upright_rgb(image)
 
 
 def calibrate_reference_bank(

@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from PIL import Image as PILImage
 
-from ..io import IMAGE_SUFFIXES, ImageReadError, check_image_file
+from ..io import IMAGE_SUFFIXES, ImageReadError, check_image_file, upright, upright_size
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +81,21 @@ class Record:
 
 
 def open_image(source: ImageSource) -> PILImage.Image:
+    """`source` as a PIL image turned upright by its EXIF orientation, as `datasets` decodes the image files
+    it stores by path, so crops and masks line up with those images."""
     if isinstance(source, PILImage.Image):
-        return source
+        return upright(source)
     if isinstance(source, np.ndarray):
         return PILImage.fromarray(source)
     with PILImage.open(source) as image:
         image.load()
-        return image
+        return upright(image)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header."""
+    """(width, height) of an image file once upright (`open_image`), read from its header."""
     with PILImage.open(path) as image:
-        return image.size
+        return upright_size(image)
 
 
 def binary_mask(source: ImageSource) -> PILImage.Image:
@@ -113,7 +115,8 @@ def _decode(record: Record) -> dict:
         if mask.size != size:
             raise BenchmarkLayoutError(
                 f"The mask of {record.path} is {mask.size[0]}x{mask.size[1]} but the image is "
-                f"{size[0]}x{size[1]}: masks must align with their images."
+                f"{size[0]}x{size[1]} (both upright, by their EXIF orientation): masks must align with their "
+                "images."
             )
     if record.crop is not None:
         image = image.crop(record.crop)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasets import Dataset, concatenate_datasets
 
+from ..io import to_upright_rgb
 from ..synthesis import SYNTHESIS_KINDS, random_anomaly
 from .common import Record, build_dataset
 
@@ -27,7 +28,7 @@ def with_synthetic_anomalies(
     for row, example in enumerate(dataset):
         if example["label"] != 0:
             continue
-        source = example["image"].convert("RGB")
+        source = to_upright_rgb(example["image"])
         for index in range(per_image):
             rng = np.random.default_rng([seed, row, index])
             image, mask, kind = random_anomaly(source, rng, tuple(kinds))

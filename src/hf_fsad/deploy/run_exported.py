@@ -4,7 +4,7 @@ Needs numpy, Pillow and onnxruntime or openvino. `hf-fsad export` copies this fi
 
     python run_exported.py EXPORT_DIR image.png more_images/ --output results.json --heatmaps heatmaps/
 
-Each image is read as RGB, preprocessed as the model's image processor does (resize, optional centre crop,
+Each image is read upright and as RGB as `hf-fsad score` reads it, preprocessed as the model's image processor does (resize, optional centre crop,
 rescale, normalise; the export's JSON holds its settings), scored by the exported graph, and reported with its
 raw score and, when the bank was calibrated, its normalised score (0.5 at the threshold) and label (1 =
 anomalous). `--heatmaps` writes a jet-coloured overlay of each anomaly map on its image.
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
@@ -86,13 +86,25 @@ def preprocess(image: Image.Image, processor: dict) -> np.ndarray:
     return ((values.T - mean) / std).T
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit `image` turned by its EXIF orientation and converted to RGB with transparency composited on
+    white: `hf_fsad.io.to_upright_rgb`'s rule, repeated here so this file needs nothing of hf_fsad."""
+    if image.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF Orientation
+        image = ImageOps.exif_transpose(image)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The 8-bit image at `path` as RGB; 16-bit and float images are refused (convert them to 8 bits first,
-    or score them with `hf-fsad score`, which maps their full range)."""
+    """The 8-bit image at `path`, upright and as RGB (`upright_rgb`); 16-bit and float images are refused
+    (convert them to 8 bits first, or score them with `hf-fsad score`, which maps their full range)."""
     with Image.open(path) as image:
         if image.mode not in EIGHT_BIT_MODES:
             raise ValueError(f"{path}: {image.mode} images are not read here; convert to 8-bit first.")
-        return image.convert("RGB")
+        image.load()
+        return upright_rgb(image)
 
 
 class ExportedModel:

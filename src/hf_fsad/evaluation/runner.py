@@ -48,7 +48,7 @@ from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_ref
 from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
-from ..io import atomic_write_text
+from ..io import atomic_write_text, to_upright_rgb
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 from ..modeling_base import FsadPreTrainedModel
 from ..visualization import mask_array
@@ -331,10 +331,15 @@ def _generated_features(
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
+def _rgb_images(rows: Dataset) -> list[Image.Image]:
+    """The images of `rows` as the CLI reads files (`to_upright_rgb`), for methods that take PIL images."""
+    return [to_upright_rgb(image) for image in rows["image"]]
+
+
 def _paper_pixel_values(model: FsadPreTrainedModel, images: Sequence[Image.Image]) -> torch.Tensor:
     """`images` preprocessed as `model`'s paper evaluated (the feature cache's preprocessing)."""
     return model.paper_image_processor()(
-        [image.convert("RGB") for image in images], return_tensors="pt"
+        [to_upright_rgb(image) for image in images], return_tensors="pt"
     ).pixel_values
 
 
@@ -470,7 +475,7 @@ def _run_cell(
     fit_seconds, generated = None, 0
     if model.fits_per_category:
         model = copy.deepcopy(model)
-        normals = split.train.select(row_indices(split.train, manifest.image_ids))["image"]
+        normals = _rgb_images(split.train.select(row_indices(split.train, manifest.image_ids)))
         fit_seconds = time.perf_counter()
         model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
         fit_seconds = time.perf_counter() - fit_seconds
@@ -478,7 +483,7 @@ def _run_cell(
         rows = row_indices(split.train, manifest.image_ids)
         features = cache.features(model, split.train, rows, batch_size, "references")
         if generated_references is not None:
-            normals = split.train.select(rows)["image"]
+            normals = _rgb_images(split.train.select(rows))
             images = generated_references.generate(normals, class_name, seed)
             extra = _generated_features(model, images, batch_size)
             generated = len(images)
@@ -496,10 +501,10 @@ def _run_cell(
         bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
     bank = model.build_reference_bank(**bank_inputs)
     validation_ids = manifest.validation_ids if manifest is not None else None
-    validation_normals = select_ids(split.train, validation_ids)["image"] if validation_ids else []
+    validation_normals = _rgb_images(select_ids(split.train, validation_ids)) if validation_ids else []
     weights_validated = bool(anomalous_ids and validation_normals and model.validates_weights)
     if weights_validated:
-        views, view_labels = model.validation_set(validation_normals, anomalous_references["image"])
+        views, view_labels = model.validation_set(validation_normals, _rgb_images(anomalous_references))
         bank = model.validate_weights(bank, views, view_labels)
     calibration_normals, note = _calibration_normals(
         model, k, generated, bank_inputs, validation_normals, weights_validated
