@@ -158,6 +158,23 @@ def test_feature_cache_in_memory_counts(make_winclip):
         cache.features(model, data, [])
 
 
+def test_features_cached_under_another_image_reading_rule_are_encoded_again(
+    make_winclip, tmp_path, monkeypatch
+):
+    import hf_fsad.features
+
+    model, data = make_winclip(), load_benchmark("toy", category="grid", **TOY)["test"]
+    monkeypatch.setattr(hf_fsad.features, "IMAGE_READING_RULE", 1)
+    FeatureCache(tmp_path).features(model, data, [0])
+    monkeypatch.undo()
+    cache = FeatureCache(tmp_path)
+    cache.features(model, data, [0])
+    assert (cache.hits, cache.misses) == (0, 1)  # the rule-1 features on disk are not served
+    again = FeatureCache(tmp_path)
+    again.features(model, data, [0])
+    assert (again.hits, again.misses) == (1, 0)
+
+
 @pytest.mark.parametrize("method", ["winclip", "anomalous_memory", "metacan", "vtfusion"])
 def test_profile_writes_latency_memory_and_k_scaling(tmp_path, method):
     model = method_tester(method).tiny_model()

@@ -17,13 +17,13 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .io import atomic_file, to_upright_rgb
+from .io import IMAGE_READING_RULE, atomic_file, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 
 
 class FeatureCache:
-    """Per-image features keyed by (model.feature_key(), the paper preprocessing, image id), in memory or as
-    safetensors on disk. Images are preprocessed with `model.paper_image_processor()`."""
+    """Per-image features keyed by (model.feature_key(), the paper preprocessing, the image reading rule, image
+    id), in memory or as safetensors on disk. Images are preprocessed with `model.paper_image_processor()`."""
 
     recent_requests = 2
 
@@ -69,7 +69,7 @@ class FeatureCache:
         """Stacked `model.encode_images` features of `dataset[rows]`, encoding only the images not cached."""
         if not rows:
             raise ValueError(f"No images to encode ({desc or 'empty selection'}).")
-        key = f"{model.feature_key()}-{model.config.paper_preprocessing}"
+        key = f"{model.feature_key()}-{model.config.paper_preprocessing}-read{IMAGE_READING_RULE}"
         prefix = dataset.info.dataset_name or "dataset"
         ids = [f"{prefix}:{path}" for path in dataset.select(rows)["path"]]
         request = (key, tuple(ids))

@@ -105,6 +105,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# Which rule turns a file into the RGB pixels a model sees; features cached under another rule are not reused
+# (2: EXIF orientation applied, transparency composited on white).
+IMAGE_READING_RULE = 2
+
+
 def to_upright_rgb(image: Image.Image) -> Image.Image:
     """`image` as every path reads it: turned upright (`upright`), then converted to RGB (`to_rgb`)."""
     return to_rgb(upright(image))
