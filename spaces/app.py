@@ -145,7 +145,10 @@ def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[Re
     """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
     defective references (their miss rate at the false-alarm threshold: `model.calibrate`'s default rule), with
     its `describe()` line; or the bank as it is and why not."""
-    held_out_defects = {} if model.needs_anomalous_references else defects
+    # the false-alarm rule sets the pixel threshold on the normals alone: masks serve only banks that learn them
+    held_out_defects = (
+        {} if model.needs_anomalous_references else {k: v for k, v in defects.items() if k != "anomalous_masks"}
+    )
     reason = model.leave_one_out_refusal(0 if reference_pixels is None else len(reference_pixels))
     if reason is not None:
         reason = f"{reason[0].upper()}{reason[1:]}: a threshold needs normal images the bank does not hold."
@@ -368,7 +371,7 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                         file_count="multiple", file_types=["image"], label="Defective references"
                     )
                     masks = gr.File(
-                        file_count="multiple", file_types=["image"], label="Their masks (same order)"
+                        file_count="multiple", file_types=["image"], label="Their masks (same order; anomalous_memory learns from them)"
                     )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():

@@ -419,6 +419,11 @@ def fit_calibration(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
     if rule == "best_f1" and anomalous_scores is None:
         raise ValueError('rule="best_f1" needs anomalous images: F1 counts the defects caught.')
+    if rule == "false_alarm_rate" and anomalous_masks is not None:
+        raise ValueError(
+            'anomalous_masks set the pixel threshold by best pixel F1, which needs rule="best_f1"; the '
+            "false-alarm rule sets it on the normal images' maps alone."
+        )
     normal_scores = normal_scores.double().cpu().numpy().ravel()
     if anomalous_scores is not None:
         anomalous_scores = _finite(anomalous_scores.double().cpu().numpy(), "anomalous calibration scores")
@@ -436,7 +441,7 @@ def fit_calibration(
     pixel = {}
     if normal_maps is not None:
         normal_maxima = normal_maps.flatten(1).amax(1).double().cpu().numpy()
-        if anomalous_masks is None or rule == "false_alarm_rate":
+        if anomalous_masks is None:
             pixel_threshold, _ = conformal_threshold(normal_maxima, false_alarm_rate, confidence)
             pixel_rule = "false_alarm_rate"
         else:
