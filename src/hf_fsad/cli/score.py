@@ -305,7 +305,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CliError("--no-calibration goes with no other calibration option")
     if args.threshold_rule == "best-f1" and not args.calibration_anomalous:
         raise CliError("--threshold-rule best-f1 needs --calibration-anomalous: F1 counts the defects caught")
-    if args.calibration_masks and args.threshold_rule != "best-f1":
+    if args.calibration_masks and args.calibration_anomalous and args.threshold_rule != "best-f1":
         raise CliError(
             "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
             "default the pixel threshold keeps --false-alarm-rate on the normal images' maps)"
