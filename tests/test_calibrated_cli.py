@@ -348,3 +348,38 @@ def test_confidence_with_no_calibration_is_refused(saved_winclip_dir, files, tmp
     status, _ = _score(saved_winclip_dir, files, tmp_path, "--no-calibration", "--confidence", "0.9")
     assert status == 2
     assert "--no-calibration goes with no other calibration option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        ([], "false_alarm_rate"),
+        (["--threshold-rule", "false-alarm-rate"], "false_alarm_rate"),
+        (BEST_F1, "best_f1"),
+    ],
+)
+def test_threshold_rule_reaches_the_calibration(
+    saved_winclip_dir, files, tmp_path, monkeypatch, options, rule
+):
+    from hf_fsad import calibration_policy
+
+    asked, calibrate_bank = {}, calibration_policy.calibrate_bank
+
+    def recording_calibrate_bank(*arguments, **keywords):
+        asked["rule"] = keywords["rule"]
+        return calibrate_bank(*arguments, **keywords)
+
+    monkeypatch.setattr(calibration_policy, "calibrate_bank", recording_calibrate_bank)
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]), *options,
+    )  # fmt: skip
+    assert status == 0 and asked["rule"] == rule
+
+
+def test_an_unknown_threshold_rule_is_refused_by_the_parser(capsys):
+    from hf_fsad.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--model", "m", "--threshold-rule", "f1", "q.png"])
+    assert "argument --threshold-rule: invalid choice: 'f1'" in capsys.readouterr().err
