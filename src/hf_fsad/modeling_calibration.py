@@ -162,9 +162,7 @@ class CalibrationMixin:
         k = next(iter(features.values())).shape[0]
         refusal = self.leave_one_out_refusal(k)
         if refusal is not None:
-            raise ValueError(
-                f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values."
-            )
+            raise ValueError(f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values.")
         if self.needs_anomalous_references and bank_inputs is None:
             raise ValueError(
                 f"{type(self).__name__} builds its bank with anomalous references too: pass the arguments the "
