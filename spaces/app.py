@@ -144,8 +144,12 @@ def build_bank(model, references, anomalous_files, mask_files, class_name) -> tu
 
 def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
     """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
-    defective references (best F1), with its `describe()` line; or the bank as it is and why not."""
-    held_out_defects = {} if model.needs_anomalous_references else defects
+    defective references (their miss rate at the false-alarm threshold: `model.calibrate`'s default rule), with
+    its `describe()` line; or the bank as it is and why not."""
+    # the false-alarm rule sets the pixel threshold on the normals alone: masks serve only banks that learn them
+    held_out_defects = (
+        {} if model.needs_anomalous_references else {k: v for k, v in defects.items() if k != "anomalous_masks"}
+    )
     reason = model.leave_one_out_refusal(0 if reference_pixels is None else len(reference_pixels))
     if reason is not None:
         reason = f"{reason[0].upper()}{reason[1:]}: a threshold needs normal images the bank does not hold."
@@ -156,7 +160,7 @@ def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[Re
             reason = str(error)
     if reason is not None:
         if held_out_defects:
-            reason += " The defective references were not used: without normal scores they set no threshold."
+            reason += " The defective references were not used: without normal scores there is no threshold."
         return bank, uncalibrated(reason)
     line = f"**Calibrated:** {bank.calibration.describe()}."
     if defects and model.needs_anomalous_references:
@@ -336,7 +340,8 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
             "# Few-shot anomaly detection\nUpload a few normal images of a part and the images to check. "
             "Choose a saved model, a Hub id, or METHOD@CLIP for a fresh method (no training needed for "
             "WinCLIP). With 2 or more references the pass/fail threshold is calibrated on them (each scored "
-            "against the others); defective references, when given, set it for the best F1."
+            "against the others) to keep a 5% false-alarm rate; defective references, when given, report "
+            "the share of them it misses."
         )
         with gr.Row():
             with gr.Column():
@@ -360,14 +365,14 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                 )
                 bank_in = gr.File(file_types=[".safetensors"], label="Load a reference bank (optional)")
                 with gr.Accordion(
-                    "Defective references (set the threshold; anomalous_memory also learns from them)",
+                    "Defective references (their miss rate at the threshold; anomalous_memory also learns from them)",
                     open=False,
                 ):
                     anomalous = gr.File(
                         file_count="multiple", file_types=["image"], label="Defective references"
                     )
                     masks = gr.File(
-                        file_count="multiple", file_types=["image"], label="Their masks (same order)"
+                        file_count="multiple", file_types=["image"], label="Their masks (same order; anomalous_memory learns from them)"
                     )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():

@@ -16,6 +16,7 @@ from hf_fsad.data.toy import toy_records
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.visualization import mask_array, outline_region
 
+BEST_F1 = ["--threshold-rule", "best-f1"]
 UNCALIBRATED_KEYS = {"path", "score", "branch_scores", "heatmap"}
 CALIBRATED_KEYS = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold"}
 
@@ -134,12 +135,46 @@ def test_a_saved_bank_is_calibrated_on_held_out_normals(saved_winclip_dir, files
     assert status == 0 and all(set(record) == UNCALIBRATED_KEYS for record in records)
 
 
-def test_anomalous_images_and_masks_give_best_f1_thresholds(saved_winclip_dir, files, tmp_path, capsys):
+def test_anomalous_images_report_their_miss_rate_at_the_false_alarm_threshold(
+    saved_winclip_dir, files, tmp_path, capsys
+):
     bank_path = tmp_path / "bank.safetensors"
     status, records = _score(
         saved_winclip_dir, files, tmp_path,
         "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]),
-        "--calibration-masks", str(files["masks"]), "--save-bank", str(bank_path),
+        "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0
+    calibration = ReferenceBank.load(bank_path).calibration
+    assert (calibration.rule, calibration.pixel_rule, calibration.num_anomalous) == (
+        "false_alarm_rate",
+        "false_alarm_rate",
+        2,
+    )
+    errors = capsys.readouterr().err
+    assert f"calibration: {calibration.describe()}" in errors and "misses" in errors
+    _assert_verdicts(records, calibration, errors)
+    model = WinClipModel.from_pretrained(saved_winclip_dir)
+    references = _pixels(model, files["refs"])
+    with torch.no_grad():
+        bank = model.build_reference_bank(references)
+        expected = model.calibrate(
+            bank, references, anomalous_pixel_values=_pixels(model, files["defects"])
+        ).calibration
+        normals_only = model.calibrate(bank, references).calibration
+    assert calibration == expected
+    assert calibration.image_threshold == normals_only.image_threshold
+    assert calibration.calibration_miss_rate is not None
+
+
+def test_threshold_rule_best_f1_with_masks_gives_best_f1_thresholds(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    bank_path = tmp_path / "bank.safetensors"
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]),
+        "--calibration-masks", str(files["masks"]), "--save-bank", str(bank_path), *BEST_F1,
     )  # fmt: skip
     assert status == 0
     calibration = ReferenceBank.load(bank_path).calibration
@@ -157,6 +192,7 @@ def test_anomalous_images_and_masks_give_best_f1_thresholds(saved_winclip_dir, f
             references,
             anomalous_pixel_values=_pixels(model, files["defects"]),
             anomalous_masks=masks,
+            rule="best_f1",
         ).calibration
     assert calibration == expected
 
@@ -181,18 +217,30 @@ def test_one_reference_is_reported_and_scored_uncalibrated(saved_winclip_dir, fi
     [
         (["--calibration-masks", "{masks}"], "--calibration-masks needs --calibration-anomalous"),
         (
-            ["--calibration-anomalous", "{defects}", "--calibration-masks", "{masks}/000_mask.png"],
+            [*BEST_F1, "--calibration-anomalous", "{defects}", "--calibration-masks", "{masks}/000_mask.png"],
             "--calibration-masks has no mask for {defects}/001.png",
         ),
         (
-            ["--calibration-anomalous", "{defects}/000.png", "--calibration-masks", "{masks}"],
+            [*BEST_F1, "--calibration-anomalous", "{defects}/000.png", "--calibration-masks", "{masks}"],
             "--calibration-masks {masks}/001_mask.png match no --calibration-anomalous image",
         ),
         (
-            ["--calibration-anomalous", "{defects}/000.png", "--calibration-masks", "{masks}/000_mask.png",
-             "{defects}/000.png"],
+            [
+                *BEST_F1,
+                "--calibration-anomalous",
+                "{defects}/000.png",
+                "--calibration-masks",
+                "{masks}/000_mask.png",
+                "{defects}/000.png",
+            ],
             "--calibration-masks {masks}/000_mask.png and {defects}/000.png both match the image stem '000'",
         ),
+        (
+            ["--calibration-anomalous", "{defects}", "--calibration-masks", "{masks}"],
+            "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1",
+        ),
+        (BEST_F1, "--threshold-rule best-f1 needs --calibration-anomalous"),
+        ([*BEST_F1, "--no-calibration"], "--no-calibration goes with no other"),
         (["--calibration-normal", "{broken}"], "--calibration-normal {broken}: not an image PIL can read"),
         (["--calibration-normal", "{empty}"], "--calibration-normal holds no image files"),
         (["--calibration-normal", "{held_out}", "--no-calibration"], "--no-calibration goes with no other"),
@@ -210,9 +258,7 @@ def test_calibration_files_that_cannot_be_used_stop_the_run(
     assert f"error: {message.format(**paths)}" in capsys.readouterr().err
 
 
-def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normals(
-    files, tmp_path, capsys
-):
+def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normals(files, tmp_path, capsys):
     from test_vtfusion import VtFusionModelTester
 
     model = VtFusionModelTester.tiny_model()
@@ -302,3 +348,38 @@ def test_confidence_with_no_calibration_is_refused(saved_winclip_dir, files, tmp
     status, _ = _score(saved_winclip_dir, files, tmp_path, "--no-calibration", "--confidence", "0.9")
     assert status == 2
     assert "--no-calibration goes with no other calibration option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "rule"),
+    [
+        ([], "false_alarm_rate"),
+        (["--threshold-rule", "false-alarm-rate"], "false_alarm_rate"),
+        (BEST_F1, "best_f1"),
+    ],
+)
+def test_threshold_rule_reaches_the_calibration(
+    saved_winclip_dir, files, tmp_path, monkeypatch, options, rule
+):
+    from hf_fsad import calibration_policy
+
+    asked, calibrate_bank = {}, calibration_policy.calibrate_bank
+
+    def recording_calibrate_bank(*arguments, **keywords):
+        asked["rule"] = keywords["rule"]
+        return calibrate_bank(*arguments, **keywords)
+
+    monkeypatch.setattr(calibration_policy, "calibrate_bank", recording_calibrate_bank)
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]), *options,
+    )  # fmt: skip
+    assert status == 0 and asked["rule"] == rule
+
+
+def test_an_unknown_threshold_rule_is_refused_by_the_parser(capsys):
+    from hf_fsad.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--model", "m", "--threshold-rule", "f1", "q.png"])
+    assert "argument --threshold-rule: invalid choice: 'f1'" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from hf_fsad.calibration import (
     Calibration,
     best_f1_threshold,
     conformal_threshold,
+    fit_calibration,
     logistic_scale,
 )
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
@@ -212,7 +213,7 @@ def test_leave_one_out_scores_each_reference_against_the_others(tiny_winclip):
     assert torch.equal(output.anomaly_masks, output.anomaly_maps.double() > rule.pixel_threshold)
 
 
-def test_held_out_normals_and_anomalies_give_a_best_f1_threshold(tiny_winclip):
+def test_held_out_normals_and_anomalies_give_a_best_f1_threshold_when_asked(tiny_winclip):
     references, normals, anomalous = images(2, 0), images(3, 1), images(2, 2) * 3
     masks = torch.zeros(2, 240, 240)
     masks[:, 32:96, 32:96] = 1
@@ -220,7 +221,11 @@ def test_held_out_normals_and_anomalies_give_a_best_f1_threshold(tiny_winclip):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # best F1 has no false-alarm target to miss
         rule = tiny_winclip.calibrate(
-            bank, normal_pixel_values=normals, anomalous_pixel_values=anomalous, anomalous_masks=masks
+            bank,
+            normal_pixel_values=normals,
+            anomalous_pixel_values=anomalous,
+            anomalous_masks=masks,
+            rule="best_f1",
         ).calibration
     normal_output = tiny_winclip(normals, reference_bank=bank)
     anomalous_output = tiny_winclip(anomalous, reference_bank=bank)
@@ -253,14 +258,24 @@ def test_calibration_refuses_what_it_cannot_do(tiny_winclip):
         tiny_winclip.calibrate(tiny_winclip.build_reference_bank(references[:1]), references[:1])
     with pytest.raises(ValueError, match="anomalous_masks were given without anomalous_pixel_values"):
         tiny_winclip.calibrate(bank, references, anomalous_masks=torch.ones(1, 240, 240))
+    defect = {"anomalous_pixel_values": images(1, 3)}
     with pytest.raises(ValueError, match=r"anomalous_masks have shape \(1, 120, 120\)"):
         tiny_winclip.calibrate(
-            bank, references, anomalous_pixel_values=images(1, 3), anomalous_masks=torch.ones(1, 120, 120)
+            bank, references, **defect, anomalous_masks=torch.ones(1, 120, 120), rule="best_f1"
         )
     with pytest.raises(ValueError, match="anomalous_masks mark no defect pixel"):
         tiny_winclip.calibrate(
-            bank, references, anomalous_pixel_values=images(1, 3), anomalous_masks=torch.zeros(1, 240, 240)
+            bank, references, **defect, anomalous_masks=torch.zeros(1, 240, 240), rule="best_f1"
         )
+    with pytest.raises(
+        ValueError,
+        match='anomalous_masks set the pixel threshold by best pixel F1, which needs rule="best_f1"',
+    ):
+        tiny_winclip.calibrate(bank, references, **defect, anomalous_masks=torch.ones(1, 240, 240))
+    with pytest.raises(ValueError, match='rule="best_f1" needs anomalous images'):
+        tiny_winclip.calibrate(bank, references, rule="best_f1")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        tiny_winclip.calibrate(bank, references, rule="f1")
     tiny_winclip.saves_its_references = (
         True  # as VTFusion: what it learnt from its references is in its weights
     )
@@ -296,3 +311,93 @@ def test_leave_one_out_keeps_the_validated_weights_of_anomalous_memory():
         )
         scores.append(model(references[index : index + 1], reference_bank=with_weights).image_scores)
     assert rule.image_threshold == pytest.approx(float(torch.cat(scores).max()), abs=BATCH_ORDER_TOLERANCE)
+
+
+def test_defects_leave_the_false_alarm_threshold_on_the_normals_by_default():
+    """Issue 27: 5 normals + 10 defects at 1 % asked gave a best-F1 threshold flagging 20 % of the normals.
+    By default the threshold is the conformal one of the normals (capped at their maximum: no normal above
+    it), and the defects only report how many of them it misses."""
+    normals = torch.tensor([0.10, 0.20, 0.30, 0.40, 0.90], dtype=torch.float64)
+    defects = torch.tensor([0.50, 0.60, 0.70, 0.80, 0.85, 0.95, 1.0, 1.1, 1.2, 1.3], dtype=torch.float64)
+    arguments = {"normal_source": "held_out", "false_alarm_rate": 0.01}
+    with_defects = fit_calibration(normals, None, defects, **arguments)
+    normals_only = fit_calibration(normals, None, **arguments)
+    assert with_defects.rule == "false_alarm_rate"
+    assert with_defects.image_threshold == normals_only.image_threshold == 0.90
+    assert (with_defects.false_alarm_bound, with_defects.normals_needed) == (1 / 6, 99)
+    assert with_defects.calibration_false_alarm_rate == 0.0
+    assert with_defects.calibration_miss_rate == 0.5  # 0.5 to 0.85 are at or below 0.90
+    assert normals_only.calibration_miss_rate is None
+    assert "misses 50.0% of the 10 anomalous" in with_defects.describe()
+    # the rule of today, now only when asked: F1 20/21 by flagging the normal at 0.90
+    best_f1 = fit_calibration(normals, None, defects, rule="best_f1", **arguments)
+    assert (best_f1.rule, best_f1.image_threshold) == ("best_f1", pytest.approx(0.45))
+    assert best_f1.calibration_false_alarm_rate == 0.2
+    assert (best_f1.false_alarm_bound, best_f1.calibration_miss_rate) == (None, None)
+    assert "moves with the share of defects" in best_f1.describe()
+
+
+def test_the_miss_rate_counts_defects_at_or_below_the_threshold():
+    normals = torch.arange(1.0, 20.0)  # 19 scores, 5 %: the 19th smallest, 19
+    defects = torch.tensor([18.5, 19.0, 19.5, 30.0])
+    rule = fit_calibration(normals, None, defects, normal_source="held_out", false_alarm_rate=0.05)
+    assert (rule.image_threshold, rule.calibration_miss_rate) == (19.0, 0.5)
+    # the pixel threshold of the default rule: the conformal one of the normal maps' maxima
+    maps = normals.reshape(19, 1, 1).expand(19, 2, 2) * 0.1
+    with_maps = fit_calibration(
+        normals, maps, defects, maps[:4] * 10, normal_source="held_out", false_alarm_rate=0.05
+    )
+    assert (with_maps.pixel_rule, with_maps.pixel_threshold) == ("false_alarm_rate", pytest.approx(1.9))
+
+
+def test_calibration_miss_rate_round_trips_and_defaults_for_earlier_files():
+    rule = calibration(num_anomalous=4, calibration_miss_rate=0.25)
+    assert Calibration.from_json(rule.to_json()) == rule
+    fields = json.loads(calibration().to_json())
+    del fields["calibration_miss_rate"]
+    assert Calibration.from_json(json.dumps(fields)).calibration_miss_rate is None
+    with pytest.raises(ValueError, match="calibration_miss_rate must be a finite number or null"):
+        calibration(calibration_miss_rate=float("nan"))
+
+
+def test_leave_one_out_scores_each_defect_against_every_left_out_bank_and_averages(tiny_winclip, monkeypatch):
+    """Normals scored leave-one-out see k - 1 references, and so do the defects: each is scored against the
+    k leave-one-out banks and its scores and maps averaged (not against the full bank)."""
+    from hf_fsad import modeling_calibration
+
+    references, defects = images(3, 0), images(2, 5) * 3
+    bank = tiny_winclip.build_reference_bank(references, class_name="tile")
+    fitted = {}
+
+    def recording_fit(*arguments, **keywords):
+        fitted["anomalous_scores"], fitted["anomalous_maps"] = arguments[2], arguments[3]
+        return fit_calibration(*arguments, **keywords)
+
+    monkeypatch.setattr(modeling_calibration, "fit_calibration", recording_fit)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 3 normals cannot reach 5 %
+        calibrated = tiny_winclip.calibrate(bank, references, anomalous_pixel_values=defects, batch_size=1)
+    left_out = [
+        tiny_winclip(
+            defects,
+            reference_bank=tiny_winclip.build_reference_bank(
+                torch.cat([references[:index], references[index + 1 :]]), class_name="tile"
+            ),
+        )
+        for index in range(3)
+    ]
+    expected_scores = torch.stack([output.image_scores for output in left_out]).mean(0)
+    expected_maps = torch.stack([output.anomaly_maps for output in left_out]).mean(0)
+    torch.testing.assert_close(
+        fitted["anomalous_scores"], expected_scores, rtol=0, atol=BATCH_ORDER_TOLERANCE
+    )
+    torch.testing.assert_close(fitted["anomalous_maps"], expected_maps, rtol=0, atol=BATCH_ORDER_TOLERANCE)
+    full_bank_scores = tiny_winclip(defects, reference_bank=bank).image_scores
+    assert not torch.allclose(fitted["anomalous_scores"], full_bank_scores, rtol=0, atol=1e-4)
+    rule = calibrated.calibration
+    misses = (expected_scores.double() <= rule.image_threshold).double().mean().item()
+    assert (rule.normal_source, rule.num_anomalous, rule.calibration_miss_rate) == (
+        "leave_one_out",
+        2,
+        misses,
+    )

@@ -5,9 +5,9 @@ A `Calibration` holds an image threshold (an image is anomalous when its score i
 pixel threshold (a pixel is anomalous when its map value is above it) and the scales of a normalisation that
 maps each threshold to 0.5, so one rule ("fail above 0.5") works for every method.
 
-Two estimators, chosen by the data given:
+Two rules (`rule`), the false-alarm rate by default with or without anomalous images:
 
-- **false-alarm rate** (normal images only): the split-conformal threshold. With n normal calibration
+- **false-alarm rate**: the split-conformal threshold on the normal scores. With n normal calibration
   scores and a new normal score exchangeable with them, the new score's rank among the n + 1 is uniform, so
   the j-th smallest calibration score, j = ceil((n + 1)(1 - alpha)), is exceeded by a new normal image with
   probability at most (n - j + 1) / (n + 1) <= alpha (Vovk et al., "Algorithmic Learning in a Random
@@ -17,13 +17,19 @@ Two estimators, chosen by the data given:
   of the calibration set (Vovk, "Conditional validity of inductive conformal predictors", 2012), is at most
   alpha with probability >= c. When even the largest score cannot promise what is asked (n < 1 / alpha - 1;
   with c: 1 - (1 - alpha)^n < c), the threshold is the largest score and `normals_needed` records how many
-  normal scores would (and `calibrate` warns).
-- **best F1** (normal and anomalous images): the threshold with the highest F1 on the calibration scores,
-  as anomalib's adaptive threshold, placed halfway between the two calibration scores it separates. It is
-  fitted to the data, so it carries no guarantee; `calibration_false_alarm_rate` is its rate on them.
+  normal scores would (and `calibrate` warns). Anomalous scores do not move it: of the thresholds that keep
+  the promise it is the lowest, so it catches the most defects at the guaranteed rate, and
+  `calibration_miss_rate` is the share of the given anomalous scores at or below it.
+- **best F1** (asked for, needs anomalous images): the threshold with the highest F1 on the calibration
+  scores, as anomalib's adaptive threshold, placed halfway between the two calibration scores it separates.
+  It is fitted to the data, so it carries no guarantee (`calibration_false_alarm_rate` is its rate on
+  them), and it depends on the share of defects among the calibration images: more defects pull it down,
+  towards more false alarms, whatever the rate on the line.
 
-Pixel threshold: best pixel F1 when anomalous masks are given; otherwise the conformal threshold on the
-normal images' map maxima, so a normal image shows any anomalous pixel with probability <= the bound.
+Pixel threshold: under the best-F1 rule with anomalous masks, the best pixel F1; otherwise the conformal
+threshold on the normal images' map maxima, so a normal image shows any anomalous pixel with probability <=
+the bound (pixel F1 would pay false-alarm pixels on normal parts for defect pixels covered, which the
+false-alarm rule does not promise).
 
 Normalised score: with z = (score - threshold) / scale, normalized = 1/2 + z / (2 (1 + |z|)), the logistic
 of the log-odds sign(z) log(1 + 2 |z|). It is 0.5 at the threshold and strictly increasing, and its tails
@@ -211,7 +217,9 @@ class Calibration:
     "false_alarm_rate" (conformal) or "best_f1". normal_source: "leave_one_out" (each reference scored
     against a bank of the others) or "held_out" (normal images outside the bank). target_false_alarm_rate:
     the alpha asked for; false_alarm_bound: the conformal guarantee of the image threshold (None for best
-    F1); calibration_false_alarm_rate / calibration_f1: measured on the calibration images. confidence: the
+    F1); calibration_false_alarm_rate / calibration_f1: measured on the calibration images;
+    calibration_miss_rate: the share of the anomalous calibration images at or below the image threshold
+    (None without anomalous images). confidence: the
     probability asked for the false-alarm rate to stay within the target (None: on average); normals_needed:
     how many normal scores the promise asked would need, when the threshold had too few (else None).
     """
@@ -231,6 +239,7 @@ class Calibration:
     pixel_rule: str | None = None
     confidence: float | None = None
     normals_needed: int | None = None
+    calibration_miss_rate: float | None = None
 
     def __post_init__(self):
         problems = []
@@ -242,7 +251,14 @@ class Calibration:
         ):
             if not _is_finite_number(getattr(self, name)):
                 problems.append(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        for name in ("false_alarm_bound", "calibration_f1", "pixel_threshold", "pixel_scale", "confidence"):
+        for name in (
+            "false_alarm_bound",
+            "calibration_f1",
+            "calibration_miss_rate",
+            "pixel_threshold",
+            "pixel_scale",
+            "confidence",
+        ):
             value = getattr(self, name)
             if value is not None and not _is_finite_number(value):
                 problems.append(f"{name} must be a finite number or null, got {value!r}")
@@ -354,12 +370,16 @@ class Calibration:
         if self.rule == "best_f1":
             return (
                 f"best-F1 threshold {self.image_threshold:.6g} from {data} (F1 {self.calibration_f1:.3f}, "
-                f"false alarms on them {self.calibration_false_alarm_rate:.1%}; no guarantee)"
+                f"false alarms on them {self.calibration_false_alarm_rate:.1%}; no guarantee, and it moves "
+                "with the share of defects among them)"
             )
+        misses = ""
+        if self.calibration_miss_rate is not None:
+            misses = f"; misses {self.calibration_miss_rate:.1%} of the {self.num_anomalous} anomalous"
         threshold = f"conformal threshold {self.image_threshold:.6g} from {data}: false-alarm rate"
         on_average = f"<= {self.false_alarm_bound:.1%} on average"
         if self.confidence is None:
-            return f"{threshold} {on_average} (asked {self.target_false_alarm_rate:.1%})"
+            return f"{threshold} {on_average} (asked {self.target_false_alarm_rate:.1%}{misses})"
         if self.normals_needed is None:
             kept, asked = f"{self.confidence:.0%}", ""
         else:
@@ -367,7 +387,7 @@ class Calibration:
             asked = f"; {self.confidence:.0%} asked needs {self.normals_needed} normals"
         return (
             f"{threshold} <= {self.target_false_alarm_rate:.1%} with probability {kept} over the calibration "
-            f"draw ({on_average}{asked})"
+            f"draw ({on_average}{asked}{misses})"
         )
 
     def _maximum_keeps_target(self) -> float:
@@ -386,22 +406,38 @@ def fit_calibration(
     normal_source: str,
     false_alarm_rate: float,
     confidence: float | None = None,
+    rule: str = "false_alarm_rate",
 ) -> Calibration:
-    """The `Calibration` of calibration images' scores (N,) / (A,) and maps (N, H, W) / (A, H, W): conformal
-    thresholds from the normals alone (kept with probability `confidence` over the calibration draw when
-    given, else on average), best-F1 ones where anomalous scores (image) or masks (pixel) are given (see the
-    module docstring)."""
+    """The `Calibration` of calibration images' scores (N,) / (A,) and maps (N, H, W) / (A, H, W).
+
+    rule="false_alarm_rate": conformal thresholds from the normals alone (kept with probability `confidence`
+    over the calibration draw when given, else on average), with the miss rate on the anomalous scores when
+    given. rule="best_f1" (needs anomalous scores): the best-F1 image threshold, and the best pixel F1 where
+    `anomalous_masks` are given (see the module docstring).
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
+    if rule == "best_f1" and anomalous_scores is None:
+        raise ValueError('rule="best_f1" needs anomalous images: F1 counts the defects caught.')
+    if rule == "false_alarm_rate" and anomalous_masks is not None:
+        raise ValueError(
+            'anomalous_masks set the pixel threshold by best pixel F1, which needs rule="best_f1"; the '
+            "false-alarm rule sets it on the normal images' maps alone."
+        )
     normal_scores = normal_scores.double().cpu().numpy().ravel()
-    needed = None
-    if anomalous_scores is None:
+    if anomalous_scores is not None:
+        anomalous_scores = _finite(anomalous_scores.double().cpu().numpy(), "anomalous calibration scores")
+    needed = misses = None
+    if rule == "false_alarm_rate":
         image_threshold, bound = conformal_threshold(normal_scores, false_alarm_rate, confidence)
-        rule, f1 = "false_alarm_rate", None
+        f1 = None
         needed = normals_needed(false_alarm_rate, confidence)
+        if anomalous_scores is not None:
+            misses = float((anomalous_scores <= image_threshold).mean())
     else:
-        anomalous_scores = anomalous_scores.double().cpu().numpy().ravel()
         labels = np.r_[np.zeros(normal_scores.size), np.ones(anomalous_scores.size)]
         image_threshold, f1 = best_f1_threshold(labels, np.r_[normal_scores, anomalous_scores])
-        bound, rule = None, "best_f1"
+        bound = None
     pixel = {}
     if normal_maps is not None:
         normal_maxima = normal_maps.flatten(1).amax(1).double().cpu().numpy()
@@ -438,6 +474,7 @@ def fit_calibration(
         false_alarm_bound=bound,
         calibration_false_alarm_rate=float((normal_scores > image_threshold).mean()),
         calibration_f1=f1,
+        calibration_miss_rate=misses,
         confidence=confidence,
         normals_needed=needed if needed is not None and needed > normal_scores.size else None,
         **pixel,

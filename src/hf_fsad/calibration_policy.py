@@ -57,6 +57,7 @@ def calibrate_bank(
     bank_inputs: dict,
     false_alarm_rate: float | None,
     confidence: float | None = None,
+    rule: str = "false_alarm_rate",
     no_calibration: bool,
     precision: str,
     batch_size: int,
@@ -67,7 +68,7 @@ def calibrate_bank(
     the others and the `bank_inputs` it was built with); a `saved` bank is used as saved unless calibration
     images, a `false_alarm_rate` or a `confidence` are given (None: `DEFAULT_FALSE_ALARM_RATE`, not asked for).
     `no_calibration` leaves any calibration out. Calibration scores are computed as the queries' are: at
-    `precision`, `batch_size` images at a time. A ValueError says why an asked-for calibration is impossible.
+    `precision`, `batch_size` images at a time. `rule`: "false_alarm_rate" or "best_f1" (`model.calibrate`). A ValueError says why an asked-for calibration is impossible.
     """
     import torch
 
@@ -93,6 +94,7 @@ def calibrate_bank(
             anomalous_masks=masks,
             false_alarm_rate=false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
             confidence=confidence,
+            rule=rule,
             batch_size=batch_size,
             bank_inputs=bank_inputs,
         )

@@ -16,11 +16,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from .calibration import fit_calibration
-from .modeling_outputs import concatenated_outputs
+from .modeling_outputs import AnomalyDetectionOutput, concatenated_outputs
 
 if TYPE_CHECKING:
     from .bank import ReferenceBank
-    from .modeling_outputs import AnomalyDetectionOutput
 
 
 class CalibrationMixin:
@@ -38,6 +37,7 @@ class CalibrationMixin:
         anomalous_masks: torch.Tensor | None = None,
         false_alarm_rate: float = 0.05,
         confidence: float | None = None,
+        rule: str = "false_alarm_rate",
         bank_inputs: dict | None = None,
         batch_size: int = 8,
     ) -> ReferenceBank:
@@ -47,22 +47,34 @@ class CalibrationMixin:
         leave-one-out on the bank's own references (`reference_pixel_values` or their `encode_images`
         features): each is scored against a bank built from the others (at least 2; not for methods that
         `saves_its_references`). `bank_inputs` are the other arguments the bank was built with (anomalous
-        memory: its anomalous references, or {} when it had none). With only normals the image threshold is
-        the conformal one for `false_alarm_rate` (kept on average, or with probability `confidence` over the
-        draw of the normals when given); with `anomalous_pixel_values` too, the best-F1 one. The
-        pixel threshold is the best pixel F1 with `anomalous_masks` ((A, H, W) at the input size, non-zero =
-        defect), else the conformal threshold of the normal maps' maxima. Leave-one-out banks hold k - 1
+        memory: its anomalous references, or {} when it had none). `anomalous_pixel_values` are scored by the
+        same protocol as the normals: against the bank with held-out normals, else against each of the k
+        leave-one-out banks and averaged, so both sides see the same number of references.
+
+        rule="false_alarm_rate" (default): the image and pixel thresholds are the conformal ones of the normal
+        scores and maps' maxima for `false_alarm_rate` (kept on average, or with probability `confidence` over
+        the draw of the normals when given); anomalous images only add their miss rate at it
+        (`calibration_miss_rate`). rule="best_f1" (needs anomalous images): the best-F1 image threshold, and
+        the best pixel F1 with `anomalous_masks` ((A, H, W) at the input size, non-zero = defect); it
+        promises no false-alarm rate and moves with the share of defects given. Leave-one-out banks hold k - 1
         references, so for nearest-neighbour methods their normal scores run higher than with k: the
         threshold errs towards fewer false alarms, except where docs/calibration.md says otherwise (MetaCAN,
         signed anomalous-memory weights, coreset-thinned memories). When the normals are too few for the
         promise asked, the threshold is their maximum and a UserWarning says how many would do.
         """
         bank = self.checked_bank(reference_bank)
+        if anomalous_masks is not None and anomalous_pixel_values is None:
+            raise ValueError("anomalous_masks were given without anomalous_pixel_values.")
+        anomalous = None
         if normal_pixel_values is not None:
             normal, source = (
                 self._score_in_batches(normal_pixel_values, bank, batch_size, "normal_pixel_values"),
                 "held_out",
             )
+            if anomalous_pixel_values is not None:
+                anomalous = self._score_in_batches(
+                    anomalous_pixel_values, bank, batch_size, "anomalous_pixel_values"
+                )
         else:
             features = self.features_of(reference_pixel_values, reference_features, "reference_pixel_values")
             if features is None:
@@ -70,14 +82,15 @@ class CalibrationMixin:
                     "Calibration needs normal images: the bank's references (reference_pixel_values, scored "
                     "leave-one-out) or held-out normal_pixel_values."
                 )
-            normal, source = self._leave_one_out(bank, features, bank_inputs), "leave_one_out"
-        anomalous = None
-        if anomalous_pixel_values is not None:
-            anomalous = self._score_in_batches(
-                anomalous_pixel_values, bank, batch_size, "anomalous_pixel_values"
+            anomalous_features = None
+            if anomalous_pixel_values is not None:
+                anomalous_features = self._encode_in_batches(
+                    anomalous_pixel_values, batch_size, "anomalous_pixel_values"
+                )
+            (normal, anomalous), source = (
+                self._leave_one_out(bank, features, bank_inputs, anomalous_features, batch_size),
+                "leave_one_out",
             )
-        elif anomalous_masks is not None:
-            raise ValueError("anomalous_masks were given without anomalous_pixel_values.")
         calibration = fit_calibration(
             normal.image_scores,
             normal.anomaly_maps,
@@ -87,6 +100,7 @@ class CalibrationMixin:
             normal_source=source,
             false_alarm_rate=false_alarm_rate,
             confidence=confidence,
+            rule=rule,
         )
         shortfall = calibration.shortfall()
         if shortfall is not None:
@@ -102,6 +116,27 @@ class CalibrationMixin:
         ]
         return concatenated_outputs(outputs)
 
+    def _encode_in_batches(
+        self, pixel_values: torch.Tensor, batch_size: int, name: str
+    ) -> dict[str, torch.Tensor]:
+        batches = [
+            self.encode_images(pixel_values[start : start + batch_size], name)
+            for start in range(0, max(len(pixel_values), 1), batch_size)
+        ]
+        return {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
+
+    def _score_features_in_batches(
+        self, features: dict[str, torch.Tensor], bank: ReferenceBank, batch_size: int
+    ) -> AnomalyDetectionOutput:
+        count = next(iter(features.values())).shape[0]
+        outputs = [
+            self.score_features(
+                {key: value[start : start + batch_size] for key, value in features.items()}, bank
+            )
+            for start in range(0, count, batch_size)
+        ]
+        return concatenated_outputs(outputs)
+
     def leave_one_out_refusal(self, num_references: int) -> str | None:
         """Why `calibrate` cannot score `num_references` references leave-one-out; None when it can."""
         if self.saves_its_references:
@@ -114,9 +149,16 @@ class CalibrationMixin:
         return None
 
     def _leave_one_out(
-        self, bank: ReferenceBank, features: dict[str, torch.Tensor], bank_inputs: dict | None
-    ) -> AnomalyDetectionOutput:
-        """Each reference scored against a bank built from the others, with `bank`'s `validated_tensors`."""
+        self,
+        bank: ReferenceBank,
+        features: dict[str, torch.Tensor],
+        bank_inputs: dict | None,
+        anomalous_features: dict[str, torch.Tensor] | None = None,
+        batch_size: int = 8,
+    ) -> tuple[AnomalyDetectionOutput, AnomalyDetectionOutput | None]:
+        """(normal, anomalous) outputs: each reference scored against a bank built from the others, with
+        `bank`'s `validated_tensors`; each anomalous image scored against all k such banks, its scores and maps
+        averaged (None without `anomalous_features`)."""
         k = next(iter(features.values())).shape[0]
         refusal = self.leave_one_out_refusal(k)
         if refusal is not None:
@@ -127,7 +169,7 @@ class CalibrationMixin:
                 "bank was built with (anomalous_pixel_values or anomalous_features, anomalous_masks) in "
                 "bank_inputs ({} if it had none), or give held-out normal_pixel_values."
             )
-        outputs, bank_inputs = [], bank_inputs or {}
+        outputs, anomalous_outputs, bank_inputs = [], [], bank_inputs or {}
         for index in range(k):
             others = {
                 name: torch.cat([tensor[:index], tensor[index + 1 :]]) for name, tensor in features.items()
@@ -139,4 +181,19 @@ class CalibrationMixin:
             left_out_bank = dataclasses.replace(bank, k=k - 1, tensors=rebuilt.tensors | validated)
             left_out = {name: tensor[index : index + 1] for name, tensor in features.items()}
             outputs.append(self.score_features(left_out, left_out_bank))
-        return concatenated_outputs(outputs)
+            if anomalous_features is not None:
+                anomalous_outputs.append(
+                    self._score_features_in_batches(anomalous_features, left_out_bank, batch_size)
+                )
+        return concatenated_outputs(outputs), _averaged_outputs(anomalous_outputs)
+
+
+def _averaged_outputs(outputs: list[AnomalyDetectionOutput]) -> AnomalyDetectionOutput | None:
+    """The mean image scores and maps of outputs of the same images (None for no outputs)."""
+    if not outputs:
+        return None
+    maps = [output.anomaly_maps for output in outputs]
+    return AnomalyDetectionOutput(
+        image_scores=torch.stack([output.image_scores for output in outputs]).mean(0),
+        anomaly_maps=None if maps[0] is None else torch.stack(maps).mean(0),
+    )

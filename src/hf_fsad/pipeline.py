@@ -53,6 +53,7 @@ def calibrate_reference_bank(
     anomalous_masks: torch.Tensor | None = None,
     false_alarm_rate: float = 0.05,
     confidence: float | None = None,
+    rule: str = "false_alarm_rate",
     batch_size: int = 8,
     bank_inputs: dict | None = None,
 ) -> tuple[ReferenceBank, str | None]:
@@ -65,7 +66,9 @@ def calibrate_reference_bank(
     `anomalous_masks`; None: none). "auto" calibrates when there are normals to use; True, or calibration
     images, require a calibration (a ValueError says why it is impossible); False returns the bank without
     one. `confidence`: the false-alarm rate holds with that probability over the calibration draw, not only
-    on average (`hf_fsad.calibration.conformal_rank`).
+    on average (`hf_fsad.calibration.conformal_rank`). `rule`: "false_alarm_rate" (the conformal threshold,
+    with the miss rate on the anomalous images) or "best_f1" (needs anomalous images; no guarantee), as
+    `model.calibrate` describes.
     """
     calibration_images = (normal_pixel_values, anomalous_pixel_values, anomalous_masks)
     asked = calibrate is True or any(images is not None for images in calibration_images)
@@ -92,6 +95,7 @@ def calibrate_reference_bank(
         anomalous_masks=anomalous_masks,
         false_alarm_rate=false_alarm_rate,
         confidence=confidence,
+        rule=rule,
         bank_inputs=(bank_inputs or {}) if model.needs_anomalous_references else None,
         batch_size=batch_size,
     )

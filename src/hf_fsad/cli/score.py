@@ -117,14 +117,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--calibration-anomalous",
         nargs="+",
         metavar="PATH",
-        help="defective images: the threshold with the best F1 instead of the false-alarm rate",
+        help="defective images: their miss rate at the threshold is reported (with --threshold-rule "
+        "best-f1 they set it)",
     )
     calibration.add_argument(
         "--calibration-masks",
         nargs="+",
         metavar="PATH",
         help="a defect mask per --calibration-anomalous image, matched by file stem (000.png or "
-        "000_mask.png for 000.png): the pixel threshold with the best F1",
+        "000_mask.png for 000.png): the pixel threshold with the best F1 (needs --threshold-rule best-f1)",
+    )
+    calibration.add_argument(
+        "--threshold-rule",
+        choices=("false-alarm-rate", "best-f1"),
+        help="false-alarm-rate (default): the threshold that keeps --false-alarm-rate on normal images, "
+        "whatever defects are given; best-f1: the best F1 on the normal and --calibration-anomalous images, "
+        "with no false-alarm guarantee (it moves with the share of defects among them)",
     )
     calibration.add_argument(
         "--no-calibration",
@@ -213,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
             bank_inputs=bank_inputs,
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
+            rule=(args.threshold_rule or "false-alarm-rate").replace("-", "_"),
             no_calibration=args.no_calibration,
             precision=args.precision,
             batch_size=args.batch_size,
@@ -290,9 +299,17 @@ def _check_options(args: argparse.Namespace) -> None:
         args.calibration_masks,
         args.false_alarm_rate,
         args.confidence,
+        args.threshold_rule,
     )
     if args.no_calibration and any(option is not None for option in calibration_options):
         raise CliError("--no-calibration goes with no other calibration option")
+    if args.threshold_rule == "best-f1" and not args.calibration_anomalous:
+        raise CliError("--threshold-rule best-f1 needs --calibration-anomalous: F1 counts the defects caught")
+    if args.calibration_masks and args.calibration_anomalous and args.threshold_rule != "best-f1":
+        raise CliError(
+            "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
+            "default the pixel threshold keeps --false-alarm-rate on the normal images' maps)"
+        )
     runtime_conflict = _runtime_conflict(args)
     if runtime_conflict:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
