@@ -23,6 +23,9 @@ from .calibration import Calibration
 # version up to this one and refuses a later one. 2: the calibration carries its own format version (2).
 BANK_FORMAT = "hf_fsad.reference_bank"
 BANK_FORMAT_VERSION = "2"
+# The `PIL.Image.info` key marking a generated image (One-to-Normal's `augment_references_with_generated`): a
+# content hash cannot tell it from a photograph, so a bank built from it counts it by this mark.
+GENERATED_IMAGE_INFO = "hf_fsad.generated"
 
 
 @dataclass
@@ -31,6 +34,9 @@ class ReferenceBank:
 
     Build one with `model.build_reference_bank(...)`; it only fits the model type and config that built it.
     `model.calibrate(bank, ...)` adds a `calibration` (thresholds and score normalisation), saved with it.
+    `generated_references`: how many of its k references were generated from the others (One-to-Normal's
+    `augment_references_with_generated`); leave-one-out is refused while it holds any, since a left-out
+    image's generated copies stay in the bank.
     """
 
     model_type: str
@@ -39,6 +45,7 @@ class ReferenceBank:
     k: int
     tensors: dict[str, torch.Tensor]
     calibration: Calibration | None = None
+    generated_references: int = 0
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank to one `.safetensors` file (atomically)."""
@@ -50,6 +57,7 @@ class ReferenceBank:
             "config_hash": self.config_hash,
             "class_name": self.class_name,
             "k": str(self.k),
+            "generated_references": str(self.generated_references),
         }
         if self.calibration is not None:
             metadata["calibration"] = self.calibration.to_json()
@@ -96,6 +104,7 @@ class ReferenceBank:
             k=int(metadata["k"]),
             tensors=load_file(str(path)),
             calibration=calibration,
+            generated_references=int(metadata.get("generated_references", "0")),  # version 1 wrote none
         )
 
     def to(self, device: torch.device | str) -> ReferenceBank:
