@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
-from hf_fsad.calibration_policy import separate_calibration_images
+from hf_fsad.calibration_inputs import separate_calibration_images
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS

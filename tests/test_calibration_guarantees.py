@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hf_fsad.bank import BANK_FORMAT_VERSION, GENERATED_IMAGE_INFO, ReferenceBank
+from hf_fsad.bank import BANK_FORMAT_VERSION, ReferenceBank
 from hf_fsad.calibration import (
     CALIBRATION_FORMAT_VERSION,
     FALLBACK_RELATIVE_SCALE,
@@ -30,7 +30,7 @@ from hf_fsad.calibration import (
     score_at_level,
     score_error,
 )
-from hf_fsad.calibration_policy import calibration_mismatch, separate_calibration_images
+from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO, calibration_mismatch, separate_calibration_images
 from hf_fsad.deploy import run_exported
 from hf_fsad.io import json_safe
 

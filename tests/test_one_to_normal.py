@@ -24,7 +24,7 @@ from transformers import AutoModel
 import hf_fsad
 from extras import import_extra
 from hf_fsad import scoring
-from hf_fsad.bank import GENERATED_IMAGE_INFO
+from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import pixel_auroc
 from hf_fsad.models.one_to_normal import functional_one_to_normal

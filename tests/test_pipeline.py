@@ -247,7 +247,8 @@ def test_calibration_images_that_are_references_are_left_out_or_refused(pipe, to
 
 
 def test_generated_references_are_counted_in_the_bank_and_refuse_leave_one_out(pipe, toy, tmp_path):
-    from hf_fsad.bank import GENERATED_IMAGE_INFO, ReferenceBank
+    from hf_fsad.bank import ReferenceBank
+    from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO
 
     references = [example.image for example in toy["train"]]
     generated = [image.transpose(0) for image in references]  # as One-to-Normal's would be: near copies

@@ -23,9 +23,6 @@ from .calibration import Calibration
 # version up to this one and refuses a later one. 2: the calibration carries its own format version (2).
 BANK_FORMAT = "hf_fsad.reference_bank"
 BANK_FORMAT_VERSION = "2"
-# The `PIL.Image.info` key marking a generated image (One-to-Normal's `augment_references_with_generated`): a
-# content hash cannot tell it from a photograph, so a bank built from it counts it by this mark.
-GENERATED_IMAGE_INFO = "hf_fsad.generated"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
-from .calibration_policy import separate_calibration_images
+from .calibration_inputs import separate_calibration_images
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_policy import CalibrationImages, SeparatedImages
+    from hf_fsad.calibration_inputs import SeparatedImages
+    from hf_fsad.calibration_policy import CalibrationImages
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from accelerate import PartialState
 
-    from hf_fsad.calibration_policy import separate_calibration_images
+    from hf_fsad.calibration_inputs import separate_calibration_images
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
         distinct_paths,
@@ -321,7 +322,8 @@ def _calibrated_scorer(
     elsewhere is refused, naming both."""
     import dataclasses
 
-    from hf_fsad.calibration_policy import calibrate_bank, calibrate_on_scorer, calibration_mismatch
+    from hf_fsad.calibration_inputs import calibration_mismatch
+    from hf_fsad.calibration_policy import calibrate_bank, calibrate_on_scorer
 
     if args.runtime != "torch" and images.normal and not args.no_calibration:
         scorer = _scorer(model, dataclasses.replace(bank, calibration=None), args, state)

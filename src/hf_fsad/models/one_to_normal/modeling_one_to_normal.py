@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...bank import GENERATED_IMAGE_INFO, ReferenceBank
+from ...bank import ReferenceBank
+from ...calibration_inputs import GENERATED_IMAGE_INFO
 from ...modeling_base import FsadPreTrainedModel
 from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import class_scores
