@@ -14,6 +14,7 @@ the raw score.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -27,6 +28,7 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
+from hf_fsad.calibration_inputs import separate_calibration_images
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS
@@ -109,12 +111,15 @@ def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None
 
 
 def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:
-    """The bank from the uploaded normal references (and the defective ones, with optional masks in the same
-    order, for methods that learn from them), calibrated where possible; and the line saying how."""
+    """The bank from the uploaded normal references (exact copies left out, said in the line) and the
+    defective ones, with optional masks in the same order, for methods that learn from them; calibrated where
+    possible; and the line saying how."""
     processor = model.image_processor()
 
     def pixels(images):
         return processor([image for _, image in images], return_tensors="pt").pixel_values if images else None
+
+    separated = separate_calibration_images([image for _, image in references])
 
     defects = {}
     anomalous = read_images(anomalous_files, "Defective reference")
@@ -134,12 +139,15 @@ def build_bank(model, references, anomalous_files, mask_files, class_name) -> tu
                 np.stack([mask_array(mask, size) for _, mask in masks])
             )
     in_bank = defects if model.needs_anomalous_references else {}
-    reference_pixels = pixels(references)
+    reference_pixels = pixels([(None, image) for image in separated.references])
     try:
         bank = model.build_reference_bank(reference_pixels, class_name=class_name, **in_bank)
     except ValueError as error:
         raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
-    return calibrated_bank(model, bank, reference_pixels, defects, in_bank)
+    bank = dataclasses.replace(bank, generated_references=separated.generated_references)
+    bank, line = calibrated_bank(model, bank, reference_pixels, defects, in_bank)
+    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in separated.notes)
+    return bank, line + notes
 
 
 def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
@@ -150,7 +158,8 @@ def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[Re
     held_out_defects = (
         {} if model.needs_anomalous_references else {k: v for k, v in defects.items() if k != "anomalous_masks"}
     )
-    reason = model.leave_one_out_refusal(0 if reference_pixels is None else len(reference_pixels))
+    num_references = 0 if reference_pixels is None else len(reference_pixels)
+    reason = model.leave_one_out_refusal(num_references, bank.generated_references)
     if reason is not None:
         reason = f"{reason[0].upper()}{reason[1:]}: a threshold needs normal images the bank does not hold."
     else:

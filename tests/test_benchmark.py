@@ -725,8 +725,8 @@ def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_onl
     fit = {"fit_arguments": {"steps": 1}}
     without = only_cell(fitted, "fitted", **fit)
     assert without["calibration"] is None and without["calibration_note"] == (
-        "VtFusionModel is fitted on all 2 references: leave-one-out would refit it per reference, and no "
-        "validation normals (Protocol.num_validation, --validation)"
+        "VtFusionModel keeps what it learnt from its normal images in its weights, so none can be left out (it "
+        "would be refitted once per reference), and no validation normals (Protocol.num_validation, --validation)"
     )
     with_validation = only_cell(fitted, "validated", protocol=Protocol(num_validation=2), **fit)
     calibration = with_validation["calibration"]
@@ -740,7 +740,8 @@ def test_fitted_or_generated_reference_cells_calibrate_on_validation_normals_onl
     generated = only_cell({"winclip": make_winclip()}, "generated", generated_references=FlippedReferences())
     assert generated["generated_references"] == 2 and generated["calibration"] is None
     assert generated["calibration_note"].startswith(
-        "the generated references are made from all 2: leaving one out keeps its copies"
+        "2 of the references were generated from the others, so a left-out image's generated copies stay in "
+        "the bank"
     )
 
 

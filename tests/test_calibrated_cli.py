@@ -274,6 +274,71 @@ def test_a_method_that_keeps_its_references_says_why_and_can_use_held_out_normal
     assert status == 0 and all(set(record) == CALIBRATED_KEYS for record in records)
 
 
+def test_references_given_again_as_held_out_normals_are_left_out_with_a_note(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), "--calibration-normal", str(files["refs"]),
+    )  # fmt: skip
+    assert status == 2
+    assert "error: --calibration-normal: all 3 held-out normal images are also reference images" in (
+        capsys.readouterr().err
+    )
+    bank_path = tmp_path / "bank.safetensors"
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", str(files["refs"]),
+        "--calibration-normal", str(files["refs"]), str(files["held_out"]), "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0
+    assert "note: 3 of the 6 held-out normal images are also reference images" in capsys.readouterr().err
+    calibration = ReferenceBank.load(bank_path).calibration
+    assert (calibration.normal_source, calibration.num_normal) == ("held_out", 3)
+
+
+def test_exact_copies_among_the_references_are_left_out_with_a_note(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    first = min(files["refs"].iterdir())
+    Image.open(first).save(copies / "renamed.png")  # the same pixels in another file
+    bank_path = tmp_path / "bank.safetensors"
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path,
+        "--reference", str(files["refs"]), str(copies), "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0
+    assert "note: 1 of the 4 reference images are exact copies of others" in capsys.readouterr().err
+    bank = ReferenceBank.load(bank_path)
+    assert bank.k == 3 and bank.calibration.num_normal == 3
+
+
+def test_a_calibration_fitted_at_another_precision_is_refused_naming_both(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    bank_path = tmp_path / "bank.safetensors"
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", str(files["refs"]), "--save-bank", str(bank_path)
+    )
+    assert status == 0 and ReferenceBank.load(bank_path).calibration.precision == "float32"
+    capsys.readouterr()
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--bank", str(bank_path), "--precision", "bfloat16"
+    )
+    assert status == 2
+    assert (
+        "error: calibration: the bank's calibration was fitted on torch at float32, but the images are scored "
+        "on torch at bfloat16; give held-out --calibration-normal images to calibrate at bfloat16, or "
+        "--no-calibration"
+    ) in capsys.readouterr().err
+    status, _ = _score(
+        saved_winclip_dir, files, tmp_path, "--bank", str(bank_path), "--precision", "bfloat16",
+        "--calibration-normal", str(files["held_out"]), "--save-bank", str(bank_path),
+    )  # fmt: skip
+    assert status == 0 and ReferenceBank.load(bank_path).calibration.precision == "bfloat16"
+
+
 def test_outline_region_draws_the_inner_border():
     image = Image.new("RGB", (8, 6), (10, 20, 30))
     region = np.zeros((6, 8), dtype=bool)

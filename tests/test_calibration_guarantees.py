@@ -1,5 +1,6 @@
 """What a calibrated verdict promises: non-finite scores fail, the normalised score neither saturates nor
-contradicts the label, `confidence` holds over many calibration draws, and the bank's format versions."""
+contradicts the label, `confidence` holds over many calibration draws, the bank's format versions, copies kept
+out of the calibration and the runtime and precision it was fitted at."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -28,6 +30,7 @@ from hf_fsad.calibration import (
     score_at_level,
     score_error,
 )
+from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO, calibration_mismatch, separate_calibration_images
 from hf_fsad.deploy import run_exported
 from hf_fsad.io import json_safe
 
@@ -256,19 +259,23 @@ def test_a_bank_of_the_previous_format_loads(tmp_path):
     current = conformal(SATURATING_NORMALS)
     metadata = saved_bank(tmp_path / "current.safetensors", current)
     assert (metadata["format_version"], json.loads(metadata["calibration"])["format_version"]) == ("2", 2)
-    # version 1 wrote no calibration format_version and had neither confidence nor normals_needed
+    # version 1 wrote no calibration format_version and had neither confidence, normals_needed, runtime nor
+    # precision, and its bank no generated_references
     version_1 = {
         key: value
         for key, value in json.loads(current.to_json()).items()
-        if key not in ("format_version", "confidence", "normals_needed")
+        if key not in ("format_version", "confidence", "normals_needed", "runtime", "precision")
     }
     old = tmp_path / "version1.safetensors"
+    old_metadata = {key: value for key, value in metadata.items() if key != "generated_references"}
     save_file(
         {"patches": torch.zeros(2, 4)},
         old,
-        metadata=metadata | {"format_version": "1", "calibration": json.dumps(version_1)},
+        metadata=old_metadata | {"format_version": "1", "calibration": json.dumps(version_1)},
     )
-    assert ReferenceBank.load(old).calibration == current
+    loaded = ReferenceBank.load(old)
+    assert loaded.calibration == current and loaded.generated_references == 0
+    assert (loaded.calibration.runtime, loaded.calibration.precision) == ("torch", "float32")
 
 
 def test_a_file_of_a_future_format_is_refused_naming_both_versions(tmp_path):
@@ -295,3 +302,34 @@ def test_a_file_of_a_future_format_is_refused_naming_both_versions(tmp_path):
         ReferenceBank.load(future_calibration)
     with pytest.raises(ValueError, match="format_version must be a positive integer, got 'two'"):
         Calibration.from_json(json.dumps(future_fields | {"format_version": "two"}))
+
+
+# --- where the calibration scores come from ----------------------------------------------------------------
+
+
+def test_the_calibration_records_its_runtime_and_precision_and_a_mismatch_names_both():
+    rule = conformal(SATURATING_NORMALS, runtime="openvino", precision="bfloat16")
+    assert Calibration.from_json(rule.to_json()) == rule
+    assert calibration_mismatch(rule, "openvino", "bfloat16") is None
+    assert calibration_mismatch(rule, "torch", "float32") == (
+        "the bank's calibration was fitted on openvino at bfloat16, but the images are scored on torch at "
+        "float32"
+    )
+    with pytest.raises(ValueError, match="precision must be one of"):
+        conformal(SATURATING_NORMALS, precision="int8")
+
+
+def test_separate_calibration_images_keeps_copies_out_by_their_pixels():
+    def image(value: int) -> Image.Image:
+        return Image.new("RGB", (8, 8), (value, 0, 0))
+
+    generated = image(3)
+    generated.info[GENERATED_IMAGE_INFO] = True
+    # a copy re-encoded as another mode, the same pixels, is a copy; one pixel apart is not
+    references = [image(1), image(1).convert("RGBA"), image(2), generated]
+    separated = separate_calibration_images(references, [image(2), image(4)])
+    assert [im.getpixel((0, 0))[0] for im in separated.references] == [1, 2, 3]
+    assert [im.getpixel((0, 0))[0] for im in separated.held_out_normals] == [4]
+    assert separated.generated_references == 1 and len(separated.notes) == 2
+    with pytest.raises(ValueError, match="all 1 held-out normal images are also reference images"):
+        separate_calibration_images(references, [image(1)])

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from extras import import_extra
+from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import apply_calibration
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
@@ -297,20 +298,26 @@ def test_score_cli_on_an_exported_runtime_scores_and_decides_as_pytorch(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the export cache lives under ~/.cache
     references = _write_images(tmp_path / "good", toy[0])
     _write_images(tmp_path / "queries", toy[1])
+    held_out = _write_images(tmp_path / "held_out", toy[1][:3])  # the normal queries
 
     def score(name: str, *options: str) -> list[dict]:
         argv = ["score", str(tmp_path / "queries"), "--model", saved_winclip_dir]
         argv += ["--reference", *map(str, references), "--heatmaps", str(tmp_path / name)]
+        argv += ["--calibration-normal", *map(str, held_out)]
         assert cli_main([*argv, "--output", str(tmp_path / f"{name}.jsonl"), *options]) == 0
         return _records(tmp_path / f"{name}.jsonl")
 
-    expected, actual = score("torch"), score("exported", "--runtime", runtime)
+    saved = tmp_path / "bank.safetensors"
+    expected, actual = score("torch"), score("exported", "--runtime", runtime, "--save-bank", str(saved))
+    assert ReferenceBank.load(saved).calibration.runtime == runtime
     assert [record["path"] for record in actual] == [record["path"] for record in expected]
     np.testing.assert_allclose(
         [record["score"] for record in actual], [record["score"] for record in expected], rtol=0, atol=PARITY
     )
     threshold = expected[0]["threshold"]
-    assert {record["threshold"] for record in actual} == {threshold}  # calibrated in PyTorch, as before
+    # calibrated on the held-out normals as the runtime scores them: the same order statistic within parity
+    assert len({record["threshold"] for record in actual}) == 1
+    assert actual[0]["threshold"] == pytest.approx(threshold, abs=PARITY)
     for record, reference in zip(actual, expected):
         if abs(reference["score"] - threshold) > PARITY:  # a score this near the threshold may flip
             assert record["label"] == reference["label"]
@@ -322,6 +329,22 @@ def test_score_cli_on_an_exported_runtime_scores_and_decides_as_pytorch(
         record | {"heatmap": str(tmp_path / "again" / Path(record["heatmap"]).name)} for record in actual
     ]
     assert (folder / run_exported.MANIFEST_FILE).stat().st_mtime_ns == made  # reused, not exported again
+
+
+def test_score_cli_refuses_a_calibration_fitted_in_pytorch_on_an_exported_runtime(
+    saved_winclip_dir, toy, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    references = _write_images(tmp_path / "good", toy[0])
+    argv = ["score", str(references[0]), "--model", saved_winclip_dir, "--runtime", "onnxruntime"]
+    assert cli_main([*argv, "--reference", *map(str, references), "--output", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        "error: calibration: the bank's calibration was fitted on torch at float32, but the images are scored "
+        "on onnxruntime at float32; give held-out --calibration-normal images to calibrate on onnxruntime "
+        "(its graph has the bank built in: leave-one-out would take one export per reference), or "
+        "--no-calibration"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # refused before anything was exported
 
 
 @pytest.mark.parametrize(

@@ -98,13 +98,13 @@ def test_bank_round_trip_reproduces_scores(model, tmp_path):
 
 
 def test_every_method_calibrates_and_its_decisions_survive_the_bank_file(model, tmp_path):
-    """Leave-one-out on the bank's 2 references (held-out normals for a bank without references), then the
-    labels, normalised scores and masks of the reloaded bank follow the stored thresholds."""
+    """Leave-one-out on the bank's 2 references (held-out normals where it is refused: a model fitted on its
+    normals), then the labels, normalised scores and masks of the reloaded bank follow the stored thresholds."""
     bank, queries = bank_of(model), images(2, 4)
     anomalous = {"anomalous_pixel_values": images(1, 2)} if model.needs_anomalous_references else {}
     normals = (
         {"normal_pixel_values": images(3, 5)}
-        if model.saves_its_references
+        if model.leave_one_out_refusal(2) is not None
         else {"reference_pixel_values": images(2, 1), "bank_inputs": anomalous}
     )
     with pytest.warns(UserWarning, match="normal scores cannot guarantee"):  # 2 or 3 normals: too few for 5 %

@@ -24,6 +24,7 @@ from transformers import AutoModel
 import hf_fsad
 from extras import import_extra
 from hf_fsad import scoring
+from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import pixel_auroc
 from hf_fsad.models.one_to_normal import functional_one_to_normal
@@ -35,6 +36,7 @@ from hf_fsad.models.one_to_normal.diffusion_one_to_normal import (
     require_diffusers,
 )
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
+from hf_fsad.pipeline import calibrate_reference_bank
 from hf_fsad.testing import (
     byte_level_clip_tokenizer,
     small_clip_config,
@@ -348,7 +350,7 @@ def _float64_triplet_scores(features: dict, bank, layers: list[int], alpha: floa
 def test_end_to_end_fit_pool_and_scores_are_eq_7_of_the_features(diffusion_dir):
     """fit makes the pool (the normals, then generated ones, at the model's input size); its bank is the
     pool's patch tokens per level; the scores, branch scores and maps equal Eqs. 4-7 recomputed in float64
-    from the features."""
+    from the features; the fitted model refuses leave-one-out and marks the references it generates."""
     model = make_model(diffusion_dir)
     data = toy()
     normals = [image.convert("RGB") for image in data["train"]["image"]]
@@ -381,6 +383,15 @@ def test_end_to_end_fit_pool_and_scores_are_eq_7_of_the_features(diffusion_dir):
 
     augmented = model.augment_references_with_generated(normals, 2)
     assert len(augmented) == 4 and augmented[:2] == normals
+    # the generated ones are marked, so a bank built from them counts them and refuses leave-one-out
+    assert [GENERATED_IMAGE_INFO in image.info for image in augmented] == [False, False, True, True]
+
+    # fitted on the normals, the model still knows a left-out one: leave-one-out is refused (not unfitted)
+    assert make_model(diffusion_dir).leave_one_out_refusal(2) is None
+    same, refusal = calibrate_reference_bank(
+        model, model.build_reference_bank(normal_pixels), reference_pixel_values=normal_pixels
+    )
+    assert same.calibration is None and "was fitted (`fit`) on normal images" in refusal
 
 
 def test_a_saved_fitted_model_comes_back_fitted(diffusion_dir, tmp_path):

@@ -204,7 +204,7 @@ def test_impossible_calibration_is_refused_when_asked(pipe, toy):
         with pytest.raises(ValueError, match="needs at least 2 reference images, got 1; give held-out normal"):
             pipe(image, reference_images=[toy["train"][0].image], **asked)
     with pytest.raises(ValueError, match="Calibration images were given with calibrate=False"):
-        pipe(image, reference_images=[image], calibrate=False, calibration_images=[image])
+        pipe(image, reference_images=[image], calibrate=False, calibration_images=[toy["train"][0].image])
     with pytest.raises(ValueError, match="calibration_images is empty"):
         pipe(image, reference_images=[image], calibration_images=[])
 
@@ -222,6 +222,47 @@ def test_methods_that_keep_their_references_are_not_calibrated_leave_one_out(toy
         calibrate_reference_bank(model, bank, True)
     calibrated, refusal = calibrate_reference_bank(model, bank, normal_pixel_values=pixel_values)
     assert refusal is None and calibrated.calibration.normal_source == "held_out"
+
+
+def test_exact_copies_among_the_references_are_left_out_with_a_warning(pipe, toy, caplog):
+    references = [example.image for example in toy["train"]]
+    expected = pipe.build_reference_bank(references)
+    with caplog.at_level("WARNING", logger="hf_fsad.pipeline"):
+        bank = pipe.build_reference_bank([references[0], references[1], references[0].copy()])
+    assert "1 of the 3 reference images are exact copies of others" in caplog.text
+    # a copy left in would score its twin at distance 0 in leave-one-out, lowering the threshold
+    assert bank.k == 2 and bank.calibration == expected.calibration
+
+
+def test_calibration_images_that_are_references_are_left_out_or_refused(pipe, toy, caplog):
+    references = [example.image for example in toy["train"]]
+    held_out = [example.image for example in toy["test"]]
+    with pytest.raises(ValueError, match="all 2 held-out normal images are also reference images"):
+        pipe.build_reference_bank(references, calibration_images=references)
+    with caplog.at_level("WARNING", logger="hf_fsad.pipeline"):
+        bank = pipe.build_reference_bank(references, calibration_images=[references[0], *held_out])
+    assert "1 of the 4 held-out normal images are also reference images" in caplog.text
+    expected = pipe.build_reference_bank(references, calibration_images=held_out)
+    assert bank.calibration.num_normal == len(held_out) and bank.calibration == expected.calibration
+
+
+def test_generated_references_are_counted_in_the_bank_and_refuse_leave_one_out(pipe, toy, tmp_path):
+    from hf_fsad.bank import ReferenceBank
+    from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO
+
+    references = [example.image for example in toy["train"]]
+    generated = [image.transpose(0) for image in references]  # as One-to-Normal's would be: near copies
+    for image in generated:
+        image.info[GENERATED_IMAGE_INFO] = True
+    bank = pipe.build_reference_bank([*references, *generated])
+    assert bank.k == 4 and bank.generated_references == 2 and bank.calibration is None
+    with pytest.raises(ValueError, match="2 of the references were generated from the others"):
+        pipe.build_reference_bank([*references, *generated], calibrate=True)
+    bank.save(tmp_path / "bank.safetensors")
+    assert ReferenceBank.load(tmp_path / "bank.safetensors").generated_references == 2
+    held_out = [example.image for example in toy["test"]]
+    calibrated = pipe.build_reference_bank([*references, *generated], calibration_images=held_out)
+    assert calibrated.calibration.normal_source == "held_out"
 
 
 def test_confidence_reaches_the_calibration(pipe, toy):

@@ -384,3 +384,15 @@ def test_a_real_browser_uploads_references_and_queries_and_sees_the_calibrated_v
         browser.close()
     assert [row.split()[-1] for row in rows] == ["pass", "fail"]
     assert screenshot.stat().st_size > 10_000
+
+
+def test_exact_copies_among_the_references_are_left_out_and_the_page_says_so(saved_winclip_dir, toy):
+    """The same image uploaded twice would stay in its own leave-one-out bank: the copy is left out."""
+    from hf_fsad.loading import load_method
+
+    model = load_method(saved_winclip_dir).eval()
+    references = space.read_images(toy[0], "Reference")
+    bank, line = space.build_bank(model, [*references, references[0]], None, None, None)
+    expected, _ = space.build_bank(model, references, None, None, None)
+    assert bank.k == len(references) and bank.calibration == expected.calibration
+    assert f"1 of the {len(references) + 1} reference images are exact copies of others" in line

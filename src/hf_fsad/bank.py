@@ -31,6 +31,9 @@ class ReferenceBank:
 
     Build one with `model.build_reference_bank(...)`; it only fits the model type and config that built it.
     `model.calibrate(bank, ...)` adds a `calibration` (thresholds and score normalisation), saved with it.
+    `generated_references`: how many of its k references were generated from the others (One-to-Normal's
+    `augment_references_with_generated`); leave-one-out is refused while it holds any, since a left-out
+    image's generated copies stay in the bank.
     """
 
     model_type: str
@@ -39,6 +42,7 @@ class ReferenceBank:
     k: int
     tensors: dict[str, torch.Tensor]
     calibration: Calibration | None = None
+    generated_references: int = 0
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank to one `.safetensors` file (atomically)."""
@@ -50,6 +54,7 @@ class ReferenceBank:
             "config_hash": self.config_hash,
             "class_name": self.class_name,
             "k": str(self.k),
+            "generated_references": str(self.generated_references),
         }
         if self.calibration is not None:
             metadata["calibration"] = self.calibration.to_json()
@@ -96,6 +101,7 @@ class ReferenceBank:
             k=int(metadata["k"]),
             tensors=load_file(str(path)),
             calibration=calibration,
+            generated_references=int(metadata.get("generated_references", "0")),  # version 1 wrote none
         )
 
     def to(self, device: torch.device | str) -> ReferenceBank:

@@ -64,7 +64,9 @@ from .modeling_outputs import AnomalyDetectionOutput
 
 RULES = ("false_alarm_rate", "best_f1")
 NORMAL_SOURCES = ("leave_one_out", "held_out")
-# 2: the normalisation decays like 1 / distance (1: a logistic), `confidence` and `normals_needed`.
+PRECISIONS = ("float32", "bfloat16", "float16")
+# 2: the normalisation decays like 1 / distance (1: a logistic), `confidence`, `normals_needed`, `runtime` and
+# `precision`.
 CALIBRATION_FORMAT_VERSION = 2
 # The normalised score the median normal calibration score reads (z = 1 - 1 / (2 level) = -4).
 MEDIAN_NORMAL_LEVEL = 0.1
@@ -222,6 +224,8 @@ class Calibration:
     (None without anomalous images). confidence: the
     probability asked for the false-alarm rate to stay within the target (None: on average); normals_needed:
     how many normal scores the promise asked would need, when the threshold had too few (else None).
+    runtime / precision: where the calibration scores were computed ("torch" or an exported runtime; the
+    CLI's --precision), which the scores it judges must match (`hf_fsad.calibration_policy`).
     """
 
     image_threshold: float
@@ -240,6 +244,8 @@ class Calibration:
     confidence: float | None = None
     normals_needed: int | None = None
     calibration_miss_rate: float | None = None
+    runtime: str = "torch"
+    precision: str = "float32"
 
     def __post_init__(self):
         problems = []
@@ -274,6 +280,10 @@ class Calibration:
             or self.normals_needed < 1
         ):
             problems.append(f"normals_needed must be a positive integer or null, got {self.normals_needed!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.runtime, str) or not self.runtime:
+            problems.append(f"runtime must be a runtime's name, got {self.runtime!r}")
         if self.rule not in RULES:
             problems.append(f"rule must be one of {RULES}, got {self.rule!r}")
         if self.pixel_rule not in (None, *RULES):

@@ -1,6 +1,7 @@
 """How `hf-fsad score` calibrates the bank it scores with: on held-out normal images, on anomalous images (and
 their masks), or by leave-one-out on the references a bank was built from; a saved bank is used as saved
-unless a calibration is asked for.
+unless a calibration is asked for; `calibrate_on_scorer` calibrates on the scores of an exported runtime (the
+images given are first separated by `hf_fsad.calibration_inputs`).
 
 Module-level imports stay light (the command line's parser reads `DEFAULT_FALSE_ALARM_RATE`); torch loads
 when a bank is calibrated.
@@ -8,7 +9,9 @@ when a bank is calibrated.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,6 +21,7 @@ if TYPE_CHECKING:
 
     from .bank import ReferenceBank
     from .modeling_base import FsadPreTrainedModel
+    from .modeling_outputs import AnomalyDetectionOutput
 
 DEFAULT_FALSE_ALARM_RATE = 0.05
 
@@ -98,4 +102,56 @@ def calibrate_bank(
             batch_size=batch_size,
             bank_inputs=bank_inputs,
         )
+    if refusal is None and bank.calibration is not None:
+        bank = dataclasses.replace(
+            bank, calibration=dataclasses.replace(bank.calibration, precision=precision)
+        )
     return bank, refusal, [str(warning.message) for warning in caught]
+
+
+def calibrate_on_scorer(
+    scorer: Callable[[torch.Tensor], AnomalyDetectionOutput],
+    processor,
+    bank: ReferenceBank,
+    images: CalibrationImages,
+    *,
+    runtime: str,
+    precision: str,
+    image_size: int,
+    false_alarm_rate: float | None,
+    confidence: float | None = None,
+    rule: str = "false_alarm_rate",
+    batch_size: int,
+) -> tuple[ReferenceBank, list[str]]:
+    """(`bank` calibrated on the held-out normals (and anomalous images) of `images` scored by `scorer`, the
+    notes): for an exported graph on `runtime` at `precision`, which has the bank built in, so its references
+    cannot be left out (that would take one export per reference). `scorer` returns uncalibrated scores; masks
+    are compared at the model's `image_size`."""
+    from .calibration import fit_calibration
+    from .modeling_outputs import concatenated_outputs
+
+    def scored(chosen: list[Image.Image]) -> AnomalyDetectionOutput:
+        return concatenated_outputs(
+            [
+                scorer(processor(chosen[start : start + batch_size], return_tensors="pt").pixel_values)
+                for start in range(0, len(chosen), batch_size)
+            ]
+        )
+
+    normal = scored(images.normal)
+    anomalous = scored(images.anomalous) if images.anomalous else None
+    masks = None if images.masks is None else mask_tensor(images.masks, image_size)
+    calibration = fit_calibration(
+        normal.image_scores,
+        normal.anomaly_maps,
+        None if anomalous is None else anomalous.image_scores,
+        None if anomalous is None else anomalous.anomaly_maps,
+        masks,
+        normal_source="held_out",
+        false_alarm_rate=false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
+        confidence=confidence,
+        rule=rule,
+    )
+    calibration = dataclasses.replace(calibration, runtime=runtime, precision=precision)
+    shortfall = calibration.shortfall()
+    return dataclasses.replace(bank, calibration=calibration), [] if shortfall is None else [shortfall]

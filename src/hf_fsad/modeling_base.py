@@ -313,6 +313,12 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         default bank `bank_or_default` scores with."""
         raise NotImplementedError(f"{type(self).__name__} does not implement build_reference_bank.")
 
+    @property
+    def fitted_on_normals(self) -> bool:
+        """Whether `fit` has taught this model normal images (methods with `fits_per_category`, fitted or
+        loaded fitted): it may know a reference left out of its bank, so leave-one-out is refused."""
+        return False
+
     def fit(self, normal_images, class_name: str | None = None, **arguments):
         """Fit the model to one category's normal images (methods with `fits_per_category`)."""
         raise NotImplementedError(

@@ -4,7 +4,8 @@ left out of a bank of the others) and optionally anomalous ones against the bank
 
 A mixin of `FsadPreTrainedModel`, as transformers keeps `generate` in `GenerationMixin`: it scores through the
 method contract (`encode_images`, `score_features`, `build_reference_bank`, `checked_bank`, `features_of`)
-and reads the class flags `saves_its_references`, `needs_anomalous_references` and `validated_tensors`.
+and reads the class flags `saves_its_references`, `needs_anomalous_references` and `validated_tensors` and
+whether the model is `fitted_on_normals`.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ class CalibrationMixin:
 
         Normal scores come from held-out `normal_pixel_values` scored against the bank when given, else
         leave-one-out on the bank's own references (`reference_pixel_values` or their `encode_images`
-        features): each is scored against a bank built from the others (at least 2; not for methods that
-        `saves_its_references`). `bank_inputs` are the other arguments the bank was built with (anomalous
-        memory: its anomalous references, or {} when it had none). `anomalous_pixel_values` are scored by the
+        features): each is scored against a bank built from the others (at least 2; refused when
+        `leave_one_out_refusal` gives a reason). `bank_inputs` are the other arguments the bank was built
+        with (anomalous memory: its anomalous references, or {} when it had none). `anomalous_pixel_values` are scored by the
         same protocol as the normals: against the bank with held-out normals, else against each of the k
         leave-one-out banks and averaged, so both sides see the same number of references.
 
@@ -137,12 +138,24 @@ class CalibrationMixin:
         ]
         return concatenated_outputs(outputs)
 
-    def leave_one_out_refusal(self, num_references: int) -> str | None:
-        """Why `calibrate` cannot score `num_references` references leave-one-out; None when it can."""
+    def leave_one_out_refusal(self, num_references: int, generated_references: int = 0) -> str | None:
+        """Why `calibrate` cannot score `num_references` references leave-one-out, `generated_references` of
+        them generated from the others (`ReferenceBank.generated_references`); None when it can."""
+        name = type(self).__name__
         if self.saves_its_references:
             return (
-                f"{type(self).__name__} keeps what it learnt from its normal images in its weights, so none can "
+                f"{name} keeps what it learnt from its normal images in its weights, so none can "
                 "be left out (it would be refitted once per reference)"
+            )
+        if self.fitted_on_normals:
+            return (
+                f"this {name} was fitted (`fit`) on normal images, so a left-out reference may still be known "
+                "to it and score too low (it would be refitted once per reference)"
+            )
+        if generated_references:
+            return (
+                f"{generated_references} of the references were generated from the others, so a left-out "
+                "image's generated copies stay in the bank"
             )
         if num_references < 2:
             return f"leave-one-out needs at least 2 reference images, got {num_references}"
@@ -160,9 +173,11 @@ class CalibrationMixin:
         `bank`'s `validated_tensors`; each anomalous image scored against all k such banks, its scores and maps
         averaged (None without `anomalous_features`)."""
         k = next(iter(features.values())).shape[0]
-        refusal = self.leave_one_out_refusal(k)
+        refusal = self.leave_one_out_refusal(k, bank.generated_references)
         if refusal is not None:
-            raise ValueError(f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values.")
+            raise ValueError(
+                f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal_pixel_values."
+            )
         if self.needs_anomalous_references and bank_inputs is None:
             raise ValueError(
                 f"{type(self).__name__} builds its bank with anomalous references too: pass the arguments the "

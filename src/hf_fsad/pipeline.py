@@ -18,6 +18,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
+from .calibration_inputs import separate_calibration_images
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
@@ -80,7 +81,7 @@ def calibrate_reference_bank(
         raise ValueError(f'calibrate must be True, False or "auto", got {calibrate!r}.')
     if normal_pixel_values is None:
         num_references = 0 if reference_pixel_values is None else len(reference_pixel_values)
-        refusal = model.leave_one_out_refusal(num_references)
+        refusal = model.leave_one_out_refusal(num_references, bank.generated_references)
         if refusal is not None:
             if asked:
                 raise ValueError(
@@ -157,16 +158,19 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         if self.image_processor is None:
             self.image_processor = self.model.image_processor()
 
-    def _pixel_values(self, images: Sequence[Any] | Any | None, name: str) -> torch.Tensor | None:
-        """Images (paths, URLs or PIL images; one or a sequence) as one batch of pixel values, or None."""
+    def _images(self, images: Sequence[Any] | Any | None, name: str) -> list[Image.Image]:
+        """Images (paths, URLs or PIL images; one or a sequence) as RGB images ([] for None)."""
         if images is None:
-            return None
+            return []
         if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
             images = [images]
         if len(images) == 0:
             raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
-        images = [as_rgb_image(image) for image in images]
-        return self.image_processor(images, return_tensors="pt").pixel_values
+        return [as_rgb_image(image) for image in images]
+
+    def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
+        """RGB images as one batch of pixel values, or None for none."""
+        return self.image_processor(images, return_tensors="pt").pixel_values if images else None
 
     def build_reference_bank(
         self,
@@ -181,19 +185,28 @@ class ImageAnomalyDetectionPipeline(Pipeline):
 
         calibrate="auto": calibrated for `false_alarm_rate` (the conformal threshold, see
         `hf_fsad.calibration`) on `calibration_images` (held-out normal images) when given, else on the
-        references left out one at a time when there are 2 or more and the method allows it (not VTFusion);
-        otherwise not calibrated (logged at INFO). True: calibrated, or a ValueError saying why it cannot
-        be. False: never. `confidence`: the false-alarm rate holds with that probability over the draw of
-        the calibration images, not only on average.
+        references left out one at a time when there are 2 or more and `model.leave_one_out_refusal` allows
+        it (not VTFusion, a fitted One-to-Normal, or generated references); otherwise not calibrated (logged
+        at INFO). True: calibrated, or a ValueError saying why it cannot be. False: never. `confidence`: the
+        false-alarm rate holds with that probability over the draw of the calibration images, not only on
+        average. Exact copies among the references, and calibration images that are also references, are
+        left out with a warning (`hf_fsad.calibration_policy.separate_calibration_images`).
         """
-        pixel_values = self._pixel_values(reference_images, "reference_images")
+        images = separate_calibration_images(
+            self._images(reference_images, "reference_images"),
+            self._images(calibration_images, "calibration_images"),
+        )
+        for note in images.notes:
+            logger.warning("%s.", note)
+        pixel_values = self._pixel_values(images.references)
         bank = self.model.build_reference_bank(pixel_values, class_name=class_name)
+        bank = dataclasses.replace(bank, generated_references=images.generated_references)
         return self.calibrate_bank(
             bank,
             pixel_values,
             calibrate,
             false_alarm_rate=false_alarm_rate,
-            calibration_images=calibration_images,
+            calibration_images=images.held_out_normals or None,
             confidence=confidence,
         )
 
@@ -214,7 +227,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             bank,
             calibrate,
             reference_pixel_values=reference_pixel_values,
-            normal_pixel_values=self._pixel_values(calibration_images, "calibration_images"),
+            normal_pixel_values=self._pixel_values(self._images(calibration_images, "calibration_images")),
             false_alarm_rate=false_alarm_rate,
             confidence=confidence,
         )

@@ -8,7 +8,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,10 @@ from ._options import add_batch_size, add_device, add_max_pixels, add_precision,
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
     from hf_fsad.bank import ReferenceBank
+    from hf_fsad.calibration_inputs import SeparatedImages
     from hf_fsad.calibration_policy import CalibrationImages
 
 
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from accelerate import PartialState
 
-    from hf_fsad.calibration_policy import calibrate_bank
+    from hf_fsad.calibration_inputs import separate_calibration_images
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
         distinct_paths,
@@ -199,6 +201,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CliError(str(error)) from None
+    try:
+        separated = separate_calibration_images(_reference_images(args), calibration_images.normal)
+    except ValueError as error:
+        raise CliError(f"--calibration-normal: {error}") from None
+    calibration_images.normal = separated.held_out_normals
     state = PartialState(cpu=multi_process_cpu())
     device = args.device if state.num_processes == 1 else state.device
     try:
@@ -209,26 +216,13 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
-    bank, references, bank_inputs = _reference_bank(model, processor, args, defects, defect_masks)
-    try:
-        bank, refusal, notes = calibrate_bank(
-            model,
-            processor,
-            bank,
-            calibration_images,
-            saved=bool(args.bank),
-            references=references,
-            bank_inputs=bank_inputs,
-            false_alarm_rate=args.false_alarm_rate,
-            confidence=args.confidence,
-            rule=(args.threshold_rule or "false-alarm-rate").replace("-", "_"),
-            no_calibration=args.no_calibration,
-            precision=args.precision,
-            batch_size=args.batch_size,
-        )
-    except ValueError as error:
-        raise CliError(f"calibration: {error}") from None
+    bank, references, bank_inputs = _reference_bank(model, processor, args, separated, defects, defect_masks)
+    scorer, bank, refusal, notes = _calibrated_scorer(
+        model, processor, bank, calibration_images, references, bank_inputs, args, state
+    )
     if state.is_main_process:
+        for note in separated.notes:
+            print(f"note: {note}", file=sys.stderr)
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
         if bank.calibration is not None:
@@ -240,10 +234,6 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
-    try:
-        scorer = _scorer(model, bank, args, state)
-    except (ValueError, ImportError) as error:
-        raise CliError(f"--runtime {args.runtime}: {error}") from None
 
     all_paths = distinct_paths(expand_inputs(args.inputs), report=state.is_main_process)
     used_names: set[str] = set()
@@ -331,20 +321,113 @@ def _check_defects(model, args: argparse.Namespace, defects: list) -> None:
         )
 
 
+def _threshold_rule(args: argparse.Namespace) -> str:
+    """The `--threshold-rule` as `fit_calibration` names it (false-alarm-rate -> false_alarm_rate)."""
+    return (args.threshold_rule or "false-alarm-rate").replace("-", "_")
+
+
+def _calibrated_scorer(
+    model,
+    processor,
+    bank: ReferenceBank,
+    images: CalibrationImages,
+    references: torch.Tensor | None,
+    bank_inputs: dict,
+    args: argparse.Namespace,
+    state,
+) -> tuple[Callable, ReferenceBank, str | None, list[str]]:
+    """(scorer, `bank` calibrated as asked, why it is not calibrated or None, the calibration's warnings).
+
+    A calibration holds only for scores of the runtime and precision it was fitted at: with held-out
+    `--calibration-normal` images on an exported `--runtime`, they are scored by it; a calibration fitted
+    elsewhere is refused, naming both."""
+    import dataclasses
+
+    from hf_fsad.calibration_inputs import calibration_mismatch
+    from hf_fsad.calibration_policy import calibrate_bank, calibrate_on_scorer
+
+    if args.runtime != "torch" and images.normal and not args.no_calibration:
+        scorer = _scorer(model, dataclasses.replace(bank, calibration=None), args, state)
+        try:
+            bank, notes = calibrate_on_scorer(
+                scorer,
+                processor,
+                bank,
+                images,
+                runtime=args.runtime,
+                precision=args.precision,
+                image_size=model.config.image_size,
+                false_alarm_rate=args.false_alarm_rate,
+                confidence=args.confidence,
+                rule=_threshold_rule(args),
+                batch_size=args.batch_size,
+            )
+        except ValueError as error:
+            raise CliError(f"calibration: {error}") from None
+        scorer.bank = bank  # the same graph, its outputs now judged by the calibration fitted on them
+        return scorer, bank, None, notes
+    try:
+        bank, refusal, notes = calibrate_bank(
+            model,
+            processor,
+            bank,
+            images,
+            saved=bool(args.bank),
+            references=references,
+            bank_inputs=bank_inputs,
+            false_alarm_rate=args.false_alarm_rate,
+            confidence=args.confidence,
+            rule=_threshold_rule(args),
+            no_calibration=args.no_calibration,
+            precision=args.precision,
+            batch_size=args.batch_size,
+        )
+    except ValueError as error:
+        raise CliError(f"calibration: {error}") from None
+    mismatch = bank.calibration and calibration_mismatch(bank.calibration, args.runtime, args.precision)
+    if mismatch:
+        remedy = f"give held-out --calibration-normal images to calibrate at {args.precision}"
+        if args.runtime != "torch":
+            remedy = (
+                f"give held-out --calibration-normal images to calibrate on {args.runtime} (its graph has the "
+                "bank built in: leave-one-out would take one export per reference)"
+            )
+        raise CliError(f"calibration: {mismatch}; {remedy}, or --no-calibration")
+    return _scorer(model, bank, args, state), bank, refusal, notes
+
+
+def _reference_images(args: argparse.Namespace) -> list[Image.Image]:
+    """The readable `--reference` images (none without it, or with a --bank); a CliError when none is."""
+    from hf_fsad.io import expand_inputs, readable_images
+
+    if not args.reference or args.bank:
+        return []
+    readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
+    if not readable:
+        raise CliError("none of the --reference images could be read", exit_status=1)
+    return [image for _, image in readable]
+
+
 def _reference_bank(
-    model, processor, args: argparse.Namespace, defects: list, defect_masks: list | None
+    model,
+    processor,
+    args: argparse.Namespace,
+    references: SeparatedImages,
+    defects: list,
+    defect_masks: list | None,
 ) -> tuple[ReferenceBank, torch.Tensor | None, dict]:
     """(bank, the reference pixel values it was built from or None, the other inputs it was built with): the
-    `--bank`, checked against the model and `--class-name`, or a bank built from `--reference` (none:
-    zero-shot) and, for a method that learns from them, the defective images and their masks
+    `--bank`, checked against the model and `--class-name`, or a bank built from the separated `--reference`
+    images (none: zero-shot) and, for a method that learns from them, the defective images and their masks
     (`_check_defects` has checked they go with the model)."""
+    import dataclasses
+
     import torch
 
     from hf_fsad.bank import ReferenceBank
     from hf_fsad.calibration_policy import mask_tensor
-    from hf_fsad.io import expand_inputs, readable_images
 
-    references, bank_inputs = None, {}
+    pixel_values, bank_inputs = None, {}
     if args.bank:
         try:
             bank = model.checked_bank(ReferenceBank.load(args.bank))
@@ -355,23 +438,20 @@ def _reference_bank(
                 f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
                 "when it was built (build a bank of another class from --reference)"
             )
-        return bank, references, bank_inputs
+        return bank, pixel_values, bank_inputs
     if defects:
         bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
         if defect_masks is not None:
             bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
-    if args.reference:
-        readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
-        images = [image for _, image in readable]
-        if not images:
-            raise CliError("none of the --reference images could be read", exit_status=1)
-        references = processor(images, return_tensors="pt").pixel_values
+    if references.references:
+        pixel_values = processor(references.references, return_tensors="pt").pixel_values
     try:
         with torch.no_grad():
-            bank = model.build_reference_bank(references, class_name=args.class_name, **bank_inputs)
+            bank = model.build_reference_bank(pixel_values, class_name=args.class_name, **bank_inputs)
     except ValueError as error:
         raise CliError(f"the reference bank cannot be built: {error}") from None
-    return bank, references, bank_inputs
+    bank = dataclasses.replace(bank, generated_references=references.generated_references)
+    return bank, pixel_values, bank_inputs
 
 
 def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
@@ -433,7 +513,14 @@ def _runtime_conflict(args: argparse.Namespace) -> str | None:
 
 def _scorer(model, bank, args: argparse.Namespace, state):
     """pixel values -> calibrated AnomalyDetectionOutput: the model in PyTorch, or its export on `--runtime`
-    (exported once, by the main process, into the export cache)."""
+    (exported once, by the main process, into the export cache); a CliError when it cannot be exported."""
+    try:
+        return _runtime_scorer(model, bank, args, state)
+    except (ValueError, ImportError) as error:
+        raise CliError(f"--runtime {args.runtime}: {error}") from None
+
+
+def _runtime_scorer(model, bank, args: argparse.Namespace, state):
     import torch
 
     if args.runtime == "torch":

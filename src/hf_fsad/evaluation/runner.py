@@ -391,14 +391,11 @@ def _calibration_normals(
 ) -> tuple[dict | None, str | None]:
     """(`model.calibrate`'s normals, None) for a cell: leave-one-out on its references where that is sound,
     else the protocol's validation normals; or (None, why neither can calibrate it)."""
-    name = type(model).__name__
-    if model.fits_per_category or model.saves_its_references:
-        obstacle = f"{name} is fitted on all {k} references: leave-one-out would refit it per reference"
-    elif generated:
-        obstacle = f"the generated references are made from all {k}: leaving one out keeps its copies"
-    elif k < 2:
+    if k < 2 and not generated and not model.fits_per_category:
         obstacle = "zero-shot: no references" if k == 0 else "1 normal reference: leave-one-out needs 2"
     else:
+        obstacle = model.leave_one_out_refusal(k + generated, generated)
+    if obstacle is None:
         anomalous = {key: value for key, value in bank_inputs.items() if key.startswith("anomalous_")}
         return {"reference_features": bank_inputs["reference_features"], "bank_inputs": anomalous}, None
     if weights_validated:
@@ -499,7 +496,7 @@ def _run_cell(
             model, split.test, rows, batch_size, "anomalous references"
         )
         bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
-    bank = model.build_reference_bank(**bank_inputs)
+    bank = dataclasses.replace(model.build_reference_bank(**bank_inputs), generated_references=generated)
     validation_ids = manifest.validation_ids if manifest is not None else None
     validation_normals = _rgb_images(select_ids(split.train, validation_ids)) if validation_ids else []
     weights_validated = bool(anomalous_ids and validation_normals and model.validates_weights)

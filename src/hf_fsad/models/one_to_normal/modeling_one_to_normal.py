@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ...bank import ReferenceBank
+from ...calibration_inputs import GENERATED_IMAGE_INFO
 from ...modeling_base import FsadPreTrainedModel
 from ...modeling_outputs import AnomalyDetectionOutput
 from ...scoring import class_scores
@@ -78,6 +79,13 @@ class OneToNormalModel(FsadPreTrainedModel):
     def pool_images(self) -> list[Image.Image]:
         """The anomaly-free pool `fit` made (saved with the model), as RGB images at `config.image_size`."""
         return [Image.fromarray(array) for array in self.pool_pixels.cpu().numpy()]
+
+    @property
+    def fitted_on_normals(self) -> bool:
+        """Fitted by `fit` (it records the class it was fitted on), or loaded with a fitted LoRA or UNet."""
+        personalized = self.lora_weights is not None or self.unet_finetuned
+        loaded = self.lora_source is not None or self.unet_source is not None
+        return self.config.fitted_class_name is not None or personalized or loaded
 
     def set_pool(self, images: Sequence[Image.Image]) -> None:
         """Make `images` the anomaly-free pool, resized as `image_processor()` resizes them (so a bank of the
@@ -270,10 +278,14 @@ class OneToNormalModel(FsadPreTrainedModel):
         self, normal_images: Sequence[Image.Image], count: int
     ) -> list[Image.Image]:
         """The normal images followed by `count` generated anomaly-free ones (paper Sec. 4.3): a larger
-        reference set for any method's `build_reference_bank`."""
+        reference set for any method's `build_reference_bank`. The generated ones carry
+        `GENERATED_IMAGE_INFO` in their `info`, so the pipeline's bank counts them and refuses leave-one-out."""
         if not normal_images:
             raise ValueError("Give at least one normal image to generate from.")
-        return [image.convert("RGB") for image in normal_images] + self.generate_normals(normal_images, count)
+        generated = self.generate_normals(normal_images, count)
+        for image in generated:
+            image.info[GENERATED_IMAGE_INFO] = True
+        return [image.convert("RGB") for image in normal_images] + generated
 
     @torch.no_grad()
     def build_reference_bank(
