@@ -78,6 +78,12 @@ def pipe(saved_winclip_dir):
     return pipeline("image-anomaly-detection", model=saved_winclip_dir)
 
 
+
+def _score_arguments(model_dir: str, photos: dict) -> list[str]:
+    """`hf-fsad score` against the upright references, one image a batch, as the pipeline scores them."""
+    return ["score", "--model", model_dir, "--reference", str(photos["refs"]), "--batch-size", "1",
+            "--class-name", "fabric"]  # fmt: skip
+
 def test_the_oriented_file_is_stored_sideways(photos):
     with Image.open(photos["oriented"]) as stored:
         assert stored.size == (240, 180) and stored.getexif()[ORIENTATION] == 6
@@ -113,17 +119,7 @@ def test_an_oriented_query_scores_as_its_upright_self_in_the_pipeline_and_the_cl
     scores = [pipe(item, reference_images=references, class_name="fabric")["score"] for item in inputs]
     assert scores[1] == scores[0] and scores[2] == scores[0]
     output = tmp_path / "scores.jsonl"
-    arguments = [
-        "score",
-        "--model",
-        saved_winclip_dir,
-        "--reference",
-        str(photos["refs"]),
-        "--batch-size",
-        "1",
-        "--class-name",
-        "fabric",
-    ]
+    arguments = _score_arguments(saved_winclip_dir, photos)
     assert main([*arguments, "--output", str(output), str(photos["upright"]), str(photos["oriented"])]) == 0
     upright_score, oriented_score = [json.loads(line)["score"] for line in output.read_text().splitlines()]
     assert oriented_score == upright_score
@@ -267,17 +263,7 @@ def test_the_cli_scores_a_transparent_image_as_the_processor_sees_it(
         for mode, path in transparent.items()
     ]
     output = tmp_path / "scores.jsonl"
-    arguments = [
-        "score",
-        "--model",
-        saved_winclip_dir,
-        "--reference",
-        str(photos["refs"]),
-        "--batch-size",
-        "1",
-        "--class-name",
-        "fabric",
-    ]
+    arguments = _score_arguments(saved_winclip_dir, photos)
     queries = [*map(str, transparent.values()), *map(str, composited)]
     assert main([*arguments, "--output", str(output), *queries]) == 0
     scores = [json.loads(line)["score"] for line in output.read_text().splitlines()]
