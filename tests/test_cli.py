@@ -485,3 +485,27 @@ def test_the_names_of_the_single_module_cli_still_work_with_a_warning():
         assert cli.push_bank is run_push_bank
     with pytest.raises(AttributeError):
         _ = cli.no_such_name
+
+
+@pytest.mark.parametrize(
+    ("cuda", "mps", "runtime", "expected"),
+    [
+        (True, True, "torch", "cuda"),
+        (False, True, "torch", "mps"),
+        (False, False, "torch", "cpu"),
+        (True, True, "onnxruntime", "cpu"),  # an exported graph runs on the CPU
+    ],
+)
+def test_device_auto_is_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, runtime, expected):
+    from hf_fsad.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto", runtime) == expected
+    assert resolve_device("cuda:1", runtime) == "cuda:1"  # a device named is kept (and checked by the command)
+    commands = (
+        ["score", "x.png", "--model", "m", "--output", "o.jsonl"],
+        ["fit", "--normal", "good/", "--out", "fitted/"],
+        ["benchmark", "--methods", "winclip", "--datasets", "toy", "--out", "runs/"],
+    )
+    assert [cli.build_parser().parse_args(command).device for command in commands] == ["auto"] * 3

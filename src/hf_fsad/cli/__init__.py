@@ -54,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "batch_size", 1) < 1:
             raise CliError("--batch-size must be at least 1")
         registry.register()
+        if hasattr(args, "device"):
+            from hf_fsad.distributed import resolve_device
+
+            args.device = resolve_device(args.device, getattr(args, "runtime", "torch"))
         return args.handler(args)
     except CliError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -41,9 +41,10 @@ def add_batch_size(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device(
-    parser: argparse.ArgumentParser, help: str = "torch device, e.g. cuda (default %(default)s)"
+    parser: argparse.ArgumentParser,
+    help: str = "torch device, e.g. cuda or cpu (default %(default)s: CUDA, then MPS, then the CPU)",
 ) -> None:
-    parser.add_argument("--device", default="cpu", help=help)
+    parser.add_argument("--device", default="auto", help=help)
 
 
 def add_precision(parser: argparse.ArgumentParser) -> None:

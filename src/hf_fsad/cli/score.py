@@ -144,7 +144,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_batch_size(parser)
     add_device(
         parser,
-        help="torch device of a single process, e.g. cuda or cuda:1 (default %(default)s; several processes "
+        help="torch device of a single process, e.g. cuda, cuda:1 or cpu (default %(default)s: CUDA, then MPS, "
+        "then the CPU, and the CPU for an exported --runtime; several processes "
         "take one each)",
     )
     add_precision(parser)
