@@ -23,7 +23,7 @@ from hf_fsad.deploy import run_exported
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.evaluation.runner import _paper_pixel_values
 from hf_fsad.features import FeatureCache
-from hf_fsad.io import read_image, read_mask, to_rgb, to_upright_rgb, upright
+from hf_fsad.io import read_image, read_mask, read_upright, read_upright_size, to_rgb, to_upright_rgb, upright
 from hf_fsad.metrics import PIXEL_METRICS
 from hf_fsad.pipeline import as_rgb_image
 from hf_fsad.visualization import mask_array
@@ -318,3 +318,13 @@ def test_the_space_reads_images_as_the_cli_does(transparent, photos):
     files = [str(photos["oriented"]), *map(str, transparent.values())]
     for file, wanted, (_, image) in zip(files, expected, space.read_images(files, "Query")):
         assert np.array_equal(pixels_of(image), wanted), file
+
+
+def test_the_loaders_reader_turns_files_upright_and_keeps_their_mode(photos, tmp_path):
+    assert read_upright_size(photos["oriented"]) == photos["query"].size == (180, 240)
+    assert pixels_of(read_upright(photos["oriented"])).tolist() == pixels_of(photos["query"]).tolist()
+    # a sideways RGBA file: upright, its alpha kept for the model's reader (`to_upright_rgb`) to composite
+    rgba = photos["query"].convert("RGBA")
+    rgba.putalpha(Image.fromarray(np.tile(np.arange(180, dtype=np.uint8), (240, 1))))
+    loaded = read_upright(save_oriented(rgba, tmp_path / "rgba.png"))
+    assert loaded.mode == "RGBA" and pixels_of(loaded).tolist() == pixels_of(rgba).tolist()

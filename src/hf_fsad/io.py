@@ -166,11 +166,27 @@ def read_mask(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXE
     background made white would read as anomalous."""
 
     def decode(image: Image.Image) -> Image.Image:
-        image.load()
-        image = upright(image)
+        image = _loaded_upright(image)
         return image.convert("RGB") if has_transparency(image) else to_rgb(image)
 
     return _with_open_image(path, max_pixels, decode)
+
+
+def _loaded_upright(image: Image.Image) -> Image.Image:
+    image.load()
+    return upright(image)
+
+
+def read_upright(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """The image at `path` decoded and upright (`upright`) in its own mode (alpha, palettes and 16-bit kept),
+    as `datasets` decodes the files it stores: what the benchmark loaders keep, the conversion to RGB left to
+    `to_upright_rgb` when a model reads it. Errors as `read_image`'s."""
+    return _with_open_image(path, max_pixels, _loaded_upright)
+
+
+def read_upright_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of `read_upright(path)`, from the header where the format allows (`upright_size`)."""
+    return _with_open_image(path, max_pixels, upright_size)
 
 
 def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:

@@ -19,7 +19,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.fingerprint import Hasher
 from PIL import Image as PILImage
 
-from ..io import IMAGE_SUFFIXES, ImageReadError, check_image_file, upright, upright_size
+from ..io import IMAGE_SUFFIXES, ImageReadError, check_image_file, read_upright, read_upright_size, upright
 
 logger = logging.getLogger(__name__)
 
@@ -87,15 +87,12 @@ def open_image(source: ImageSource) -> PILImage.Image:
         return upright(source)
     if isinstance(source, np.ndarray):
         return PILImage.fromarray(source)
-    with PILImage.open(source) as image:
-        image.load()
-        return upright(image)
+    return read_upright(source)
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(width, height) of an image file once upright (`open_image`), read from its header."""
-    with PILImage.open(path) as image:
-        return upright_size(image)
+    return read_upright_size(path)
 
 
 def binary_mask(source: ImageSource) -> PILImage.Image:
