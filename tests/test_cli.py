@@ -457,6 +457,19 @@ def test_help_loads_neither_torch_nor_transformers_nor_datasets():
         assert "usage: hf-fsad" in completed.stdout
 
 
+def test_help_as_a_module_loads_neither_torch_nor_transformers_nor_datasets():
+    # `python -m hf_fsad.cli` (how torchrun starts it) defers registration as the console script does;
+    # -X importtime lists every module the process imports, one per stderr line
+    completed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "hf_fsad.cli", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 0 and "usage: hf-fsad" in completed.stdout
+    imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
+    assert "hf_fsad.cli" in imported
+    assert imported & {"torch", "transformers", "datasets"} == set()
+
+
 def test_version_prints_the_installed_version_without_loading_torch():
     from importlib.metadata import version
 

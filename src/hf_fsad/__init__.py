@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,9 +91,12 @@ def __dir__() -> list[str]:
 
 
 def _started_as_the_command_line() -> bool:
-    """Whether this process is the `hf-fsad` console script (`sys.argv[0]` is the script while it imports
-    `hf_fsad.cli`; `hf-fsad.exe` on Windows)."""
-    return Path((getattr(sys, "argv", None) or [""])[0]).stem == "hf-fsad"
+    """Whether this process is the command line: the `hf-fsad` console script (`sys.argv[0]` is the script
+    while it imports `hf_fsad.cli`; `hf-fsad.exe` on Windows) or `python -m hf_fsad.cli` (the interpreter's
+    own arguments, `sys.orig_argv`, name the module)."""
+    command = getattr(sys, "orig_argv", [])
+    as_module = ("-m", "hf_fsad.cli") in pairwise(command) or "-mhf_fsad.cli" in command
+    return as_module or Path((getattr(sys, "argv", None) or [""])[0]).stem == "hf-fsad"
 
 
 if not _started_as_the_command_line():
