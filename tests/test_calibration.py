@@ -19,6 +19,7 @@ from hf_fsad.calibration import (
     best_f1_threshold,
     conformal_threshold,
     fit_calibration,
+    fit_calibration_of_outputs,
     logistic_scale,
 )
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
@@ -369,11 +370,11 @@ def test_leave_one_out_scores_each_defect_against_every_left_out_bank_and_averag
     bank = tiny_winclip.build_reference_bank(references, class_name="tile")
     fitted = {}
 
-    def recording_fit(*arguments, **keywords):
-        fitted["anomalous_scores"], fitted["anomalous_maps"] = arguments[2], arguments[3]
-        return fit_calibration(*arguments, **keywords)
+    def recording_fit(normal, anomalous, *arguments, **keywords):
+        fitted["anomalous_scores"], fitted["anomalous_maps"] = anomalous.image_scores, anomalous.anomaly_maps
+        return fit_calibration_of_outputs(normal, anomalous, *arguments, **keywords)
 
-    monkeypatch.setattr(modeling_calibration, "fit_calibration", recording_fit)
+    monkeypatch.setattr(modeling_calibration, "fit_calibration_of_outputs", recording_fit)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 3 normals cannot reach 5 %
         calibrated = tiny_winclip.calibrate(bank, references, anomalous_pixel_values=defects, batch_size=1)
@@ -400,4 +401,25 @@ def test_leave_one_out_scores_each_defect_against_every_left_out_bank_and_averag
         "leave_one_out",
         2,
         misses,
+    )
+
+
+def test_calibration_of_outputs_reads_each_outputs_scores_and_maps_in_their_places():
+    from hf_fsad.modeling_outputs import AnomalyDetectionOutput
+
+    generator = torch.Generator().manual_seed(0)
+    normal = AnomalyDetectionOutput(
+        image_scores=torch.rand(12, generator=generator), anomaly_maps=torch.rand(12, 4, 4, generator=generator)
+    )
+    anomalous = AnomalyDetectionOutput(
+        image_scores=1 + torch.rand(5, generator=generator), anomaly_maps=1 + torch.rand(5, 4, 4, generator=generator)
+    )
+    masks = torch.rand(5, 4, 4, generator=generator) > 0.5
+    settings = {"normal_source": "held_out", "false_alarm_rate": 0.1, "rule": "best_f1"}
+    expected = fit_calibration(
+        normal.image_scores, normal.anomaly_maps, anomalous.image_scores, anomalous.anomaly_maps, masks, **settings
+    )
+    assert fit_calibration_of_outputs(normal, anomalous, masks, **settings) == expected
+    assert fit_calibration_of_outputs(normal, normal_source="held_out", false_alarm_rate=0.1) == fit_calibration(
+        normal.image_scores, normal.anomaly_maps, normal_source="held_out", false_alarm_rate=0.1
     )

@@ -504,6 +504,24 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def fit_calibration_of_outputs(
+    normal: AnomalyDetectionOutput,
+    anomalous: AnomalyDetectionOutput | None = None,
+    anomalous_masks: torch.Tensor | None = None,
+    **settings,
+) -> Calibration:
+    """`fit_calibration` of the scores and maps of scored normal (and anomalous) calibration images;
+    `settings` are its keyword arguments (normal_source, false_alarm_rate, confidence, rule)."""
+    return fit_calibration(
+        normal.image_scores,
+        normal.anomaly_maps,
+        None if anomalous is None else anomalous.image_scores,
+        None if anomalous is None else anomalous.anomaly_maps,
+        anomalous_masks,
+        **settings,
+    )
+
+
 def apply_calibration(output: AnomalyDetectionOutput, calibration: Calibration) -> AnomalyDetectionOutput:
     """`output` with the calibrated decisions: normalised scores, labels and (with a pixel threshold) masks."""
     return AnomalyDetectionOutput(

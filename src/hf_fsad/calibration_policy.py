@@ -127,7 +127,7 @@ def calibrate_on_scorer(
     notes): for an exported graph on `runtime` at `precision`, which has the bank built in, so its references
     cannot be left out (that would take one export per reference). `scorer` returns uncalibrated scores; masks
     are compared at the model's `image_size`."""
-    from .calibration import fit_calibration
+    from .calibration import fit_calibration_of_outputs
     from .modeling_outputs import concatenated_outputs
 
     def scored(chosen: list[Image.Image]) -> AnomalyDetectionOutput:
@@ -141,11 +141,9 @@ def calibrate_on_scorer(
     normal = scored(images.normal)
     anomalous = scored(images.anomalous) if images.anomalous else None
     masks = None if images.masks is None else mask_tensor(images.masks, image_size)
-    calibration = fit_calibration(
-        normal.image_scores,
-        normal.anomaly_maps,
-        None if anomalous is None else anomalous.image_scores,
-        None if anomalous is None else anomalous.anomaly_maps,
+    calibration = fit_calibration_of_outputs(
+        normal,
+        anomalous,
         masks,
         normal_source="held_out",
         false_alarm_rate=false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .calibration import fit_calibration
+from .calibration import fit_calibration_of_outputs
 from .modeling_outputs import AnomalyDetectionOutput, concatenated_outputs
 
 if TYPE_CHECKING:
@@ -92,11 +92,9 @@ class CalibrationMixin:
                 self._leave_one_out(bank, features, bank_inputs, anomalous_features, batch_size),
                 "leave_one_out",
             )
-        calibration = fit_calibration(
-            normal.image_scores,
-            normal.anomaly_maps,
-            None if anomalous is None else anomalous.image_scores,
-            None if anomalous is None else anomalous.anomaly_maps,
+        calibration = fit_calibration_of_outputs(
+            normal,
+            anomalous,
             anomalous_masks,
             normal_source=source,
             false_alarm_rate=false_alarm_rate,
@@ -111,11 +109,8 @@ class CalibrationMixin:
     def _score_in_batches(
         self, pixel_values: torch.Tensor, bank: ReferenceBank, batch_size: int, name: str
     ) -> AnomalyDetectionOutput:
-        outputs = [
-            self.score_features(self.encode_images(pixel_values[start : start + batch_size], name), bank)
-            for start in range(0, max(len(pixel_values), 1), batch_size)
-        ]
-        return concatenated_outputs(outputs)
+        features = self._encode_in_batches(pixel_values, batch_size, name)
+        return self._score_features_in_batches(features, bank, batch_size)
 
     def _encode_in_batches(
         self, pixel_values: torch.Tensor, batch_size: int, name: str
