@@ -102,7 +102,7 @@ def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_ten
     normal = np.array([0.1, 0.2, 0.3, 0.4, 1.0])
     scale = logistic_scale(1.0, normal)
     # 1/2 + z / (2 (1 + |z|)) = 0.1 at z = -4
-    assert scale == pytest.approx((1.0 - 0.3) / 4, rel=1e-15)
+    assert scale == pytest.approx((1.0 - 0.3) / 4, rel=1e-15)  # two float64 operations: a few ulps
     rule = calibration(image_threshold=1.0, image_scale=scale)
     normalized = rule.normalize(torch.tensor([1.0, 0.3], dtype=torch.float64))
     expected = torch.tensor([0.5, MEDIAN_NORMAL_LEVEL], dtype=torch.float64)
@@ -121,6 +121,7 @@ def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_ten
 
 
 def test_logistic_scale_falls_back_to_a_tenth_of_the_threshold_when_the_median_is_not_below_it():
+    # one float64 product each: rel 1e-15 is a few ulps
     assert logistic_scale(0.2, np.array([0.2, 0.2, 0.4])) == pytest.approx(0.02, rel=1e-15)
     assert logistic_scale(-0.5, np.array([-0.5, -0.5])) == pytest.approx(0.05, rel=1e-15)
     assert logistic_scale(0.0, np.array([0.0])) == 1.0  # a zero threshold has no size to take a tenth of
@@ -332,6 +333,7 @@ def test_defects_leave_the_false_alarm_threshold_on_the_normals_by_default():
     assert "misses 50.0% of the 10 anomalous" in with_defects.describe()
     # the rule of today, now only when asked: F1 20/21 by flagging the normal at 0.90
     best_f1 = fit_calibration(normals, None, defects, rule="best_f1", **arguments)
+    # halfway between two float32 scores (0.40 and 0.50): float32 input rounding, ~3e-8, within approx's 1e-6
     assert (best_f1.rule, best_f1.image_threshold) == ("best_f1", pytest.approx(0.45))
     assert best_f1.calibration_false_alarm_rate == 0.2
     assert (best_f1.false_alarm_bound, best_f1.calibration_miss_rate) == (None, None)
@@ -348,6 +350,7 @@ def test_the_miss_rate_counts_defects_at_or_below_the_threshold():
     with_maps = fit_calibration(
         normals, maps, defects, maps[:4] * 10, normal_source="held_out", false_alarm_rate=0.05
     )
+    # 19 x 0.1 in float32 (the maps' dtype): rounding ~1e-7 relative, within approx's 1e-6
     assert (with_maps.pixel_rule, with_maps.pixel_threshold) == ("false_alarm_rate", pytest.approx(1.9))
 
 
@@ -394,6 +397,7 @@ def test_leave_one_out_scores_each_defect_against_every_left_out_bank_and_averag
     )
     torch.testing.assert_close(fitted["anomalous_maps"], expected_maps, rtol=0, atol=BATCH_ORDER_TOLERANCE)
     full_bank_scores = tiny_winclip(defects, reference_bank=bank).image_scores
+    # the full bank's scores differ by far more than BATCH_ORDER_TOLERANCE: 1e-4 is 100 times it
     assert not torch.allclose(fitted["anomalous_scores"], full_bank_scores, rtol=0, atol=1e-4)
     rule = calibrated.calibration
     misses = (expected_scores.double() <= rule.image_threshold).double().mean().item()

@@ -111,7 +111,7 @@ def test_json_safe_records_write_null_for_non_finite_floats():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_the_normalised_score_stays_strictly_increasing_where_the_logistic_saturated(dtype):
     rule = conformal(SATURATING_NORMALS)
-    assert rule.image_threshold == pytest.approx(0.303)
+    assert rule.image_threshold == pytest.approx(0.303)  # linspace's float64 end point, ulps from 0.303
     # raw scores from 0 to 3.3 times the threshold, a thousandth apart, in the scores' own dtype
     scores = torch.arange(0, 1, 1e-3, dtype=dtype)
     values = rule.normalize(scores)
@@ -157,23 +157,28 @@ def test_a_failing_part_never_reads_one_half():
 def test_score_at_level_inverts_the_normalisation():
     levels = torch.tensor([0.01, 0.1, 0.5, 0.75, 0.99], dtype=torch.float64)
     raw = torch.tensor([score_at_level(level, 0.25, 0.002) for level in levels.tolist()], dtype=torch.float64)
+    # float64, a few operations per level: approx's default 1e-6 relative is far above their rounding
     assert raw.tolist() == pytest.approx(
         [0.25 - 49 * 0.002, 0.25 - 4 * 0.002, 0.25, 0.25 + 0.002, 0.25 + 0.098]
     )
+    # float64 round trip through a quotient of z ~ 50: error ~ 50 ulps of 1, far under 1e-12
     torch.testing.assert_close(normalize_around(raw, 0.25, 0.002), levels, rtol=0, atol=1e-12)
 
 
 def test_the_fallback_scale_is_a_tenth_of_the_threshold():
     for normals in ([0.3], [0.3, 0.3, 0.3]):  # one normal, or equal normals: the median is the threshold
         rule = conformal(normals)
+        # float64 scores (`conformal`), one product on each side: a few ulps
         assert rule.image_scale == pytest.approx(FALLBACK_RELATIVE_SCALE * 0.3, rel=1e-15)
         # a clear defect, a third above the threshold (10 / 3 scales): 1 - 1 / (2 (1 + 10 / 3)), not 0.505
         clear_defect = rule.normalize(torch.tensor([0.4], dtype=torch.float64)).item()
+        # float64 throughout (a float64 query, float64 threshold and scale): a few operations, a few ulps
         assert clear_defect == pytest.approx(1 - 1 / (2 * (1 + 10 / 3)), rel=1e-12)
 
 
 def test_the_scale_has_a_floor_from_the_threshold():
     packed = 0.303 + np.arange(20) * 1e-12  # normals a hair apart: the median rule alone gives 2.5e-12
+    # one float64 product on both sides; approx's 1e-6 relative is far above it
     assert logistic_scale(float(packed.max()), packed) == pytest.approx(MIN_RELATIVE_SCALE * packed.max())
 
 

@@ -248,7 +248,8 @@ def test_defective_references_report_their_miss_rate_at_the_false_alarm_threshol
         "false_alarm_rate",
         1,
     )
-    # the same forwards on the same pixels as the app's: equal up to float32 rounding
+    # the same forwards on the same pixels as the app's, maybe in other batches: a few float32 ulps (~1e-7
+    # relative each), within rel 1e-6
     assert calibration.image_threshold == pytest.approx(normals_only.image_threshold, rel=1e-6)
     assert calibration.pixel_threshold == pytest.approx(normals_only.pixel_threshold, rel=1e-6)
     assert calibration.calibration_miss_rate == expected.calibration_miss_rate
