@@ -9,17 +9,22 @@ of the Monte-Carlo error:
 
 The draws are independent given the scores, so by the central limit theorem the mean lies within Z standard
 errors of the true expected FAR except with probability 3e-5 (one-sided normal tail at Z = 4): a check that
-fails is a broken promise, not an unlucky seed.
+fails is a broken promise, not an unlucky seed. The check of `confidence` (the share of draws whose
+threshold alarms more often than asked) uses exact margins instead: Hoeffding's for the mean and the binomial
+quantile for the share, each at FAILURE_PROBABILITY.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from scipy.stats import binom
 
 from extras import import_extra
-from hf_fsad.calibration import apply_calibration, fit_calibration
+from hf_fsad.calibration import apply_calibration, conformal_rank, fit_calibration
 from hf_fsad.data import load_benchmark
 from hf_fsad.features import FeatureCache
 from test_winclip import WinClipModelTester
@@ -76,6 +81,78 @@ def test_held_out_conformal_threshold_meets_its_promise_from_both_sides(normals)
     assert mean <= calibration.false_alarm_bound + slack  # the promise
     assert mean >= alpha - 1 / (n + 1) - slack  # and not much more cautious than asked
     assert abs(mean - calibration.false_alarm_bound) <= slack  # exact here: distinct, exchangeable scores
+
+
+# The per-draw checks below fail a correct rule with probability at most this (each margin's derivation says
+# why), so a failure is a broken promise, not an unlucky seed.
+FAILURE_PROBABILITY = 1e-6
+
+
+def hoeffding_margin(draws: int) -> float:
+    """How far the mean of `draws` independent values in [0, 1] exceeds their expectation with probability
+    at most FAILURE_PROBABILITY: Hoeffding, P(mean - E >= margin) <= exp(-2 draws margin^2)."""
+    return math.sqrt(math.log(1 / FAILURE_PROBABILITY) / (2 * draws))
+
+
+def binomial_margin(draws: int, share: float) -> float:
+    """How far the share of `draws` independent events, each of probability at most `share`, exceeds
+    `share` with probability at most FAILURE_PROBABILITY: the count is at most Binomial(draws, share) in
+    distribution, and its exact upper quantile, scipy's `binom.isf`, is the smallest m with P(count > m) <=
+    FAILURE_PROBABILITY."""
+    return float(binom.isf(FAILURE_PROBABILITY, draws, share)) / draws - share
+
+
+def test_the_realised_false_alarm_rate_keeps_the_promise_on_average_and_with_confidence(normals):
+    """The scored normals as the population of a line's normal parts: each draw takes n calibration scores
+    independently from it (with replacement), and the threshold's realised false-alarm rate is exactly the
+    share of the population above it (the chance that the next normal part alarms, not an estimate from a
+    few test normals, whose sampling noise would count towards the share of draws above the target).
+
+    Why the promises hold here: a draw is X_i = F^-1(U_i) with U_i uniform and F the population's
+    distribution, so the j-th smallest X_(j) = F^-1(U_(j)) and its realised rate 1 - F(X_(j)) lies in
+    (1 - U_(j) - 1/N, 1 - U_(j)] for N distinct scores. 1 - U_(j) is the continuous case, Beta(n + 1 - j, j)
+    distributed: mean (n - j + 1) / (n + 1), the average promise, and above alpha with probability <= 1 -
+    confidence for the `confidence` rank. Ties in a draw only lower the realised rate."""
+    *_, scores = normals
+    population = scores.double()
+    assert torch.unique(population).numel() == population.numel()  # N distinct scores: the 1/N above
+    draws, n, alpha, confidence = 100_000, 50, 0.1, 0.9
+    drawn = population[
+        torch.from_numpy(np.random.default_rng(27).integers(0, population.numel(), (draws, n)))
+    ]
+    ordered = drawn.sort(dim=1).values
+
+    def realised_rates(rank: int) -> torch.Tensor:
+        """Each draw's realised false-alarm rate at the rank-th smallest of its scores."""
+        thresholds = ordered[:, rank - 1]
+        return (population[None, :] > thresholds[:, None]).double().mean(dim=1)
+
+    on_average_rank, per_draw_rank = conformal_rank(n, alpha), conformal_rank(n, alpha, confidence)
+    on_average, per_draw = realised_rates(on_average_rank), realised_rates(per_draw_rank)
+    # the sorted draws are the library's thresholds: its own calibration, from the first draws, agrees
+    for index in range(20):
+        for rank, rates, asked in (
+            (on_average_rank, on_average, None),
+            (per_draw_rank, per_draw, confidence),
+        ):
+            rule = fit_calibration(
+                drawn[index], None, normal_source="held_out", false_alarm_rate=alpha, confidence=asked
+            )
+            assert rule.image_threshold == ordered[index, rank - 1].item()
+            assert rule.labels(population).double().mean().item() == rates[index].item()
+
+    bound = fit_calibration(
+        drawn[0], None, normal_source="held_out", false_alarm_rate=alpha
+    ).false_alarm_bound
+    assert bound == 5 / 51  # rank ceil(51 x 0.9) = 46 of 50
+    margin = hoeffding_margin(draws)  # 0.0083
+    assert on_average.mean().item() <= bound + margin  # the average promise
+    assert on_average.mean().item() >= bound - 1 / population.numel() - margin  # and not much more cautious
+    allowed_share = 1 - confidence
+    share_margin = binomial_margin(draws, allowed_share)  # 0.0045
+    assert (per_draw > alpha).double().mean().item() <= allowed_share + share_margin  # the per-draw promise
+    # the average promise is no per-draw promise: about 40 % of its draws exceed the target
+    assert (on_average > alpha).double().mean().item() > allowed_share + share_margin
 
 
 def test_leave_one_out_threshold_of_a_nearest_neighbour_method_meets_its_promise(normals):
