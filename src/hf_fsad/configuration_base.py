@@ -14,6 +14,9 @@ POSITION_INTERPOLATIONS = ("bicubic", "bilinear")
 # Image geometries of `FsadConfig.paper_preprocessing`.
 PREPROCESSING = ("crop", "squash")
 
+# Where the weights of the parts a method must train come from (`FsadConfig.trained_parts`).
+TRAINED_PARTS = ("random", "trained", "converted", "unrecorded")
+
 
 class FsadConfig(PreTrainedConfig):
     """Base config of every hf_fsad method.
@@ -26,6 +29,14 @@ class FsadConfig(PreTrainedConfig):
         default_class_name: class word used when no class name is given.
         trained_on: the dataset a trained method was fitted on (None for training-free methods); the
             benchmark runner reports it, so cross-dataset results (train on A, test on B) are labelled.
+        trained_parts: where the weights of the parts the method must train come from, for methods that have
+            such parts (`FsadPreTrainedModel.needs_training`: MetaCAN's differentiator and detector, AF-CLIP's
+            adapter and prompts; others ignore it). "random" (default): built fresh (`from_clip`, a config),
+            so scoring is refused by the CLI and the Space and warned about in Python. "trained": a training
+            recipe fitted them; "converted": published weights (`hf-fsad convert --afclip-official`).
+            "unrecorded": a config.json without the field, written before it existed, so nothing says
+            whether they were trained (warned about, not refused); `from_dict` sets it, as the default would
+            read such a save as fresh. A `trained_on` dataset also counts as trained.
         max_memory_items: None (default) keeps every item of a bank's nearest-neighbour memories (patches,
             windows), searched exactly in chunks (`scoring.nearest_cosine`: bounded peak memory, cost linear
             in the memory's size), so every paper setting is computed as published. An int thins each larger
@@ -52,6 +63,7 @@ class FsadConfig(PreTrainedConfig):
     image_std: list[float] = field(default_factory=lambda: list(OPENAI_CLIP_STD))
     default_class_name: str = "object"
     trained_on: str | None = None
+    trained_parts: str = "random"
     max_memory_items: int | None = None
     position_interpolation: str = "bicubic"
     paper_preprocessing: str = "squash"
@@ -68,12 +80,22 @@ class FsadConfig(PreTrainedConfig):
                 f"position_interpolation must be one of {POSITION_INTERPOLATIONS}, "
                 f"got {self.position_interpolation!r}."
             )
+        if self.trained_parts not in TRAINED_PARTS:
+            raise ValueError(f"trained_parts must be one of {TRAINED_PARTS}, got {self.trained_parts!r}.")
         if self.paper_preprocessing not in PREPROCESSING:
             raise ValueError(
                 f"paper_preprocessing must be one of {PREPROCESSING}, got {self.paper_preprocessing!r}."
             )
         if self.image_size < patch_size:
             raise ValueError(f"image_size {self.image_size} is smaller than the patch size {patch_size}.")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """The config of `config_dict` (what `from_pretrained` reads from config.json); one written before
+        `trained_parts` existed gets "unrecorded" instead of the default "random" (see the class docstring)."""
+        if "trained_parts" not in config_dict:
+            config_dict = {**config_dict, "trained_parts": "unrecorded"}
+        return super().from_dict(config_dict, **kwargs)
 
     def quarter_blocks(self) -> list[int]:
         """The ends of four equal groups of vision blocks, the papers' four hierarchical levels ([6, 12, 18, 24]

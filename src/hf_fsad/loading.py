@@ -65,9 +65,15 @@ def _load(loader, source: str, what: str):
         ) from None
 
 
-def load_method(source: str):
+def load_method(source: str, *, allow_untrained: bool = False):
     """A model from `PATH_OR_HUB_ID` (a saved hf_fsad model) or `METHOD@CLIP` (a fresh method on a CLIP
-    checkpoint); a `ModelLoadError` with a one-line message when it cannot be loaded."""
+    checkpoint); a `ModelLoadError` with a one-line message when it cannot be loaded.
+
+    A method whose own parts must be trained (MetaCAN, AF-CLIP: `needs_training`) built fresh by METHOD@CLIP,
+    or saved so, has random weights there and would score without meaning: it is refused with how to get
+    weights, unless `allow_untrained` (demos, tests; scoring it then warns). One saved before hf_fsad recorded
+    training loads, and warns when it scores.
+    """
     from transformers import AutoModel
 
     import hf_fsad  # noqa: F401  (registers the methods)
@@ -79,5 +85,17 @@ def load_method(source: str):
             raise ModelLoadError(
                 f"unknown method {method!r} in {source!r}; available: {', '.join(sorted(METHODS))}."
             )
-        return _load(method_spec(method).model.from_clip, clip, "CLIP model")
-    return _load(AutoModel.from_pretrained, source, "model")
+        model_class = method_spec(method).model
+        if model_class.needs_training and not allow_untrained:  # a fresh model: refused before CLIP loads
+            _refuse_untrained(source, model_class.untrained_message_for("random"))
+        return _load(model_class.from_clip, clip, "CLIP model")
+    model = _load(AutoModel.from_pretrained, source, "model")
+    if model.untrained_weights == "random" and not allow_untrained:
+        _refuse_untrained(source, model.untrained_message())
+    return model
+
+
+def _refuse_untrained(source: str, message: str) -> None:
+    raise ModelLoadError(
+        f"{source}: {message}; to score it untrained anyway (a demo, a test), pass --allow-untrained."
+    )

@@ -44,8 +44,21 @@ if TYPE_CHECKING:
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Prompt embeddings the model computed before it was saved (see `ClipBackbone.text_cache`).
 TEXT_CACHE_FILE = "text_embeddings.safetensors"
-# Config keys that say nothing about how features are computed (and change on save/load).
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "architectures", "dtype", "auto_map"}
+# Config keys that say nothing about how features are computed (and change on save/load; `trained_parts`
+# records where weights came from, and reads "unrecorded" for a model saved before it existed).
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "auto_map",
+    "trained_parts",
+}
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """A model whose trained parts (`FsadPreTrainedModel.needs_training`) were never trained, or may not have
+    been, is scoring: its scores mean nothing until they are."""
 
 
 def _without_volatile_keys(config: dict) -> dict:
@@ -85,6 +98,12 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
     # Whether the saved model holds what it learnt from its references (VTFusion's prototypes), so its bank
     # is built without references and takes none.
     saves_its_references = False
+    # Whether the method's own layers must be trained before its scores mean anything (they are random in a
+    # model built by `from_clip`); `untrained_weights` then reads `config.trained_parts`. `trained_parts_name`
+    # names them and `how_to_get_weights` says how, for the messages.
+    needs_training = False
+    trained_parts_name = ""
+    how_to_get_weights = ""
     # Why the method cannot be exported as one fixed ONNX / OpenVINO graph (`hf_fsad.export` refuses it with
     # this reason); None: it exports.
     export_refusal: str | None = None
@@ -277,6 +296,43 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         spec = json.dumps(self.feature_spec(), sort_keys=True, default=str)
         return hashlib.sha256((self._vision_weights_digest + spec).encode()).hexdigest()[:16]
 
+    @property
+    def untrained_weights(self) -> str | None:
+        """Whether the parts this method must train (`needs_training`) are untrained: "random" when they never
+        were, "unrecorded" when the model was saved before `config.trained_parts` existed and names no
+        `trained_on`, so nothing says; None when they were trained or converted, or the method trains none."""
+        if not self.needs_training or self.config.trained_on is not None:
+            return None
+        return self.config.trained_parts if self.config.trained_parts in ("random", "unrecorded") else None
+
+    def untrained_message(self) -> str | None:
+        """One line on `untrained_weights` with how to get weights; None when there is nothing to say."""
+        return self.untrained_message_for(self.untrained_weights)
+
+    @classmethod
+    def untrained_message_for(cls, state: str | None) -> str | None:
+        """`untrained_message` of a model of this class whose `untrained_weights` is `state`."""
+        if state is None:
+            return None
+        method = cls.config_class.model_type
+        if state == "random":
+            return (
+                f"{method}'s {cls.trained_parts_name} were never trained (random weights), so its scores mean "
+                f"nothing: {cls.how_to_get_weights}"
+            )
+        return (
+            f"this {method} model was saved before hf_fsad recorded training (config.trained_parts), so "
+            f"whether its {cls.trained_parts_name} were trained is unknown; untrained, its scores mean "
+            f"nothing: {cls.how_to_get_weights}"
+        )
+
+    def warn_if_untrained(self) -> None:
+        """Warn (`UntrainedWeightsWarning`, once per model) when `untrained_message` has something to say."""
+        message = self.untrained_message()
+        if message is not None and not getattr(self, "_warned_untrained", False):
+            self._warned_untrained = True
+            warnings.warn(message, UntrainedWeightsWarning, stacklevel=3)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -289,6 +345,7 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         Every method implements `encode_images` (per-image features), `score_features` (features + bank ->
         output) and `build_reference_bank`; keeping encoding apart lets features be cached and reused.
         """
+        self.warn_if_untrained()
         output = self.score_features(self.encode_images(pixel_values), reference_bank)
         if reference_bank is not None and reference_bank.calibration is not None:
             output = calibration_module.apply_calibration(output, reference_bank.calibration)

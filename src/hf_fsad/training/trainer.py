@@ -262,6 +262,7 @@ class FsadTrainer:
                 self.save_checkpoint(done, history)
         self.trainable_module().eval()
         self.model.invalidate_feature_key()  # trained weights may enter the features (LoRA)
+        self.model.config.trained_parts = "trained"
         seconds = (time.perf_counter() - started) / timed_steps if timed_steps else None
         return TrainingResult(
             steps=args.max_steps,

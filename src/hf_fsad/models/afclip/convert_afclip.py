@@ -149,6 +149,7 @@ def convert_official_afclip(
         adapter_num_heads=heads,
         adapter_head_dim=inner // heads,
         trained_on=trained_on,
+        trained_parts="converted",
     )
     if model.context.shape != context.shape:
         raise ValueError(

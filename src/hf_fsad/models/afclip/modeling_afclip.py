@@ -92,6 +92,13 @@ class AfClipModel(FsadPreTrainedModel):
     """
 
     config_class = AfClipConfig
+    needs_training = True
+    trained_parts_name = "adapter and prompts"
+    how_to_get_weights = (
+        "train them (accelerate launch training/train_afclip.py --config training/configs/afclip.yaml; "
+        "docs/training.md) or convert the authors' weights (hf-fsad convert --afclip-official PROMPT ADAPTOR "
+        "OUT), and score the saved model"
+    )
     memory_prefixes = ("memory.",)
 
     def __init__(self, config: AfClipConfig):

@@ -101,6 +101,12 @@ class MetaCanModel(FsadPreTrainedModel):
     """
 
     config_class = MetaCanConfig
+    needs_training = True
+    trained_parts_name = "differentiator and detector"
+    how_to_get_weights = (
+        "train them (accelerate launch training/train_metacan.py --config training/configs/metacan.yaml; "
+        "docs/training.md) and score the saved model"
+    )
 
     def __init__(self, config: MetaCanConfig):
         super().__init__(config)
