@@ -1,6 +1,6 @@
 """hf_fsad in a web page: pick a method or model, upload normal references and queries, see where the defects are.
 
-    python spaces/app.py [--model DIR_OR_HUB_ID ...] [--port 7860]
+    python spaces/app.py [--model DIR_OR_HUB_ID ...] [--port 7860] [--allow-untrained]
 
 One pipeline per model serves every user (models are stateless: references live in the per-request bank).
 Methods come from `hf_fsad.registry`, so a new method appears here without editing this file.
@@ -9,12 +9,17 @@ Raw scores have no common scale (a tiny random WinCLIP scores a clear defect 0.2
 the uploads is calibrated (`model.calibrate`) and the pass/fail slider acts on the normalised score, whose
 0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
 the raw score.
+
+A method whose own parts must be trained (MetaCAN, AF-CLIP) is offered as METHOD@CLIP, and scored with random
+weights, only when the Space is launched with --allow-untrained (a demo); otherwise the page refuses such a
+model with how to get weights, as the CLI does.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tempfile
 from pathlib import Path
@@ -31,34 +36,38 @@ from hf_fsad.calibration import Calibration, score_at_level
 from hf_fsad.calibration_inputs import separate_calibration_images
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
-from hf_fsad.registry import METHODS
+from hf_fsad.registry import METHODS, method_spec
 from hf_fsad.visualization import mask_array
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-_PIPELINES: dict[str, object] = {}
+_PIPELINES: dict[tuple[str, bool], object] = {}
 
 
-def method_choices(models: list[str]) -> list[str]:
-    """The models given at launch, then a fresh model of every registered method on the default CLIP."""
-    return [*models, *(f"{method}@{DEFAULT_CLIP}" for method in METHODS)]
+def method_choices(models: list[str], allow_untrained: bool = False) -> list[str]:
+    """The models given at launch, then a fresh model of every registered method on the default CLIP; of
+    the methods whose own parts must be trained, only with `allow_untrained` (fresh, they are random)."""
+    fresh = [method for method in METHODS if allow_untrained or not method_spec(method).model.needs_training]
+    return [*models, *(f"{method}@{DEFAULT_CLIP}" for method in fresh)]
 
 
-def get_pipeline(source: str):
-    """The pipeline of `source` (a saved model directory, a Hub id, or METHOD@CLIP), loaded once."""
+def get_pipeline(source: str, allow_untrained: bool = False):
+    """The pipeline of `source` (a saved model directory, a Hub id, or METHOD@CLIP), loaded once; a model
+    whose trained parts were never trained is refused unless `allow_untrained` (`load_method`)."""
     from transformers import pipeline
 
     if not source or not source.strip():
         raise gr.Error("Choose a model: a saved model directory, a Hub id, or METHOD@CLIP.")
     source = source.strip()
-    if source not in _PIPELINES:
+    key = (source, allow_untrained)
+    if key not in _PIPELINES:
         try:
-            model = load_method(source).eval()
+            model = load_method(source, allow_untrained=allow_untrained).eval()
         except ModelLoadError as error:
             raise gr.Error(f"Could not load {source}: {error}") from None
-        _PIPELINES[source] = pipeline(
+        _PIPELINES[key] = pipeline(
             "image-anomaly-detection", model=model, image_processor=model.image_processor()
         )
-    return _PIPELINES[source]
+    return _PIPELINES[key]
 
 
 def read_images(files: list | None, what: str, read=read_image) -> list[tuple[str, Image.Image]]:
@@ -249,6 +258,8 @@ def detect(
     anomalous_files=None,
     mask_files=None,
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
+    *,
+    allow_untrained: bool = False,
 ):
     """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
     branch scores and the bank.
@@ -256,7 +267,7 @@ def detect(
     With a calibrated bank a query fails when its normalised score reaches `threshold` and the outlined
     region is where the normalised map does; otherwise both compare raw values with `threshold`.
     """
-    pipe = get_pipeline(source)
+    pipe = get_pipeline(source, allow_untrained)
     model = pipe.model
     queries = read_images(query_files, "Query")
     if not queries:
@@ -342,8 +353,9 @@ def elpv_examples(folder: Path) -> list[list]:
     return [[paths[:2], "solar cell", paths[2:]]]
 
 
-def build_app(models: list[str] | None = None) -> gr.Blocks:
-    choices = method_choices(models or [])
+def build_app(models: list[str] | None = None, allow_untrained: bool = False) -> gr.Blocks:
+    """The page; `allow_untrained` offers and scores methods whose own parts were never trained (demos)."""
+    choices = method_choices(models or [], allow_untrained)
     with gr.Blocks(title="hf_fsad: few-shot anomaly detection") as app:
         gr.Markdown(
             "# Few-shot anomaly detection\nUpload a few normal images of a part and the images to check. "
@@ -400,7 +412,7 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                 branches = gr.BarPlot(x="branch", y="score", color="query", label="Branch scores")
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
-            detect,
+            functools.partial(detect, allow_untrained=allow_untrained),
             [source, references, class_name, queries, threshold, bank_in, anomalous, masks],
             [heatmaps, annotated, decision, results, branches, bank_out],
             api_name="detect",
@@ -416,8 +428,13 @@ def main() -> None:
         "--model", nargs="*", default=[], help="saved model directories or Hub ids to offer first"
     )
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "7860")))
+    parser.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="offer and score MetaCAN and AF-CLIP with random weights, as METHOD@CLIP builds them (demos)",
+    )
     args = parser.parse_args()
-    build_app(args.model).queue().launch(server_port=args.port)
+    build_app(args.model, args.allow_untrained).queue().launch(server_port=args.port)
 
 
 if __name__ == "__main__":

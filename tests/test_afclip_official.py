@@ -133,6 +133,7 @@ def test_cli_writes_an_afclip_model_with_the_official_weights_and_settings(offic
         "before_start",
     )
     assert (config.adapter_num_heads, config.adapter_head_dim, config.trained_on) == (8, 64, "mvtec_ad")
+    assert config.trained_parts == "converted"  # scored without a warning, --trained-on given or not
     assert torch.equal(model.context, load_official_prompt(PROMPT))
     adapter, _ = load_official_adaptor(ADAPTOR)
     assert all(torch.equal(model.adapter.state_dict()[name], tensor) for name, tensor in adapter.items())

@@ -549,6 +549,7 @@ def test_recipe_trains_saves_a_loadable_model_with_a_card(tmp_path, tiny_clip_di
     )
     model = AutoModel.from_pretrained(tmp_path)
     assert model.config.trained_on == "toy" and model.config.feature_layers == [1, 2]
+    assert model.config.trained_parts == "trained" and model.untrained_weights is None
     card = (tmp_path / "README.md").read_text()
     assert "library_name: hf_fsad" in card and "AD meta-learning on `toy`" in card
     summary = _summary(tmp_path)

@@ -1,4 +1,5 @@
-"""Options that several commands take, declared once: pixel limit, batch size, device, precision, runtime."""
+"""Options that several commands take, declared once: pixel limit, batch size, device, precision, runtime,
+untrained models."""
 
 from __future__ import annotations
 
@@ -60,3 +61,13 @@ def add_precision(parser: argparse.ArgumentParser) -> None:
 def add_runtime(parser: argparse.ArgumentParser, help: str) -> None:
     """`--runtime`: PyTorch, or one of the runtimes `hf-fsad export` targets."""
     parser.add_argument("--runtime", choices=["torch", *RUNTIMES], default="torch", help=help)
+
+
+def add_allow_untrained(parser: argparse.ArgumentParser) -> None:
+    """`--allow-untrained`: load a model whose trained parts were never trained (`hf_fsad.loading`)."""
+    parser.add_argument(
+        "--allow-untrained",
+        action="store_true",
+        help="score a method whose own parts must be trained (MetaCAN, AF-CLIP) with random weights, as "
+        "METHOD@CLIP builds them (demos, tests); without it such a model is refused with how to get weights",
+    )

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ._errors import CliError
-from ._options import add_batch_size, add_device, add_runtime
+from ._options import add_allow_untrained, add_batch_size, add_device, add_runtime
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -54,6 +54,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--title", help="heading of the results table (say in it if the weights are random)")
     add_batch_size(parser)
     add_device(parser)
+    add_allow_untrained(parser)
     parser.add_argument(
         "--profile", action="store_true", help="measure latency, memory and k-scaling instead"
     )
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         label, equals, source = entry.rpartition("=")
         source = source if equals else entry
         try:
-            model = load_method(source)
+            model = load_method(source, allow_untrained=args.allow_untrained)
         except ModelLoadError as error:
             raise CliError(f"--methods {entry}: {error}") from None
         models[label or Path(source.split("@")[-1]).name or source] = model.to(args.device).eval()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ._errors import CliError
+from ._options import add_allow_untrained
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -21,6 +22,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--format", choices=["onnx", "openvino"], default="onnx", help="runtime format (default %(default)s)"
     )
     parser.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    add_allow_untrained(parser)
     parser.set_defaults(handler=run)
 
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         output = prepare_output_dir(Path(args.out).resolve().parent, "--out") / Path(args.out).name
-        model = load_method(args.model)
+        model = load_method(args.model, allow_untrained=args.allow_untrained)
         bank = ReferenceBank.load(args.bank) if args.bank else None
         export_model(model, bank, output, args.format)
     except (ModelLoadError, ValueError) as error:

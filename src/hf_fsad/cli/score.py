@@ -16,7 +16,15 @@ from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 from hf_fsad.registry import METHODS
 
 from ._errors import CliError
-from ._options import add_batch_size, add_device, add_max_pixels, add_precision, add_runtime, rate
+from ._options import (
+    add_allow_untrained,
+    add_batch_size,
+    add_device,
+    add_max_pixels,
+    add_precision,
+    add_runtime,
+    rate,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -149,6 +157,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "take one each)",
     )
     add_precision(parser)
+    add_allow_untrained(parser)
     parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
     )
@@ -210,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=multi_process_cpu())
     device = args.device if state.num_processes == 1 else state.device
     try:
-        model = load_method(args.model).to(device).eval()
+        model = load_method(args.model, allow_untrained=args.allow_untrained).to(device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
     _check_defects(model, args, defects)

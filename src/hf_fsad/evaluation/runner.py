@@ -196,6 +196,7 @@ def _reference_masks(references: Dataset, size: int, crop: bool) -> torch.Tensor
 def _score(
     model: FsadPreTrainedModel, features: dict, bank, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
+    model.warn_if_untrained()
     scores, maps = [], []
     count = next(iter(features.values())).shape[0]
     for start in range(0, count, batch_size):
