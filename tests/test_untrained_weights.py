@@ -108,35 +108,46 @@ def test_the_cli_refuses_a_fresh_method_at_clip_in_one_line_with_how_to_get_weig
     assert not output.exists()
 
 
+def warning_lines(capsys) -> list[str]:
+    return [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if "UntrainedWeightsWarning" in line or (line.startswith("warning: ") and "trained" in line)
+    ]
+
+
 def test_allow_untrained_scores_a_random_model_and_warns_once(toy_files, tmp_path, capsys):
     model = saved_model("metacan", tmp_path / "metacan")
     assert score(model, toy_files, tmp_path / "refused.jsonl") == 2  # saved with random heads: still fresh
     assert "differentiator and detector were never trained" in capsys.readouterr().err
     output = tmp_path / "results.jsonl"
-    with pytest.warns(UntrainedWeightsWarning) as caught:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert score(model, toy_files, output, "--allow-untrained") == 0
-    assert len(untrained_warnings(caught)) == 1
+    assert untrained_warnings(caught) == []  # said once, as the CLI's own line
+    (line,) = warning_lines(capsys)
+    assert line.startswith("warning: metacan's differentiator and detector were never trained")
     assert len(output.read_text().splitlines()) == 1
 
 
-def test_a_model_saved_before_the_field_is_scored_with_a_warning_not_refused(toy_files, tmp_path):
+def test_a_model_saved_before_the_field_is_scored_with_a_warning_not_refused(toy_files, tmp_path, capsys):
     model = saved_before_the_field("afclip", tmp_path / "afclip")
     output = tmp_path / "results.jsonl"
-    with pytest.warns(UntrainedWeightsWarning) as caught:
-        assert score(model, toy_files, output) == 0
-    (message,) = untrained_warnings(caught)
-    assert "saved before hf_fsad recorded training" in message and HOW_TO_GET_WEIGHTS["afclip"] in message
+    assert score(model, toy_files, output) == 0
+    (line,) = warning_lines(capsys)
+    assert "saved before hf_fsad recorded training" in line and HOW_TO_GET_WEIGHTS["afclip"] in line
     assert len(output.read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
     "fields", [{"trained_parts": "trained"}, {"trained_parts": "converted"}, {"trained_on": "mvtec_ad"}]
 )
-def test_a_trained_model_is_scored_without_a_word(fields, toy_files, tmp_path):
+def test_a_trained_model_is_scored_without_a_word(fields, toy_files, tmp_path, capsys):
     model = saved_model("metacan", tmp_path / "metacan", **fields)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntrainedWeightsWarning)
         assert score(model, toy_files, tmp_path / "results.jsonl") == 0
+    assert warning_lines(capsys) == []
 
 
 # --- Python -------------------------------------------------------------------------------------------------
@@ -185,3 +196,17 @@ def test_the_space_offers_and_scores_untrained_models_only_when_allowed(tmp_path
     assert space.get_pipeline(model, allow_untrained=True).model.untrained_weights == "random"
     with pytest.raises(ModelLoadError):  # what the Space turns into its error
         load_method(model)
+
+
+def test_benchmark_and_export_refuse_it_too_unless_allowed(tiny_clip_dir, tmp_path, capsys):
+    fresh = f"metacan@{tiny_clip_dir}"
+    benchmark = ["benchmark", "--methods", fresh, "--datasets", "toy", "--out", str(tmp_path / "runs")]
+    assert main(benchmark) == 2
+    errors = capsys.readouterr().err
+    assert (
+        "error: --methods metacan@" in errors and "differentiator and detector were never trained" in errors
+    )
+    assert main(["export", "--model", fresh, "--out", str(tmp_path / "exported")]) == 2
+    errors = capsys.readouterr().err
+    assert "differentiator and detector were never trained" in errors and "--allow-untrained" in errors
+    assert not (tmp_path / "exported").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -93,6 +94,16 @@ def load_method(source: str, *, allow_untrained: bool = False):
     if model.untrained_weights == "random" and not allow_untrained:
         _refuse_untrained(source, model.untrained_message())
     return model
+
+
+def take_untrained_warning(model) -> str | None:
+    """The `UntrainedWeightsWarning` that scoring `model` would give, given now and returned as text instead
+    of shown, so a command line prints it once in its own words (`warning: ...`) before scoring, which then
+    says nothing more (the warning comes once per model); None when there is none."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.warn_if_untrained()
+    return "; ".join(str(warning.message) for warning in caught) or None
 
 
 def _refuse_untrained(source: str, message: str) -> None:

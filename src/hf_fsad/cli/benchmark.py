@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ._errors import CliError
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_fsad.evaluation import DatasetSpec, Protocol, profile_models, run_benchmark
     from hf_fsad.features import FeatureCache
     from hf_fsad.io import prepare_output_dir
-    from hf_fsad.loading import ModelLoadError, load_method
+    from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
     try:
         out = prepare_output_dir(args.out, "--out")
@@ -113,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
             model = load_method(source, allow_untrained=args.allow_untrained)
         except ModelLoadError as error:
             raise CliError(f"--methods {entry}: {error}") from None
+        untrained = take_untrained_warning(model)
+        if untrained is not None:
+            print(f"warning: --methods {entry}: {untrained}", file=sys.stderr)
         models[label or Path(source.split("@")[-1]).name or source] = model.to(args.device).eval()
     if args.profile:
         spec = datasets[0]

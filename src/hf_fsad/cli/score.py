@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         result_shares,
         unique_name,
     )
-    from hf_fsad.loading import ModelLoadError, load_method
+    from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
     _check_options(args)
     try:
@@ -222,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_method(args.model, allow_untrained=args.allow_untrained).to(device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
+    untrained = take_untrained_warning(model)  # --allow-untrained, or saved before training was recorded
+    if untrained is not None and state.is_main_process:
+        print(f"warning: {untrained}", file=sys.stderr)
     _check_defects(model, args, defects)
     if args.compile:
         model.compile_backbone()
