@@ -292,7 +292,7 @@ def test_the_exported_runner_reads_with_the_librarys_own_functions():
     (they live in `image_files`, which the export copies beside the runner), so no second copy can drift."""
     for name in ("read_image", "to_upright_rgb", "to_rgb", "upright", "expand_inputs", "json_line"):
         assert getattr(hf_fsad.io, name) is getattr(image_files, name), name
-    assert run_exported.readable_images is hf_fsad.io.readable_images
+    assert run_exported.image_files is image_files  # the module the runner reads with
 
 
 def test_the_space_reads_images_as_the_cli_does(transparent, photos):

@@ -36,35 +36,9 @@ import numpy as np
 from PIL import Image
 
 if __package__:  # hf_fsad.deploy.run_exported
-    from .image_files import (
-        LABEL_NAMES,
-        add_max_pixels,
-        atomic_file,
-        batched,
-        distinct_paths,
-        expand_inputs,
-        json_line,
-        previous_results,
-        readable_images,
-        score_error,
-        sigterm_interrupts,
-        unique_name,
-    )
+    from . import image_files
 else:  # the copy beside an export, run as a script: image_files.py lies beside it
-    from image_files import (
-        LABEL_NAMES,
-        add_max_pixels,
-        atomic_file,
-        batched,
-        distinct_paths,
-        expand_inputs,
-        json_line,
-        previous_results,
-        readable_images,
-        score_error,
-        sigterm_interrupts,
-        unique_name,
-    )
+    import image_files
 
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
@@ -293,10 +267,10 @@ def result_record(path: Path, image_score: float, calibration: dict | None) -> d
     record = {"path": str(path), "score": image_score, "branch_scores": {}, "heatmap": None}
     if calibration is not None:
         scores = np.array([image_score])
-        record["label"] = LABEL_NAMES[int(labels(scores, calibration)[0])]
+        record["label"] = image_files.LABEL_NAMES[int(labels(scores, calibration)[0])]
         record["normalized_score"] = float(normalized_scores(scores, calibration)[0])
         record["threshold"] = calibration["image_threshold"]
-        error = score_error(image_score)
+        error = image_files.score_error(image_score)
         if error is not None:
             record["error"] = error
     return record
@@ -313,14 +287,14 @@ def score_files(
     `batch_size` images are held at once; a file that cannot be used is reported on stderr as `skipped
     input PATH: reason` and left out. `heatmap_paths`: where each image's overlay (`heatmap`) is written."""
     calibration = model.manifest.get("calibration")
-    for batch in batched(readable_images(paths, "input", max_pixels), batch_size):
+    for batch in image_files.batched(image_files.readable_images(paths, "input", max_pixels), batch_size):
         outputs = model(model.preprocess([image for _, image in batch]))
         records = []
         for index, (path, image) in enumerate(batch):
             record = result_record(path, float(outputs["image_scores"][index]), calibration)
             if heatmap_paths is not None and "anomaly_maps" in outputs:
                 overlay = heatmap(image, outputs["anomaly_maps"][index], calibration)
-                with atomic_file(heatmap_paths[path]) as temporary:
+                with image_files.atomic_file(heatmap_paths[path]) as temporary:
                     overlay.save(temporary, format="PNG")
                 record["heatmap"] = str(heatmap_paths[path])
             records.append(record)
@@ -332,9 +306,9 @@ def _write_batches(batches: Iterator[list[dict]], sink) -> tuple[int, bool]:
     is scored; Ctrl-C or SIGTERM stops the run after the last whole line."""
     written = 0
     try:
-        with sigterm_interrupts():
+        with image_files.sigterm_interrupts():
             for records in batches:
-                sink.write("".join(json_line(record) for record in records))
+                sink.write("".join(image_files.json_line(record) for record in records))
                 sink.flush()
                 written += len(records)
     except KeyboardInterrupt:
@@ -360,7 +334,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         help="keep the results already in --output and score only the inputs not in it",
     )
     parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG; default: none)")
-    add_max_pixels(parser)
+    image_files.add_max_pixels(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
@@ -380,7 +354,7 @@ def _prepare_run(args: argparse.Namespace) -> tuple[ExportedModel, list[dict], P
             heatmap_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the output folders: {error}") from None
-    previous = previous_results(Path(args.output)) if args.resume else []
+    previous = image_files.previous_results(Path(args.output)) if args.resume else []
     model = ExportedModel(args.export_dir, args.runtime, args.precision, args.threads)
     return model, previous, heatmap_dir
 
@@ -392,12 +366,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    all_paths = distinct_paths(expand_inputs(args.images))
+    all_paths = image_files.distinct_paths(image_files.expand_inputs(args.images))
     used_names: set[str] = set()
     heatmap_paths = None
     if heatmap_dir is not None:  # named over all inputs, so a resumed run names each image as before
         heatmap_paths = {
-            path: heatmap_dir / f"{unique_name(path.stem, used_names)}.heatmap.png" for path in all_paths
+            path: heatmap_dir / f"{image_files.unique_name(path.stem, used_names)}.heatmap.png"
+            for path in all_paths
         }
     done = {str(record["path"]) for record in previous}
     paths = [path for path in all_paths if str(path) not in done]
@@ -405,8 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"resuming: {len(all_paths) - len(paths)} inputs already in {args.output}", file=sys.stderr)
     batches = score_files(model, paths, args.batch_size, args.max_pixels, heatmap_paths)
     if args.output:
-        with atomic_file(args.output) as temporary, open(temporary, "w", encoding="utf-8") as sink:
-            sink.write("".join(json_line(record) for record in previous))
+        with (
+            image_files.atomic_file(args.output) as temporary,
+            open(temporary, "w", encoding="utf-8") as sink,
+        ):
+            sink.write("".join(image_files.json_line(record) for record in previous))
             scored, interrupted = _write_batches(batches, sink)
     else:
         scored, interrupted = _write_batches(batches, sys.stdout)
