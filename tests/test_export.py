@@ -423,6 +423,22 @@ def test_a_terminated_runner_keeps_whole_records_and_resume_finishes_them(export
     assert again.returncode == 0 and "scored 0 of 0 images" in again.stderr and _records(output) == final
 
 
+def test_runner_refuses_to_start_with_exit_status_2_naming_the_problem(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # nothing can be created under a regular file
+    script = [sys.executable, run_exported.__file__, str(tmp_path), str(tmp_path)]
+    for arguments, message in [
+        (
+            ["--output", str(blocker / "out.jsonl")],
+            f"error: --output {blocker / 'out.jsonl'} cannot be written",
+        ),
+        (["--heatmaps", str(blocker / "maps")], f"error: --heatmaps {blocker / 'maps'} cannot be written"),
+        ([], f"error: {tmp_path} is not an hf_fsad export"),
+    ]:
+        result = subprocess.run([*script, *arguments], check=False, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def _write_images(folder: Path, images) -> list[Path]:
     folder.mkdir(parents=True)
     for index, image in enumerate(images):

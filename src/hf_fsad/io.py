@@ -35,6 +35,8 @@ from .deploy.image_files import (
     has_transparency,
     json_line,
     json_safe,
+    prepare_output_dir,
+    prepare_output_file,
     previous_results,
     read_image,
     readable_images,
@@ -153,32 +155,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         replace_directory(temporary, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def prepare_output_file(path: str | os.PathLike, what: str) -> Path:
-    """Create `path`'s folder if needed and check a file can be written there, before any work is done;
-    a `ValueError` names `what` (e.g. "--output") and the problem."""
-    return _prepare(Path(path), what, directory=False)
-
-
-def prepare_output_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create the folder `path` if needed and check files can be written in it, before any work is done."""
-    return _prepare(Path(path), what, directory=True)
-
-
-def _prepare(path: Path, what: str, directory: bool) -> Path:
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hf_fsad-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ValueError(f"{what} {path} cannot be written: {reason} ({folder})") from None
-    return path
 
 
 def option_image_paths(option: str, inputs: Sequence[str]) -> list[Path]:

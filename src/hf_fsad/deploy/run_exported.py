@@ -346,15 +346,9 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def _prepare_run(args: argparse.Namespace) -> tuple[ExportedModel, list[dict], Path | None]:
     """(model, the records kept by --resume, heatmap folder or None); a ValueError or ImportError says why the
     run cannot start."""
-    heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
-    try:
-        if args.output:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        if heatmap_dir is not None:
-            heatmap_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"cannot create the output folders: {error}") from None
-    previous = image_files.previous_results(Path(args.output)) if args.resume else []
+    output = image_files.prepare_output_file(args.output, "--output") if args.output else None
+    heatmap_dir = image_files.prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
+    previous = image_files.previous_results(output) if args.resume else []
     model = ExportedModel(args.export_dir, args.runtime, args.precision, args.threads)
     return model, previous, heatmap_dir
 
