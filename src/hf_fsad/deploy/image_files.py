@@ -1,6 +1,7 @@
-"""Reading image files and writing JSON-lines results with numpy and Pillow alone: what `hf_fsad.io` (the CLI,
-pipeline, Space and loaders) and the runner shipped beside an export (`run_exported.py`) share, so both read
-every file by one rule and write one record format.
+"""What `hf_fsad.io` (the CLI, pipeline, Space and loaders) and the runner shipped beside an export
+(`run_exported.py`) share, with numpy and Pillow alone, so both read every file by one rule and write one
+record format: reading images (`read_image`, `--max-pixels`), expanding inputs, the JSON-lines records
+(`json_line`, `LABEL_NAMES`, `score_error`) and their `--resume` parsing, atomic and interruptible writing.
 
 It imports nothing of hf_fsad: `hf-fsad export` copies it beside `run_exported.py`. Every image is turned
 upright by its EXIF orientation and converted to RGB by one rule (`to_upright_rgb`: transparency composited
