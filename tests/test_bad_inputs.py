@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+from extras import import_extra
 from hf_fsad.io import ImageReadError, read_image, to_rgb
 
 GOOD = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
@@ -113,6 +114,42 @@ def test_cli_scores_good_files_and_names_each_bad_one(scored_run):
             assert re.search(f"skipped input {re.escape(str(path))}: [^\n]*{reason}", result.stderr), name
     # The empty folder given as an input expands to no file, so it is not among the images counted.
     assert f"scored {len(scored)} of {len(inputs) - 1} images" in result.stderr
+
+
+def test_the_exported_runner_scores_and_skips_the_same_files_as_the_cli(
+    scored_run, saved_winclip_dir, tmp_path
+):
+    """run_exported.py, beside an export of the same model and (default) bank, run with the CLI's options on
+    the same inputs: the same files scored, in the same records, and the same lines for the files skipped."""
+    import_extra("onnxruntime", "export")
+    from hf_fsad.export import export_model
+    from hf_fsad.registry import method_spec
+
+    inputs, cli_output, cli_result = scored_run
+    folder = export_model(
+        method_spec("winclip").model.from_pretrained(saved_winclip_dir), None, tmp_path / "export"
+    )
+    output = tmp_path / "out" / "results.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(folder / "run_exported.py"), str(folder), "--output", str(output),
+         "--heatmaps", str(tmp_path / "maps"), "--max-pixels", "100000", "--batch-size", "3",
+         *(str(path) for path, _ in inputs.values())],
+        check=False, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    _no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    expected, actual = (list(map(json.loads, path.read_text().splitlines())) for path in (cli_output, output))
+    assert [record["path"] for record in actual] == [record["path"] for record in expected]
+    assert [list(record) for record in actual] == [list(record) for record in expected]
+    # the export's parity bound (tests/test_export.py): float32 sums in another order
+    np.testing.assert_allclose(
+        [record["score"] for record in actual], [record["score"] for record in expected], rtol=0, atol=1e-4
+    )
+    skipped = re.findall("skipped [^\n]*", cli_result.stderr)  # the CLI's progress bar may precede them
+    assert len(skipped) == sum(reason is not None for _, reason in inputs.values())
+    assert re.findall("skipped [^\n]*", result.stderr) == skipped
+    scored = f"scored {len(expected)} of {len(inputs) - 1} images"
+    assert scored in result.stderr and scored in cli_result.stderr
 
 
 def test_heatmaps_have_each_images_own_size(scored_run):

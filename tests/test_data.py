@@ -378,7 +378,7 @@ def test_folder_split_is_seeded_and_a_category_folder_is_a_root(folder_root):
 
 
 def test_folder_reads_every_image_suffix_score_reads(folder_root):
-    from hf_fsad.deploy.run_exported import IMAGE_SUFFIXES as RUNNER_SUFFIXES
+    from hf_fsad.deploy.image_files import IMAGE_SUFFIXES as RUNNER_SUFFIXES
     from hf_fsad.io import IMAGE_SUFFIXES
 
     assert set(RUNNER_SUFFIXES) == set(IMAGE_SUFFIXES)  # the exported runner reads the same files

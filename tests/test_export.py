@@ -6,8 +6,11 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,14 +21,17 @@ from PIL import Image
 
 from extras import import_extra
 from hf_fsad.bank import ReferenceBank
-from hf_fsad.calibration import apply_calibration
+from hf_fsad.calibration import apply_calibration, exceeds_threshold
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
-from hf_fsad.deploy import run_exported
+from hf_fsad.deploy import image_files, run_exported
+from hf_fsad.deploy.image_files import LABEL_NAMES
 from hf_fsad.export import ExportedModel, cached_export, export_model
+from hf_fsad.pipeline import resized_map
 from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.visualization import heatmap_overlay
+from hf_fsad.visualization import heatmap_overlay, outline_region
 from model_tester import method_tester
+from test_bad_inputs import _make_inputs
 from test_method_contract import tiny_model
 
 import_extra("onnxruntime", "export")
@@ -222,11 +228,7 @@ def test_cli_exports_a_saved_model_and_bank(saved_winclip_dir, toy, tmp_path, ca
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.runtime
-def test_runner_scores_image_files_in_an_environment_without_torch(exported, toy, tmp_path):
-    """run_exported.py, copied into the export, run by the interpreter of `.venv-runtime` (numpy, Pillow,
-    onnxruntime, openvino; no torch), on image files: its scores, normalised scores, labels and heatmaps
-    equal hf_fsad's."""
+def _runtime_interpreter() -> str:
     interpreter = os.environ.get("HF_FSAD_RUNTIME_PYTHON", str(REPOSITORY / ".venv-runtime/bin/python"))
     if not Path(interpreter).is_file():
         pytest.fail(
@@ -235,49 +237,207 @@ def test_runner_scores_image_files_in_an_environment_without_torch(exported, toy
     assert (
         subprocess.run([interpreter, "-c", "import torch"], check=False, capture_output=True).returncode != 0
     )
+    return interpreter
+
+
+def _run_runner(
+    folder: Path, *arguments: str, interpreter: str = sys.executable
+) -> subprocess.CompletedProcess:
+    """The runner copied into the export `folder`, run as a script (so it imports only the files beside it)."""
+    command = [interpreter, str(folder / "run_exported.py"), str(folder), *arguments]
+    return subprocess.run(
+        command, check=False, capture_output=True, text=True, env={"PATH": os.environ["PATH"]}
+    )
+
+
+def _skipped_lines(stderr: str) -> list[str]:
+    return sorted(line for line in stderr.splitlines() if line.startswith("skipped "))
+
+
+@pytest.mark.runtime
+def test_runner_scores_image_files_in_an_environment_without_torch(exported, toy, tmp_path):
+    """run_exported.py and image_files.py, copied into the export, run by the interpreter of `.venv-runtime`
+    (numpy, Pillow, onnxruntime, openvino; no torch), on image files and on every bad input `hf-fsad score`
+    survives (tests/test_bad_inputs.py): each bad one is skipped with the CLI's reason and the run goes on;
+    the good ones get the CLI's records, with hf_fsad's scores, labels, normalised scores and heatmaps."""
+    interpreter = _runtime_interpreter()
     model, bank, _ = exported("winclip")
     calibrated = calibrated_bank(model, bank, toy)
     folder = export_model(model, calibrated, tmp_path / "export", format="openvino")
-    paths = []
-    for index, image in enumerate(toy[1]):
-        paths.append(tmp_path / "images" / f"{index}.png")
-        paths[-1].parent.mkdir(exist_ok=True)
-        image.save(paths[-1])
-    command = [interpreter, str(folder / "run_exported.py"), str(folder), str(tmp_path / "images")]
-    command += ["--output", str(tmp_path / "results.json"), "--heatmaps", str(tmp_path / "heatmaps")]
-    completed = subprocess.run(
-        command, check=False, capture_output=True, text=True, env={"PATH": os.environ["PATH"]}
-    )
-    assert completed.returncode == 0, completed.stderr
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert [Path(result["path"]).name for result in results] == [path.name for path in paths]
+    paths = _write_images(tmp_path / "images", toy[1])
+    bad_inputs = _make_inputs(tmp_path / "bad_inputs")
+    output, heatmaps = tmp_path / "results.jsonl", tmp_path / "heatmaps"
+    completed = _run_runner(
+        folder, str(tmp_path / "images"), *(str(path) for path, _ in bad_inputs.values()),
+        "--output", str(output), "--heatmaps", str(heatmaps), "--max-pixels", "100000", "--batch-size", "3",
+        interpreter=interpreter,
+    )  # fmt: skip
+    assert completed.returncode == 0 and "Traceback" not in completed.stderr, completed.stderr
+    results = _records(output)
+    assert [Path(result["path"]).name for result in results[: len(paths)]] == [path.name for path in paths]
+    scored = {name for name, (_, reason) in bad_inputs.items() if reason is None}
+    assert {Path(result["path"]).name for result in results[len(paths) :]} == scored
+    for name, (path, reason) in bad_inputs.items():
+        if reason is not None:
+            assert re.search(f"skipped input {re.escape(str(path))}: [^\n]*{reason}", completed.stderr), name
 
+    results = results[: len(paths)]
     images = [Image.open(path).convert("RGB") for path in paths]
     with torch.no_grad():
         expected = model(pixels(model, images), reference_bank=calibrated)
     scores = np.array([result["score"] for result in results])
     np.testing.assert_allclose(scores, expected.image_scores.numpy(), rtol=0, atol=PARITY)
-    assert [result["label"] for result in results] == expected.labels.tolist()
+    assert [result["label"] for result in results] == [LABEL_NAMES[label] for label in expected.labels]
+    assert {result["threshold"] for result in results} == {calibrated.calibration.image_threshold}
     np.testing.assert_allclose(
         [result["normalized_score"] for result in results],
         expected.normalized_scores.numpy(),
         atol=PARITY / (2 * calibrated.calibration.image_scale) + 1e-7,  # as in the manifest test
     )
+    calibration = json.loads(calibrated.calibration.to_json())
     for result, image, anomaly_map in zip(results, images, expected.anomaly_maps.numpy()):
         drawn = np.asarray(Image.open(result["heatmap"]), dtype=np.int16)
         # maps agreeing to PARITY change a colour-table index rarely, and then by one entry (a few levels)
-        difference = np.abs(drawn - np.asarray(heatmap_overlay(image, anomaly_map), dtype=np.int16))
+        reference = run_exported.heatmap(image, anomaly_map, calibration)  # the CLI's drawing: test below
+        difference = np.abs(drawn - np.asarray(reference, dtype=np.int16))
         assert (difference > 0).mean() < 0.01 and difference.max() <= 8
 
 
 def test_runner_imports_only_numpy_pillow_the_runtimes_and_the_standard_library():
     imported = set()
-    for node in ast.walk(ast.parse(Path(run_exported.__file__).read_text())):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            imported.add(node.module.split(".")[0])
-    assert imported - set(sys.stdlib_module_names) == {"numpy", "PIL", "onnxruntime", "openvino"}
+    for module in (run_exported, image_files):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    # image_files: the copy beside run_exported.py in an export
+    assert imported - set(sys.stdlib_module_names) == {
+        "numpy",
+        "PIL",
+        "onnxruntime",
+        "openvino",
+        "image_files",
+    }
+
+
+@pytest.mark.parametrize("size", [(300, 200), (7, 500), (1, 1)])  # up, down and mixed; one pixel
+def test_runner_resizes_maps_and_outlines_the_pixel_threshold_as_the_cli_does(toy, size):
+    """The runner's heatmap is `hf-fsad score`'s: the overlay with the region above the calibrated pixel
+    threshold outlined, the map brought to the image's size as `pipeline.resized_map` (torch) does."""
+    anomaly_map = np.random.default_rng(0).random((24, 24)).astype(np.float32)
+    expected_map = resized_map(torch.from_numpy(anomaly_map), size)
+    # torch rounds its float32 weights in another order: measured up to 8e-7 on values in [0, 1); Pillow's
+    # bilinear resize, which antialiases when it shrinks, is 0.4 off at (7, 500) and (1, 1)
+    np.testing.assert_allclose(run_exported.resized_map(anomaly_map, size), expected_map, atol=1e-6)
+    image = toy[1][-1].resize(size)
+    region = exceeds_threshold(torch.from_numpy(expected_map), 0.5).numpy()  # `Calibration.masks`
+    expected = outline_region(heatmap_overlay(image, anomaly_map), region)
+    drawn = run_exported.heatmap(image, anomaly_map, {"pixel_threshold": 0.5})
+    assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(heatmap_overlay(image, anomaly_map)))
+
+
+def test_runner_writes_the_records_hf_fsad_score_writes(saved_winclip_dir, toy, tmp_path):
+    """The same model, calibrated bank and images through `hf-fsad score` and the exported runner: the same
+    records (keys in order, paths, labels, threshold; scores within the export's parity) and heatmaps."""
+    model = method_spec("winclip").model.from_pretrained(saved_winclip_dir)
+    bank = calibrated_bank(model, toy_bank(model, toy), toy)
+    assert bank.calibration.pixel_threshold is not None  # so the heatmaps carry the outline
+    bank.save(tmp_path / "bank.safetensors")
+    folder = export_model(model, bank, tmp_path / "export")
+    _write_images(tmp_path / "queries", toy[1])
+    argv = [
+        "score",
+        str(tmp_path / "queries"),
+        "--model",
+        saved_winclip_dir,
+        "--bank",
+        str(tmp_path / "bank.safetensors"),
+    ]
+    assert (
+        cli_main([*argv, "--output", str(tmp_path / "cli.jsonl"), "--heatmaps", str(tmp_path / "cli")]) == 0
+    )
+    runner = _run_runner(
+        folder,
+        str(tmp_path / "queries"),
+        "--output",
+        str(tmp_path / "runner.jsonl"),
+        "--heatmaps",
+        str(tmp_path / "runner"),
+    )
+    assert runner.returncode == 0, runner.stderr
+    expected, actual = _records(tmp_path / "cli.jsonl"), _records(tmp_path / "runner.jsonl")
+    assert [list(record) for record in actual] == [list(record) for record in expected]
+    assert [record["path"] for record in actual] == [record["path"] for record in expected]
+    threshold = bank.calibration.image_threshold
+    for record, reference in zip(actual, expected):
+        assert record["threshold"] == reference["threshold"] == threshold and record["branch_scores"] == {}
+        assert record["score"] == pytest.approx(reference["score"], abs=PARITY)
+        # normalised scores move by at most PARITY / (2 * scale) when the scores agree to PARITY
+        assert record["normalized_score"] == pytest.approx(
+            reference["normalized_score"], abs=PARITY / (2 * bank.calibration.image_scale) + 1e-7
+        )
+        if abs(reference["score"] - threshold) > PARITY:  # a score this near the threshold may flip
+            assert record["label"] == reference["label"]
+        assert Path(record["heatmap"]).name == Path(reference["heatmap"]).name
+        drawn = np.asarray(Image.open(record["heatmap"]), dtype=np.int16)
+        difference = np.abs(drawn - np.asarray(Image.open(reference["heatmap"]), dtype=np.int16))
+        # maps agreeing to PARITY change a colour-table index rarely (by one entry, a few levels), and move
+        # the outline only where the map lies within PARITY of the pixel threshold
+        assert (difference > 0).mean() < 0.01 and (difference > 8).mean() < 0.001
+
+
+def test_a_terminated_runner_keeps_whole_records_and_resume_finishes_them(exported, tmp_path):
+    """Like `hf-fsad score`: SIGTERM ends the run with the records so far written whole into --output (exit
+    130); --resume keeps them, scores only the rest, and finds nothing left to score the next time."""
+    _, _, folder = exported("winclip")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(150):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(inputs / f"{index:03d}.png")
+    output = tmp_path / "results.jsonl"
+    earlier = {"path": "earlier.png", "score": 0.5, "branch_scores": {}, "heatmap": None}
+    output.write_text(json.dumps(earlier) + "\n")
+    command = [sys.executable, str(folder / "run_exported.py"), str(folder), str(inputs)]
+    command += ["--output", str(output), "--resume", "--batch-size", "1", "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "results.jsonl.tmp"  # written as the batches are scored
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and "run again with --resume" in stderr, stderr
+    first = _records(output)  # every line whole
+    assert first[0] == earlier and 3 <= len(first) < 151
+    assert not list(tmp_path.glob("*.tmp"))
+
+    resumed = _run_runner(folder, str(inputs), "--output", str(output), "--resume")
+    assert resumed.returncode == 0 and f"resuming: {len(first) - 1} inputs already in" in resumed.stderr
+    final = _records(output)
+    assert final[: len(first)] == first  # what the terminated run saved is kept as it was
+    assert sorted(record["path"] for record in final[1:]) == sorted(str(path) for path in inputs.iterdir())
+
+    again = _run_runner(folder, str(inputs), "--output", str(output), "--resume")
+    assert again.returncode == 0 and "scored 0 of 0 images" in again.stderr and _records(output) == final
+
+
+def test_runner_refuses_to_start_with_exit_status_2_naming_the_problem(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # nothing can be created under a regular file
+    script = [sys.executable, run_exported.__file__, str(tmp_path), str(tmp_path)]
+    for arguments, message in [
+        (
+            ["--output", str(blocker / "out.jsonl")],
+            f"error: --output {blocker / 'out.jsonl'} cannot be written",
+        ),
+        (["--heatmaps", str(blocker / "maps")], f"error: --heatmaps {blocker / 'maps'} cannot be written"),
+        ([], f"error: {tmp_path} is not an hf_fsad export"),
+    ]:
+        result = subprocess.run([*script, *arguments], check=False, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def _write_images(folder: Path, images) -> list[Path]:

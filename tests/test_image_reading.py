@@ -15,11 +15,12 @@ from PIL import Image
 from transformers import pipeline
 from transformers.image_transforms import convert_to_rgb
 
+import hf_fsad.io
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
 from hf_fsad.data.common import Record, build_dataset
 from hf_fsad.data.toy import toy_records
-from hf_fsad.deploy import run_exported
+from hf_fsad.deploy import image_files, run_exported
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.evaluation.runner import _paper_pixel_values
 from hf_fsad.features import FeatureCache
@@ -96,7 +97,7 @@ def test_every_reader_turns_an_oriented_image_upright(photos):
         "read_image (CLI)": read_image(oriented),
         "pipeline, path": as_rgb_image(str(oriented)),
         "pipeline, Image.open": as_rgb_image(Image.open(oriented)),
-        "exported runner": run_exported.read_rgb(oriented),
+        "exported runner": image_files.read_image(oriented),
     }
     for path, image in read.items():
         assert np.array_equal(pixels_of(image), expected), path
@@ -232,7 +233,7 @@ def test_every_path_gives_the_processors_pixels_for_transparent_images(
         }
         for route, image in read.items():
             assert torch.equal(pixel_values(image), expected), (mode, route)
-        exported = run_exported.preprocess(run_exported.read_rgb(path), settings)
+        exported = run_exported.preprocess(image_files.read_image(path), settings)
         assert np.array_equal(exported, expected[0].numpy()), mode
 
     # The benchmark runner: the images of a `folder` benchmark, preprocessed and encoded by the feature cache.
@@ -286,24 +287,12 @@ def test_masks_ignore_transparency_and_turn_upright(tmp_path):
     assert np.array_equal(np.asarray(read_mask(turned).convert("L")) > 127, expected)
 
 
-def test_the_exported_runner_converts_as_the_library_does(transparent, photos, tmp_path):
-    """`run_exported` repeats `to_upright_rgb` to stay free of hf_fsad: both agree on every kind of image."""
-    texture = photos["query"]
-    files = [
-        *transparent.values(),
-        photos["oriented"],
-        photos["upright"],
-        save(texture.convert("L"), tmp_path / "grey.png"),
-        save(texture.quantize(colors=16), tmp_path / "palette-opaque.png"),
-        save(texture, tmp_path / "photo.jpg", quality=90),
-    ]
-    for path in files:
-        with Image.open(path) as image:
-            image.load()
-            assert np.array_equal(
-                pixels_of(run_exported.upright_rgb(image)), pixels_of(to_upright_rgb(image))
-            ), path
-        assert np.array_equal(pixels_of(run_exported.read_rgb(path)), pixels_of(read_image(path))), path
+def test_the_exported_runner_reads_with_the_librarys_own_functions():
+    """The runner shipped beside an export reads and reports files with `hf_fsad.io`'s functions themselves
+    (they live in `image_files`, which the export copies beside the runner), so no second copy can drift."""
+    for name in ("read_image", "to_upright_rgb", "to_rgb", "upright", "expand_inputs", "json_line"):
+        assert getattr(hf_fsad.io, name) is getattr(image_files, name), name
+    assert run_exported.image_files is image_files  # the module the runner reads with
 
 
 def test_the_space_reads_images_as_the_cli_does(transparent, photos):

@@ -60,6 +60,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from .deploy.image_files import score_error  # noqa: F401  (the runner of an export writes the same error)
 from .modeling_outputs import AnomalyDetectionOutput
 
 RULES = ("false_alarm_rate", "best_f1")
@@ -198,16 +199,6 @@ def score_at_level(level: float, threshold: float, scale: float) -> float:
 def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where a value is above `threshold` or not finite (a NaN or infinite score cannot be trusted)."""
     return (values.double() > threshold) | ~torch.isfinite(values)
-
-
-def score_error(image_score: float) -> str | None:
-    """Why an image score cannot be trusted, or None for a finite one; a part with such a score fails."""
-    if math.isfinite(image_score):
-        return None
-    return (
-        f"the image score is {image_score}: the model's output cannot be trusted, so the part fails (check "
-        "the image and the model's precision)"
-    )
 
 
 @dataclass(frozen=True)

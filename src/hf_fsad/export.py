@@ -3,8 +3,9 @@
 The graph maps preprocessed `pixel_values` (B, 3, S, S), any batch size, to `image_scores` (B,) and, for
 methods with maps, `anomaly_maps` (B, S, S); the bank (reference features, text embeddings) is baked in as
 constants. Beside it: `hf_fsad_export.json` (the image processor's settings, the method, the bank's class and
-calibration, the output names) and `run_exported.py`, a runner that needs only numpy, Pillow and onnxruntime
-or openvino. A method whose scoring is not one fixed graph says why in its class's `export_refusal`.
+calibration, the output names) and `run_exported.py` with `image_files.py`, a runner that needs only numpy,
+Pillow and onnxruntime or openvino. A method whose scoring is not one fixed graph says why in its class's
+`export_refusal`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 from . import __version__
 from .bank import ReferenceBank
 from .calibration import apply_calibration
-from .deploy import run_exported
+from .deploy import image_files, run_exported
 from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
 from .deprecation import Replaced, moved_names
 from .io import atomic_directory, atomic_write_text
@@ -32,7 +33,8 @@ from .registry import METHODS
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
-RUNNER_FILE = "run_exported.py"
+# What the runner needs beside it: itself and the file reading and result format it shares with hf_fsad.io.
+RUNNER_MODULES = (run_exported, image_files)
 INPUT_NAME = "pixel_values"
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
@@ -73,7 +75,7 @@ def export_model(
 ) -> Path:
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
-    manifest JSON and the runner. The folder is replaced atomically. Returns `out_dir`.
+    manifest JSON and the runner (`run_exported.py` and `image_files.py`). The folder is replaced atomically. Returns `out_dir`.
 
     The graph computes what `model(pixel_values, reference_bank=bank)` does in float32 (the parity tests hold
     it to 1e-4); it does not check pixel values for NaN as the PyTorch model does.
@@ -116,7 +118,8 @@ def export_model(
             onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
         manifest = _manifest(model, bank, MODEL_FILES[format], output_names)
         atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
-        shutil.copyfile(run_exported.__file__, folder / RUNNER_FILE)
+        for module in RUNNER_MODULES:
+            shutil.copyfile(module.__file__, folder / Path(module.__file__).name)
     return out_dir
 
 

@@ -7,157 +7,84 @@ file that cannot be used fails the same way everywhere: an `ImageReadError` whos
 the caller reports before going on with the other files. Every image and mask is turned upright by its EXIF
 orientation and converted to RGB by one rule (`to_upright_rgb`: transparency composited on white as
 transformers' `CLIPImageProcessor` does), whatever path it comes in by.
+
+The reading rule, the JSON lines and the input handling live in `hf_fsad.deploy.image_files`, which the
+torch-free runner of an export ships with, so an exported model reads and reports files as the CLI does;
+they are imported here under their usual names.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
-import sys
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
 
-import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 
-T = TypeVar("T")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-# 8192 pixels a side: a 67-megapixel image costs about 1 GB to score with a full-size heatmap.
-DEFAULT_MAX_PIXELS = 8192 * 8192
+from .deploy.image_files import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_READING_RULE,
+    IMAGE_SUFFIXES,
+    ImageReadError,
+    atomic_file,
+    batched,
+    distinct_paths,
+    expand_inputs,
+    has_transparency,
+    json_line,
+    json_safe,
+    prepare_output_dir,
+    prepare_output_file,
+    previous_results,
+    read_image,
+    readable_images,
+    to_rgb,
+    to_upright_rgb,
+    unique_name,
+    upright,
+    upright_size,
+    with_open_image,
+)
 
-
-class ImageReadError(ValueError):
-    """A file that cannot be used as an image; the message says why (without the path)."""
-
-
-def _check_pixel_count(width: int, height: int, max_pixels: int | None) -> None:
-    if max_pixels is not None and width * height > max_pixels:
-        raise ImageReadError(
-            f"{width}x{height} pixels ({width * height / 1e6:.1f} Mpx) is above the limit of "
-            f"{max_pixels / 1e6:.1f} Mpx (--max-pixels); downscale it or raise the limit"
-        )
-
-
-# The EXIF orientations that turn an image a quarter (width and height swap).
-_QUARTER_TURNS = {5, 6, 7, 8}
-
-
-def _orientation(image: Image.Image) -> int:
-    return image.getexif().get(ExifTags.Base.Orientation, 1)
-
-
-def upright(image: Image.Image) -> Image.Image:
-    """`image` turned as its EXIF orientation tag says (a phone photo taken sideways), the way transformers'
-    `load_image` and `datasets`' image decoding do; `image` itself when it has no such tag. The tag is removed
-    from the turned image, so turning twice is harmless."""
-    if _orientation(image) == 1:
-        return image
-    return ImageOps.exif_transpose(image)
-
-
-def upright_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) of `upright(image)` without turning it (a PNG is decoded, as its EXIF may follow its
-    pixels)."""
-    width, height = image.size
-    return (height, width) if _orientation(image) in _QUARTER_TURNS else (width, height)
-
-
-def has_transparency(image: Image.Image) -> bool:
-    """Whether `image` has an alpha band (RGBA, LA, PA) or a transparent colour (a palette or PNG `tRNS`
-    entry): transformers' `convert_to_rgb` test, so both read the same images as transparent."""
-    return "A" in image.getbands() or image.info.get("transparency") is not None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """`image` as 8-bit RGB with its full value range kept.
-
-    16- and 32-bit integer images are scaled from 0..65535 (so 16-bit greyscale keeps its contrast instead of
-    saturating at 255); float images are read as 0..1 when their maximum is at most 1 and as 0..255
-    otherwise, and refused when values fall outside that range, since any mapping would be a guess.
-    Transparency (`has_transparency`) is composited on white, as `CLIPImageProcessor` does
-    (transformers' `convert_to_rgb`), so a bank built from `processor(Image.open(path))` and one built by the
-    CLI see the same pixels.
-    """
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        values = np.asarray(image, dtype=np.float64)
-        if values.min() < 0 or values.max() > 65535:
-            raise ImageReadError(
-                f"{image.mode} image with values {values.min():g}..{values.max():g} outside 0..65535"
-            )
-        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "F":
-        values = np.asarray(image, dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise ImageReadError("float image with NaN or infinite values")
-        low, high = float(values.min()), float(values.max())
-        scale = 255.0 if high <= 1.0 else 1.0
-        if low < 0 or high > 255:
-            raise ImageReadError(f"float image with values {low:g}..{high:g} outside 0..1 and 0..255")
-        return Image.fromarray(np.round(values * scale).astype(np.uint8), mode="L").convert("RGB")
-    if has_transparency(image):
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-# Which rule turns a file into the RGB pixels a model sees; features cached under another rule are not reused
-# (2: EXIF orientation applied, transparency composited on white).
-IMAGE_READING_RULE = 2
-
-
-def to_upright_rgb(image: Image.Image) -> Image.Image:
-    """`image` as every path reads it: turned upright (`upright`), then converted to RGB (`to_rgb`)."""
-    return to_rgb(upright(image))
-
-
-def _with_open_image(path: str | os.PathLike, max_pixels: int | None, use: Callable[[Image.Image], T]) -> T:
-    """`use(image)` on the opened image at `path`, after the file and its header's pixel count are checked;
-    every failure becomes an `ImageReadError` saying why."""
-    path = Path(path)
-    if path.is_dir():
-        raise ImageReadError("is a directory, not an image file")
-    if not path.exists():
-        raise ImageReadError("file not found")
-    if path.stat().st_size == 0:
-        raise ImageReadError("empty file")
-    try:
-        with warnings.catch_warnings():
-            # Size is checked against `max_pixels`; PIL's warning would only repeat it.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_pixel_count(*image.size, max_pixels)
-                return use(image)
-    except ImageReadError:
-        raise
-    except Image.DecompressionBombError as error:
-        raise ImageReadError(f"refused as a decompression bomb ({error})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError("not an image PIL can read (unknown or corrupt format)") from None
-    except MemoryError:
-        raise ImageReadError("too large to decode in the memory available") from None
-    except Exception as error:  # noqa: BLE001  (PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...)
-        raise ImageReadError(f"cannot decode the image ({type(error).__name__}: {error})") from None
-
-
-def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at `path`, upright (`upright`) and as RGB (`to_rgb`), or an `ImageReadError` saying why it
-    cannot be used.
-
-    The pixel count is checked from the header before anything is decoded, so a decompression bomb or a
-    huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
-    decompression-bomb limit still applies).
-    """
-
-    def decode(image: Image.Image) -> Image.Image:
-        image.load()
-        return to_upright_rgb(image)
-
-    return _with_open_image(path, max_pixels, decode)
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_READING_RULE",
+    "IMAGE_SUFFIXES",
+    "ImageReadError",
+    "atomic_directory",
+    "atomic_file",
+    "atomic_write_text",
+    "batched",
+    "check_image_file",
+    "distinct_paths",
+    "expand_inputs",
+    "has_transparency",
+    "join_results",
+    "json_line",
+    "json_safe",
+    "masks_by_stem",
+    "option_image_paths",
+    "prepare_output_dir",
+    "prepare_output_file",
+    "previous_results",
+    "read_anomalous_images",
+    "read_image",
+    "read_mask",
+    "read_option_images",
+    "read_upright",
+    "read_upright_size",
+    "readable_images",
+    "replace_directory",
+    "result_shares",
+    "save_image_atomically",
+    "to_rgb",
+    "to_upright_rgb",
+    "unique_name",
+    "upright",
+    "upright_size",
+]
 
 
 def read_mask(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -169,7 +96,7 @@ def read_mask(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXE
         image = _loaded_upright(image)
         return image.convert("RGB") if has_transparency(image) else to_rgb(image)
 
-    return _with_open_image(path, max_pixels, decode)
+    return with_open_image(path, max_pixels, decode)
 
 
 def _loaded_upright(image: Image.Image) -> Image.Image:
@@ -181,64 +108,18 @@ def read_upright(path: str | os.PathLike, max_pixels: int | None = None) -> Imag
     """The image at `path` decoded and upright (`upright`) in its own mode (alpha, palettes and 16-bit kept),
     as `datasets` decodes the files it stores: what the benchmark loaders keep, the conversion to RGB left to
     `to_upright_rgb` when a model reads it. Errors as `read_image`'s."""
-    return _with_open_image(path, max_pixels, _loaded_upright)
+    return with_open_image(path, max_pixels, _loaded_upright)
 
 
 def read_upright_size(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height) of `read_upright(path)`, from the header where the format allows (`upright_size`)."""
-    return _with_open_image(path, max_pixels, upright_size)
+    return with_open_image(path, max_pixels, upright_size)
 
 
 def check_image_file(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
     """Raise `ImageReadError` when `path` is not a usable image, reading its structure without decoding the
     pixels (PIL's `verify`: headers and checksums), so a whole dataset folder can be checked cheaply."""
-    _with_open_image(path, max_pixels, lambda image: image.verify())
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:
-    """Files as given (any suffix, so a bad one gets reported), directories expanded to their images; a
-    directory holding none is reported on stderr as `skipped WHAT PATH: ...`."""
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                print(f"skipped {what} {path}: a directory with no image files", file=sys.stderr)
-            paths += found
-        else:
-            paths.append(path)
-    return paths
-
-
-def readable_images(
-    paths: Sequence[Path],
-    what: str,
-    max_pixels: int | None = DEFAULT_MAX_PIXELS,
-    on_skip: Callable[[], None] | None = None,
-) -> Iterator[tuple[Path, Image.Image]]:
-    """(path, RGB image) for each usable file; each other one is reported on stderr as
-    `skipped WHAT PATH: reason` and skipped (then `on_skip()` is called, e.g. to move a progress bar)."""
-    for path in paths:
-        try:
-            yield path, read_image(path, max_pixels)
-        except ImageReadError as error:
-            print(f"skipped {what} {path}: {error}", file=sys.stderr)
-            if on_skip is not None:
-                on_skip()
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside `path` to write to; it replaces `path` when the block ends without an error
-    and is removed when it raises, so readers see the old file or the complete new one."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with_open_image(path, max_pixels, lambda image: image.verify())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -251,23 +132,6 @@ def save_image_atomically(image: Image.Image, path: str | os.PathLike) -> None:
     """Save `image` as PNG at `path` atomically (`atomic_file`)."""
     with atomic_file(path) as temporary:
         image.save(temporary, format="PNG")
-
-
-def json_safe(value: Any) -> Any:
-    """`value` with every NaN or infinite float, in nested dicts, lists and tuples too, replaced by None, so
-    `json.dumps(json_safe(record), allow_nan=False)` writes valid JSON (null, never `NaN`)."""
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        return None
-    return value
-
-
-def json_line(record: dict) -> str:
-    """`record` as one line of valid JSON (a non-finite number as null, `json_safe`), newline included."""
-    return json.dumps(json_safe(record), allow_nan=False) + "\n"
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
@@ -291,70 +155,6 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         replace_directory(temporary, path)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-
-
-def prepare_output_file(path: str | os.PathLike, what: str) -> Path:
-    """Create `path`'s folder if needed and check a file can be written there, before any work is done;
-    a `ValueError` names `what` (e.g. "--output") and the problem."""
-    return _prepare(Path(path), what, directory=False)
-
-
-def prepare_output_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create the folder `path` if needed and check files can be written in it, before any work is done."""
-    return _prepare(Path(path), what, directory=True)
-
-
-def _prepare(path: Path, what: str, directory: bool) -> Path:
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".hf_fsad-write-check-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
-        reason = error.strerror or type(error).__name__
-        raise ValueError(f"{what} {path} cannot be written: {reason} ({folder})") from None
-    return path
-
-
-def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    """`items` in lists of `size` (the last one shorter), consumed lazily."""
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def distinct_paths(paths: Sequence[Path], report: bool = True, what: str = "input") -> list[Path]:
-    """`paths` without repeats of a file (first occurrence kept; each repeat reported on stderr as
-    `skipped WHAT PATH: listed more than once` if `report`)."""
-    seen: set[Path] = set()
-    distinct = []
-    for path in paths:
-        key = path.resolve()
-        if key in seen:
-            if report:
-                print(f"skipped {what} {path}: listed more than once", file=sys.stderr)
-            continue
-        seen.add(key)
-        distinct.append(path)
-    return distinct
-
-
-def unique_name(stem: str, used: set[str]) -> str:
-    """`stem`, or `stem-2`, `stem-3` ... when taken: the first name not in `used` (then added to it)."""
-    name, counter = stem, 1
-    while name in used:
-        counter += 1
-        name = f"{stem}-{counter}"
-    used.add(name)
-    return name
 
 
 def option_image_paths(option: str, inputs: Sequence[str]) -> list[Path]:
@@ -437,25 +237,6 @@ def read_anomalous_images(
         )
         masks = read_option_images(mask_option, mask_paths, max_pixels, read_mask)
     return read_option_images(image_option, paths, max_pixels), masks
-
-
-def previous_results(output: Path) -> list[dict]:
-    """The records of a results file written by an earlier `hf-fsad score` (for --resume); [] when there is
-    none, a ValueError when the file holds anything else."""
-    if not output.exists():
-        return []
-    records = []
-    for number, line in enumerate(output.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            record = json.loads(line)
-            record["path"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(
-                f"--output {output} is not a results file of hf-fsad score (line {number}); move it away "
-                "or run without --resume"
-            ) from None
-        records.append(record)
-    return records
 
 
 def result_shares(output: Path, num_processes: int) -> list[Path]:

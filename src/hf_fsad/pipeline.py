@@ -19,14 +19,13 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
 from .calibration_inputs import separate_calibration_images
+from .deploy.image_files import LABEL_NAMES
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"
-# The name of each calibrated label (`Calibration.labels`: 1 = anomalous).
-LABEL_NAMES = ("normal", "anomalous")
 logger = logging.getLogger(__name__)
 
 
@@ -34,7 +33,9 @@ def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     """A pipeline input (file path, URL, PIL image, array) upright and as RGB, as the CLI reads files
     (`to_upright_rgb`); a file that cannot be used raises `ImageReadError` naming it, as the CLI's messages
     do. A URL is fetched by transformers' `load_image`, which turns it upright but drops its alpha."""
-    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(("http://", "https://", "data:")):
+    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(
+        ("http://", "https://", "data:")
+    ):
         try:
             return read_image(source, max_pixels)
         except ImageReadError as error:

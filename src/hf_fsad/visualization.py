@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .deploy.run_exported import outline_region  # noqa: F401  (the exported runner draws the same outline)
+
 
 def _jet_lookup() -> np.ndarray:
     """(256, 3) uint8: matplotlib's jet colour of each of its 256 entries, as `colormaps["jet"]` gives them."""
@@ -44,23 +46,6 @@ def heatmap_overlay(
         colours = lookup[np.minimum((resized[rows] * 256).astype(np.int32), 255)]
         overlay[rows] = np.round(overlay[rows] * (1 - alpha) + colours * alpha).astype(np.uint8)
     return Image.fromarray(overlay)
-
-
-def outline_region(
-    image: Image.Image, region: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255), width: int = 2
-) -> Image.Image:
-    """`image` with the inner border of `region` (bool (H, W) at the image's size), `width` pixels wide,
-    drawn in `colour` (white stands out on a jet heatmap); the region's pixels off the border are kept."""
-    region = np.asarray(region, dtype=bool)
-    if region.shape != (image.height, image.width):
-        raise ValueError(f"region has shape {region.shape}, the image is {image.height}x{image.width}.")
-    inner = region
-    for _ in range(width):  # erosion by the 4-neighbourhood; outside the image counts as outside the region
-        padded = np.pad(inner, 1)
-        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    pixels = np.array(image.convert("RGB"))
-    pixels[region & ~inner] = colour
-    return Image.fromarray(pixels)
 
 
 def resize_center_crop(

@@ -5,16 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from hf_fsad.deploy.image_files import add_max_pixels  # noqa: F401  (the exported runner takes it too)
 from hf_fsad.deploy.run_exported import RUNTIMES
-from hf_fsad.io import DEFAULT_MAX_PIXELS
-
-
-def pixel_limit(text: str) -> int | None:
-    """`--max-pixels`: a positive pixel count, or 0 for no limit (None)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a positive pixel count, got {value}")
-    return value or None
 
 
 def rate(text: str) -> float:
@@ -23,15 +15,6 @@ def rate(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (e.g. 0.05 for 5 %), got {value}")
     return value
-
-
-def add_max_pixels(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--max-pixels",
-        type=pixel_limit,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"skip images with more pixels than this (default {DEFAULT_MAX_PIXELS}: 8192 x 8192; 0: no limit)",
-    )
 
 
 def add_batch_size(parser: argparse.ArgumentParser) -> None:

@@ -4,11 +4,9 @@ bank is calibrated."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -184,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
     from hf_fsad.calibration_inputs import separate_calibration_images
+    from hf_fsad.deploy.image_files import sigterm_interrupts
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
         distinct_paths,
@@ -259,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     share = shares[state.process_index]
     interrupted = False
     try:
-        with _sigterm_interrupts():
+        with sigterm_interrupts():
             try:
                 with state.split_between_processes(paths) as own_paths:
                     _score_paths(
@@ -485,20 +484,6 @@ def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
         args.max_pixels,
     )
     return CalibrationImages(normal, anomalous, masks)
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt meanwhile, so a terminated run ends like Ctrl-C: results saved."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _verdict_summary(records: Sequence[dict]) -> str:

@@ -1,15 +1,26 @@
 """Score images with a model exported by `hf-fsad export`, without PyTorch or transformers.
 
-Needs numpy, Pillow and onnxruntime or openvino. `hf-fsad export` copies this file into the export folder:
+Needs numpy, Pillow and onnxruntime or openvino. `hf-fsad export` copies this file and `image_files.py` (the
+file reading and result format it shares with `hf-fsad score`) into the export folder:
 
-    python run_exported.py EXPORT_DIR image.png more_images/ --output results.json --heatmaps heatmaps/
+    python run_exported.py EXPORT_DIR image.png more_images/ --output results.jsonl --heatmaps heatmaps/
 
-Each image is read upright and as RGB as `hf-fsad score` reads it, preprocessed as the model's image processor does (resize, optional centre crop,
-rescale, normalise; the export's JSON holds its settings), scored by the exported graph, and reported with its
-raw score and, when the bank was calibrated, its normalised score (0.5 at the threshold) and label (1 =
-anomalous). `--heatmaps` writes a jet-coloured overlay of each anomaly map on its image.
+It reads, scores and reports as `hf-fsad score` does. Images are decoded a batch at a time, as the scoring
+goes; each is read upright and as RGB (`image_files.read_image`), preprocessed as the model's image processor
+does (resize, optional centre crop, rescale, normalise; the export's JSON holds its settings) and scored by
+the exported graph. A file that cannot be used (not an image, truncated, empty, a decompression bomb, more
+pixels than `--max-pixels`) is reported on stderr as `skipped input PATH: reason` and the run goes on. Each
+image gets one JSON line in `hf-fsad score`'s format: path, raw score, empty branch_scores, heatmap path or
+null, and with a calibrated bank its label ("anomalous" or "normal"), normalised score (0.5 at the threshold),
+threshold, and an error when the score is not finite. The lines are written as each batch is scored into a
+temporary file that replaces `--output` at the end or when the run is interrupted (Ctrl-C, SIGTERM), so the
+file is always the previous one or a complete new one; `--resume` keeps its records and scores only the
+inputs not in it. `--heatmaps` writes a jet-coloured overlay of each anomaly map on its image, with the
+region above a calibrated pixel threshold outlined.
 
-Also imported by `hf_fsad.export` (the exported graph as a scoring backend), so it imports nothing of hf_fsad.
+Exit status: 0 scored, 1 no input could be scored, 2 the run could not start, 130 interrupted (results so far
+kept). Also imported by `hf_fsad.export` (the exported graph as a scoring backend), so it imports nothing of
+hf_fsad.
 """
 
 from __future__ import annotations
@@ -18,20 +29,22 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+if __package__:  # hf_fsad.deploy.run_exported
+    from . import image_files
+else:  # the copy beside an export, run as a script: image_files.py lies beside it
+    import image_files
 
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
 RUNTIMES = ("onnxruntime", "openvino")
 # OpenVINO inference precisions: its CPU plugin computes in bf16 by default where the CPU has it.
 PRECISIONS = ("f32", "bf16")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-# Pillow modes that `convert("RGB")` maps faithfully; wider ones (16-bit, float) would be clipped.
-EIGHT_BIT_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
 # matplotlib's "jet" colour map as (position, value) control points per channel; sampled at 256 entries
 # it is the table matplotlib builds (LinearSegmentedColormap, N=256).
 JET_CONTROL_POINTS = {
@@ -84,27 +97,6 @@ def preprocess(image: Image.Image, processor: dict) -> np.ndarray:
     mean = np.asarray(processor["image_mean"], dtype=np.float32)
     std = np.asarray(processor["image_std"], dtype=np.float32)
     return ((values.T - mean) / std).T
-
-
-def upright_rgb(image: Image.Image) -> Image.Image:
-    """An 8-bit `image` turned by its EXIF orientation and converted to RGB with transparency composited on
-    white: `hf_fsad.io.to_upright_rgb`'s rule, repeated here so this file needs nothing of hf_fsad."""
-    if image.getexif().get(0x0112, 1) != 1:  # 0x0112: EXIF Orientation
-        image = ImageOps.exif_transpose(image)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def read_rgb(path: str | os.PathLike) -> Image.Image:
-    """The 8-bit image at `path`, upright and as RGB (`upright_rgb`); 16-bit and float images are refused
-    (convert them to 8 bits first, or score them with `hf-fsad score`, which maps their full range)."""
-    with Image.open(path) as image:
-        if image.mode not in EIGHT_BIT_MODES:
-            raise ValueError(f"{path}: {image.mode} images are not read here; convert to 8-bit first.")
-        image.load()
-        return upright_rgb(image)
 
 
 class ExportedModel:
@@ -215,102 +207,190 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 
     return Image.fromarray(np.round(overlay).astype(np.uint8))
 
 
-def _image_paths(inputs: Sequence[str]) -> list[Path]:
-    paths = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            paths.append(item)
-    return paths
+def outline_region(
+    image: Image.Image, region: np.ndarray, colour: tuple[int, int, int] = (255, 255, 255), width: int = 2
+) -> Image.Image:
+    """`image` with the inner border of `region` (bool (H, W) at the image's size), `width` pixels wide,
+    drawn in `colour` (white stands out on a jet heatmap); the region's pixels off the border are kept."""
+    region = np.asarray(region, dtype=bool)
+    if region.shape != (image.height, image.width):
+        raise ValueError(f"region has shape {region.shape}, the image is {image.height}x{image.width}.")
+    inner = region
+    for _ in range(width):  # erosion by the 4-neighbourhood; outside the image counts as outside the region
+        padded = np.pad(inner, 1)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    pixels = np.array(image.convert("RGB"))
+    pixels[region & ~inner] = colour
+    return Image.fromarray(pixels)
 
 
-def _unique_name(stem: str, used: set[str]) -> str:
-    """`<stem>.png`, or `<stem>-2.png`, ... when another image of the run had the same stem."""
-    name, count = f"{stem}.png", 1
-    while name in used:
-        count += 1
-        name = f"{stem}-{count}.png"
-    used.add(name)
-    return name
+def _bilinear_taps(output_size: int, input_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lower index, upper index, upper weight) of each output position: the half-pixel source coordinate,
+    clamped at 0, as torch's bilinear interpolation with align_corners=False computes it in float32."""
+    scale = np.float32(input_size) / np.float32(output_size)
+    source = np.maximum(
+        scale * (np.arange(output_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0
+    )
+    lower = source.astype(np.int64)
+    upper = np.where(lower < input_size - 1, lower + 1, lower)
+    return lower, upper, (source - lower).astype(np.float32)
 
 
-def _write_atomically(path: Path, write) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def resized_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) anomaly map resized bilinearly to `size` (width, height) as float32, as `hf_fsad.pipeline`'s
+    `resized_map` (torch's interpolate, align_corners=False, no antialiasing) computes it."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    (left, right, right_weight), (top, bottom, bottom_weight) = (
+        _bilinear_taps(size[0], anomaly_map.shape[1]),
+        _bilinear_taps(size[1], anomaly_map.shape[0]),
+    )
+    rows = anomaly_map[:, left] * (1 - right_weight) + anomaly_map[:, right] * right_weight
+    return rows[top] * (1 - bottom_weight)[:, None] + rows[bottom] * bottom_weight[:, None]
+
+
+def heatmap(image: Image.Image, anomaly_map: np.ndarray, calibration: dict | None) -> Image.Image:
+    """The overlay `hf-fsad score --heatmaps` draws: `heatmap_overlay`, and with a calibrated pixel threshold
+    the outline of the region above it (the map at the image's size; a NaN or infinite value counts as
+    above)."""
+    overlay = heatmap_overlay(image, anomaly_map)
+    if calibration is None or calibration.get("pixel_threshold") is None:
+        return overlay
+    at_image_size = resized_map(anomaly_map, image.size).astype(np.float64)
+    region = (at_image_size > calibration["pixel_threshold"]) | ~np.isfinite(at_image_size)
+    return outline_region(overlay, region)
+
+
+def result_record(path: Path, image_score: float, calibration: dict | None) -> dict:
+    """One image's JSON record in `hf-fsad score`'s format: path, score, branch_scores (empty: the graph
+    returns final scores only), heatmap (None until drawn) and, with a `calibration`, label, normalized_score,
+    threshold and, when the score is not finite, error."""
+    record = {"path": str(path), "score": image_score, "branch_scores": {}, "heatmap": None}
+    if calibration is not None:
+        scores = np.array([image_score])
+        record["label"] = image_files.LABEL_NAMES[int(labels(scores, calibration)[0])]
+        record["normalized_score"] = float(normalized_scores(scores, calibration)[0])
+        record["threshold"] = calibration["image_threshold"]
+        error = image_files.score_error(image_score)
+        if error is not None:
+            record["error"] = error
+    return record
 
 
 def score_files(
-    model: ExportedModel, paths: Sequence[Path], batch_size: int = 8, heatmap_dir: Path | None = None
-) -> list[dict]:
-    """One result per readable image: path, score and (with a calibrated bank) normalised score and label;
-    a NaN or infinite score is written as null with an `error`, and fails the part. Unreadable images are
-    reported on stderr and skipped. Heatmaps go to `heatmap_dir` as <stem>.png (<stem>-2.png, ... for
-    repeated stems)."""
+    model: ExportedModel,
+    paths: Sequence[Path],
+    batch_size: int = 8,
+    max_pixels: int | None = None,
+    heatmap_paths: dict[Path, Path] | None = None,
+) -> Iterator[list[dict]]:
+    """The records (`result_record`) of each batch of `paths`, decoded as the batch is scored, so at most
+    `batch_size` images are held at once; a file that cannot be used is reported on stderr as `skipped
+    input PATH: reason` and left out. `heatmap_paths`: where each image's overlay (`heatmap`) is written."""
     calibration = model.manifest.get("calibration")
-    heatmap_names: set[str] = set()
-    readable = []
-    for path in paths:
-        try:
-            readable.append((path, read_rgb(path)))
-        except (OSError, ValueError) as error:
-            print(f"skipped {path}: {error}", file=sys.stderr)
-    results = []
-    for start in range(0, len(readable), batch_size):
-        batch = readable[start : start + batch_size]
+    for batch in image_files.batched(image_files.readable_images(paths, "input", max_pixels), batch_size):
         outputs = model(model.preprocess([image for _, image in batch]))
-        scores = outputs["image_scores"]
+        records = []
         for index, (path, image) in enumerate(batch):
-            score = float(scores[index])
-            result = {"path": str(path), "score": score if np.isfinite(score) else None}
-            if not np.isfinite(score):
-                result["error"] = f"the image score is {score}: the part fails"
-            if calibration is not None:
-                result["normalized_score"] = float(
-                    normalized_scores(scores[index : index + 1], calibration)[0]
-                )
-                result["label"] = int(labels(scores[index : index + 1], calibration)[0])
-            if heatmap_dir is not None and "anomaly_maps" in outputs:
-                heatmap = heatmap_dir / _unique_name(path.stem, heatmap_names)
-                overlay = heatmap_overlay(image, outputs["anomaly_maps"][index])
-                _write_atomically(heatmap, lambda target, overlay=overlay: overlay.save(target, format="PNG"))
-                result["heatmap"] = str(heatmap)
-            results.append(result)
-    return results
+            record = result_record(path, float(outputs["image_scores"][index]), calibration)
+            if heatmap_paths is not None and "anomaly_maps" in outputs:
+                overlay = heatmap(image, outputs["anomaly_maps"][index], calibration)
+                with image_files.atomic_file(heatmap_paths[path]) as temporary:
+                    overlay.save(temporary, format="PNG")
+                record["heatmap"] = str(heatmap_paths[path])
+            records.append(record)
+        yield records
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _write_batches(batches: Iterator[list[dict]], sink) -> tuple[int, bool]:
+    """(records written, whether the run was interrupted): each batch's JSON lines written and flushed as it
+    is scored; Ctrl-C or SIGTERM stops the run after the last whole line."""
+    written = 0
+    try:
+        with image_files.sigterm_interrupts():
+            for records in batches:
+                sink.write("".join(image_files.json_line(record) for record in records))
+                sink.flush()
+                written += len(records)
+    except KeyboardInterrupt:
+        return written, True
+    return written, False
+
+
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", help="the folder `hf-fsad export` wrote")
-    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("images", nargs="+", help="image files or directories (searched recursively)")
     parser.add_argument("--runtime", choices=RUNTIMES, help="default: the one the export was made for")
     parser.add_argument("--precision", choices=PRECISIONS, default="f32", help="OpenVINO's (default f32)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
-    parser.add_argument("--output", help="write the results as JSON here (default: print them)")
-    parser.add_argument("--heatmaps", help="write a heatmap overlay PNG per image into this folder")
+    parser.add_argument(
+        "--output",
+        help="results file (JSON lines), replaced atomically at the end (default: print the lines)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the results already in --output and score only the inputs not in it",
+    )
+    parser.add_argument("--heatmaps", help="directory for heatmap overlays (PNG; default: none)")
+    image_files.add_max_pixels(parser)
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.resume and not args.output:
+        parser.error("--resume needs --output (the results to go on from)")
+    return args
+
+
+def _prepare_run(args: argparse.Namespace) -> tuple[ExportedModel, list[dict], Path | None]:
+    """(model, the records kept by --resume, heatmap folder or None); a ValueError or ImportError says why the
+    run cannot start."""
+    output = image_files.prepare_output_file(args.output, "--output") if args.output else None
+    heatmap_dir = image_files.prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
+    previous = image_files.previous_results(output) if args.resume else []
+    model = ExportedModel(args.export_dir, args.runtime, args.precision, args.threads)
+    return model, previous, heatmap_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_arguments(argv)
     try:
-        model = ExportedModel(args.export_dir, args.runtime, args.precision, args.threads)
+        model, previous, heatmap_dir = _prepare_run(args)
     except (ValueError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    heatmap_dir = Path(args.heatmaps) if args.heatmaps else None
-    if heatmap_dir is not None:
-        heatmap_dir.mkdir(parents=True, exist_ok=True)
-    results = score_files(model, _image_paths(args.images), args.batch_size, heatmap_dir)
-    text = json.dumps(results, indent=2, allow_nan=False)
+    all_paths = image_files.distinct_paths(image_files.expand_inputs(args.images))
+    used_names: set[str] = set()
+    heatmap_paths = None
+    if heatmap_dir is not None:  # named over all inputs, so a resumed run names each image as before
+        heatmap_paths = {
+            path: heatmap_dir / f"{image_files.unique_name(path.stem, used_names)}.heatmap.png"
+            for path in all_paths
+        }
+    done = {str(record["path"]) for record in previous}
+    paths = [path for path in all_paths if str(path) not in done]
+    if done:
+        print(f"resuming: {len(all_paths) - len(paths)} inputs already in {args.output}", file=sys.stderr)
+    batches = score_files(model, paths, args.batch_size, args.max_pixels, heatmap_paths)
     if args.output:
-        _write_atomically(Path(args.output), lambda target: target.write_text(text + "\n", encoding="utf-8"))
+        with (
+            image_files.atomic_file(args.output) as temporary,
+            open(temporary, "w", encoding="utf-8") as sink,
+        ):
+            sink.write("".join(image_files.json_line(record) for record in previous))
+            scored, interrupted = _write_batches(batches, sink)
     else:
-        print(text)
-    return 0 if results else 1
+        scored, interrupted = _write_batches(batches, sys.stdout)
+    destination = args.output or "stdout"
+    if interrupted:
+        print(
+            f"interrupted: {scored} images scored -> {destination}; run again with --resume to go on",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"scored {scored} of {len(paths)} images -> {destination}", file=sys.stderr)
+    return 0 if scored or not paths else 1
 
 
 if __name__ == "__main__":
