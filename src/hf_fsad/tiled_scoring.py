@@ -327,14 +327,12 @@ def _stitched(
     """One image's uncalibrated output from its tiles' features, given batch by batch in `boxes` order: each
     tile scored against its bank (`tile_bank`), its map resized to the tile's size and stitched."""
     tiling = bank.tiling
-    pooled = tiling.mode == "pooled"
-    banks = {}
+    pooled_bank = tile_bank(bank, 0) if tiling.mode == "pooled" else None
     stitcher, scores, branches, start = None, [], {}, 0
     for features in feature_batches:
         count = next(iter(features.values())).shape[0]
-        if pooled:
-            banks.setdefault(0, tile_bank(bank, 0))
-            output = model.score_features(features, banks[0])
+        if pooled_bank is not None:
+            output = model.score_features(features, pooled_bank)
         else:
             output = _joined(
                 [
