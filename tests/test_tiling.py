@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from hf_fsad.bank import ReferenceBank
+from hf_fsad.calibration import best_f1_threshold
 from hf_fsad.regions import defect_regions
 from hf_fsad.tiled_scoring import (
     build_tiled_bank,
@@ -334,7 +335,7 @@ def test_leave_one_out_leaves_out_every_tile_of_the_left_out_reference(winclip, 
         "score_features",
         lambda features, bank: seen.append((features, bank)) or score(features, bank),
     )
-    calibrated = calibrate_tiled_bank(winclip, bank, references, batch_size=1)
+    calibrated = calibrate_tiled_bank(winclip, bank, references, false_alarm_rate=0.4, batch_size=1)
     monkeypatch.undo()
     # 3 references x 2 tiles, each scored once against the tiles the other two references have there
     per_bank = 2 * 2 if mode == "pooled" else 2
@@ -344,7 +345,7 @@ def test_leave_one_out_leaves_out_every_tile_of_the_left_out_reference(winclip, 
         assert memory.shape[0] == per_bank * 225
         assert not (features["patch_tokens"][0][:, None] == memory[None]).all(-1).any()
     assert calibrated.calibration.num_normal == 3 and calibrated.calibration.normal_source == "leave_one_out"
-    # with 3 normals the conformal threshold is their maximum: each reference scored against a bank of the others
+    # with 3 normals and a 40 % rate the conformal threshold is their maximum: each reference scored against a bank of the others
     loo_scores = [
         score_tiled(
             winclip,
@@ -376,6 +377,65 @@ def test_held_out_calibration_scores_normals_tiled_and_applies_to_the_stitched_o
     )
 
 
+def test_leave_one_out_keeps_the_defective_references_and_averages_defective_images_over_the_banks():
+    """Anomalous memory by position: each reference is scored against a bank of the other references and
+    of every defective reference; a defective calibration image against each such bank, averaged."""
+    model = method_tester("anomalous_memory").tiny_model()
+    references = textures(3, 120, 240, seed=14)
+    defect = textures(1, 120, 240, seed=15)[0]
+    mask = Image.new("L", (240, 120), 0)
+    mask.paste(255, (150, 20, 200, 80))
+    inputs = {"anomalous_images": [defect], "anomalous_masks": [mask], "batch_size": 1}
+    tiling = Tiling(120, mode="position")
+    bank = build_tiled_bank(model, references, tiling, "tile", **inputs)
+    query = textures(1, 120, 240, seed=16)[0]
+    query_mask = Image.new("L", (240, 120), 0)
+    query_mask.paste(255, (10, 10, 60, 60))
+    calibrated = calibrate_tiled_bank(
+        model,
+        bank,
+        references,
+        anomalous_references=[defect],
+        anomalous_reference_masks=[mask],
+        anomalous_images=[query],
+        anomalous_masks=[query_mask],
+        rule="best_f1",
+        batch_size=1,
+    )
+    left_out_banks = [
+        build_tiled_bank(model, references[:i] + references[i + 1 :], tiling, "tile", **inputs)
+        for i in range(3)
+    ]
+    normal = [
+        float(score_tiled(model, r, b, batch_size=1).image_scores) for r, b in zip(references, left_out_banks)
+    ]
+    anomalous = np.mean(
+        [float(score_tiled(model, query, b, batch_size=1).image_scores) for b in left_out_banks]
+    )
+    calibration = calibrated.calibration
+    assert (calibration.num_normal, calibration.num_anomalous, calibration.pixel_rule) == (3, 1, "best_f1")
+    # the anomalous image's score is the mean over the 3 leave-one-out banks, in float32 (hence the tolerance)
+    threshold, _ = best_f1_threshold(np.array([0, 0, 0, 1]), np.array([*normal, anomalous]))
+    assert calibration.image_threshold == pytest.approx(threshold, rel=1e-6)
+    with pytest.raises(ValueError, match="pass the anomalous_references"):
+        calibrate_tiled_bank(model, bank, references)
+
+
+def test_a_defect_too_small_for_the_models_input_leaves_its_tile_out_with_a_warning():
+    model = method_tester("anomalous_memory").tiny_model()
+    defect = textures(1, 480, 960, seed=17)[0]
+    mask = Image.new("L", (960, 480), 0)
+    # one pixel in the left tile: halving the 480 px tile by nearest neighbour keeps odd rows and columns only
+    mask.putpixel((0, 0), 255)
+    mask.paste(255, (600, 100, 700, 200))
+    with pytest.warns(
+        UserWarning, match="1 tiles of the anomalous references hold defect pixels that vanish"
+    ):
+        build_tiled_bank(
+            model, textures(1, 480, 960), Tiling(480), anomalous_images=[defect], anomalous_masks=[mask]
+        )
+
+
 # --- the bank's file -------------------------------------------------------------------------------------
 
 
@@ -385,7 +445,7 @@ def test_a_tiled_bank_saves_and_loads_with_its_tiling(winclip, tmp_path, mode):
     bank = build_tiled_bank(
         winclip, references, Tiling((120, 100), (60, 70), mode=mode, image_score="mean"), "tile"
     )
-    bank = calibrate_tiled_bank(winclip, bank, references)
+    bank = calibrate_tiled_bank(winclip, bank, references, false_alarm_rate=0.4)
     bank.save(tmp_path / "bank.safetensors")
     loaded = ReferenceBank.load(tmp_path / "bank.safetensors")
     assert loaded.tiling == bank.tiling and loaded.calibration == bank.calibration and loaded.k == 2
