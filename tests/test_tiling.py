@@ -306,18 +306,19 @@ def test_anomalous_references_are_tiled_with_their_masks(monkeypatch):
         build_tiled_bank(model, [normal], Tiling(120), anomalous_images=[defect])
 
 
-def test_fitted_methods_fit_on_tiles_and_take_pooled_tiling_only(monkeypatch):
+def test_fitted_methods_fit_on_tiles_and_take_pooled_tiling_only():
     model = method_tester("vtfusion").tiny_model()
-    fitted = []
-    monkeypatch.setattr(
-        model, "fit", lambda images, class_name, **arguments: fitted.append((images, class_name))
-    )
-    fit_tiled(model, textures(2, 120, 240), Tiling(120), "tile")
-    assert [tile.size for tile in fitted[0][0]] == [(120, 120)] * 4 and fitted[0][1] == "tile"
+    fit_tiled(model, textures(2, 120, 240), Tiling(120), "tile", steps=2, seed=0)
+    assert model.config.num_fitted_normals == 4  # 2 images x 2 tiles
+    bank = build_tiled_bank(model, None, Tiling(120), "tile")
+    output = score_tiled(model, textures(1, 240, 360, seed=3)[0], bank)
+    assert output.anomaly_maps.shape == (1, 240, 360) and torch.isfinite(output.anomaly_maps).all()
     with pytest.raises(ValueError, match="fit it on their tiles"):
         build_tiled_bank(model, textures(1, 120, 120), Tiling(120))
     with pytest.raises(ValueError, match="one fitted model per tile position"):
         build_tiled_bank(model, None, Tiling(120, mode="position"))
+    with pytest.raises(ValueError, match="use pooled tiling"):
+        fit_tiled(model, textures(1, 120, 120), Tiling(120, mode="position"))
 
 
 # --- calibration -----------------------------------------------------------------------------------------
