@@ -34,6 +34,9 @@ LAYERS = {
     "hf_fsad.distributed": 0,
     "hf_fsad.calibration": 0,
     "hf_fsad.calibration_inputs": 0,
+    # tiles of large images (geometry and stitching, no model) and defect regions of a mask
+    "hf_fsad.tiling": 0,
+    "hf_fsad.regions": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
@@ -43,6 +46,8 @@ LAYERS = {
     "hf_fsad.features": 1,
     "hf_fsad.modeling_base": 1,
     "hf_fsad.modeling_calibration": 1,
+    # tiled banks, scoring and calibration through the method contract
+    "hf_fsad.tiled_scoring": 1,
     # what every trained method shares: the generic training loop and the shared losses (a method's own
     # trainer, in its folder, builds on them).
     "hf_fsad.training.trainer": 1,

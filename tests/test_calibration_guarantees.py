@@ -263,7 +263,10 @@ def saved_bank(path, calibration: Calibration) -> dict[str, str]:
 def test_a_bank_of_the_previous_format_loads(tmp_path):
     current = conformal(SATURATING_NORMALS)
     metadata = saved_bank(tmp_path / "current.safetensors", current)
-    assert (metadata["format_version"], json.loads(metadata["calibration"])["format_version"]) == ("2", 2)
+    assert (metadata["format_version"], json.loads(metadata["calibration"])["format_version"]) == (
+        BANK_FORMAT_VERSION,
+        2,
+    )
     # version 1 wrote no calibration format_version and had neither confidence, normals_needed, runtime nor
     # precision, and its bank no generated_references
     version_1 = {
@@ -286,9 +289,10 @@ def test_a_bank_of_the_previous_format_loads(tmp_path):
 def test_a_file_of_a_future_format_is_refused_naming_both_versions(tmp_path):
     metadata = saved_bank(tmp_path / "bank.safetensors", conformal(SATURATING_NORMALS))
     future_bank = tmp_path / "future_bank.safetensors"
-    save_file({"patches": torch.zeros(2, 4)}, future_bank, metadata=metadata | {"format_version": "3"})
+    future = str(int(BANK_FORMAT_VERSION) + 1)
+    save_file({"patches": torch.zeros(2, 4)}, future_bank, metadata=metadata | {"format_version": future})
     with pytest.raises(
-        ValueError, match=rf"format version 3, but this hf_fsad reads .* up to {BANK_FORMAT_VERSION}"
+        ValueError, match=rf"format version {future}, but this hf_fsad reads .* up to {BANK_FORMAT_VERSION}"
     ):
         ReferenceBank.load(future_bank)
 

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .calibration import Calibration
+from .tiling import Tiling
 
 # The `format` and `format_version` a bank file records in its safetensors metadata. `load` reads every
 # version up to this one and refuses a later one. 2: the calibration carries its own format version (2).
@@ -34,6 +35,9 @@ class ReferenceBank:
     `generated_references`: how many of its k references were generated from the others (One-to-Normal's
     `augment_references_with_generated`); leave-one-out is refused while it holds any, since a left-out
     image's generated copies stay in the bank.
+    `tiling`: how the references were cut into tiles (`hf_fsad.tiled_scoring.build_tiled_bank`), which queries
+    are cut the same way (`score_tiled`); a position-tiled bank holds one bank per tile position, its tensors
+    named `position.<index>.<name>`. A model refuses a tiled bank in `forward`: score it tiled.
     """
 
     model_type: str
@@ -43,6 +47,7 @@ class ReferenceBank:
     tensors: dict[str, torch.Tensor]
     calibration: Calibration | None = None
     generated_references: int = 0
+    tiling: Tiling | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the bank to one `.safetensors` file (atomically)."""
@@ -58,6 +63,8 @@ class ReferenceBank:
         }
         if self.calibration is not None:
             metadata["calibration"] = self.calibration.to_json()
+        if self.tiling is not None:
+            metadata["tiling"] = self.tiling.to_json()
         tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
         temporary = path.with_name(path.name + ".tmp")
         save_file(tensors, temporary, metadata=metadata)
@@ -88,12 +95,14 @@ class ReferenceBank:
                 f"Reference bank {path} is in format version {version}, but this hf_fsad reads bank format "
                 f"versions up to {BANK_FORMAT_VERSION}: upgrade hf_fsad to load it."
             )
-        calibration = None
-        if "calibration" in metadata:
-            try:
+        calibration = tiling = None
+        try:
+            if "calibration" in metadata:
                 calibration = Calibration.from_json(metadata["calibration"])
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"Reference bank {path}: {error}") from None
+            if "tiling" in metadata:
+                tiling = Tiling.from_json(metadata["tiling"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Reference bank {path}: {error}") from None
         return cls(
             model_type=metadata["model_type"],
             config_hash=metadata["config_hash"],
@@ -102,6 +111,7 @@ class ReferenceBank:
             tensors=load_file(str(path)),
             calibration=calibration,
             generated_references=int(metadata.get("generated_references", "0")),  # version 1 wrote none
+            tiling=tiling,
         )
 
     def to(self, device: torch.device | str) -> ReferenceBank:

@@ -459,6 +459,11 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         built it (`ReferenceBank.check_built_by`)."""
         if not isinstance(bank, bank_module.ReferenceBank):
             raise TypeError(f"reference_bank must be a ReferenceBank, got {type(bank).__name__}.")
+        if bank.tiling is not None:
+            raise ValueError(
+                f"This reference bank is tiled ({bank.tiling.describe()}): score large images with it through "
+                "`hf_fsad.tiled_scoring.score_tiled(model, image, bank)`, which cuts them the same way."
+            )
         # While a graph is exported the weights are symbolic: `hf_fsad.export` checks the bank before it traces.
         bank.check_built_by(
             self.config.model_type, bank.config_hash if torch.compiler.is_exporting() else self.config_hash()
