@@ -36,7 +36,7 @@ from hf_fsad.models.one_to_normal.diffusion_one_to_normal import (
     require_diffusers,
 )
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
-from hf_fsad.pipeline import calibrate_reference_bank
+from hf_fsad.calibration_policy import calibrate_reference_bank
 from hf_fsad.testing import (
     byte_level_clip_tokenizer,
     small_clip_config,
