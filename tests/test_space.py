@@ -221,9 +221,11 @@ def _toy_defect_files(folder: Path, num_train: int) -> dict[str, Path]:
     images |= {"defect": records["test"][1].image, "mask": records["test"][1].mask}
     images |= {"query": records["test"][2].image}
     folder.mkdir(parents=True, exist_ok=True)
+    # the mask is named after its image: the Space pairs masks with images by file stem, as the CLI does
+    paths = {name: folder / f"{'defect_mask' if name == 'mask' else name}.png" for name in images}
     for name, image in images.items():
-        image.save(folder / f"{name}.png")
-    return {name: folder / f"{name}.png" for name in images}
+        image.save(paths[name])
+    return paths
 
 
 def test_defective_references_report_their_miss_rate_at_the_false_alarm_threshold(

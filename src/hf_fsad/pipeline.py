@@ -212,7 +212,9 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         weight_search=None,
     ):
         if reference_bank is not None and (reference_images is not None or defect_images is not None):
-            raise ValueError("Give either reference_images (and defect_images) or reference_bank, not both.")
+            raise ValueError(
+                "Give either reference_images or reference_bank, not both (defect_images go into a built bank)."
+            )
         if (false_alarm_rate is not None or confidence is not None) and calibrate is None:
             calibrate = True
         calibration = {
