@@ -127,11 +127,13 @@ def build_bank(
     class_name,
     confidence: float | None = None,
     weight_search: bool = True,
+    held_out: list[tuple[str, Image.Image]] = (),
 ) -> tuple[ReferenceBank, str]:
     """The bank from the uploaded normal references and defective ones, calibrated where possible, and the
     line saying how (`hf_fsad.calibration_policy.calibrated_bank`, as the CLI builds it). A method that learns
     from defects keeps them in its bank with their masks, paired by file name, and chooses its score weights
-    on them unless `weight_search` is off; for the others they are held out and report their miss rate."""
+    on them unless `weight_search` is off; for the others they are held out and report their miss rate.
+    `held_out` normal images calibrate instead of the references left out one at a time."""
     defects = named_images(anomalous_files, "Defective reference")
     masks = named_images(mask_files, "Mask", read_mask)
     if masks and not defects:
@@ -146,6 +148,7 @@ def build_bank(
             defect_masks=(masks or None) if learns else None,
             # the false-alarm rule sets the pixel threshold on the normals alone: masks serve only banks that learn them
             anomalous=() if learns else list(defects.values()),
+            held_out_normals=[image for _, image in held_out],
             confidence=confidence,
             weight_search=weight_search,
         )
@@ -201,7 +204,11 @@ def decide(
     normalized = float(calibration.normalize(torch.tensor([score]))[0])
     if anomaly_map is not None:
         anomaly_map = calibration.normalize_maps(torch.from_numpy(anomaly_map)).numpy()
-    return normalized, "fail" if normalized > threshold else "pass", None if anomaly_map is None else anomaly_map > threshold
+    return (
+        normalized,
+        "fail" if normalized > threshold else "pass",
+        None if anomaly_map is None else anomaly_map > threshold,
+    )
 
 
 def decision_table(line: str, results: list[dict], threshold: float) -> str:
@@ -236,6 +243,7 @@ def detect(
     mask_files=None,
     confidence=0.0,
     weight_search=True,
+    held_out_files=None,
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
 ):
     """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
@@ -263,6 +271,7 @@ def detect(
             class_name or None,
             confidence=confidence or None,
             weight_search=weight_search,
+            held_out=read_images(held_out_files, "Held-out normal image"),
         )
     calibration = bank.calibration
     heatmaps, annotated, results, branches = [], [], [], []
@@ -388,6 +397,12 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                         label="anomalous_memory: choose the score weights on the defects (paper Sec. 4.3 weight "
                         "search; off: the baseline weights)",
                     )
+                held_out = gr.File(
+                    file_count="multiple",
+                    file_types=["image"],
+                    label="Held-out normal images (optional): calibrate on them instead of the references "
+                    "left out one at a time",
+                )
                 confidence = gr.Slider(
                     0,
                     0.99,
@@ -414,7 +429,19 @@ def build_app(models: list[str] | None = None) -> gr.Blocks:
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
             detect,
-            [source, references, class_name, queries, threshold, bank_in, anomalous, masks, confidence, weight_search],
+            [
+                source,
+                references,
+                class_name,
+                queries,
+                threshold,
+                bank_in,
+                anomalous,
+                masks,
+                confidence,
+                weight_search,
+                held_out,
+            ],
             [heatmaps, annotated, decision, results, branches, bank_out],
             api_name="detect",
         )

@@ -48,7 +48,7 @@ def _detect(
     return client.predict(
         source, _files(references) or [], "fabric", _files(queries), threshold,
         None if bank is None else gradio_client.handle_file(bank), _files(defects), _files(masks),
-        0, weight_search, api_name="/detect",
+        0, weight_search, None, api_name="/detect",
     )  # fmt: skip
 
 
