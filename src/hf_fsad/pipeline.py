@@ -217,25 +217,13 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             )
         if (false_alarm_rate is not None or confidence is not None) and calibrate is None:
             calibrate = True
-        calibration = {
-            name: value
-            for name, value in {
-                "calibrate": calibrate,
-                "false_alarm_rate": false_alarm_rate,
-                "calibration_images": calibration_images,
-                "confidence": confidence,
-            }.items()
-            if value is not None
-        }
-        defects = {
-            name: value
-            for name, value in {
-                "defect_images": defect_images,
-                "defect_masks": defect_masks,
-                "weight_search": weight_search,
-            }.items()
-            if value is not None
-        }
+        calibration = _given(
+            calibrate=calibrate,
+            false_alarm_rate=false_alarm_rate,
+            calibration_images=calibration_images,
+            confidence=confidence,
+        )
+        defects = _given(defect_images=defect_images, defect_masks=defect_masks, weight_search=weight_search)
         forward_params = {}
         building = reference_images is not None or class_name is not None or calibration or defects
         if reference_bank is None and building:
@@ -278,6 +266,11 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
             result["mask"] = None if mask is None else mask.numpy()
         return result
+
+
+def _given(**arguments: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None."""
+    return {name: value for name, value in arguments.items() if value is not None}
 
 
 def register_pipeline() -> None:
