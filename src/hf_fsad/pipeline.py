@@ -19,7 +19,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
 from .calibration_policy import calibrated_bank
-from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_upright_rgb
+from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
@@ -52,6 +52,28 @@ def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     return resized.cpu().numpy().astype(np.float32)
 
 
+def as_mask(source: Any) -> Image.Image:
+    """A mask given as a file path as `hf_fsad.io.read_mask` reads it (transparency ignored, not made white),
+    else as given (`hf_fsad.visualization.mask_array` reads its non-zero pixels)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return read_mask(source)
+        except ImageReadError as error:
+            raise ImageReadError(f"{source}: {error}") from None
+    return source if isinstance(source, Image.Image) else load_image(source)
+
+
+def _sources(images: Sequence[Any] | Any | None, name: str) -> list[Any]:
+    """The images of an argument (one or a sequence) as a list ([] for None); a ValueError when empty."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
+    return list(images)
+
+
 def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
     """The calibrated decision on image `index` of a calibrated `output`: `label` ("anomalous" when the
     score is above `threshold`, else "normal"), `normalized_score` (0.5 at the threshold) and `threshold`
@@ -74,7 +96,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     results[0]["score"], results[0]["anomaly_map"], results[0]["heatmap"]
     results[0]["label"], results[0]["normalized_score"], results[0]["mask"]   # with 2 or more references
     ```
-    References are encoded once per call (or pass `reference_bank=` to reuse a saved bank). Each result has
+    References are encoded once per call (or pass `reference_bank=` to reuse a saved bank); `defect_images=`
+    (and `defect_masks=`) build the bank of a method that learns from them, as `build_reference_bank` says. Each result has
     `score` (float), `anomaly_map` (float32 array at the image's own size, or None for image-level methods)
     and `heatmap` (PIL overlay, or None). `heatmap_range=(low, high)` fixes the colour scale.
 
@@ -100,24 +123,18 @@ class ImageAnomalyDetectionPipeline(Pipeline):
 
     def _images(self, images: Sequence[Any] | Any | None, name: str) -> list[Image.Image]:
         """Images (paths, URLs or PIL images; one or a sequence) as RGB images ([] for None)."""
-        if images is None:
-            return []
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        if len(images) == 0:
-            raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
-        return [as_rgb_image(image) for image in images]
+        return [as_rgb_image(image) for image in _sources(images, name)]
 
     def _named_images(
-        self, images: Sequence[Any] | Any | None, name: str
+        self, images: Sequence[Any] | Any | None, name: str, read=as_rgb_image
     ) -> list[Image.Image] | Mapping[str, Image.Image]:
-        """`_images`, keyed by file name when every image is given as a path or URL (masks are then paired with
-        images by file stem: `hf_fsad.calibration_policy.paired_masks`)."""
-        rgb = self._images(images, name)
-        sources = [images] if isinstance(images, (str, os.PathLike)) else images or []
-        if rgb and all(isinstance(source, (str, os.PathLike)) for source in sources):
-            return dict(zip(map(str, sources), rgb))
-        return rgb
+        """The images read by `read` (`as_rgb_image`, or `as_mask`), keyed by file name when every one is given as
+        a path or URL (masks are then paired with images by file stem: `calibration_policy.paired_masks`)."""
+        sources = _sources(images, name)
+        images_read = [read(source) for source in sources]
+        if all(isinstance(source, (str, os.PathLike)) for source in sources):
+            return dict(zip(map(str, sources), images_read))
+        return images_read
 
     def build_reference_bank(
         self,
@@ -153,7 +170,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             references=self._images(reference_images, "reference_images"),
             class_name=class_name,
             defects=self._named_images(defect_images, "defect_images"),
-            defect_masks=self._named_images(defect_masks, "defect_masks") if defect_masks else None,
+            defect_masks=self._named_images(defect_masks, "defect_masks", as_mask) if defect_masks else None,
             weight_search=weight_search,
             calibration_images=calibration_images,
             false_alarm_rate=false_alarm_rate,
