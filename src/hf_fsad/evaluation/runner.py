@@ -388,7 +388,8 @@ def _calibrated_bank(
     its score weights chosen on the validation normals (methods with `validates_weights`), calibrated for the
     protocol's rate on the validation normals or leave-one-out; and the cell's calibration record. Why it is
     not calibrated, or the calibration's warnings (too few normals for the rate asked), become the cell's
-    note, so a run of many cells reports them in its table rather than once per cell."""
+    note, so a run of many cells reports them in its table rather than once per cell; `calibration_seconds`
+    times the whole policy (bank, weight search, calibration)."""
     defects, masks = [], None
     if anomalous_references is not None:
         defects = _rgb_images(anomalous_references)
