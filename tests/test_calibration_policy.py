@@ -204,6 +204,9 @@ def test_the_weight_search_runs_where_defects_are_given_and_is_skipped_when_aske
     assert searched.calibration is None
     assert "not calibrated: the references chose the bank's score weights (weight search)" in errors
 
+    status = main(["score", *_strings(files["query"]), "--model", "m", "--output", "o", "--no-weight-search"])
+    assert status == 2 and "--no-weight-search goes with --defect" in capsys.readouterr().err
+
     pipe = pipeline("image-anomaly-detection", model=model, image_processor=model.image_processor())
     common = {"defect_images": _strings(files["defects"]), "defect_masks": _strings(files["masks"])}
     from_pipeline = pipe.build_reference_bank(_strings(files["references"]), CLASS, **common)

@@ -246,7 +246,9 @@ def calibrated_bank(
                 calibration = dataclasses.replace(bank.calibration, runtime="torch", precision=precision)
                 bank = dataclasses.replace(bank, calibration=calibration)
     if refusal is not None and anomalous_images:
-        notes.append("the defective images given to calibrate were not used: without normal scores there is no threshold")
+        notes.append(
+            "the defective images given to calibrate were not used: without normal scores there is no threshold"
+        )
     return CalibratedBank(bank, notes, [str(warning.message) for warning in caught], refusal)
 
 

@@ -295,6 +295,8 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse options that do not go together, before anything is read or loaded."""
     if args.bank and args.defect:
         raise CliError("--defect builds a bank from defective images, --bank reuses a built one: give one")
+    if args.no_weight_search and not args.defect:
+        raise CliError("--no-weight-search goes with --defect: the weight search runs on the defects")
     calibration_options = (
         args.calibration_normal,
         args.calibration_anomalous,
