@@ -139,10 +139,10 @@ def calibrated_bank(
     `anomalous` images (and `anomalous_masks`, rule "best_f1" only) scored alike; at `false_alarm_rate`
     (None: `DEFAULT_FALSE_ALARM_RATE`), `confidence` and `rule`, in `precision` (recorded). With a
     `runtime_scorer` (bank -> the scorer of its graph exported to `runtime`), held-out normals are scored by
-    that graph instead (`calibrate_on_scorer`). calibrate="auto" calibrates where possible and returns the reason where not
-    (`refusal`); True raises a ValueError with the reason; False calibrates nothing. A saved bank with
-    calibrate="auto" and no held-out normals keeps its own calibration. A ValueError names what cannot be used
-    (a `BankBuildError` when the bank cannot be built).
+    that graph instead (`calibrate_on_scorer`). calibrate="auto" calibrates where possible and returns the
+    reason where not (`refusal`); True raises a ValueError with the reason; False calibrates nothing. A saved
+    bank with calibrate="auto" and no held-out normals keeps its own calibration. A ValueError names what
+    cannot be used (a `BankBuildError` when the bank cannot be built).
     """
     import torch
 
