@@ -117,6 +117,7 @@ def calibrated_bank(
     rule: str = "false_alarm_rate",
     weight_search: bool = True,
     paper_preprocessing: bool = False,
+    processor=None,
     precision: str = "float32",
     batch_size: int = 8,
     runtime: str = "torch",
@@ -137,7 +138,9 @@ def calibrated_bank(
 
     Calibration (`model.calibrate`): on the held-out normals, else leave-one-out on the references, with the
     `anomalous` images (and `anomalous_masks`, rule "best_f1" only) scored alike; at `false_alarm_rate`
-    (None: `DEFAULT_FALSE_ALARM_RATE`), `confidence` and `rule`, in `precision` (recorded). With a
+    (None: `DEFAULT_FALSE_ALARM_RATE`), `confidence` and `rule`, in `precision` (recorded). Images are
+    preprocessed by `processor` (None: `model.image_processor()`, or with `paper_preprocessing` the geometry of
+    the method's paper evaluation, masks alike, as the benchmark runner does). With a
     `runtime_scorer` (bank -> the scorer of its graph exported to `runtime`), held-out normals are scored by
     that graph instead (`calibrate_on_scorer`). calibrate="auto" calibrates where possible and returns the
     reason where not (`refusal`); True raises a ValueError with the reason; False calibrates nothing. A saved
@@ -162,7 +165,8 @@ def calibrated_bank(
             f"{model.config.model_type} builds its bank from normal references only: defective images can "
             "calibrate its threshold instead (anomalous images)"
         )
-    processor = model.paper_image_processor() if paper_preprocessing else model.image_processor()
+    if processor is None:
+        processor = model.paper_image_processor() if paper_preprocessing else model.image_processor()
     crop = paper_preprocessing and model.config.paper_preprocessing == "crop"
 
     def pixel_values(images: Sequence[Image.Image]) -> torch.Tensor | None:

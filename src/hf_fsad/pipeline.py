@@ -203,6 +203,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         made = calibrated_bank(
             self.model,
             held_out_normals=held_out,
+            processor=self.image_processor,
             calibrate=True if held_out and calibrate == "auto" else calibrate,
             **policy,
         )
