@@ -18,7 +18,6 @@ model with how to get weights, as the CLI does.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import tempfile
@@ -33,11 +32,10 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
-from hf_fsad.calibration_inputs import separate_calibration_images
+from hf_fsad.calibration_policy import BankBuildError, calibrated_bank
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.visualization import mask_array
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 _PIPELINES: dict[tuple[str, bool], object] = {}
@@ -119,74 +117,65 @@ def heatmap_range(calibration: Calibration | None) -> tuple[float, float] | None
     return low, high
 
 
-def build_bank(model, references, anomalous_files, mask_files, class_name) -> tuple[ReferenceBank, str]:
-    """The bank from the uploaded normal references (exact copies left out, said in the line) and the
-    defective ones, with optional masks in the same order, for methods that learn from them; calibrated where
-    possible; and the line saying how."""
-    processor = model.image_processor()
+def named_images(files: list | None, what: str, read=read_image) -> dict[str, Image.Image]:
+    """`read_images` keyed by file name, so masks pair with their images by file stem as the CLI pairs them
+    (`000.png` with `000.png` or `000_mask.png`); a name uploaded twice stops with a gr.Error."""
+    images = read_images(files, what, read)
+    named = dict(images)
+    if len(named) < len(images):
+        repeated = sorted({name for name, _ in images if [n for n, _ in images].count(name) > 1})
+        raise gr.Error(f"{what} files must have distinct names: {', '.join(repeated)} uploaded twice.")
+    return named
 
-    def pixels(images):
-        return processor([image for _, image in images], return_tensors="pt").pixel_values if images else None
 
-    separated = separate_calibration_images([image for _, image in references])
-
-    defects = {}
-    anomalous = read_images(anomalous_files, "Defective reference")
-    masks = read_images(mask_files, "Mask", read_mask)
-    if masks and not anomalous:
+def build_bank(
+    model,
+    references,
+    anomalous_files,
+    mask_files,
+    class_name,
+    confidence: float | None = None,
+    weight_search: bool = True,
+    held_out: list[tuple[str, Image.Image]] = (),
+) -> tuple[ReferenceBank, str]:
+    """The bank from the uploaded normal references and defective ones, calibrated where possible, and the
+    line saying how (`hf_fsad.calibration_policy.calibrated_bank`, as the CLI builds it). A method that learns
+    from defects keeps them in its bank with their masks, paired by file name, and chooses its score weights
+    on them unless `weight_search` is off; for the others they are held out and report their miss rate.
+    `held_out` normal images calibrate instead of the references left out one at a time."""
+    defects = named_images(anomalous_files, "Defective reference")
+    masks = named_images(mask_files, "Mask", read_mask)
+    if masks and not defects:
         raise gr.Error("Masks were uploaded without defective references: add the images they outline.")
-    if anomalous:
-        defects["anomalous_pixel_values"] = pixels(anomalous)
-        if masks:
-            if len(masks) != len(anomalous):
-                raise gr.Error(
-                    f"{len(masks)} masks for {len(anomalous)} defective references: give one mask per image, in "
-                    "the same order, or none."
-                )
-            size = model.config.image_size
-            defects["anomalous_masks"] = torch.from_numpy(
-                np.stack([mask_array(mask, size) for _, mask in masks])
-            )
-    in_bank = defects if model.needs_anomalous_references else {}
-    reference_pixels = pixels([(None, image) for image in separated.references])
+    learns = model.needs_anomalous_references
     try:
-        bank = model.build_reference_bank(reference_pixels, class_name=class_name, **in_bank)
-    except ValueError as error:
+        made = calibrated_bank(
+            model,
+            [image for _, image in references],
+            class_name=class_name,
+            defects=defects if learns else (),
+            defect_masks=(masks or None) if learns else None,
+            # the false-alarm rule sets the pixel threshold on the normals alone: masks serve only banks that learn them
+            anomalous=() if learns else list(defects.values()),
+            held_out_normals=[image for _, image in held_out],
+            confidence=confidence,
+            weight_search=weight_search,
+        )
+    except BankBuildError as error:
         raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
-    bank = dataclasses.replace(bank, generated_references=separated.generated_references)
-    bank, line = calibrated_bank(model, bank, reference_pixels, defects, in_bank)
-    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in separated.notes)
-    return bank, line + notes
-
-
-def calibrated_bank(model, bank, reference_pixels, defects, in_bank) -> tuple[ReferenceBank, str]:
-    """The bank calibrated on its references scored leave-one-out and, when they are not in the bank, the
-    defective references (their miss rate at the false-alarm threshold: `model.calibrate`'s default rule), with
-    its `describe()` line; or the bank as it is and why not."""
-    # the false-alarm rule sets the pixel threshold on the normals alone: masks serve only banks that learn them
-    held_out_defects = (
-        {} if model.needs_anomalous_references else {k: v for k, v in defects.items() if k != "anomalous_masks"}
-    )
-    num_references = 0 if reference_pixels is None else len(reference_pixels)
-    reason = model.leave_one_out_refusal(num_references, bank.generated_references)
-    if reason is not None:
-        reason = f"{reason[0].upper()}{reason[1:]}: a threshold needs normal images the bank does not hold."
-    else:
-        try:
-            bank = model.calibrate(bank, reference_pixels, bank_inputs=in_bank, **held_out_defects)
-        except ValueError as error:
-            reason = str(error)
-    if reason is not None:
-        if held_out_defects:
-            reason += " The defective references were not used: without normal scores there is no threshold."
-        return bank, uncalibrated(reason)
-    line = f"**Calibrated:** {bank.calibration.describe()}."
-    if defects and model.needs_anomalous_references:
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in made.notes)
+    if made.refusal is not None:
+        reason = f"{made.refusal[0].upper()}{made.refusal[1:]}: a threshold needs normal images the bank does not hold."
+        return made.bank, uncalibrated(reason + notes)
+    line = f"**Calibrated:** {made.bank.calibration.describe()}."
+    if defects and learns:
         line += (
             " The defective references are in the bank, so they do not set the threshold: scored against a "
             "bank that holds them, each would be matched with itself."
         )
-    return bank, line
+    return made.bank, line + notes
 
 
 def uncalibrated(reason: str) -> str:
@@ -224,7 +213,11 @@ def decide(
     normalized = float(calibration.normalize(torch.tensor([score]))[0])
     if anomaly_map is not None:
         anomaly_map = calibration.normalize_maps(torch.from_numpy(anomaly_map)).numpy()
-    return normalized, "fail" if normalized > threshold else "pass", None if anomaly_map is None else anomaly_map > threshold
+    return (
+        normalized,
+        "fail" if normalized > threshold else "pass",
+        None if anomaly_map is None else anomaly_map > threshold,
+    )
 
 
 def decision_table(line: str, results: list[dict], threshold: float) -> str:
@@ -257,12 +250,16 @@ def detect(
     bank_file,
     anomalous_files=None,
     mask_files=None,
+    confidence=0.0,
+    weight_search=True,
+    held_out_files=None,
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
     *,
     allow_untrained: bool = False,
 ):
     """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
-    branch scores and the bank.
+    branch scores and the bank. `confidence` > 0: the calibrated false-alarm rate holds with that probability,
+    not only on average; `weight_search`: the anomalous memory chooses its score weights on the defects.
 
     With a calibrated bank a query fails when its normalised score reaches `threshold` and the outlined
     region is where the normalised map does; otherwise both compare raw values with `threshold`.
@@ -277,7 +274,16 @@ def detect(
     if bank_file:
         bank, line = loaded_bank(model, bank_file)
     else:
-        bank, line = build_bank(model, references, anomalous_files, mask_files, class_name or None)
+        bank, line = build_bank(
+            model,
+            references,
+            anomalous_files,
+            mask_files,
+            class_name or None,
+            confidence=confidence or None,
+            weight_search=weight_search,
+            held_out=read_images(held_out_files, "Held-out normal image"),
+        )
     calibration = bank.calibration
     heatmaps, annotated, results, branches = [], [], [], []
     for index, (name, image) in enumerate(queries):
@@ -393,8 +399,30 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                         file_count="multiple", file_types=["image"], label="Defective references"
                     )
                     masks = gr.File(
-                        file_count="multiple", file_types=["image"], label="Their masks (same order; anomalous_memory learns from them)"
+                        file_count="multiple",
+                        file_types=["image"],
+                        label="Their masks, matched by file name (000.png or 000_mask.png for 000.png; "
+                        "anomalous_memory learns from them)",
                     )
+                    weight_search = gr.Checkbox(
+                        value=True,
+                        label="anomalous_memory: choose the score weights on the defects (paper Sec. 4.3 weight "
+                        "search; off: the baseline weights)",
+                    )
+                held_out = gr.File(
+                    file_count="multiple",
+                    file_types=["image"],
+                    label="Held-out normal images (optional): calibrate on them instead of the references "
+                    "left out one at a time",
+                )
+                confidence = gr.Slider(
+                    0,
+                    0.99,
+                    value=0,
+                    step=0.01,
+                    label="Confidence that the 5% false-alarm rate holds for this calibration (0: on average; "
+                    "0.9 needs 45 normal references)",
+                )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():
                 decision = gr.Markdown(elem_id="decision")
@@ -413,7 +441,19 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
             functools.partial(detect, allow_untrained=allow_untrained),
-            [source, references, class_name, queries, threshold, bank_in, anomalous, masks],
+            [
+                source,
+                references,
+                class_name,
+                queries,
+                threshold,
+                bank_in,
+                anomalous,
+                masks,
+                confidence,
+                weight_search,
+                held_out,
+            ],
             [heatmaps, annotated, decision, results, branches, bank_out],
             api_name="detect",
         )

@@ -602,7 +602,8 @@ def test_cells_record_decisions_at_their_calibrated_threshold(make_winclip, tmp_
     assert calibrated["false_alarm_rate"] == false_positives / normals
     assert calibrated["miss_rate"] == misses / labels.count(1)
 
-    for k, reason in ((0, "zero-shot: no references"), (1, "1 normal reference: leave-one-out needs 2")):
+    for k in (0, 1):
+        reason = f"leave-one-out needs at least 2 reference images, got {k}"
         uncalibrated = cell(results, k=k)
         assert uncalibrated["calibration"] is None
         assert (
@@ -624,7 +625,7 @@ def test_cells_record_decisions_at_their_calibrated_threshold(make_winclip, tmp_
     )
     assert "| winclip | 1 | " in table and "conformal threshold for a false-alarm rate of 25.0%" in table
     assert "set on the k references scored leave-one-out (banks of k - 1 references)" in table
-    assert "- winclip k=1 (not calibrated): 1 normal reference: leave-one-out needs 2" in table
+    assert "- winclip k=1 (not calibrated): leave-one-out needs at least 2 reference images, got 1" in table
 
 
 def test_validation_normals_calibrate_what_leave_one_out_cannot(make_winclip, tmp_path):

@@ -282,7 +282,7 @@ def test_references_given_again_as_held_out_normals_are_left_out_with_a_note(
         "--reference", str(files["refs"]), "--calibration-normal", str(files["refs"]),
     )  # fmt: skip
     assert status == 2
-    assert "error: --calibration-normal: all 3 held-out normal images are also reference images" in (
+    assert "error: calibration: all 3 held-out normal images are also reference images" in (
         capsys.readouterr().err
     )
     bank_path = tmp_path / "bank.safetensors"
@@ -428,13 +428,13 @@ def test_threshold_rule_reaches_the_calibration(
 ):
     from hf_fsad import calibration_policy
 
-    asked, calibrate_bank = {}, calibration_policy.calibrate_bank
+    asked, calibrated_bank = {}, calibration_policy.calibrated_bank
 
-    def recording_calibrate_bank(*arguments, **keywords):
+    def recording_calibrated_bank(*arguments, **keywords):
         asked["rule"] = keywords["rule"]
-        return calibrate_bank(*arguments, **keywords)
+        return calibrated_bank(*arguments, **keywords)
 
-    monkeypatch.setattr(calibration_policy, "calibrate_bank", recording_calibrate_bank)
+    monkeypatch.setattr(calibration_policy, "calibrated_bank", recording_calibrated_bank)
     status, _ = _score(
         saved_winclip_dir, files, tmp_path,
         "--reference", str(files["refs"]), "--calibration-anomalous", str(files["defects"]), *options,

@@ -274,6 +274,7 @@ def test_defects_build_the_anomalous_memory_bank_as_python_does(
     defect, mask = defect_files
     inputs = list(map(str, queries))
     common = ["score", "--model", f"anomalous_memory@{tiny_clip_dir}", "--reference", str(root / "refs")]
+    common.append("--no-weight-search")  # the baseline weights, as the bank Python builds below
     bank_path, masked, unmasked = (
         tmp_path / "bank.safetensors",
         tmp_path / "masked.jsonl",

@@ -25,6 +25,7 @@ import hf_fsad
 from extras import import_extra
 from hf_fsad import scoring
 from hf_fsad.calibration_inputs import GENERATED_IMAGE_INFO
+from hf_fsad.calibration_policy import calibrate_reference_bank
 from hf_fsad.data import load_benchmark
 from hf_fsad.metrics.functional import pixel_auroc
 from hf_fsad.models.one_to_normal import functional_one_to_normal
@@ -36,7 +37,6 @@ from hf_fsad.models.one_to_normal.diffusion_one_to_normal import (
     require_diffusers,
 )
 from hf_fsad.models.one_to_normal.modeling_one_to_normal import OneToNormalModel
-from hf_fsad.pipeline import calibrate_reference_bank
 from hf_fsad.testing import (
     byte_level_clip_tokenizer,
     small_clip_config,

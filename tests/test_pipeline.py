@@ -8,8 +8,9 @@ import torch
 from transformers import pipeline
 
 import hf_fsad  # noqa: F401  (registers the task)
+from hf_fsad.calibration_policy import calibrate_reference_bank
 from hf_fsad.data.toy import toy_records
-from hf_fsad.pipeline import ImageAnomalyDetectionPipeline, calibrate_reference_bank
+from hf_fsad.pipeline import ImageAnomalyDetectionPipeline
 
 
 @pytest.fixture(scope="module")

@@ -41,12 +41,14 @@ def _files(paths) -> list | None:
     return [gradio_client.handle_file(path) for path in paths] if paths else None
 
 
-def _detect(client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None):
+def _detect(
+    client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True
+):
     """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank."""
     return client.predict(
         source, _files(references) or [], "fabric", _files(queries), threshold,
         None if bank is None else gradio_client.handle_file(bank), _files(defects), _files(masks),
-        api_name="/detect",
+        0, weight_search, None, api_name="/detect",
     )  # fmt: skip
 
 
@@ -155,7 +157,7 @@ def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_w
     assert "saved without a calibration" in _detect(client, saved_winclip_dir, [], queries, bank=bank)[2]
     # a defective reference cannot stand in for the missing normal scores: the note says it was not used
     decision = _detect(client, saved_winclip_dir, references[:1], queries, defects=queries[1:])[2]
-    assert "Not calibrated" in decision and "defective references were not used" in decision
+    assert "Not calibrated" in decision and "defective images given to calibrate were not used" in decision
 
 
 def test_bad_uploads_say_what_to_do(client, saved_winclip_dir, tmp_path):
@@ -219,9 +221,11 @@ def _toy_defect_files(folder: Path, num_train: int) -> dict[str, Path]:
     images |= {"defect": records["test"][1].image, "mask": records["test"][1].mask}
     images |= {"query": records["test"][2].image}
     folder.mkdir(parents=True, exist_ok=True)
+    # the mask is named after its image: the Space pairs masks with images by file stem, as the CLI does
+    paths = {name: folder / f"{'defect_mask' if name == 'mask' else name}.png" for name in images}
     for name, image in images.items():
-        image.save(folder / f"{name}.png")
-    return {name: folder / f"{name}.png" for name in images}
+        image.save(paths[name])
+    return paths
 
 
 def test_defective_references_report_their_miss_rate_at_the_false_alarm_threshold(
@@ -275,7 +279,7 @@ def test_defective_references_reach_methods_that_learn_from_them_and_are_not_use
     normals = [files["normal_0"], files["normal_1"]]
     _, _, decision, results, _, bank = _detect(
         client, str(tmp_path / "memory"), normals, [files["query"]], defects=[files["defect"]],
-        masks=[files["mask"]],
+        masks=[files["mask"]], weight_search=False,
     )  # fmt: skip
     _, pixels = _model_and_pixels(str(tmp_path / "memory"))
     mask = torch.from_numpy(np.stack([mask_array(Image.open(files["mask"]), model.config.image_size)]))

@@ -3,10 +3,10 @@ calibrated bank pass/fail decisions."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -18,9 +18,9 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
 from .calibration import Calibration, score_error
-from .calibration_inputs import separate_calibration_images
+from .calibration_policy import calibrated_bank
 from .deploy.image_files import LABEL_NAMES
-from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, to_upright_rgb
+from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
@@ -44,66 +44,6 @@ def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     return to_upright_rgb(image)
 
 
-def calibrate_reference_bank(
-    model: FsadPreTrainedModel,
-    bank: ReferenceBank,
-    calibrate: bool | Literal["auto"] = "auto",
-    *,
-    reference_pixel_values: torch.Tensor | None = None,
-    normal_pixel_values: torch.Tensor | None = None,
-    anomalous_pixel_values: torch.Tensor | None = None,
-    anomalous_masks: torch.Tensor | None = None,
-    false_alarm_rate: float = 0.05,
-    confidence: float | None = None,
-    rule: str = "false_alarm_rate",
-    batch_size: int = 8,
-    bank_inputs: dict | None = None,
-) -> tuple[ReferenceBank, str | None]:
-    """(`bank` calibrated by `model.calibrate`, None), or (`bank` as given, the reason) when
-    calibrate="auto" and it cannot be calibrated.
-
-    The normals are the held-out `normal_pixel_values` when given, else the references the bank was built
-    from (`reference_pixel_values`), each scored against a bank of the others and of `bank_inputs`, the
-    anomalous references the bank was built with (anomalous memory: `anomalous_pixel_values` and
-    `anomalous_masks`; None: none). "auto" calibrates when there are normals to use; True, or calibration
-    images, require a calibration (a ValueError says why it is impossible); False returns the bank without
-    one. `confidence`: the false-alarm rate holds with that probability over the calibration draw, not only
-    on average (`hf_fsad.calibration.conformal_rank`). `rule`: "false_alarm_rate" (the conformal threshold,
-    with the miss rate on the anomalous images) or "best_f1" (needs anomalous images; no guarantee), as
-    `model.calibrate` describes.
-    """
-    calibration_images = (normal_pixel_values, anomalous_pixel_values, anomalous_masks)
-    asked = calibrate is True or any(images is not None for images in calibration_images)
-    if calibrate is False:
-        if asked:
-            raise ValueError("Calibration images were given with calibrate=False.")
-        return dataclasses.replace(bank, calibration=None), None
-    if calibrate != "auto" and calibrate is not True:
-        raise ValueError(f'calibrate must be True, False or "auto", got {calibrate!r}.')
-    if normal_pixel_values is None:
-        num_references = 0 if reference_pixel_values is None else len(reference_pixel_values)
-        refusal = model.leave_one_out_refusal(num_references, bank.generated_references)
-        if refusal is not None:
-            if asked:
-                raise ValueError(
-                    f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal images."
-                )
-            return bank, refusal
-    calibrated = model.calibrate(
-        bank,
-        reference_pixel_values if normal_pixel_values is None else None,
-        normal_pixel_values=normal_pixel_values,
-        anomalous_pixel_values=anomalous_pixel_values,
-        anomalous_masks=anomalous_masks,
-        false_alarm_rate=false_alarm_rate,
-        confidence=confidence,
-        rule=rule,
-        bank_inputs=(bank_inputs or {}) if model.needs_anomalous_references else None,
-        batch_size=batch_size,
-    )
-    return calibrated, None
-
-
 def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """An (H, W) anomaly map resized bilinearly to `size` (width, height), as float32."""
     width, height = size
@@ -111,6 +51,28 @@ def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
     )[0, 0]
     return resized.cpu().numpy().astype(np.float32)
+
+
+def as_mask(source: Any) -> Image.Image:
+    """A mask given as a file path as `hf_fsad.io.read_mask` reads it (transparency ignored, not made white),
+    else as given (`hf_fsad.visualization.mask_array` reads its non-zero pixels)."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            return read_mask(source)
+        except ImageReadError as error:
+            raise ImageReadError(f"{source}: {error}") from None
+    return source if isinstance(source, Image.Image) else load_image(source)
+
+
+def _sources(images: Sequence[Any] | Any | None, name: str) -> list[Any]:
+    """The images of an argument (one or a sequence) as a list ([] for None); a ValueError when empty."""
+    if images is None:
+        return []
+    if isinstance(images, (str, bytes, os.PathLike)) or not isinstance(images, Sequence):
+        images = [images]
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
+    return list(images)
 
 
 def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
@@ -135,7 +97,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     results[0]["score"], results[0]["anomaly_map"], results[0]["heatmap"]
     results[0]["label"], results[0]["normalized_score"], results[0]["mask"]   # with 2 or more references
     ```
-    References are encoded once per call (or pass `reference_bank=` to reuse a saved bank). Each result has
+    References are encoded once per call (or pass `reference_bank=` to reuse a saved bank); `defect_images=`
+    (and `defect_masks=`) build the bank of a method that learns from them, as `build_reference_bank` says. Each result has
     `score` (float), `anomaly_map` (float32 array at the image's own size, or None for image-level methods)
     and `heatmap` (PIL overlay, or None). `heatmap_range=(low, high)` fixes the colour scale.
 
@@ -161,80 +124,97 @@ class ImageAnomalyDetectionPipeline(Pipeline):
 
     def _images(self, images: Sequence[Any] | Any | None, name: str) -> list[Image.Image]:
         """Images (paths, URLs or PIL images; one or a sequence) as RGB images ([] for None)."""
-        if images is None:
-            return []
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            images = [images]
-        if len(images) == 0:
-            raise ValueError(f"{name} is empty: give at least one image, or leave it out.")
-        return [as_rgb_image(image) for image in images]
+        return [as_rgb_image(image) for image in _sources(images, name)]
 
-    def _pixel_values(self, images: list[Image.Image]) -> torch.Tensor | None:
-        """RGB images as one batch of pixel values, or None for none."""
-        return self.image_processor(images, return_tensors="pt").pixel_values if images else None
+    def _named_images(
+        self, images: Sequence[Any] | Any | None, name: str, read=as_rgb_image
+    ) -> list[Image.Image] | Mapping[str, Image.Image]:
+        """The images read by `read` (`as_rgb_image`, or `as_mask`), keyed by file name when every one is given as
+        a path or URL (masks are then paired with images by file stem: `calibration_policy.paired_masks`)."""
+        sources = _sources(images, name)
+        images_read = [read(source) for source in sources]
+        if all(isinstance(source, (str, os.PathLike)) for source in sources):
+            return dict(zip(map(str, sources), images_read))
+        return images_read
 
     def build_reference_bank(
         self,
         reference_images: Sequence[Any] | None = None,
         class_name: str | None = None,
         calibrate: bool | Literal["auto"] = "auto",
-        false_alarm_rate: float = 0.05,
+        false_alarm_rate: float | None = None,
         calibration_images: Sequence[Any] | None = None,
         confidence: float | None = None,
+        defect_images: Sequence[Any] | None = None,
+        defect_masks: Sequence[Any] | None = None,
+        weight_search: bool = True,
     ) -> ReferenceBank:
-        """Encode reference images (paths, URLs or PIL images) into the model's bank, calibrated.
+        """Encode reference images (paths, URLs or PIL images) into the model's bank, calibrated, by the policy
+        the CLI, the Space and the benchmark runner use (`hf_fsad.calibration_policy.calibrated_bank`).
 
-        calibrate="auto": calibrated for `false_alarm_rate` (the conformal threshold, see
+        calibrate="auto": calibrated for `false_alarm_rate` (None: 0.05; the conformal threshold, see
         `hf_fsad.calibration`) on `calibration_images` (held-out normal images) when given, else on the
         references left out one at a time when there are 2 or more and `model.leave_one_out_refusal` allows
         it (not VTFusion, a fitted One-to-Normal, or generated references); otherwise not calibrated (logged
-        at INFO). True: calibrated, or a ValueError saying why it cannot be. False: never. `confidence`: the
-        false-alarm rate holds with that probability over the draw of the calibration images, not only on
-        average. Exact copies among the references, and calibration images that are also references, are
-        left out with a warning (`hf_fsad.calibration_policy.separate_calibration_images`).
+        at INFO). True (and giving `calibration_images`): calibrated, or a ValueError saying why it cannot be.
+        False: never. `confidence`: the false-alarm rate holds with that probability over the draw of the
+        calibration images, not only on average. Exact copies among the references, and calibration images
+        that are also references, are left out with a warning.
+
+        `defect_images` (and `defect_masks`, one per defect: paired by file stem when all are paths, else in
+        order) go into the bank of a method that learns from them (anomalous memory), whose score weights are
+        then chosen on augmented views of them and of the calibration images, or the references without
+        them (paper Sec. 4.3; `weight_search=False` keeps the baseline weights); a warning says which.
         """
-        images = separate_calibration_images(
-            self._images(reference_images, "reference_images"),
-            self._images(calibration_images, "calibration_images"),
-        )
-        for note in images.notes:
-            logger.warning("%s.", note)
-        pixel_values = self._pixel_values(images.references)
-        bank = self.model.build_reference_bank(pixel_values, class_name=class_name)
-        bank = dataclasses.replace(bank, generated_references=images.generated_references)
-        return self.calibrate_bank(
-            bank,
-            pixel_values,
+        return self._made_bank(
             calibrate,
+            references=self._images(reference_images, "reference_images"),
+            class_name=class_name,
+            defects=self._named_images(defect_images, "defect_images"),
+            defect_masks=self._named_images(defect_masks, "defect_masks", as_mask) if defect_masks else None,
+            weight_search=weight_search,
+            calibration_images=calibration_images,
             false_alarm_rate=false_alarm_rate,
-            calibration_images=images.held_out_normals or None,
             confidence=confidence,
         )
 
     def calibrate_bank(
         self,
         bank: ReferenceBank,
-        reference_pixel_values: torch.Tensor | None = None,
         calibrate: bool | Literal["auto"] = "auto",
         *,
-        false_alarm_rate: float = 0.05,
+        false_alarm_rate: float | None = None,
         calibration_images: Sequence[Any] | None = None,
         confidence: float | None = None,
     ) -> ReferenceBank:
-        """`bank` calibrated as `build_reference_bank` describes; `reference_pixel_values` are the references
-        it was built from (None for a saved bank: then only `calibration_images` can calibrate it)."""
-        bank, refusal = calibrate_reference_bank(
-            self.model,
-            bank,
+        """A saved `bank` calibrated on `calibration_images` (held-out normal images) as `build_reference_bank`
+        describes; with calibrate="auto" and none, the bank as saved."""
+        return self._made_bank(
             calibrate,
-            reference_pixel_values=reference_pixel_values,
-            normal_pixel_values=self._pixel_values(self._images(calibration_images, "calibration_images")),
+            bank=bank,
+            calibration_images=calibration_images,
             false_alarm_rate=false_alarm_rate,
             confidence=confidence,
         )
-        if refusal is not None:
-            logger.info("Reference bank not calibrated: %s.", refusal)
-        return bank
+
+    def _made_bank(self, calibrate, *, calibration_images, **policy) -> ReferenceBank:
+        """`calibrated_bank` with these arguments: its notes logged as warnings, its calibration's warnings
+        warned, its refusal logged at INFO."""
+        held_out = self._images(calibration_images, "calibration_images")
+        made = calibrated_bank(
+            self.model,
+            held_out_normals=held_out,
+            processor=self.image_processor,
+            calibrate=True if held_out and calibrate == "auto" else calibrate,
+            **policy,
+        )
+        for note in made.notes:
+            logger.warning("%s.", note)
+        for message in made.warnings:
+            warnings.warn(message, UserWarning, stacklevel=3)
+        if made.refusal is not None:
+            logger.info("Reference bank not calibrated: %s.", made.refusal)
+        return made.bank
 
     def _sanitize_parameters(
         self,
@@ -246,24 +226,27 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         false_alarm_rate=None,
         calibration_images=None,
         confidence=None,
+        defect_images=None,
+        defect_masks=None,
+        weight_search=None,
     ):
-        if reference_bank is not None and reference_images is not None:
-            raise ValueError("Give either reference_images or reference_bank, not both.")
+        if reference_bank is not None and (reference_images is not None or defect_images is not None):
+            raise ValueError(
+                "Give either reference_images or reference_bank, not both (defect_images go into a built bank)."
+            )
         if (false_alarm_rate is not None or confidence is not None) and calibrate is None:
             calibrate = True
-        calibration = {
-            name: value
-            for name, value in {
-                "calibrate": calibrate,
-                "false_alarm_rate": false_alarm_rate,
-                "calibration_images": calibration_images,
-                "confidence": confidence,
-            }.items()
-            if value is not None
-        }
+        calibration = _given(
+            calibrate=calibrate,
+            false_alarm_rate=false_alarm_rate,
+            calibration_images=calibration_images,
+            confidence=confidence,
+        )
+        defects = _given(defect_images=defect_images, defect_masks=defect_masks, weight_search=weight_search)
         forward_params = {}
-        if reference_bank is None and (reference_images is not None or class_name is not None or calibration):
-            reference_bank = self.build_reference_bank(reference_images, class_name, **calibration)
+        building = reference_images is not None or class_name is not None or calibration or defects
+        if reference_bank is None and building:
+            reference_bank = self.build_reference_bank(reference_images, class_name, **calibration, **defects)
         elif reference_bank is not None and calibration:
             reference_bank = self.calibrate_bank(reference_bank, **calibration)
         if reference_bank is not None:
@@ -302,6 +285,11 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
             result["mask"] = None if mask is None else mask.numpy()
         return result
+
+
+def _given(**arguments: Any) -> dict[str, Any]:
+    """The keyword arguments that are not None."""
+    return {name: value for name, value in arguments.items() if value is not None}
 
 
 def register_pipeline() -> None:

@@ -25,12 +25,10 @@ from ._options import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from PIL import Image
 
     from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_inputs import SeparatedImages
-    from hf_fsad.calibration_policy import CalibrationImages
+    from hf_fsad.calibration_policy import CalibratedBank
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -75,6 +73,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="a defect mask per --defect image, matched by file stem (000.png or 000_mask.png for "
         "000.png); without masks each defective image goes wholly to the anomalous memory",
+    )
+    parser.add_argument(
+        "--no-weight-search",
+        action="store_true",
+        help="with --defect: keep the anomalous memory's baseline score weights instead of choosing them on "
+        "augmented views of the defects and of the --calibration-normal (else --reference) images, whose "
+        "leave-one-out calibration that choice rules out (paper Sec. 4.3; the output says whether it ran)",
     )
     parser.add_argument(
         "--class-name",
@@ -181,7 +186,6 @@ def run(args: argparse.Namespace) -> int:
     """
     from accelerate import PartialState
 
-    from hf_fsad.calibration_inputs import separate_calibration_images
     from hf_fsad.deploy.image_files import sigterm_interrupts
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
@@ -204,17 +208,13 @@ def run(args: argparse.Namespace) -> int:
         if args.save_bank:
             prepare_output_file(args.save_bank, "--save-bank")
         previous = previous_results(output) if args.resume else []
-        calibration_images = _calibration_images(args)
+        held_out_normals, anomalous, anomalous_masks = _calibration_images(args)
         defects, defect_masks = read_anomalous_images(
             "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
         )
     except ValueError as error:
         raise CliError(str(error)) from None
-    try:
-        separated = separate_calibration_images(_reference_images(args), calibration_images.normal)
-    except ValueError as error:
-        raise CliError(f"--calibration-normal: {error}") from None
-    calibration_images.normal = separated.held_out_normals
+    references = _reference_images(args)
     state = PartialState(cpu=multi_process_cpu())
     device = args.device if state.num_processes == 1 else state.device
     try:
@@ -228,20 +228,31 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
-    bank, references, bank_inputs = _reference_bank(model, processor, args, separated, defects, defect_masks)
-    scorer, bank, refusal, notes = _calibrated_scorer(
-        model, processor, bank, calibration_images, references, bank_inputs, args, state
+    scorer, made = _calibrated_scorer(
+        model,
+        _saved_bank(model, args),
+        references,
+        {
+            "defects": defects,
+            "defect_masks": defect_masks,
+            "held_out_normals": held_out_normals,
+            "anomalous": anomalous,
+            "anomalous_masks": anomalous_masks,
+        },
+        args,
+        state,
     )
+    bank = made.bank
     if state.is_main_process:
-        for note in separated.notes:
+        for note in made.notes:
             print(f"note: {note}", file=sys.stderr)
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr)
+        for warning in made.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if bank.calibration is not None:
             print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
-        elif refusal is not None:
+        elif made.refusal is not None:
             print(
-                f"not calibrated: {refusal}; --calibration-normal gives held-out normal images",
+                f"not calibrated: {made.refusal}; --calibration-normal gives held-out normal images",
                 file=sys.stderr,
             )
     if args.save_bank and state.is_main_process:
@@ -295,6 +306,8 @@ def _check_options(args: argparse.Namespace) -> None:
     """Refuse options that do not go together, before anything is read or loaded."""
     if args.bank and args.defect:
         raise CliError("--defect builds a bank from defective images, --bank reuses a built one: give one")
+    if args.no_weight_search and not args.defect:
+        raise CliError("--no-weight-search goes with --defect: the weight search runs on the defects")
     calibration_options = (
         args.calibration_normal,
         args.calibration_anomalous,
@@ -340,63 +353,55 @@ def _threshold_rule(args: argparse.Namespace) -> str:
 
 def _calibrated_scorer(
     model,
-    processor,
-    bank: ReferenceBank,
-    images: CalibrationImages,
-    references: torch.Tensor | None,
-    bank_inputs: dict,
+    saved: ReferenceBank | None,
+    references: list[Image.Image],
+    images: dict,
     args: argparse.Namespace,
     state,
-) -> tuple[Callable, ReferenceBank, str | None, list[str]]:
-    """(scorer, `bank` calibrated as asked, why it is not calibrated or None, the calibration's warnings).
+) -> tuple[Callable, CalibratedBank]:
+    """(scorer, the bank made by `hf_fsad.calibration_policy.calibrated_bank` from the `--bank` or the
+    `references`, the defect and calibration `images`, and the calibration options).
 
     A calibration holds only for scores of the runtime and precision it was fitted at: with held-out
     `--calibration-normal` images on an exported `--runtime`, they are scored by it; a calibration fitted
     elsewhere is refused, naming both."""
-    import dataclasses
-
     from hf_fsad.calibration_inputs import calibration_mismatch
-    from hf_fsad.calibration_policy import calibrate_bank, calibrate_on_scorer
+    from hf_fsad.calibration_policy import BankBuildError, calibrated_bank
 
-    if args.runtime != "torch" and images.normal and not args.no_calibration:
-        scorer = _scorer(model, dataclasses.replace(bank, calibration=None), args, state)
-        try:
-            bank, notes = calibrate_on_scorer(
-                scorer,
-                processor,
-                bank,
-                images,
-                runtime=args.runtime,
-                precision=args.precision,
-                image_size=model.config.image_size,
-                false_alarm_rate=args.false_alarm_rate,
-                confidence=args.confidence,
-                rule=_threshold_rule(args),
-                batch_size=args.batch_size,
-            )
-        except ValueError as error:
-            raise CliError(f"calibration: {error}") from None
-        scorer.bank = bank  # the same graph, its outputs now judged by the calibration fitted on them
-        return scorer, bank, None, notes
+    asked = bool(images["held_out_normals"] or images["anomalous"])
+    asked = asked or args.false_alarm_rate is not None or args.confidence is not None
+    exported = []
+
+    def runtime_scorer(bank: ReferenceBank):
+        exported.append(_scorer(model, bank, args, state))
+        return exported[-1]
+
     try:
-        bank, refusal, notes = calibrate_bank(
+        made = calibrated_bank(
             model,
-            processor,
-            bank,
-            images,
-            saved=bool(args.bank),
-            references=references,
-            bank_inputs=bank_inputs,
+            references,
+            class_name=args.class_name,
+            bank=saved,
+            calibrate=False if args.no_calibration else True if asked else "auto",
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
             rule=_threshold_rule(args),
-            no_calibration=args.no_calibration,
+            weight_search=not args.no_weight_search,
             precision=args.precision,
             batch_size=args.batch_size,
+            runtime=args.runtime,
+            runtime_scorer=None if args.runtime == "torch" else runtime_scorer,
+            **images,
         )
+    except BankBuildError as error:
+        raise CliError(str(error)) from None
     except ValueError as error:
         raise CliError(f"calibration: {error}") from None
-    mismatch = bank.calibration and calibration_mismatch(bank.calibration, args.runtime, args.precision)
+    if exported:  # the same graph, its outputs now judged by the calibration fitted on them
+        exported[0].bank = made.bank
+        return exported[0], made
+    calibration = made.bank.calibration
+    mismatch = calibration and calibration_mismatch(calibration, args.runtime, args.precision)
     if mismatch:
         remedy = f"give held-out --calibration-normal images to calibrate at {args.precision}"
         if args.runtime != "torch":
@@ -405,7 +410,7 @@ def _calibrated_scorer(
                 "bank built in: leave-one-out would take one export per reference)"
             )
         raise CliError(f"calibration: {mismatch}; {remedy}, or --no-calibration")
-    return _scorer(model, bank, args, state), bank, refusal, notes
+    return _scorer(model, made.bank, args, state), made
 
 
 def _reference_images(args: argparse.Namespace) -> list[Image.Image]:
@@ -420,56 +425,29 @@ def _reference_images(args: argparse.Namespace) -> list[Image.Image]:
     return [image for _, image in readable]
 
 
-def _reference_bank(
-    model,
-    processor,
-    args: argparse.Namespace,
-    references: SeparatedImages,
-    defects: list,
-    defect_masks: list | None,
-) -> tuple[ReferenceBank, torch.Tensor | None, dict]:
-    """(bank, the reference pixel values it was built from or None, the other inputs it was built with): the
-    `--bank`, checked against the model and `--class-name`, or a bank built from the separated `--reference`
-    images (none: zero-shot) and, for a method that learns from them, the defective images and their masks
-    (`_check_defects` has checked they go with the model)."""
-    import dataclasses
-
-    import torch
-
+def _saved_bank(model, args: argparse.Namespace) -> ReferenceBank | None:
+    """The `--bank`, checked against the model and `--class-name`; None without it."""
     from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_policy import mask_tensor
 
-    pixel_values, bank_inputs = None, {}
-    if args.bank:
-        try:
-            bank = model.checked_bank(ReferenceBank.load(args.bank))
-        except ValueError as error:
-            raise CliError(f"--bank {args.bank}: {error}") from None
-        if args.class_name is not None and args.class_name != bank.class_name:
-            raise CliError(
-                f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
-                "when it was built (build a bank of another class from --reference)"
-            )
-        return bank, pixel_values, bank_inputs
-    if defects:
-        bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
-        if defect_masks is not None:
-            bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
-    if references.references:
-        pixel_values = processor(references.references, return_tensors="pt").pixel_values
+    if not args.bank:
+        return None
     try:
-        with torch.no_grad():
-            bank = model.build_reference_bank(pixel_values, class_name=args.class_name, **bank_inputs)
+        bank = model.checked_bank(ReferenceBank.load(args.bank))
     except ValueError as error:
-        raise CliError(f"the reference bank cannot be built: {error}") from None
-    bank = dataclasses.replace(bank, generated_references=references.generated_references)
-    return bank, pixel_values, bank_inputs
+        raise CliError(f"--bank {args.bank}: {error}") from None
+    if args.class_name is not None and args.class_name != bank.class_name:
+        raise CliError(
+            f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
+            "when it was built (build a bank of another class from --reference)"
+        )
+    return bank
 
 
-def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
-    """The images of the calibration options; a ValueError names the option and the file that cannot be
-    used."""
-    from hf_fsad.calibration_policy import CalibrationImages
+def _calibration_images(
+    args: argparse.Namespace,
+) -> tuple[list[Image.Image], list[Image.Image], list[Image.Image] | None]:
+    """(held-out normal, anomalous images, their masks or None) of the calibration options; a ValueError names
+    the option and the file that cannot be used."""
     from hf_fsad.io import option_image_paths, read_anomalous_images, read_option_images
 
     normal = []
@@ -483,7 +461,7 @@ def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
         args.calibration_masks,
         args.max_pixels,
     )
-    return CalibrationImages(normal, anomalous, masks)
+    return normal, anomalous, masks
 
 
 def _verdict_summary(records: Sequence[dict]) -> str:

@@ -13,8 +13,10 @@ per image and `model.feature_key()`, so every image is encoded once per backbone
 reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun, unless the category's images changed
 (added, removed or relabelled: cells and manifests record a `data_id` of them, and such cells run again on
 newly drawn references).
-Each cell's bank is calibrated (`model.calibrate`) for the protocol's false-alarm rate, leave-one-out on its
-k references (or on the protocol's validation normals where leave-one-out cannot run), and the cell records
+Each cell's bank is built and calibrated by the policy of the CLI, the pipeline and the Space
+(`hf_fsad.calibration_policy.calibrated_bank`) for the protocol's false-alarm rate: on the protocol's
+validation normals, or leave-one-out on its k references where those chose the anomalous memory's weights
+(or are not drawn); and the cell records
 F1, false-alarm and miss rates of the test images at that threshold beside the threshold-free metrics.
 Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
 centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
@@ -33,7 +35,6 @@ import logging
 import os
 import time
 import typing
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from datasets import Dataset
 from PIL import Image
 
 from ..bank import ReferenceBank
+from ..calibration_policy import EncodedReferences, calibrated_bank
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
@@ -181,15 +183,6 @@ def _test_masks(test: Dataset, size: int, crop: bool) -> np.ndarray | None:
     if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
         return None
     return np.stack([mask_array(mask, size, crop) for mask in masks])
-
-
-def _reference_masks(references: Dataset, size: int, crop: bool) -> torch.Tensor | None:
-    """Masks of anomalous references at the model's input size; None when any lacks one (the method then
-    treats them as references without pixel labels)."""
-    masks = references["mask"]
-    if any(mask is None for mask in masks):
-        return None
-    return torch.from_numpy(np.stack([mask_array(mask, size, crop) for mask in masks]))
 
 
 @torch.no_grad()
@@ -382,52 +375,49 @@ def _is_finished(cell: dict | None, protocol: Protocol, runtime: str, split: _Ca
     )
 
 
-def _calibration_normals(
+def _calibrated_bank(
     model: FsadPreTrainedModel,
-    k: int,
-    generated: int,
-    bank_inputs: dict,
+    references: EncodedReferences | None,
+    class_name: str,
+    anomalous_references: Dataset | None,
     validation_normals: list[Image.Image],
-    weights_validated: bool,
-) -> tuple[dict | None, str | None]:
-    """(`model.calibrate`'s normals, None) for a cell: leave-one-out on its references where that is sound,
-    else the protocol's validation normals; or (None, why neither can calibrate it)."""
-    if k < 2 and not generated and not model.fits_per_category:
-        obstacle = "zero-shot: no references" if k == 0 else "1 normal reference: leave-one-out needs 2"
-    else:
-        obstacle = model.leave_one_out_refusal(k + generated, generated)
-    if obstacle is None:
-        anomalous = {key: value for key, value in bank_inputs.items() if key.startswith("anomalous_")}
-        return {"reference_features": bank_inputs["reference_features"], "bank_inputs": anomalous}, None
-    if weights_validated:
-        return None, f"{obstacle}, and the validation normals chose the bank's weights"
-    if validation_normals:
-        return {"normal_pixel_values": _paper_pixel_values(model, validation_normals)}, None
-    return None, f"{obstacle}, and no validation normals (Protocol.num_validation, --validation)"
-
-
-def _calibrate(
-    model: FsadPreTrainedModel,
-    bank: ReferenceBank,
-    normals: dict | None,
-    note: str | None,
     protocol: Protocol,
     batch_size: int,
 ) -> tuple[ReferenceBank, dict]:
-    """The bank calibrated on `normals` (from `_calibration_normals`; None: left uncalibrated, `note` says
-    why) and the cell's calibration record. Warnings of the calibration (too few normals for the rate asked)
-    become the cell's note, so a run of many cells reports them in its table rather than once per cell."""
-    record = {"target_false_alarm_rate": protocol.false_alarm_rate}
-    if normals is None:
-        return bank, record | {"calibration": None, "calibration_note": note, "calibration_seconds": None}
-    started, rate = time.perf_counter(), protocol.false_alarm_rate
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        bank = model.calibrate(bank, false_alarm_rate=rate, batch_size=batch_size, **normals)
-    return bank, record | {
-        "calibration": dataclasses.asdict(bank.calibration),
-        "calibration_note": " ".join(str(warning.message) for warning in caught) or None,
-        "calibration_seconds": time.perf_counter() - started,
+    """The cell's bank, by the policy of the CLI, pipeline and Space (`calibrated_bank`, in the paper
+    preprocessing): from its references and anomalous references (with their masks when every one has one),
+    its score weights chosen on the validation normals (methods with `validates_weights`), calibrated for the
+    protocol's rate on the validation normals or leave-one-out; and the cell's calibration record. Why it is
+    not calibrated, or the calibration's warnings (too few normals for the rate asked), become the cell's
+    note, so a run of many cells reports them in its table rather than once per cell; `calibration_seconds`
+    times the whole policy (bank, weight search, calibration)."""
+    defects, masks = [], None
+    if anomalous_references is not None:
+        defects = _rgb_images(anomalous_references)
+        masks = anomalous_references["mask"]
+        masks = None if any(mask is None for mask in masks) else masks
+    started = time.perf_counter()
+    made = calibrated_bank(
+        model,
+        references,
+        class_name=class_name,
+        defects=defects,
+        defect_masks=masks,
+        held_out_normals=validation_normals,
+        false_alarm_rate=protocol.false_alarm_rate,
+        paper_preprocessing=True,
+        batch_size=batch_size,
+    )
+    note = made.refusal
+    if note is not None and not validation_normals:
+        note += ", and no validation normals (Protocol.num_validation, --validation)"
+    calibration = made.bank.calibration
+    return made.bank, {
+        "target_false_alarm_rate": protocol.false_alarm_rate,
+        "calibration": None if note else dataclasses.asdict(calibration),
+        "calibration_note": note or " ".join(made.warnings) or None,
+        "calibration_seconds": None if note else time.perf_counter() - started,
+        "bank_notes": made.notes,
     }
 
 
@@ -469,8 +459,7 @@ def _run_cell(
         test = select_ids(split.test, manifest.test_ids)
     size, crop = model.config.image_size, model.config.paper_preprocessing == "crop"
     class_name = class_name_for(split.dataset, split.category)
-    bank_inputs = {"class_name": class_name}
-    fit_seconds, generated = None, 0
+    references, fit_seconds = None, None
     if model.fits_per_category:
         model = copy.deepcopy(model)
         normals = _rgb_images(split.train.select(row_indices(split.train, manifest.image_ids)))
@@ -480,34 +469,22 @@ def _run_cell(
     elif k > 0:
         rows = row_indices(split.train, manifest.image_ids)
         features = cache.features(model, split.train, rows, batch_size, "references")
+        references = EncodedReferences(features)
         if generated_references is not None:
             normals = _rgb_images(split.train.select(rows))
             images = generated_references.generate(normals, class_name, seed)
             extra = _generated_features(model, images, batch_size)
-            generated = len(images)
             features = {
                 name: torch.cat([tensor, extra[name].to(tensor.device)]) for name, tensor in features.items()
             }
-        bank_inputs["reference_features"] = features
+            references = EncodedReferences(features, generated=len(images))
     anomalous_ids = manifest.anomalous_ids[:anomalous] if manifest is not None else []
-    if anomalous_ids:
-        rows = row_indices(split.test, anomalous_ids)
-        anomalous_references = split.test.select(rows)
-        bank_inputs["anomalous_features"] = cache.features(
-            model, split.test, rows, batch_size, "anomalous references"
-        )
-        bank_inputs["anomalous_masks"] = _reference_masks(anomalous_references, size, crop)
-    bank = dataclasses.replace(model.build_reference_bank(**bank_inputs), generated_references=generated)
+    anomalous_references = select_ids(split.test, anomalous_ids) if anomalous_ids else None
     validation_ids = manifest.validation_ids if manifest is not None else None
     validation_normals = _rgb_images(select_ids(split.train, validation_ids)) if validation_ids else []
-    weights_validated = bool(anomalous_ids and validation_normals and model.validates_weights)
-    if weights_validated:
-        views, view_labels = model.validation_set(validation_normals, _rgb_images(anomalous_references))
-        bank = model.validate_weights(bank, views, view_labels)
-    calibration_normals, note = _calibration_normals(
-        model, k, generated, bank_inputs, validation_normals, weights_validated
+    bank, calibration = _calibrated_bank(
+        model, references, class_name, anomalous_references, validation_normals, protocol, batch_size
     )
-    bank, calibration = _calibrate(model, bank, calibration_normals, note, protocol, batch_size)
     if runtime == "torch":
         test_features = cache.features(
             model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
@@ -527,7 +504,7 @@ def _run_cell(
         "fit_seconds": fit_seconds,
         "runtime": runtime,
         "data_id": split.data_id,
-        "generated_references": generated,
+        "generated_references": bank.generated_references,
         **calibration,
         **_decisions(calibration["calibration"], labels, scores),
         "seconds": time.perf_counter() - started,
