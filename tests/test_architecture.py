@@ -18,7 +18,7 @@ PACKAGE = "hf_fsad"
 LAYERS = {
     # 0: foundations with no model in them: file I/O, configs' base, the output type, the reference bank file,
     # the image processor and pixel checks, prompt text, metrics, datasets, synthetic anomalies, augmentation,
-    # drawing, process groups, calibrated thresholds.
+    # drawing, process groups, calibrated thresholds and their report.
     "hf_fsad.io": 0,
     "hf_fsad.deprecation": 0,
     "hf_fsad.configuration_base": 0,
@@ -34,6 +34,7 @@ LAYERS = {
     "hf_fsad.distributed": 0,
     "hf_fsad.calibration": 0,
     "hf_fsad.calibration_inputs": 0,
+    "hf_fsad.calibration_report": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
