@@ -105,7 +105,9 @@ def normals_needed(false_alarm_rate: float, confidence: float | None = None) -> 
     if confidence is None:
         return max(math.ceil(1 / Fraction(str(false_alarm_rate)) - 1), 1)
     count = max(math.ceil(math.log1p(-confidence) / math.log1p(-false_alarm_rate)) - 1, 1)
-    while probability_within_target(count, count, false_alarm_rate) < confidence:  # the closed form may round low
+    while (
+        probability_within_target(count, count, false_alarm_rate) < confidence
+    ):  # the closed form may round low
         count += 1
     return count
 
@@ -435,7 +437,9 @@ class Calibration:
     def _maximum_keeps_target(self) -> float:
         """The probability over the calibration draw that the largest normal score, as the threshold, keeps
         the false-alarm rate within the target."""
-        return float(probability_within_target(self.num_normal, self.num_normal, self.target_false_alarm_rate))
+        return float(
+            probability_within_target(self.num_normal, self.num_normal, self.target_false_alarm_rate)
+        )
 
 
 def fit_calibration(

@@ -97,7 +97,9 @@ def guarantee_sentence(calibration: Calibration) -> str:
     if calibration.confidence is None:
         return f"At most {calibration.false_alarm_bound:.1%} of normal parts are flagged, on average {draw}."
     kept = _chosen_row(calibration).probability_within_target
-    probability = f"{calibration.confidence:.0%}" if calibration.normals_needed is None else f"only {kept:.1%}"
+    probability = (
+        f"{calibration.confidence:.0%}" if calibration.normals_needed is None else f"only {kept:.1%}"
+    )
     return (
         f"With probability {probability} {draw}, at most {calibration.target_false_alarm_rate:.1%} of normal "
         f"parts are flagged (on average at most {calibration.false_alarm_bound:.1%})."
@@ -168,7 +170,9 @@ def pooled_calibration(
         maxima = torch.cat([torch.tensor(calibration.normal_map_maxima, dtype=torch.float64), new_maxima])
     anomalous = calibration.anomalous_scores
     pooled = fit_calibration(
-        torch.cat([torch.tensor(calibration.normal_scores, dtype=torch.float64), normal_scores.double().cpu()]),
+        torch.cat(
+            [torch.tensor(calibration.normal_scores, dtype=torch.float64), normal_scores.double().cpu()]
+        ),
         None if maxima is None else maxima[:, None],  # one-pixel maps: the pixel rule reads their maxima
         None if anomalous is None else torch.tensor(anomalous, dtype=torch.float64),
         normal_source="held_out",
@@ -212,13 +216,17 @@ def _markdown(calibration: Calibration, rows: list[ThresholdRow], title: str) ->
         lines += [shortfall, ""]
     if chosen.misses is not None:
         lines += [
-            f"At the threshold, {chosen.misses} of the {calibration.num_anomalous} defective images given are "
-            f"missed ({chosen.miss_rate:.1%}): the share of defects the line would pass, estimated on them.",
+            (
+                f"At the threshold, {chosen.misses} of the {calibration.num_anomalous} defective images given "
+                f"are missed ({chosen.miss_rate:.1%}): the share of defects the line would pass, estimated on them."
+            ),
             "",
         ]
     lines += [
-        f"- Image threshold: {calibration.image_threshold:.6g} (raw score; a part above it fails, and its "
-        "normalised score is above 0.5)",
+        (
+            f"- Image threshold: {calibration.image_threshold:.6g} (raw score; a part above it fails, and its "
+            "normalised score is above 0.5)"
+        ),
         f"- Calibration: {calibration.describe()}",
         f"- Scored on: {calibration.runtime} at {calibration.precision}",
         "",
@@ -238,8 +246,10 @@ def _markdown(calibration: Calibration, rows: list[ThresholdRow], title: str) ->
     lines += [
         "## False alarms and misses per threshold",
         "",
-        "Each normal calibration score is a threshold one could choose (a part fails above it); **bold** is "
-        "the one chosen. thresholds.csv holds the same table at full precision.",
+        (
+            "Each normal calibration score is a threshold one could choose (a part fails above it); **bold** "
+            "is the one chosen. thresholds.csv holds the same table at full precision."
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
