@@ -105,9 +105,8 @@ def normals_needed(false_alarm_rate: float, confidence: float | None = None) -> 
     if confidence is None:
         return max(math.ceil(1 / Fraction(str(false_alarm_rate)) - 1), 1)
     count = max(math.ceil(math.log1p(-confidence) / math.log1p(-false_alarm_rate)) - 1, 1)
-    while (
-        probability_within_target(count, count, false_alarm_rate) < confidence
-    ):  # the closed form may round low
+    # the closed form may round low
+    while probability_within_target(count, count, false_alarm_rate) < confidence:
         count += 1
     return count
 
