@@ -4,7 +4,8 @@ engineer reads, and a recalibration with more held-out normals.
 `write_calibration_report` writes a folder: `report.md` (what the threshold promises in one sentence, the
 misses on the defects given, the per-threshold table and the figures), `thresholds.csv` (the table),
 `histogram.png` (normal and defect scores with the threshold), `roc.png` and `precision_recall.png` (with
-defects) and `calibration.json`. `pooled_calibration` refits a calibration on its normals and new ones.
+defects) and `calibration.json`. `pooled_calibration` refits a calibration on its images and more held-out
+ones.
 """
 
 from __future__ import annotations
@@ -124,63 +125,60 @@ def write_calibration_report(
     return [folder / name for name in names]
 
 
-def pooled_calibration(
-    calibration: Calibration,
-    normal_scores: torch.Tensor,
-    normal_maps: torch.Tensor | None = None,
-    **settings,
-) -> Calibration:
-    """`calibration` refitted on its held-out normal scores and map maxima pooled with new held-out normals'
-    `normal_scores` (N,) and `normal_maps` (N, H, W), scored against the same bank at the same runtime and
-    precision: the thresholds `fit_calibration` gives on all the normals at once. Its rule, defect scores,
-    runtime and precision are kept; `settings` (false_alarm_rate, confidence) replace its own.
+def pooled_calibration(calibration: Calibration, added: Calibration, **settings) -> Calibration:
+    """`calibration` refitted on its held-out calibration scores pooled with those of `added`, a calibration
+    of the same bank on more held-out images (`model.calibrate(bank, normal_pixel_values=...)`) at the same
+    runtime and precision: the thresholds `fit_calibration` gives on all the images at once. The rule, the
+    runtime and the precision are `calibration`'s; `settings` (false_alarm_rate, confidence) replace its own.
 
-    A ValueError when pooling cannot keep the promise: a leave-one-out calibration (its scores come from banks
-    of k - 1 references, the new ones from the full bank: a pool of both is exchangeable with no new part, so
-    the conformal rank argument holds for neither), a pixel best-F1 threshold (the calibration keeps no defect
-    maps or masks), a file from before calibration format version 3 (no scores kept), or maps given to a
-    calibration without them (or none given to one with them).
+    A ValueError when pooling cannot keep the promise: a leave-one-out calibration on either side (its scores
+    come from banks of the other k - 1 references, held-out ones from the full bank: a pool of both is
+    exchangeable with no new part, so the conformal rank argument holds for neither), a pixel best-F1
+    threshold (the calibration keeps no defect maps or masks), a file from before calibration format version
+    3 (no scores kept), scores from another runtime or precision, or anomaly maps on one side only.
     """
-    if calibration.normal_scores is None:
-        raise ValueError(
-            "the calibration keeps no calibration scores (it was saved before calibration format version 3): "
-            "calibrate again on all the normal images"
-        )
-    if calibration.normal_source == "leave_one_out":
-        raise ValueError(
-            "the calibration scored its references leave-one-out, against banks of the other k - 1; new "
-            "normals are scored against the full bank, and a pool of both keeps neither promise: calibrate "
-            "on held-out normal images alone first (their calibration replaces the leave-one-out one)"
-        )
+    for which, rule in (("the calibration", calibration), ("the added calibration", added)):
+        if rule.normal_scores is None:
+            raise ValueError(
+                f"{which} keeps no calibration scores (it was saved before calibration format version 3): "
+                "calibrate again on all the normal images"
+            )
+        if rule.normal_source == "leave_one_out":
+            raise ValueError(
+                f"{which} scored its references leave-one-out, against banks of the other k - 1; held-out "
+                "normals are scored against the full bank, and a pool of both keeps neither promise: calibrate "
+                "on held-out normal images alone first (their calibration replaces the leave-one-out one)"
+            )
     if calibration.pixel_rule == "best_f1":
         raise ValueError(
             "the pixel threshold is the best pixel F1 on the defect masks, whose maps the calibration does not "
             "keep: calibrate again on all the images"
         )
-    if (calibration.normal_map_maxima is None) != (normal_maps is None):
-        kept = "kept no" if calibration.normal_map_maxima is None else "kept the"
-        given = "with" if normal_maps is not None else "without"
+    if (added.runtime, added.precision) != (calibration.runtime, calibration.precision):
         raise ValueError(
-            f"the calibration {kept} normal anomaly maps' maxima, but the new normals were scored {given} maps: "
-            "score them with the model of the bank"
+            f"the calibration was fitted on {calibration.runtime} at {calibration.precision}, the added scores "
+            f"were computed on {added.runtime} at {added.precision}: score them where the calibration was fitted"
         )
-    maxima = None
-    if normal_maps is not None:
-        new_maxima = normal_maps.flatten(1).amax(1).double().cpu()
-        maxima = torch.cat([torch.tensor(calibration.normal_map_maxima, dtype=torch.float64), new_maxima])
-    anomalous = calibration.anomalous_scores
-    pooled = fit_calibration(
-        torch.cat(
-            [torch.tensor(calibration.normal_scores, dtype=torch.float64), normal_scores.double().cpu()]
-        ),
+    if (calibration.normal_map_maxima is None) != (added.normal_map_maxima is None):
+        raise ValueError(
+            "one calibration kept anomaly maps' maxima and the other did not: they come from different models"
+        )
+
+    def pooled(name: str) -> torch.Tensor | None:
+        scores = [*(getattr(calibration, name) or ()), *(getattr(added, name) or ())]
+        return torch.tensor(scores, dtype=torch.float64) if scores else None
+
+    maxima = pooled("normal_map_maxima")
+    refitted = fit_calibration(
+        pooled("normal_scores"),
         None if maxima is None else maxima[:, None],  # one-pixel maps: the pixel rule reads their maxima
-        None if anomalous is None else torch.tensor(anomalous, dtype=torch.float64),
+        pooled("anomalous_scores"),
         normal_source="held_out",
         rule=calibration.rule,
         **{"false_alarm_rate": calibration.target_false_alarm_rate, "confidence": calibration.confidence}
         | settings,
     )
-    return dataclasses.replace(pooled, runtime=calibration.runtime, precision=calibration.precision)
+    return dataclasses.replace(refitted, runtime=calibration.runtime, precision=calibration.precision)
 
 
 def _kept_scores(calibration: Calibration) -> tuple[np.ndarray, np.ndarray | None]:
