@@ -40,7 +40,9 @@ scale puts the median normal calibration score at `MEDIAN_NORMAL_LEVEL` (z = -4)
 make every defect read 1); when the median is not below the threshold (one normal, equal normals) it is
 `FALLBACK_RELATIVE_SCALE` times |threshold|. The label and the normalised score agree exactly:
 `label == (normalized > 0.5)` in float32 and float64. A score at the threshold is normal and reads 0.5 (or
-just below), one above it reads at least the next float above 0.5, and a finite score stays below 1.
+just below), one above it reads at least the next float above 0.5, and a finite score stays below 1. An
+optional review band (`in_review_band`) turns the verdict of parts whose normalised score lies within a
+half-width of 0.5 into "review".
 
 Non-finite scores: a NaN or infinite image score means the model's output cannot be trusted, so the part
 fails: its label is anomalous, its normalised score 1.0 exactly and `score_error` says why (records written
@@ -203,6 +205,24 @@ def score_at_level(level: float, threshold: float, scale: float) -> float:
 def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
     """True where a value is above `threshold` or not finite (a NaN or infinite score cannot be trusted)."""
     return (values.double() > threshold) | ~torch.isfinite(values)
+
+
+def check_review_band(review_band: float) -> None:
+    """A ValueError unless `review_band` is a half-width in (0, 0.5) of normalised-score units."""
+    if not (_is_finite_number(review_band) and 0 < review_band < 0.5):
+        raise ValueError(
+            f"review_band is a half-width around 0.5 in normalised-score units, in (0, 0.5); got {review_band!r}."
+        )
+
+
+def in_review_band(normalized_scores: torch.Tensor, review_band: float) -> torch.Tensor:
+    """True where a normalised score lies within `review_band` of the threshold's 0.5, both ends included:
+    0.5 - review_band <= normalized <= 0.5 + review_band, compared in float64. Such a part reads "review"
+    instead of pass or fail; outside the band the verdict is the label, `normalized > 0.5`. A non-finite
+    score (normalised 1.0) is never in the band, since review_band < 0.5."""
+    check_review_band(review_band)
+    values = normalized_scores.double()
+    return (values >= 0.5 - review_band) & (values <= 0.5 + review_band)
 
 
 def score_error(image_score: float) -> str | None:

@@ -16,7 +16,15 @@ from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 from hf_fsad.registry import METHODS
 
 from ._errors import CliError
-from ._options import add_batch_size, add_device, add_max_pixels, add_precision, add_runtime, rate
+from ._options import (
+    add_batch_size,
+    add_device,
+    add_max_pixels,
+    add_precision,
+    add_runtime,
+    rate,
+    review_band,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -135,6 +143,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         help="false-alarm-rate (default): the threshold that keeps --false-alarm-rate on normal images, "
         "whatever defects are given; best-f1: the best F1 on the normal and --calibration-anomalous images, "
         "with no false-alarm guarantee (it moves with the share of defects among them)",
+    )
+    calibration.add_argument(
+        "--review-band",
+        type=review_band,
+        metavar="HALF_WIDTH",
+        help="parts whose normalized_score lies within HALF_WIDTH of 0.5 (ends included; e.g. 0.1: 0.4 to "
+        "0.6) get the label review instead of normal or anomalous",
     )
     calibration.add_argument(
         "--no-calibration",
@@ -291,6 +306,7 @@ def _check_options(args: argparse.Namespace) -> None:
         args.false_alarm_rate,
         args.confidence,
         args.threshold_rule,
+        args.review_band,
     )
     if args.no_calibration and any(option is not None for option in calibration_options):
         raise CliError("--no-calibration goes with no other calibration option")
@@ -490,10 +506,12 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 
 def _verdict_summary(records: Sequence[dict]) -> str:
-    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`."""
+    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`
+    (and `, 1 review` with a review band)."""
     labels = [record["label"] for record in records if "label" in record]
-    failed = labels.count("anomalous")
-    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed} pass"
+    failed, review = labels.count("anomalous"), labels.count("review")
+    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed - review} pass"
+    summary += f", {review} review" if review else ""
     unlabelled = len(records) - len(labels)
     return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
 
@@ -568,7 +586,7 @@ def _score_paths(
                     "heatmap": None,
                 }
                 if bank.calibration is not None:
-                    record |= decision(result, index, bank.calibration)
+                    record |= decision(result, index, bank.calibration, args.review_band)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
                     anomaly_map = result.anomaly_maps[index]
