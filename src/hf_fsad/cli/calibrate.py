@@ -103,8 +103,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_device(parser)
     add_precision(parser)
     add_max_pixels(parser)
-    # what `hf-fsad score`'s checks read: a calibration here is always asked for, in PyTorch
-    parser.set_defaults(handler=run, runtime="torch", no_calibration=False, compile=False)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,14 +126,12 @@ def run(args: argparse.Namespace) -> int:
     from .score import (
         _calibration_images,
         _check_defects,
-        _check_options,
         _reference_bank,
         _reference_images,
         _threshold_rule,
     )
 
     _check_calibrate_options(args)
-    _check_options(args)
     try:
         prepare_output_file(args.save_bank, "--save-bank")
         report = prepare_output_dir(Path(args.report).parent, "--report") / Path(args.report).name
@@ -198,7 +195,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_calibrate_options(args: argparse.Namespace) -> None:
     """Refuse what calibrate cannot do before anything is read: --add-normal pools into a saved bank's
-    calibration alone, and a calibration needs normal images."""
+    calibration alone, a calibration needs normal images, and best F1 needs defects (masks need best F1)."""
+    if args.bank and args.defect:
+        raise CliError("--defect builds a bank from defective images, --bank is a built one: give one")
+    if args.threshold_rule == "best-f1" and not args.calibration_anomalous:
+        raise CliError("--threshold-rule best-f1 needs --calibration-anomalous: F1 counts the defects caught")
+    if args.calibration_masks and args.threshold_rule != "best-f1":
+        raise CliError(
+            "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1"
+        )
     if args.add_normal:
         if not args.bank:
             raise CliError("--add-normal adds normal images to the calibration of a saved --bank: give one")
