@@ -301,9 +301,16 @@ def test_every_dataset_module_is_in_the_benchmark_table():
 
 
 # The command line: its package (main, build_parser), shared options and error, and one module per command.
-CLI_SHARED = {"hf_fsad.cli", "hf_fsad.cli.__main__", "hf_fsad.cli._errors", "hf_fsad.cli._options"}
+CLI_SHARED = {
+    "hf_fsad.cli",
+    "hf_fsad.cli.__main__",
+    "hf_fsad.cli._errors",
+    "hf_fsad.cli._options",
+    "hf_fsad.cli._bank_inputs",
+}
 COMMANDS = {
-    f"hf_fsad.cli.{name}" for name in ("score", "fit", "benchmark", "convert", "export", "hub", "demo")
+    f"hf_fsad.cli.{name}"
+    for name in ("score", "calibrate", "fit", "benchmark", "convert", "export", "hub", "demo")
 }
 # What the command line may import at module level, besides the standard library: `hf-fsad --help` builds
 # the parser from these alone, so it loads neither torch nor transformers nor datasets (tests/test_cli.py

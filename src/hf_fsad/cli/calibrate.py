@@ -10,6 +10,13 @@ from pathlib import Path
 
 from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 
+from ._bank_inputs import (
+    check_defects,
+    read_calibration_images,
+    read_reference_images,
+    reference_bank,
+    threshold_rule,
+)
 from ._errors import CliError
 from ._options import add_batch_size, add_device, add_max_pixels, add_precision, rate
 
@@ -123,26 +130,18 @@ def run(args: argparse.Namespace) -> int:
     )
     from hf_fsad.loading import ModelLoadError, load_method
 
-    from .score import (
-        _calibration_images,
-        _check_defects,
-        _reference_bank,
-        _reference_images,
-        _threshold_rule,
-    )
-
     _check_calibrate_options(args)
     try:
         prepare_output_file(args.save_bank, "--save-bank")
         report = prepare_output_dir(Path(args.report).parent, "--report") / Path(args.report).name
-        images = _calibration_images(args)
+        images = read_calibration_images(args)
         if args.add_normal:
             paths = option_image_paths("--add-normal", args.add_normal)
             images.normal = read_option_images("--add-normal", paths, args.max_pixels)
         defects, defect_masks = read_anomalous_images(
             "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
         )
-        separated = separate_calibration_images(_reference_images(args), images.normal)
+        separated = separate_calibration_images(read_reference_images(args), images.normal)
     except ValueError as error:
         raise CliError(str(error)) from None
     images.normal = separated.held_out_normals
@@ -150,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_method(args.model).to(args.device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
-    _check_defects(model, args, defects)
+    check_defects(model, args, defects)
     processor = model.image_processor()
-    bank, references, bank_inputs = _reference_bank(model, processor, args, separated, defects, defect_masks)
+    bank, references, bank_inputs = reference_bank(model, processor, args, separated, defects, defect_masks)
     stored = bank.calibration
     if args.add_normal and stored is None:
         raise CliError(f"--add-normal: the --bank {args.bank} has no calibration to add normal images to")
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             bank_inputs=bank_inputs,
             false_alarm_rate=args.false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
             confidence=args.confidence,
-            rule=_threshold_rule(args),
+            rule=threshold_rule(args),
             no_calibration=False,
             precision=args.precision,
             batch_size=args.batch_size,

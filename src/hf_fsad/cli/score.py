@@ -15,6 +15,13 @@ from typing import TYPE_CHECKING
 from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 from hf_fsad.registry import METHODS
 
+from ._bank_inputs import (
+    check_defects,
+    read_calibration_images,
+    read_reference_images,
+    reference_bank,
+    threshold_rule,
+)
 from ._errors import CliError
 from ._options import (
     add_batch_size,
@@ -28,10 +35,8 @@ from ._options import (
 
 if TYPE_CHECKING:
     import torch
-    from PIL import Image
 
     from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_inputs import SeparatedImages
     from hf_fsad.calibration_policy import CalibrationImages
 
 
@@ -211,14 +216,14 @@ def run(args: argparse.Namespace) -> int:
         if args.save_bank:
             prepare_output_file(args.save_bank, "--save-bank")
         previous = previous_results(output) if args.resume else []
-        calibration_images = _calibration_images(args)
+        calibration_images = read_calibration_images(args)
         defects, defect_masks = read_anomalous_images(
             "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
         )
     except ValueError as error:
         raise CliError(str(error)) from None
     try:
-        separated = separate_calibration_images(_reference_images(args), calibration_images.normal)
+        separated = separate_calibration_images(read_reference_images(args), calibration_images.normal)
     except ValueError as error:
         raise CliError(f"--calibration-normal: {error}") from None
     calibration_images.normal = separated.held_out_normals
@@ -228,11 +233,11 @@ def run(args: argparse.Namespace) -> int:
         model = load_method(args.model).to(device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
-    _check_defects(model, args, defects)
+    check_defects(model, args, defects)
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
-    bank, references, bank_inputs = _reference_bank(model, processor, args, separated, defects, defect_masks)
+    bank, references, bank_inputs = reference_bank(model, processor, args, separated, defects, defect_masks)
     scorer, bank, refusal, notes = _calibrated_scorer(
         model, processor, bank, calibration_images, references, bank_inputs, args, state
     )
@@ -322,27 +327,6 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
 
 
-def _check_defects(model, args: argparse.Namespace, defects: list) -> None:
-    """Refuse defective images for a method that builds its bank from normal references only, and a bank
-    built without them for a method that needs them."""
-    method = model.config.model_type
-    if defects and not model.needs_anomalous_references:
-        raise CliError(
-            f"--defect: {method} builds its bank from normal references only (defective images can "
-            "calibrate its threshold: --calibration-anomalous)"
-        )
-    if model.needs_anomalous_references and not defects and not args.bank:
-        raise CliError(
-            f"{method} builds its bank from defective images too: give --defect IMAGE (and "
-            "--defect-mask MASK), or a --bank"
-        )
-
-
-def _threshold_rule(args: argparse.Namespace) -> str:
-    """The `--threshold-rule` as `fit_calibration` names it (false-alarm-rate -> false_alarm_rate)."""
-    return (args.threshold_rule or "false-alarm-rate").replace("-", "_")
-
-
 def _calibrated_scorer(
     model,
     processor,
@@ -376,7 +360,7 @@ def _calibrated_scorer(
                 image_size=model.config.image_size,
                 false_alarm_rate=args.false_alarm_rate,
                 confidence=args.confidence,
-                rule=_threshold_rule(args),
+                rule=threshold_rule(args),
                 batch_size=args.batch_size,
             )
         except ValueError as error:
@@ -394,7 +378,7 @@ def _calibrated_scorer(
             bank_inputs=bank_inputs,
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
-            rule=_threshold_rule(args),
+            rule=threshold_rule(args),
             no_calibration=args.no_calibration,
             precision=args.precision,
             batch_size=args.batch_size,
@@ -411,84 +395,6 @@ def _calibrated_scorer(
             )
         raise CliError(f"calibration: {mismatch}; {remedy}, or --no-calibration")
     return _scorer(model, bank, args, state), bank, refusal, notes
-
-
-def _reference_images(args: argparse.Namespace) -> list[Image.Image]:
-    """The readable `--reference` images (none without it, or with a --bank); a CliError when none is."""
-    from hf_fsad.io import expand_inputs, readable_images
-
-    if not args.reference or args.bank:
-        return []
-    readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
-    if not readable:
-        raise CliError("none of the --reference images could be read", exit_status=1)
-    return [image for _, image in readable]
-
-
-def _reference_bank(
-    model,
-    processor,
-    args: argparse.Namespace,
-    references: SeparatedImages,
-    defects: list,
-    defect_masks: list | None,
-) -> tuple[ReferenceBank, torch.Tensor | None, dict]:
-    """(bank, the reference pixel values it was built from or None, the other inputs it was built with): the
-    `--bank`, checked against the model and `--class-name`, or a bank built from the separated `--reference`
-    images (none: zero-shot) and, for a method that learns from them, the defective images and their masks
-    (`_check_defects` has checked they go with the model)."""
-    import dataclasses
-
-    import torch
-
-    from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_policy import mask_tensor
-
-    pixel_values, bank_inputs = None, {}
-    if args.bank:
-        try:
-            bank = model.checked_bank(ReferenceBank.load(args.bank))
-        except ValueError as error:
-            raise CliError(f"--bank {args.bank}: {error}") from None
-        if args.class_name is not None and args.class_name != bank.class_name:
-            raise CliError(
-                f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
-                "when it was built (build a bank of another class from --reference)"
-            )
-        return bank, pixel_values, bank_inputs
-    if defects:
-        bank_inputs["anomalous_pixel_values"] = processor(defects, return_tensors="pt").pixel_values
-        if defect_masks is not None:
-            bank_inputs["anomalous_masks"] = mask_tensor(defect_masks, model.config.image_size)
-    if references.references:
-        pixel_values = processor(references.references, return_tensors="pt").pixel_values
-    try:
-        with torch.no_grad():
-            bank = model.build_reference_bank(pixel_values, class_name=args.class_name, **bank_inputs)
-    except ValueError as error:
-        raise CliError(f"the reference bank cannot be built: {error}") from None
-    bank = dataclasses.replace(bank, generated_references=references.generated_references)
-    return bank, pixel_values, bank_inputs
-
-
-def _calibration_images(args: argparse.Namespace) -> CalibrationImages:
-    """The images of the calibration options; a ValueError names the option and the file that cannot be
-    used."""
-    from hf_fsad.calibration_policy import CalibrationImages
-    from hf_fsad.io import option_image_paths, read_anomalous_images, read_option_images
-
-    normal = []
-    if args.calibration_normal:
-        normal_paths = option_image_paths("--calibration-normal", args.calibration_normal)
-        normal = read_option_images("--calibration-normal", normal_paths, args.max_pixels)
-    anomalous, masks = read_anomalous_images(
-        "--calibration-anomalous",
-        args.calibration_anomalous,
-        "--calibration-masks",
-        args.calibration_masks,
-        args.max_pixels,
-    )
-    return CalibrationImages(normal, anomalous, masks)
 
 
 @contextlib.contextmanager
