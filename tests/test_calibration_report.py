@@ -158,7 +158,7 @@ def test_a_calibration_without_kept_scores_cannot_be_reported(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
-# --- pooling held-out normals --------------------------------------------------------------------------------
+# --- pooling held-out normals -------------------------------------------------------------------------------
 
 
 def test_pooling_gives_the_calibration_of_all_the_normals_at_once():
@@ -197,7 +197,7 @@ def test_pooling_is_refused_where_it_would_break_the_promise():
         pooled_calibration(with_maps, more)
 
 
-# --- the review band -----------------------------------------------------------------------------------------
+# --- the review band ----------------------------------------------------------------------------------------
 
 
 def test_the_review_band_includes_both_ends_exactly():
@@ -239,8 +239,8 @@ def test_decisions_read_review_inside_the_band_and_the_label_outside():
 
 def test_the_kept_scores_survive_the_bank_file_and_an_older_file_loads_without_them(tmp_path):
     calibration = fit_calibration(
-        torch.tensor(NORMALS, dtype=torch.float64), torch.rand(9, 3, 3), torch.tensor(DEFECTS, dtype=torch.float64),
-        normal_source="held_out", false_alarm_rate=0.2,
+        torch.tensor(NORMALS, dtype=torch.float64), torch.rand(9, 3, 3),
+        torch.tensor(DEFECTS, dtype=torch.float64), normal_source="held_out", false_alarm_rate=0.2,
     )  # fmt: skip
     bank = ReferenceBank("winclip", "hash", "tile", 2, {"patches": torch.zeros(2, 4)}, calibration)
     bank.save(tmp_path / "bank.safetensors")
@@ -265,7 +265,7 @@ def test_the_kept_scores_survive_the_bank_file_and_an_older_file_loads_without_t
         Calibration.from_json(json.dumps(fields | {"anomalous_scores": [0.1, None, 0.3, 0.4]}))
 
 
-# --- hf-fsad calibrate ----------------------------------------------------------------------------------------
+# --- hf-fsad calibrate --------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -394,36 +394,22 @@ def test_calibrate_refuses_what_it_cannot_do(saved_winclip_dir, files, tmp_path,
         assert message in capsys.readouterr().err
 
 
-# --- the review band in hf-fsad score and the pipeline -----------------------------------------------------------
+# --- the review band in hf-fsad score and the pipeline ------------------------------------------------------
 
 
 def test_score_and_the_pipeline_label_the_review_band(saved_winclip_dir, files, tmp_path, capsys):
     from transformers import pipeline
 
     status, bank, _ = calibrate(
-        saved_winclip_dir, tmp_path, "bank", "--reference", files["refs"], "--calibration-normal", files["held_a"],
-        "--false-alarm-rate", "0.3",
+        saved_winclip_dir, tmp_path, "bank",
+        "--reference", files["refs"], "--calibration-normal", files["held_a"], "--false-alarm-rate", "0.3",
     )  # fmt: skip
     assert status == 0
 
     def score(*options):
         output = tmp_path / "results.jsonl"
-        assert (
-            main(
-                [
-                    "score",
-                    "--model",
-                    saved_winclip_dir,
-                    "--bank",
-                    str(bank),
-                    "--output",
-                    str(output),
-                    files["queries"],
-                    *options,
-                ]
-            )
-            == 0
-        )
+        command = ["score", "--model", saved_winclip_dir, "--bank", str(bank), "--output", str(output)]
+        assert main([*command, files["queries"], *options]) == 0
         return [json.loads(line) for line in output.read_text().splitlines()]
 
     plain = score()
@@ -435,6 +421,9 @@ def test_score_and_the_pipeline_label_the_review_band(saved_winclip_dir, files, 
         assert after["label"] == ("review" if inside else before["label"])
     assert sum(record["label"] == "review" for record in banded) == 2
     assert ", 2 review" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        score("--review-band", "0.5")
+    assert "--review-band: must lie between 0 and 0.5" in capsys.readouterr().err
 
     pipe = pipeline("image-anomaly-detection", model=saved_winclip_dir)
     paths = [record["path"] for record in banded]

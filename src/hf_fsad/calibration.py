@@ -211,7 +211,8 @@ def check_review_band(review_band: float) -> None:
     """A ValueError unless `review_band` is a half-width in (0, 0.5) of normalised-score units."""
     if not (_is_finite_number(review_band) and 0 < review_band < 0.5):
         raise ValueError(
-            f"review_band is a half-width around 0.5 in normalised-score units, in (0, 0.5); got {review_band!r}."
+            "review_band is a half-width around 0.5 in normalised-score units, in (0, 0.5); got "
+            f"{review_band!r}."
         )
 
 

@@ -1,5 +1,5 @@
-"""What a calibration's kept scores give (`Calibration.normal_scores`, `anomalous_scores`): the report a quality
-engineer reads, and a recalibration with more held-out normals.
+"""What a calibration's kept scores give (`Calibration.normal_scores`, `anomalous_scores`): the report a
+quality engineer reads, and a recalibration with more held-out normals.
 
 `write_calibration_report` writes a folder: `report.md` (what the threshold promises in one sentence, the
 misses on the defects given, the per-threshold table and the figures), `thresholds.csv` (the table),
@@ -33,10 +33,11 @@ class ThresholdRow:
     """What "anomalous when the score is above `threshold`" does on the calibration images and promises.
 
     normals_at_or_below: c, the normal calibration scores at or below it; false_alarms: the n - c above it
-    (false_alarm_rate = (n - c) / n); false_alarm_bound: (n + 1 - c) / (n + 1), the probability a new normal
-    part exchangeable with them is flagged, on average over the draw of the normals; probability_within_target:
-    the probability over that draw that the line's false-alarm rate is at most the calibration's target
-    (Beta(n + 1 - c, c), 0 when c = 0); misses: the defect scores at or below it (None without defects).
+    (false_alarm_rate = (n - c) / n); false_alarm_bound: (n + 1 - c) / (n + 1), the probability a new
+    normal part exchangeable with them is flagged, on average over the draw of the normals;
+    probability_within_target: the probability over that draw that the line's false-alarm rate is at most
+    the calibration's target (Beta(n + 1 - c, c), 0 when c = 0); misses: the defect scores at or below it
+    (None without defects).
     """
 
     threshold: float
@@ -52,7 +53,8 @@ class ThresholdRow:
 
 def threshold_table(calibration: Calibration) -> list[ThresholdRow]:
     """One row per distinct normal calibration score, ascending (each is the conformal threshold of some
-    rate), and one for the calibration's own threshold when it is none of them (best F1 cuts between scores)."""
+    rate), and one for the calibration's own threshold when it is none of them (best F1 cuts between
+    scores)."""
     normal, anomalous = _kept_scores(calibration)
     n, target = normal.size, calibration.target_false_alarm_rate
     thresholds = np.union1d(normal, [calibration.image_threshold])
@@ -84,8 +86,9 @@ def guarantee_sentence(calibration: Calibration) -> str:
     if calibration.rule == "best_f1":
         return (
             f"No false-alarm rate is guaranteed: the threshold has the best F1 on {n} normal and "
-            f"{calibration.num_anomalous} defective images and flags {calibration.calibration_false_alarm_rate:.1%} "
-            "of those normals (it moves with the share of defects among them)."
+            f"{calibration.num_anomalous} defective images and flags "
+            f"{calibration.calibration_false_alarm_rate:.1%} of those normals (it moves with the share of "
+            "defects among them)."
         )
     if calibration.normal_source == "held_out":
         normals = f"{n} held-out normal images"
@@ -146,18 +149,20 @@ def pooled_calibration(calibration: Calibration, added: Calibration, **settings)
         if rule.normal_source == "leave_one_out":
             raise ValueError(
                 f"{which} scored its references leave-one-out, against banks of the other k - 1; held-out "
-                "normals are scored against the full bank, and a pool of both keeps neither promise: calibrate "
-                "on held-out normal images alone first (their calibration replaces the leave-one-out one)"
+                "normals are scored against the full bank, and a pool of both keeps neither promise: "
+                "calibrate on held-out normal images alone first (their calibration replaces the "
+                "leave-one-out one)"
             )
     if calibration.pixel_rule == "best_f1":
         raise ValueError(
-            "the pixel threshold is the best pixel F1 on the defect masks, whose maps the calibration does not "
-            "keep: calibrate again on all the images"
+            "the pixel threshold is the best pixel F1 on the defect masks, whose maps the calibration does "
+            "not keep: calibrate again on all the images"
         )
     if (added.runtime, added.precision) != (calibration.runtime, calibration.precision):
         raise ValueError(
-            f"the calibration was fitted on {calibration.runtime} at {calibration.precision}, the added scores "
-            f"were computed on {added.runtime} at {added.precision}: score them where the calibration was fitted"
+            f"the calibration was fitted on {calibration.runtime} at {calibration.precision}, the added "
+            f"scores were computed on {added.runtime} at {added.precision}: score them where the "
+            "calibration was fitted"
         )
     if (calibration.normal_map_maxima is None) != (added.normal_map_maxima is None):
         raise ValueError(
@@ -215,15 +220,16 @@ def _markdown(calibration: Calibration, rows: list[ThresholdRow], title: str) ->
     if chosen.misses is not None:
         lines += [
             (
-                f"At the threshold, {chosen.misses} of the {calibration.num_anomalous} defective images given "
-                f"are missed ({chosen.miss_rate:.1%}): the share of defects the line would pass, estimated on them."
+                f"At the threshold, {chosen.misses} of the {calibration.num_anomalous} defective images "
+                f"given are missed ({chosen.miss_rate:.1%}): the share of defects the line would pass, "
+                "estimated on them."
             ),
             "",
         ]
     lines += [
         (
-            f"- Image threshold: {calibration.image_threshold:.6g} (raw score; a part above it fails, and its "
-            "normalised score is above 0.5)"
+            f"- Image threshold: {calibration.image_threshold:.6g} (raw score; a part above it fails, and "
+            "its normalised score is above 0.5)"
         ),
         f"- Calibration: {calibration.describe()}",
         f"- Scored on: {calibration.runtime} at {calibration.precision}",

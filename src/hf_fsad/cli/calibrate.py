@@ -25,13 +25,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "calibrate",
         help="calibrate a bank and write a report of what its threshold promises",
-        description="Calibrate a reference bank (--bank, or built from --reference) on held-out normal images "
-        "(--calibration-normal; without them the references are scored leave-one-out), or pool more normal "
-        "images into a saved bank's held-out calibration (--add-normal), and write the calibrated bank "
-        "(--save-bank) and a report folder (--report): the guarantee in one sentence, a score histogram with "
-        "the threshold, ROC and precision-recall curves with defects, and the false-alarm and miss rates per "
-        "threshold. Exit status: 0 calibrated, 2 it could not (arguments, an image that cannot be read, "
-        "model, bank, calibration, output location).",
+        description="Calibrate a reference bank (--bank, or built from --reference) on held-out normal "
+        "images (--calibration-normal; without them the references are scored leave-one-out), or pool more "
+        "normal images into a saved bank's held-out calibration (--add-normal), and write the calibrated "
+        "bank (--save-bank) and a report folder (--report): the guarantee in one sentence, a score "
+        "histogram with the threshold, ROC and precision-recall curves with defects, and the false-alarm and "
+        "miss rates per threshold. Exit status: 0 calibrated, 2 it could not (arguments, an image that "
+        "cannot be read, model, bank, calibration, output location).",
     )
     parser.add_argument(
         "--model",
@@ -88,8 +88,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--false-alarm-rate",
         type=rate,
-        help=f"share of normal images allowed to fail (default {DEFAULT_FALSE_ALARM_RATE}; with --add-normal: "
-        "the calibration's own)",
+        help=f"share of normal images allowed to fail (default {DEFAULT_FALSE_ALARM_RATE}; with "
+        "--add-normal: the calibration's own)",
     )
     parser.add_argument(
         "--confidence",
@@ -215,8 +215,8 @@ def _check_calibrate_options(args: argparse.Namespace) -> None:
         given = [name for name, value in others.items() if value]
         if given:
             raise CliError(
-                f"--add-normal keeps the --bank's calibration images and rule: leave out {', '.join(given)} (or "
-                "calibrate afresh on all the images without --add-normal)"
+                "--add-normal keeps the --bank's calibration images and rule: leave out "
+                f"{', '.join(given)} (or calibrate afresh on all the images without --add-normal)"
             )
     elif args.bank and not args.calibration_normal:
         raise CliError(
