@@ -74,6 +74,8 @@ PRECISIONS = ("float32", "bfloat16", "float16")
 # 2: the normalisation decays like 1 / distance (1: a logistic), `confidence`, `normals_needed`, `runtime` and
 # `precision`. 3: the calibration scores (`normal_scores`, `normal_map_maxima`, `anomalous_scores`).
 CALIBRATION_FORMAT_VERSION = 3
+# The calibration scores a `Calibration` keeps beside its thresholds (format version 3).
+KEPT_SCORE_FIELDS = ("normal_scores", "normal_map_maxima", "anomalous_scores")
 # The normalised score the median normal calibration score reads (z = 1 - 1 / (2 level) = -4).
 MEDIAN_NORMAL_LEVEL = 0.1
 # The scale is at least this share of |threshold|: float32 tells defects 1 % apart up to 100 times it.
@@ -281,11 +283,8 @@ class Calibration:
 
     def __post_init__(self):
         problems = []
-        for name, count in (
-            ("normal_scores", self.num_normal),
-            ("normal_map_maxima", self.num_normal),
-            ("anomalous_scores", self.num_anomalous),
-        ):
+        counts = (self.num_normal, self.num_normal, self.num_anomalous)
+        for name, count in zip(KEPT_SCORE_FIELDS, counts):
             problems += self._checked_scores(name, count)
         for name in (
             "image_threshold",

@@ -44,6 +44,7 @@ from datasets import Dataset
 from PIL import Image
 
 from ..bank import ReferenceBank
+from ..calibration import KEPT_SCORE_FIELDS
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
@@ -424,7 +425,11 @@ def _calibrate(
         warnings.simplefilter("always")
         bank = model.calibrate(bank, false_alarm_rate=rate, batch_size=batch_size, **normals)
     return bank, record | {
-        "calibration": dataclasses.asdict(bank.calibration),
+        "calibration": {  # its thresholds; the scores they were fitted to stay in the bank
+            name: value
+            for name, value in dataclasses.asdict(bank.calibration).items()
+            if name not in KEPT_SCORE_FIELDS
+        },
         "calibration_note": " ".join(str(warning.message) for warning in caught) or None,
         "calibration_seconds": time.perf_counter() - started,
     }
