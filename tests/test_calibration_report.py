@@ -195,6 +195,12 @@ def test_pooling_is_refused_where_it_would_break_the_promise():
     )
     with pytest.raises(ValueError, match="different models"):
         pooled_calibration(with_maps, more)
+    best_pixel_f1 = fit_calibration(
+        torch.tensor([0.1, 0.2]), torch.rand(2, 3, 3), torch.tensor([0.9]), torch.rand(1, 3, 3),
+        torch.ones(1, 3, 3, dtype=torch.bool), normal_source="held_out", false_alarm_rate=0.2, rule="best_f1",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="best pixel F1 on the defect masks .* keeps no maps or masks"):
+        pooled_calibration(best_pixel_f1, with_maps)
 
 
 # --- the review band ----------------------------------------------------------------------------------------
@@ -363,9 +369,8 @@ def test_add_normal_gives_the_calibration_of_all_the_normals_at_once(
         saved_winclip_dir, tmp_path, "refused", "--bank", str(leave_one_out), "--add-normal", files["held_b"]
     )
     assert status == 2
-    assert (
-        "error: calibration: the calibration scored its references leave-one-out" in capsys.readouterr().err
-    )
+    expected = "error: --add-normal: the --bank's calibration scored its references leave-one-out"
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "refused.safetensors").exists()
 
 

@@ -141,23 +141,9 @@ def pooled_calibration(calibration: Calibration, added: Calibration, **settings)
     3 (no scores kept), scores from another runtime or precision, or anomaly maps on one side only.
     """
     for which, rule in (("the calibration", calibration), ("the added calibration", added)):
-        if rule.normal_scores is None:
-            raise ValueError(
-                f"{which} keeps no calibration scores (it was saved before calibration format version 3): "
-                "calibrate again on all the normal images"
-            )
-        if rule.normal_source == "leave_one_out":
-            raise ValueError(
-                f"{which} scored its references leave-one-out, against banks of the other k - 1; held-out "
-                "normals are scored against the full bank, and a pool of both keeps neither promise: "
-                "calibrate on held-out normal images alone first (their calibration replaces the "
-                "leave-one-out one)"
-            )
-    if calibration.pixel_rule == "best_f1":
-        raise ValueError(
-            "the pixel threshold is the best pixel F1 on the defect masks, whose maps the calibration does "
-            "not keep: calibrate again on all the images"
-        )
+        refusal = pooling_refusal(rule)
+        if refusal is not None:
+            raise ValueError(f"{which} {refusal}")
     if (added.runtime, added.precision) != (calibration.runtime, calibration.precision):
         raise ValueError(
             f"the calibration was fitted on {calibration.runtime} at {calibration.precision}, the added "
@@ -184,6 +170,28 @@ def pooled_calibration(calibration: Calibration, added: Calibration, **settings)
         | settings,
     )
     return dataclasses.replace(refitted, runtime=calibration.runtime, precision=calibration.precision)
+
+
+def pooling_refusal(calibration: Calibration) -> str | None:
+    """Why more held-out scores cannot be pooled into `calibration` (`pooled_calibration`), or None: checked
+    before any image is scored."""
+    if calibration.normal_scores is None:
+        return (
+            "keeps no calibration scores (it was saved before calibration format version 3): calibrate again "
+            "on all the normal images"
+        )
+    if calibration.normal_source == "leave_one_out":
+        return (
+            "scored its references leave-one-out, against banks of the other k - 1; held-out normals are "
+            "scored against the full bank, and a pool of both keeps neither promise: calibrate on held-out "
+            "normal images alone first (their calibration replaces the leave-one-out one)"
+        )
+    if calibration.pixel_rule == "best_f1":
+        return (
+            "has the best pixel F1 on the defect masks as its pixel threshold, and keeps no maps or masks of "
+            "the defects: calibrate again on all the images"
+        )
+    return None
 
 
 def _kept_scores(calibration: Calibration) -> tuple[np.ndarray, np.ndarray | None]:

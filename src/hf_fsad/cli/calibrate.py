@@ -118,9 +118,9 @@ def run(args: argparse.Namespace) -> int:
     a calibration image that cannot be read: none is skipped, model, bank, calibration, output location)."""
     import dataclasses
 
-    from hf_fsad.calibration_inputs import separate_calibration_images
+    from hf_fsad.calibration_inputs import calibration_mismatch, separate_calibration_images
     from hf_fsad.calibration_policy import CalibrationImages, calibrate_bank
-    from hf_fsad.calibration_report import pooled_calibration, write_calibration_report
+    from hf_fsad.calibration_report import pooled_calibration, pooling_refusal, write_calibration_report
     from hf_fsad.io import (
         option_image_paths,
         prepare_output_dir,
@@ -153,8 +153,12 @@ def run(args: argparse.Namespace) -> int:
     processor = model.image_processor()
     bank, references, bank_inputs = reference_bank(model, processor, args, separated, defects, defect_masks)
     stored = bank.calibration
-    if args.add_normal and stored is None:
-        raise CliError(f"--add-normal: the --bank {args.bank} has no calibration to add normal images to")
+    if args.add_normal:
+        if stored is None:
+            raise CliError(f"--add-normal: the --bank {args.bank} has no calibration to add normal images to")
+        refusal = pooling_refusal(stored) or calibration_mismatch(stored, "torch", args.precision)
+        if refusal is not None:  # said before the images are scored
+            raise CliError(f"--add-normal: the --bank's calibration {refusal}")
     try:
         calibrated, _, notes = calibrate_bank(
             model,
@@ -184,8 +188,8 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     calibration = calibrated.calibration
-    calibrated.save(args.save_bank)
     write_calibration_report(calibration, report, title=f"Calibration report: {calibrated.class_name}")
+    calibrated.save(args.save_bank)
     pooled_note = f" ({len(images.normal)} added to {stored.num_normal})" if args.add_normal else ""
     print(f"calibration: {calibration.describe()}{pooled_note}", file=sys.stderr)
     print(f"calibrated bank -> {args.save_bank}; report -> {report / 'report.md'}", file=sys.stderr)
