@@ -18,7 +18,7 @@ PACKAGE = "hf_fsad"
 LAYERS = {
     # 0: foundations with no model in them: file I/O, configs' base, the output type, the reference bank file,
     # the image processor and pixel checks, prompt text, metrics, datasets, synthetic anomalies, augmentation,
-    # drawing, process groups, calibrated thresholds.
+    # drawing, process groups, calibrated thresholds and their report.
     "hf_fsad.io": 0,
     "hf_fsad.deprecation": 0,
     "hf_fsad.configuration_base": 0,
@@ -37,6 +37,7 @@ LAYERS = {
     # tiles of large images (geometry and stitching, no model) and defect regions of a mask
     "hf_fsad.tiling": 0,
     "hf_fsad.regions": 0,
+    "hf_fsad.calibration_report": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
@@ -305,9 +306,16 @@ def test_every_dataset_module_is_in_the_benchmark_table():
 
 
 # The command line: its package (main, build_parser), shared options and error, and one module per command.
-CLI_SHARED = {"hf_fsad.cli", "hf_fsad.cli.__main__", "hf_fsad.cli._errors", "hf_fsad.cli._options"}
+CLI_SHARED = {
+    "hf_fsad.cli",
+    "hf_fsad.cli.__main__",
+    "hf_fsad.cli._errors",
+    "hf_fsad.cli._options",
+    "hf_fsad.cli._bank_inputs",
+}
 COMMANDS = {
-    f"hf_fsad.cli.{name}" for name in ("score", "fit", "benchmark", "convert", "export", "hub", "demo")
+    f"hf_fsad.cli.{name}"
+    for name in ("score", "calibrate", "fit", "benchmark", "convert", "export", "hub", "demo")
 }
 # What the command line may import at module level, besides the standard library: `hf-fsad --help` builds
 # the parser from these alone, so it loads neither torch nor transformers nor datasets (tests/test_cli.py

@@ -265,15 +265,12 @@ def test_a_bank_of_the_previous_format_loads(tmp_path):
     metadata = saved_bank(tmp_path / "current.safetensors", current)
     assert (metadata["format_version"], json.loads(metadata["calibration"])["format_version"]) == (
         BANK_FORMAT_VERSION,
-        2,
+        3,
     )
     # version 1 wrote no calibration format_version and had neither confidence, normals_needed, runtime nor
-    # precision, and its bank no generated_references
-    version_1 = {
-        key: value
-        for key, value in json.loads(current.to_json()).items()
-        if key not in ("format_version", "confidence", "normals_needed", "runtime", "precision")
-    }
+    # precision (version 2) nor the calibration scores (version 3), and its bank no generated_references
+    later = ("format_version", "confidence", "normals_needed", "runtime", "precision", "normal_scores")
+    version_1 = {key: value for key, value in json.loads(current.to_json()).items() if key not in later}
     old = tmp_path / "version1.safetensors"
     old_metadata = {key: value for key, value in metadata.items() if key != "generated_references"}
     save_file(
@@ -282,7 +279,8 @@ def test_a_bank_of_the_previous_format_loads(tmp_path):
         metadata=old_metadata | {"format_version": "1", "calibration": json.dumps(version_1)},
     )
     loaded = ReferenceBank.load(old)
-    assert loaded.calibration == current and loaded.generated_references == 0
+    assert loaded.calibration == dataclasses.replace(current, normal_scores=None)
+    assert loaded.generated_references == 0
     assert (loaded.calibration.runtime, loaded.calibration.precision) == ("torch", "float32")
 
 
@@ -296,7 +294,8 @@ def test_a_file_of_a_future_format_is_refused_naming_both_versions(tmp_path):
     ):
         ReferenceBank.load(future_bank)
 
-    future_fields = json.loads(metadata["calibration"]) | {"format_version": 3, "review_band": [0.4, 0.6]}
+    future = CALIBRATION_FORMAT_VERSION + 1
+    future_fields = json.loads(metadata["calibration"]) | {"format_version": future, "next_field": [0.4]}
     future_calibration = tmp_path / "future_calibration.safetensors"
     save_file(
         {"patches": torch.zeros(2, 4)},
@@ -304,8 +303,8 @@ def test_a_file_of_a_future_format_is_refused_naming_both_versions(tmp_path):
         metadata=metadata | {"calibration": json.dumps(future_fields)},
     )
     expected = (
-        rf"Reference bank {future_calibration}: The calibration is in format version 3, but this hf_fsad "
-        rf"reads calibration format versions up to {CALIBRATION_FORMAT_VERSION}: upgrade hf_fsad"
+        rf"Reference bank {future_calibration}: The calibration is in format version {future}, but this "
+        rf"hf_fsad reads calibration format versions up to {CALIBRATION_FORMAT_VERSION}: upgrade hf_fsad"
     )
     with pytest.raises(ValueError, match=expected):
         ReferenceBank.load(future_calibration)

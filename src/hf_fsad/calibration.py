@@ -40,11 +40,17 @@ scale puts the median normal calibration score at `MEDIAN_NORMAL_LEVEL` (z = -4)
 make every defect read 1); when the median is not below the threshold (one normal, equal normals) it is
 `FALLBACK_RELATIVE_SCALE` times |threshold|. The label and the normalised score agree exactly:
 `label == (normalized > 0.5)` in float32 and float64. A score at the threshold is normal and reads 0.5 (or
-just below), one above it reads at least the next float above 0.5, and a finite score stays below 1.
+just below), one above it reads at least the next float above 0.5, and a finite score stays below 1. An
+optional review band (`in_review_band`) turns the verdict of parts whose normalised score lies within a
+half-width of 0.5 into "review".
 
 Non-finite scores: a NaN or infinite image score means the model's output cannot be trusted, so the part
 fails: its label is anomalous, its normalised score 1.0 exactly and `score_error` says why (records written
 as JSON carry it as `error`, and the score as null: `hf_fsad.io.json_safe`). A NaN map pixel is anomalous.
+
+Calibration scores: the calibration keeps the scores it was fitted to (normal scores, normal map maxima,
+anomalous scores), so a report can be drawn from a saved bank (`hf_fsad.calibration_report`) and held-out
+normals added later pooled with them (`hf_fsad.calibration_report.pooled_calibration`).
 
 Format: `to_json` writes `format_version` (`CALIBRATION_FORMAT_VERSION`); `from_json` reads every earlier
 version (fields added later take their defaults) and refuses a later one, naming both versions.
@@ -54,7 +60,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field
 from fractions import Fraction
 
 import numpy as np
@@ -67,8 +73,10 @@ RULES = ("false_alarm_rate", "best_f1")
 NORMAL_SOURCES = ("leave_one_out", "held_out")
 PRECISIONS = ("float32", "bfloat16", "float16")
 # 2: the normalisation decays like 1 / distance (1: a logistic), `confidence`, `normals_needed`, `runtime` and
-# `precision`.
-CALIBRATION_FORMAT_VERSION = 2
+# `precision`. 3: the calibration scores (`normal_scores`, `normal_map_maxima`, `anomalous_scores`).
+CALIBRATION_FORMAT_VERSION = 3
+# The calibration scores a `Calibration` keeps beside its thresholds (format version 3).
+KEPT_SCORE_FIELDS = ("normal_scores", "normal_map_maxima", "anomalous_scores")
 # The normalised score the median normal calibration score reads (z = 1 - 1 / (2 level) = -4).
 MEDIAN_NORMAL_LEVEL = 0.1
 # The scale is at least this share of |threshold|: float32 tells defects 1 % apart up to 100 times it.
@@ -91,7 +99,7 @@ def conformal_rank(num_scores: int, false_alarm_rate: float, confidence: float |
         rank = math.ceil((num_scores + 1) * (1 - Fraction(str(false_alarm_rate))))
         return min(max(rank, 1), num_scores)
     ranks = np.arange(1, num_scores + 1)
-    reached = np.flatnonzero(_probability_within(num_scores, ranks, false_alarm_rate) >= confidence)
+    reached = np.flatnonzero(probability_within_target(num_scores, ranks, false_alarm_rate) >= confidence)
     return int(ranks[reached[0]]) if reached.size else num_scores
 
 
@@ -102,12 +110,13 @@ def normals_needed(false_alarm_rate: float, confidence: float | None = None) -> 
     if confidence is None:
         return max(math.ceil(1 / Fraction(str(false_alarm_rate)) - 1), 1)
     count = max(math.ceil(math.log1p(-confidence) / math.log1p(-false_alarm_rate)) - 1, 1)
-    while _probability_within(count, count, false_alarm_rate) < confidence:  # the closed form may round low
+    # the closed form may round low
+    while probability_within_target(count, count, false_alarm_rate) < confidence:
         count += 1
     return count
 
 
-def _probability_within(num_scores: int, rank, false_alarm_rate: float):
+def probability_within_target(num_scores: int, rank, false_alarm_rate: float):
     """P(realised false-alarm rate <= false_alarm_rate) for the `rank`-th smallest of `num_scores` scores: the
     rate is Beta(n + 1 - j, j) distributed over the draw of the calibration scores."""
     from scipy.stats import beta
@@ -201,6 +210,25 @@ def exceeds_threshold(values: torch.Tensor, threshold: float) -> torch.Tensor:
     return (values.double() > threshold) | ~torch.isfinite(values)
 
 
+def check_review_band(review_band: float) -> None:
+    """A ValueError unless `review_band` is a half-width in (0, 0.5) of normalised-score units."""
+    if not (_is_finite_number(review_band) and 0 < review_band < 0.5):
+        raise ValueError(
+            "review_band is a half-width around 0.5 in normalised-score units, in (0, 0.5); got "
+            f"{review_band!r}."
+        )
+
+
+def in_review_band(normalized_scores: torch.Tensor, review_band: float) -> torch.Tensor:
+    """True where a normalised score lies within `review_band` of the threshold's 0.5, both ends included:
+    0.5 - review_band <= normalized <= 0.5 + review_band, compared in float64. Such a part reads "review"
+    instead of pass or fail; outside the band the verdict is the label, `normalized > 0.5`. A non-finite
+    score (normalised 1.0) is never in the band, since review_band < 0.5."""
+    check_review_band(review_band)
+    values = normalized_scores.double()
+    return (values >= 0.5 - review_band) & (values <= 0.5 + review_band)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """A calibrated decision rule (see the module docstring), stored in the reference bank's metadata.
@@ -217,6 +245,9 @@ class Calibration:
     how many normal scores the promise asked would need, when the threshold had too few (else None).
     runtime / precision: where the calibration scores were computed ("torch" or an exported runtime; the
     CLI's --precision), which the scores it judges must match (`hf_fsad.calibration_policy`).
+    normal_scores / normal_map_maxima / anomalous_scores: the calibration scores it was fitted to, in order
+    (maxima None without maps, anomalous None without anomalous images; all None in files before format
+    version 3).
     """
 
     image_threshold: float
@@ -237,9 +268,15 @@ class Calibration:
     calibration_miss_rate: float | None = None
     runtime: str = "torch"
     precision: str = "float32"
+    normal_scores: tuple[float, ...] | None = field(default=None, repr=False)
+    normal_map_maxima: tuple[float, ...] | None = field(default=None, repr=False)
+    anomalous_scores: tuple[float, ...] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         problems = []
+        counts = (self.num_normal, self.num_normal, self.num_anomalous)
+        for name, count in zip(KEPT_SCORE_FIELDS, counts):
+            problems += self._checked_scores(name, count)
         for name in (
             "image_threshold",
             "image_scale",
@@ -291,6 +328,22 @@ class Calibration:
                 problems.append(f"{name} must be a non-negative integer, got {value!r}")
         if problems:
             raise ValueError("Invalid calibration: " + "; ".join(problems) + ".")
+
+    def _checked_scores(self, name: str, count) -> list[str]:
+        """Store the calibration scores `name` as a tuple of floats (JSON gives a list); the problems with
+        them: not finite numbers, or not `count` of them."""
+        values = getattr(self, name)
+        if values is None:
+            return []
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            return [f"{name} must be a list of numbers or null, got {values!r}"]
+        values = tuple(values)
+        if not all(_is_finite_number(value) for value in values):
+            return [f"{name} must hold finite numbers only"]
+        object.__setattr__(self, name, tuple(float(value) for value in values))  # frozen: set once, here
+        if len(values) != count:
+            return [f"{name} holds {len(values)} scores for {count} calibration images"]
+        return []
 
     def to_json(self) -> str:
         return json.dumps({"format_version": CALIBRATION_FORMAT_VERSION} | asdict(self), sort_keys=True)
@@ -394,7 +447,9 @@ class Calibration:
     def _maximum_keeps_target(self) -> float:
         """The probability over the calibration draw that the largest normal score, as the threshold, keeps
         the false-alarm rate within the target."""
-        return float(_probability_within(self.num_normal, self.num_normal, self.target_false_alarm_rate))
+        return float(
+            probability_within_target(self.num_normal, self.num_normal, self.target_false_alarm_rate)
+        )
 
 
 def fit_calibration(
@@ -439,7 +494,7 @@ def fit_calibration(
         labels = np.r_[np.zeros(normal_scores.size), np.ones(anomalous_scores.size)]
         image_threshold, f1 = best_f1_threshold(labels, np.r_[normal_scores, anomalous_scores])
         bound = None
-    pixel = {}
+    pixel, normal_maxima = {}, None
     if normal_maps is not None:
         normal_maxima = normal_maps.flatten(1).amax(1).double().cpu().numpy()
         if anomalous_masks is None:
@@ -478,6 +533,9 @@ def fit_calibration(
         calibration_miss_rate=misses,
         confidence=confidence,
         normals_needed=needed if needed is not None and needed > normal_scores.size else None,
+        normal_scores=tuple(normal_scores.tolist()),
+        normal_map_maxima=None if normal_maxima is None else tuple(normal_maxima.tolist()),
+        anomalous_scores=None if anomalous_scores is None else tuple(anomalous_scores.tolist()),
         **pixel,
     )
 

@@ -17,7 +17,7 @@ from transformers.image_utils import load_image
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
-from .calibration import Calibration, score_error
+from .calibration import Calibration, check_review_band, in_review_band, score_error
 from .calibration_policy import calibrated_bank
 from .deploy.image_files import LABEL_NAMES
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
@@ -26,6 +26,8 @@ from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"
+# A part in the review band (`hf_fsad.calibration.in_review_band`) reads this instead of its label.
+REVIEW_LABEL = "review"
 logger = logging.getLogger(__name__)
 
 
@@ -75,12 +77,17 @@ def _sources(images: Sequence[Any] | Any | None, name: str) -> list[Any]:
     return list(images)
 
 
-def decision(output: AnomalyDetectionOutput, index: int, calibration: Calibration) -> dict[str, Any]:
+def decision(
+    output: AnomalyDetectionOutput, index: int, calibration: Calibration, review_band: float | None = None
+) -> dict[str, Any]:
     """The calibrated decision on image `index` of a calibrated `output`: `label` ("anomalous" when the
-    score is above `threshold`, else "normal"), `normalized_score` (0.5 at the threshold) and `threshold`
-    (the raw image threshold); and `error`, why the part fails, when its score is not finite."""
+    score is above `threshold`, else "normal"; "review" when `review_band` is given and the normalised score
+    is within it of 0.5: `hf_fsad.calibration.in_review_band`), `normalized_score` (0.5 at the threshold) and
+    `threshold` (the raw image threshold); and `error`, why the part fails, when its score is not finite."""
+    normalized = output["normalized_scores"][index : index + 1]
+    review = review_band is not None and bool(in_review_band(normalized, review_band))
     verdict = {
-        "label": LABEL_NAMES[int(output["labels"][index])],
+        "label": REVIEW_LABEL if review else LABEL_NAMES[int(output["labels"][index])],
         "normalized_score": float(output["normalized_scores"][index]),
         "threshold": calibration.image_threshold,
     }
@@ -107,7 +114,8 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     "normal"), `normalized_score` (0.5 at the threshold), `threshold` (the raw image threshold) and `mask`
     (bool array at the image's own size, the map above the pixel threshold; None without maps or pixel
     threshold). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
-    asks for a calibration (`calibrate=True`: an error when it is impossible).
+    asks for a calibration (`calibrate=True`: an error when it is impossible). `review_band=0.1`: a part
+    whose normalised score lies in [0.4, 0.6] gets the label "review" instead of "normal" or "anomalous".
     """
 
     _load_processor = False
@@ -229,6 +237,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         defect_images=None,
         defect_masks=None,
         weight_search=None,
+        review_band=None,
     ):
         if reference_bank is not None and (reference_images is not None or defect_images is not None):
             raise ValueError(
@@ -252,6 +261,9 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         if reference_bank is not None:
             forward_params["reference_bank"] = reference_bank
         postprocess_params = {"heatmap_range": heatmap_range} if heatmap_range is not None else {}
+        if review_band is not None:
+            check_review_band(review_band)
+            postprocess_params["review_band"] = review_band
         return {}, forward_params, postprocess_params
 
     def preprocess(self, image) -> dict[str, Any]:
@@ -265,7 +277,9 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         calibration = None if reference_bank is None else reference_bank.calibration
         return {"output": output, "image": model_inputs["image"], "calibration": calibration}
 
-    def postprocess(self, model_outputs: dict[str, Any], heatmap_range=None) -> dict[str, Any]:
+    def postprocess(
+        self, model_outputs: dict[str, Any], heatmap_range=None, review_band=None
+    ) -> dict[str, Any]:
         # The pipeline hands the output back as a plain ModelOutput, which drops the fields that are None.
         output, image = model_outputs["output"], model_outputs["image"]
         branch_scores = output.get("branch_scores", {})
@@ -279,8 +293,12 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             result["anomaly_map"] = resized_map(output["anomaly_maps"][0], image.size)
             result["heatmap"] = heatmap_overlay(image, result["anomaly_map"], heatmap_range)
         calibration = model_outputs["calibration"]
+        if review_band is not None and calibration is None:
+            raise ValueError(
+                "review_band needs a calibrated reference bank: the band lies around its threshold."
+            )
         if calibration is not None:
-            result |= decision(output, 0, calibration)
+            result |= decision(output, 0, calibration, review_band)
             anomaly_map = result["anomaly_map"]
             mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
             result["mask"] = None if mask is None else mask.numpy()

@@ -17,6 +17,14 @@ def rate(text: str) -> float:
     return value
 
 
+def review_band(text: str) -> float:
+    """`--review-band`: a half-width in normalised-score units, strictly between 0 and 0.5."""
+    value = float(text)
+    if not 0 < value < 0.5:
+        raise argparse.ArgumentTypeError(f"must lie between 0 and 0.5 (e.g. 0.1: 0.4 to 0.6), got {value}")
+    return value
+
+
 def add_batch_size(parser: argparse.ArgumentParser) -> None:
     """`--batch-size`; `hf_fsad.cli.main` refuses values below 1."""
     parser.add_argument(

@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING
 from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 from hf_fsad.registry import METHODS
 
+from ._bank_inputs import (
+    check_defects,
+    read_calibration_images,
+    read_reference_images,
+    saved_bank,
+    threshold_rule,
+)
 from ._errors import CliError
 from ._options import (
     add_allow_untrained,
@@ -22,6 +29,7 @@ from ._options import (
     add_precision,
     add_runtime,
     rate,
+    review_band,
 )
 
 if TYPE_CHECKING:
@@ -148,6 +156,13 @@ def register(commands: argparse._SubParsersAction) -> None:
         "with no false-alarm guarantee (it moves with the share of defects among them)",
     )
     calibration.add_argument(
+        "--review-band",
+        type=review_band,
+        metavar="HALF_WIDTH",
+        help="parts whose normalized_score lies within HALF_WIDTH of 0.5 (ends included; e.g. 0.1: 0.4 to "
+        "0.6) get the label review instead of normal or anomalous",
+    )
+    calibration.add_argument(
         "--no-calibration",
         action="store_true",
         help="no decisions, only scores (a calibrated --bank's calibration is left out)",
@@ -208,13 +223,13 @@ def run(args: argparse.Namespace) -> int:
         if args.save_bank:
             prepare_output_file(args.save_bank, "--save-bank")
         previous = previous_results(output) if args.resume else []
-        held_out_normals, anomalous, anomalous_masks = _calibration_images(args)
+        held_out_normals, anomalous, anomalous_masks = read_calibration_images(args)
         defects, defect_masks = read_anomalous_images(
             "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
         )
     except ValueError as error:
         raise CliError(str(error)) from None
-    references = _reference_images(args)
+    references = read_reference_images(args)
     state = PartialState(cpu=multi_process_cpu())
     device = args.device if state.num_processes == 1 else state.device
     try:
@@ -224,13 +239,13 @@ def run(args: argparse.Namespace) -> int:
     untrained = take_untrained_warning(model)  # --allow-untrained, or saved before training was recorded
     if untrained is not None and state.is_main_process:
         print(f"warning: {untrained}", file=sys.stderr)
-    _check_defects(model, args, defects)
+    check_defects(model, args, defects)
     if args.compile:
         model.compile_backbone()
     processor = model.image_processor()
     scorer, made = _calibrated_scorer(
         model,
-        _saved_bank(model, args),
+        saved_bank(model, args),
         references,
         {
             "defects": defects,
@@ -315,6 +330,7 @@ def _check_options(args: argparse.Namespace) -> None:
         args.false_alarm_rate,
         args.confidence,
         args.threshold_rule,
+        args.review_band,
     )
     if args.no_calibration and any(option is not None for option in calibration_options):
         raise CliError("--no-calibration goes with no other calibration option")
@@ -328,27 +344,6 @@ def _check_options(args: argparse.Namespace) -> None:
     runtime_conflict = _runtime_conflict(args)
     if runtime_conflict:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
-
-
-def _check_defects(model, args: argparse.Namespace, defects: list) -> None:
-    """Refuse defective images for a method that builds its bank from normal references only, and a bank
-    built without them for a method that needs them."""
-    method = model.config.model_type
-    if defects and not model.needs_anomalous_references:
-        raise CliError(
-            f"--defect: {method} builds its bank from normal references only (defective images can "
-            "calibrate its threshold: --calibration-anomalous)"
-        )
-    if model.needs_anomalous_references and not defects and not args.bank:
-        raise CliError(
-            f"{method} builds its bank from defective images too: give --defect IMAGE (and "
-            "--defect-mask MASK), or a --bank"
-        )
-
-
-def _threshold_rule(args: argparse.Namespace) -> str:
-    """The `--threshold-rule` as `fit_calibration` names it (false-alarm-rate -> false_alarm_rate)."""
-    return (args.threshold_rule or "false-alarm-rate").replace("-", "_")
 
 
 def _calibrated_scorer(
@@ -385,7 +380,7 @@ def _calibrated_scorer(
             calibrate=False if args.no_calibration else True if asked else "auto",
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
-            rule=_threshold_rule(args),
+            rule=threshold_rule(args),
             weight_search=not args.no_weight_search,
             precision=args.precision,
             batch_size=args.batch_size,
@@ -413,62 +408,13 @@ def _calibrated_scorer(
     return _scorer(model, made.bank, args, state), made
 
 
-def _reference_images(args: argparse.Namespace) -> list[Image.Image]:
-    """The readable `--reference` images (none without it, or with a --bank); a CliError when none is."""
-    from hf_fsad.io import expand_inputs, readable_images
-
-    if not args.reference or args.bank:
-        return []
-    readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
-    if not readable:
-        raise CliError("none of the --reference images could be read", exit_status=1)
-    return [image for _, image in readable]
-
-
-def _saved_bank(model, args: argparse.Namespace) -> ReferenceBank | None:
-    """The `--bank`, checked against the model and `--class-name`; None without it."""
-    from hf_fsad.bank import ReferenceBank
-
-    if not args.bank:
-        return None
-    try:
-        bank = model.checked_bank(ReferenceBank.load(args.bank))
-    except ValueError as error:
-        raise CliError(f"--bank {args.bank}: {error}") from None
-    if args.class_name is not None and args.class_name != bank.class_name:
-        raise CliError(
-            f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
-            "when it was built (build a bank of another class from --reference)"
-        )
-    return bank
-
-
-def _calibration_images(
-    args: argparse.Namespace,
-) -> tuple[list[Image.Image], list[Image.Image], list[Image.Image] | None]:
-    """(held-out normal, anomalous images, their masks or None) of the calibration options; a ValueError names
-    the option and the file that cannot be used."""
-    from hf_fsad.io import option_image_paths, read_anomalous_images, read_option_images
-
-    normal = []
-    if args.calibration_normal:
-        normal_paths = option_image_paths("--calibration-normal", args.calibration_normal)
-        normal = read_option_images("--calibration-normal", normal_paths, args.max_pixels)
-    anomalous, masks = read_anomalous_images(
-        "--calibration-anomalous",
-        args.calibration_anomalous,
-        "--calibration-masks",
-        args.calibration_masks,
-        args.max_pixels,
-    )
-    return normal, anomalous, masks
-
-
 def _verdict_summary(records: Sequence[dict]) -> str:
-    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`."""
+    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`
+    (and `, 1 review` with a review band)."""
     labels = [record["label"] for record in records if "label" in record]
-    failed = labels.count("anomalous")
-    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed} pass"
+    failed, review = labels.count("anomalous"), labels.count("review")
+    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed - review} pass"
+    summary += f", {review} review" if review else ""
     unlabelled = len(records) - len(labels)
     return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
 
@@ -543,7 +489,7 @@ def _score_paths(
                     "heatmap": None,
                 }
                 if bank.calibration is not None:
-                    record |= decision(result, index, bank.calibration)
+                    record |= decision(result, index, bank.calibration, args.review_band)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
                     anomaly_map = result.anomaly_maps[index]

@@ -45,6 +45,7 @@ from datasets import Dataset
 from PIL import Image
 
 from ..bank import ReferenceBank
+from ..calibration import KEPT_SCORE_FIELDS
 from ..calibration_policy import EncodedReferences, calibrated_bank
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
@@ -414,7 +415,13 @@ def _calibrated_bank(
     calibration = made.bank.calibration
     return made.bank, {
         "target_false_alarm_rate": protocol.false_alarm_rate,
-        "calibration": None if note else dataclasses.asdict(calibration),
+        "calibration": None  # its thresholds; the scores they were fitted to stay in the bank
+        if note
+        else {
+            name: value
+            for name, value in dataclasses.asdict(calibration).items()
+            if name not in KEPT_SCORE_FIELDS
+        },
         "calibration_note": note or " ".join(made.warnings) or None,
         "calibration_seconds": None if note else time.perf_counter() - started,
         "bank_notes": made.notes,
