@@ -238,6 +238,24 @@ def test_cli_reports_a_model_it_cannot_load_in_one_line(saved_winclip_dir, tmp_p
     assert env_free.returncode == 2 and len(error_lines) == 1 and expected in error_lines[0], env_free.stderr
 
 
+def test_references_none_of_which_can_be_read_exit_1_naming_the_option(saved_winclip_dir, tmp_path):
+    broken = tmp_path / "refs"
+    broken.mkdir()
+    (broken / "empty.png").write_bytes(b"")
+    (broken / "text.png").write_text("this is text")
+    image = tmp_path / "good.png"
+    Image.fromarray(GOOD).save(image)
+    output = tmp_path / "o.jsonl"
+    result = _run(
+        "score", "--model", saved_winclip_dir, "--reference", str(broken), "--output", str(output), str(image)
+    )
+    _no_traceback(result)
+    assert result.returncode == 1, result.stderr
+    assert "error: none of the --reference images could be read" in result.stderr
+    assert f"skipped reference {broken / 'empty.png'}: empty file" in result.stderr
+    assert not output.exists()
+
+
 @pytest.mark.parametrize("flag", ["--output", "--heatmaps", "--save-bank"])
 def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, flag):
     blocker = tmp_path / "a_file"
@@ -340,3 +358,19 @@ def test_dataset_files_are_checked_without_decoding_and_broken_ones_named(tmp_pa
             expected = "is a directory" if name == "folder.png" else reason
             with pytest.raises(ImageReadError, match=expected):
                 check_image_file(path, max_pixels=100000)
+
+
+def test_a_heatmap_with_non_finite_values_draws_them_at_the_top_of_the_scale():
+    from hf_fsad.visualization import heatmap_overlay
+
+    image = Image.new("RGB", (4, 4), (0, 0, 0))
+    finite = np.linspace(0.0, 1.0, 16, dtype=np.float32).reshape(4, 4)
+    broken = finite.copy()
+    broken[0, 0], broken[3, 3] = np.nan, np.inf  # the finite range stays 1/15 .. 14/15
+    drawn = np.asarray(heatmap_overlay(image, broken))
+    # Equal to the drawing of a map whose non-finite pixels are the finite maximum and whose range is the
+    # finite values' (same size: the bilinear resize copies pixels).
+    expected = finite.copy()
+    expected[0, 0] = expected[3, 3] = finite[3, 2]
+    reference = np.asarray(heatmap_overlay(image, expected, value_range=(finite[0, 1], finite[3, 2])))
+    assert np.array_equal(drawn, reference)

@@ -25,7 +25,8 @@ def heatmap_overlay(
     """Blend a jet-coloured `anomaly_map` (resized bilinearly to the image) over `image`.
 
     value_range: the scores mapped to the ends of the colour scale; None uses the map's own min and max
-    (good for one image; give a shared range to compare images).
+    (good for one image; give a shared range to compare images). Non-finite values are drawn at the top of
+    the scale, and the range is taken over the finite ones.
 
     The map is resized once in float32 and coloured `rows_per_strip` rows at a time through a 256-entry
     table (the quantisation matplotlib's colormap applies), so a large image costs its own size a few times
@@ -34,10 +35,14 @@ def heatmap_overlay(
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     if anomaly_map.ndim != 2:
         raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {anomaly_map.shape}.")
-    low, high = (
-        value_range if value_range is not None else (float(anomaly_map.min()), float(anomaly_map.max()))
-    )
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
+    finite = np.isfinite(anomaly_map)
+    if value_range is None:
+        values = anomaly_map[finite]
+        value_range = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    low, high = value_range
+    # A non-finite value fails its part (`calibration.score_error`): drawn at the top of the scale.
+    scaled = np.where(finite, np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0), 1.0)
+    scaled = scaled.astype(np.float32)
     resized = np.asarray(Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR))
     lookup = _jet_lookup()
     overlay = np.array(image.convert("RGB"))

@@ -42,7 +42,7 @@ def read_reference_images(args: argparse.Namespace) -> list[Image.Image]:
 
     if not args.reference or args.bank:
         return []
-    readable = readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels)
+    readable = list(readable_images(expand_inputs(args.reference, "reference"), "reference", args.max_pixels))
     if not readable:
         raise CliError("none of the --reference images could be read", exit_status=1)
     return [image for _, image in readable]
