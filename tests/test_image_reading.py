@@ -27,7 +27,16 @@ from hf_fsad.deploy import run_exported
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.evaluation.runner import _paper_pixel_values
 from hf_fsad.features import FeatureCache
-from hf_fsad.io import ImageReadError, read_image, read_mask, read_upright, read_upright_size, to_rgb, to_upright_rgb, upright
+from hf_fsad.io import (
+    ImageReadError,
+    read_image,
+    read_mask,
+    read_upright,
+    read_upright_size,
+    to_rgb,
+    to_upright_rgb,
+    upright,
+)
 from hf_fsad.metrics import PIXEL_METRICS
 from hf_fsad.pipeline import as_rgb_image
 from hf_fsad.visualization import mask_array
@@ -82,11 +91,11 @@ def pipe(saved_winclip_dir):
     return pipeline("image-anomaly-detection", model=saved_winclip_dir)
 
 
-
 def _score_arguments(model_dir: str, photos: dict) -> list[str]:
     """`hf-fsad score` against the upright references, one image a batch, as the pipeline scores them."""
     return ["score", "--model", model_dir, "--reference", str(photos["refs"]), "--batch-size", "1",
             "--class-name", "fabric"]  # fmt: skip
+
 
 def test_the_oriented_file_is_stored_sideways(photos):
     with Image.open(photos["oriented"]) as stored:
