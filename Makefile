@@ -7,6 +7,11 @@ ANOMALIB_VENV := .venv-anomalib
 # The exported-model runner's own environment: numpy, Pillow and the runtimes, no torch (`make test-runtime`).
 RUNTIME_VENV := .venv-runtime
 RUNTIME_SPEC ?= numpy pillow onnxruntime openvino
+# The oldest supported environment: pyproject.toml's floors, pinned (scripts/floor_requirements.py), on the
+# oldest supported Python (`make test-floor`). The floor torch comes from PyPI: on Linux the CUDA build, about
+# 3.4 GB to download and 6 GB installed.
+FLOOR_VENV := .venv-floor
+FLOOR_PYTHON ?= python3.11
 ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
 # CPU build of torch that lies on these machines' disk; installed first so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
@@ -14,7 +19,7 @@ TORCH_SPEC ?= torch==2.13.0
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert install-anomalib install-runtime compare-anomalib demo test test-core test-convert test-runtime e2e lint cli-docs clean
+.PHONY: install install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,10 +45,17 @@ $(RUNTIME_VENV)/.installed:
 	$(RUNTIME_VENV)/bin/pip install --quiet $(RUNTIME_SPEC)
 	touch $@
 
+$(FLOOR_VENV)/.installed: pyproject.toml scripts/floor_requirements.py
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PYTHON) scripts/floor_requirements.py > $(FLOOR_VENV)/floor-requirements.txt
+	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor-requirements.txt -e .
+	touch $@
+
 install: $(VENV)/.installed
 install-convert: $(CONVERT_VENV)/.installed
 install-anomalib: $(ANOMALIB_VENV)/.installed
 install-runtime: $(RUNTIME_VENV)/.installed
+install-floor: $(FLOOR_VENV)/.installed
 
 # hf_fsad's WinCLIP against anomalib's on the same random backbone (benchmarks/results/anomalib_comparison.md).
 compare-anomalib: install-anomalib
@@ -67,6 +79,10 @@ test-runtime: install install-runtime
 
 test: test-core test-convert test-runtime
 
+# Not part of `test` (a large download): import and score one image at the declared floors; .ci/run runs it.
+test-floor: install-floor
+	$(FLOOR_VENV)/bin/python scripts/floor_check.py
+
 # The Space in headless Chromium (also part of test-core); refreshes the screenshot in the docs.
 e2e: install
 	HF_FSAD_SCREENSHOT=docs/space_screenshot.png $(VENV)/bin/python -m pytest -q -m e2e
@@ -79,4 +95,4 @@ cli-docs: install
 	$(VENV)/bin/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) $(RUNTIME_VENV) demo_output
+	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) $(RUNTIME_VENV) $(FLOOR_VENV) demo_output

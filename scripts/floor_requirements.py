@@ -26,5 +26,13 @@ def floor_pins(pyproject: Path = PYPROJECT) -> list[str]:
     return pins
 
 
+def python_floor(pyproject: Path = PYPROJECT) -> str:
+    """The oldest Python that `requires-python` admits (`>=3.11` -> `3.11`)."""
+    requires = tomllib.loads(pyproject.read_text())["project"]["requires-python"]
+    if not requires.startswith(">="):
+        raise ValueError(f"{pyproject}: requires-python {requires!r} declares no `>=` floor")
+    return requires.removeprefix(">=")
+
+
 if __name__ == "__main__":
     sys.stdout.write("".join(pin + "\n" for pin in floor_pins()))
