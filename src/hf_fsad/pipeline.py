@@ -8,10 +8,10 @@ import binascii
 import dataclasses
 import logging
 import os
+import urllib.request
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -31,7 +31,7 @@ TASK = "image-anomaly-detection"
 LABEL_NAMES = ("normal", "anomalous")
 logger = logging.getLogger(__name__)
 URL_SCHEMES = ("http://", "https://")
-# Seconds to wait on a server that stops sending (transformers' `load_image` waits forever by default).
+# Seconds to wait on a server that stops answering (transformers' `load_image` waits forever by default).
 URL_TIMEOUT_S = 60.0
 
 
@@ -52,22 +52,22 @@ def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
 
 
 def read_image_url(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The image at an http(s) URL or in a base64 `data:` URL, read as `read_image` reads files (upright,
-    transparency composited on white, same checks). transformers' `load_image` is not used: it drops alpha."""
+    """The image at an http(s) URL (fetched with the standard library, which honours `https_proxy` and
+    `no_proxy`) or in a base64 `data:` URL, read as `read_image` reads files (upright, transparency composited
+    on white, same checks). transformers' `load_image` is not used: it drops alpha."""
     name = "data: URL" if url.startswith("data:") else url
     try:
         if url.startswith("data:"):
             data = base64.b64decode(url.partition(",")[2], validate=True)
         else:
-            response = httpx.get(url, timeout=URL_TIMEOUT_S, follow_redirects=True)
-            response.raise_for_status()
-            data = response.content
+            with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+                data = response.read()
         return read_image_bytes(data, max_pixels)
     except ImageReadError as error:
         raise ImageReadError(f"{name}: {error}") from None
     except binascii.Error as error:
         raise ImageReadError(f"{name}: not valid base64 ({error})") from None
-    except httpx.HTTPError as error:
+    except OSError as error:  # urllib's URLError and HTTPError, timeouts
         raise ImageReadError(f"{name}: cannot download ({error})") from None
 
 
