@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
@@ -34,17 +37,29 @@ def check_installed_floors() -> None:
         print(f"note: Python {interpreter}, newer than the floor {python_floor()} (FLOOR_PYTHON=python3.11)")
 
 
+@contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null: at transformers 5.4, saving the byte-level tokenizer prints every
+    id its vocabulary leaves unused (about 300 kB) from native code, past Python's logging."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def score_one_image(directory: Path) -> dict:
     """`hf-fsad score` of one toy query against two toy references, on a saved tiny random CLIP."""
-    from transformers.utils import logging
-
     from hf_fsad.cli import main
     from hf_fsad.data.toy import toy_records
     from hf_fsad.testing import save_random_clip, tiny_clip_config
 
-    logging.set_verbosity_error()  # transformers 5.4 lists the byte-level vocabulary's every unused id
-    clip = save_random_clip(tiny_clip_config(), directory / "clip")
-    logging.set_verbosity_warning()
+    with native_stderr_silenced():
+        clip = save_random_clip(tiny_clip_config(), directory / "clip")
     splits = toy_records("weave", num_train=2, num_test_good=0, num_test_anomalous=1, seed=0)
     references = directory / "good"
     references.mkdir()
