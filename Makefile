@@ -13,17 +13,25 @@ RUNTIME_SPEC ?= numpy pillow onnxruntime openvino
 FLOOR_VENV := .venv-floor
 FLOOR_PYTHON ?= python3.11
 ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
-# CPU build of torch that lies on these machines' disk; installed first so nothing pulls a CUDA build.
+# torch first, so nothing else pulls another build. 2.13.0 lies on these machines' disk as the CPU build; from
+# PyPI on an ordinary Linux machine it is the CUDA build (a multi-GB download): pass TORCH_SPEC to choose, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU one.
 TORCH_SPEC ?= torch==2.13.0
 # The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
+.PHONY: install install-core install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
 
-$(VENV)/.installed: pyproject.toml
+# The core install (torch and hf-fsad's own dependencies): what `make demo` and `make cli-docs` need.
+$(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+# Every extra but `convert` (diffusers, onnx and openvino, gradio, playwright, ...): what the tests need.
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers,space,export]'
 	touch $@
 
@@ -51,6 +59,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml scripts/floor_requirements.py
 	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor-requirements.txt -e .
 	touch $@
 
+install-core: $(VENV)/.installed-core
 install: $(VENV)/.installed
 install-convert: $(CONVERT_VENV)/.installed
 install-anomalib: $(ANOMALIB_VENV)/.installed
@@ -61,7 +70,7 @@ install-floor: $(FLOOR_VENV)/.installed
 compare-anomalib: install-anomalib
 	$(ANOMALIB_VENV)/bin/python benchmarks/compare_anomalib.py --out benchmarks/results
 
-demo: install
+demo: install-core
 	$(VENV)/bin/hf-fsad demo --out demo_output
 
 test-core: install
@@ -91,7 +100,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks training spaces scripts
 
 # docs/cli.md from the CLI's parser (tests/test_cli.py fails when they disagree).
-cli-docs: install
+cli-docs: install-core
 	$(VENV)/bin/python scripts/cli_reference.py
 
 clean:

@@ -4,9 +4,12 @@ declared floors admit nothing older than what the code uses."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -69,3 +72,22 @@ def test_declared_floors_admit_nothing_older_than_the_code_uses():
     for text, name, first_release in FLOOR_SETTERS:
         assert text in source, f"{text!r} is no longer used: drop it from FLOOR_SETTERS"
         assert floors[name] >= Version(first_release), f"{text} needs {name} >= {first_release}"
+
+
+def make_commands(target: str) -> list[str]:
+    """The commands `make TARGET` would run from scratch (`make -n -B`), without running them."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    result = subprocess.run(
+        ["make", "-n", "-B", target], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return result.stdout.splitlines()
+
+
+def test_make_demo_installs_only_the_core_and_make_test_every_extra_its_tests_need():
+    demo_installs = [line for line in make_commands("demo") if "pip install" in line]
+    assert any(line.endswith("install --quiet -e .") for line in demo_installs), demo_installs
+    assert not any("[" in line for line in demo_installs), (
+        demo_installs
+    )  # no extras: openvino, diffusers, ...
+    assert any("-e '.[dev,elpv,diffusers,space,export]'" in line for line in make_commands("test-core"))
