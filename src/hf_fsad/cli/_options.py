@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from hf_fsad.deploy.run_exported import RUNTIMES
 from hf_fsad.io import DEFAULT_MAX_PIXELS
@@ -21,6 +22,14 @@ def rate(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 1 (e.g. 0.05 for 5 %), got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (not nan or inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 

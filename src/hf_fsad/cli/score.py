@@ -16,7 +16,15 @@ from hf_fsad.calibration_policy import DEFAULT_FALSE_ALARM_RATE
 from hf_fsad.registry import METHODS
 
 from ._errors import CliError
-from ._options import add_batch_size, add_device, add_max_pixels, add_precision, add_runtime, rate
+from ._options import (
+    add_batch_size,
+    add_device,
+    add_max_pixels,
+    add_precision,
+    add_runtime,
+    finite_float,
+    rate,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -137,6 +145,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "with no false-alarm guarantee (it moves with the share of defects among them)",
     )
     calibration.add_argument(
+        "--threshold",
+        type=finite_float,
+        metavar="SCORE",
+        help="a manual threshold on the raw score, instead of the calibrated one, for the verdicts (anomalib's "
+        "ManualThreshold): anomalous above it; records say threshold_source manual, and normalized_score is "
+        "0.5 at it on the calibration's scale (null without a calibration); the pixel threshold stays "
+        "calibrated",
+    )
+    calibration.add_argument(
         "--no-calibration",
         action="store_true",
         help="no decisions, only scores (a calibrated --bank's calibration is left out)",
@@ -228,6 +245,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {note}", file=sys.stderr)
         if bank.calibration is not None:
             print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
+        if args.threshold is not None:
+            print(
+                f"threshold: manual {args.threshold:.6g} (--threshold) decides the verdicts", file=sys.stderr
+            )
         elif refusal is not None:
             print(
                 f"not calibrated: {refusal}; --calibration-normal gives held-out normal images",
@@ -275,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
-    if bank.calibration is not None:
+    if bank.calibration is not None or args.threshold is not None:
         print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
     return 0 if scored or not paths else 1
 
@@ -489,6 +510,27 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _manual_decision(score: float, threshold: float, calibration) -> dict:
+    """The verdict at a manual raw `--threshold`, as `decision` gives the calibrated one: anomalous above it
+    (or when the score is not finite); normalized_score 0.5 at it on the calibration's scale, None without a
+    calibration (no scale to normalise with)."""
+    import torch
+
+    from hf_fsad.calibration import exceeds_threshold, normalize_around, score_error
+    from hf_fsad.pipeline import LABEL_NAMES
+
+    value = torch.tensor([score], dtype=torch.float64)
+    normalized = None if calibration is None else normalize_around(value, threshold, calibration.image_scale)
+    verdict = {
+        "label": LABEL_NAMES[int(exceeds_threshold(value, threshold))],
+        "normalized_score": None if normalized is None else float(normalized),
+        "threshold": threshold,
+        "threshold_source": "manual",
+    }
+    error = score_error(score)
+    return verdict if error is None else verdict | {"error": error}
+
+
 def _verdict_summary(records: Sequence[dict]) -> str:
     """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`."""
     labels = [record["label"] for record in records if "label" in record]
@@ -567,7 +609,9 @@ def _score_paths(
                     "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
                     "heatmap": None,
                 }
-                if bank.calibration is not None:
+                if args.threshold is not None:
+                    record |= _manual_decision(record["score"], args.threshold, bank.calibration)
+                elif bank.calibration is not None:
                     record |= decision(result, index, bank.calibration)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
