@@ -34,6 +34,7 @@ LAYERS = {
     "hf_fsad.distributed": 0,
     "hf_fsad.calibration": 0,
     "hf_fsad.calibration_inputs": 0,
+    "hf_fsad.progress": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the

@@ -588,15 +588,17 @@ def _score_paths(
     """Score `paths` in batches with `scorer` (`_scorer`) into the JSON-lines file `share` (heatmaps beside, if
     asked); each line is written whole, so an interrupted share holds complete records only."""
     import torch
-    from tqdm.auto import tqdm
 
     from hf_fsad.io import batched, json_line, readable_images, save_image_atomically
     from hf_fsad.pipeline import decision, resized_map
+    from hf_fsad.progress import progress_bar
     from hf_fsad.visualization import heatmap_overlay, outline_region
 
     with (
         open(share, "w") as sink,
-        tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
+        progress_bar(
+            total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process
+        ) as progress,
     ):
         readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in batched(readable, args.batch_size):
