@@ -7,18 +7,31 @@ ANOMALIB_VENV := .venv-anomalib
 # The exported-model runner's own environment: numpy, Pillow and the runtimes, no torch (`make test-runtime`).
 RUNTIME_VENV := .venv-runtime
 RUNTIME_SPEC ?= numpy pillow onnxruntime openvino
+# The oldest supported environment: pyproject.toml's floors, pinned (scripts/floor_requirements.py), on the
+# oldest supported Python (`make test-floor`). The floor torch comes from PyPI: on Linux the CUDA build, about
+# 3.4 GB to download and 6 GB installed.
+FLOOR_VENV := .venv-floor
+FLOOR_PYTHON ?= python3.11
 ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
-# CPU build of torch that lies on these machines' disk; installed first so nothing pulls a CUDA build.
+# torch first, so nothing else pulls another build. 2.13.0 lies on these machines' disk as the CPU build; from
+# PyPI on an ordinary Linux machine it is the CUDA build (a multi-GB download): pass TORCH_SPEC to choose, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU one.
 TORCH_SPEC ?= torch==2.13.0
 # The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
 # out of the core install.
 CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install install-convert install-anomalib install-runtime compare-anomalib demo test test-core test-convert test-runtime e2e lint cli-docs clean
+.PHONY: install install-core install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
 
-$(VENV)/.installed: pyproject.toml
+# The core install (torch and hf-fsad's own dependencies): what `make demo` and `make cli-docs` need.
+$(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+# Every extra but `convert` (diffusers, onnx and openvino, gradio, playwright, ...): what the tests need.
+$(VENV)/.installed: $(VENV)/.installed-core
 	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers,space,export]'
 	touch $@
 
@@ -40,16 +53,24 @@ $(RUNTIME_VENV)/.installed:
 	$(RUNTIME_VENV)/bin/pip install --quiet $(RUNTIME_SPEC)
 	touch $@
 
+$(FLOOR_VENV)/.installed: pyproject.toml scripts/floor_requirements.py
+	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_PYTHON) scripts/floor_requirements.py > $(FLOOR_VENV)/floor-requirements.txt
+	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor-requirements.txt -e .
+	touch $@
+
+install-core: $(VENV)/.installed-core
 install: $(VENV)/.installed
 install-convert: $(CONVERT_VENV)/.installed
 install-anomalib: $(ANOMALIB_VENV)/.installed
 install-runtime: $(RUNTIME_VENV)/.installed
+install-floor: $(FLOOR_VENV)/.installed
 
 # hf_fsad's WinCLIP against anomalib's on the same random backbone (benchmarks/results/anomalib_comparison.md).
 compare-anomalib: install-anomalib
 	$(ANOMALIB_VENV)/bin/python benchmarks/compare_anomalib.py --out benchmarks/results
 
-demo: install
+demo: install-core
 	$(VENV)/bin/hf-fsad demo --out demo_output
 
 test-core: install
@@ -67,6 +88,10 @@ test-runtime: install install-runtime
 
 test: test-core test-convert test-runtime
 
+# Not part of `test` (a large download): import and score one image at the declared floors; .ci/run runs it.
+test-floor: install-floor
+	$(FLOOR_VENV)/bin/python scripts/floor_check.py
+
 # The Space in headless Chromium (also part of test-core); refreshes the screenshot in the docs.
 e2e: install
 	HF_FSAD_SCREENSHOT=docs/space_screenshot.png $(VENV)/bin/python -m pytest -q -m e2e
@@ -75,8 +100,8 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks training spaces scripts
 
 # docs/cli.md from the CLI's parser (tests/test_cli.py fails when they disagree).
-cli-docs: install
+cli-docs: install-core
 	$(VENV)/bin/python scripts/cli_reference.py
 
 clean:
-	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) $(RUNTIME_VENV) demo_output
+	rm -rf $(VENV) $(CONVERT_VENV) $(ANOMALIB_VENV) $(RUNTIME_VENV) $(FLOOR_VENV) demo_output

@@ -38,6 +38,7 @@ LAYERS = {
     "hf_fsad.tiling": 0,
     "hf_fsad.regions": 0,
     "hf_fsad.calibration_report": 0,
+    "hf_fsad.progress": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the

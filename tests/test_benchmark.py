@@ -702,6 +702,18 @@ def test_cli_benchmark_false_alarm_rate(saved_winclip_dir, tmp_path, capsys):
     assert scored["target_false_alarm_rate"] == 0.7 and scored["false_alarm_bound"] == 2 / 3
 
 
+def test_cli_benchmark_shows_its_progress_and_quiet_hides_it(saved_winclip_dir, tmp_path, capsys):
+    arguments = ["benchmark", "--methods", f"w={saved_winclip_dir}", "--datasets", "toy::grid", "--k", "2"]
+    arguments += ["--seeds", "0"]
+    assert main([*arguments, "--out", str(tmp_path / "shown")]) == 0
+    shown = capsys.readouterr().err
+    assert "INFO hf_fsad.evaluation.runner: cell w|toy|grid|2|0|0: " in shown  # each finished cell
+    assert "toy/grid: 100%" in shown  # the bar over the category's cells
+    assert main(["--quiet", *arguments, "--out", str(tmp_path / "quiet")]) == 0
+    quiet = capsys.readouterr().err
+    assert "INFO" not in quiet and "toy/grid" not in quiet and "%|" not in quiet
+
+
 class FlippedReferences:
     """A `ReferenceGenerator` that adds each normal reference flipped left to right."""
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from hf_fsad.bank import ReferenceBank
+from hf_fsad.calibration import normalize_around
 from hf_fsad.cli import main
 from hf_fsad.data.toy import toy_records
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
@@ -210,6 +211,49 @@ def test_one_reference_is_reported_and_scored_uncalibrated(saved_winclip_dir, fi
     assert "error: calibration: Cannot calibrate by leave-one-out: leave-one-out needs at least 2" in (
         capsys.readouterr().err
     )
+
+
+def test_a_manual_threshold_overrides_the_calibrated_one_and_says_so(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    bank_path = tmp_path / "bank.safetensors"
+    references = ["--reference", str(files["refs"])]
+    status, calibrated = _score(
+        saved_winclip_dir, files, tmp_path, *references, "--save-bank", str(bank_path)
+    )
+    assert status == 0 and {record["label"] for record in calibrated} == {"normal", "anomalous"}
+    scale = ReferenceBank.load(bank_path).calibration.image_scale
+    scores = [record["score"] for record in calibrated]
+    capsys.readouterr()
+    for manual, label in ((max(scores) + 1, "normal"), (min(scores) - 1, "anomalous")):
+        status, records = _score(saved_winclip_dir, files, tmp_path, *references, "--threshold", str(manual))
+        assert status == 0 and [record["score"] for record in records] == scores
+        assert [record["label"] for record in records] == [label] * len(records)
+        assert all(
+            record["threshold"] == manual and record["threshold_source"] == "manual" for record in records
+        )
+        # normalised around the manual threshold on the calibration's scale: 0.5 at it, above it exactly
+        # where the verdict fails
+        expected = normalize_around(torch.tensor(scores, dtype=torch.float64), manual, scale).tolist()
+        assert [record["normalized_score"] for record in records] == expected
+        assert all((record["normalized_score"] > 0.5) == (label == "anomalous") for record in records)
+        errors = capsys.readouterr().err
+        assert f"threshold: manual {manual:.6g} (--threshold) decides the verdicts" in errors
+        assert f"{len(records)} images: " in errors
+    # without a calibration (one reference) the manual threshold still gives verdicts, with no scale to
+    # normalise on
+    one = str(files["refs"] / "normal0.png")
+    status, records = _score(
+        saved_winclip_dir, files, tmp_path, "--reference", one, "--threshold", str(manual)
+    )
+    assert status == 0 and all(record["label"] == "anomalous" for record in records)
+    assert all(record["normalized_score"] is None for record in records)
+
+
+def test_a_threshold_that_is_not_a_finite_number_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["score", "x.png", "--model", "m", "--output", "o.jsonl", "--threshold", "nan"])
+    assert "--threshold: must be a finite number, got nan" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -1,20 +1,28 @@
-"""The demo: falls back to a random backbone offline, saying so, and writes a readable report."""
+"""The demo: falls back to a random backbone offline, saying so, writes a readable report, and ends with
+pass/fail verdicts on good/ and queries/ folders that `hf-fsad score` runs on next."""
 
 from __future__ import annotations
 
+import json
 import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
+from huggingface_hub import constants
 from PIL import Image
 
 from hf_fsad import demo
+from hf_fsad.cli import main
 from hf_fsad.testing import tiny_clip_config
 
 
 def test_offline_fallback_says_so_and_writes_the_report(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(demo, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(demo, "hub_reachable", lambda repo_id, timeout=3.0: False)
     monkeypatch.setattr(demo, "vit_b16_config", tiny_clip_config)  # same code path, test-sized backbone
 
-    report = demo.run_demo(tmp_path, backbone=str(tmp_path / "not-a-cached-model"), k=2)
+    result = demo.run_demo(tmp_path, backbone=str(tmp_path / "not-a-cached-model"), k=2)
+    report = result.report
 
     message = caplog.text
     assert "cannot be reached" in message and "not WinCLIP's accuracy" in message
@@ -29,10 +37,74 @@ def test_offline_fallback_says_so_and_writes_the_report(tmp_path, monkeypatch, c
 
 
 def test_a_cached_backbone_is_used_without_the_hub(tiny_clip_dir, monkeypatch):
-    def probe(timeout: float = 3.0) -> bool:
+    def probe(repo_id: str, timeout: float = 3.0) -> bool:
         raise AssertionError("the Hub was probed although the backbone is on disk")
 
     monkeypatch.setattr(demo, "hub_reachable", probe)
     model, pretrained = demo.load_demo_model(tiny_clip_dir)
     assert pretrained
     assert model.config.clip_config.vision_config.hidden_size == tiny_clip_config().vision_config.hidden_size
+
+
+def test_the_demo_ends_with_calibrated_verdicts_on_folders_the_cli_scores_alike(
+    tiny_clip_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "demo_output"
+    assert main(["demo", "--out", str(out), "--backbone", tiny_clip_dir]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    good = sorted((out / "good").glob("*.png"))
+    queries = sorted((out / "queries").glob("*.png"))
+    assert len(good) == demo.VERDICT_REFERENCES
+    assert len(queries) == demo.VERDICT_NORMAL_QUERIES + demo.VERDICT_DEFECTIVE_QUERIES
+    verdicts = [line for line in printed if " -> " in line]
+    assert [line.split(":")[0] for line in verdicts] == [str(path) for path in queries]
+    assert all(line.endswith(("-> pass", "-> fail (anomalous)")) for line in verdicts)
+    assert any(line.startswith("calibration: conformal threshold") for line in printed)
+    assert printed[-1].startswith(f"next: hf-fsad score {out / 'queries'} --model winclip@{tiny_clip_dir}")
+    assert "## Pass/fail" in (out / "report.md").read_text()
+
+    # The next step: `hf-fsad score` on the two folders gives the same verdicts.
+    results = tmp_path / "results.jsonl"
+    arguments = ["score", str(out / "queries"), "--model", f"winclip@{tiny_clip_dir}"]
+    arguments += ["--reference", str(out / "good"), "--class-name", demo.VERDICT_CLASS_NAME]
+    assert main([*arguments, "--output", str(results)]) == 0
+    records = {record["path"]: record for record in map(json.loads, results.read_text().splitlines())}
+    for line in verdicts:
+        path, verdict = line.split(": score ")
+        assert ("fail" in verdict) == (records[path]["label"] == "anomalous"), line
+
+
+class _ModelInfo(BaseHTTPRequestHandler):
+    """Answers the Hub's model-info request for any repository; counts the requests."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        body = json.dumps({"id": self.path.removeprefix("/api/models/"), "private": False}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_hub_check_asks_huggingface_hub_and_honours_offline_mode(monkeypatch):
+    """The check goes where huggingface_hub goes (here HF_ENDPOINT, a local server on a port other than 443,
+    which a raw socket to port 443 missed) and asks nothing when HF_HUB_OFFLINE is set."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ModelInfo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert demo.hub_reachable("openai/clip-vit-base-patch16", timeout=60.0)  # a loaded machine is slow
+        assert _ModelInfo.requests == ["/api/models/openai/clip-vit-base-patch16"]
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert not demo.hub_reachable("openai/clip-vit-base-patch16")
+        assert len(_ModelInfo.requests) == 1
+    finally:
+        server.shutdown()
+        server.server_close()

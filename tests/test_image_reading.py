@@ -1,11 +1,15 @@
 """One rule for reading images on every path (CLI, pipeline given a path or a PIL image, benchmark loaders and
-runner, Space, exported runner): images and masks are turned upright by their EXIF orientation, and
+runner, Space, exported runner, URLs): images and masks are turned upright by their EXIF orientation, and
 transparency is composited on white as transformers' `CLIPImageProcessor` does."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,16 @@ from hf_fsad.deploy import image_files, run_exported
 from hf_fsad.evaluation import DatasetSpec, run_benchmark
 from hf_fsad.evaluation.runner import _paper_pixel_values
 from hf_fsad.features import FeatureCache
-from hf_fsad.io import read_image, read_mask, read_upright, read_upright_size, to_rgb, to_upright_rgb, upright
+from hf_fsad.io import (
+    ImageReadError,
+    read_image,
+    read_mask,
+    read_upright,
+    read_upright_size,
+    to_rgb,
+    to_upright_rgb,
+    upright,
+)
 from hf_fsad.metrics import PIXEL_METRICS
 from hf_fsad.pipeline import as_rgb_image
 from hf_fsad.visualization import mask_array
@@ -79,11 +92,11 @@ def pipe(saved_winclip_dir):
     return pipeline("image-anomaly-detection", model=saved_winclip_dir)
 
 
-
 def _score_arguments(model_dir: str, photos: dict) -> list[str]:
     """`hf-fsad score` against the upright references, one image a batch, as the pipeline scores them."""
     return ["score", "--model", model_dir, "--reference", str(photos["refs"]), "--batch-size", "1",
             "--class-name", "fabric"]  # fmt: skip
+
 
 def test_the_oriented_file_is_stored_sideways(photos):
     with Image.open(photos["oriented"]) as stored:
@@ -252,6 +265,41 @@ def test_every_path_gives_the_processors_pixels_for_transparent_images(
             direct = model.encode_images(expected)
         for name, tensor in direct.items():
             assert torch.equal(cached[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def served(transparent):
+    """The base URL of a local HTTP server serving the `transparent` images' folder."""
+    folder = next(iter(transparent.values())).parent
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_urls_are_read_by_the_same_rule_as_files(pipe, transparent, served, photos, monkeypatch):
+    """A URL (http or `data:`) gives the pixels `read_image` gives its file: transparency composited on white,
+    where transformers' `load_image` drops alpha; and the pipeline scores it as it scores the file."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    for mode, path in transparent.items():
+        expected = pixels_of(read_image(path))
+        data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        for url in (f"{served}/{path.name}", data_url):
+            assert np.array_equal(pixels_of(as_rgb_image(url)), expected), (mode, url[:40])
+    references = [str(path) for path in sorted(photos["refs"].iterdir())]
+    path = transparent["RGBA"]
+    by_url, by_path = (
+        pipe(query, reference_images=references, class_name="fabric")["score"]
+        for query in (f"{served}/{path.name}", str(path))
+    )
+    assert by_url == by_path
+    with pytest.raises(ImageReadError, match="missing.png: cannot download.*404"):
+        as_rgb_image(f"{served}/missing.png")
+    with pytest.raises(ImageReadError, match="data: URL: not an image"):
+        as_rgb_image("data:image/png;base64," + base64.b64encode(b"not a png").decode())
 
 
 def test_the_cli_scores_a_transparent_image_as_the_processor_sees_it(

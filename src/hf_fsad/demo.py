@@ -1,12 +1,12 @@
-"""`make demo` / `hf-fsad demo`: WinCLIP+ k-shot on generated toy images, with a Markdown report."""
+"""`make demo` / `hf-fsad demo`: WinCLIP+ k-shot on generated toy images, with a Markdown report, and pass/fail
+verdicts at a calibrated threshold on `good/` and `queries/` folders that `hf-fsad score` can run on next."""
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -23,16 +23,44 @@ logger = logging.getLogger(__name__)
 DEMO_CATEGORIES = ("stripes", "weave")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub's host answers (a quick check before slow download retries)."""
-    from huggingface_hub import constants
+# The verdict part: normal references in good/ and a few normal and defective queries in queries/.
+VERDICT_CATEGORY = "stripes"
+VERDICT_CLASS_NAME = "textured surface"
+VERDICT_REFERENCES = 8
+VERDICT_NORMAL_QUERIES = 2
+VERDICT_DEFECTIVE_QUERIES = 3
 
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
+
+@dataclass
+class DemoResult:
+    """What the demo leaves: the report, the two folders, and the calibration line then one verdict line per
+    query."""
+
+    report: Path
+    good_dir: Path
+    queries_dir: Path
+    verdicts: list[str]
+    pretrained: bool
+
+
+def hub_reachable(repo_id: str, timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers for `repo_id` (a quick check before a download's slow retries).
+
+    Asked through huggingface_hub, so `HF_HUB_OFFLINE`, `HF_ENDPOINT` and the proxy variables are honoured; an
+    answer that the repository is missing or gated counts as reachable, for the download to say why.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE:
         return False
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except HfHubHTTPError:
+        return True
+    except Exception:  # noqa: BLE001  (connection errors: httpx's or httpx2's, by huggingface_hub version)
+        return False
+    return True
 
 
 def load_demo_model(backbone: str) -> tuple[WinClipModel, bool]:
@@ -44,7 +72,7 @@ def load_demo_model(backbone: str) -> tuple[WinClipModel, bool]:
         return WinClipModel.from_clip(backbone, hub_kwargs={"local_files_only": True}), True
     except OSError:
         pass
-    if hub_reachable():
+    if hub_reachable(backbone):
         return WinClipModel.from_clip(backbone), True
     logger.warning(
         "The Hugging Face Hub cannot be reached and %s is not in the local cache, so the demo uses a randomly "
@@ -58,8 +86,49 @@ def load_demo_model(backbone: str) -> tuple[WinClipModel, bool]:
     return model, False
 
 
-def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: int = 2) -> Path:
-    """Score the toy categories with WinCLIP+ k-shot; write report.md and heatmap PNGs to `out_dir`."""
+def save_images(images, names: list[str], directory: Path) -> list[Path]:
+    """`images` saved as PNG under `directory` (emptied of earlier PNGs first) with the given names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.png"):
+        stale.unlink()
+    paths = [directory / f"{name}.png" for name in names]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
+def run_verdicts(model: WinClipModel, out_dir: Path) -> tuple[Path, Path, list[str]]:
+    """Write good/ and queries/ for one toy category, calibrate a threshold on good/ (leave-one-out, 5%
+    false-alarm rate) and give each query its pass/fail verdict; returns the folders and the lines to show
+    (the calibration, then one verdict per query)."""
+    dataset = load_toy(
+        VERDICT_CATEGORY,
+        num_train=VERDICT_REFERENCES,
+        num_test_good=VERDICT_NORMAL_QUERIES,
+        num_test_anomalous=VERDICT_DEFECTIVE_QUERIES,
+        seed=1,
+    )
+    train, test = dataset["train"], dataset["test"]
+    good_dir, queries_dir = out_dir / "good", out_dir / "queries"
+    save_images(train["image"], [f"good_{index}" for index in range(len(train))], good_dir)
+    names = [f"part{index}_{defect}" for index, defect in enumerate(test["defect_type"])]
+    queries = save_images(test["image"], names, queries_dir)
+    processor = model.image_processor()
+    references = processor(list(train["image"]), return_tensors="pt").pixel_values
+    with torch.no_grad():
+        bank = model.build_reference_bank(references, class_name=VERDICT_CLASS_NAME)
+        bank = model.calibrate(bank, references)
+        output = model(processor(list(test["image"]), return_tensors="pt").pixel_values, reference_bank=bank)
+    verdicts = [
+        f"{path}: score {score:.4f} -> {'fail (anomalous)' if label else 'pass'}"
+        for path, score, label in zip(queries, output.image_scores.tolist(), output.labels.tolist())
+    ]
+    return good_dir, queries_dir, [f"calibration: {bank.calibration.describe()}", *verdicts]
+
+
+def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: int = 2) -> DemoResult:
+    """Score the toy categories with WinCLIP+ k-shot; write report.md and heatmap PNGs to `out_dir`, then
+    the pass/fail verdicts on `out_dir`/queries at a threshold calibrated on `out_dir`/good."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     model, pretrained = load_demo_model(backbone)
@@ -90,6 +159,7 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
         )
         figures.append((figure.name, category))
 
+    good_dir, queries_dir, verdicts = run_verdicts(model, out_dir)
     weights = f"pretrained `{backbone}`" if pretrained else "a randomly initialised ViT-B/16 backbone"
     lines = [
         f"# hf_fsad demo: WinCLIP+ {k}-shot on toy textures",
@@ -110,8 +180,14 @@ def run_demo(out_dir: Path, backbone: str = "openai/clip-vit-base-patch16", k: i
         "",
         *[f"![{category}]({name})" for name, category in figures],
         "",
+        f"## Pass/fail on {queries_dir}/ at a threshold calibrated on {good_dir}/ ({VERDICT_CATEGORY})",
+        "",
+        "```text",
+        *verdicts,
+        "```",
+        "",
         f"Finished in {time.perf_counter() - started:.0f} s.",
     ]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    return report
+    return DemoResult(report, good_dir, queries_dir, verdicts, pretrained)

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .io import IMAGE_READING_RULE, atomic_file, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
+from .progress import progress_bar
 
 
 class FeatureCache:
@@ -81,7 +81,7 @@ class FeatureCache:
         self.hits += len(ids) - len(missing)
         self.misses += len(missing)
         processor = model.paper_image_processor()
-        for start in tqdm(
+        for start in progress_bar(
             range(0, len(missing), batch_size), desc=desc or "encoding", unit="batch", disable=not missing
         ):
             batch = dataset.select(missing[start : start + batch_size])

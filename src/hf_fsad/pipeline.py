@@ -3,8 +3,11 @@ calibrated bank pass/fail decisions."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import os
+import urllib.request
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -20,7 +23,7 @@ from .bank import ReferenceBank
 from .calibration import Calibration, check_review_band, in_review_band, score_error
 from .calibration_policy import calibrated_bank
 from .deploy.image_files import LABEL_NAMES
-from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
+from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_bytes, read_mask, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .visualization import heatmap_overlay
@@ -29,21 +32,46 @@ TASK = "image-anomaly-detection"
 # A part in the review band (`hf_fsad.calibration.in_review_band`) reads this instead of its label.
 REVIEW_LABEL = "review"
 logger = logging.getLogger(__name__)
+URL_SCHEMES = ("http://", "https://")
+# Seconds to wait on a server that stops answering (transformers' `load_image` waits forever by default).
+URL_TIMEOUT_S = 60.0
 
 
 def as_rgb_image(source: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A pipeline input (file path, URL, PIL image, array) upright and as RGB, as the CLI reads files
-    (`to_upright_rgb`); a file that cannot be used raises `ImageReadError` naming it, as the CLI's messages
-    do. A URL is fetched by transformers' `load_image`, which turns it upright but drops its alpha."""
-    if isinstance(source, (str, os.PathLike)) and not str(source).startswith(
-        ("http://", "https://", "data:")
-    ):
-        try:
-            return read_image(source, max_pixels)
-        except ImageReadError as error:
-            raise ImageReadError(f"{source}: {error}") from None
-    image = source if isinstance(source, Image.Image) else load_image(source)
-    return to_upright_rgb(image)
+    """A pipeline input (file path, http(s) or `data:` URL, PIL image) upright and as RGB, as the CLI reads
+    files (`to_upright_rgb`); a file or URL that cannot be used raises `ImageReadError` naming it, as the
+    CLI's messages do."""
+    if isinstance(source, Image.Image):
+        return to_upright_rgb(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"an image input must be a path, a URL or a PIL image, not {type(source).__name__}")
+    if str(source).startswith((*URL_SCHEMES, "data:")):
+        return read_image_url(str(source), max_pixels)
+    try:
+        return read_image(source, max_pixels)
+    except ImageReadError as error:
+        raise ImageReadError(f"{source}: {error}") from None
+
+
+def read_image_url(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image at an http(s) URL (fetched with the standard library, which honours `https_proxy` and
+    `no_proxy`) or in a base64 `data:` URL, read as `read_image` reads files (upright, transparency composited
+    on white, same checks). transformers' `load_image` is not used: it drops alpha."""
+    name = "data: URL" if url.startswith("data:") else url
+    try:
+        if url.startswith("data:"):
+            data = base64.b64decode(url.partition(",")[2], validate=True)
+        else:
+            with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:
+                data = response.read()
+        return read_image_bytes(data, max_pixels)
+    except ImageReadError as error:
+        raise ImageReadError(f"{name}: {error}") from None
+    except binascii.Error as error:
+        raise ImageReadError(f"{name}: not valid base64 ({error})") from None
+    except OSError as error:  # urllib's URLError and HTTPError, timeouts
+        raise ImageReadError(f"{name}: cannot download ({error})") from None
+
 
 
 def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -4,6 +4,7 @@ untrained models."""
 from __future__ import annotations
 
 import argparse
+import math
 
 from hf_fsad.deploy.image_files import add_max_pixels  # noqa: F401  (the exported runner takes it too)
 from hf_fsad.deploy.run_exported import RUNTIMES
@@ -23,6 +24,15 @@ def review_band(text: str) -> float:
     if not 0 < value < 0.5:
         raise argparse.ArgumentTypeError(f"must lie between 0 and 0.5 (e.g. 0.1: 0.4 to 0.6), got {value}")
     return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (not nan or inf)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
 
 
 def add_batch_size(parser: argparse.ArgumentParser) -> None:

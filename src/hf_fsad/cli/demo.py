@@ -21,8 +21,14 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hf_fsad.demo import run_demo
+    from hf_fsad.demo import VERDICT_CLASS_NAME, run_demo
 
-    report = run_demo(Path(args.out), backbone=args.backbone, k=args.k)
-    print(f"report: {report}")
+    result = run_demo(Path(args.out), backbone=args.backbone, k=args.k)
+    print(f"report: {result.report}")
+    print(*result.verdicts, sep="\n")
+    hub_note = "" if result.pretrained else " (needs the Hub or a cached backbone)"
+    print(
+        f"next{hub_note}: hf-fsad score {result.queries_dir} --model winclip@{args.backbone} --reference {result.good_dir} "
+        f"--class-name {VERDICT_CLASS_NAME!r} --output results.jsonl  (or your own good/ and queries/)"
+    )
     return 0

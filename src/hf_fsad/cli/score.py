@@ -28,6 +28,7 @@ from ._options import (
     add_max_pixels,
     add_precision,
     add_runtime,
+    finite_float,
     rate,
     review_band,
 )
@@ -163,6 +164,15 @@ def register(commands: argparse._SubParsersAction) -> None:
         "0.6) get the label review instead of normal or anomalous",
     )
     calibration.add_argument(
+        "--threshold",
+        type=finite_float,
+        metavar="SCORE",
+        help="a manual threshold on the raw score, instead of the calibrated one, for the verdicts (anomalib's "
+        "ManualThreshold): anomalous above it; records say threshold_source manual, and normalized_score is "
+        "0.5 at it on the calibration's scale (null without a calibration); the pixel threshold stays "
+        "calibrated",
+    )
+    calibration.add_argument(
         "--no-calibration",
         action="store_true",
         help="no decisions, only scores (a calibrated --bank's calibration is left out)",
@@ -265,6 +275,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         if bank.calibration is not None:
             print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
+        if args.threshold is not None:
+            print(
+                f"threshold: manual {args.threshold:.6g} (--threshold) decides the verdicts", file=sys.stderr
+            )
         elif made.refusal is not None:
             print(
                 f"not calibrated: {made.refusal}; --calibration-normal gives held-out normal images",
@@ -312,7 +326,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
-    if bank.calibration is not None:
+    if bank.calibration is not None or args.threshold is not None:
         print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
     return 0 if scored or not paths else 1
 
@@ -336,6 +350,8 @@ def _check_options(args: argparse.Namespace) -> None:
         raise CliError("--no-calibration goes with no other calibration option")
     if args.threshold_rule == "best-f1" and not args.calibration_anomalous:
         raise CliError("--threshold-rule best-f1 needs --calibration-anomalous: F1 counts the defects caught")
+    if args.review_band is not None and args.threshold is not None:
+        raise CliError("--review-band lies around the calibrated threshold: leave out --threshold, or the band")
     if args.calibration_masks and args.calibration_anomalous and args.threshold_rule != "best-f1":
         raise CliError(
             "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
@@ -408,6 +424,27 @@ def _calibrated_scorer(
     return _scorer(model, made.bank, args, state), made
 
 
+def _manual_decision(score: float, threshold: float, calibration) -> dict:
+    """The verdict at a manual raw `--threshold`, as `decision` gives the calibrated one: anomalous above it
+    (or when the score is not finite); normalized_score 0.5 at it on the calibration's scale, None without a
+    calibration (no scale to normalise with)."""
+    import torch
+
+    from hf_fsad.calibration import exceeds_threshold, normalize_around, score_error
+    from hf_fsad.pipeline import LABEL_NAMES
+
+    value = torch.tensor([score], dtype=torch.float64)
+    normalized = None if calibration is None else normalize_around(value, threshold, calibration.image_scale)
+    verdict = {
+        "label": LABEL_NAMES[int(exceeds_threshold(value, threshold))],
+        "normalized_score": None if normalized is None else float(normalized),
+        "threshold": threshold,
+        "threshold_source": "manual",
+    }
+    error = score_error(score)
+    return verdict if error is None else verdict | {"error": error}
+
+
 def _verdict_summary(records: Sequence[dict]) -> str:
     """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`
     (and `, 1 review` with a review band)."""
@@ -467,15 +504,17 @@ def _score_paths(
     """Score `paths` in batches with `scorer` (`_scorer`) into the JSON-lines file `share` (heatmaps beside, if
     asked); each line is written whole, so an interrupted share holds complete records only."""
     import torch
-    from tqdm.auto import tqdm
 
     from hf_fsad.io import batched, json_line, readable_images, save_image_atomically
     from hf_fsad.pipeline import decision, resized_map
+    from hf_fsad.progress import progress_bar
     from hf_fsad.visualization import heatmap_overlay, outline_region
 
     with (
         open(share, "w") as sink,
-        tqdm(total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process) as progress,
+        progress_bar(
+            total=len(paths), desc="scoring", unit="img", disable=not state.is_main_process
+        ) as progress,
     ):
         readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in batched(readable, args.batch_size):
@@ -488,7 +527,9 @@ def _score_paths(
                     "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
                     "heatmap": None,
                 }
-                if bank.calibration is not None:
+                if args.threshold is not None:
+                    record |= _manual_decision(record["score"], args.threshold, bank.calibration)
+                elif bank.calibration is not None:
                     record |= decision(result, index, bank.calibration, args.review_band)
                 if heatmap_dir and result.anomaly_maps is not None:
                     target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"

@@ -20,8 +20,9 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -126,11 +127,17 @@ def with_open_image(path: str | os.PathLike, max_pixels: int | None, use: Callab
         raise ImageReadError("file not found")
     if path.stat().st_size == 0:
         raise ImageReadError("empty file")
+    return _with_decoded(path, max_pixels, use)
+
+
+def _with_decoded(source: Path | BinaryIO, max_pixels: int | None, use: Callable[[Image.Image], T]) -> T:
+    """`use(image)` on the image PIL opens from `source` once its header's pixel count is checked; every
+    failure becomes an `ImageReadError` saying why."""
     try:
         with warnings.catch_warnings():
             # Size is checked against `max_pixels`; PIL's warning would only repeat it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 _check_pixel_count(*image.size, max_pixels)
                 return use(image)
     except ImageReadError:
@@ -153,12 +160,20 @@ def read_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     huge image is refused without allocating it. `max_pixels` None lifts the limit (PIL's own
     decompression-bomb limit still applies).
     """
+    return with_open_image(path, max_pixels, _loaded_upright_rgb)
 
-    def decode(image: Image.Image) -> Image.Image:
-        image.load()
-        return to_upright_rgb(image)
 
-    return with_open_image(path, max_pixels, decode)
+def read_image_bytes(data: bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image encoded in `data` (a downloaded file) read as `read_image` reads files: same checks, same
+    rule, same errors."""
+    if not data:
+        raise ImageReadError("empty file")
+    return _with_decoded(BytesIO(data), max_pixels, _loaded_upright_rgb)
+
+
+def _loaded_upright_rgb(image: Image.Image) -> Image.Image:
+    image.load()
+    return to_upright_rgb(image)
 
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], what: str = "input") -> list[Path]:

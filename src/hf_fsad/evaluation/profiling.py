@@ -16,10 +16,10 @@ from typing import Self
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..io import atomic_write_text
 from ..modeling_base import FsadPreTrainedModel
+from ..progress import progress_bar
 
 
 @dataclass
@@ -169,7 +169,7 @@ def profile_models(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for method, model in tqdm(models.items(), desc="profiling", unit="method"):
+    for method, model in progress_bar(models.items(), desc="profiling", unit="method"):
         rows.append(_profile_model(method, model, images, ks, batch_sizes, repeats, fit_steps))
         _write_profile(out_dir, rows, ks, batch_sizes)
     return rows

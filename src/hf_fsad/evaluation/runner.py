@@ -54,6 +54,7 @@ from ..features import FeatureCache
 from ..io import atomic_write_text, to_upright_rgb
 from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 from ..modeling_base import FsadPreTrainedModel
+from ..progress import progress_bar
 from ..visualization import mask_array
 from .report import plot_category, results_markdown, shots_label
 
@@ -264,7 +265,8 @@ def run_benchmark(
 
     for split in _category_splits(datasets):
         first_seed_scores, shown = {}, None
-        for cell in _cells(models, split, ks, seeds, protocol.anomalous_shots):
+        cells = list(_cells(models, split, ks, seeds, protocol.anomalous_shots))
+        for cell in progress_bar(cells, desc=f"{split.dataset}/{split.category}", unit="cell"):
             # failed cells run again, and so do cells calibrated for another rate
             if _is_finished(results_by_id.get(cell.id), protocol, runtime, split):
                 skipped += 1

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..distributed import multi_process_cpu
 from ..io import replace_directory
+from ..progress import progress_bar
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -240,7 +240,7 @@ class FsadTrainer:
             logger.info("resumed from %s at step %d", checkpoint, start)
         self.trainable_module().train()
         self.on_train_start()
-        progress = tqdm(
+        progress = progress_bar(
             range(start, args.max_steps),
             desc=f"training {self.model.config.model_type}",
             unit="step",
