@@ -429,6 +429,10 @@ def test_score_and_the_pipeline_label_the_review_band(saved_winclip_dir, files, 
     with pytest.raises(SystemExit):
         score("--review-band", "0.5")
     assert "--review-band: must lie between 0 and 0.5" in capsys.readouterr().err
+    output = tmp_path / "refused.jsonl"
+    refused = [*("score", "--model", saved_winclip_dir, "--bank", str(bank), "--output", str(output))]
+    assert main([*refused, files["queries"], "--review-band", "0.1", "--threshold", "0.3"]) == 2
+    assert "--review-band lies around the calibrated threshold" in capsys.readouterr().err
 
     pipe = pipeline("image-anomaly-detection", model=saved_winclip_dir)
     paths = [record["path"] for record in banded]
