@@ -523,25 +523,45 @@ def test_score_cli_refuses_options_an_exported_runtime_cannot_honour(options, me
 
 
 def test_benchmark_runner_on_an_exported_runtime_scores_as_pytorch(exported, tmp_path, monkeypatch):
-    from hf_fsad.evaluation import DatasetSpec, run_benchmark
+    from hf_fsad.evaluation import DatasetSpec, Protocol, run_benchmark
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     model, _, _ = exported("winclip")
     spec = DatasetSpec(
-        "toy", categories=["stripes"], options={"num_train": 4, "num_test_good": 3, "num_test_anomalous": 3}
+        "toy", categories=["stripes"], options={"num_train": 5, "num_test_good": 3, "num_test_anomalous": 3}
     )
     cells = {}
     for runtime in ("torch", "onnxruntime"):
-        results = run_benchmark(
-            {"winclip": model}, [spec], ks=[2], seeds=[0], out_dir=tmp_path / "run", runtime=runtime
-        )
-        (cell,) = results["cells"]
-        assert cell["runtime"] == runtime and results["skipped_cells"] == 0  # another runtime reruns the cell
-        cells[runtime] = cell
+        for validation in (0, 3):
+            results = run_benchmark(
+                {"winclip": model},
+                [spec],
+                ks=[2],
+                seeds=[0],
+                out_dir=tmp_path / f"run{validation}",
+                runtime=runtime,
+                protocol=Protocol(num_validation=validation),
+            )
+            (cell,) = results["cells"]
+            assert cell["runtime"] == runtime and results["skipped_cells"] == 0  # another runtime reruns
+            cells[runtime, validation] = cell
     np.testing.assert_allclose(
-        cells["onnxruntime"]["image_scores"], cells["torch"]["image_scores"], rtol=0, atol=PARITY
+        cells["onnxruntime", 0]["image_scores"], cells["torch", 0]["image_scores"], rtol=0, atol=PARITY
     )
-    assert cells["onnxruntime"]["calibration"] == cells["torch"]["calibration"]
+    # Leave-one-out is fitted in PyTorch (on an export it would take one export per reference): refused there.
+    assert cells["torch", 0]["calibration"]["runtime"] == "torch"
+    assert cells["onnxruntime", 0]["calibration"] is None
+    assert "fitted on torch" in cells["onnxruntime", 0]["calibration_note"]
+    # Validation normals are scored by the graph the test images are scored by: the same threshold, within
+    # the graph's parity with PyTorch (a threshold is one of the scores).
+    torch_calibration, exported_calibration = (
+        cells[runtime, 3]["calibration"] for runtime in ("torch", "onnxruntime")
+    )
+    assert (torch_calibration["runtime"], exported_calibration["runtime"]) == ("torch", "onnxruntime")
+    assert exported_calibration["image_threshold"] == pytest.approx(
+        torch_calibration["image_threshold"], abs=PARITY
+    )
+    cells = {runtime: cells[runtime, 0] for runtime in ("torch", "onnxruntime")}
     for name, value in cells["torch"]["metrics"].items():
         # threshold-free ranking metrics of 6 images: scores within PARITY order them alike unless two tie
         assert cells["onnxruntime"]["metrics"][name] == pytest.approx(value, abs=0.02), name

@@ -46,6 +46,7 @@ from PIL import Image
 
 from ..bank import ReferenceBank
 from ..calibration import KEPT_SCORE_FIELDS
+from ..calibration_inputs import calibration_mismatch
 from ..calibration_policy import EncodedReferences, calibrated_bank
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
 from ..data.sampling import row_indices, select_ids
@@ -386,11 +387,14 @@ def _calibrated_bank(
     validation_normals: list[Image.Image],
     protocol: Protocol,
     batch_size: int,
+    runtime: str = "torch",
 ) -> tuple[ReferenceBank, dict]:
     """The cell's bank, by the policy of the CLI, pipeline and Space (`calibrated_bank`, in the paper
     preprocessing): from its references and anomalous references (with their masks when every one has one),
     its score weights chosen on the validation normals (methods with `validates_weights`), calibrated for the
-    protocol's rate on the validation normals or leave-one-out; and the cell's calibration record. Why it is
+    protocol's rate on the validation normals or leave-one-out; and the cell's calibration record. On an
+    exported `runtime` the validation normals are scored by the exported graph, as the test images are; a
+    leave-one-out calibration (fitted in PyTorch) is refused there, as `hf-fsad score` refuses it. Why it is
     not calibrated, or the calibration's warnings (too few normals for the rate asked), become the cell's
     note, so a run of many cells reports them in its table rather than once per cell; `calibration_seconds`
     times the whole policy (bank, weight search, calibration)."""
@@ -410,12 +414,19 @@ def _calibrated_bank(
         false_alarm_rate=protocol.false_alarm_rate,
         paper_preprocessing=True,
         batch_size=batch_size,
+        runtime=runtime,
+        runtime_scorer=None if runtime == "torch" else lambda bank: ExportedScorer(model, bank, runtime),
     )
     note = made.refusal
+    calibration = made.bank.calibration
+    if note is None and calibration is not None:
+        note = calibration_mismatch(calibration, runtime, calibration.precision)
+        if note is not None:
+            note += " (leave-one-out on an export would take one export per reference)"
     if note is not None and not validation_normals:
         note += ", and no validation normals (Protocol.num_validation, --validation)"
-    calibration = made.bank.calibration
-    return made.bank, {
+    bank = made.bank if note is None else dataclasses.replace(made.bank, calibration=None)
+    return bank, {
         "target_false_alarm_rate": protocol.false_alarm_rate,
         "calibration": None  # its thresholds; the scores they were fitted to stay in the bank
         if note
@@ -492,7 +503,7 @@ def _run_cell(
     validation_ids = manifest.validation_ids if manifest is not None else None
     validation_normals = _rgb_images(select_ids(split.train, validation_ids)) if validation_ids else []
     bank, calibration = _calibrated_bank(
-        model, references, class_name, anomalous_references, validation_normals, protocol, batch_size
+        model, references, class_name, anomalous_references, validation_normals, protocol, batch_size, runtime
     )
     if runtime == "torch":
         test_features = cache.features(
