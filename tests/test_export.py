@@ -124,6 +124,7 @@ def test_openvino_scores_and_maps_equal_pytorch_at_two_batch_sizes(method, expor
     folder = export_model(model, bank, tmp_path / "openvino", format="openvino")
     assert sorted(path.name for path in folder.iterdir()) == [
         "hf_fsad_export.json",
+        "image_files.py",
         "model.bin",
         "model.xml",
         "run_exported.py",
