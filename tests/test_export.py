@@ -211,7 +211,9 @@ def test_cached_export_exports_once_per_model_bank_and_runtime(exported, toy, tm
     assert_parity(model, bank, ExportedModel(first), pixels(model, toy[1][:2]))
 
 
-def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(make_winclip, toy, tmp_path, monkeypatch):
+def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(
+    make_winclip, toy, tmp_path, monkeypatch
+):
     """A bank that differs from another only in its tensors, and a model that differs only in a scoring config
     field (same weights, so the same bank tensors), each get an export folder of their own."""
 
@@ -230,7 +232,7 @@ def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(make_wincl
     assert bank.tensors.keys() == hotter_bank.tensors.keys()
     assert all(torch.equal(tensor, hotter_bank.tensors[name]) for name, tensor in bank.tensors.items())
     pairs = [(model, bank), (model, mirrored_bank), (hotter, hotter_bank)]
-    folders = {cached_export(scorer, reference_bank, "onnxruntime", tmp_path) for scorer, reference_bank in pairs}
+    folders = {cached_export(scorer, bank_, "onnxruntime", tmp_path) for scorer, bank_ in pairs}
     assert len(folders) == 3
 
 
