@@ -232,7 +232,7 @@ def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(
     assert bank.tensors.keys() == hotter_bank.tensors.keys()
     assert all(torch.equal(tensor, hotter_bank.tensors[name]) for name, tensor in bank.tensors.items())
     pairs = [(model, bank), (model, mirrored_bank), (hotter, hotter_bank)]
-    folders = {cached_export(scorer, bank_, "onnxruntime", tmp_path) for scorer, bank_ in pairs}
+    folders = {cached_export(scorer, its_bank, "onnxruntime", tmp_path) for scorer, its_bank in pairs}
     assert len(folders) == 3
 
 
