@@ -172,6 +172,29 @@ def test_a_bank_of_another_method_is_refused(model):
         model(images(1, 4), reference_bank=foreign)
 
 
+def test_a_bank_of_weights_since_changed_in_place_is_refused():
+    """`config_hash` is memoised per weight version: a weight updated in place (as an optimizer step does)
+    refuses the banks built before; so does a write through `weight.data`, which the version counter does not
+    see, once `invalidate_feature_key` is called."""
+    model = method_tester("winclip").tiny_model()
+    projection = model.backbone.clip.visual_projection.weight
+
+    def step_in_place():
+        projection.add_(1.0)
+
+    def write_through_data():
+        projection.data.copy_(projection.detach() - 1.0)
+        model.invalidate_feature_key()
+
+    for change_weight in (step_in_place, write_through_data):
+        bank = bank_of(model)
+        model(images(1, 4), reference_bank=bank)  # the bank fits (and its hash is memoised)
+        with torch.no_grad():
+            change_weight()
+        with pytest.raises(ValueError, match="another config or backbone"):
+            model(images(1, 4), reference_bank=bank)
+
+
 def test_the_base_class_declares_the_contract():
     class Bare(FsadPreTrainedModel):
         pass
