@@ -255,38 +255,53 @@ def test_eq_13_masks_reach_the_patch_grid_by_bilinear_sampling_then_the_0_5_thre
 
 
 def test_zero_shot_and_few_shot_outputs_follow_eqs_10_17_18():
-    model = make_tiny_afclip()
+    """At non-default values of every scoring field, each written here as a literal: aggregation windows
+    [1, 3] with sigma 2 (Eqs. 5-6), temperature 0.5 (Eq. 10), map smoothing sigma 2 and memory weight 0.3
+    (Eq. 18)."""
+    model = make_tiny_afclip(
+        aggregation_windows=[1, 3], aggregation_sigma=2.0, temperature=0.5, map_smoothing_sigma=2.0,
+        memory_weight=0.3,
+    )  # fmt: skip
     torch.manual_seed(4)
     references, images = torch.randn(2, 3, 240, 240), torch.randn(2, 3, 240, 240)
-    features = model.encode_images(images)
+
+    def token_sets(pixel_values):
+        features = model.encode_images(pixel_values)
+        return [
+            functional_afclip.spatial_aggregation(features[f"tokens.{layer}"], (15, 15), window, 2.0)
+            for layer in (1, 2)
+            for window in (1, 3)
+        ]
+
+    query_sets = token_sets(images)
     text = model.text_embeddings().detach()
-    probabilities, _ = model.token_probabilities(model.token_sets(features), text)
+    probabilities = functional_afclip.afclip_token_probabilities(model.project_sets(query_sets), text, 0.5)
     zero_shot = model(images)
     # the forward pass runs the same ops on the same batch: bit-identical
     torch.testing.assert_close(zero_shot.image_scores, probabilities[:, 0], rtol=0, atol=0)
     torch.testing.assert_close(
         zero_shot.anomaly_maps,
-        functional_afclip.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 4.0, "reflect"),
+        functional_afclip.gaussian_blur(model.to_pixel_maps(probabilities[:, 1:]), 2.0, "reflect"),
         rtol=0,
         atol=0,
     )
 
     bank = model.build_reference_bank(references, "bottle")
-    assert bank.k == 2 and len([n for n in bank.tensors if n.startswith("memory.")]) == 2 * 3
+    assert bank.k == 2 and len([n for n in bank.tensors if n.startswith("memory.")]) == 2 * 2
     few_shot = model(images, reference_bank=bank)
-    reference_sets = model.token_sets(model.encode_images(references))
     memory = torch.stack(
         [
             (1 - (F.normalize(q[:, 1:], dim=-1) @ F.normalize(r[:, 1:].flatten(0, 1), dim=-1).T).amax(-1)) / 2
-            for q, r in zip(model.token_sets(features), reference_sets)
+            for q, r in zip(query_sets, token_sets(references))
         ]
     ).mean(0)
-    # float32 cosines, mean of 3 sets, another memory chunking than the model's: ~1e-7 abs each, 1e-5 rel
+    # float32 cosines, mean of 4 sets, another memory chunking than the model's: ~1e-7 abs each, 1e-5 rel
     torch.testing.assert_close(few_shot.branch_scores["memory"], memory.amax(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
-        few_shot.image_scores, memory.amax(-1) + 0.1 * probabilities[:, 0], rtol=1e-5, atol=1e-6
+        few_shot.image_scores, memory.amax(-1) + 0.3 * probabilities[:, 0], rtol=1e-5, atol=1e-6
     )
-    expected_maps = model.pixel_maps(memory) + 0.1 * zero_shot.anomaly_maps
+    memory_maps = functional_afclip.gaussian_blur(model.to_pixel_maps(memory), 2.0, "reflect")
+    expected_maps = memory_maps + 0.3 * zero_shot.anomaly_maps
     torch.testing.assert_close(few_shot.anomaly_maps, expected_maps, rtol=1e-5, atol=1e-6)
     # A query that is one of the references has nothing unusual for the memory.
     same = model(references[:1], reference_bank=bank)

@@ -170,7 +170,24 @@ def test_nine_scores_and_their_baseline_combination(model, images):
     stacked = torch.stack([output.branch_scores[name] for name in model.score_names()], -1).double()
     baseline = stacked[:, 0] / 3 + stacked[:, 1:5].mean(-1) / 3 + stacked[:, 5:].mean(-1) / 3
     torch.testing.assert_close(output.image_scores.double(), baseline, rtol=1e-6, atol=1e-7)
-    assert output.anomaly_maps.shape == (1, 240, 240)
+
+    # the map: the same weights on each score's patch map (text: WinCLIP's zero-shot map), in float64
+    maps = [model.zero_shot_branch(features, text, model.window_mask_list())[1]]
+    for memory, association in (
+        ("reference", scoring.reference_association),
+        ("anomalous", functional_anomalous_memory.anomalous_association),
+    ):
+        maps.append(association(features["patch_tokens"], bank.tensors[f"{memory}.patch"]))
+        for scale in (2, 3, 7):
+            windows = association(
+                features[f"window_embeddings.{scale}"], bank.tensors[f"{memory}.window{scale}"]
+            )
+            maps.append(scoring.harmonic_aggregation(windows, scoring.window_masks((15, 15), scale)))
+    weights = bank.tensors["score_weights"].double()
+    weighted = sum(weight * patch_map.double() for weight, patch_map in zip(weights, maps, strict=True))
+    expected_map = scoring.upsample_maps(weighted.reshape(1, 15, 15), (240, 240))
+    # float32 weighted sum of 9 maps of values below 1 against float64: a few ulp of 1 (measured 9e-8)
+    torch.testing.assert_close(output.anomaly_maps.double(), expected_map, rtol=0, atol=1e-6)
 
 
 def test_maskless_anomalous_reference_goes_wholly_to_the_anomalous_memory(model, images):

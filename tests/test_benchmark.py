@@ -204,6 +204,43 @@ def test_profile_writes_latency_memory_and_k_scaling(tmp_path, method):
     assert (tmp_path / "profile.png").is_file()
 
 
+def test_profile_times_k_scaling_on_banks_of_k_and_keeps_the_largest_batchs_peak(tmp_path, monkeypatch):
+    """k_scaling[k] times a query against a bank of k references, and the row's peak memory is the one
+    measured while the largest batch was timed (the memory probe replaced by one reporting 10, 20, ... MB)."""
+    from hf_fsad.evaluation import profiling
+
+    scored_ks = []
+    scorer = profiling._scorer
+
+    def recording_scorer(model, pixel_values, bank):
+        scored_ks.append(bank.k)
+        return scorer(model, pixel_values, bank)
+
+    class NumberedPeaks:
+        blocks = 0
+
+        def __init__(self, device):
+            NumberedPeaks.blocks += 1
+            self.peak_mb = 10.0 * NumberedPeaks.blocks
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(profiling, "_scorer", recording_scorer)
+    monkeypatch.setattr(profiling, "_PeakMemory", NumberedPeaks)
+    images = load_benchmark("toy", category="weave", **TOY)["test"]["image"]
+    (row,) = profile_models(
+        {"winclip": method_tester("winclip").tiny_model()}, images, tmp_path, ks=(2, 8), batch_sizes=(2, 1),
+        repeats=1,
+    )  # fmt: skip
+    # batch sizes 1 then 2 (timed, with the 2-reference bank), a flop count, then one bank per k
+    assert scored_ks == [2, 2, 2, 2, 8] and set(row.k_scaling) == {2, 8}
+    assert NumberedPeaks.blocks == 2 and row.peak_memory_mb == 20.0
+
+
 @pytest.mark.parametrize(
     "device",
     [

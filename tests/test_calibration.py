@@ -352,6 +352,9 @@ def test_the_miss_rate_counts_defects_at_or_below_the_threshold():
     )
     # 19 x 0.1 in float32 (the maps' dtype): rounding ~1e-7 relative, within approx's 1e-6
     assert (with_maps.pixel_rule, with_maps.pixel_threshold) == ("false_alarm_rate", pytest.approx(1.9))
+    # its scale from the same maxima, not the image scores: their median 1.0 is 0.9 below the threshold and
+    # normalises to 0.1 at z = -4; same float32 rounding
+    assert with_maps.pixel_scale == pytest.approx(0.9 / 4)
 
 
 def test_calibration_miss_rate_round_trips_and_defaults_for_earlier_files():

@@ -87,6 +87,37 @@ def test_the_exported_runner_fails_a_non_finite_score_as_the_library_does():
     )
 
 
+# --- ties: a value at its threshold is normal --------------------------------------------------------------
+
+
+def next_above(value: float, dtype: torch.dtype) -> torch.Tensor:
+    return torch.nextafter(torch.tensor(value, dtype=dtype), torch.tensor(math.inf, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_score_or_pixel_at_its_threshold_is_normal_and_the_next_float_above_is_not(dtype):
+    """The conformal threshold is a normal's own score (here the largest of 3): that normal passes. Scores
+    and pixels are anomalous strictly above their thresholds (0.75 and 0.5, exact in float32)."""
+    rule = conformal([0.25, 0.5, 0.75])
+    assert rule.image_threshold == 0.75
+    scores = torch.stack([torch.tensor(0.75, dtype=dtype), next_above(0.75, dtype)])
+    assert rule.labels(scores).tolist() == [0, 1]
+    normalized = rule.normalize(scores)
+    assert normalized[0] == 0.5 and normalized[1] > 0.5
+    pixel_rule = dataclasses.replace(rule, pixel_threshold=0.5, pixel_scale=0.1, pixel_rule="false_alarm_rate")
+    maps = torch.stack([torch.tensor(0.5, dtype=dtype), next_above(0.5, dtype)]).reshape(1, 1, 2)
+    assert pixel_rule.masks(maps).tolist() == [[[False, True]]]
+
+
+def test_the_exported_runner_decides_a_score_at_the_threshold_as_the_library_does():
+    rule = conformal([0.25, 0.5, 0.75])
+    manifest_calibration = json.loads(rule.to_json())
+    scores = torch.stack([torch.tensor(0.75), next_above(0.75, torch.float32)]).numpy()  # the graph's float32
+    assert run_exported.labels(scores, manifest_calibration).tolist() == [0, 1]
+    normalized = run_exported.normalized_scores(scores, manifest_calibration)
+    assert normalized[0] == 0.5 and normalized[1] > 0.5
+
+
 def test_json_safe_records_write_null_for_non_finite_floats():
     record = {
         "path": "a.png",

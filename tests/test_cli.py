@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousM
 from hf_fsad.models.one_to_normal import training_one_to_normal
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.registry import METHODS
-from hf_fsad.visualization import mask_array
+from hf_fsad.visualization import heatmap_overlay, mask_array
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,10 +57,15 @@ def _pixels(model, paths):
     return model.image_processor()(images, return_tensors="pt").pixel_values
 
 
-def _expected_scores(model, root, queries):
+def _expected_output(model, root, queries):
+    """The model's output on `queries` in one batch, against a bank of the references under `root`."""
     with torch.no_grad():
         bank = model.build_reference_bank(_pixels(model, sorted((root / "refs").iterdir())))
-        return model(_pixels(model, queries), reference_bank=bank).image_scores.tolist()
+        return model(_pixels(model, queries), reference_bank=bank)
+
+
+def _expected_scores(model, root, queries):
+    return _expected_output(model, root, queries).image_scores.tolist()
 
 
 def _error_line(capsys) -> str:
@@ -102,9 +108,23 @@ def test_scores_match_the_model_and_bad_files_are_skipped(saved_winclip_dir, toy
     assert f"skipped input {missing}: file not found" in errors
     records = _read(output)
     assert [r["path"] for r in records] == list(map(str, queries))
-    expected = _expected_scores(WinClipModel.from_pretrained(saved_winclip_dir), root, queries)
+    expected = _expected_output(WinClipModel.from_pretrained(saved_winclip_dir), root, queries)
     # the CLI scores in its own batches: float32 rounding ~1e-7 relative, 1e-5 bound
-    assert [r["score"] for r in records] == pytest.approx(expected, rel=1e-5)
+    assert [r["score"] for r in records] == pytest.approx(expected.image_scores.tolist(), rel=1e-5)
+    # batches of 3 and 1 (the broken file skipped): every record's branch scores and heatmap are its own
+    # image's, not its batch's first
+    for index, record in enumerate(records):
+        branch_scores = {name: float(scores[index]) for name, scores in expected.branch_scores.items()}
+        assert record["branch_scores"] == pytest.approx(branch_scores, rel=1e-5)
+        image = Image.open(queries[index]).convert("RGB")
+        heatmap = np.asarray(Image.open(record["heatmap"]), dtype=np.int16)
+        overlay = np.asarray(heatmap_overlay(image, expected.anomaly_maps[index].numpy()), dtype=np.int16)
+        # the bank (2 references) is calibrated, so its pixel mask is outlined in white, which no blend of
+        # jet's colours reaches (test_calibrated_cli checks the outline): compare every other pixel.
+        # Rounding may move a pixel to the adjacent entry of jet's 256 colours: a channel ramps over 64
+        # entries, so <= 4 levels, halved by the 0.5 blend, plus 1 of rounding
+        blended = (heatmap != 255).any(axis=-1)
+        assert heatmap.shape == overlay.shape and np.abs(heatmap - overlay)[blended].max() <= 3
     assert Image.open(records[0]["heatmap"]).size == (240, 200)
     assert not list(tmp_path.rglob("*.tmp"))
 

@@ -218,6 +218,31 @@ def test_cached_export_exports_once_per_model_bank_and_runtime(exported, toy, tm
     assert_parity(model, bank, ExportedModel(first), pixels(model, toy[1][:2]))
 
 
+def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(
+    make_winclip, toy, tmp_path, monkeypatch
+):
+    """A bank that differs from another only in its tensors, and a model that differs only in a scoring config
+    field (same weights, so the same bank tensors), each get an export folder of their own."""
+
+    def write_manifest_only(model, bank, folder, export_format):
+        folder.mkdir(parents=True)
+        (folder / run_exported.MANIFEST_FILE).write_text("{}")
+        return folder
+
+    monkeypatch.setattr("hf_fsad.export.export_model", write_manifest_only)
+    model, hotter = make_winclip(), make_winclip(temperature=0.5)
+    references = pixels(model, toy[0])
+    with torch.no_grad():
+        bank = model.build_reference_bank(references)
+        mirrored_bank = model.build_reference_bank(references.flip(-1))  # same class, k and calibration
+        hotter_bank = hotter.build_reference_bank(references)
+    assert bank.tensors.keys() == hotter_bank.tensors.keys()
+    assert all(torch.equal(tensor, hotter_bank.tensors[name]) for name, tensor in bank.tensors.items())
+    pairs = [(model, bank), (model, mirrored_bank), (hotter, hotter_bank)]
+    folders = {cached_export(scorer, its_bank, "onnxruntime", tmp_path) for scorer, its_bank in pairs}
+    assert len(folders) == 3
+
+
 def test_cli_exports_a_saved_model_and_bank(saved_winclip_dir, toy, tmp_path, capsys):
     model = method_spec("winclip").model.from_pretrained(saved_winclip_dir)
     bank = toy_bank(model, toy)

@@ -210,14 +210,15 @@ def test_differentiator_output_relu_keeps_d_non_negative_and_moves_m_it():
     assert moved.abs().max() > 0.05
 
 
-def test_prompts_are_table_5_with_object_each_normalised_then_averaged():
+def test_prompts_are_table_5_with_the_prompt_object_each_normalised_then_averaged():
+    """With prompt_object="part" (default "object"), as a literal."""
     from hf_fsad.prompts import winclip_prompts
 
-    model = MetaCanModelTester.tiny_model()
-    normal, anomalous = winclip_prompts("object")
+    model = MetaCanModelTester.tiny_model(prompt_object="part")
+    normal, anomalous = winclip_prompts("part")
     assert (len(normal), len(anomalous)) == (7 * 22, 4 * 22)  # Table 5: 7 and 4 states x 22 templates
-    assert "a photo of the flawless object for anomaly detection." in normal
-    assert "a close-up photo of a object with defect." in anomalous
+    assert "a photo of the flawless part for anomaly detection." in normal
+    assert "a close-up photo of a part with defect." in anomalous
     with torch.no_grad():
         expected = torch.stack(
             [

@@ -16,6 +16,7 @@ from PIL import Image
 from transformers import AutoModel
 
 from hf_fsad.bank import ReferenceBank
+from hf_fsad.calibration import MEDIAN_NORMAL_LEVEL, MIN_RELATIVE_SCALE
 from hf_fsad.modeling_base import FsadPreTrainedModel
 from hf_fsad.registry import METHODS, MethodSpec, method_spec
 from hf_fsad.testing import tiny_clip_config
@@ -122,6 +123,27 @@ def test_every_method_calibrates_and_its_decisions_survive_the_bank_file(model, 
         assert torch.equal(output.anomaly_masks, output.anomaly_maps.double() > rule.pixel_threshold)
 
 
+def test_the_calibrated_scale_puts_the_median_held_out_normal_at_a_tenth(model):
+    """The normalisation follows its rule on each method's own scores, not only its formula: 3 held-out
+    normals are too few for 5 %, so the threshold is their largest score, and their median normalises to
+    `MEDIAN_NORMAL_LEVEL` (0.1, at z = -4), unless that takes a scale below `MIN_RELATIVE_SCALE` |threshold|
+    (tiny random models score their normals within 1e-3 of each other), which is the scale then."""
+    bank, normals = bank_of(model), images(3, 5)
+    with pytest.warns(UserWarning, match="normal scores cannot guarantee"):
+        rule = model.calibrate(bank, normal_pixel_values=normals).calibration
+    with torch.no_grad():
+        _, median, largest = model(normals, reference_bank=bank).image_scores.double().sort().values.tolist()
+    assert rule.image_threshold == largest  # the same batch as calibrate's: the same float32 scores
+    median_distance = 1 / (2 * MEDIAN_NORMAL_LEVEL) - 1  # |z| at which 1/2 + z / (2 (1 + |z|)) is the level
+    scale = max((largest - median) / median_distance, MIN_RELATIVE_SCALE * abs(largest))
+    distance = (median - largest) / scale
+    # float64 arithmetic on the same scores: a few ulp, inside approx's default rel 1e-6
+    assert rule.image_scale == pytest.approx(scale)
+    assert float(rule.normalize(torch.tensor([median], dtype=torch.float64))) == pytest.approx(
+        0.5 + distance / (2 * (1 + abs(distance)))
+    )
+
+
 def test_save_and_auto_load_is_exact(model, tmp_path):
     bank, queries = bank_of(model), images(2, 4)
     model.save_pretrained(tmp_path)
@@ -170,6 +192,29 @@ def test_a_bank_of_another_method_is_refused(model):
     foreign = ReferenceBank("another_method", bank.config_hash, bank.class_name, bank.k, bank.tensors)
     with pytest.raises(ValueError, match="built by a 'another_method' model"):
         model(images(1, 4), reference_bank=foreign)
+
+
+def test_a_bank_of_weights_since_changed_in_place_is_refused():
+    """`config_hash` is memoised per weight version: a weight updated in place (as an optimizer step does)
+    refuses the banks built before; so does a write through `weight.data`, which the version counter does not
+    see, once `invalidate_feature_key` is called."""
+    model = method_tester("winclip").tiny_model()
+    projection = model.backbone.clip.visual_projection.weight
+
+    def step_in_place():
+        projection.add_(1.0)
+
+    def write_through_data():
+        projection.data.copy_(projection.detach() - 1.0)
+        model.invalidate_feature_key()
+
+    for change_weight in (step_in_place, write_through_data):
+        bank = bank_of(model)
+        model(images(1, 4), reference_bank=bank)  # the bank fits (and its hash is memoised)
+        with torch.no_grad():
+            change_weight()
+        with pytest.raises(ValueError, match="another config or backbone"):
+            model(images(1, 4), reference_bank=bank)
 
 
 def test_the_base_class_declares_the_contract():

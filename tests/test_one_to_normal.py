@@ -322,7 +322,9 @@ def test_training_entry_point_fits_and_saves(diffusion_dir, tiny_clip_dir, tmp_p
 # --- scoring end to end ------------------------------------------------------------------------------------------
 
 
-def _float64_triplet_scores(features: dict, bank, layers: list[int], alpha: float, beta: float) -> dict:
+def _float64_triplet_scores(
+    features: dict, bank, layers: list[int], alpha: float, beta: float, text_temperature: float
+) -> dict:
     """Eqs. 4-7 recomputed in float64 from `encode_images` features and a bank, every cosine at once: the
     per-level S_P and S_N maps, the branch scores and A = S_P + alpha S_N + beta S_text."""
 
@@ -336,7 +338,7 @@ def _float64_triplet_scores(features: dict, bank, layers: list[int], alpha: floa
     cosines = unit(features["query.global"]) @ unit(bank.tensors["text_embeddings"]).T
     s_p = torch.stack([level.amax(-1) for level in personal]).mean(0)
     s_n = torch.stack([level.amax(-1) for level in pool]).mean(0)
-    s_text = (cosines / 0.01).softmax(-1)[:, 1]
+    s_text = (cosines / text_temperature).softmax(-1)[:, 1]
     patch_map = torch.stack(personal).mean(0) + alpha * torch.stack(pool).mean(0)
     return {
         "personalized": s_p,
@@ -350,8 +352,9 @@ def _float64_triplet_scores(features: dict, bank, layers: list[int], alpha: floa
 def test_end_to_end_fit_pool_and_scores_are_eq_7_of_the_features(diffusion_dir):
     """fit makes the pool (the normals, then generated ones, at the model's input size); its bank is the
     pool's patch tokens per level; the scores, branch scores and maps equal Eqs. 4-7 recomputed in float64
-    from the features; the fitted model refuses leave-one-out and marks the references it generates."""
-    model = make_model(diffusion_dir)
+    from the features (at non-default alpha 0.7, beta 0.2 and text temperature 0.05, written as literals); the
+    fitted model refuses leave-one-out and marks the references it generates."""
+    model = make_model(diffusion_dir, alpha=0.7, beta=0.2, text_temperature=0.05)
     data = toy()
     normals = [image.convert("RGB") for image in data["train"]["image"]]
     model.fit(normals, class_name="grid", steps=2, **TINY_FIT)
@@ -371,7 +374,7 @@ def test_end_to_end_fit_pool_and_scores_are_eq_7_of_the_features(diffusion_dir):
     pixels = processor([image.convert("RGB") for image in data["test"]["image"]], return_tensors="pt")
     features = model.encode_images(pixels.pixel_values)
     output = model(pixels.pixel_values, reference_bank=bank)
-    expected = _float64_triplet_scores(features, bank, model.config.feature_layers, 1.0, 0.5)
+    expected = _float64_triplet_scores(features, bank, model.config.feature_layers, 0.7, 0.2, 0.05)
     # the model computes in float32: scores up to ~2 here (ulp 2.4e-7) after a few roundings; measured 4e-7
     for name in ("personalized", "pool", "text"):
         torch.testing.assert_close(output.branch_scores[name].double(), expected[name], rtol=0, atol=1e-6)

@@ -127,6 +127,33 @@ def test_from_clip_wraps_a_saved_clip(tiny_clip_dir):
     assert torch.isfinite(output.image_scores).all()
 
 
+def test_zero_shot_scores_and_map_use_the_configured_temperature(make_winclip):
+    """temperature=0.5 (default 0.07): the zero-shot score is softmax(cos / 0.5)[anomalous] of the image
+    embedding, in float64 here, and the map the harmonic mean of it and the windows' scores at 0.5."""
+    model = make_winclip(temperature=0.5)
+    images = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(6))
+    features = model.encode_images(images)
+    text = model.build_reference_bank().tensors["text_embeddings"]
+    with torch.no_grad():
+        output = model(images)
+
+    def scores_at_half(embeddings):
+        cosines = embeddings.double() @ text.double().T
+        cosines /= embeddings.double().norm(dim=-1, keepdim=True) * text.double().norm(dim=-1)
+        return (cosines / 0.5).softmax(-1)[..., 1]
+
+    image_scores = scores_at_half(features["image_embeddings"])
+    # float32 cosines against float64: a few ulp, over T = 0.5 and through the softmax
+    torch.testing.assert_close(output.image_scores.double(), image_scores, rtol=0, atol=1e-6)
+    masks = [scoring.window_masks((15, 15), scale) for scale in (2, 3)]
+    windows = [scores_at_half(features[f"window_embeddings.{scale}"]) for scale in (2, 3)]
+    expected_map = functional_winclip.winclip_zero_shot_map(
+        image_scores, windows, [m.double() for m in masks]
+    )
+    expected_map = scoring.upsample_maps(expected_map.reshape(2, 15, 15), (240, 240))
+    torch.testing.assert_close(output.anomaly_maps.double(), expected_map, rtol=0, atol=1e-6)
+
+
 def test_bank_from_another_config_is_refused(tiny_winclip, make_winclip):
     bank = make_winclip(temperature=0.05).build_reference_bank(class_name="screw")
     with pytest.raises(ValueError, match="another config or backbone"):

@@ -249,7 +249,12 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
 
     def config_hash(self) -> str:
         """Fingerprint of the config, the backbone's projections and every trained weight (a method's own
-        layers, LoRA); a reference bank only fits a matching model. Recomputed only when a weight changed."""
+        layers, LoRA); a reference bank only fits a matching model.
+
+        Memoised on each weight's storage and autograd version counter, which every write through the
+        weight changes: optimizer steps, `load_state_dict`, `weight.copy_(...)` under `torch.no_grad()`,
+        `weight.data = tensor`. A write through `weight.data` in place (`weight.data.copy_(...)`) or a NumPy
+        view bypasses the counter: call `invalidate_feature_key()` after one."""
         clip = self.backbone.clip
         weights = [clip.visual_projection.weight, clip.text_projection.weight]
         weights += [
@@ -279,8 +284,10 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         return spec
 
     def invalidate_feature_key(self) -> None:
-        """Forget the hashed vision weights (call after changing them, e.g. training or merging LoRA)."""
+        """Forget the memoised weight hashes of `feature_key` and `config_hash` (call after changing weights,
+        e.g. training, merging LoRA or writing through `weight.data`)."""
         self._vision_weights_digest = None
+        self._config_hash_cache = None
 
     def feature_key(self) -> str:
         """Fingerprint of `encode_images`: the vision weights (hashed once; they are frozen) + `feature_spec()`."""
