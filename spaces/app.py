@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
-from hf_fsad.calibration_policy import BankBuildError, calibrated_bank, tiling_conflict
+from hf_fsad.calibration_policy import BankBuildError, calibrated_bank, checked_saved_bank, tiling_conflict
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS, method_spec
@@ -209,8 +209,8 @@ def loaded_bank(model, bank_file, tiling: Tiling | None = None) -> tuple[Referen
     """The uploaded bank, checked against the model and the page's `tiling` (a tiled bank scores as it was
     tiled), with its own calibration line (or why it has none)."""
     try:
-        bank = model.checked_bank(
-            ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
+        bank = checked_saved_bank(
+            model, ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
         )
     except (ValueError, TypeError) as error:
         raise gr.Error(f"The uploaded bank cannot be used: {error}") from None

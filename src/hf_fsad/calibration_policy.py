@@ -290,6 +290,16 @@ def calibrated_bank(
     return CalibratedBank(bank, notes, [str(warning.message) for warning in caught], refusal)
 
 
+def checked_saved_bank(model: FsadPreTrainedModel, bank: ReferenceBank) -> ReferenceBank:
+    """A saved `bank` checked against `model` (`model.checked_bank`), tiled or not: a tiled bank is checked as
+    the banks of its tiles, which `model` scores (the forward pass refuses a tiled bank: it scores whole
+    images)."""
+    if bank.tiling is None:
+        return model.checked_bank(bank)
+    checked = model.checked_bank(dataclasses.replace(bank, tiling=None))
+    return dataclasses.replace(checked, tiling=bank.tiling)
+
+
 def tiling_conflict(bank: ReferenceBank, tiling: Tiling | None) -> str | None:
     """Why `tiling` (asked for scoring with the saved `bank`) cannot be used, or None: a tiled bank is scored
     as it was tiled (asking for nothing, or for its own tile size, stride and mode, is fine), and an untiled

@@ -54,12 +54,12 @@ def saved_bank(model, args: argparse.Namespace) -> ReferenceBank | None:
     """The `--bank`, checked against the model, `--class-name` and the tile options (a tiled bank scores as it
     was tiled); None without it."""
     from hf_fsad.bank import ReferenceBank
-    from hf_fsad.calibration_policy import tiling_conflict
+    from hf_fsad.calibration_policy import checked_saved_bank, tiling_conflict
 
     if not args.bank:
         return None
     try:
-        bank = model.checked_bank(ReferenceBank.load(args.bank))
+        bank = checked_saved_bank(model, ReferenceBank.load(args.bank))
     except ValueError as error:
         raise CliError(f"--bank {args.bank}: {error}") from None
     if args.class_name is not None and args.class_name != bank.class_name:
