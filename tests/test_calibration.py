@@ -413,26 +413,17 @@ def test_calibration_of_outputs_reads_each_outputs_scores_and_maps_in_their_plac
 
     generator = torch.Generator().manual_seed(0)
     normal = AnomalyDetectionOutput(
-        image_scores=torch.rand(12, generator=generator),
-        anomaly_maps=torch.rand(12, 4, 4, generator=generator),
+        image_scores=torch.rand(12, generator=generator), anomaly_maps=torch.rand(12, 4, 4, generator=generator)
     )
     anomalous = AnomalyDetectionOutput(
-        image_scores=1 + torch.rand(5, generator=generator),
-        anomaly_maps=1 + torch.rand(5, 4, 4, generator=generator),
+        image_scores=1 + torch.rand(5, generator=generator), anomaly_maps=1 + torch.rand(5, 4, 4, generator=generator)
     )
     masks = torch.rand(5, 4, 4, generator=generator) > 0.5
     settings = {"normal_source": "held_out", "false_alarm_rate": 0.1, "rule": "best_f1"}
     expected = fit_calibration(
-        normal.image_scores,
-        normal.anomaly_maps,
-        anomalous.image_scores,
-        anomalous.anomaly_maps,
-        masks,
-        **settings,
+        normal.image_scores, normal.anomaly_maps, anomalous.image_scores, anomalous.anomaly_maps, masks, **settings
     )
     assert fit_calibration_of_outputs(normal, anomalous, masks, **settings) == expected
-    assert fit_calibration_of_outputs(
-        normal, normal_source="held_out", false_alarm_rate=0.1
-    ) == fit_calibration(
+    assert fit_calibration_of_outputs(normal, normal_source="held_out", false_alarm_rate=0.1) == fit_calibration(
         normal.image_scores, normal.anomaly_maps, normal_source="held_out", false_alarm_rate=0.1
     )

@@ -79,11 +79,11 @@ def pipe(saved_winclip_dir):
     return pipeline("image-anomaly-detection", model=saved_winclip_dir)
 
 
+
 def _score_arguments(model_dir: str, photos: dict) -> list[str]:
     """`hf-fsad score` against the upright references, one image a batch, as the pipeline scores them."""
     return ["score", "--model", model_dir, "--reference", str(photos["refs"]), "--batch-size", "1",
             "--class-name", "fabric"]  # fmt: skip
-
 
 def test_the_oriented_file_is_stored_sideways(photos):
     with Image.open(photos["oriented"]) as stored:

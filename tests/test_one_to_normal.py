@@ -612,6 +612,7 @@ def test_runner_fits_one_to_normal_per_cell_and_augments_other_methods_reference
     assert np.abs(with_generated - without).max() > 1e-3  # the two generated references do move the scores
 
 
+
 # `runwayml/stable-diffusion-v1-5` left the Hub in 2024; its maintained copy is this repository.
 MAINTAINED_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 

@@ -42,15 +42,7 @@ def _files(paths) -> list | None:
 
 
 def _detect(
-    client,
-    source,
-    references,
-    queries,
-    threshold=0.5,
-    bank=None,
-    defects=None,
-    masks=None,
-    weight_search=True,
+    client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True
 ):
     """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank."""
     return client.predict(
@@ -151,9 +143,7 @@ def test_the_verdict_and_the_outlined_region_follow_the_slider(client, saved_win
 def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_winclip_dir, toy):
     references, _, queries = toy
     _, _, decision, results, _, bank = _detect(client, saved_winclip_dir, references[:1], queries)
-    assert (
-        "Not calibrated" in decision and "Leave-one-out needs at least 2 reference images, got 1" in decision
-    )
+    assert "Not calibrated" in decision and "Leave-one-out needs at least 2 reference images, got 1" in decision
     assert "Fail when the raw score is above 0.50" in decision
     assert [r["normalized_score"] for r in results] == [None, None]
     # raw scores against the raw slider, labelled: the defect's raw score is below 0.5

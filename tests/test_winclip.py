@@ -299,9 +299,9 @@ def test_few_shot_map_averages_patch_and_window_levels():
     reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
     reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    result = functional_winclip.winclip_few_shot_map(
-        patches, reference_patches, [windows], [reference_windows], masks
-    )[0]
+    result = functional_winclip.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
+        0
+    ]
     window_score = (1 - 1 / math.sqrt(2)) / 2
     assert result.tolist() == pytest.approx(
         [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]
