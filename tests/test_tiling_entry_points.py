@@ -137,7 +137,7 @@ def test_a_tiled_saved_bank_scores_tiled_and_disagreeing_tile_options_are_refuse
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--tile-stride", "16"], "--tile-stride go with --tile-size"),
+        (["--tile-stride", "16"], "--tile-stride tile only with --tile-size"),
         (["--tile-size", "16", "--tile-stride", "32"], "tile_stride 32x32 is larger than tile_size 16x16"),
         (
             ["--tile-size", "32", "--runtime", "onnxruntime", "--device", "cpu"],

@@ -168,13 +168,11 @@ def calibrated_bank(
             f"{model.config.model_type} builds its bank from normal references only: defective images can "
             "calibrate its threshold instead (anomalous images)"
         )
-    if bank is not None and bank.tiling is not None:
+    if bank is not None:
         conflict = tiling_conflict(bank, tiling)
         if conflict is not None:
             raise ValueError(conflict)
         tiling = bank.tiling
-    elif bank is not None and tiling is not None:
-        raise ValueError(tiling_conflict(bank, tiling))
     if tiling is not None:
         return _tiled_calibrated_bank(
             model,

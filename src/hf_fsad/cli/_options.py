@@ -77,8 +77,7 @@ def tile_pixels(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f"must be N or HEIGHTxWIDTH in positive pixels (e.g. 512 or 480x640), got {text!r}"
         )
-    height = int(parts[0])
-    return height, int(parts[-1])
+    return int(parts[0]), int(parts[-1])
 
 
 def add_tiling(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +117,7 @@ def tiling_of(args: argparse.Namespace) -> Tiling | None:
             if value
         ]
         if given:
-            raise CliError(f"{' and '.join(given)} go with --tile-size: give the tile size too")
+            raise CliError(f"{' and '.join(given)} tile only with --tile-size: give the tile size too")
         return None
     from hf_fsad.tiling import Tiling
 
