@@ -13,6 +13,7 @@ from transformers import pipeline
 
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration
+from hf_fsad.calibration_policy import calibrated_bank
 from hf_fsad.cli import main
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.pipeline import pixel_decision
@@ -20,6 +21,7 @@ from hf_fsad.regions import defect_regions
 from hf_fsad.tiled_scoring import build_tiled_bank, calibrate_tiled_bank, score_tiled
 from hf_fsad.tiling import Tiling
 from hf_fsad.visualization import heatmap_overlay, outline_region
+from model_tester import method_tester
 
 EXACT = {"rtol": 0, "atol": 0}
 # Tiles of 32 px every 16 x 24 px on 48 x 64 images: overlapping rows and columns, the last ones flush.
@@ -254,3 +256,20 @@ def test_pixel_decision_gives_the_regions_of_a_hand_made_map_above_the_pixel_thr
         {"box": [8, 5, 9, 8], "area": 3, "peak_score": pytest.approx(0.6)},
     ]
     assert pixel_decision(None, calibration) == (None, None)
+
+
+def test_the_bank_policy_calibrates_a_tiled_bank_on_held_out_normals_and_refuses_other_preprocessing(files):
+    _, paths = files
+    model = method_tester("winclip").tiny_model()
+    references, held_out = rgb(paths["refs"][:2]), rgb(paths["refs"][2:] + paths["queries"][:1])
+    made = calibrated_bank(model, references, held_out_normals=held_out, tiling=TILING)
+    expected = calibrate_tiled_bank(model, build_tiled_bank(model, references, TILING), normal_images=held_out)
+    assert made.bank.calibration.normal_source == "held_out"
+    assert made.bank.calibration.normal_scores == expected.calibration.normal_scores
+    assert made.bank.calibration.pixel_threshold == expected.calibration.pixel_threshold
+    with pytest.raises(ValueError, match="paper_preprocessing cannot be used with tiling"):
+        calibrated_bank(model, references, tiling=TILING, paper_preprocessing=True)
+    # one reference: nothing to leave out, and the policy says so as it does untiled
+    single = calibrated_bank(model, references[:1], tiling=TILING)
+    assert single.bank.tiling == TILING and single.bank.calibration is None
+    assert "at least 2 reference images" in single.refusal
