@@ -263,7 +263,9 @@ def test_the_bank_policy_calibrates_a_tiled_bank_on_held_out_normals_and_refuses
     model = method_tester("winclip").tiny_model()
     references, held_out = rgb(paths["refs"][:2]), rgb(paths["refs"][2:] + paths["queries"][:1])
     made = calibrated_bank(model, references, held_out_normals=held_out, tiling=TILING)
-    expected = calibrate_tiled_bank(model, build_tiled_bank(model, references, TILING), normal_images=held_out)
+    expected = calibrate_tiled_bank(
+        model, build_tiled_bank(model, references, TILING), normal_images=held_out
+    )
     assert made.bank.calibration.normal_source == "held_out"
     assert made.bank.calibration.normal_scores == expected.calibration.normal_scores
     assert made.bank.calibration.pixel_threshold == expected.calibration.pixel_threshold
