@@ -10,6 +10,10 @@ the uploads is calibrated (`model.calibrate`) and the pass/fail slider acts on t
 0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
 the raw score.
 
+Large images can be scored tile by tile (tile size 0: off), their maps stitched at the image's full size; a
+loaded tiled bank scores tiled by itself. With a calibrated bank each query lists its defect regions (box,
+area, peak score) at the calibrated pixel threshold.
+
 A method whose own parts must be trained (MetaCAN, AF-CLIP) is offered as METHOD@CLIP, and scored with random
 weights, only when the Space is launched with --allow-untrained (a demo); otherwise the page refuses such a
 model with how to get weights, as the CLI does.
@@ -32,10 +36,11 @@ from PIL import Image, ImageDraw
 import hf_fsad  # noqa: F401  (registers the methods)
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration, score_at_level
-from hf_fsad.calibration_policy import BankBuildError, calibrated_bank
+from hf_fsad.calibration_policy import BankBuildError, calibrated_bank, checked_saved_bank, tiling_conflict
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS, method_spec
+from hf_fsad.tiling import TILE_MODES, Tiling
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 _PIPELINES: dict[tuple[str, bool], object] = {}
@@ -128,6 +133,17 @@ def named_images(files: list | None, what: str, read=read_image) -> dict[str, Im
     return named
 
 
+def page_tiling(tile_size: float | None, tile_stride: float | None, tile_mode: str) -> Tiling | None:
+    """The tiling the page asks for: square tiles of `tile_size` px every `tile_stride` px (0: the tile size),
+    compared by `tile_mode`; None (untiled) when the tile size is 0."""
+    if not tile_size:
+        return None
+    try:
+        return Tiling(int(tile_size), int(tile_stride) if tile_stride else None, tile_mode)
+    except ValueError as error:
+        raise gr.Error(f"Tiling: {error}") from None
+
+
 def build_bank(
     model,
     references,
@@ -137,12 +153,14 @@ def build_bank(
     confidence: float | None = None,
     weight_search: bool = True,
     held_out: list[tuple[str, Image.Image]] = (),
+    tiling: Tiling | None = None,
 ) -> tuple[ReferenceBank, str]:
     """The bank from the uploaded normal references and defective ones, calibrated where possible, and the
     line saying how (`hf_fsad.calibration_policy.calibrated_bank`, as the CLI builds it). A method that learns
     from defects keeps them in its bank with their masks, paired by file name, and chooses its score weights
     on them unless `weight_search` is off; for the others they are held out and report their miss rate.
-    `held_out` normal images calibrate instead of the references left out one at a time."""
+    `held_out` normal images calibrate instead of the references left out one at a time; with a `tiling` the
+    bank is tiled."""
     defects = named_images(anomalous_files, "Defective reference")
     masks = named_images(mask_files, "Mask", read_mask)
     if masks and not defects:
@@ -160,6 +178,7 @@ def build_bank(
             held_out_normals=[image for _, image in held_out],
             confidence=confidence,
             weight_search=weight_search,
+            tiling=tiling,
         )
     except BankBuildError as error:
         raise gr.Error(f"{error} Upload the reference images this method needs (or a saved bank).") from None
@@ -186,14 +205,18 @@ def uncalibrated(reason: str) -> str:
     )
 
 
-def loaded_bank(model, bank_file) -> tuple[ReferenceBank, str]:
-    """The uploaded bank, checked against the model, with its own calibration line (or why it has none)."""
+def loaded_bank(model, bank_file, tiling: Tiling | None = None) -> tuple[ReferenceBank, str]:
+    """The uploaded bank, checked against the model and the page's `tiling` (a tiled bank scores as it was
+    tiled), with its own calibration line (or why it has none)."""
     try:
-        bank = model.checked_bank(
-            ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
+        bank = checked_saved_bank(
+            model, ReferenceBank.load(bank_file if isinstance(bank_file, str) else bank_file.name)
         )
     except (ValueError, TypeError) as error:
         raise gr.Error(f"The uploaded bank cannot be used: {error}") from None
+    conflict = tiling_conflict(bank, tiling)
+    if conflict is not None:
+        raise gr.Error(f"The uploaded bank cannot be used: {conflict}.")
     if bank.calibration is None:
         return bank, uncalibrated(
             "the loaded bank was saved without a calibration; build it again from 2 or more references."
@@ -253,13 +276,17 @@ def detect(
     confidence=0.0,
     weight_search=True,
     held_out_files=None,
+    tile_size=0,
+    tile_stride=0,
+    tile_mode="pooled",
     progress=gr.Progress(),  # noqa: B008  (gradio injects the progress tracker through this default)
     *,
     allow_untrained: bool = False,
 ):
     """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
     branch scores and the bank. `confidence` > 0: the calibrated false-alarm rate holds with that probability,
-    not only on average; `weight_search`: the anomalous memory chooses its score weights on the defects.
+    not only on average; `weight_search`: the anomalous memory chooses its score weights on the defects;
+    `tile_size` > 0: a tiled bank (`page_tiling`), large images scored tile by tile.
 
     With a calibrated bank a query fails when its normalised score reaches `threshold` and the outlined
     region is where the normalised map does; otherwise both compare raw values with `threshold`.
@@ -270,9 +297,10 @@ def detect(
     if not queries:
         raise gr.Error("Upload at least one query image to score.")
     references = read_images(reference_files, "Reference")
+    tiling = page_tiling(tile_size, tile_stride, tile_mode)
     progress(0.1, desc="building and calibrating the reference bank")
     if bank_file:
-        bank, line = loaded_bank(model, bank_file)
+        bank, line = loaded_bank(model, bank_file, tiling)
     else:
         bank, line = build_bank(
             model,
@@ -283,7 +311,10 @@ def detect(
             confidence=confidence or None,
             weight_search=weight_search,
             held_out=read_images(held_out_files, "Held-out normal image"),
+            tiling=tiling,
         )
+    if bank.tiling is not None:
+        line += f" Scored with {bank.tiling.describe()}."
     calibration = bank.calibration
     heatmaps, annotated, results, branches = [], [], [], []
     for index, (name, image) in enumerate(queries):
@@ -297,6 +328,7 @@ def detect(
                 "normalized_score": normalized,
                 "verdict": verdict,
                 "branch_scores": result["branch_scores"],
+                "regions": result.get("regions"),
             }
         )
         branches += [
@@ -423,6 +455,25 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                     label="Confidence that the 5% false-alarm rate holds for this calibration (0: on average; "
                     "0.9 needs 45 normal references)",
                 )
+                with gr.Accordion("Tiling for large images (optional)", open=False):
+                    tile_size = gr.Number(
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        label="Tile size in pixels (0: off, each image squashed to the model's input)",
+                    )
+                    tile_stride = gr.Number(
+                        value=0,
+                        precision=0,
+                        minimum=0,
+                        label="Tile stride in pixels (0: the tile size; smaller: overlapping tiles, maps averaged)",
+                    )
+                    tile_mode = gr.Radio(
+                        list(TILE_MODES),
+                        value="pooled",
+                        label="Compare each tile with all reference tiles (pooled: textures) or with the tile at "
+                        "its place (position: a fixed part under a fixed camera)",
+                    )
                 button = gr.Button("Detect", variant="primary")
             with gr.Column():
                 decision = gr.Markdown(elem_id="decision")
@@ -436,7 +487,9 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                     format="png",
                     columns=2,
                 )
-                results = gr.JSON(label="Scores")
+                results = gr.JSON(
+                    label="Scores and defect regions (box [left, top, right, bottom], area, peak score)"
+                )
                 branches = gr.BarPlot(x="branch", y="score", color="query", label="Branch scores")
                 bank_out = gr.File(label="Save the reference bank")
         button.click(
@@ -453,6 +506,9 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                 confidence,
                 weight_search,
                 held_out,
+                tile_size,
+                tile_stride,
+                tile_mode,
             ],
             [heatmaps, annotated, decision, results, branches, bank_out],
             api_name="detect",

@@ -19,7 +19,7 @@ from hf_fsad.visualization import mask_array, outline_region
 
 BEST_F1 = ["--threshold-rule", "best-f1"]
 UNCALIBRATED_KEYS = {"path", "score", "branch_scores", "heatmap"}
-CALIBRATED_KEYS = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold"}
+CALIBRATED_KEYS = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold", "regions"}
 
 
 @pytest.fixture(scope="module")

@@ -133,7 +133,7 @@ def test_two_references_give_calibrated_decisions(pipe, toy):
     assert calibration == expected
 
     results = pipe(queries, reference_bank=bank)
-    calibrated_keys = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold", "mask"}
+    calibrated_keys = UNCALIBRATED_KEYS | {"label", "normalized_score", "threshold", "mask", "regions"}
     assert all(set(result) == calibrated_keys for result in results)
     scores = torch.tensor([result["score"] for result in results])
     assert [result["threshold"] for result in results] == [calibration.image_threshold] * len(results)

@@ -42,13 +42,15 @@ def _files(paths) -> list | None:
 
 
 def _detect(
-    client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True
+    client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True,
+    tiling=(0, 0, "pooled"),
 ):
-    """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank."""
+    """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank;
+    `tiling`: (tile size, stride, mode), tile size 0: untiled."""
     return client.predict(
         source, _files(references) or [], "fabric", _files(queries), threshold,
         None if bank is None else gradio_client.handle_file(bank), _files(defects), _files(masks),
-        0, weight_search, None, api_name="/detect",
+        0, weight_search, None, *tiling, api_name="/detect",
     )  # fmt: skip
 
 
@@ -138,6 +140,32 @@ def test_the_verdict_and_the_outlined_region_follow_the_slider(client, saved_win
     middle = (normalized[0] + normalized[1]) / 2
     results = _detect(client, saved_winclip_dir, references, queries, middle)[3]
     assert [r["verdict"] for r in results] == ["pass", "fail"]
+
+
+def test_tiled_detection_scores_as_the_tiled_pipeline_and_lists_its_regions(client, saved_winclip_dir, toy):
+    from transformers import pipeline
+
+    from hf_fsad.tiling import Tiling
+
+    references, _, queries = toy
+    tiled = (64, 48, "pooled")
+    _, _, decision, results, _, bank = _detect(client, saved_winclip_dir, references, queries, tiling=tiled)
+    tiling = Tiling(64, 48)
+    assert f"Scored with {tiling.describe()}" in decision
+    assert ReferenceBank.load(bank).tiling == tiling
+    model, _ = _model_and_pixels(saved_winclip_dir)
+    pipe = pipeline("image-anomaly-detection", model=model, image_processor=model.image_processor())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 4 normals cannot reach 5%
+        expected = pipe(queries, reference_images=references, class_name="fabric", tiling=tiling)
+    assert [r["score"] for r in results] == [e["score"] for e in expected]
+    assert [r["regions"] for r in results] == [e["regions"] for e in expected]
+    assert any(r["regions"] for r in results)
+    # the downloaded tiled bank scores tiled when loaded again; other tile options are refused
+    again = _detect(client, saved_winclip_dir, [], queries, bank=bank)[3]
+    assert [r["score"] for r in again] == [r["score"] for r in results]
+    with pytest.raises(gradio_client.exceptions.AppError, match="the bank was built with pooled tiling"):
+        _detect(client, saved_winclip_dir, [], queries, bank=bank, tiling=(32, 0, "pooled"))
 
 
 def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_winclip_dir, toy):

@@ -2,7 +2,8 @@
 the benchmark runner): `calibrated_bank` builds it from normal references (exact copies left out) and, for a
 method that learns from them, defective images with their masks (paired by file name); runs the anomalous
 memory's weight search (paper Sec. 4.3) where defects are given; and calibrates it on held-out normal images,
-by leave-one-out on the references, or on the scores of an exported runtime, or says why it cannot.
+by leave-one-out on the references, or on the scores of an exported runtime, or says why it cannot. With a
+`Tiling` (or a saved tiled bank) the bank is tiled and calibrated on tiled scores (`hf_fsad.tiled_scoring`).
 
 Module-level imports stay light (the command line's parser reads `DEFAULT_FALSE_ALARM_RATE`); torch loads
 when a bank is built.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .bank import ReferenceBank
     from .modeling_base import FsadPreTrainedModel
     from .modeling_outputs import AnomalyDetectionOutput
+    from .tiling import Tiling
 
     # Images in order, or keyed by file name: masks are then paired with images by file stem.
     Images = Sequence[Image.Image] | Mapping[str, Image.Image]
@@ -122,6 +124,7 @@ def calibrated_bank(
     batch_size: int = 8,
     runtime: str = "torch",
     runtime_scorer: Callable[[ReferenceBank], Scorer] | None = None,
+    tiling: Tiling | None = None,
 ) -> CalibratedBank:
     """The bank `model` scores with, built and calibrated by the one policy of the CLI, pipeline, Space and runner.
 
@@ -164,6 +167,35 @@ def calibrated_bank(
         raise ValueError(
             f"{model.config.model_type} builds its bank from normal references only: defective images can "
             "calibrate its threshold instead (anomalous images)"
+        )
+    if bank is not None:
+        conflict = tiling_conflict(bank, tiling)
+        if conflict is not None:
+            raise ValueError(conflict)
+        tiling = bank.tiling
+    if tiling is not None:
+        return _tiled_calibrated_bank(
+            model,
+            references,
+            tiling,
+            class_name=class_name,
+            defects=(defect_images, defect_mask_images),
+            held_out_normals=held_out_normals,
+            anomalous=(anomalous_images, anomalous_mask_images),
+            bank=bank,
+            calibrate=calibrate,
+            settings={
+                "false_alarm_rate": false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
+                "confidence": confidence,
+                "rule": rule,
+                "batch_size": batch_size,
+            },
+            refused={
+                "processor": processor is not None,
+                "paper_preprocessing": paper_preprocessing,
+                "runtime_scorer": runtime_scorer is not None,
+            },
+            precision=precision,
         )
     if processor is None:
         processor = model.paper_image_processor() if paper_preprocessing else model.image_processor()
@@ -254,6 +286,128 @@ def calibrated_bank(
             "the defective images given to calibrate were not used: without normal scores there is no threshold"
         )
     return CalibratedBank(bank, notes, [str(warning.message) for warning in caught], refusal)
+
+
+def checked_saved_bank(model: FsadPreTrainedModel, bank: ReferenceBank) -> ReferenceBank:
+    """A saved `bank` checked against `model` (`model.checked_bank`), tiled or not: a tiled bank is checked as
+    the banks of its tiles, which `model` scores (the forward pass refuses a tiled bank: it scores whole
+    images)."""
+    if bank.tiling is None:
+        return model.checked_bank(bank)
+    checked = model.checked_bank(dataclasses.replace(bank, tiling=None))
+    return dataclasses.replace(checked, tiling=bank.tiling)
+
+
+def tiling_conflict(bank: ReferenceBank, tiling: Tiling | None) -> str | None:
+    """Why `tiling` (asked for scoring with the saved `bank`) cannot be used, or None: a tiled bank is scored
+    as it was tiled (asking for nothing, or for its own tile size, stride and mode, is fine), and an untiled
+    bank cannot be scored tiled."""
+    if tiling is None:
+        return None
+    if bank.tiling is None:
+        return (
+            f"the bank is not tiled, so it cannot score with {tiling.describe()}: build a tiled bank from the "
+            "reference images"
+        )
+    asked = tiling.tile_size, tiling.tile_stride, tiling.mode
+    if asked != (bank.tiling.tile_size, bank.tiling.tile_stride, bank.tiling.mode):
+        return (
+            f"the bank was built with {bank.tiling.describe()}, but {tiling.describe()} was asked: a bank is "
+            "scored as it was tiled (leave the tile options out, or build a bank with them)"
+        )
+    return None
+
+
+def _tiled_calibrated_bank(
+    model: FsadPreTrainedModel,
+    references,
+    tiling: Tiling,
+    *,
+    class_name: str | None,
+    defects: tuple[list[Image.Image], list[Image.Image] | None],
+    held_out_normals: Sequence[Image.Image],
+    anomalous: tuple[list[Image.Image], list[Image.Image] | None],
+    bank: ReferenceBank | None,
+    calibrate: bool | Literal["auto"],
+    settings: dict,
+    refused: dict[str, bool],
+    precision: str,
+) -> CalibratedBank:
+    """`calibrated_bank` for a tiled bank (its docstring says what differs)."""
+    import torch
+
+    from .calibration_inputs import separate_calibration_images
+    from .tiled_scoring import build_tiled_bank, calibrate_tiled_bank
+
+    given = [name for name, value in refused.items() if value]
+    if isinstance(references, EncodedReferences):
+        given.append("encoded references")
+    if given:
+        raise ValueError(
+            f"tiled banks take reference images and resize each tile whole with the model's image processor: "
+            f"{', '.join(given)} cannot be used with tiling"
+        )
+    separated = separate_calibration_images(references or [], held_out_normals)
+    notes = list(separated.notes)
+    reference_images, held_out = separated.references, separated.held_out_normals
+    defect_images, defect_masks = defects
+    if bank is None:
+        try:
+            bank = build_tiled_bank(
+                model,
+                reference_images,
+                tiling,
+                class_name,
+                anomalous_images=defect_images,
+                anomalous_masks=defect_masks,
+                batch_size=settings["batch_size"],
+            )
+        except ValueError as error:
+            raise BankBuildError(f"the reference bank cannot be built: {error}") from None
+        bank = dataclasses.replace(bank, generated_references=separated.generated_references)
+    elif calibrate == "auto" and not held_out:
+        refusal = None if bank.calibration else "the bank was saved without a calibration"
+        return CalibratedBank(bank, notes, [], refusal)
+    if model.validates_weights and defect_images:
+        notes.append(
+            "weight search (paper Sec. 4.3) not run on a tiled bank: the baseline score weights are kept"
+        )
+    if calibrate is False:
+        return CalibratedBank(dataclasses.replace(bank, calibration=None), notes)
+    anomalous_images, anomalous_masks = anomalous
+    if not held_out:
+        refusal = model.leave_one_out_refusal(len(reference_images), bank.generated_references)
+        if refusal is not None:
+            if calibrate is True:
+                raise ValueError(
+                    f"Cannot calibrate by leave-one-out: {refusal}; give held-out normal images."
+                )
+            if anomalous_images:
+                notes.append(
+                    "the defective images given to calibrate were not used: without normal scores there is no "
+                    "threshold"
+                )
+            return CalibratedBank(bank, notes, [], refusal)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), model.autocast(precision):
+            bank = calibrate_tiled_bank(
+                model,
+                bank,
+                reference_images,
+                anomalous_references=defect_images,
+                anomalous_reference_masks=defect_masks,
+                normal_images=held_out,
+                anomalous_images=anomalous_images,
+                anomalous_masks=anomalous_masks,
+                **settings,
+            )
+    calibration = dataclasses.replace(bank.calibration, runtime="torch", precision=precision)
+    return CalibratedBank(
+        dataclasses.replace(bank, calibration=calibration),
+        notes,
+        [str(warning.message) for warning in caught],
+    )
 
 
 def _searched_weights(

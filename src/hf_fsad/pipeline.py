@@ -21,11 +21,14 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .bank import ReferenceBank
 from .calibration import Calibration, check_review_band, in_review_band, score_error
-from .calibration_policy import calibrated_bank
+from .calibration_policy import calibrated_bank, tiling_conflict
 from .deploy.image_files import LABEL_NAMES
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_bytes, read_mask, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
+from .regions import defect_regions
+from .tiled_scoring import score_tiled
+from .tiling import Tiling
 from .visualization import heatmap_overlay
 
 TASK = "image-anomaly-detection"
@@ -81,6 +84,28 @@ def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
         anomaly_map[None, None].float(), size=(height, width), mode="bilinear", align_corners=False
     )[0, 0]
     return resized.cpu().numpy().astype(np.float32)
+
+
+def pixel_decision(
+    anomaly_map: np.ndarray | None, calibration: Calibration
+) -> tuple[np.ndarray | None, list[dict] | None]:
+    """(mask, regions) of a calibrated image's (H, W) `anomaly_map` at the image's own size: the pixels above
+    the pixel threshold, and their connected defect regions with box, area and peak score
+    (`hf_fsad.regions.defect_regions`); (None, None) without a map or a pixel threshold."""
+    mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
+    if mask is None:
+        return None, None
+    mask = mask.numpy()
+    return mask, defect_regions(mask, anomaly_map)
+
+
+def as_tiling(tiling: Tiling | Mapping[str, Any] | None) -> Tiling | None:
+    """A `tiling=` argument (a `Tiling`, its fields as a dict, or None) as a `Tiling`."""
+    if tiling is None or isinstance(tiling, Tiling):
+        return tiling
+    if isinstance(tiling, Mapping):
+        return Tiling(**tiling)
+    raise TypeError(f"tiling must be a Tiling or a dict of its fields, got {type(tiling).__name__}.")
 
 
 def as_mask(source: Any) -> Image.Image:
@@ -141,9 +166,15 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     `build_reference_bank`), and with a calibrated bank each result also has `label` ("anomalous" or
     "normal"), `normalized_score` (0.5 at the threshold), `threshold` (the raw image threshold) and `mask`
     (bool array at the image's own size, the map above the pixel threshold; None without maps or pixel
-    threshold). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
+    threshold) and `regions` (the mask's connected defect regions, each with `box` [left, top, right,
+    bottom], `area` and `peak_score`, the highest first: `hf_fsad.regions.defect_regions`; None where `mask`
+    is). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
     asks for a calibration (`calibrate=True`: an error when it is impossible). `review_band=0.1`: a part
     whose normalised score lies in [0.4, 0.6] gets the label "review" instead of "normal" or "anomalous".
+
+    `tiling=Tiling(tile_size=512, tile_stride=384, mode="pooled")` (or a dict of its fields) builds a tiled
+    bank: large images are scored tile by tile at the model's input size, their maps stitched at full
+    resolution (`hf_fsad.tiled_scoring`; docs/scoring.md). A tiled `reference_bank` scores tiled by itself.
     """
 
     _load_processor = False
@@ -184,6 +215,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         defect_images: Sequence[Any] | None = None,
         defect_masks: Sequence[Any] | None = None,
         weight_search: bool = True,
+        tiling: Tiling | Mapping[str, Any] | None = None,
     ) -> ReferenceBank:
         """Encode reference images (paths, URLs or PIL images) into the model's bank, calibrated, by the policy
         the CLI, the Space and the benchmark runner use (`hf_fsad.calibration_policy.calibrated_bank`).
@@ -201,6 +233,9 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         order) go into the bank of a method that learns from them (anomalous memory), whose score weights are
         then chosen on augmented views of them and of the calibration images, or the references without
         them (paper Sec. 4.3; `weight_search=False` keeps the baseline weights); a warning says which.
+
+        `tiling` (a `Tiling` or a dict of its fields): a tiled bank, calibrated on tiled scores, as
+        `calibrated_bank` describes; the model's own image processor then resizes each tile whole.
         """
         return self._made_bank(
             calibrate,
@@ -212,6 +247,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             calibration_images=calibration_images,
             false_alarm_rate=false_alarm_rate,
             confidence=confidence,
+            tiling=as_tiling(tiling),
         )
 
     def calibrate_bank(
@@ -237,10 +273,12 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         """`calibrated_bank` with these arguments: its notes logged as warnings, its calibration's warnings
         warned, its refusal logged at INFO."""
         held_out = self._images(calibration_images, "calibration_images")
+        bank = policy.get("bank")
+        tiled = policy.get("tiling") is not None or (bank is not None and bank.tiling is not None)
         made = calibrated_bank(
             self.model,
             held_out_normals=held_out,
-            processor=self.image_processor,
+            processor=None if tiled else self.image_processor,  # tiles: the model's own, resizing them whole
             calibrate=True if held_out and calibrate == "auto" else calibrate,
             **policy,
         )
@@ -266,6 +304,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
         defect_masks=None,
         weight_search=None,
         review_band=None,
+        tiling=None,
     ):
         if reference_bank is not None and (reference_images is not None or defect_images is not None):
             raise ValueError(
@@ -280,28 +319,43 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             confidence=confidence,
         )
         defects = _given(defect_images=defect_images, defect_masks=defect_masks, weight_search=weight_search)
+        tiling = as_tiling(tiling)
+        if reference_bank is not None:
+            conflict = tiling_conflict(reference_bank, tiling)
+            if conflict is not None:
+                raise ValueError(f"reference_bank: {conflict}.")
         forward_params = {}
-        building = reference_images is not None or class_name is not None or calibration or defects
+        building = reference_images is not None or class_name is not None or calibration or defects or tiling
         if reference_bank is None and building:
-            reference_bank = self.build_reference_bank(reference_images, class_name, **calibration, **defects)
+            reference_bank = self.build_reference_bank(
+                reference_images, class_name, **calibration, **defects, tiling=tiling
+            )
         elif reference_bank is not None and calibration:
             reference_bank = self.calibrate_bank(reference_bank, **calibration)
+        preprocess_params = {}
         if reference_bank is not None:
             forward_params["reference_bank"] = reference_bank
+            preprocess_params["tiled"] = reference_bank.tiling is not None
         postprocess_params = {"heatmap_range": heatmap_range} if heatmap_range is not None else {}
         if review_band is not None:
             check_review_band(review_band)
             postprocess_params["review_band"] = review_band
-        return {}, forward_params, postprocess_params
+        return preprocess_params, forward_params, postprocess_params
 
-    def preprocess(self, image) -> dict[str, Any]:
+    def preprocess(self, image, tiled: bool = False) -> dict[str, Any]:
+        """The RGB image, and its pixel values unless a tiled bank cuts it into tiles in `_forward`."""
         image = as_rgb_image(image)
+        if tiled:
+            return {"image": image}
         return {"pixel_values": self.image_processor(image, return_tensors="pt").pixel_values, "image": image}
 
     def _forward(
         self, model_inputs: dict[str, Any], reference_bank: ReferenceBank | None = None
     ) -> dict[str, Any]:
-        output = self.model(model_inputs["pixel_values"], reference_bank=reference_bank)
+        if reference_bank is not None and reference_bank.tiling is not None:
+            output = score_tiled(self.model, model_inputs["image"], reference_bank)
+        else:
+            output = self.model(model_inputs["pixel_values"], reference_bank=reference_bank)
         calibration = None if reference_bank is None else reference_bank.calibration
         return {"output": output, "image": model_inputs["image"], "calibration": calibration}
 
@@ -327,9 +381,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
             )
         if calibration is not None:
             result |= decision(output, 0, calibration, review_band)
-            anomaly_map = result["anomaly_map"]
-            mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
-            result["mask"] = None if mask is None else mask.numpy()
+            result["mask"], result["regions"] = pixel_decision(result["anomaly_map"], calibration)
         return result
 
 

@@ -1,6 +1,7 @@
 """The bank and calibration images that `hf-fsad score` and `hf-fsad calibrate` read from the same options:
 --reference or --bank, --defect and --defect-mask, --class-name, --calibration-normal,
---calibration-anomalous and --calibration-masks, --threshold-rule."""
+--calibration-anomalous and --calibration-masks, --threshold-rule, and the tile options a --bank must agree
+with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from ._errors import CliError
+from ._options import tiling_of
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -49,13 +51,15 @@ def read_reference_images(args: argparse.Namespace) -> list[Image.Image]:
 
 
 def saved_bank(model, args: argparse.Namespace) -> ReferenceBank | None:
-    """The `--bank`, checked against the model and `--class-name`; None without it."""
+    """The `--bank`, checked against the model, `--class-name` and the tile options (a tiled bank scores as it
+    was tiled); None without it."""
     from hf_fsad.bank import ReferenceBank
+    from hf_fsad.calibration_policy import checked_saved_bank, tiling_conflict
 
     if not args.bank:
         return None
     try:
-        bank = model.checked_bank(ReferenceBank.load(args.bank))
+        bank = checked_saved_bank(model, ReferenceBank.load(args.bank))
     except ValueError as error:
         raise CliError(f"--bank {args.bank}: {error}") from None
     if args.class_name is not None and args.class_name != bank.class_name:
@@ -63,6 +67,9 @@ def saved_bank(model, args: argparse.Namespace) -> ReferenceBank | None:
             f"--class-name {args.class_name}: the --bank holds class {bank.class_name!r}, fixed "
             "when it was built (build a bank of another class from --reference)"
         )
+    conflict = tiling_conflict(bank, tiling_of(args))
+    if conflict is not None:
+        raise CliError(f"--bank {args.bank}: {conflict}")
     return bank
 
 

@@ -1,13 +1,19 @@
 """Options that several commands take, declared once: pixel limit, batch size, device, precision, runtime,
-untrained models."""
+untrained models, tiling."""
 
 from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
 
 from hf_fsad.deploy.image_files import add_max_pixels  # noqa: F401  (the exported runner takes it too)
 from hf_fsad.deploy.run_exported import RUNTIMES
+
+from ._errors import CliError
+
+if TYPE_CHECKING:
+    from hf_fsad.tiling import Tiling
 
 
 def rate(text: str) -> float:
@@ -72,3 +78,60 @@ def add_allow_untrained(parser: argparse.ArgumentParser) -> None:
         help="score a method whose own parts must be trained (MetaCAN, AF-CLIP) with random weights, as "
         "METHOD@CLIP builds them (demos, tests); without it such a model is refused with how to get weights",
     )
+
+
+def tile_pixels(text: str) -> tuple[int, int]:
+    """`--tile-size` / `--tile-stride`: N (a square) or HxW, in source pixels, as (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"must be N or HEIGHTxWIDTH in positive pixels (e.g. 512 or 480x640), got {text!r}"
+        )
+    return int(parts[0]), int(parts[-1])
+
+
+def add_tiling(parser: argparse.ArgumentParser) -> None:
+    """`--tile-size`, `--tile-stride`, `--tile-mode`: build a tiled bank (`hf_fsad.tiling.Tiling`)."""
+    group = parser.add_argument_group(
+        "tiling",
+        "score large images tile by tile at the model's input size, the maps stitched at the image's full size "
+        "(docs/scoring.md); a tiled --bank scores tiled without these options",
+    )
+    group.add_argument(
+        "--tile-size",
+        type=tile_pixels,
+        metavar="N|HxW",
+        help="tile size in source pixels (default: no tiling, each image squashed to the model's input)",
+    )
+    group.add_argument(
+        "--tile-stride",
+        type=tile_pixels,
+        metavar="N|HxW",
+        help="distance between tiles in source pixels, at most the tile size (default: the tile size); "
+        "smaller strides overlap the tiles, their maps averaged",
+    )
+    group.add_argument(
+        "--tile-mode",
+        choices=("pooled", "position"),
+        help="pooled (default): each tile against all reference tiles (textures); position: against the "
+        "references' tile at its place (a fixed part under a fixed camera; every image of one size)",
+    )
+
+
+def tiling_of(args: argparse.Namespace) -> Tiling | None:
+    """The `Tiling` the tile options ask for, or None without `--tile-size`; a CliError names a bad one."""
+    if args.tile_size is None:
+        given = [
+            name
+            for name, value in (("--tile-stride", args.tile_stride), ("--tile-mode", args.tile_mode))
+            if value
+        ]
+        if given:
+            raise CliError(f"{' and '.join(given)} tile only with --tile-size: give the tile size too")
+        return None
+    from hf_fsad.tiling import Tiling
+
+    try:
+        return Tiling(args.tile_size, args.tile_stride, args.tile_mode or "pooled")
+    except ValueError as error:
+        raise CliError(f"--tile-size/--tile-stride: {error}") from None

@@ -18,7 +18,16 @@ from ._bank_inputs import (
     threshold_rule,
 )
 from ._errors import CliError
-from ._options import add_allow_untrained, add_batch_size, add_device, add_max_pixels, add_precision, rate
+from ._options import (
+    add_allow_untrained,
+    add_batch_size,
+    add_device,
+    add_max_pixels,
+    add_precision,
+    add_tiling,
+    rate,
+    tiling_of,
+)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -111,6 +120,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_precision(parser)
     add_max_pixels(parser)
     add_allow_untrained(parser)
+    add_tiling(parser)
     parser.set_defaults(handler=run)
 
 
@@ -132,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_fsad.loading import ModelLoadError, load_method
 
     _check_calibrate_options(args)
+    tiling_of(args)  # a bad tiling is refused before anything is read
     try:
         prepare_output_file(args.save_bank, "--save-bank")
         report = prepare_output_dir(Path(args.report).parent, "--report") / Path(args.report).name
@@ -175,6 +186,7 @@ def run(args: argparse.Namespace) -> int:
             rule=threshold_rule(args),
             precision=args.precision,
             batch_size=args.batch_size,
+            tiling=tiling_of(args),
         )
         calibrated, warnings = made.bank, made.warnings
         if args.add_normal:  # the added normals' calibration is only the way to score them as calibrate does

@@ -28,9 +28,11 @@ from ._options import (
     add_max_pixels,
     add_precision,
     add_runtime,
+    add_tiling,
     finite_float,
     rate,
     review_band,
+    tiling_of,
 )
 
 if TYPE_CHECKING:
@@ -196,6 +198,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "branch_scores are then empty",
     )
     add_max_pixels(parser)
+    add_tiling(parser)
     parser.set_defaults(handler=run)
 
 
@@ -273,6 +276,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
         for warning in made.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if bank.tiling is not None:
+            print(f"tiling: {bank.tiling.describe()}", file=sys.stderr)
         if bank.calibration is not None:
             print(f"calibration: {bank.calibration.describe()}", file=sys.stderr)
         if args.threshold is not None:
@@ -357,7 +362,8 @@ def _check_options(args: argparse.Namespace) -> None:
             "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
             "default the pixel threshold keeps --false-alarm-rate on the normal images' maps)"
         )
-    runtime_conflict = _runtime_conflict(args)
+    tiling_of(args)  # a bad tiling is refused before anything is read
+    runtime_conflict = _runtime_conflict(args, args.tile_size is not None)
     if runtime_conflict:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
 
@@ -379,6 +385,9 @@ def _calibrated_scorer(
     from hf_fsad.calibration_inputs import calibration_mismatch
     from hf_fsad.calibration_policy import BankBuildError, calibrated_bank
 
+    tiled_runtime = saved is not None and saved.tiling is not None and _runtime_conflict(args, tiled=True)
+    if tiled_runtime:
+        raise CliError(f"--runtime {args.runtime}: {tiled_runtime}")
     asked = bool(images["held_out_normals"] or images["anomalous"])
     asked = asked or args.false_alarm_rate is not None or args.confidence is not None
     exported = []
@@ -402,6 +411,7 @@ def _calibrated_scorer(
             batch_size=args.batch_size,
             runtime=args.runtime,
             runtime_scorer=None if args.runtime == "torch" else runtime_scorer,
+            tiling=tiling_of(args),
             **images,
         )
     except BankBuildError as error:
@@ -456,11 +466,14 @@ def _verdict_summary(records: Sequence[dict]) -> str:
     return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
 
 
-def _runtime_conflict(args: argparse.Namespace) -> str | None:
+def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
     """Why the score options cannot run on `--runtime`, or None: the exported runtimes run on the CPU, in
-    float32 (OpenVINO also in bfloat16), with their own graph compiler."""
+    float32 (OpenVINO also in bfloat16), with their own graph compiler, and score whole images (`tiled`:
+    tile options or a tiled bank)."""
     if args.runtime == "torch":
         return None
+    if tiled:
+        return "tiled scoring runs on --runtime torch only for now (the exported graph scores whole images)"
     if args.device != "cpu":
         return f"the exported graph runs on the CPU; --device {args.device} is for --runtime torch"
     if args.compile:
@@ -482,6 +495,15 @@ def _scorer(model, bank, args: argparse.Namespace, state):
 def _runtime_scorer(model, bank, args: argparse.Namespace, state):
     import torch
 
+    if bank.tiling is not None:  # one image at a time, its tiles in batches
+
+        def score_image(image):
+            from hf_fsad.tiled_scoring import score_tiled
+
+            with model.autocast(args.precision):
+                return score_tiled(model, image, bank, args.batch_size)
+
+        return score_image
     if args.runtime == "torch":
 
         def score_batch(pixel_values: torch.Tensor):
@@ -501,14 +523,11 @@ def _runtime_scorer(model, bank, args: argparse.Namespace, state):
 def _score_paths(
     scorer, processor, bank, paths, share: Path, args, heatmap_dir, heatmap_names, state
 ) -> None:
-    """Score `paths` in batches with `scorer` (`_scorer`) into the JSON-lines file `share` (heatmaps beside, if
-    asked); each line is written whole, so an interrupted share holds complete records only."""
-    import torch
-
-    from hf_fsad.io import batched, json_line, readable_images, save_image_atomically
-    from hf_fsad.pipeline import decision, resized_map
+    """Score `paths` in batches with `scorer` (`_scorer`: batches of pixel values, or one image at a time with
+    a tiled bank) into the JSON-lines file `share` (heatmaps beside, if asked); each line is written whole, so
+    an interrupted share holds complete records only."""
+    from hf_fsad.io import batched, json_line, readable_images
     from hf_fsad.progress import progress_bar
-    from hf_fsad.visualization import heatmap_overlay, outline_region
 
     with (
         open(share, "w") as sink,
@@ -518,30 +537,46 @@ def _score_paths(
     ):
         readable = readable_images(paths, "input", args.max_pixels, on_skip=lambda: progress.update(1))
         for batch in batched(readable, args.batch_size):
-            pixel_values = processor([image for _, image in batch], return_tensors="pt").pixel_values
-            result = scorer(pixel_values)
-            for index, (path, image) in enumerate(batch):
-                record = {
-                    "path": str(path),
-                    "score": float(result.image_scores[index]),
-                    "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
-                    "heatmap": None,
-                }
-                if args.threshold is not None:
-                    record |= _manual_decision(record["score"], args.threshold, bank.calibration)
-                elif bank.calibration is not None:
-                    record |= decision(result, index, bank.calibration, args.review_band)
-                if heatmap_dir and result.anomaly_maps is not None:
-                    target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png"
-                    anomaly_map = result.anomaly_maps[index]
-                    overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
-                    calibration = bank.calibration
-                    if calibration is not None and calibration.pixel_threshold is not None:
-                        # the pipeline's mask: the map at the image's size above the pixel threshold
-                        at_image_size = torch.from_numpy(resized_map(anomaly_map, image.size))
-                        overlay = outline_region(overlay, calibration.masks(at_image_size).numpy())
-                    save_image_atomically(overlay, target)
-                    record["heatmap"] = str(target)
-                sink.write(json_line(record))
+            images = [image for _, image in batch]
+            if bank.tiling is None:
+                result = scorer(processor(images, return_tensors="pt").pixel_values)
+                results = [(result, index) for index in range(len(batch))]
+            else:
+                results = [(scorer(image), 0) for image in images]
+            for (path, image), (result, index) in zip(batch, results):
+                target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png" if heatmap_dir else None
+                sink.write(json_line(_record(path, image, result, index, bank.calibration, args, target)))
                 sink.flush()
             progress.update(len(batch))
+
+
+def _record(path: Path, image, result, index: int, calibration, args, heatmap: Path | None) -> dict:
+    """The JSON-lines record of image `index` of `result`: score, branch scores, heatmap (written to `heatmap`
+    when given and the method makes maps) and, with a `calibration`, the verdict and the defect `regions`
+    (`hf_fsad.pipeline.pixel_decision`)."""
+    from hf_fsad.io import save_image_atomically
+    from hf_fsad.pipeline import decision, pixel_decision, resized_map
+    from hf_fsad.visualization import heatmap_overlay, outline_region
+
+    record = {
+        "path": str(path),
+        "score": float(result.image_scores[index]),
+        "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
+        "heatmap": None,
+    }
+    anomaly_map = None if result.anomaly_maps is None else result.anomaly_maps[index]
+    mask = None
+    if args.threshold is not None:
+        record |= _manual_decision(record["score"], args.threshold, calibration)
+    elif calibration is not None:
+        record |= decision(result, index, calibration, args.review_band)
+    if calibration is not None:  # the pixel threshold stays the calibrated one
+        at_image_size = None if anomaly_map is None else resized_map(anomaly_map, image.size)
+        mask, record["regions"] = pixel_decision(at_image_size, calibration)
+    if heatmap is not None and anomaly_map is not None:
+        overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
+        if mask is not None:
+            overlay = outline_region(overlay, mask)
+        save_image_atomically(overlay, heatmap)
+        record["heatmap"] = str(heatmap)
+    return record
