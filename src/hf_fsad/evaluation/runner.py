@@ -112,8 +112,12 @@ class Cell:
 
     @property
     def record(self) -> dict:
-        """The cell's fields as results.json records them."""
-        return dataclasses.asdict(self)
+        """The cell's fields as results.json records them; `tiling` only for tiled cells, so an untiled cell's
+        record and id are those of cells saved before tiling."""
+        record = dataclasses.asdict(self)
+        if self.tiling is None:
+            del record["tiling"]
+        return record
 
     @property
     def id(self) -> str:
