@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/tiling_small_defects.py --out benchmarks/results
 
 Data: toy stripes (`hf_fsad.data.toy_records`) generated at 1440 x 1440 px (2.1 Mpx) with scratch defects only,
-whose masks cover 0.02-0.3 % of the image (the table states the measured range): a scratch 5-8 px wide becomes
-about one pixel of the model's 240 px input when the whole image is squashed. 2 normal references, 4 normal
+whose masks cover about 0.1-0.2 % of the image (the table states the measured range): a scratch 5-8 px wide
+becomes about one pixel of the model's 240 px input when the whole image is squashed. 2 normal references, 4 normal
 and 4 anomalous test images. Methods: WinCLIP+ (k-shot, training-free) and MetaCAN (single pass; its
 trained layers random here) on one small random CLIP (`hf_fsad.testing.small_clip_config`, 240 px) with the
 byte-level test tokenizer. Random weights: the comparison between untiled and tiled rows, not the absolute
@@ -12,9 +12,10 @@ accuracy, is the result.
 
 Each (method, tiling) runs in its own process: untiled (the image resized whole to 240 px, its map resized
 back bilinearly), tiled by 240 px tiles side by side (6 x 6 = 36 tiles per image) and overlapping (stride 160,
-8 x 8 = 64 tiles), pooled banks, 8 tiles per batch. Metrics at the images' full 1440 x 1440 resolution. Cost:
-wall seconds per test image on this machine's CPU threads; memory: the process's peak resident set, and how
-much scoring the test images added to it (model, bank and images already loaded).
+9 x 9 = 81 tiles, the last ones flush with the border), pooled banks, 8 tiles per batch. Metrics at the
+images' full 1440 x 1440 resolution. Cost: wall seconds per test image on this machine's CPU threads; memory: the process's peak resident set, and how
+much scoring the test images added to it (model, bank and the decoded images already loaded; the images are
+generated once, by the parent process, and read from PNG files).
 """
 
 from __future__ import annotations
@@ -24,15 +25,21 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 IMAGE_SIZE = 1440
 TILE = 240
 SETTINGS = {"untiled": None, "tiled 240": TILE, "tiled 240, stride 160": 160}  # name -> tile stride
-METHODS = ("winclip", "metacan")
+# method -> config fields fitting the two-block CLIP (MetaCAN's as its tests' tiny model)
+METHODS = {
+    "winclip": {},
+    "metacan": {"feature_layers": [1, 2], "differentiator_hidden_size": 16, "detector_hidden_sizes": [8, 4]},
+}
 NUM_REFERENCES, NUM_GOOD, NUM_ANOMALOUS = 2, 4, 4
 BATCH_SIZE = 8
 
@@ -41,7 +48,8 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def _data():
+def write_data(folder: Path) -> None:
+    """The references, test images and masks as PNG files in `folder`, with the test labels (labels.json)."""
     from hf_fsad.data.toy import toy_records
 
     records = toy_records(
@@ -53,15 +61,29 @@ def _data():
         defects=("scratch",),
         seed=0,
     )
-    references = [record.image.convert("RGB") for record in records["train"]]
-    test = records["test"]
+    for index, record in enumerate(records["train"]):
+        record.image.save(folder / f"reference_{index}.png")
+    for index, record in enumerate(records["test"]):
+        record.image.save(folder / f"test_{index}.png")
+        mask = record.mask or Image.new("L", record.image.size)
+        mask.save(folder / f"mask_{index}.png")
+    (folder / "labels.json").write_text(json.dumps([record.label for record in records["test"]]))
+
+
+def read_data(folder: Path):
+    """(references, test images, labels (N,), boolean masks (N, H, W)) as `write_data` wrote them."""
+    labels = np.array(json.loads((folder / "labels.json").read_text()))
+
+    def read(name: str) -> Image.Image:
+        with Image.open(folder / name) as image:
+            return image.convert("RGB")
+
+    references = [read(f"reference_{index}.png") for index in range(NUM_REFERENCES)]
+    images = [read(f"test_{index}.png") for index in range(len(labels))]
     masks = np.stack(
-        [
-            np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool) if r.mask is None else np.asarray(r.mask) > 127
-            for r in test
-        ]
+        [np.asarray(Image.open(folder / f"mask_{index}.png")) > 127 for index in range(len(labels))]
     )
-    return references, [r.image.convert("RGB") for r in test], np.array([r.label for r in test]), masks
+    return references, images, labels, masks
 
 
 def _model(method: str):
@@ -72,13 +94,14 @@ def _model(method: str):
 
     torch.manual_seed(0)
     spec = method_spec(method)
-    model = spec.model(spec.config(clip_config=small_clip_config(image_size=TILE)))
+    model = spec.model(spec.config(clip_config=small_clip_config(image_size=TILE), **METHODS[method]))
     model.tokenizer = byte_level_clip_tokenizer()
     return model.eval()
 
 
-def measure(method: str, setting: str) -> dict:
-    """Score the test images with `method` as `setting` says, in this process; metrics at full resolution."""
+def measure(method: str, setting: str, data: Path) -> dict:
+    """Score the test images in `data` with `method` as `setting` says, in this process; metrics at full
+    resolution."""
     import warnings
 
     import torch
@@ -88,7 +111,7 @@ def measure(method: str, setting: str) -> dict:
     from hf_fsad.tiling import Tiling
 
     warnings.filterwarnings("ignore", message=".*untrained.*")  # random weights, said in the table
-    references, images, labels, masks = _data()
+    references, images, labels, masks = read_data(data)
     model = _model(method)
     stride = SETTINGS[setting]
     with torch.no_grad():
@@ -134,19 +157,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--method", choices=METHODS, help="measure one method in this process (internal)")
     parser.add_argument("--setting", choices=list(SETTINGS), help="with --method (internal)")
+    parser.add_argument("--data", type=Path, help="with --method: the images `write_data` wrote (internal)")
     args = parser.parse_args()
     if args.method is not None:
-        print(json.dumps(measure(args.method, args.setting)))
+        print(json.dumps(measure(args.method, args.setting, args.data)))
         return
     rows = []
-    for method in METHODS:
-        for setting in SETTINGS:
-            command = [sys.executable, __file__, "--method", method, "--setting", setting]
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
-            if completed.returncode != 0:
-                sys.exit(completed.stderr)
-            rows.append(json.loads(completed.stdout.splitlines()[-1]))
-            print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as data:
+        write_data(Path(data))
+        for method in METHODS:
+            for setting in SETTINGS:
+                command = [sys.executable, __file__, "--method", method, "--setting", setting, "--data", data]
+                completed = subprocess.run(command, capture_output=True, text=True, check=False)
+                if completed.returncode != 0:
+                    sys.exit(completed.stderr)
+                rows.append(json.loads(completed.stdout.splitlines()[-1]))
+                print(rows[-1], flush=True)
     areas = rows[0]["defect_area_percent"]
     table = [
         (
