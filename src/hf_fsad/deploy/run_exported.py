@@ -41,11 +41,9 @@ import numpy as np
 from PIL import Image
 
 if __package__:  # hf_fsad.deploy.run_exported
-    from ..tiling import MapStitcher, Tiling, combine_tile_scores, crop_tiles
     from . import image_files
-else:  # the copy beside an export, run as a script: image_files.py and tiling.py lie beside it
+else:  # the copy beside an export, run as a script: image_files.py lies beside it
     import image_files
-    from tiling import MapStitcher, Tiling, combine_tile_scores, crop_tiles
 
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
@@ -59,6 +57,16 @@ JET_CONTROL_POINTS = {
     "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
     "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
 }
+
+
+def _tiling_module():
+    """`hf_fsad.tiling`, or its copy beside an export run as a script; imported for tiled exports only, so the
+    runner runs untiled exports from any place."""
+    if __package__:
+        from .. import tiling
+    else:
+        import tiling
+    return tiling
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -163,7 +171,8 @@ class ExportedModel:
 
             self._infer = infer
         tiling = self.manifest.get("tiling")
-        self.tiling = None if tiling is None else Tiling.from_json(json.dumps(tiling))
+        self._tiles = None if tiling is None else _tiling_module()
+        self.tiling = None if tiling is None else self._tiles.Tiling.from_json(json.dumps(tiling))
         if self.tiling is not None and self.tiling.mode != "pooled":
             raise ValueError(
                 f"{self.directory} holds a {self.tiling.mode} tiling: the runner scores pooled ones."
@@ -192,17 +201,17 @@ class ExportedModel:
     def score_tiled(self, image: Image.Image, batch_size: int) -> dict[str, np.ndarray]:
         """One RGB `image` scored with the export's tiling: `image_scores` (the tiling's rule over the tiles'
         scores) and `anomaly_maps` (the tiles' maps resized to their tiles and stitched, (H, W) float32)."""
-        boxes = self.tiling.boxes(image.height, image.width)
+        tiles, boxes = self._tiles, self.tiling.boxes(image.height, image.width)
         scores, stitcher = [], None
         for start in range(0, len(boxes), batch_size):
             batch = boxes[start : start + batch_size]
-            outputs = self(self.preprocess(crop_tiles(image, batch)))
+            outputs = self(self.preprocess(tiles.crop_tiles(image, batch)))
             scores.append(outputs["image_scores"])
             if "anomaly_maps" in outputs:
-                stitcher = stitcher or MapStitcher(image.height, image.width, boxes)
+                stitcher = stitcher or tiles.MapStitcher(image.height, image.width, boxes)
                 for box, tile_map in zip(batch, outputs["anomaly_maps"]):
                     stitcher.add(box, resized_map(tile_map, (box.width, box.height)))
-        result = {"image_scores": combine_tile_scores(np.concatenate(scores), self.tiling.image_score)}
+        result = {"image_scores": tiles.combine_tile_scores(np.concatenate(scores), self.tiling.image_score)}
         return result if stitcher is None else result | {"anomaly_maps": stitcher.result()}
 
 
