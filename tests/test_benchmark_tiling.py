@@ -122,3 +122,27 @@ def test_cli_benchmark_refuses_bad_tiling_options(options, message, tmp_path, ca
     ]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_tiled_cell_on_an_exported_runtime_scores_as_pytorch(make_winclip, tmp_path, monkeypatch):
+    from extras import import_extra
+    from test_export import PARITY
+
+    import_extra("onnxruntime", "export")
+    monkeypatch.setenv("HOME", str(tmp_path))  # the export cache lives under ~/.cache
+    cells = {}
+    for runtime in ("torch", "onnxruntime"):
+        results = run_benchmark(
+            {"winclip": make_winclip()},
+            [SPEC],
+            ks=[2],
+            seeds=[0],
+            out_dir=tmp_path / "run",
+            runtime=runtime,
+            tiling=TILING,
+        )
+        cells[runtime] = cell(results, runtime=runtime)
+        assert "error" not in cells[runtime], cells[runtime].get("error")
+    np.testing.assert_allclose(
+        cells["onnxruntime"]["image_scores"], cells["torch"]["image_scores"], rtol=0, atol=PARITY
+    )

@@ -165,7 +165,8 @@ def cached_export(
     calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
-    bank = model.bank_or_default(bank)
+    if bank is None or bank.tiling is None:  # a tiled bank is checked as `export_model` bakes it in
+        bank = model.bank_or_default(bank)
     runtime_version = importlib.import_module(runtime).__version__
     digest = hashlib.sha256()
     for part in (model.config_hash(), model.feature_key(), __version__, torch.__version__, runtime_version):
