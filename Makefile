@@ -84,7 +84,7 @@ test-convert: install-convert
 
 # The runner of an exported model (hf_fsad/deploy/run_exported.py) run with the torch-free interpreter.
 test-runtime: install install-runtime
-	HF_FSAD_RUNTIME_PYTHON=$(RUNTIME_VENV)/bin/python $(VENV)/bin/python -m pytest -q -m runtime tests/test_export.py
+	HF_FSAD_RUNTIME_PYTHON=$(RUNTIME_VENV)/bin/python $(VENV)/bin/python -m pytest -q -m runtime tests/test_export.py tests/test_export_tiling.py
 
 test: test-core test-convert test-runtime
 

@@ -330,9 +330,11 @@ LIGHT_MODULES = {
     "hf_fsad.deploy",
     "hf_fsad.deploy.run_exported",
     "hf_fsad.deploy.image_files",
+    "hf_fsad.tiling",
 }
-# image_files: what run_exported.py imports beside an export, the copy of hf_fsad.deploy.image_files.
-LIGHT_THIRD_PARTY = {"numpy", "PIL", "image_files"}
+# image_files, tiling: what run_exported.py imports beside an export, the copies of hf_fsad.deploy.image_files
+# and hf_fsad.tiling.
+LIGHT_THIRD_PARTY = {"numpy", "PIL", "image_files", "tiling"}
 
 
 def _module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:

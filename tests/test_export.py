@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from extras import import_extra
+from hf_fsad import tiling
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import apply_calibration, exceeds_threshold
 from hf_fsad.cli import main as cli_main
@@ -331,19 +332,20 @@ def test_runner_scores_image_files_in_an_environment_without_torch(exported, toy
 
 def test_runner_imports_only_numpy_pillow_the_runtimes_and_the_standard_library():
     imported = set()
-    for module in (run_exported, image_files):
+    for module in (run_exported, image_files, tiling):
         for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    # image_files: the copy beside run_exported.py in an export
+    # image_files, tiling: the copies beside run_exported.py in an export
     assert imported - set(sys.stdlib_module_names) == {
         "numpy",
         "PIL",
         "onnxruntime",
         "openvino",
         "image_files",
+        "tiling",
     }
 
 

@@ -17,10 +17,11 @@ from hf_fsad.tiled_scoring import (
     build_tiled_bank,
     calibrate_tiled_bank,
     fit_tiled,
+    resized_maps,
     score_tiled,
     tile_bank,
 )
-from hf_fsad.tiling import MapStitcher, TileBox, Tiling, resized_maps, tile_starts
+from hf_fsad.tiling import MapStitcher, TileBox, Tiling, tile_starts
 from hf_fsad.visualization import mask_array
 from model_tester import method_tester
 

@@ -6,6 +6,11 @@ constants. Beside it: `hf_fsad_export.json` (the image processor's settings, the
 calibration, the output names) and `run_exported.py` with `image_files.py`, a runner that needs only numpy,
 Pillow and onnxruntime or openvino. A method whose scoring is not one fixed graph says why in its class's
 `export_refusal`.
+
+A tiled bank (`hf_fsad.tiled_scoring`) exports as preprocessing around the same fixed-size graph: the graph
+holds the bank a tile is scored against (`tile_bank`), the manifest the `Tiling`, and the runner cuts, scores
+and stitches (numpy; `tiling.py` is shipped beside it). Pooled tilings only: a position tiling compares each
+tile with its own position's bank, which one graph with one baked-in bank cannot (docs/export.md).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, tiling
 from .bank import ReferenceBank
 from .calibration import apply_calibration
 from .deploy import image_files, run_exported
@@ -30,11 +35,13 @@ from .io import atomic_directory, atomic_write_text
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .registry import METHODS
+from .tiled_scoring import tile_bank
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
-# What the runner needs beside it: itself and the file reading and result format it shares with hf_fsad.io.
-RUNNER_MODULES = (run_exported, image_files)
+# What the runner needs beside it: itself, the file reading and result format it shares with hf_fsad.io, and
+# the tile geometry and stitching it shares with hf_fsad.tiled_scoring.
+RUNNER_MODULES = (run_exported, image_files, tiling)
 INPUT_NAME = "pixel_values"
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
@@ -75,7 +82,9 @@ def export_model(
 ) -> Path:
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
-    manifest JSON and the runner (`run_exported.py` and `image_files.py`). The folder is replaced atomically. Returns `out_dir`.
+    manifest JSON and the runner (`run_exported.py`, `image_files.py` and `tiling.py`). The folder is replaced
+    atomically. Returns `out_dir`. A pooled tiled bank exports its tiles' bank into the graph and its tiling
+    and calibration into the manifest; a position tiled bank is refused (see the module docstring).
 
     The graph computes what `model(pixel_values, reference_bank=bank)` does in float32 (the parity tests hold
     it to 1e-4); it does not check pixel values for NaN as the PyTorch model does.
@@ -84,8 +93,12 @@ def export_model(
         raise ValueError(f"Unknown export format {format!r}; choose from {EXPORT_FORMATS}.")
     check_exportable(model)
     model = model.eval()
-    bank = model.bank_or_default(bank)  # checked against the model here: the traced graph cannot hash weights
-    scorer = BankScorer(model, bank).eval()
+    # checked against the model here: the traced graph cannot hash weights
+    if bank is None or bank.tiling is None:
+        bank = graph_bank = model.bank_or_default(bank)
+    else:
+        graph_bank = model.checked_bank(_tiles_bank(bank))
+    scorer = BankScorer(model, graph_bank).eval()
     size = model.config.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
     with torch.no_grad():
@@ -123,6 +136,17 @@ def export_model(
     return out_dir
 
 
+def _tiles_bank(bank: ReferenceBank) -> ReferenceBank:
+    """The untiled bank a tiled `bank`'s tiles are scored against, baked into the graph; a position tiling
+    is refused with why."""
+    if bank.tiling.mode != "pooled":
+        raise ValueError(
+            "A position-tiled bank does not export: each tile is scored against its own position's bank, and the "
+            "exported graph holds one bank; build a pooled tiled bank, or score with hf_fsad (docs/export.md)."
+        )
+    return tile_bank(bank, 0)
+
+
 def check_exportable(model: FsadPreTrainedModel) -> None:
     """Raise a ValueError saying why when `model`'s method does not export (its `export_refusal`)."""
     if model.export_refusal is not None:
@@ -141,13 +165,21 @@ def cached_export(
     calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
-    bank = model.bank_or_default(bank)
+    if bank is None or bank.tiling is None:  # a tiled bank is checked as `export_model` bakes it in
+        bank = model.bank_or_default(bank)
     runtime_version = importlib.import_module(runtime).__version__
     digest = hashlib.sha256()
     for part in (model.config_hash(), model.feature_key(), __version__, torch.__version__, runtime_version):
         digest.update(part.encode())
     digest.update(
-        json.dumps([bank.class_name, bank.k, bank.calibration and bank.calibration.to_json()]).encode()
+        json.dumps(
+            [
+                bank.class_name,
+                bank.k,
+                bank.calibration and bank.calibration.to_json(),
+                bank.tiling and bank.tiling.to_json(),
+            ]
+        ).encode()
     )
     for name, tensor in sorted(bank.tensors.items()):
         digest.update(name.encode())
@@ -177,6 +209,11 @@ class ExportedScorer:
         cache_dir: str | os.PathLike | None = None,
     ):
         check_exportable(model)
+        if bank is not None and bank.tiling is not None:
+            raise ValueError(
+                "ExportedScorer scores preprocessed pixel values; a tiled bank scores whole images: use the "
+                "export's runner (`run_exported.ExportedModel.score_tiled`) or hf_fsad's `score_tiled`."
+            )
         self.bank = model.bank_or_default(bank)
         self.exported = ExportedModel(cached_export(model, self.bank, runtime, cache_dir), runtime, precision)
 
@@ -223,6 +260,7 @@ def _manifest(
         "image_size": model.config.image_size,
         "image_processor": json.loads(json.dumps(processor)),
         "calibration": None if bank.calibration is None else json.loads(bank.calibration.to_json()),
+        "tiling": None if bank.tiling is None else json.loads(bank.tiling.to_json()),
         "hf_fsad_version": __version__,
         "torch_version": torch.__version__,
     }

@@ -56,10 +56,19 @@ from .bank import ReferenceBank
 from .calibration import apply_calibration, fit_calibration_of_outputs
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
-from .tiling import MapStitcher, TileBox, Tiling, combine_tile_scores, crop_tiles, resized_maps
+from .tiling import MapStitcher, TileBox, Tiling, combine_tile_scores, crop_tiles
 from .visualization import mask_array
 
 Features = dict[str, torch.Tensor]
+
+
+def resized_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h, w) maps resized bilinearly (half-pixel centres) to (B, height, width), computed in float64 and
+    returned as float32, so a constant map stays exactly constant."""
+    resized = torch.nn.functional.interpolate(
+        maps[:, None].double(), size=(height, width), mode="bilinear", align_corners=False
+    )
+    return resized[:, 0].float()
 
 
 def position_prefix(position: int) -> str:

@@ -2,7 +2,9 @@
 
 Every method squashes a whole image to its input size (224-518 px), so a small defect on a 20 Mpx frame
 becomes a speck. Tiling scores the image tile by tile at the resolution the defect lives at; this module is
-the geometry, without any model (scoring with a model is `hf_fsad.tiled_scoring`).
+the geometry, without any model (scoring with a model is `hf_fsad.tiled_scoring`). It imports numpy and Pillow
+only, not torch nor anything of hf_fsad, so `hf-fsad export` ships it beside the exported runner
+(`hf_fsad.deploy.run_exported`), which tiles and stitches as `hf_fsad.tiled_scoring` does.
 
 - `Tiling`: `tile_size` and `tile_stride` in source pixels (anomalib's names; an int or (height, width)),
   the `mode` that compares tiles ("pooled": any tile against all reference tiles, for textures; "position":
@@ -26,7 +28,6 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 TILE_MODES = ("pooled", "position")
@@ -171,22 +172,14 @@ def crop_tiles(image: Image.Image, boxes: Sequence[TileBox]) -> list[Image.Image
     return [image.crop(box.pil_box) for box in boxes]
 
 
-def combine_tile_scores(tile_scores: torch.Tensor, rule: str) -> torch.Tensor:
-    """One score of a tiled image's (T,) tile scores: "max" or "mean" (`IMAGE_SCORE_RULES`)."""
+def combine_tile_scores(tile_scores, rule: str):
+    """One score of a tiled image's (T,) tile scores (a torch tensor or a numpy array, kept as such): "max" or
+    "mean" (`IMAGE_SCORE_RULES`)."""
     if rule == "max":
-        return tile_scores.amax()
+        return tile_scores.max()
     if rule == "mean":
         return tile_scores.mean()
     raise ValueError(f"image_score must be one of {IMAGE_SCORE_RULES}, got {rule!r}.")
-
-
-def resized_maps(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, h, w) maps resized bilinearly (half-pixel centres) to (B, height, width), computed in float64 and
-    returned as float32, so a constant map stays exactly constant."""
-    resized = torch.nn.functional.interpolate(
-        maps[:, None].double(), size=(height, width), mode="bilinear", align_corners=False
-    )
-    return resized[:, 0].float()
 
 
 class MapStitcher:
@@ -214,8 +207,9 @@ class MapStitcher:
         self._band = np.zeros((0, width))
         self._band_top = 0
 
-    def add(self, box: TileBox, tile_map: torch.Tensor) -> None:
-        """Add one tile's (box.height, box.width) map; boxes come in row-major order."""
+    def add(self, box: TileBox, tile_map) -> None:
+        """Add one tile's (box.height, box.width) map (a numpy array or a CPU tensor); boxes come in row-major
+        order."""
         if box.top < self._band_top:
             raise ValueError("Tiles must be added in row-major order (Tiling.boxes).")
         self._finish_rows(box.top)
@@ -223,7 +217,7 @@ class MapStitcher:
         if missing > 0:
             self._band = np.concatenate([self._band, np.zeros((missing, self._band.shape[1]))])
         rows = slice(box.top - self._band_top, box.bottom - self._band_top)
-        self._band[rows, box.left : box.right] += tile_map.double().cpu().numpy()
+        self._band[rows, box.left : box.right] += np.asarray(tile_map, dtype=np.float64)
 
     def _finish_rows(self, end: int) -> None:
         """Divide rows [band top, end) by their tile counts into the result and drop them from the band."""

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from hf_fsad.tiling import TILE_MODES
+
 from ._errors import CliError
 from ._options import add_allow_untrained, add_batch_size, add_device, add_runtime
 
@@ -53,6 +55,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output directory (results.json, results.md, plots/)")
     parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
     parser.add_argument("--title", help="heading of the results table (say in it if the weights are random)")
+    parser.add_argument(
+        "--tile-size",
+        type=int,
+        help="score tiled (its own cells): tiles of this many source pixels, references tiled alike, metrics at "
+        "the test images' full resolution (default: untiled)",
+    )
+    parser.add_argument(
+        "--tile-stride",
+        type=int,
+        help="with --tile-size: pixels from one tile to the next (default: the tile size)",
+    )
+    parser.add_argument(
+        "--tile-mode",
+        choices=TILE_MODES,
+        help="with --tile-size: compare a tile with every reference tile (pooled, default) or with the "
+        "references' tiles at its place (position)",
+    )
     add_batch_size(parser)
     add_device(parser)
     add_allow_untrained(parser)
@@ -101,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
     try:
+        tiling = _tiling(args)
         out = prepare_output_dir(args.out, "--out")
         datasets = [DatasetSpec.parse(text) for text in args.datasets]
         protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test, args.false_alarm_rate)
@@ -119,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: --methods {entry}: {untrained}", file=sys.stderr)
         models[label or Path(source.split("@")[-1]).name or source] = model.to(args.device).eval()
     if args.profile:
+        if tiling is not None:
+            raise CliError("--tile-size is for benchmark cells; --profile measures untiled scoring")
         spec = datasets[0]
         data = load_benchmark(spec.name, spec.root, spec.categories[0] if spec.categories else None)
         count = min(data["test"].num_rows, max(args.profile_batch_sizes) + 2)
@@ -156,9 +178,21 @@ def run(args: argparse.Namespace) -> int:
         args.title,
         protocol=protocol,
         runtime=args.runtime,
+        tiling=tiling,
     )
     print(
         f"{len(results['cells'])} cells ({results['skipped_cells']} already done), feature-cache hit rate "
         f"{100 * results['feature_cache']['hit_rate']:.1f} %, {results['wall_seconds']:.0f} s -> {out / 'results.md'}"
     )
     return 0
+
+
+def _tiling(args: argparse.Namespace):
+    """The `Tiling` of --tile-size, --tile-stride and --tile-mode, or None without --tile-size."""
+    from hf_fsad.tiling import Tiling
+
+    if args.tile_size is None:
+        if args.tile_stride is not None or args.tile_mode is not None:
+            raise ValueError("--tile-stride and --tile-mode need --tile-size")
+        return None
+    return Tiling(args.tile_size, args.tile_stride, args.tile_mode or "pooled")

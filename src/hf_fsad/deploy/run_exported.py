@@ -1,7 +1,8 @@
 """Score images with a model exported by `hf-fsad export`, without PyTorch or transformers.
 
-Needs numpy, Pillow and onnxruntime or openvino. `hf-fsad export` copies this file and `image_files.py` (the
-file reading and result format it shares with `hf-fsad score`) into the export folder:
+Needs numpy, Pillow and onnxruntime or openvino. `hf-fsad export` copies this file, `image_files.py` (the
+file reading and result format it shares with `hf-fsad score`) and `tiling.py` (`hf_fsad.tiling`: tile boxes
+and map stitching) into the export folder:
 
     python run_exported.py EXPORT_DIR image.png more_images/ --output results.jsonl --heatmaps heatmaps/
 
@@ -12,7 +13,11 @@ the exported graph. A file that cannot be used (not an image, truncated, empty, 
 pixels than `--max-pixels`) is reported on stderr as `skipped input PATH: reason` and the run goes on. Each
 image gets one JSON line in `hf-fsad score`'s format: path, raw score, empty branch_scores, heatmap path or
 null, and with a calibrated bank its label ("anomalous" or "normal"), normalised score (0.5 at the threshold),
-threshold, and an error when the score is not finite. The lines are written as each batch is scored into a
+threshold, and an error when the score is not finite. An export of a tiled bank (its manifest's `tiling`)
+scores each image tiled, as `hf_fsad.tiled_scoring.score_tiled` does: the image cut into the tiling's tiles,
+`--batch-size` tiles preprocessed and scored at a time by the fixed-size graph, the tiles' maps resized to their
+tiles and stitched at the image's full size (overlaps averaged), the image score the tiling's rule (max or
+mean) over the tiles. The lines are written as each batch is scored into a
 temporary file that replaces `--output` at the end or when the run is interrupted (Ctrl-C, SIGTERM), so the
 file is always the previous one or a complete new one; `--resume` keeps its records and scores only the
 inputs not in it. `--heatmaps` writes a jet-coloured overlay of each anomaly map on its image, with the
@@ -52,6 +57,16 @@ JET_CONTROL_POINTS = {
     "green": ((0.0, 0.0), (0.125, 0.0), (0.375, 1.0), (0.64, 1.0), (0.91, 0.0), (1.0, 0.0)),
     "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
 }
+
+
+def _tiling_module():
+    """`hf_fsad.tiling`, or its copy beside an export run as a script; imported for tiled exports only, so the
+    runner runs untiled exports from any place."""
+    if __package__:
+        from .. import tiling
+    else:
+        import tiling
+    return tiling
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -155,6 +170,13 @@ class ExportedModel:
                 return [np.array(results[compiled.output(name)]) for name in self.output_names]
 
             self._infer = infer
+        tiling = self.manifest.get("tiling")
+        self._tiles = None if tiling is None else _tiling_module()
+        self.tiling = None if tiling is None else self._tiles.Tiling.from_json(json.dumps(tiling))
+        if self.tiling is not None and self.tiling.mode != "pooled":
+            raise ValueError(
+                f"{self.directory} holds a {self.tiling.mode} tiling: the runner scores pooled ones."
+            )
 
     def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
         """Outputs (`image_scores` (B,), and `anomaly_maps` (B, S, S) where the method has maps) of a batch
@@ -165,6 +187,32 @@ class ExportedModel:
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(B, 3, S, S) pixel values of RGB `images` for this export (`preprocess`)."""
         return np.stack([preprocess(image, self.manifest["image_processor"]) for image in images])
+
+    def score_images(self, images: Sequence[Image.Image], batch_size: int) -> dict[str, list[np.ndarray]]:
+        """Per image of `images`, its `image_scores` (a float32 scalar) and, where the method has maps, its
+        `anomaly_maps`: the graph's (S, S) map, or with a tiling the stitched map at the image's size
+        (`score_tiled`, `batch_size` tiles at a time)."""
+        if self.tiling is None:
+            outputs = self(self.preprocess(images))
+            return {name: list(values) for name, values in outputs.items()}
+        tiled = [self.score_tiled(image, batch_size) for image in images]
+        return {name: [output[name] for output in tiled] for name in tiled[0]}
+
+    def score_tiled(self, image: Image.Image, batch_size: int) -> dict[str, np.ndarray]:
+        """One RGB `image` scored with the export's tiling: `image_scores` (the tiling's rule over the tiles'
+        scores) and `anomaly_maps` (the tiles' maps resized to their tiles and stitched, (H, W) float32)."""
+        tiles, boxes = self._tiles, self.tiling.boxes(image.height, image.width)
+        scores, stitcher = [], None
+        for start in range(0, len(boxes), batch_size):
+            batch = boxes[start : start + batch_size]
+            outputs = self(self.preprocess(tiles.crop_tiles(image, batch)))
+            scores.append(outputs["image_scores"])
+            if "anomaly_maps" in outputs:
+                stitcher = stitcher or tiles.MapStitcher(image.height, image.width, boxes)
+                for box, tile_map in zip(batch, outputs["anomaly_maps"]):
+                    stitcher.add(box, resized_map(tile_map, (box.width, box.height)))
+        result = {"image_scores": tiles.combine_tile_scores(np.concatenate(scores), self.tiling.image_score)}
+        return result if stitcher is None else result | {"anomaly_maps": stitcher.result()}
 
 
 def normalized_scores(image_scores: np.ndarray, calibration: dict) -> np.ndarray:
@@ -285,10 +333,13 @@ def score_files(
 ) -> Iterator[list[dict]]:
     """The records (`result_record`) of each batch of `paths`, decoded as the batch is scored, so at most
     `batch_size` images are held at once; a file that cannot be used is reported on stderr as `skipped
-    input PATH: reason` and left out. `heatmap_paths`: where each image's overlay (`heatmap`) is written."""
+    input PATH: reason` and left out. `heatmap_paths`: where each image's overlay (`heatmap`) is written.
+    A tiled export reads one image at a time and scores `batch_size` of its tiles at a time."""
     calibration = model.manifest.get("calibration")
-    for batch in image_files.batched(image_files.readable_images(paths, "input", max_pixels), batch_size):
-        outputs = model(model.preprocess([image for _, image in batch]))
+    images_per_batch = batch_size if model.tiling is None else 1
+    readable = image_files.readable_images(paths, "input", max_pixels)
+    for batch in image_files.batched(readable, images_per_batch):
+        outputs = model.score_images([image for _, image in batch], batch_size)
         records = []
         for index, (path, image) in enumerate(batch):
             record = result_record(path, float(outputs["image_scores"][index]), calibration)
@@ -322,7 +373,12 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("images", nargs="+", help="image files or directories (searched recursively)")
     parser.add_argument("--runtime", choices=RUNTIMES, help="default: the one the export was made for")
     parser.add_argument("--precision", choices=PRECISIONS, default="f32", help="OpenVINO's (default f32)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="images (a tiled export: tiles) per forward pass (default 8)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
     parser.add_argument(
         "--output",

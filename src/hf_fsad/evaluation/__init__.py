@@ -26,10 +26,10 @@ __getattr__ = moved_names(
     {
         "CLASS_NAMES": Replaced(
             "hf_fsad.data.BENCHMARKS[<dataset>].class_name",
-            lambda: {dataset: spec.class_name for dataset, spec in data.BENCHMARKS.items() if spec.class_name},
+            lambda: {
+                dataset: spec.class_name for dataset, spec in data.BENCHMARKS.items() if spec.class_name
+            },
         ),
         "class_name_for": "hf_fsad.data.class_name_for",
     },
 )
-
-

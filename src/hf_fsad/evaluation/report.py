@@ -75,6 +75,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
+def method_label(cell: dict) -> str:
+    """The cell's method, with its tiling where it has one: tiled and untiled cells are separate rows."""
+    tiling = cell.get("tiling")
+    if not tiling:
+        return cell["method"]
+    size, stride = list(tiling["tile_size"]), list(tiling["tile_stride"])
+    every = "" if stride == size else f" every {stride[0]}x{stride[1]}"
+    return f"{cell['method']} ({tiling['mode']} tiles {size[0]}x{size[1]}{every})"
+
+
 def _value(cell: dict, name: str) -> float | None:
     """A cell's metric or calibrated decision (None where it has none)."""
     return cell["metrics"][name] if name in METRIC_NAMES else cell.get(name)
@@ -104,7 +114,12 @@ def _calibration_lines(cells: list[dict]) -> list[str]:
         )
         lines += ["", explanation]
     notes = {
-        (cell["method"], shots_label(cell["k"], cell.get("anomalous", 0)), not cell.get("calibration"), note)
+        (
+            method_label(cell),
+            shots_label(cell["k"], cell.get("anomalous", 0)),
+            not cell.get("calibration"),
+            note,
+        )
         for cell in cells
         if (note := cell.get("calibration_note"))
     }
@@ -137,7 +152,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
         ]
 
         def row_key(cell: dict) -> tuple:
-            return cell["method"], cell["k"], cell.get("anomalous", 0), cell.get("trained_on") or ""
+            return method_label(cell), cell["k"], cell.get("anomalous", 0), cell.get("trained_on") or ""
 
         for method, k, anomalous, trained_on in sorted({row_key(cell) for cell in in_dataset}):
             group = [c for c in in_dataset if row_key(c) == (method, k, anomalous, trained_on)]
@@ -152,7 +167,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
             lines.append(f"| {label} | {shots_label(k, anomalous)} | " + " | ".join(values) + " |")
         lines += _calibration_lines(in_dataset)
         categories = sorted({cell["category"] for cell in in_dataset})
-        columns = sorted({(cell["method"], cell["k"], cell.get("anomalous", 0)) for cell in in_dataset})
+        columns = sorted({(method_label(cell), cell["k"], cell.get("anomalous", 0)) for cell in in_dataset})
         per_category = [name for name in ("image_auroc", "pixel_auroc") if name in metrics]
         if len(categories) > 1:
             for name in per_category:
@@ -165,7 +180,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
                             [
                                 c["metrics"][name]
                                 for c in in_dataset
-                                if (c["method"], c["k"], c.get("anomalous", 0), c["category"])
+                                if (method_label(c), c["k"], c.get("anomalous", 0), c["category"])
                                 == (m, k, a, category)
                                 and c["metrics"][name] is not None  # e.g. a category without masks
                             ]
@@ -185,7 +200,7 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
             shots = shots_label(cell["k"], cell.get("anomalous", 0))
             error = cell["error"].replace("|", "\\|").replace("\n", " ")
             lines.append(
-                f"| {cell['method']} | {cell['dataset']} | {cell['category']} | {shots} | {cell['seed']} | {error} |"
+                f"| {method_label(cell)} | {cell['dataset']} | {cell['category']} | {shots} | {cell['seed']} | {error} |"
             )
         lines.append("")
     cache = results["feature_cache"]

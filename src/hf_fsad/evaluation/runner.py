@@ -21,6 +21,9 @@ F1, false-alarm and miss rates of the test images at that threshold beside the t
 Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
 centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
 geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
+A run with a `Tiling` makes tiled cells (`hf_fsad.evaluation.tiled_cells`): their own cell ids (the tiling is
+part of the id and of the record, so a resumed run never mixes tiled and untiled cells), tiles encoded in each
+cell rather than cached, and metrics at the test images' full resolution.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ from datasets import Dataset
 from PIL import Image
 
 from ..bank import ReferenceBank
-from ..calibration import KEPT_SCORE_FIELDS
 from ..calibration_inputs import calibration_mismatch
 from ..calibration_policy import EncodedReferences, calibrated_bank
 from ..data import ReferenceManifest, class_name_for, load_benchmark, sample_references
@@ -53,11 +55,14 @@ from ..data.sampling import row_indices, select_ids
 from ..export import SCORING_RUNTIMES, ExportedScorer, check_exportable
 from ..features import FeatureCache
 from ..io import atomic_write_text, to_upright_rgb
-from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 from ..modeling_base import FsadPreTrainedModel
 from ..progress import progress_bar
+from ..tiled_scoring import fit_tiled
+from ..tiling import Tiling
 from ..visualization import mask_array
+from .cell_records import calibration_record, decisions, metrics
 from .report import plot_category, results_markdown, shots_label
+from .tiled_cells import maps_at, mask_at, metrics_size, score_tiled_images
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +90,19 @@ class DatasetSpec:
 
 
 def _cell_id(cell: dict) -> str:
-    """The id of a cell in results.json (cells saved before anomalous shots were recorded had 0)."""
+    """The id of a cell in results.json (cells saved before anomalous shots were recorded had 0); a tiled
+    cell's id ends with its tiling."""
     keys = ("method", "dataset", "category", "k", "seed")
-    return "|".join([*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))])
+    parts = [*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))]
+    if cell.get("tiling"):
+        parts.append(json.dumps(cell["tiling"], sort_keys=True))
+    return "|".join(parts)
 
 
 @dataclass(frozen=True)
 class Cell:
     """One run of the benchmark: `method` on `category` of `dataset`, with k normal and `anomalous` anomalous
-    references drawn with `seed`."""
+    references drawn with `seed`; with a `tiling`, scored tiled."""
 
     method: str
     dataset: str
@@ -101,11 +110,16 @@ class Cell:
     k: int
     seed: int
     anomalous: int
+    tiling: Tiling | None = None
 
     @property
     def record(self) -> dict:
-        """The cell's fields as results.json records them."""
-        return dataclasses.asdict(self)
+        """The cell's fields as results.json records them; `tiling` only for tiled cells, so an untiled cell's
+        record and id are those of cells saved before tiling."""
+        record = dataclasses.asdict(self)
+        if self.tiling is None:
+            del record["tiling"]
+        return record
 
     @property
     def id(self) -> str:
@@ -169,23 +183,14 @@ def _manifest(
     return manifest
 
 
-def _metrics(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None
-) -> dict:
-    values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
-    for name, function in PIXEL_METRICS.items():
-        # None without pixel labels, or for image-level methods (no maps)
-        values[name] = function(masks, maps) if masks is not None and maps is not None else None
-    return values
-
-
-def _test_masks(test: Dataset, size: int, crop: bool) -> np.ndarray | None:
-    """Boolean masks at the model's input size (centre-cropped like the images when `crop`), or None unless
-    every anomalous test image has a mask: pixel metrics are then left out (e.g. ELPV has image labels only)."""
+def _test_masks(test: Dataset, to_array: typing.Callable) -> np.ndarray | None:
+    """Boolean masks, each made an array by `to_array` (e.g. `mask_array` at the model's input size), or None
+    unless every anomalous test image has a mask: pixel metrics are then left out (e.g. ELPV has image labels
+    only)."""
     masks, labels = test["mask"], test["label"]
     if not any(labels) or any(label and mask is None for label, mask in zip(labels, masks)):
         return None
-    return np.stack([mask_array(mask, size, crop) for mask in masks])
+    return np.stack([to_array(mask) for mask in masks])
 
 
 @torch.no_grad()
@@ -231,6 +236,7 @@ def run_benchmark(
     fit_arguments: dict | None = None,
     generated_references: ReferenceGenerator | None = None,
     runtime: str = "torch",
+    tiling: Tiling | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
@@ -244,7 +250,7 @@ def run_benchmark(
     cell's model and bank exported to "onnxruntime" or "openvino" (`ExportedScorer`: one export per cell, test
     images encoded by the exported graph); references and calibration stay in PyTorch.
     A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
-    on; a rerun tries it again.
+    on; a rerun tries it again. `tiling`: every cell scored tiled (`hf_fsad.evaluation.tiled_cells`).
     """
     protocol = protocol or Protocol()
     if runtime not in SCORING_RUNTIMES:
@@ -266,7 +272,7 @@ def run_benchmark(
 
     for split in _category_splits(datasets):
         first_seed_scores, shown = {}, None
-        cells = list(_cells(models, split, ks, seeds, protocol.anomalous_shots))
+        cells = list(_cells(models, split, ks, seeds, protocol.anomalous_shots, tiling))
         for cell in progress_bar(cells, desc=f"{split.dataset}/{split.category}", unit="cell"):
             # failed cells run again, and so do cells calibrated for another rate
             if _is_finished(results_by_id.get(cell.id), protocol, runtime, split):
@@ -381,16 +387,17 @@ def _is_finished(cell: dict | None, protocol: Protocol, runtime: str, split: _Ca
 
 def _calibrated_bank(
     model: FsadPreTrainedModel,
-    references: EncodedReferences | None,
+    references: EncodedReferences | list[Image.Image] | None,
     class_name: str,
     anomalous_references: Dataset | None,
     validation_normals: list[Image.Image],
     protocol: Protocol,
     batch_size: int,
     runtime: str = "torch",
+    tiling: Tiling | None = None,
 ) -> tuple[ReferenceBank, dict]:
     """The cell's bank, by the policy of the CLI, pipeline and Space (`calibrated_bank`, in the paper
-    preprocessing): from its references and anomalous references (with their masks when every one has one),
+    preprocessing, or tiled by `tiling` from reference images): from its references and anomalous references (with their masks when every one has one),
     its score weights chosen on the validation normals (methods with `validates_weights`), calibrated for the
     protocol's rate on the validation normals or leave-one-out; and the cell's calibration record. On an
     exported `runtime` the validation normals are scored by the exported graph, as the test images are; a
@@ -412,10 +419,13 @@ def _calibrated_bank(
         defect_masks=masks,
         held_out_normals=validation_normals,
         false_alarm_rate=protocol.false_alarm_rate,
-        paper_preprocessing=True,
+        paper_preprocessing=tiling is None,
+        tiling=tiling,
         batch_size=batch_size,
         runtime=runtime,
-        runtime_scorer=None if runtime == "torch" else lambda bank: ExportedScorer(model, bank, runtime),
+        runtime_scorer=None
+        if runtime == "torch" or tiling is not None
+        else lambda bank: ExportedScorer(model, bank, runtime),
     )
     note = made.refusal
     calibration = made.bank.calibration
@@ -426,35 +436,7 @@ def _calibrated_bank(
     if note is not None and not validation_normals:
         note += ", and no validation normals (Protocol.num_validation, --validation)"
     bank = made.bank if note is None else dataclasses.replace(made.bank, calibration=None)
-    return bank, {
-        "target_false_alarm_rate": protocol.false_alarm_rate,
-        "calibration": None  # its thresholds; the scores they were fitted to stay in the bank
-        if note
-        else {
-            name: value
-            for name, value in dataclasses.asdict(calibration).items()
-            if name not in KEPT_SCORE_FIELDS
-        },
-        "calibration_note": note or " ".join(made.warnings) or None,
-        "calibration_seconds": None if note else time.perf_counter() - started,
-        "bank_notes": made.notes,
-    }
-
-
-def _decisions(calibration: dict | None, labels: np.ndarray, scores: np.ndarray) -> dict:
-    """Image F1, false-alarm and miss rates of the test images at the calibrated threshold ("anomalous when
-    the score is above it", as `Calibration.labels`), and the false-alarm rate the estimator promised; all
-    None without a calibration."""
-    if calibration is None:
-        return dict.fromkeys(("calibrated_f1", "false_alarm_rate", "miss_rate", "false_alarm_bound"))
-    anomalous, flagged = labels != 0, scores.astype(np.float64) > calibration["image_threshold"]
-    true_positives = int((flagged & anomalous).sum())
-    return {
-        "calibrated_f1": 2 * true_positives / int(flagged.sum() + anomalous.sum()),
-        "false_alarm_rate": float(flagged[~anomalous].mean()),
-        "miss_rate": float((~flagged[anomalous]).mean()),
-        "false_alarm_bound": calibration["false_alarm_bound"],
-    }
+    return bank, calibration_record(bank, note, made.warnings, started, protocol.false_alarm_rate, made.notes)
 
 
 def _run_cell(
@@ -470,7 +452,9 @@ def _run_cell(
     runtime: str = "torch",
 ) -> _CellRun:
     """Score one cell of `split`: k normal and `anomalous` anomalous references drawn with `seed`."""
-    k, anomalous, seed = cell.k, cell.anomalous, cell.seed
+    k, anomalous, seed, tiling = cell.k, cell.anomalous, cell.seed, cell.tiling
+    if tiling is not None and generated_references is not None:
+        raise ValueError("Generated references are not tiled: run tiled cells without them.")
     started = time.perf_counter()
     needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
     manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
@@ -479,13 +463,18 @@ def _run_cell(
         test = select_ids(split.test, manifest.test_ids)
     size, crop = model.config.image_size, model.config.paper_preprocessing == "crop"
     class_name = class_name_for(split.dataset, split.category)
-    references, fit_seconds = None, None
+    references, reference_images, fit_seconds = None, [], None
     if model.fits_per_category:
         model = copy.deepcopy(model)
         normals = _rgb_images(split.train.select(row_indices(split.train, manifest.image_ids)))
         fit_seconds = time.perf_counter()
-        model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
+        if tiling is None:
+            model.fit(normals, class_name=class_name, **({"seed": seed} | fit_arguments))
+        else:
+            fit_tiled(model, normals, tiling, class_name, **({"seed": seed} | fit_arguments))
         fit_seconds = time.perf_counter() - fit_seconds
+    elif k > 0 and tiling is not None:
+        reference_images = _rgb_images(split.train.select(row_indices(split.train, manifest.image_ids)))
     elif k > 0:
         rows = row_indices(split.train, manifest.image_ids)
         features = cache.features(model, split.train, rows, batch_size, "references")
@@ -503,34 +492,63 @@ def _run_cell(
     validation_ids = manifest.validation_ids if manifest is not None else None
     validation_normals = _rgb_images(select_ids(split.train, validation_ids)) if validation_ids else []
     bank, calibration = _calibrated_bank(
-        model, references, class_name, anomalous_references, validation_normals, protocol, batch_size, runtime
+        model,
+        references if tiling is None else reference_images,
+        class_name,
+        anomalous_references,
+        validation_normals,
+        protocol,
+        batch_size,
+        runtime,
+        tiling,
     )
-    if runtime == "torch":
-        test_features = cache.features(
-            model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
-        )
-        scores, maps = _score(model, test_features, bank, batch_size)
+    if tiling is not None:
+        test_images = _rgb_images(test)
+        scores, tile_maps = score_tiled_images(model, bank, test_images, batch_size, runtime)
+        full_size, crop = metrics_size(test_images), False
+        maps = None if tile_maps is None else maps_at(tile_maps, full_size)
+        masks = _test_masks(test, functools.partial(mask_at, size=full_size))
     else:
-        scores, maps = _score_exported(ExportedScorer(model, bank, runtime), model, test["image"], batch_size)
-    labels, masks = np.asarray(test["label"]), _test_masks(test, size, crop)
+        scores, maps = _untiled_scores(model, cache, split, test, bank, batch_size, runtime)
+        masks = _test_masks(test, functools.partial(mask_array, size=size, crop=crop))
+    labels = np.asarray(test["label"])
     validation_auroc = bank.tensors.get("validation_auroc")
     values = {
         "trained_on": model.config.trained_on,
-        "metrics": _metrics(labels, scores, masks, maps),
+        "metrics": metrics(labels, scores, masks, maps),
         "num_test": int(test.num_rows),
         "reference_ids": manifest.image_ids if manifest else [],
         "anomalous_ids": anomalous_ids,
         "validation_auroc": float(validation_auroc) if validation_auroc is not None else None,
         "fit_seconds": fit_seconds,
         "runtime": runtime,
+        "metrics_size": list(full_size) if tiling is not None else [size, size],
         "data_id": split.data_id,
         "generated_references": bank.generated_references,
         **calibration,
-        **_decisions(calibration["calibration"], labels, scores),
+        **decisions(calibration["calibration"], labels, scores),
         "seconds": time.perf_counter() - started,
         "image_scores": scores.tolist(),
     }
     return _CellRun(scores, maps, labels, masks, test, values, crop)
+
+
+def _untiled_scores(
+    model: FsadPreTrainedModel,
+    cache: FeatureCache,
+    split: _CategorySplit,
+    test: Dataset,
+    bank: ReferenceBank,
+    batch_size: int,
+    runtime: str,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The test images' scores and maps at the model's input size: on cached features, or exported."""
+    if runtime == "torch":
+        test_features = cache.features(
+            model, test, range(test.num_rows), batch_size, f"{split.dataset}/{split.category} test"
+        )
+        return _score(model, test_features, bank, batch_size)
+    return _score_exported(ExportedScorer(model, bank, runtime), model, test["image"], batch_size)
 
 
 def _category_splits(datasets: Sequence[DatasetSpec]) -> Iterator[_CategorySplit]:
@@ -554,6 +572,7 @@ def _cells(
     ks: Sequence[int],
     seeds: Sequence[int],
     anomalous_shots: Sequence[int],
+    tiling: Tiling | None = None,
 ) -> Iterator[Cell]:
     """The cells of one category in the order they run: by method, anomalous shots, k, seed. A method runs the
     anomalous shots > 0 if it needs anomalous references, else 0; zero-shot cells (no references) run once."""
@@ -562,7 +581,7 @@ def _cells(
             continue
         zero_shot = k == 0 and anomalous == 0
         for seed in seeds[:1] if zero_shot else seeds:
-            yield Cell(method, split.dataset, split.category, k, seed, anomalous)
+            yield Cell(method, split.dataset, split.category, k, seed, anomalous, tiling)
 
 
 def _only(dataset: Dataset, category: str) -> Dataset:
