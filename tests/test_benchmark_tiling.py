@@ -105,7 +105,7 @@ def test_cli_benchmark_tiled(tiny_clip_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     "options, message",
     [
-        (["--tile-stride", "32"], "--tile-stride and --tile-mode need --tile-size"),
+        (["--tile-stride", "32"], "--tile-stride tile only with --tile-size"),
         (["--tile-size", "32", "--tile-stride", "64"], "tile_stride 64x64 is larger than tile_size 32x32"),
     ],
 )

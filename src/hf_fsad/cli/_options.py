@@ -40,7 +40,6 @@ def finite_float(text: str) -> float:
     return value
 
 
-
 def add_batch_size(parser: argparse.ArgumentParser) -> None:
     """`--batch-size`; `hf_fsad.cli.main` refuses values below 1."""
     parser.add_argument(
@@ -90,13 +89,13 @@ def tile_pixels(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
-def add_tiling(parser: argparse.ArgumentParser) -> None:
+def add_tiling(
+    parser: argparse.ArgumentParser,
+    description: str = "score large images tile by tile at the model's input size, the maps stitched at the "
+    "image's full size (docs/scoring.md); a tiled --bank scores tiled without these options",
+) -> None:
     """`--tile-size`, `--tile-stride`, `--tile-mode`: build a tiled bank (`hf_fsad.tiling.Tiling`)."""
-    group = parser.add_argument_group(
-        "tiling",
-        "score large images tile by tile at the model's input size, the maps stitched at the image's full size "
-        "(docs/scoring.md); a tiled --bank scores tiled without these options",
-    )
+    group = parser.add_argument_group("tiling", description)
     group.add_argument(
         "--tile-size",
         type=tile_pixels,

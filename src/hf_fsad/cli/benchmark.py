@@ -6,10 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_fsad.tiling import TILE_MODES
-
 from ._errors import CliError
-from ._options import add_allow_untrained, add_batch_size, add_device, add_runtime
+from ._options import add_allow_untrained, add_batch_size, add_device, add_runtime, add_tiling, tiling_of
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -55,22 +53,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output directory (results.json, results.md, plots/)")
     parser.add_argument("--feature-cache", help="feature cache directory (default: OUT/feature_cache)")
     parser.add_argument("--title", help="heading of the results table (say in it if the weights are random)")
-    parser.add_argument(
-        "--tile-size",
-        type=int,
-        help="score tiled (its own cells): tiles of this many source pixels, references tiled alike, metrics at "
-        "the test images' full resolution (default: untiled)",
-    )
-    parser.add_argument(
-        "--tile-stride",
-        type=int,
-        help="with --tile-size: pixels from one tile to the next (default: the tile size)",
-    )
-    parser.add_argument(
-        "--tile-mode",
-        choices=TILE_MODES,
-        help="with --tile-size: compare a tile with every reference tile (pooled, default) or with the "
-        "references' tiles at its place (position)",
+    add_tiling(
+        parser,
+        "score each cell tiled (its own cells): references and test images cut into tiles, metrics at the test "
+        "images' full resolution (docs/benchmarks.md)",
     )
     add_batch_size(parser)
     add_device(parser)
@@ -120,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
     try:
-        tiling = _tiling(args)
+        tiling = tiling_of(args)
         out = prepare_output_dir(args.out, "--out")
         datasets = [DatasetSpec.parse(text) for text in args.datasets]
         protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test, args.false_alarm_rate)
@@ -185,14 +171,3 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * results['feature_cache']['hit_rate']:.1f} %, {results['wall_seconds']:.0f} s -> {out / 'results.md'}"
     )
     return 0
-
-
-def _tiling(args: argparse.Namespace):
-    """The `Tiling` of --tile-size, --tile-stride and --tile-mode, or None without --tile-size."""
-    from hf_fsad.tiling import Tiling
-
-    if args.tile_size is None:
-        if args.tile_stride is not None or args.tile_mode is not None:
-            raise ValueError("--tile-stride and --tile-mode need --tile-size")
-        return None
-    return Tiling(args.tile_size, args.tile_stride, args.tile_mode or "pooled")
