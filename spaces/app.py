@@ -6,8 +6,8 @@ One pipeline per model serves every user (models are stateless: references live 
 Methods come from `hf_fsad.registry`, so a new method appears here without editing this file.
 
 Raw scores have no common scale (a tiny random WinCLIP scores a clear defect 0.27), so the bank built from
-the uploads is calibrated (`model.calibrate`) and the pass/fail slider acts on the normalised score, whose
-0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
+the uploads is calibrated (`hf_fsad.calibration_policy.calibrated_bank`, as the CLI calibrates) and the
+pass/fail slider acts on the normalised score, whose 0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
 the raw score.
 
 Large images can be scored tile by tile (tile size 0: off), their maps stitched at the image's full size; a
@@ -300,6 +300,11 @@ def detect(
     tiling = page_tiling(tile_size, tile_stride, tile_mode)
     progress(0.1, desc="building and calibrating the reference bank")
     if bank_file:
+        if held_out_files:
+            raise gr.Error(
+                "Held-out normal images calibrate a bank built here; an uploaded bank is used as saved "
+                "(recalibrate it with hf-fsad calibrate)."
+            )
         bank, line = loaded_bank(model, bank_file, tiling)
     else:
         bank, line = build_bank(
@@ -398,9 +403,9 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
         gr.Markdown(
             "# Few-shot anomaly detection\nUpload a few normal images of a part and the images to check. "
             "Choose a saved model, a Hub id, or METHOD@CLIP for a fresh method (no training needed for "
-            "WinCLIP). With 2 or more references the pass/fail threshold is calibrated on them (each scored "
-            "against the others) to keep a 5% false-alarm rate; defective references, when given, report "
-            "the share of them it misses."
+            "WinCLIP). The pass/fail threshold keeps a 5% false-alarm rate: calibrated on held-out normal "
+            "images when given, else on 2 or more references (each scored against the others); defective "
+            "references, when given, report the share of them it misses."
         )
         with gr.Row():
             with gr.Column():

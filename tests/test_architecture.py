@@ -34,9 +34,8 @@ LAYERS = {
     "hf_fsad.distributed": 0,
     "hf_fsad.calibration": 0,
     "hf_fsad.calibration_inputs": 0,
-    # tiles of large images (geometry and stitching, no model) and defect regions of a mask
+    # tiles of large images (geometry and stitching, no model)
     "hf_fsad.tiling": 0,
-    "hf_fsad.regions": 0,
     "hf_fsad.calibration_report": 0,
     "hf_fsad.progress": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
@@ -330,11 +329,12 @@ LIGHT_MODULES = {
     "hf_fsad.deploy",
     "hf_fsad.deploy.run_exported",
     "hf_fsad.deploy.image_files",
+    "hf_fsad.deploy.regions",
     "hf_fsad.tiling",
 }
-# image_files, tiling: what run_exported.py imports beside an export, the copies of hf_fsad.deploy.image_files
-# and hf_fsad.tiling.
-LIGHT_THIRD_PARTY = {"numpy", "PIL", "image_files", "tiling"}
+# image_files, regions, tiling: what run_exported.py imports beside an export, the copies of
+# hf_fsad.deploy.image_files, hf_fsad.deploy.regions and hf_fsad.tiling.
+LIGHT_THIRD_PARTY = {"numpy", "PIL", "image_files", "regions", "tiling"}
 
 
 def _module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:

@@ -107,6 +107,10 @@ def test_cli_benchmark_tiled(tiny_clip_dir, tmp_path, capsys):
     [
         (["--tile-stride", "32"], "--tile-stride tile only with --tile-size"),
         (["--tile-size", "32", "--tile-stride", "64"], "tile_stride 64x64 is larger than tile_size 32x32"),
+        (
+            ["--tile-size", "32", "--tile-mode", "position", "--runtime", "onnxruntime"],
+            "--runtime onnxruntime: position-tiled banks do not export",
+        ),
     ],
 )
 def test_cli_benchmark_refuses_bad_tiling_options(options, message, tmp_path, capsys):

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -440,3 +441,19 @@ def test_score_and_the_pipeline_label_the_review_band(saved_winclip_dir, files, 
     assert [result["label"] for result in results] == [record["label"] for record in banded]
     with pytest.raises(ValueError, match="half-width around 0.5"):
         pipe(paths[:1], reference_bank=ReferenceBank.load(bank), review_band=0.5)
+
+
+def test_a_review_band_asks_for_a_calibration_it_cannot_do_without(
+    saved_winclip_dir, files, tmp_path, capsys
+):
+    # One reference cannot be left out: without the band the images are scored without verdicts; with it, the
+    # run stops instead of dropping the band silently.
+    one_reference = str(min(Path(files["refs"]).iterdir()))
+    output = tmp_path / "results.jsonl"
+    command = ["score", "--model", saved_winclip_dir, "--reference", one_reference, "--output", str(output)]
+    assert main([*command, files["queries"]]) == 0
+    assert "not calibrated:" in capsys.readouterr().err
+    assert main([*command, files["queries"], "--review-band", "0.1"]) == 2
+    assert (
+        "--review-band lies around a calibrated threshold, and the bank has none: " in capsys.readouterr().err
+    )

@@ -20,14 +20,13 @@ import torch
 from PIL import Image
 
 from extras import import_extra
-from hf_fsad import tiling
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import apply_calibration, exceeds_threshold
 from hf_fsad.cli import main as cli_main
 from hf_fsad.data import load_toy
-from hf_fsad.deploy import image_files, run_exported
+from hf_fsad.deploy import run_exported
 from hf_fsad.deploy.image_files import LABEL_NAMES
-from hf_fsad.export import ExportedModel, cached_export, export_model
+from hf_fsad.export import RUNNER_MODULES, ExportedModel, cached_export, export_model
 from hf_fsad.pipeline import resized_map
 from hf_fsad.registry import METHODS, method_spec
 from hf_fsad.visualization import heatmap_overlay, outline_region
@@ -128,7 +127,9 @@ def test_openvino_scores_and_maps_equal_pytorch_at_two_batch_sizes(method, expor
         "image_files.py",
         "model.bin",
         "model.xml",
+        "regions.py",
         "run_exported.py",
+        "tiling.py",
     ]
     runner = ExportedModel(folder)
     assert (runner.runtime, runner.precision) == ("openvino", "f32")
@@ -332,19 +333,20 @@ def test_runner_scores_image_files_in_an_environment_without_torch(exported, toy
 
 def test_runner_imports_only_numpy_pillow_the_runtimes_and_the_standard_library():
     imported = set()
-    for module in (run_exported, image_files, tiling):
+    for module in RUNNER_MODULES:
         for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    # image_files, tiling: the copies beside run_exported.py in an export
+    # image_files, regions, tiling: the copies beside run_exported.py in an export
     assert imported - set(sys.stdlib_module_names) == {
         "numpy",
         "PIL",
         "onnxruntime",
         "openvino",
         "image_files",
+        "regions",
         "tiling",
     }
 
@@ -414,6 +416,11 @@ def test_runner_writes_the_records_hf_fsad_score_writes(saved_winclip_dir, toy, 
         # maps agreeing to PARITY change a colour-table index rarely (by one entry, a few levels), and move
         # the outline only where the map lies within PARITY of the pixel threshold
         assert (difference > 0).mean() < 0.01 and (difference > 8).mean() < 0.001
+        # defect regions: the pixels above the pixel threshold, as the outline; their highest peak within PARITY
+        assert (record["regions"] is None) == (reference["regions"] is None)
+        if record["regions"] and reference["regions"]:
+            peaks = record["regions"][0]["peak_score"], reference["regions"][0]["peak_score"]
+            assert peaks[0] == pytest.approx(peaks[1], abs=PARITY)
 
 
 def test_a_terminated_runner_keeps_whole_records_and_resume_finishes_them(exported, tmp_path):

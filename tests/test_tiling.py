@@ -12,7 +12,7 @@ from PIL import Image
 
 from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import best_f1_threshold
-from hf_fsad.regions import defect_regions
+from hf_fsad.deploy.regions import defect_regions
 from hf_fsad.tiled_scoring import (
     build_tiled_bank,
     calibrate_tiled_bank,

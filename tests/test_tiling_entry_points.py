@@ -15,9 +15,9 @@ from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import Calibration
 from hf_fsad.calibration_policy import calibrated_bank
 from hf_fsad.cli import main
+from hf_fsad.deploy.regions import defect_regions
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.pipeline import pixel_decision
-from hf_fsad.regions import defect_regions
 from hf_fsad.tiled_scoring import build_tiled_bank, calibrate_tiled_bank, score_tiled
 from hf_fsad.tiling import Tiling
 from hf_fsad.visualization import heatmap_overlay, outline_region

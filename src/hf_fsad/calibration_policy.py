@@ -254,6 +254,7 @@ def calibrated_bank(
                 runtime=runtime,
                 precision=precision,
                 image_size=model.config.image_size,
+                crop=crop,
                 false_alarm_rate=false_alarm_rate,
                 confidence=confidence,
                 rule=rule,
@@ -520,11 +521,12 @@ def calibrate_on_scorer(
     confidence: float | None = None,
     rule: str = "false_alarm_rate",
     batch_size: int,
+    crop: bool = False,
 ) -> ReferenceBank:
     """`bank` calibrated on the held-out `normal` (and `anomalous`) images scored by `scorer`: for an exported
     graph on `runtime` at `precision`, which has the bank built in, so its references cannot be left out (that
     would take one export per reference). `scorer` returns uncalibrated scores; masks are compared at the
-    model's `image_size`. Too few normals for the promise asked warn, as `model.calibrate` does."""
+    model's `image_size` (centre-cropped alike with `crop`, as the paper preprocessing crops). Too few normals for the promise asked warn, as `model.calibrate` does."""
     from .calibration import fit_calibration_of_outputs
     from .modeling_outputs import concatenated_outputs
 
@@ -539,7 +541,7 @@ def calibrate_on_scorer(
     calibration = fit_calibration_of_outputs(
         scored(normal),
         scored(anomalous) if anomalous else None,
-        None if masks is None else mask_tensor(masks, image_size),
+        None if masks is None else mask_tensor(masks, image_size, crop),
         normal_source="held_out",
         false_alarm_rate=false_alarm_rate or DEFAULT_FALSE_ALARM_RATE,
         confidence=confidence,

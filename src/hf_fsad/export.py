@@ -28,7 +28,7 @@ from torch import nn
 from . import __version__, tiling
 from .bank import ReferenceBank
 from .calibration import apply_calibration
-from .deploy import image_files, run_exported
+from .deploy import image_files, regions, run_exported
 from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
 from .deprecation import Replaced, moved_names
 from .io import atomic_directory, atomic_write_text
@@ -41,7 +41,7 @@ EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # What the runner needs beside it: itself, the file reading and result format it shares with hf_fsad.io, and
 # the tile geometry and stitching it shares with hf_fsad.tiled_scoring.
-RUNNER_MODULES = (run_exported, image_files, tiling)
+RUNNER_MODULES = (run_exported, image_files, regions, tiling)
 INPUT_NAME = "pixel_values"
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
@@ -82,7 +82,7 @@ def export_model(
 ) -> Path:
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
-    manifest JSON and the runner (`run_exported.py`, `image_files.py` and `tiling.py`). The folder is replaced
+    manifest JSON and the runner (`run_exported.py`, `image_files.py`, `regions.py` and `tiling.py`). The folder is replaced
     atomically. Returns `out_dir`. A pooled tiled bank exports its tiles' bank into the graph and its tiling
     and calibration into the manifest; a position tiled bank is refused (see the module docstring).
 

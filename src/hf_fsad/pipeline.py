@@ -23,10 +23,10 @@ from .bank import ReferenceBank
 from .calibration import Calibration, check_review_band, in_review_band, score_error
 from .calibration_policy import calibrated_bank, tiling_conflict
 from .deploy.image_files import LABEL_NAMES
+from .deploy.regions import defect_regions
 from .io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_image_bytes, read_mask, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
-from .regions import defect_regions
 from .tiled_scoring import score_tiled
 from .tiling import Tiling
 from .visualization import heatmap_overlay
@@ -76,7 +76,6 @@ def read_image_url(url: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Ima
         raise ImageReadError(f"{name}: cannot download ({error})") from None
 
 
-
 def resized_map(anomaly_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """An (H, W) anomaly map resized bilinearly to `size` (width, height), as float32."""
     width, height = size
@@ -91,7 +90,7 @@ def pixel_decision(
 ) -> tuple[np.ndarray | None, list[dict] | None]:
     """(mask, regions) of a calibrated image's (H, W) `anomaly_map` at the image's own size: the pixels above
     the pixel threshold, and their connected defect regions with box, area and peak score
-    (`hf_fsad.regions.defect_regions`); (None, None) without a map or a pixel threshold."""
+    (`hf_fsad.deploy.regions.defect_regions`); (None, None) without a map or a pixel threshold."""
     mask = None if anomaly_map is None else calibration.masks(torch.from_numpy(anomaly_map))
     if mask is None:
         return None, None
@@ -167,7 +166,7 @@ class ImageAnomalyDetectionPipeline(Pipeline):
     "normal"), `normalized_score` (0.5 at the threshold), `threshold` (the raw image threshold) and `mask`
     (bool array at the image's own size, the map above the pixel threshold; None without maps or pixel
     threshold) and `regions` (the mask's connected defect regions, each with `box` [left, top, right,
-    bottom], `area` and `peak_score`, the highest first: `hf_fsad.regions.defect_regions`; None where `mask`
+    bottom], `area` and `peak_score`, the highest first: `hf_fsad.deploy.regions.defect_regions`; None where `mask`
     is). Without a calibration the result has only the first four keys. Giving `false_alarm_rate`
     asks for a calibration (`calibrate=True`: an error when it is impossible). `review_band=0.1`: a part
     whose normalised score lies in [0.4, 0.6] gets the label "review" instead of "normal" or "anomalous".

@@ -403,6 +403,7 @@ def score_tiled(
     bank's calibration applied (labels, normalised scores, masks at full size)."""
     _check_batch_size(batch_size)
     _tiling_of(reference_bank)
+    model.warn_if_untrained()
     output = _scored(model, image, reference_bank, batch_size)
     calibration = reference_bank.calibration
     return output if calibration is None else apply_calibration(output, calibration)

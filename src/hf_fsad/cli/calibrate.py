@@ -67,6 +67,11 @@ def register(commands: argparse._SubParsersAction) -> None:
         metavar="PATH",
         help="a defect mask per --defect image, matched by file stem",
     )
+    parser.add_argument(
+        "--no-weight-search",
+        action="store_true",
+        help="with --defect: keep the anomalous memory's baseline score weights (as `hf-fsad score`)",
+    )
     parser.add_argument("--class-name", help="object name for the text prompts of a built bank")
     parser.add_argument(
         "--calibration-normal",
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         read_anomalous_images,
         read_option_images,
     )
-    from hf_fsad.loading import ModelLoadError, load_method
+    from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
     _check_calibrate_options(args)
     tiling_of(args)  # a bad tiling is refused before anything is read
@@ -160,6 +165,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_method(args.model, allow_untrained=args.allow_untrained).to(args.device).eval()
     except ModelLoadError as error:
         raise CliError(f"--model: {error}") from None
+    untrained = take_untrained_warning(model)  # --allow-untrained, or saved before training was recorded
+    if untrained is not None:
+        print(f"warning: {untrained}", file=sys.stderr)
     check_defects(model, args, defects)
     bank = saved_bank(model, args)
     stored = bank.calibration if bank is not None else None
@@ -184,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
             false_alarm_rate=args.false_alarm_rate,
             confidence=args.confidence,
             rule=threshold_rule(args),
+            weight_search=not args.no_weight_search,
             precision=args.precision,
             batch_size=args.batch_size,
             tiling=tiling_of(args),

@@ -271,6 +271,10 @@ def run(args: argparse.Namespace) -> int:
         state,
     )
     bank = made.bank
+    if args.review_band is not None and bank.calibration is None:
+        raise CliError(
+            f"--review-band lies around a calibrated threshold, and the bank has none: {made.refusal}"
+        )
     if state.is_main_process:
         for note in made.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -356,7 +360,9 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.threshold_rule == "best-f1" and not args.calibration_anomalous:
         raise CliError("--threshold-rule best-f1 needs --calibration-anomalous: F1 counts the defects caught")
     if args.review_band is not None and args.threshold is not None:
-        raise CliError("--review-band lies around the calibrated threshold: leave out --threshold, or the band")
+        raise CliError(
+            "--review-band lies around the calibrated threshold: leave out --threshold, or the band"
+        )
     if args.calibration_masks and args.calibration_anomalous and args.threshold_rule != "best-f1":
         raise CliError(
             "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
@@ -473,7 +479,10 @@ def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
     if args.runtime == "torch":
         return None
     if tiled:
-        return "tiled scoring runs on --runtime torch only for now (the exported graph scores whole images)"
+        return (
+            "hf-fsad score runs tiled banks on --runtime torch; a pooled tiled bank runs exported through "
+            "hf-fsad export and the runner beside the graph (docs/export.md)"
+        )
     if args.device != "cpu":
         return f"the exported graph runs on the CPU; --device {args.device} is for --runtime torch"
     if args.compile:

@@ -41,9 +41,10 @@ import numpy as np
 from PIL import Image
 
 if __package__:  # hf_fsad.deploy.run_exported
-    from . import image_files
-else:  # the copy beside an export, run as a script: image_files.py lies beside it
+    from . import image_files, regions
+else:  # the copy beside an export, run as a script: image_files.py and regions.py lie beside it
     import image_files
+    import regions
 
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
@@ -301,11 +302,29 @@ def heatmap(image: Image.Image, anomaly_map: np.ndarray, calibration: dict | Non
     the outline of the region above it (the map at the image's size; a NaN or infinite value counts as
     above)."""
     overlay = heatmap_overlay(image, anomaly_map)
+    above = pixels_above(image, anomaly_map, calibration)
+    return overlay if above is None else outline_region(overlay, above[1])
+
+
+def pixels_above(
+    image: Image.Image, anomaly_map: np.ndarray, calibration: dict | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the map at the image's size, where it is above the calibrated pixel threshold: a NaN or infinite value
+    counts as above), or None without a pixel threshold."""
     if calibration is None or calibration.get("pixel_threshold") is None:
-        return overlay
+        return None
     at_image_size = resized_map(anomaly_map, image.size).astype(np.float64)
-    region = (at_image_size > calibration["pixel_threshold"]) | ~np.isfinite(at_image_size)
-    return outline_region(overlay, region)
+    return at_image_size, (at_image_size > calibration["pixel_threshold"]) | ~np.isfinite(at_image_size)
+
+
+def defect_regions(
+    image: Image.Image, anomaly_maps: np.ndarray | None, index: int, calibration: dict
+) -> list[dict] | None:
+    """The defect regions `hf-fsad score` records (`regions.defect_regions` of the map at the image's size above
+    the pixel threshold, a NaN or infinite value counting as above), or None without a map or pixel
+    threshold."""
+    above = None if anomaly_maps is None else pixels_above(image, anomaly_maps[index], calibration)
+    return None if above is None else regions.defect_regions(above[1], above[0])
 
 
 def result_record(path: Path, image_score: float, calibration: dict | None) -> dict:
@@ -343,6 +362,8 @@ def score_files(
         records = []
         for index, (path, image) in enumerate(batch):
             record = result_record(path, float(outputs["image_scores"][index]), calibration)
+            if calibration is not None:
+                record["regions"] = defect_regions(image, outputs.get("anomaly_maps"), index, calibration)
             if heatmap_paths is not None and "anomaly_maps" in outputs:
                 overlay = heatmap(image, outputs["anomaly_maps"][index], calibration)
                 with image_files.atomic_file(heatmap_paths[path]) as temporary:

@@ -10,14 +10,14 @@ sampler and written to a manifest (`out/manifests/...`, reused on reruns, so a r
 test split is scored. k = 0 is zero-shot (one cell, no seeds). A model trained on another dataset records
 it in `config.trained_on`, which the results carry (cross-dataset protocols). Backbone features are cached
 per image and `model.feature_key()`, so every image is encoded once per backbone and feature kind, and
-reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun, unless the category's images changed
-(added, removed or relabelled: cells and manifests record a `data_id` of them, and such cells run again on
-newly drawn references).
+reused across k, seeds and methods. Finished cells are kept in results.json and skipped on a rerun, unless
+the category's images changed (added, removed or relabelled: cells and manifests record a `data_id` of
+them, and such cells run again on newly drawn references).
 Each cell's bank is built and calibrated by the policy of the CLI, the pipeline and the Space
 (`hf_fsad.calibration_policy.calibrated_bank`) for the protocol's false-alarm rate: on the protocol's
-validation normals, or leave-one-out on its k references where those chose the anomalous memory's weights
-(or are not drawn); and the cell records
-F1, false-alarm and miss rates of the test images at that threshold beside the threshold-free metrics.
+validation normals, or leave-one-out on its k references where the validation normals chose the anomalous
+memory's weights (or none are drawn); and the cell records F1, false-alarm and miss rates of the test
+images at that threshold beside the threshold-free metrics.
 Images are preprocessed as each method's published evaluation did (`model.paper_image_processor()`: resize and
 centre crop for MetaCAN and WinCLIP, whole-image resize for the others), and masks go through the same
 geometry (nearest neighbour), so pixel metrics compare the pixels the model saw.
@@ -212,6 +212,7 @@ def _score_exported(
     scorer: ExportedScorer, model: FsadPreTrainedModel, images: Sequence[Image.Image], batch_size: int
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`_score` on the exported graph: images preprocessed as for the feature cache, then scored by `scorer`."""
+    model.warn_if_untrained()
     outputs = [
         scorer(_paper_pixel_values(model, images[start : start + batch_size]))
         for start in range(0, len(images), batch_size)
@@ -432,7 +433,11 @@ def _calibrated_bank(
     if note is None and calibration is not None:
         note = calibration_mismatch(calibration, runtime, calibration.precision)
         if note is not None:
-            note += " (leave-one-out on an export would take one export per reference)"
+            note += (
+                " (a tiled calibration is fitted in PyTorch)"
+                if tiling is not None
+                else " (leave-one-out on an export would take one export per reference)"
+            )
     if note is not None and not validation_normals:
         note += ", and no validation normals (Protocol.num_validation, --validation)"
     bank = made.bank if note is None else dataclasses.replace(made.bank, calibration=None)

@@ -1,14 +1,37 @@
 """Defect regions: the connected parts of an anomaly mask, each with its bounding box, area and peak score,
-as JSON-safe dicts for JSON lines, the pipeline and the Space."""
+as JSON-safe dicts for JSON lines, the pipeline, the Space and the exported runner (numpy only: it is shipped
+beside the runner)."""
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 # Pixels touching by an edge or a corner belong to one region (8-connectivity): a thin diagonal scratch stays
 # one defect.
-CONNECTIVITY = np.ones((3, 3), dtype=bool)
+NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _connected_regions(mask: np.ndarray) -> list[np.ndarray]:
+    """The 8-connected regions of a boolean (H, W) `mask`, each as an (N, 2) array of its (row, column)
+    pixels, in the raster order of their first pixel (as `scipy.ndimage.label` numbers them); the work grows
+    with the marked pixels, not the image."""
+    marked = {(int(row), int(column)) for row, column in np.argwhere(mask)}
+    regions = []
+    for start in sorted(marked):
+        if start not in marked:
+            continue
+        marked.discard(start)
+        pixels, frontier = [start], [start]
+        while frontier:
+            row, column = frontier.pop()
+            for dy, dx in NEIGHBOURS:
+                neighbour = (row + dy, column + dx)
+                if neighbour in marked:
+                    marked.discard(neighbour)
+                    pixels.append(neighbour)
+                    frontier.append(neighbour)
+        regions.append(np.array(pixels))
+    return regions
 
 
 def defect_regions(mask, anomaly_map=None, min_area: int = 1) -> list[dict]:
@@ -29,24 +52,16 @@ def defect_regions(mask, anomaly_map=None, min_area: int = 1) -> list[dict]:
         anomaly_map = np.asarray(anomaly_map, dtype=np.float64)
         if anomaly_map.shape != mask.shape:
             raise ValueError(f"The anomaly map has shape {anomaly_map.shape}, but the mask {mask.shape}.")
-    labels, count = ndimage.label(mask != 0, structure=CONNECTIVITY)
-    if count == 0:
-        return []
-    indices = np.arange(1, count + 1)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    peaks = None if anomaly_map is None else ndimage.maximum(anomaly_map, labels, indices)
     regions = []
-    for index, (rows, columns) in enumerate(ndimage.find_objects(labels)):
-        if areas[index] < min_area:
+    for pixels in _connected_regions(mask != 0):
+        if len(pixels) < min_area:
             continue
-        region = {
-            "box": [int(columns.start), int(rows.start), int(columns.stop), int(rows.stop)],
-            "area": int(areas[index]),
-        }
-        if peaks is not None:
-            peak = float(peaks[index])
+        (top, left), (bottom, right) = pixels.min(axis=0), pixels.max(axis=0) + 1
+        region = {"box": [int(left), int(top), int(right), int(bottom)], "area": len(pixels)}
+        if anomaly_map is not None:
+            peak = float(anomaly_map[pixels[:, 0], pixels[:, 1]].max())
             region["peak_score"] = peak if np.isfinite(peak) else None
         regions.append(region)
-    if peaks is not None:
+    if anomaly_map is not None:
         regions.sort(key=lambda region: -np.inf if region["peak_score"] is None else -region["peak_score"])
     return regions
