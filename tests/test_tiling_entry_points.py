@@ -143,7 +143,7 @@ def test_a_tiled_saved_bank_scores_tiled_and_disagreeing_tile_options_are_refuse
         (["--tile-size", "16", "--tile-stride", "32"], "tile_stride 32x32 is larger than tile_size 16x16"),
         (
             ["--tile-size", "32", "--runtime", "onnxruntime", "--device", "cpu"],
-            "tiled scoring runs on --runtime torch only",
+            "hf-fsad score runs tiled banks on --runtime torch",
         ),
     ],
 )
