@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration_policy import calibrated_bank
 from .data.toy import load_toy
 from .metrics import image_auroc, pixel_auroc
 from .models.winclip.configuration_winclip import WinClipConfig
@@ -98,8 +99,8 @@ def save_images(images, names: list[str], directory: Path) -> list[Path]:
 
 
 def run_verdicts(model: WinClipModel, out_dir: Path) -> tuple[Path, Path, list[str]]:
-    """Write good/ and queries/ for one toy category, calibrate a threshold on good/ (leave-one-out, 5%
-    false-alarm rate) and give each query its pass/fail verdict; returns the folders and the lines to show
+    """Write good/ and queries/ for one toy category, calibrate a threshold on good/ by the CLI's bank policy
+    (`calibrated_bank`: leave-one-out, 5% false-alarm rate) and give each query its pass/fail verdict; returns the folders and the lines to show
     (the calibration, then one verdict per query)."""
     dataset = load_toy(
         VERDICT_CATEGORY,
@@ -113,12 +114,10 @@ def run_verdicts(model: WinClipModel, out_dir: Path) -> tuple[Path, Path, list[s
     save_images(train["image"], [f"good_{index}" for index in range(len(train))], good_dir)
     names = [f"part{index}_{defect}" for index, defect in enumerate(test["defect_type"])]
     queries = save_images(test["image"], names, queries_dir)
-    processor = model.image_processor()
-    references = processor(list(train["image"]), return_tensors="pt").pixel_values
+    bank = calibrated_bank(model, list(train["image"]), class_name=VERDICT_CLASS_NAME, calibrate=True).bank
     with torch.no_grad():
-        bank = model.build_reference_bank(references, class_name=VERDICT_CLASS_NAME)
-        bank = model.calibrate(bank, references)
-        output = model(processor(list(test["image"]), return_tensors="pt").pixel_values, reference_bank=bank)
+        pixel_values = model.image_processor()(list(test["image"]), return_tensors="pt").pixel_values
+        output = model(pixel_values, reference_bank=bank)
     verdicts = [
         f"{path}: score {score:.4f} -> {'fail (anomalous)' if label else 'pass'}"
         for path, score, label in zip(queries, output.image_scores.tolist(), output.labels.tolist())
