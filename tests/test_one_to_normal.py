@@ -161,6 +161,27 @@ def test_strength_0_3_starts_denoising_at_0_3_T(diffusion_dir):
     assert seen == [299, 199, 99]
 
 
+def test_the_configured_strengths_and_step_count_reach_the_diffusion(diffusion_dir):
+    """num_inference_steps=4, strength=0.5 and pool_strength=0.75 (defaults 50, 0.3, 0.5): "trailing" spacing
+    of 4 steps over T = 1000 is 999, 749, 499, 249; a query's personalization keeps the last 0.5 x 4 of them,
+    a generated pool image the last 0.75 x 4."""
+    model = make_model(diffusion_dir, num_inference_steps=4, strength=0.5, pool_strength=0.75)
+    unet = model.get_personalizer().pipeline.unet
+    seen, original = [], unet.forward
+
+    def recording(sample, timestep, *args, **kwargs):
+        seen.append(int(timestep))
+        return original(sample, timestep, *args, **kwargs)
+
+    unet.forward = recording
+    image = Image.new("RGB", (40, 40), (120, 60, 30))
+    model.get_personalizer().generate(image, ["a photo of normal grid"])
+    assert seen == [499, 249]
+    seen.clear()
+    model.generate_normals([image], 1)
+    assert seen == [749, 499, 249]
+
+
 def test_bad_inputs_get_clear_errors(diffusion_dir, monkeypatch):
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
