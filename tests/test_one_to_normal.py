@@ -223,7 +223,7 @@ def _fixed_denoising_loss(trainer, images) -> float:
         )
 
 
-def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir):
+def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir, one_thread):
     from hf_fsad.models.one_to_normal.training_one_to_normal import (
         DreamBoothLoraTrainer,
         OneToNormalTrainingArguments,
@@ -240,6 +240,8 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
     trainer.train()
     after = _fixed_denoising_loss(trainer, trainer.normals)
     print(f"instance denoising loss {before:.4f} -> {after:.4f}")
+    # on one thread (the same float32 sums everywhere); measured over training seeds 0-4: after / before
+    # 0.968, 0.960, 0.981, 0.962, 0.980
     assert after < before
     assert all(
         torch.equal(p, base[name]) for name, p in trainer.unet.named_parameters() if "lora_" not in name
