@@ -18,45 +18,51 @@ ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU one.
 TORCH_SPEC ?= torch==2.13.0
 # The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
-# out of the core install.
-CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# out of the core install. The core's torch, with the torchvision built for it: on these machines the CPU
+# build already on disk (a CUDA torch from PyPI took 6 minutes of the install).
+CONVERT_TORCH_SPEC ?= $(TORCH_SPEC) torchvision==0.28.0
+ANOMALIB_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# No byte-compiling of every installed module (torch's thousands): the few a run imports compile on import.
+PIP_INSTALL := pip install --quiet --no-compile
+# The core suite's pytest-xdist workers (one torch thread each: tests/conftest.py); 0 runs it in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install install-core install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
 
 # The core install (torch and hf-fsad's own dependencies): what `make demo` and `make cli-docs` need.
 $(VENV)/.installed-core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/pip install --quiet -e .
+	$(VENV)/bin/$(PIP_INSTALL) $(TORCH_SPEC)
+	$(VENV)/bin/$(PIP_INSTALL) -e .
 	touch $@
 
 # Every extra but `convert` (diffusers, onnx and openvino, gradio, playwright, ...): what the tests need.
 $(VENV)/.installed: $(VENV)/.installed-core
-	$(VENV)/bin/pip install --quiet -e '.[dev,elpv,diffusers,space,export]'
+	$(VENV)/bin/$(PIP_INSTALL) -e '.[dev,elpv,diffusers,space,export]'
 	touch $@
 
 $(CONVERT_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(CONVERT_VENV)
-	$(CONVERT_VENV)/bin/pip install --quiet $(CONVERT_TORCH_SPEC)
-	$(CONVERT_VENV)/bin/pip install --quiet -e '.[convert,dev]'
+	$(CONVERT_VENV)/bin/$(PIP_INSTALL) $(CONVERT_TORCH_SPEC)
+	$(CONVERT_VENV)/bin/$(PIP_INSTALL) -e '.[convert,dev]'
 	touch $@
 
 $(ANOMALIB_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(ANOMALIB_VENV)
-	$(ANOMALIB_VENV)/bin/pip install --quiet $(CONVERT_TORCH_SPEC)
-	$(ANOMALIB_VENV)/bin/pip install --quiet '$(ANOMALIB_SPEC)'
-	$(ANOMALIB_VENV)/bin/pip install --quiet -e .
+	$(ANOMALIB_VENV)/bin/$(PIP_INSTALL) $(ANOMALIB_TORCH_SPEC)
+	$(ANOMALIB_VENV)/bin/$(PIP_INSTALL) '$(ANOMALIB_SPEC)'
+	$(ANOMALIB_VENV)/bin/$(PIP_INSTALL) -e .
 	touch $@
 
 $(RUNTIME_VENV)/.installed:
 	$(PYTHON) -m venv $(RUNTIME_VENV)
-	$(RUNTIME_VENV)/bin/pip install --quiet $(RUNTIME_SPEC)
+	$(RUNTIME_VENV)/bin/$(PIP_INSTALL) $(RUNTIME_SPEC)
 	touch $@
 
 $(FLOOR_VENV)/.installed: pyproject.toml scripts/floor_requirements.py
 	$(FLOOR_PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_PYTHON) scripts/floor_requirements.py > $(FLOOR_VENV)/floor-requirements.txt
-	$(FLOOR_VENV)/bin/pip install --quiet -r $(FLOOR_VENV)/floor-requirements.txt -e .
+	$(FLOOR_VENV)/bin/$(PIP_INSTALL) -r $(FLOOR_VENV)/floor-requirements.txt -e .
 	touch $@
 
 install-core: $(VENV)/.installed-core
@@ -73,8 +79,9 @@ compare-anomalib: install-anomalib
 demo: install-core
 	$(VENV)/bin/hf-fsad demo --out demo_output
 
+# `--dist loadgroup`: tests marked `xdist_group` run on one worker.
 test-core: install
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # Only the files with converter tests: this environment lacks the other extras, whose absence fails their
 # tests (at collection, for test modules that import an extra).
@@ -86,7 +93,11 @@ test-convert: install-convert
 test-runtime: install install-runtime
 	HF_FSAD_RUNTIME_PYTHON=$(RUNTIME_VENV)/bin/python $(VENV)/bin/python -m pytest -q -m runtime tests/test_export.py tests/test_export_tiling.py
 
-test: test-core test-convert test-runtime
+# The convert and runtime environments install while the core suite runs (pip mostly waits on the disk and
+# the network), then their tests run.
+test: install
+	$(MAKE) --no-print-directory -j3 test-core install-convert install-runtime
+	$(MAKE) --no-print-directory test-convert test-runtime
 
 # Not part of `test` (a large download): import and score one image at the declared floors; .ci/run runs it.
 test-floor: install-floor

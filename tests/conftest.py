@@ -3,12 +3,22 @@ the model most tests share, is its tester's (tests/test_winclip.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
 from hf_fsad.testing import save_random_clip, save_tiny_diffusion_pipeline, tiny_clip_config
 from test_winclip import WinClipModelTester
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs `-n 2`), each worker computes on one intra-op thread, and so do
+    the CLIs it starts, so that two workers on two cores do not oversubscribe them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

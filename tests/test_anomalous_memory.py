@@ -252,8 +252,27 @@ def test_one_annotated_defect_beats_one_normal_reference_on_toy(make_winclip):
         assert ours_auroc > winclip_auroc, results
 
 
-def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_path):
+# The defaults, then non-default values of every weight-search field (written as literals below)
+WEIGHT_SEARCHES = {
+    "defaults": {},
+    "non-default": {
+        "num_weight_samples": 7, "weight_seed": 3, "num_validation_views": 2, "weight_distribution": "normal",
+        "signed_weights": False,
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", WEIGHT_SEARCHES.values(), ids=WEIGHT_SEARCHES.keys())
+def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(settings, tmp_path):
+    """`num_validation_views` seeded views per image (seed weight_seed * 1000 + 2 * index + label), then
+    `num_weight_samples` draws (seed weight_seed) of `weight_distribution`, absolute unless signed."""
     from hf_fsad.augmentation import augment_views
+
+    model = AnomalousMemoryModelTester.tiny_model(**settings)
+    views_per_image, seed = settings.get("num_validation_views", 5), settings.get("weight_seed", 0)
+    num_samples = settings.get("num_weight_samples", 100)
+    distribution = settings.get("weight_distribution", "uniform")
+    signed = settings.get("signed_weights", True)
 
     records = toy_records(
         "grid", num_train=1, num_test_good=0, num_test_anomalous=1, defects=("blob",), seed=2
@@ -263,9 +282,12 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
         anomalous_pixel_values=pixels(model, [defect.image]), anomalous_masks=mask_tensor(defect.mask)[None]
     )
     views, labels = model.validation_set([normal.image], [defect.image])
-    assert labels == [0] * 5 + [1] * 5
-    # five seeded augmentations of each sample (seeds weight_seed * 1000 + 2 * index + label)
-    expected_views = pixels(model, augment_views(normal.image, 5, 0) + augment_views(defect.image, 5, 1))
+    assert labels == [0] * views_per_image + [1] * views_per_image
+    expected_views = pixels(
+        model,
+        augment_views(normal.image, views_per_image, seed * 1000)
+        + augment_views(defect.image, views_per_image, seed * 1000 + 1),
+    )
     torch.testing.assert_close(views, expected_views, rtol=0, atol=0)  # the same seeded views
 
     validated = model.validate_weights(bank, views, labels)
@@ -273,7 +295,7 @@ def test_weight_validation_keeps_the_seeded_draw_with_the_best_auroc(model, tmp_
         [model(views, reference_bank=bank).branch_scores[n] for n in model.score_names()], -1
     ).double()
     candidates = functional_anomalous_memory.sample_score_weights(
-        100, 9, "uniform", torch.Generator().manual_seed(0)
+        num_samples, 9, distribution, torch.Generator().manual_seed(seed), signed=signed
     )
     aurocs = torch.tensor([image_auroc(labels, scores @ candidate) for candidate in candidates])
     best = int(torch.argmax(aurocs))  # the first of the best

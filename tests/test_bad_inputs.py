@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import struct
@@ -39,6 +40,15 @@ def _run(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=env,
     )
+
+
+def _stderr_until(process: subprocess.Popen, seen, timeout: float = 240) -> bytes:
+    """What `process` wrote to its stderr pipe until `seen(text)` holds, it exits or `timeout` s pass."""
+    written, deadline = b"", time.monotonic() + timeout
+    while not seen(written.decode(errors="replace")) and process.poll() is None and time.monotonic() < deadline:
+        if select.select([process.stderr], [], [], 0.05)[0]:
+            written += os.read(process.stderr.fileno(), 65536)
+    return written
 
 
 def _no_traceback(result: subprocess.CompletedProcess) -> None:
@@ -326,13 +336,12 @@ def test_a_killed_run_leaves_complete_results_and_resume_finishes_them(saved_win
         "1",
     ]
     command += ["--output", str(output), "--resume", str(inputs)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    share = tmp_path / "results.jsonl.part0.tmp"
-    deadline = time.monotonic() + 240
-    while not (share.exists() and share.read_text().count("\n") >= 2) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGTERM once the progress bar a user sees counts 2 scored images: the run has started scoring (its
+    # handler is in place) and is far from done (60 images, one per batch)
+    shown = _stderr_until(process, lambda text: max(map(int, re.findall(r"(\d+)/60", text)), default=0) >= 2)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    stderr = (shown + process.communicate(timeout=120)[1]).decode()
     assert "Traceback" not in stderr, stderr
     first = [json.loads(line) for line in output.read_text().splitlines()]  # every line whole
     assert process.returncode == 130 and "run again with --resume" in stderr, stderr

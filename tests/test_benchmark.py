@@ -251,19 +251,32 @@ def test_profile_times_k_scaling_on_banks_of_k_and_keeps_the_largest_batchs_peak
     ],
 )
 def test_peak_memory_is_the_growth_a_known_allocation_causes(device):
-    """128 MiB allocated, filled, held 0.1 s (20 of the CPU sampler's intervals) and freed inside the block:
-    the peak is that growth, not the process's size nor what is left at the end. On CPU it is resident
-    memory, which the process's other allocations and frees meanwhile move by a few MiB: 16 MiB slack."""
-    import time
-
+    """128 MiB allocated, filled and freed inside the block: the peak is that growth, not the process's size
+    nor what is left at the end. On CPU it is the resident set's high-water mark, which the process's other
+    allocations and frees meanwhile move by a few MiB: 16 MiB slack."""
     from hf_fsad.evaluation.profiling import _PeakMemory
 
     size_mb = 128
     with _PeakMemory(torch.device(device)) as memory:
         block = torch.ones(size_mb * 2**20, dtype=torch.uint8, device=device)
-        time.sleep(0.1)
         del block
     assert abs(memory.peak_mb - size_mb) < 16
+
+
+def test_peak_memory_samples_the_resident_size_where_its_high_water_mark_cannot_be_reset(monkeypatch):
+    """The fallback sampler (every 5 ms) sees a block held for 1 s: 200 of its intervals, so it is measured
+    even when the sampling thread waits long for a core."""
+    import time
+
+    from hf_fsad.evaluation.profiling import _PeakMemory
+
+    monkeypatch.setattr(_PeakMemory, "_reset_high_water_mark", staticmethod(lambda: False))
+    size_mb = 128
+    with _PeakMemory(torch.device("cpu")) as memory:
+        block = torch.ones(size_mb * 2**20, dtype=torch.uint8)
+        time.sleep(1.0)
+        del block
+    assert memory._sampler is not None and abs(memory.peak_mb - size_mb) < 16
 
 
 def test_cli_benchmark_with_a_fresh_method_on_a_clip(tiny_clip_dir, tmp_path, capsys):

@@ -161,6 +161,27 @@ def test_strength_0_3_starts_denoising_at_0_3_T(diffusion_dir):
     assert seen == [299, 199, 99]
 
 
+def test_the_configured_strengths_and_step_count_reach_the_diffusion(diffusion_dir):
+    """num_inference_steps=4, strength=0.5 and pool_strength=0.75 (defaults 50, 0.3, 0.5): "trailing" spacing
+    of 4 steps over T = 1000 is 999, 749, 499, 249; a query's personalization keeps the last 0.5 x 4 of them,
+    a generated pool image the last 0.75 x 4."""
+    model = make_model(diffusion_dir, num_inference_steps=4, strength=0.5, pool_strength=0.75)
+    unet = model.get_personalizer().pipeline.unet
+    seen, original = [], unet.forward
+
+    def recording(sample, timestep, *args, **kwargs):
+        seen.append(int(timestep))
+        return original(sample, timestep, *args, **kwargs)
+
+    unet.forward = recording
+    image = Image.new("RGB", (40, 40), (120, 60, 30))
+    model.get_personalizer().generate(image, ["a photo of normal grid"])
+    assert seen == [499, 249]
+    seen.clear()
+    model.generate_normals([image], 1)
+    assert seen == [749, 499, 249]
+
+
 def test_bad_inputs_get_clear_errors(diffusion_dir, monkeypatch):
     model = make_model(diffusion_dir)
     normals = [image.convert("RGB") for image in toy()["train"]["image"]]
@@ -202,7 +223,7 @@ def _fixed_denoising_loss(trainer, images) -> float:
         )
 
 
-def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir):
+def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir, one_thread):
     from hf_fsad.models.one_to_normal.training_one_to_normal import (
         DreamBoothLoraTrainer,
         OneToNormalTrainingArguments,
@@ -219,6 +240,8 @@ def test_lora_fit_lowers_the_denoising_loss_and_touches_only_lora(diffusion_dir)
     trainer.train()
     after = _fixed_denoising_loss(trainer, trainer.normals)
     print(f"instance denoising loss {before:.4f} -> {after:.4f}")
+    # on one thread (the same float32 sums everywhere); measured over training seeds 0-4: after / before
+    # 0.968, 0.960, 0.981, 0.962, 0.980
     assert after < before
     assert all(
         torch.equal(p, base[name]) for name, p in trainer.unet.named_parameters() if "lora_" not in name

@@ -83,7 +83,7 @@ def make_commands(target: str) -> list[str]:
 
 def test_make_demo_installs_only_the_core_and_make_test_every_extra_its_tests_need():
     demo_installs = [line for line in make_commands("demo") if "pip install" in line]
-    assert any(line.endswith("install --quiet -e .") for line in demo_installs), demo_installs
+    assert any(line.endswith(" -e .") for line in demo_installs), demo_installs
     assert not any("[" in line for line in demo_installs), (
         demo_installs
     )  # no extras: openvino, diffusers, ...

@@ -463,7 +463,7 @@ def _auroc(model: VtFusionModel, data) -> tuple[float, float]:
     return image_auroc(labels, output.image_scores.numpy()), pixel_auroc(masks, output.anomaly_maps.numpy())
 
 
-def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
+def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc(one_thread):
     data = load_benchmark(
         "toy", category="weave", seed=1, num_train=4, num_test_good=12, num_test_anomalous=12
     )
@@ -476,6 +476,8 @@ def test_toy_fitting_on_four_normals_raises_image_and_pixel_auroc():
     result = model.fit(normals, class_name="fabric", steps=200, learning_rate=1e-3)  # vtfusion_toy.yaml
     after = _auroc(model, data)
     print(f"k=4 toy weave: image/pixel AUROC {before} -> {after}; {result.seconds_per_step:.3f} s/step")
+    # on one thread (the same float32 sums everywhere); measured over model and fit seeds 0-2: image AUROC
+    # gains 0.25, 0.32, 0.17 (0.17: from 0.83 to the ceiling 1.0), pixel gains 0.30, 0.46, 0.50
     assert after[0] > before[0] + 0.1 and after[1] > before[1] + 0.1
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 

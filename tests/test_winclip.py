@@ -127,10 +127,12 @@ def test_from_clip_wraps_a_saved_clip(tiny_clip_dir):
     assert torch.isfinite(output.image_scores).all()
 
 
-def test_zero_shot_scores_and_map_use_the_configured_temperature(make_winclip):
+@pytest.mark.parametrize("scales", [(2, 3), (4,)], ids=["default windows", "windows of 4"])
+def test_zero_shot_scores_and_map_use_the_configured_temperature(make_winclip, scales):
     """temperature=0.5 (default 0.07): the zero-shot score is softmax(cos / 0.5)[anomalous] of the image
-    embedding, in float64 here, and the map the harmonic mean of it and the windows' scores at 0.5."""
-    model = make_winclip(temperature=0.5)
+    embedding, in float64 here, and the map the harmonic mean of it and the windows' scores at 0.5, for the
+    default window scales and for window_scales=[4]."""
+    model = make_winclip(temperature=0.5, window_scales=list(scales))
     images = torch.randn(2, 3, 240, 240, generator=torch.Generator().manual_seed(6))
     features = model.encode_images(images)
     text = model.build_reference_bank().tensors["text_embeddings"]
@@ -145,8 +147,9 @@ def test_zero_shot_scores_and_map_use_the_configured_temperature(make_winclip):
     image_scores = scores_at_half(features["image_embeddings"])
     # float32 cosines against float64: a few ulp, over T = 0.5 and through the softmax
     torch.testing.assert_close(output.image_scores.double(), image_scores, rtol=0, atol=1e-6)
-    masks = [scoring.window_masks((15, 15), scale) for scale in (2, 3)]
-    windows = [scores_at_half(features[f"window_embeddings.{scale}"]) for scale in (2, 3)]
+    assert {name for name in features if name.startswith("window_")} == {f"window_embeddings.{s}" for s in scales}
+    masks = [scoring.window_masks((15, 15), scale) for scale in scales]
+    windows = [scores_at_half(features[f"window_embeddings.{scale}"]) for scale in scales]
     expected_map = functional_winclip.winclip_zero_shot_map(
         image_scores, windows, [m.double() for m in masks]
     )
@@ -272,14 +275,19 @@ def test_half_precision_autocast_stays_within_the_documented_tolerance(make_winc
     """docs/performance.md: under autocast, image scores within 0.01 and map values within 0.02 of float32
     (WinCLIP+ 2-shot, tiny model, CPU autocast; a GPU's kernels are not measured here)."""
     model = make_winclip()
-    references, queries = torch.randn(2, 3, 240, 240), torch.randn(4, 3, 240, 240)
+    generator = torch.Generator().manual_seed(0)
+    references = torch.randn(2, 3, 240, 240, generator=generator)
+    queries = torch.randn(4, 3, 240, 240, generator=generator)
     with torch.no_grad():
         bank = model.build_reference_bank(references)
         exact = model(queries, reference_bank=bank)
         with model.autocast(precision):
             half = model(queries, reference_bank=bank)
     assert half.image_scores.dtype == getattr(torch, precision)  # autocast did take over
-    # the documented bounds: 16-bit floats keep 8-11 mantissa bits (~4e-3 relative) through 2 blocks
+    # the documented bounds: 16-bit floats keep 8-11 mantissa bits (~4e-3 relative) through 2 blocks.
+    # Measured over input seeds 0-9 on one thread, with oneDNN and ATen on AVX-512 (BF16 instructions) and
+    # limited to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2): bfloat16 scores within 0.0023
+    # and maps within 0.0046, float16 within 0.0003 and 0.0006, so the bounds leave at least 4x
     assert (half.image_scores.float() - exact.image_scores).abs().max() <= 0.01
     assert (half.anomaly_maps.float() - exact.anomaly_maps).abs().max() <= 0.02
     with pytest.raises(ValueError, match="Unknown precision"):

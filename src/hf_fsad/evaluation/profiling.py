@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -112,21 +111,33 @@ def median_seconds(
 
 
 class _PeakMemory:
-    """Peak memory growth (MB) inside a `with` block: CUDA's allocator peak, or on CPU the resident set
-    size sampled every few milliseconds from /proc (Linux) by a background thread."""
+    """Peak memory growth (MB) inside a `with` block: CUDA's allocator peak, or on CPU the growth of the
+    resident set size's high-water mark, which Linux keeps exactly (VmHWM, reset through
+    /proc/self/clear_refs). Where the mark cannot be reset, a background thread samples the resident size
+    every few milliseconds instead, and a peak shorter than that can be missed."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_mb = 0.0
 
     @staticmethod
-    def _resident_mb() -> float:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+    def _status_mb(field: str) -> float:
+        with open("/proc/self/status") as handle:
+            line = next(line for line in handle if line.startswith(f"{field}:"))
+        return int(line.split()[1]) / 1024  # kB
+
+    @staticmethod
+    def _reset_high_water_mark() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # Linux >= 4.0: VmHWM := VmRSS
+            return True
+        except OSError:
+            return False
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
-            self._highest = max(self._highest, self._resident_mb())
+            self._highest = max(self._highest, self._status_mb("VmRSS"))
 
     def __enter__(self) -> Self:
         import threading
@@ -134,20 +145,24 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            self._start = self._highest = self._resident_mb()
+            return self
+        self._start = self._highest = self._status_mb("VmRSS")
+        self._sampler = None
+        if not self._reset_high_water_mark():
             self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
         return self
 
     def __exit__(self, *exc) -> None:
         if self.device.type == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._start
+        elif self._sampler is None:
+            self.peak_mb = self._status_mb("VmHWM") - self._start
         else:
             self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self._highest, self._resident_mb()) - self._start
+            self._sampler.join()
+            self.peak_mb = max(self._highest, self._status_mb("VmRSS")) - self._start
 
 
 @torch.no_grad()
