@@ -201,8 +201,8 @@ def test_dagm_without_labels_txt_reads_the_label_files(tmp_path):
         labels.unlink()
     without = load_benchmark("dagm", root=tmp_path)
     for split in ("train", "test"):
-        assert without[split]["path"] == with_list[split]["path"]
-        assert without[split]["label"] == with_list[split]["label"]
+        assert list(without[split]["path"]) == list(with_list[split]["path"])
+        assert list(without[split]["label"]) == list(with_list[split]["label"])
     assert "Class1/Train/0003.PNG" not in without["train"]["path"]  # Train's defective image: in no split
 
 
@@ -234,8 +234,8 @@ def test_afid_pools_the_fabrics_and_leaves_out_the_clean_tiles_of_defect_images(
     afid = load_benchmark("afid", root=tmp_path)
     aitex = load_benchmark("aitex", root=tmp_path)
     defect_tiles = ["Defect_images/0044_019_04.png#tile00", "Defect_images/0044_019_04.png#tile01"]
-    afid_paths = afid["train"]["path"] + afid["test"]["path"]
-    aitex_paths = aitex["train"]["path"] + aitex["test"]["path"]
+    afid_paths = [*afid["train"]["path"], *afid["test"]["path"]]
+    aitex_paths = [*aitex["train"]["path"], *aitex["test"]["path"]]
     assert defect_tiles[0] not in afid_paths and defect_tiles[1] in afid_paths
     assert set(defect_tiles) <= set(aitex_paths)
     assert len(afid_paths) == 7 and len(aitex_paths) == 8
