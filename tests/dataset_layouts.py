@@ -35,28 +35,29 @@ def write_mask(path: Path, mask: np.ndarray | None = None) -> None:
     Image.fromarray(box_mask() if mask is None else mask).save(path)
 
 
-def write_btad(root: Path, categories: Sequence[str]) -> None:
-    """Per product: train/ok 3 .bmp, test/ok 1, test/ko 2 .bmp with masks ground_truth/ko/<stem>.png."""
+def _write_mvtec_style(
+    root: Path, categories: Sequence[str], normal: str, defect: str, image: str, mask: str
+) -> None:
+    """Per category: train/<normal> 3 images, test/<normal> 1, test/<defect> 2 with their masks in
+    ground_truth/<defect>/ (`image`, `mask`: file names of the index `{0}`)."""
     for category in categories:
         base = root / category
         for index in range(3):
-            write_image(base / "train" / "ok" / f"{index:04d}.bmp", index)
-        write_image(base / "test" / "ok" / "0000.bmp", 10)
+            write_image(base / "train" / normal / image.format(index), index)
+        write_image(base / "test" / normal / image.format(0), 10)
         for index in range(2):
-            write_image(base / "test" / "ko" / f"{index:04d}.bmp", 20 + index)
-            write_mask(base / "ground_truth" / "ko" / f"{index:04d}.png")
+            write_image(base / "test" / defect / image.format(index), 20 + index)
+            write_mask(base / "ground_truth" / defect / mask.format(index))
+
+
+def write_btad(root: Path, categories: Sequence[str]) -> None:
+    """Per product: train/ok 3 .bmp, test/ok 1, test/ko 2 .bmp with masks ground_truth/ko/<stem>.png."""
+    _write_mvtec_style(root, categories, "ok", "ko", "{0:04d}.bmp", "{0:04d}.png")
 
 
 def write_dtd_synthetic(root: Path, categories: Sequence[str]) -> None:
     """Per texture: train/good 3, test/good 1, test/bad 2 with masks ground_truth/bad/<stem>_mask.png."""
-    for category in categories:
-        base = root / category
-        for index in range(3):
-            write_image(base / "train" / "good" / f"{index:03d}.png", index)
-        write_image(base / "test" / "good" / "000.png", 10)
-        for index in range(2):
-            write_image(base / "test" / "bad" / f"{index:03d}.png", 20 + index)
-            write_mask(base / "ground_truth" / "bad" / f"{index:03d}_mask.png")
+    _write_mvtec_style(root, categories, "good", "bad", "{0:03d}.png", "{0:03d}_mask.png")
 
 
 def _write_dagm_folder(folder: Path, count: int, defective: int, seed: int) -> None:
