@@ -6,6 +6,8 @@ dataset code (Faustinaqq/AF-CLIP, `dataset/{clinicdb,colondb,kvasir}.py`, folder
 how the polyp-segmentation test sets (PraNet's `TestDataset`) ship ClinicDB and ColonDB. CVC-ClinicDB's own
 release (`Original/`, `Ground Truth/`, .tif) is not this layout: rename its folders. Every frame is anomalous:
 train is empty, and the sets are scored by pixel metrics only (`build_anomalous_only`).
+Masks count every non-zero pixel as polyp: Kvasir-SEG's own masks are JPEG, whose compression noise
+would widen them, so prefer the PNG masks of the test sets (the ones AF-CLIP reads) or binarise at 128 first.
 """
 
 from __future__ import annotations
