@@ -1,8 +1,18 @@
-"""AITEX: fabric images cut into 256 px tiles, one category per fabric code, with pixel masks."""
+"""AITEX (the AITEX Fabric Image Database, AFID): fabric images cut into 256 px tiles, with pixel masks.
+
+Two protocols on the one published folder. `aitex`: one category per fabric code. `afid`: InCTRL's (its
+`datasets/preprocess/convert_AITEX.py`, mala-lab/InCTRL, whose README links AITEX to aitex.es/afid), which the
+tables of One-to-Normal ("AFID", citing the AITEX paper) and MetaCAN ("AITEX", one row) follow: every fabric
+in one category, the defect tiles of the defect images as anomalies, the tiles of those images without a defect
+pixel left out, and the defect-free images' tiles split into reference pool and normal test tiles. (InCTRL
+reads one `<name>_mask.png` per image and splits with scikit-learn's seed 42; here the union of an image's
+masks and the seeded `split_normals`.)
+"""
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +64,18 @@ def _aitex_mask(root: Path, file: Path) -> np.ndarray:
     return np.max([np.asarray(binary_mask(mask)) for mask in masks], axis=0)
 
 
-def build_aitex(root: Path, category: str | None, seed: int, train_fraction: float = 0.75) -> Splits:
+def build_aitex(
+    root: Path, category: str | None, seed: int, train_fraction: float = 0.75, pooled: str | None = None
+) -> Splits:
     """Images cut into 256 px wide tiles. A tile of a defect image is anomalous when its part of the mask
     (the union of the image's masks) has a defect pixel, else a normal test tile. Tiles of defect-free images
-    are split seeded into train and test."""
+    are split seeded into train and test. pooled: the name of one category holding every fabric, whose defect
+    images give their defect tiles only (InCTRL's protocol, the `afid` benchmark); None: a category per fabric."""
     normal_files = sorted(require_dir(root / "NODefect_images", AITEX_LAYOUT).rglob("*.png"))
     defect_files = require_images(root / "Defect_images", AITEX_LAYOUT)
     tiles = {file: _aitex_tiles(file) for file in normal_files + defect_files}
+    if pooled:
+        tiles = {file: (boxes, pooled) for file, (boxes, _) in tiles.items()}
     found = sorted({fabric for _, fabric in tiles.values()})
     chosen = set(choose_categories(found, category, root, AITEX_LAYOUT))
     splits: Splits = {"train": [], "test": []}
@@ -76,7 +91,8 @@ def build_aitex(root: Path, category: str | None, seed: int, train_fraction: flo
                 defect = f"defect{_AITEX_NAME.match(file.stem).group(1)}"
                 splits["test"].append(Record(str(file), 1, fabric, defect, tile_path, mask, box))
             elif mask is not None:
-                splits["test"].append(Record(str(file), 0, fabric, "good", tile_path, None, box))
+                if not pooled:  # InCTRL's protocol leaves these tiles out
+                    splits["test"].append(Record(str(file), 0, fabric, "good", tile_path, None, box))
             else:
                 normal[fabric].append(Record(str(file), 0, fabric, "good", tile_path, None, box))
     for fabric in sorted(chosen):
@@ -87,3 +103,6 @@ def build_aitex(root: Path, category: str | None, seed: int, train_fraction: flo
 
 
 AITEX_BENCHMARK = BenchmarkSpec(build_aitex, AITEX_LAYOUT, class_name="fabric")
+AFID_BENCHMARK = BenchmarkSpec(
+    partial(build_aitex, pooled="afid"), AITEX_LAYOUT, ("afid",), class_name="fabric"
+)

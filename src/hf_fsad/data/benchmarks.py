@@ -5,7 +5,8 @@ reads a local folder in the dataset's published layout (`layout`), its categorie
 A builder scans the folder into records and builds `train` (normal images only: the pool k-shot references
 are drawn from) and `test` (normal + anomalous, with masks where the dataset has them). Where a dataset has no
 train/test split of its normal images, a seeded `train_fraction` (default 0.75) of them forms `train`. The
-`folder` benchmark reads your own images in a generic layout (`FOLDER_LAYOUT`: `good/`, one folder per defect
+`isic`, `clinicdb`, `colondb` and `kvasir` have no normal image: `train` is empty and every test image is
+anomalous (pixel metrics only, zero-shot). The `folder` benchmark reads your own images in a generic layout (`FOLDER_LAYOUT`: `good/`, one folder per defect
 type, optional `masks/`).
 """
 
@@ -17,15 +18,22 @@ from pathlib import Path
 from datasets import DatasetDict
 
 from ..deprecation import moved_names
-from .aitex import AITEX_BENCHMARK
+from .aitex import AFID_BENCHMARK, AITEX_BENCHMARK
+from .btad import BTAD_BENCHMARK
 from .cifar10 import CIFAR10_BENCHMARK
 from .common import BenchmarkSpec, build_dataset_dict, require_dir
+from .dagm import DAGM_BENCHMARK
 from .digits import MNIST_BENCHMARK, SKLEARN_DIGITS_BENCHMARK
+from .dtd_synthetic import DTD_SYNTHETIC_BENCHMARK
 from .elpv import ELPV_BENCHMARK
 from .folder import FOLDER_BENCHMARK
+from .isic import ISIC_BENCHMARK
 from .ksdd import KSDD_BENCHMARK
-from .medical import BRAINMRI_BENCHMARK, HEADCT_BENCHMARK
+from .medical import BR35H_BENCHMARK, BRAINMRI_BENCHMARK, HEADCT_BENCHMARK
 from .mvtec_ad import MVTEC_AD_BENCHMARK
+from .oct2017 import OCT2017_BENCHMARK
+from .polyps import CLINICDB_BENCHMARK, COLONDB_BENCHMARK, KVASIR_BENCHMARK
+from .resc import RESC_BENCHMARK
 from .toy import TOY_BENCHMARK
 from .visa import VISA_BENCHMARK
 
@@ -38,6 +46,17 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "aitex": AITEX_BENCHMARK,
     "ksdd": KSDD_BENCHMARK,
     "sdd": KSDD_BENCHMARK,
+    "afid": AFID_BENCHMARK,
+    "btad": BTAD_BENCHMARK,
+    "dagm": DAGM_BENCHMARK,
+    "dtd_synthetic": DTD_SYNTHETIC_BENCHMARK,
+    "oct2017": OCT2017_BENCHMARK,
+    "resc": RESC_BENCHMARK,
+    "br35h": BR35H_BENCHMARK,
+    "isic": ISIC_BENCHMARK,
+    "clinicdb": CLINICDB_BENCHMARK,
+    "colondb": COLONDB_BENCHMARK,
+    "kvasir": KVASIR_BENCHMARK,
     "mnist": MNIST_BENCHMARK,
     "sklearn_digits": SKLEARN_DIGITS_BENCHMARK,
     "cifar10": CIFAR10_BENCHMARK,

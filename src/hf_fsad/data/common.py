@@ -231,12 +231,96 @@ def relative_path(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def require_mask(image: Path, mask_dir: Path, names: Sequence[str], layout: str) -> Path:
+    """The mask of `image`: the one file of `mask_dir` named by a pattern of `names` (`{stem}` = the image's
+    stem) that exists; a BenchmarkLayoutError naming the expected files when none or several do."""
+    candidates = [mask_dir / name.format(stem=image.stem) for name in names]
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    if not found:
+        expected = " or ".join(str(candidate) for candidate in candidates)
+        raise BenchmarkLayoutError(f"No mask for {image}: expected {expected}. Expected layout: {layout}")
+    if len(found) > 1:
+        raise BenchmarkLayoutError(f"{image} has several masks: {', '.join(map(str, found))}; keep one.")
+    return found[0]
+
+
 def require_images(folder: Path, layout: str) -> list[Path]:
     """The images in `folder` (sorted), or a BenchmarkLayoutError when it is missing or holds none."""
     files = image_files(require_dir(folder, layout))
     if not files:
         raise BenchmarkLayoutError(f"The folder {folder} holds no images. Expected layout: {layout}")
     return files
+
+
+def folder_records(
+    root: Path,
+    folder: Path,
+    category: str,
+    defect_type: str,
+    layout: str,
+    mask_dir: Path | None = None,
+    mask_names: Sequence[str] = ("{stem}.png",),
+) -> list[Record]:
+    """A record per image of `folder` (an error when it is missing or holds none): normal when `defect_type`
+    is "good", else anomalous, with its mask from `mask_dir` (see `require_mask`) when one is given."""
+    label = int(defect_type != "good")
+    if mask_dir is not None:
+        require_dir(mask_dir, layout)
+    return [
+        Record(
+            str(file),
+            label,
+            category,
+            defect_type,
+            relative_path(file, root),
+            None if mask_dir is None else str(require_mask(file, mask_dir, mask_names, layout)),
+        )
+        for file in require_images(folder, layout)
+    ]
+
+
+def build_mvtec_style(
+    root: Path,
+    category: str | None,
+    layout: str,
+    normal: str = "good",
+    mask_names: Sequence[str] = ("{stem}_mask.png",),
+) -> Splits:
+    """A dataset laid out as MVTec AD: per category (each folder of ROOT that holds train/),
+    train/<normal>/ (the reference pool), test/<normal or defect>/, and ground_truth/<defect>/ with one mask
+    per defect image named by `mask_names` (patterns of `{stem}`, see `require_mask`)."""
+    found = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
+    splits: Splits = {"train": [], "test": []}
+    for name in choose_categories(found, category, root, layout):
+        base = root / name
+        splits["train"] += folder_records(root, base / "train" / normal, name, "good", layout)
+        for defect_dir in sorted(d for d in require_dir(base / "test", layout).iterdir() if d.is_dir()):
+            if defect_dir.name == normal:
+                splits["test"] += folder_records(root, defect_dir, name, "good", layout)
+            else:
+                mask_dir = base / "ground_truth" / defect_dir.name
+                splits["test"] += folder_records(
+                    root, defect_dir, name, defect_dir.name, layout, mask_dir, mask_names
+                )
+    return splits
+
+
+def build_anomalous_only(
+    root: Path,
+    category: str | None,
+    name: str,
+    image_dir: str,
+    mask_dir: str,
+    mask_names: Sequence[str],
+    layout: str,
+) -> Splits:
+    """A segmentation dataset in which every image shows the anomaly (a lesion, a polyp), its mask beside it:
+    one category `name`, every image of ROOT/<image_dir>/ a test image labelled anomalous with its mask from
+    ROOT/<mask_dir>/, and an empty train split (no normal image exists). Image metrics are undefined on it (one
+    class), so it is scored by its pixel metrics, as AnomalyCLIP and AF-CLIP do, zero-shot (k = 0)."""
+    choose_categories([name], category, root, layout)
+    test = folder_records(root, root / image_dir, name, "anomaly", layout, root / mask_dir, mask_names)
+    return {"train": [], "test": test}
 
 
 def choose_categories(found: list[str], requested: str | None, source: object, layout: str) -> list[str]:

@@ -1,41 +1,41 @@
-"""HeadCT and BrainMRI: normal and abnormal medical scans, one category each, image labels only."""
+"""HeadCT, BrainMRI and Br35H: normal and abnormal medical scans in two folders, one category each, image
+labels only.
+
+Br35H ("Br35H :: Brain Tumor Detection 2020", Kaggle) is published as `no/` (no tumour) and `yes/` (tumour), the
+layout AF-CLIP's README and dataset code (Faustinaqq/AF-CLIP, `dataset/br35h.py`) and AnomalyCLIP's json
+generator (`generate_dataset_json/br35.py`) read; its `pred/` folder (unlabelled) is not used.
+"""
 
 from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
 
-from .common import (
-    BenchmarkSpec,
-    Record,
-    Splits,
-    choose_categories,
-    relative_path,
-    require_images,
-    split_normals,
-)
+from .common import BenchmarkSpec, Splits, choose_categories, folder_records, split_normals
 
 
-def _normal_abnormal_layout(name: str) -> str:
-    return f"ROOT/normal/*.png|jpg (normal scans) and ROOT/abnormal/*.png|jpg ({name} with findings)"
+def _normal_abnormal_layout(name: str, normal: str = "normal", abnormal: str = "abnormal") -> str:
+    return f"ROOT/{normal}/*.png|jpg (normal scans) and ROOT/{abnormal}/*.png|jpg ({name} with findings)"
 
 
 def build_normal_abnormal(
-    root: Path, category: str | None, seed: int, name: str, train_fraction: float = 0.75
+    root: Path,
+    category: str | None,
+    seed: int,
+    name: str,
+    train_fraction: float = 0.75,
+    normal: str = "normal",
+    abnormal: str = "abnormal",
 ) -> Splits:
-    """One category; a seeded `train_fraction` of the normal scans is the reference pool, the rest test."""
-    layout = _normal_abnormal_layout(name)
+    """One category, scans in the folders `normal` and `abnormal`; a seeded `train_fraction` of the normal
+    scans is the reference pool, the rest test (`train_fraction=0`: every scan is a test image, the zero-shot
+    protocol of AF-CLIP's Table 1)."""
+    layout = _normal_abnormal_layout(name, normal, abnormal)
     choose_categories([name], category, root, layout)
-    normal = [
-        Record(str(f), 0, name, "good", relative_path(f, root))
-        for f in require_images(root / "normal", layout)
-    ]
-    abnormal = [
-        Record(str(f), 1, name, "abnormal", relative_path(f, root))
-        for f in require_images(root / "abnormal", layout)
-    ]
-    train, test = split_normals(normal, train_fraction, seed)
-    return {"train": train, "test": test + abnormal}
+    train, test = split_normals(
+        folder_records(root, root / normal, name, "good", layout), train_fraction, seed
+    )
+    return {"train": train, "test": test + folder_records(root, root / abnormal, name, "abnormal", layout)}
 
 
 HEADCT_BENCHMARK = BenchmarkSpec(
@@ -48,5 +48,11 @@ BRAINMRI_BENCHMARK = BenchmarkSpec(
     partial(build_normal_abnormal, name="brainmri"),
     _normal_abnormal_layout("brainmri"),
     ("brainmri",),
+    class_name="brain MRI scan",
+)
+BR35H_BENCHMARK = BenchmarkSpec(
+    partial(build_normal_abnormal, name="br35h", normal="no", abnormal="yes"),
+    _normal_abnormal_layout("br35h", "no", "yes"),
+    ("br35h",),
     class_name="brain MRI scan",
 )
