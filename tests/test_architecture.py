@@ -68,6 +68,8 @@ LAYERS = {
     "hf_fsad.demo": 3,
     "hf_fsad.export": 3,
     "hf_fsad.calibration_policy": 3,
+    # the papers' tables reproduced through the runner and the trainers
+    "hf_fsad.reproduction": 3,
     # 4: the command line, the top.
     "hf_fsad.cli": 4,
 }
