@@ -111,6 +111,16 @@ class Harness:
         self.overrides = parse_overrides(run.overrides)
         self.models: dict[tuple[str, str | None], tuple] = {}
         self.method_records: dict[str, dict] = {}
+        self._feature_cache = None
+
+    @property
+    def feature_cache(self):
+        """One feature cache for every method's cells (entries are keyed by the model's feature key)."""
+        from ..features import FeatureCache
+
+        if self._feature_cache is None:
+            self._feature_cache = FeatureCache(self.out / "feature_cache")
+        return self._feature_cache
 
     def backbone(self) -> str:
         if self.run.backbone:
@@ -228,6 +238,7 @@ class Harness:
             batch_size=self.run.batch_size,
             protocol=Protocol(anomalous, max_test=table.max_test),
             fit_arguments=fit_arguments,
+            feature_cache=self.feature_cache,
             title=f"{self.paper.name} {table.table}: {run.method}",
         )
         return out_dir
@@ -273,7 +284,18 @@ def ours_value(cells: list[dict], paper_cell: PaperCell, run: MethodRun) -> tupl
     value = statistics.mean(statistics.mean(values) for values in per_category.values())
     seeds = max(len(values) for values in per_category.values())
     note = f"{len(per_category)} categories, {seeds} seeds"
+    expected = _category_count(paper_cell.benchmark)
+    if paper_cell.category == "mean" and expected is not None and len(per_category) < expected:
+        note = f"partial: {len(per_category)} of {expected} categories, {seeds} seeds"
     return value, note
+
+
+def _category_count(benchmark: str) -> int | None:
+    """The number of categories `benchmark` declares (None when they are read from the folder)."""
+    from ..data import BENCHMARKS
+
+    categories = BENCHMARKS[benchmark].categories
+    return len(categories) if categories else None
 
 
 def compare(
@@ -311,6 +333,8 @@ def compare(
                 "note": note,
             }
         )
+        if note.startswith("partial"):  # a mean over some of the categories is not the paper's quantity
+            rows[-1]["within_tolerance"] = None
     return rows
 
 
