@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import importlib.util
 import json
 import tomllib
 from pathlib import Path
@@ -47,7 +48,7 @@ TINY = {
     ],
     "one_to_normal": [
         "one_to_normal.model.diffusion_resolution=32",
-        "one_to_normal.model.num_inference_steps=2",
+        "one_to_normal.model.num_inference_steps=10",  # strength 0.3: 3 denoising steps
         "one_to_normal.model.pool_size=3",
         "one_to_normal.training.num_class_images=1",
         "one_to_normal.training.class_image_steps=2",
@@ -153,6 +154,19 @@ def test_the_tables_are_package_data():
     assert all(any(fnmatch.fnmatch(name, p) for p in patterns["hf_fsad.reproduction"]) for name in shipped)
 
 
+def test_faithfulness_doc_holds_the_encoded_protocols():
+    spec = importlib.util.spec_from_file_location(
+        "faithfulness_tables", REPO / "scripts" / "faithfulness_tables.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = (REPO / "docs" / "faithfulness.md").read_text(encoding="utf-8")
+    assert f"{module.START}\n{module.generated_section()}{module.END}" in text, (
+        "run scripts/faithfulness_tables.py"
+    )
+    assert "| references | test set | paper |" in text  # MetaCAN draws its references from the test set
+
+
 def test_list_names_papers_tables_and_what_they_need(capsys):
     assert main(["reproduce", "--list"]) == 0
     printed = capsys.readouterr().out
@@ -216,3 +230,22 @@ def test_smoke_run_end_to_end(paper, data_root, tmp_path, tiny_clip_dir, diffusi
     text = (tmp_path / "out" / "results.md").read_text()
     assert "| setting | value | source | note |" in text and "![ours vs the paper](paper_vs_ours.png)" in text
     assert (tmp_path / "out" / "paper_vs_ours.png").is_file()
+
+
+def test_a_rerun_resumes_trained_weights_and_finished_cells(
+    data_root, tmp_path, tiny_clip_dir, diffusion_dir
+):
+    """The second run trains nothing (the weights saved in out/weights are loaded) and runs no cell again
+    (each runner directory reports every cell skipped); the comparison is the same."""
+    out = tmp_path / "out"
+    first = smoke("metacan", data_root, out, tiny_clip_dir, diffusion_dir)
+    summaries = sorted((out / "weights").glob("*/training_summary.json"))
+    assert [path.parent.name for path in summaries] == ["metacan-on-mvtec_ad", "metacan-on-visa"]
+    stamps = [path.stat().st_mtime_ns for path in summaries]
+    second = smoke("metacan", data_root, out, tiny_clip_dir, diffusion_dir)
+    assert [path.stat().st_mtime_ns for path in summaries] == stamps
+    for results in (out / "cells").glob("*/results.json"):
+        cells = json.loads(results.read_text())
+        assert cells["skipped_cells"] == len(cells["cells"]) > 0, results
+    assert second["rows"] == first["rows"]
+    assert "trained here on mvtec_ad" in second["methods"]["metacan (trained on mvtec_ad)"]["weights"]
