@@ -250,3 +250,23 @@ def test_a_rerun_resumes_trained_weights_and_finished_cells(
     assert [json.loads(path.read_text())["cells"] for path in cell_files] == cells and all(cells)
     assert second["rows"] == first["rows"]
     assert "trained here on mvtec_ad" in second["methods"]["metacan (trained on mvtec_ad)"]["weights"]
+
+    # the same weights through --weights: nothing trained, the same numbers
+    weights = [f"metacan:{name}={out / 'weights' / f'metacan-on-{name}'}" for name in ("mvtec_ad", "visa")]
+    given = tmp_path / "given"
+    arguments = ["reproduce", "metacan", "--smoke", "--data-root", str(data_root), "--out", str(given)]
+    arguments += [
+        "--backbone",
+        tiny_clip_dir,
+        "--device",
+        "cpu",
+        "--weights",
+        *weights,
+        "--set",
+        *TINY["metacan"],
+    ]
+    assert main(arguments) == 0
+    third = json.loads((given / "results.json").read_text())
+    assert not (given / "weights").exists()
+    assert [row["ours_points"] for row in third["rows"]] == [row["ours_points"] for row in first["rows"]]
+    assert third["methods"]["metacan (trained on visa)"]["weights"] == f"--weights {weights[1]}"

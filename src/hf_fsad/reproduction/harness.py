@@ -161,6 +161,9 @@ class Harness:
                 model = load_method(str(weights))
             except ModelLoadError as error:
                 raise Unavailable(f"--weights {run.method}:{trained_on}: {error}") from None
+            for name, value in model_settings.items():  # saved weights keep their own config
+                if getattr(model.config, name, value) != value:
+                    record["not_applied"][name] = f"the weights' config has {getattr(model.config, name)!r}"
         else:
             model = spec.model.from_clip(self.backbone(), **model_settings)
             record["weights"] = f"{self.backbone()} (training-free parts)"
