@@ -317,7 +317,7 @@ CLI_SHARED = {
 }
 COMMANDS = {
     f"hf_fsad.cli.{name}"
-    for name in ("score", "calibrate", "fit", "benchmark", "convert", "export", "hub", "demo")
+    for name in ("score", "calibrate", "fit", "benchmark", "reproduce", "convert", "export", "hub", "demo")
 }
 # What the command line may import at module level, besides the standard library: `hf-fsad --help` builds
 # the parser from these alone, so it loads neither torch nor transformers nor datasets (tests/test_cli.py
@@ -333,6 +333,10 @@ LIGHT_MODULES = {
     "hf_fsad.deploy.image_files",
     "hf_fsad.deploy.regions",
     "hf_fsad.tiling",
+    # the papers' protocols and published cells (`reproduce --help` lists the papers)
+    "hf_fsad.reproduction",
+    "hf_fsad.reproduction.protocols",
+    "hf_fsad.reproduction.tables",
 }
 # image_files, regions, tiling: what run_exported.py imports beside an export, the copies of
 # hf_fsad.deploy.image_files, hf_fsad.deploy.regions and hf_fsad.tiling.
