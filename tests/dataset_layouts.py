@@ -1,5 +1,5 @@
 """Writers of tiny folders in the published layouts of the datasets the papers' tables use (each layout and its
-source: the docstring of src/hf_fsad/data/<module>.py).
+source: the docstring of src/hf_fsad/data/<module>.py), for the loader tests and `hf-fsad reproduce --smoke`.
 
 `LAYOUT_WRITERS[name](root, categories)` writes benchmark `name` under `root`, for `categories` (datasets with
 one category write theirs whatever is passed). Images are 16 x 16 (AITEX/AFID: 512 x 4, two 256 px tiles);
@@ -58,6 +58,30 @@ def write_btad(root: Path, categories: Sequence[str]) -> None:
 def write_dtd_synthetic(root: Path, categories: Sequence[str]) -> None:
     """Per texture: train/good 3, test/good 1, test/bad 2 with masks ground_truth/bad/<stem>_mask.png."""
     _write_mvtec_style(root, categories, "good", "bad", "{0:03d}.png", "{0:03d}_mask.png")
+
+
+def write_mvtec_ad(root: Path, categories: Sequence[str]) -> None:
+    """Per category: train/good 3, test/good 1, test/broken 2 with masks ground_truth/broken/NNN_mask.png."""
+    _write_mvtec_style(root, categories, "good", "broken", "{0:03d}.png", "{0:03d}_mask.png")
+
+
+def write_visa(root: Path, categories: Sequence[str]) -> None:
+    """Per category: Data/Images/Normal 3 train and 1 test, Data/Images/Anomaly 2 with 0/1 masks in
+    Data/Masks/Anomaly, listed in split_csv/1cls.csv."""
+    rows = ["object,split,label,image,mask"]
+    for category in categories:
+        for index in range(4):
+            image = f"{category}/Data/Images/Normal/{index:04d}.JPG"
+            write_image(root / image, index)
+            rows.append(f"{category},{'train' if index < 3 else 'test'},normal,{image},")
+        for index in range(2):
+            image = f"{category}/Data/Images/Anomaly/{index:03d}.JPG"
+            mask = f"{category}/Data/Masks/Anomaly/{index:03d}.png"
+            write_image(root / image, 20 + index)
+            write_mask(root / mask, box_mask() // 255)
+            rows.append(f"{category},test,anomaly,{image},{mask}")
+    (root / "split_csv").mkdir(parents=True, exist_ok=True)
+    (root / "split_csv" / "1cls.csv").write_text("\n".join(rows) + "\n")
 
 
 def _write_dagm_folder(folder: Path, count: int, defective: int, seed: int) -> None:
@@ -145,6 +169,8 @@ def write_polyps(root: Path, categories: Sequence[str]) -> None:
 
 
 LAYOUT_WRITERS: dict[str, Callable[[Path, Sequence[str]], None]] = {
+    "mvtec_ad": write_mvtec_ad,
+    "visa": write_visa,
     "btad": write_btad,
     "dagm": write_dagm,
     "dtd_synthetic": write_dtd_synthetic,

@@ -68,6 +68,8 @@ LAYERS = {
     "hf_fsad.demo": 3,
     "hf_fsad.export": 3,
     "hf_fsad.calibration_policy": 3,
+    # the papers' tables reproduced through the runner and the trainers
+    "hf_fsad.reproduction": 3,
     # 4: the command line, the top.
     "hf_fsad.cli": 4,
 }
@@ -315,7 +317,7 @@ CLI_SHARED = {
 }
 COMMANDS = {
     f"hf_fsad.cli.{name}"
-    for name in ("score", "calibrate", "fit", "benchmark", "convert", "export", "hub", "demo")
+    for name in ("score", "calibrate", "fit", "benchmark", "reproduce", "convert", "export", "hub", "demo")
 }
 # What the command line may import at module level, besides the standard library: `hf-fsad --help` builds
 # the parser from these alone, so it loads neither torch nor transformers nor datasets (tests/test_cli.py
@@ -331,6 +333,10 @@ LIGHT_MODULES = {
     "hf_fsad.deploy.image_files",
     "hf_fsad.deploy.regions",
     "hf_fsad.tiling",
+    # the papers' protocols and published cells (`reproduce --help` lists the papers)
+    "hf_fsad.reproduction",
+    "hf_fsad.reproduction.protocols",
+    "hf_fsad.reproduction.tables",
 }
 # image_files, regions, tiling: what run_exported.py imports beside an export, the copies of
 # hf_fsad.deploy.image_files, hf_fsad.deploy.regions and hf_fsad.tiling.

@@ -13,6 +13,8 @@ from hf_fsad.data import BENCHMARKS, FEATURES, BenchmarkLayoutError, class_name_
 
 # name: (categories written, category loaded, train rows, test labels in order, test defect types in order)
 EXPECTED = {
+    "mvtec_ad": (("bottle", "cable"), "cable", 3, [1, 1, 0], ["broken", "broken", "good"]),
+    "visa": (("candle", "pcb1"), "pcb1", 3, [0, 1, 1], ["good", "anomaly", "anomaly"]),
     "btad": (("01", "02"), "01", 3, [1, 1, 0], ["ko", "ko", "good"]),
     "dtd_synthetic": (("Blotchy_099", "Woven_001"), "Woven_001", 3, [1, 1, 0], ["bad", "bad", "good"]),
     "dagm": (("Class1", "Class2"), "Class2", 3, [0, 0, 1], ["good", "good", "defect"]),

@@ -1,5 +1,5 @@
-"""`hf-fsad` command line: score, calibrate, fit, convert, export, benchmark, push, push-bank, push-space,
-demo.
+"""`hf-fsad` command line: score, calibrate, fit, convert, export, benchmark, reproduce, push, push-bank,
+push-space, demo.
 
 One module per command (as transformers' `cli/`): each declares its options (`register(commands)`) beside
 its `run(args)`, which imports what the command needs, so building the parser (`hf-fsad --help`) loads
@@ -17,11 +17,11 @@ from collections.abc import Iterator, Sequence
 from hf_fsad import __version__, registry
 
 from ..deprecation import moved_names
-from . import benchmark, calibrate, convert, demo, export, fit, hub, score
+from . import benchmark, calibrate, convert, demo, export, fit, hub, reproduce, score
 from ._errors import CliError
 
 # in the order `hf-fsad --help` lists them
-COMMANDS = (score, calibrate, fit, convert, export, benchmark, hub, demo)
+COMMANDS = (score, calibrate, fit, convert, export, benchmark, reproduce, hub, demo)
 
 __all__ = ["CliError", "build_parser", "main"]
 
