@@ -224,7 +224,7 @@ def set_loss(
 
 
 def scratch_buffers(head: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the head's buffers, for a forward that must leave the BatchNorm running statistics as they are."""
+    """Copies of the head's buffers, for a forward that must leave the BatchNorm running statistics alone."""
     return {name: buffer.clone() for name, buffer in head.named_buffers()}
 
 
