@@ -3,13 +3,23 @@ its distinctive behaviours checked on a tiny model."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 import pytest
 import torch
 
 from hf_fsad.models.metacan.training_metacan import MetaCanTrainingArguments, MetaLearner, meta_objective
+from hf_fsad.training.recipes import load_config
 from test_meta_learning import _toy_auxiliary
 from test_metacan import MetaCanModelTester
 
+REPO = Path(__file__).resolve().parents[1]
+# What training/configs/metacan_official.yaml sets beside the recipe's own settings.
+FIXED_BY_THE_YAML = {
+    "checkpoint_every": 5,
+    "feature_cache_dir": "runs/metacan-mvtec-official/feature_cache",
+}
 SMALL_SETS = {"support_normal": 2, "support_anomalous": 2, "query_normal": 3, "query_anomalous": 3}
 
 
@@ -23,6 +33,13 @@ def test_recipes_give_their_settings_to_the_unset_fields_only():
     assert (explicit.max_steps, explicit.inner_lr, explicit.loss) == (3, 0.01, "focal")
     with pytest.raises(ValueError, match="recipe must be one of"):
         MetaCanTrainingArguments(recipe="maml")
+
+
+def test_the_official_yaml_trains_with_the_official_recipe():
+    config = load_config(REPO / "training" / "configs" / "metacan_official.yaml")
+    args = MetaCanTrainingArguments(**config["training"])
+    assert asdict(args) == asdict(MetaCanTrainingArguments(recipe="official", **FIXED_BY_THE_YAML))
+    assert config["model"]["detector_type"] == "official"
 
 
 def _learner(tmp_path, recipe: str, **arguments) -> MetaLearner:
