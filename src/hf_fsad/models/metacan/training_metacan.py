@@ -237,9 +237,10 @@ def adapt(
 ) -> dict[str, torch.Tensor]:
     """Eq. 10: Theta_i = Theta - beta grad f(Theta, D_i^spt); differentiable in Theta unless first-order.
     The inner forward leaves the running statistics as they are."""
-    support, labels, references = task.support, task.support_labels, task.references
-    buffers = scratch_buffers(head)
-    loss = set_loss(head, params, support, labels, references, text_embeddings, args, buffers)
+    scratch = scratch_buffers(head)
+    loss = set_loss(
+        head, params, task.support, task.support_labels, task.references, text_embeddings, args, scratch
+    )
     gradients = torch.autograd.grad(
         loss, list(params.values()), create_graph=not args.first_order, allow_unused=True
     )
