@@ -1,7 +1,7 @@
 """How often VTFusion's Eq. 4 hinge (AFS) is active during a toy fit: per update, the share of the synthetic
 defects' locations whose distance D to the nearest prototype is below the margin (r + alpha)^2, and L_AFS.
 
-    python benchmarks/vtfusion_separation_margin.py [--steps 100] [--distance squared_euclidean]
+    python benchmarks/vtfusion_separation_margin.py --steps 60 > benchmarks/results/vtfusion_separation_margin.json
 
 Random small backbone, toy "weave", k = 4, the toy recipe's rates. Prints a JSON summary (docs/faithfulness.md,
 "Training recipes and settings", quotes it).
@@ -38,7 +38,7 @@ def measure(steps: int, distance: str, seed: int = 0) -> dict:
         records.append(
             {
                 "active": float((defect < margin).double().mean()) if defect.numel() else float("nan"),
-                "separation": float(terms["separation"]),
+                "separation": float(terms["separation"].detach()),
                 "defect_distance_median": float(defect.median()) if defect.numel() else float("nan"),
                 "normal_distance_median": float(normal.detach().median()),
             }
@@ -65,6 +65,7 @@ def measure(steps: int, distance: str, seed: int = 0) -> dict:
             np.nanmedian([r["defect_distance_median"] for r in first])
         ),
         "defect_distance_median_last_tenth": float(np.nanmedian([r["defect_distance_median"] for r in last])),
+        "normal_distance_median_first_tenth": float(np.median([r["normal_distance_median"] for r in first])),
         "normal_distance_median_last_tenth": float(np.median([r["normal_distance_median"] for r in last])),
     }
 
