@@ -26,8 +26,9 @@ class VtFusionConfig(FsadConfig):
             defect and its nearest prototype is mostly far above Eq. 4's margin (r + alpha)^2 = 0.01: L_AFS
             is then nearly always 0 (docs/faithfulness.md, "Training recipes and settings", has the
             measurement). "mean_squared": that distance divided by the stacked width c x L (the mean squared
-            difference per channel), a scale at which the paper's r and alpha make both hinges act. The paper
-            states neither D's form nor whether the features are normalised.
+            difference per channel), a scale at which Eq. 4's hinge acts on most defect locations (at 4
+            levels of 640 it is under the margin everywhere). The paper states neither D's form nor whether
+            the features are normalised, so neither is "the paper's".
         segmentation_weight: lambda of Eq. 10 (1).
         text_logit_scale: scale of Eq. 6's cosines before the softmax (100, CLIP's and VAND's).
         fusion_channels: channels of the self-attention embeddings and the residual block of Eq. 7.
