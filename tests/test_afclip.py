@@ -530,3 +530,28 @@ def test_from_clip_loads_the_clip_weights_under_lora_layers(tiny_clip_dir):
     assert all(torch.count_nonzero(state[name]) == 0 for name in lora_names if "lora_B" in name)
     with pytest.raises(ValueError, match="do not fit"):
         model.backbone.load_clip_weights({"not.a.weight": torch.zeros(1)} | clip.state_dict())
+
+
+def test_from_clip_runs_at_the_image_size_given(tiny_clip_dir):
+    """`image_size` (the paper's 518 on ViT-L/14@336) reaches the processor, the patch grid and the position
+    embeddings, resized bilinearly from the tower's grid (here 240 px, 15x15 -> 320 px, 20x20)."""
+    from PIL import Image
+
+    from hf_fsad.backbones.clip import resize_position_embeddings
+
+    assert AfClipModel.from_clip(tiny_clip_dir).config.image_size == 240  # None: the tower's size
+    model = AfClipModel.from_clip(tiny_clip_dir, image_size=320)
+    assert model.grid_size() == (20, 20)
+    pixel_values = model.image_processor()([Image.new("RGB", (70, 50))], return_tensors="pt").pixel_values
+    assert pixel_values.shape[-2:] == (320, 320)
+    embeddings = model.backbone.clip.vision_model.embeddings
+    expected = resize_position_embeddings(embeddings.position_embedding.weight, (20, 20), "bilinear")
+    # the patch convolution has no bias: a black image's tokens are the class embedding and the positions
+    tokens = model.backbone.embed(torch.zeros(1, 3, 320, 320))[0]
+    torch.testing.assert_close(tokens[1:], expected[1:], rtol=0, atol=0)  # the positions added to zeros
+    # (class + position) - class: one float32 rounding each way, float32 defaults
+    torch.testing.assert_close(tokens[0] - embeddings.class_embedding, expected[0])
+    with torch.no_grad():
+        assert model(pixel_values).anomaly_maps.shape == (1, 320, 320)
+    with pytest.raises(ValueError, match="320x320"):
+        model(torch.zeros(1, 3, 240, 240))

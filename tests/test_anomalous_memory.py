@@ -473,3 +473,38 @@ def test_weight_search_picks_the_perfect_score():
     assert auroc == 1.0
     assert int(torch.argmax(weights)) == 0
     assert auroc == float(functional_anomalous_memory.pairwise_auroc(candidates @ scores.T, labels).max())
+
+
+def test_weight_validation_views_take_the_banks_preprocessing(model, monkeypatch):
+    """In the paper's geometry (benchmarks: resize the short side, centre crop) the validation views are
+    cropped like the bank and the queries, not squashed."""
+    from PIL import Image
+
+    from hf_fsad.augmentation import augment_views
+    from hf_fsad.calibration_policy import calibrated_bank
+
+    assert model.config.paper_preprocessing == "crop"
+
+    def wide(seed):  # 2:1 images, where cropping and squashing differ
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (60, 120, 3), dtype=np.uint8))
+
+    references, held_out, defect = [wide(1), wide(2)], [wide(3)], wide(4)
+    seen = []
+    validate = model.validate_weights
+    monkeypatch.setattr(
+        model,
+        "validate_weights",
+        lambda bank, views, labels: seen.append(views) or validate(bank, views, labels),
+    )
+    calibrated_bank(
+        model,
+        references,
+        defects=[defect],
+        held_out_normals=held_out,
+        paper_preprocessing=True,
+    )
+    cropping = model.paper_image_processor()
+    views = augment_views(held_out[0], 5, 0) + augment_views(defect, 5, 1)
+    expected = cropping(views, return_tensors="pt").pixel_values
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)  # the same processor on the same views
+    assert not torch.equal(seen[0], pixels(model, views))  # not the squashed views

@@ -638,7 +638,6 @@ def test_runner_fits_one_to_normal_per_cell_and_augments_other_methods_reference
     assert np.abs(with_generated - without).max() > 1e-3  # the two generated references do move the scores
 
 
-
 # `runwayml/stable-diffusion-v1-5` left the Hub in 2024; its maintained copy is this repository.
 MAINTAINED_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -665,3 +664,48 @@ def test_no_file_of_the_repository_names_the_removed_stable_diffusion_repository
         if path.suffix in {".py", ".md", ".yaml", ".txt"} and path.is_file() and removed in path.read_text()
     ]
     assert named == []
+
+
+def test_eq_6_as_printed_is_a_sigmoid_of_the_cosine_gap_close_to_one_half():
+    """text_temperature=1 (Eq. 6 with no scale): S_text = sigmoid(cos_a - cos_n), within a quarter of the gap
+    of 0.5, where CLIP's scale 100 (the default 0.01) spreads the same gaps over (0, 1)."""
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # (normal, anomalous)
+    embeddings = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.71, 0.70]], dtype=torch.float64)
+    gaps = torch.tensor([0.6 - 0.8, 0.8 - 0.6, 0.70 - 0.71], dtype=torch.float64)
+    gaps = gaps / embeddings.norm(dim=-1)  # cosines of the normalised embeddings
+    literal = scoring.class_scores(embeddings, text, 1.0)
+    # float64: the same exp in another form (~1e-16)
+    torch.testing.assert_close(literal, torch.sigmoid(gaps), rtol=1e-12, atol=0)
+    assert ((literal - 0.5).abs() <= gaps.abs() / 4).all()  # sigmoid's slope is at most 1/4
+    scaled = scoring.class_scores(embeddings, text, 0.01)
+    assert scaled[1] - scaled[0] > 0.99 and literal[1] - literal[0] < 0.11
+
+
+def test_paper_settings_are_valid_and_the_script_passes_them(tiny_clip_dir, tmp_path, monkeypatch):
+    from hf_fsad.models.one_to_normal.configuration_one_to_normal import PAPER_SETTINGS, UNDETERMINED_SETTINGS
+    from hf_fsad.models.one_to_normal.training_one_to_normal import OneToNormalTrainingArguments
+    from hf_fsad.training.recipes import dreambooth_main
+
+    config = OneToNormalConfig(clip_config=tiny_clip_config(), **PAPER_SETTINGS["config"])
+    assert (config.image_size, config.text_temperature) == (240, 1.0)
+    assert OneToNormalTrainingArguments(**PAPER_SETTINGS["training"]).full_finetune
+    assert "diffusion_resolution" in UNDETERMINED_SETTINGS
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fit(model, normals, class_name, **arguments):
+        seen.update(config=model.config, arguments=arguments)
+        raise Stop
+
+    monkeypatch.setattr(OneToNormalModel, "fit", fit)
+    toy()["train"]["image"][0].convert("RGB").save(tmp_path / "normal.png")
+    arguments = ["--normal", str(tmp_path / "normal.png"), "--class-name", "grid", "--out", str(tmp_path)]
+    paper = ["--full-finetune", "--learning-rate", "5e-6", "--text-temperature", "1"]
+    with pytest.raises(Stop):
+        dreambooth_main([*arguments, "--clip", tiny_clip_dir, *paper, "--diffusion-resolution", "512"])
+    assert (seen["config"].text_temperature, seen["config"].image_size) == (1.0, 240)
+    assert seen["config"].diffusion_resolution == 512
+    assert seen["arguments"]["full_finetune"] and seen["arguments"]["learning_rate"] == 5e-6

@@ -82,6 +82,11 @@ def test_eqs_2_5_squared_distance_to_the_nearest_prototype_of_any_location():
     torch.testing.assert_close(functional_vtfusion.nearest_prototype_distance(features, prototypes), brute)
     with pytest.raises(ValueError, match="no prototypes"):
         functional_vtfusion.nearest_prototype_distance(features, prototypes[:0])
+    # "mean_squared": the same nearest distance per channel (width 5); a division by 5 in float64
+    per_channel = functional_vtfusion.nearest_prototype_distance(features, prototypes, "mean_squared")
+    torch.testing.assert_close(per_channel, brute / 5)
+    with pytest.raises(ValueError, match="distance must be one of"):
+        functional_vtfusion.nearest_prototype_distance(features, prototypes, "cosine")
 
 
 def test_eqs_3_4_compactness_and_separation_losses_by_hand():
@@ -138,6 +143,23 @@ def test_anomalous_patches_are_those_with_more_than_the_fraction_changed():
     assert VtFusionConfig(clip_config=tiny_clip_config()).anomalous_patch_fraction == 0
     with pytest.raises(ValueError, match="anomalous_patch_fraction"):
         VtFusionConfig(clip_config=tiny_clip_config(), anomalous_patch_fraction=1)
+
+
+def test_the_distance_setting_reaches_the_vision_map():
+    model = VtFusionModelTester.tiny_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        features = model.encode_images(torch.randn(2, 3, 240, 240))
+        state_embeddings = model.backbone.state_embeddings("object")
+        width = sum(level.shape[-1] for level in model.level_features(features))
+        prototypes = torch.randn(model.grid_size()[0] ** 2, width)
+        default = model.predict(features, state_embeddings, prototypes).vision_map
+        model.config.distance = "mean_squared"
+        per_channel = model.predict(features, state_embeddings, prototypes).vision_map
+    assert VtFusionConfig(clip_config=tiny_clip_config()).distance == "squared_euclidean"
+    torch.testing.assert_close(per_channel, default / width)  # one float32 division: float32 defaults
+    with pytest.raises(ValueError, match="distance must be one of"):
+        VtFusionConfig(clip_config=tiny_clip_config(), distance="cosine")
 
 
 @pytest.mark.parametrize("kind", SYNTHESIS_KINDS)

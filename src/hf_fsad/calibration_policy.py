@@ -236,7 +236,7 @@ def calibrated_bank(
         if model.validates_weights and defect_images:
             with torch.no_grad(), model.autocast(precision):
                 bank, chose_weights, note = _searched_weights(
-                    model, bank, held_out, reference_images, defect_images, weight_search
+                    model, bank, held_out, reference_images, defect_images, weight_search, processor
                 )
             notes.append(note)
         if calibrate is False:
@@ -418,10 +418,11 @@ def _searched_weights(
     references: list[Image.Image],
     defects: list[Image.Image],
     weight_search: bool,
+    processor,
 ) -> tuple[ReferenceBank, str | None, str]:
     """(bank, which normals chose its weights: "held-out normal", "reference" or None, the note saying so):
     `model.validate_weights` on the views `model.validation_set` makes of the defects and the held-out
-    normals, or the references without them."""
+    normals, or the references without them, preprocessed by `processor` as the bank was."""
     kept = "the baseline score weights are kept"
     if not weight_search:
         return bank, None, f"weight search (paper Sec. 4.3) skipped as asked: {kept}"
@@ -429,7 +430,7 @@ def _searched_weights(
     if not normals:
         reason = "it needs a normal image beside the defects (a reference or a held-out normal image)"
         return bank, None, f"weight search (paper Sec. 4.3) not run: {reason}; {kept}"
-    views, labels = model.validation_set(normals, defects)
+    views, labels = model.validation_set(normals, defects, processor)
     bank = model.validate_weights(bank, views, labels)
     auroc = float(bank.tensors["validation_auroc"])
     ran = (

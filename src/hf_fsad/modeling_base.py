@@ -391,10 +391,13 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         )
 
     def validation_set(
-        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+        self,
+        normal_images: Sequence[Image.Image],
+        anomalous_images: Sequence[Image.Image],
+        processor: CLIPImageProcessorPil | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Preprocessed labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with
-        `validates_weights`)."""
+        """Labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with `validates_weights`),
+        preprocessed by `processor`: the bank's and the queries' preprocessing (None: `image_processor()`)."""
         raise NotImplementedError(
             f"{type(self).__name__} has no weights to validate (validates_weights is False)."
         )

@@ -334,6 +334,9 @@ _VTFUSION = MethodRun(
         "feature_layers": Setting([3, 6, 9, 12], OURS, "not stated"),
         "image_size": Setting(240, OURS, "not stated"),
         "margin": Setting(0.1, OURS, "Eq. 4's (r + alpha); see docs/faithfulness.md on its scale"),
+        "distance": Setting(
+            "squared_euclidean", OURS, "D's form is not stated; docs/faithfulness.md measures both on the toy data"
+        ),
     },
     {"steps": Setting(1000, OURS, "not stated")},
 )

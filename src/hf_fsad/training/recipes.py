@@ -293,7 +293,7 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
     spec = method_spec("one_to_normal")
     arguments_class = spec.training_arguments
     parser = argparse.ArgumentParser(
-        description="Fit One-to-Normal's anomaly-free customised model (DreamBooth LoRA)."
+        description="Fit One-to-Normal's anomaly-free customised model (DreamBooth: a LoRA, or --full-finetune)."
     )
     parser.add_argument("--normal", nargs="+", required=True, help="normal images or directories")
     parser.add_argument("--class-name", required=True, help="object name of the prompts, e.g. bottle")
@@ -306,7 +306,24 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=arguments_class.max_steps)
     parser.add_argument("--num-class-images", type=int, default=arguments_class.num_class_images)
-    parser.add_argument("--resolution", type=int, default=240, help="diffusion and CLIP input side")
+    parser.add_argument("--learning-rate", type=float, default=arguments_class.learning_rate)
+    parser.add_argument(
+        "--full-finetune",
+        action="store_true",
+        help="train every UNet weight, as the paper's DreamBooth, instead of a LoRA (try --learning-rate 5e-6)",
+    )
+    parser.add_argument("--resolution", type=int, default=240, help="CLIP input side (the paper's 240)")
+    parser.add_argument(
+        "--diffusion-resolution",
+        type=int,
+        help="Stable Diffusion's input side (default: --resolution; the paper does not state it)",
+    )
+    parser.add_argument(
+        "--text-temperature",
+        type=float,
+        default=spec.config.text_temperature,
+        help="of Eq. 6's softmax (default %(default)s: CLIP's logit scale; 1: Eq. 6 as printed, no scale)",
+    )
     parser.add_argument("--pool-size", type=int, default=30, help="anomaly-free pool: normals + generated")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args(argv)
@@ -319,13 +336,16 @@ def dreambooth_main(argv: Sequence[str] | None = None) -> int:
         arguments.clip,
         image_size=arguments.resolution,
         diffusion_model=arguments.diffusion_model,
-        diffusion_resolution=arguments.resolution,
+        diffusion_resolution=arguments.diffusion_resolution or arguments.resolution,
+        text_temperature=arguments.text_temperature,
         pool_size=arguments.pool_size,
     )
     fit_arguments = {
         "steps": arguments.steps,
         "seed": arguments.seed,
         "num_class_images": arguments.num_class_images,
+        "learning_rate": arguments.learning_rate,
+        "full_finetune": arguments.full_finetune,
     }
     result = model.fit(normals, class_name=arguments.class_name, **fit_arguments)
     text = f"Fitted on {len(normals)} normal images of `{model.config.fitted_class_name}` for {result.steps} steps."

@@ -40,8 +40,13 @@ class AfClipConfig(FsadConfig):
         position_interpolation: "bilinear" by default here: the official code resizes the 24x24 position grid
             of ViT-L/14@336 to 37x37 bilinearly, and its released weights were trained on those tokens
             ("bicubic", transformers' resize, is the option).
-        inherited: see `FsadConfig`. The paper runs ViT-L/14@336 at image_size 518 (37x37 patches).
-            paper_preprocessing is "squash": the official code resizes whole images (and masks) to 518x518.
+        image_size: the model input's side, which `from_clip`, `image_processor()`, training and the
+            position-embedding grid (resized with `position_interpolation`) all use. None (default): the
+            tower's own (336 for ViT-L/14@336). The paper and the official code run 518 (37x37 patches): set
+            `image_size=518` for the paper's setting, as training/configs/afclip*.yaml and
+            `hf-fsad convert --afclip-official` do.
+        inherited: see `FsadConfig`. paper_preprocessing is "squash": the official code resizes whole images
+            (and masks) to 518x518.
     """
 
     model_type = "afclip"

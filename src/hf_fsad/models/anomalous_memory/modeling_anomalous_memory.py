@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
+from transformers import CLIPImageProcessorPil
 
 from ...augmentation import augment_views
 from ...bank import ReferenceBank
@@ -221,10 +222,15 @@ class AnomalousMemoryModel(WinClipModel):
         return ReferenceBank(bank.model_type, bank.config_hash, bank.class_name, bank.k, tensors)
 
     def validation_set(
-        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+        self,
+        normal_images: Sequence[Image.Image],
+        anomalous_images: Sequence[Image.Image],
+        processor: CLIPImageProcessorPil | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Augmented views (`config.num_validation_views` per image, seeded) of normal and anomalous samples,
-        preprocessed, with their labels: the paper's validation set."""
+        with their labels: the paper's validation set. `processor` must be the one the bank and the queries
+        are preprocessed with (None: `image_processor()`), so the weights are chosen on views of the geometry
+        they will score (e.g. `paper_image_processor()`'s centre crop in benchmarks)."""
         views, labels = [], []
         for label, images in ((0, normal_images), (1, anomalous_images)):
             for index, image in enumerate(images):
@@ -234,4 +240,5 @@ class AnomalousMemoryModel(WinClipModel):
                 labels += [label] * len(augmented)
         if not views or len(set(labels)) < 2:
             raise ValueError("Weight validation needs at least one normal and one anomalous image.")
-        return self.image_processor()(views, return_tensors="pt").pixel_values, labels
+        processor = processor or self.image_processor()
+        return processor(views, return_tensors="pt").pixel_values, labels

@@ -14,8 +14,10 @@ class MetaCanConfig(FsadConfig):
     Detection with Meta-learning", CIKM 2025): a frozen CLIP, an image-image anomaly discriminator on a
     feature pyramid and a trained image-text anomaly detector.
 
-    Where the paper and the official code (anony-mous-rep/MetaCAN) differ, the default is the official code,
-    which made the paper's tables.
+    Architecture: where the paper and the official code (anony-mous-rep/MetaCAN) differ, the defaults below are
+    the official code's, which made the paper's tables. Training is not: `MetaCanTrainingArguments` defaults
+    to the paper's Algorithm 1 (`recipe="paper"`: all tasks' losses, one Adam, BatchNorm statistics
+    tracked); `recipe="official"` trains as the official code did.
 
     Args:
         feature_layers: 1-based vision blocks of the feature pyramid (low, middle, high); [1, 7, 12] for
@@ -45,11 +47,12 @@ class MetaCanConfig(FsadConfig):
             `paper_preprocessing` is "crop": the official code resizes the short side to 240 and centre-crops.
 
     BatchNorm ("official"): in training mode it normalises with the batch's statistics, in eval mode with its
-    running statistics (PyTorch's BatchNorm1d, momentum 0.1). AD meta-learning updates the running
-    statistics only in the forwards of the outer objective (the query sets), never in the inner step, and
-    saves them with the weights; models from `from_pretrained`/`from_clip` are in eval mode, so a query's
+    running statistics (PyTorch's BatchNorm1d, momentum 0.1). AD meta-learning (`recipe="paper"`) updates the
+    running statistics only in the forwards of the outer objective (the query sets), never in the inner step,
+    and saves them with the weights; models from `from_pretrained`/`from_clip` are in eval mode, so a query's
     score does not depend on its batch. The official code instead normalises with batch statistics in
-    training and never updates the running statistics, so its evaluation uses mean 0, variance 1.
+    training and never updates the running statistics, so its evaluation uses mean 0, variance 1
+    (`recipe="official"` does the same).
     """
 
     model_type = "metacan"

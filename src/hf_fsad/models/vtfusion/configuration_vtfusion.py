@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ...configuration_base import FsadConfig
+from .functional_vtfusion import DISTANCES
 
 
 class VtFusionConfig(FsadConfig):
@@ -20,6 +21,14 @@ class VtFusionConfig(FsadConfig):
         use_fusion: MPF (Sec. III-D): fusion block + segmentation network. False: M_f = upsampled M_v + M_t
             (the concatenation-free sum the paper compares against).
         radius, margin: r and alpha of Eqs. 3-4 (1e-5 and 0.1).
+        distance: D of Eqs. 2-5. "squared_euclidean" (default, ours): the squared distance between the
+            stacked features, each level L2-normalised, so D lies in [0, 4 L] and D between a synthetic
+            defect and its nearest prototype is mostly far above Eq. 4's margin (r + alpha)^2 = 0.01: L_AFS
+            is then nearly always 0 (docs/faithfulness.md, "Training recipes and settings", has the
+            measurement). "mean_squared": that distance divided by the stacked width c x L (the mean squared
+            difference per channel), a scale at which Eq. 4's hinge acts on most defect locations (at 4
+            levels of 640 it is under the margin everywhere). The paper states neither D's form nor whether
+            the features are normalised, so neither is "the paper's".
         segmentation_weight: lambda of Eq. 10 (1).
         text_logit_scale: scale of Eq. 6's cosines before the softmax (100, CLIP's and VAND's).
         fusion_channels: channels of the self-attention embeddings and the residual block of Eq. 7.
@@ -57,6 +66,7 @@ class VtFusionConfig(FsadConfig):
     use_fusion: bool = True
     radius: float = 1e-5
     margin: float = 0.1
+    distance: str = "squared_euclidean"
     segmentation_weight: float = 1.0
     text_logit_scale: float = 100.0
     anomalous_patch_fraction: float = 0.0
@@ -78,6 +88,8 @@ class VtFusionConfig(FsadConfig):
             self.text_adapter_hidden_size = self.clip_config.projection_dim
         if self.radius < 0 or self.margin < 0 or self.segmentation_weight < 0:
             raise ValueError("radius, margin and segmentation_weight must be non-negative.")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}.")
         if not 0 <= self.anomalous_patch_fraction < 1:
             raise ValueError(
                 f"anomalous_patch_fraction must be in [0, 1), got {self.anomalous_patch_fraction}."

@@ -28,12 +28,22 @@ def squared_distances(features: torch.Tensor, prototypes: torch.Tensor) -> torch
     return squared.clamp_min(0)  # rounding can leave a hair below zero
 
 
-def nearest_prototype_distance(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+DISTANCES = ("squared_euclidean", "mean_squared")
+
+
+def nearest_prototype_distance(
+    features: torch.Tensor, prototypes: torch.Tensor, distance: str = "squared_euclidean"
+) -> torch.Tensor:
     """VTFusion Eqs. 2 and 5: D(F_xy, P*) for each location, P* the nearest of all prototypes (any location),
-    D the squared Euclidean distance (Eqs. 3-4 compare it with squared radii). (B, N, D), (M, D) -> (B, N)."""
+    D the squared Euclidean distance (Eqs. 3-4 compare it with squared radii), or with "mean_squared" that
+    distance divided by the feature width (the mean squared difference per channel). (B, N, D), (M, D) ->
+    (B, N)."""
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
     if prototypes.shape[0] == 0:
         raise ValueError("There are no prototypes: fit the model on normal images first.")
-    return squared_distances(features, prototypes).amin(dim=-1)
+    nearest = squared_distances(features, prototypes).amin(dim=-1)
+    return nearest / features.shape[-1] if distance == "mean_squared" else nearest
 
 
 def text_guided_map(

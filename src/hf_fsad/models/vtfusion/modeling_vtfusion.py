@@ -262,7 +262,7 @@ class VtFusionModel(FsadPreTrainedModel):
         """One differentiable pass from `encode_images` features, the (2, P) state embeddings and the
         prototypes (N, P x L) to every prediction (Eqs. 5-9)."""
         levels = self.level_features(features)
-        vision_map = nearest_prototype_distance(stack_levels(levels), prototypes)
+        vision_map = nearest_prototype_distance(stack_levels(levels), prototypes, self.config.distance)
         text_map = text_guided_map(
             levels, self.text_features(state_embeddings), 1 / self.config.text_logit_scale
         )
