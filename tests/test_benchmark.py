@@ -886,3 +886,16 @@ def test_cli_benchmark_on_your_own_folder(saved_winclip_dir, tmp_path, capsys):
     assert (
         "| bracket | – |" in table.split("pixel_auroc per category:")[1]
     )  # no number from a masks-less category
+
+
+def test_a_segmentation_set_of_anomalous_images_only_gets_pixel_metrics(make_winclip, tmp_path):
+    from dataset_layouts import LAYOUT_WRITERS
+
+    LAYOUT_WRITERS["isic"](tmp_path / "isic", ["isic"])
+    spec = DatasetSpec("isic", root=str(tmp_path / "isic"))
+    results = run_benchmark({"winclip": make_winclip()}, [spec], ks=[0], seeds=[0], out_dir=tmp_path / "out")
+    (cell,) = results["cells"]
+    assert cell.get("error") is None
+    # every test image is anomalous: no image metric is defined; the pixel ones are
+    assert [cell["metrics"][name] for name in ("image_auroc", "image_auprc", "image_f1_max")] == [None] * 3
+    assert 0.0 <= cell["metrics"]["pixel_auroc"] <= 1.0

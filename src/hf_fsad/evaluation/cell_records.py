@@ -16,9 +16,13 @@ from ..metrics import IMAGE_METRICS, PIXEL_METRICS
 def metrics(
     labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None
 ) -> dict:
-    """Every image metric of the test `scores`, and every pixel metric of the `maps` (None without masks or
+    """Every image metric of the test `scores` (None when the test images are all of one class, as in the
+    segmentation sets ISIC and the polyp sets), and every pixel metric of the `maps` (None without masks or
     maps)."""
-    values = {name: function(labels, scores) for name, function in IMAGE_METRICS.items()}
+    both_classes = len(np.unique(labels)) == 2
+    values = {
+        name: function(labels, scores) if both_classes else None for name, function in IMAGE_METRICS.items()
+    }
     for name, function in PIXEL_METRICS.items():
         # None without pixel labels, or for image-level methods (no maps)
         values[name] = function(masks, maps) if masks is not None and maps is not None else None
