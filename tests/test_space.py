@@ -148,9 +148,9 @@ def test_tiled_detection_scores_as_the_tiled_pipeline_and_lists_its_regions(clie
     from hf_fsad.tiling import Tiling
 
     references, _, queries = toy
-    tiled = ("64x48", "48x32", "pooled")  # non-square tiles: height x width
+    tiled = ("64", "48", "pooled")
     _, _, decision, results, _, bank = _detect(client, saved_winclip_dir, references, queries, tiling=tiled)
-    tiling = Tiling((64, 48), (48, 32))
+    tiling = Tiling(64, 48)
     assert f"Scored with {tiling.describe()}" in decision
     assert ReferenceBank.load(bank).tiling == tiling
     model, _ = _model_and_pixels(saved_winclip_dir)
@@ -166,6 +166,14 @@ def test_tiled_detection_scores_as_the_tiled_pipeline_and_lists_its_regions(clie
     assert [r["score"] for r in again] == [r["score"] for r in results]
     with pytest.raises(gradio_client.exceptions.AppError, match="the bank was built with pooled tiling"):
         _detect(client, saved_winclip_dir, [], queries, bank=bank, tiling=("32", "0", "pooled"))
+    # non-square tiles and strides, written HEIGHTxWIDTH as on the command line
+    non_square = ("64x48", "48x32", "position")
+    decision, _, _, bank = _detect(client, saved_winclip_dir, references, queries, tiling=non_square)[2:]
+    saved = ReferenceBank.load(bank).tiling
+    assert (saved.tile_size, saved.tile_stride, saved.mode) == ((64, 48), (48, 32), "position")
+    assert f"Scored with {saved.describe()}" in decision
+    with pytest.raises(gradio_client.exceptions.AppError, match="must be N or HEIGHTxWIDTH"):
+        _detect(client, saved_winclip_dir, references, queries, tiling=("64x", "0", "pooled"))
 
 
 def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_winclip_dir, toy):
