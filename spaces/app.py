@@ -10,7 +10,7 @@ the uploads is calibrated (`hf_fsad.calibration_policy.calibrated_bank`, as the 
 pass/fail slider acts on the normalised score, whose 0.5 is the calibrated threshold. Where calibration is impossible the page says why and the slider acts on
 the raw score.
 
-Large images can be scored tile by tile (tile size 0: off), their maps stitched at the image's full size; a
+Large images can be scored tile by tile (tile size N or HxW, 0: off), their maps stitched at the image's full size; a
 loaded tiled bank scores tiled by itself. With a calibrated bank each query lists its defect regions (box,
 area, peak score) at the calibrated pixel threshold.
 
@@ -40,7 +40,7 @@ from hf_fsad.calibration_policy import BankBuildError, calibrated_bank, checked_
 from hf_fsad.io import DEFAULT_MAX_PIXELS, ImageReadError, read_image, read_mask, to_upright_rgb
 from hf_fsad.loading import ModelLoadError, load_method
 from hf_fsad.registry import METHODS, method_spec
-from hf_fsad.tiling import TILE_MODES, Tiling
+from hf_fsad.tiling import TILE_MODES, Tiling, parse_pixels
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 _PIPELINES: dict[tuple[str, bool], object] = {}
@@ -133,13 +133,14 @@ def named_images(files: list | None, what: str, read=read_image) -> dict[str, Im
     return named
 
 
-def page_tiling(tile_size: float | None, tile_stride: float | None, tile_mode: str) -> Tiling | None:
-    """The tiling the page asks for: square tiles of `tile_size` px every `tile_stride` px (0: the tile size),
-    compared by `tile_mode`; None (untiled) when the tile size is 0."""
-    if not tile_size:
+def page_tiling(tile_size: str | None, tile_stride: str | None, tile_mode: str) -> Tiling | None:
+    """The tiling the page asks for: tiles of `tile_size` px, N (square) or HxW, every `tile_stride` px (N or
+    HxW; empty or 0: the tile size), compared by `tile_mode`; None (untiled) when the tile size is empty or 0."""
+    if not str(tile_size or "").strip() or str(tile_size).strip() == "0":
         return None
     try:
-        return Tiling(int(tile_size), int(tile_stride) if tile_stride else None, tile_mode)
+        stride = None if str(tile_stride or "").strip() in ("", "0") else parse_pixels(tile_stride)
+        return Tiling(parse_pixels(tile_size), stride, tile_mode)
     except ValueError as error:
         raise gr.Error(f"Tiling: {error}") from None
 
@@ -286,7 +287,7 @@ def detect(
     """Score the queries; returns heatmaps, outlined regions, the decision (Markdown), per-query results,
     branch scores and the bank. `confidence` > 0: the calibrated false-alarm rate holds with that probability,
     not only on average; `weight_search`: the anomalous memory chooses its score weights on the defects;
-    `tile_size` > 0: a tiled bank (`page_tiling`), large images scored tile by tile.
+    `tile_size` N or HxW (0: off): a tiled bank (`page_tiling`), large images scored tile by tile.
 
     With a calibrated bank a query fails when its normalised score reaches `threshold` and the outlined
     region is where the normalised map does; otherwise both compare raw values with `threshold`.
@@ -461,17 +462,15 @@ def build_app(models: list[str] | None = None, allow_untrained: bool = False) ->
                     "0.9 needs 45 normal references)",
                 )
                 with gr.Accordion("Tiling for large images (optional)", open=False):
-                    tile_size = gr.Number(
-                        value=0,
-                        precision=0,
-                        minimum=0,
-                        label="Tile size in pixels (0: off, each image squashed to the model's input)",
+                    tile_size = gr.Textbox(
+                        value="0",
+                        label="Tile size in pixels, N or HEIGHTxWIDTH, e.g. 240 or 240x320 (0: off, each image "
+                        "squashed to the model's input)",
                     )
-                    tile_stride = gr.Number(
-                        value=0,
-                        precision=0,
-                        minimum=0,
-                        label="Tile stride in pixels (0: the tile size; smaller: overlapping tiles, maps averaged)",
+                    tile_stride = gr.Textbox(
+                        value="0",
+                        label="Tile stride in pixels, N or HEIGHTxWIDTH (0: the tile size; smaller: overlapping "
+                        "tiles, maps averaged)",
                     )
                     tile_mode = gr.Radio(
                         list(TILE_MODES),

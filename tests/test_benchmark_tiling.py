@@ -11,7 +11,7 @@ from PIL import Image
 
 from hf_fsad.cli import main
 from hf_fsad.data import load_benchmark
-from hf_fsad.evaluation import run_benchmark
+from hf_fsad.evaluation import Protocol, run_benchmark
 from hf_fsad.evaluation.tiled_cells import maps_at, mask_at, metrics_size
 from hf_fsad.metrics import pixel_aupro, pixel_auroc
 from hf_fsad.tiled_scoring import build_tiled_bank, score_tiled
@@ -107,10 +107,6 @@ def test_cli_benchmark_tiled(tiny_clip_dir, tmp_path, capsys):
     [
         (["--tile-stride", "32"], "--tile-stride tile only with --tile-size"),
         (["--tile-size", "32", "--tile-stride", "64"], "tile_stride 64x64 is larger than tile_size 32x32"),
-        (
-            ["--tile-size", "32", "--tile-mode", "position", "--runtime", "onnxruntime"],
-            "--runtime onnxruntime: position-tiled banks do not export",
-        ),
     ],
 )
 def test_cli_benchmark_refuses_bad_tiling_options(options, message, tmp_path, capsys):
@@ -128,7 +124,9 @@ def test_cli_benchmark_refuses_bad_tiling_options(options, message, tmp_path, ca
     assert message in capsys.readouterr().err
 
 
-def test_a_tiled_cell_on_an_exported_runtime_scores_as_pytorch(make_winclip, tmp_path, monkeypatch):
+def test_a_tiled_cell_on_an_exported_runtime_scores_and_is_calibrated_as_pytorch(
+    make_winclip, tmp_path, monkeypatch
+):
     from extras import import_extra
     from test_export import PARITY
 
@@ -136,17 +134,40 @@ def test_a_tiled_cell_on_an_exported_runtime_scores_as_pytorch(make_winclip, tmp
     monkeypatch.setenv("HOME", str(tmp_path))  # the export cache lives under ~/.cache
     cells = {}
     for runtime in ("torch", "onnxruntime"):
-        results = run_benchmark(
-            {"winclip": make_winclip()},
-            [SPEC],
-            ks=[2],
-            seeds=[0],
-            out_dir=tmp_path / "run",
-            runtime=runtime,
-            tiling=TILING,
+        for validation in (0, 2):
+            results = run_benchmark(
+                {"winclip": make_winclip()},
+                [SPEC],
+                ks=[2],
+                seeds=[0],
+                out_dir=tmp_path / f"run{validation}",
+                runtime=runtime,
+                protocol=Protocol(num_validation=validation),
+                tiling=TILING,
+            )
+            cells[runtime, validation] = cell(results, runtime=runtime)
+            assert "error" not in cells[runtime, validation], cells[runtime, validation].get("error")
+    for validation in (0, 2):
+        np.testing.assert_allclose(
+            cells["onnxruntime", validation]["image_scores"],
+            cells["torch", validation]["image_scores"],
+            rtol=0,
+            atol=PARITY,
         )
-        cells[runtime] = cell(results, runtime=runtime)
-        assert "error" not in cells[runtime], cells[runtime].get("error")
-    np.testing.assert_allclose(
-        cells["onnxruntime"]["image_scores"], cells["torch"]["image_scores"], rtol=0, atol=PARITY
+    # Leave-one-out would take one export per reference: without validation normals, no verdicts on the export.
+    assert cells["torch", 0]["calibration"]["normal_source"] == "leave_one_out"
+    assert cells["onnxruntime", 0]["calibration"] is None
+    assert "fitted on torch" in cells["onnxruntime", 0]["calibration_note"]
+    # The validation normals are scored tiled by the export the test images are scored by: its calibration,
+    # the same threshold as PyTorch's within the graph's parity (a threshold is one of the scores), verdicts.
+    torch_calibration, exported_calibration = (
+        cells[runtime, 2]["calibration"] for runtime in ("torch", "onnxruntime")
     )
+    assert (torch_calibration["runtime"], exported_calibration["runtime"]) == ("torch", "onnxruntime")
+    assert exported_calibration["normal_source"] == "held_out"
+    assert exported_calibration["image_threshold"] == pytest.approx(
+        torch_calibration["image_threshold"], abs=PARITY
+    )
+    exported = cells["onnxruntime", 2]
+    assert exported["calibration_note"] is None or "fitted on" not in exported["calibration_note"]
+    assert exported["false_alarm_rate"] is not None and exported["calibrated_f1"] is not None

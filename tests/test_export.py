@@ -179,11 +179,20 @@ def test_runner_preprocessing_equals_the_model_processor_exactly(exported, toy):
         assert np.array_equal(run_exported.preprocess(image, settings), expected)
 
 
-def test_runner_heatmap_equals_hf_fsad_heatmap_overlay(toy):
+def test_runner_heatmap_is_hf_fsads_and_its_colours_are_matplotlibs_jet(toy):
+    """One drawing for hf_fsad and the runner (shipped without matplotlib): its colour table is matplotlib's
+    256-entry jet, entry for entry, and a non-finite value is drawn at the top of the scale."""
+    from matplotlib import colormaps
+
+    assert heatmap_overlay is run_exported.heatmap_overlay
+    matplotlib_jet = (colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
+    assert np.array_equal(run_exported.jet_lookup(), matplotlib_jet)
     image = toy[1][-1]
     anomaly_map = np.random.default_rng(0).random((240, 240)).astype(np.float32)
-    drawn = np.asarray(run_exported.heatmap_overlay(image, anomaly_map))
-    assert np.array_equal(drawn, np.asarray(heatmap_overlay(image, anomaly_map)))
+    anomaly_map[:120] = np.nan
+    drawn = np.asarray(run_exported.heatmap_overlay(image, anomaly_map, alpha=1.0))
+    inside_the_nan_half = drawn[: image.height * 2 // 5]
+    assert (inside_the_nan_half == matplotlib_jet[255]).all()  # the top colour
 
 
 @pytest.mark.parametrize("method", REFUSED_METHODS)

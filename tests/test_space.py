@@ -43,10 +43,10 @@ def _files(paths) -> list | None:
 
 def _detect(
     client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True,
-    tiling=(0, 0, "pooled"),
+    tiling=("0", "0", "pooled"),
 ):
     """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank;
-    `tiling`: (tile size, stride, mode), tile size 0: untiled."""
+    `tiling`: (tile size, stride, mode), sizes N or HxW, tile size 0: untiled."""
     return client.predict(
         source, _files(references) or [], "fabric", _files(queries), threshold,
         None if bank is None else gradio_client.handle_file(bank), _files(defects), _files(masks),
@@ -148,7 +148,7 @@ def test_tiled_detection_scores_as_the_tiled_pipeline_and_lists_its_regions(clie
     from hf_fsad.tiling import Tiling
 
     references, _, queries = toy
-    tiled = (64, 48, "pooled")
+    tiled = ("64", "48", "pooled")
     _, _, decision, results, _, bank = _detect(client, saved_winclip_dir, references, queries, tiling=tiled)
     tiling = Tiling(64, 48)
     assert f"Scored with {tiling.describe()}" in decision
@@ -165,13 +165,23 @@ def test_tiled_detection_scores_as_the_tiled_pipeline_and_lists_its_regions(clie
     again = _detect(client, saved_winclip_dir, [], queries, bank=bank)[3]
     assert [r["score"] for r in again] == [r["score"] for r in results]
     with pytest.raises(gradio_client.exceptions.AppError, match="the bank was built with pooled tiling"):
-        _detect(client, saved_winclip_dir, [], queries, bank=bank, tiling=(32, 0, "pooled"))
+        _detect(client, saved_winclip_dir, [], queries, bank=bank, tiling=("32", "0", "pooled"))
+    # non-square tiles and strides, written HEIGHTxWIDTH as on the command line
+    non_square = ("64x48", "48x32", "position")
+    decision, _, _, bank = _detect(client, saved_winclip_dir, references, queries, tiling=non_square)[2:]
+    saved = ReferenceBank.load(bank).tiling
+    assert (saved.tile_size, saved.tile_stride, saved.mode) == ((64, 48), (48, 32), "position")
+    assert f"Scored with {saved.describe()}" in decision
+    with pytest.raises(gradio_client.exceptions.AppError, match="must be N or HEIGHTxWIDTH"):
+        _detect(client, saved_winclip_dir, references, queries, tiling=("64x", "0", "pooled"))
 
 
 def test_one_reference_cannot_be_calibrated_and_the_page_says_so(client, saved_winclip_dir, toy):
     references, _, queries = toy
     _, _, decision, results, _, bank = _detect(client, saved_winclip_dir, references[:1], queries)
-    assert "Not calibrated" in decision and "Leave-one-out needs at least 2 reference images, got 1" in decision
+    assert (
+        "Not calibrated" in decision and "Leave-one-out needs at least 2 reference images, got 1" in decision
+    )
     assert "Fail when the raw score is above 0.50" in decision
     assert [r["normalized_score"] for r in results] == [None, None]
     # raw scores against the raw slider, labelled: the defect's raw score is below 0.5

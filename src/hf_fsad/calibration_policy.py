@@ -12,6 +12,7 @@ when a bank is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 
     # Images in order, or keyed by file name: masks are then paired with images by file stem.
     Images = Sequence[Image.Image] | Mapping[str, Image.Image]
-    # An exported graph's scoring function: pixel values -> uncalibrated outputs.
+    # An exported graph's scoring function: pixel values -> uncalibrated outputs (`ExportedScorer`, which with a
+    # tiled bank scores images with `score_tiled` instead).
     Scorer = Callable[[torch.Tensor], AnomalyDetectionOutput]
 
 DEFAULT_FALSE_ALARM_RATE = 0.05
@@ -144,8 +146,8 @@ def calibrated_bank(
     (None: `DEFAULT_FALSE_ALARM_RATE`), `confidence` and `rule`, in `precision` (recorded). Images are
     preprocessed by `processor` (None: `model.image_processor()`, or with `paper_preprocessing` the geometry of
     the method's paper evaluation, masks alike, as the benchmark runner does). With a
-    `runtime_scorer` (bank -> the scorer of its graph exported to `runtime`), held-out normals are scored by
-    that graph instead (`calibrate_on_scorer`). calibrate="auto" calibrates where possible and returns the
+    `runtime_scorer` (bank -> the scorer of its graph exported to `runtime`, `hf_fsad.export.ExportedScorer`),
+    held-out normals are scored by that graph instead (`calibrate_on_scorer`; tiled: `ExportedScorer.score_tiled`). calibrate="auto" calibrates where possible and returns the
     reason where not (`refusal`); True raises a ValueError with the reason; False calibrates nothing. A saved
     bank with calibrate="auto" and no held-out normals keeps its own calibration. A ValueError names what
     cannot be used (a `BankBuildError` when the bank cannot be built).
@@ -190,12 +192,11 @@ def calibrated_bank(
                 "rule": rule,
                 "batch_size": batch_size,
             },
-            refused={
-                "processor": processor is not None,
-                "paper_preprocessing": paper_preprocessing,
-                "runtime_scorer": runtime_scorer is not None,
-            },
+            refused={"processor": processor is not None, "paper_preprocessing": paper_preprocessing},
             precision=precision,
+            runtime=runtime,
+            runtime_scorer=runtime_scorer,
+            weight_search=weight_search,
         )
     if processor is None:
         processor = model.paper_image_processor() if paper_preprocessing else model.image_processor()
@@ -236,7 +237,12 @@ def calibrated_bank(
         if model.validates_weights and defect_images:
             with torch.no_grad(), model.autocast(precision):
                 bank, chose_weights, note = _searched_weights(
-                    model, bank, held_out, reference_images, defect_images, weight_search, processor
+                    functools.partial(_validated, model, processor=processor),
+                    bank,
+                    held_out,
+                    reference_images,
+                    defect_images,
+                    weight_search,
                 )
             notes.append(note)
         if calibrate is False:
@@ -333,12 +339,17 @@ def _tiled_calibrated_bank(
     settings: dict,
     refused: dict[str, bool],
     precision: str,
+    runtime: str,
+    runtime_scorer: Callable[[ReferenceBank], Scorer] | None,
+    weight_search: bool,
 ) -> CalibratedBank:
-    """`calibrated_bank` for a tiled bank (its docstring says what differs)."""
+    """`calibrated_bank` for a tiled bank (its docstring says what differs): the weight search runs on tiles
+    (`validate_tiled_weights`); with a `runtime_scorer`, the held-out normals are scored tiled by the export
+    (`ExportedScorer.score_tiled`)."""
     import torch
 
     from .calibration_inputs import separate_calibration_images
-    from .tiled_scoring import build_tiled_bank, calibrate_tiled_bank
+    from .tiled_scoring import build_tiled_bank, calibrate_tiled_bank, validate_tiled_weights
 
     given = [name for name, value in refused.items() if value]
     if isinstance(references, EncodedReferences):
@@ -369,15 +380,22 @@ def _tiled_calibrated_bank(
     elif calibrate == "auto" and not held_out:
         refusal = None if bank.calibration else "the bank was saved without a calibration"
         return CalibratedBank(bank, notes, [], refusal)
+    chose_weights = None
     if model.validates_weights and defect_images:
-        notes.append(
-            "weight search (paper Sec. 4.3) not run on a tiled bank: the baseline score weights are kept"
-        )
+        search = functools.partial(validate_tiled_weights, model, batch_size=settings["batch_size"])
+        with torch.no_grad(), model.autocast(precision):
+            bank, chose_weights, note = _searched_weights(
+                search, bank, held_out, reference_images, defect_images, weight_search
+            )
+        notes.append(note)
     if calibrate is False:
         return CalibratedBank(dataclasses.replace(bank, calibration=None), notes)
     anomalous_images, anomalous_masks = anomalous
+    held_out = [] if chose_weights == "held-out normal" else held_out  # they would score low
     if not held_out:
-        refusal = model.leave_one_out_refusal(len(reference_images), bank.generated_references)
+        refusal = _leave_one_out_refusal(
+            model, len(reference_images), bank.generated_references, chose_weights
+        )
         if refusal is not None:
             if calibrate is True:
                 raise ValueError(
@@ -389,6 +407,10 @@ def _tiled_calibrated_bank(
                     "threshold"
                 )
             return CalibratedBank(bank, notes, [], refusal)
+    scorer = None
+    if runtime_scorer is not None and held_out:
+        exported = runtime_scorer(dataclasses.replace(bank, calibration=None))
+        scorer = functools.partial(exported.score_tiled, batch_size=settings["batch_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with torch.no_grad(), model.autocast(precision):
@@ -401,9 +423,12 @@ def _tiled_calibrated_bank(
                 normal_images=held_out,
                 anomalous_images=anomalous_images,
                 anomalous_masks=anomalous_masks,
+                scorer=scorer,
                 **settings,
             )
-    calibration = dataclasses.replace(bank.calibration, runtime="torch", precision=precision)
+    calibration = dataclasses.replace(
+        bank.calibration, runtime="torch" if scorer is None else runtime, precision=precision
+    )
     return CalibratedBank(
         dataclasses.replace(bank, calibration=calibration),
         notes,
@@ -412,17 +437,17 @@ def _tiled_calibrated_bank(
 
 
 def _searched_weights(
-    model: FsadPreTrainedModel,
+    search: Callable[[ReferenceBank, list[Image.Image], list[Image.Image]], tuple[ReferenceBank, int]],
     bank: ReferenceBank,
     held_out: list[Image.Image],
     references: list[Image.Image],
     defects: list[Image.Image],
     weight_search: bool,
-    processor,
 ) -> tuple[ReferenceBank, str | None, str]:
     """(bank, which normals chose its weights: "held-out normal", "reference" or None, the note saying so):
-    `model.validate_weights` on the views `model.validation_set` makes of the defects and the held-out
-    normals, or the references without them, preprocessed by `processor` as the bank was."""
+    `search` (bank, normals, defects -> the bank with its weights chosen on their views, how many views:
+    `_validated`, or `validate_tiled_weights` for a tiled bank) on the defects and the held-out normals, or
+    the references without them."""
     kept = "the baseline score weights are kept"
     if not weight_search:
         return bank, None, f"weight search (paper Sec. 4.3) skipped as asked: {kept}"
@@ -430,14 +455,43 @@ def _searched_weights(
     if not normals:
         reason = "it needs a normal image beside the defects (a reference or a held-out normal image)"
         return bank, None, f"weight search (paper Sec. 4.3) not run: {reason}; {kept}"
-    views, labels = model.validation_set(normals, defects, processor)
-    bank = model.validate_weights(bank, views, labels)
+    bank, views = search(bank, normals, defects)
     auroc = float(bank.tensors["validation_auroc"])
     ran = (
-        f"weight search (paper Sec. 4.3) ran: the score weights that rank {len(views)} augmented views of "
+        f"weight search (paper Sec. 4.3) ran: the score weights that rank {views} augmented views of "
         f"{len(normals)} {kind} and {len(defects)} defective images best (validation AUROC {auroc:.3f})"
     )
     return bank, kind, ran
+
+
+def _validated(
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank,
+    normals: list[Image.Image],
+    defects: list[Image.Image],
+    processor: CLIPImageProcessorPil | None = None,
+) -> tuple[ReferenceBank, int]:
+    """`model.validate_weights` on the views `model.validation_set` makes of `normals` and `defects`,
+    preprocessed by `processor` as the bank was, and how many views."""
+    views, labels = model.validation_set(normals, defects, processor)
+    return model.validate_weights(bank, views, labels), len(views)
+
+
+def _leave_one_out_refusal(
+    model: FsadPreTrainedModel, count: int, generated: int, weights_chosen_by: str | None
+) -> str | None:
+    """Why a bank of `count` references (`generated` of them generated) cannot be calibrated by leave-one-out
+    (`model.leave_one_out_refusal`, or the references chose its weights: their scores would run low), or
+    None; `weights_chosen_by` "held-out normal" adds why those cannot stand in."""
+    refusal = model.leave_one_out_refusal(count, generated)
+    if weights_chosen_by == "reference":
+        return (
+            "the references chose the bank's score weights (weight search), so their leave-one-out scores "
+            "would run too low"
+        )
+    if weights_chosen_by is not None and refusal is not None:
+        refusal += f", and the {weights_chosen_by} images chose the bank's score weights (weight search)"
+    return refusal
 
 
 def calibrate_reference_bank(
@@ -477,14 +531,7 @@ def calibrate_reference_bank(
             num_references = len(reference_pixel_values)
         else:
             num_references = 0 if reference_features is None else len(next(iter(reference_features.values())))
-        refusal = model.leave_one_out_refusal(num_references, bank.generated_references)
-        if weights_chosen_by == "reference":
-            refusal = (
-                "the references chose the bank's score weights (weight search), so their leave-one-out scores "
-                "would run too low"
-            )
-        elif weights_chosen_by is not None and refusal is not None:
-            refusal += f", and the {weights_chosen_by} images chose the bank's score weights (weight search)"
+        refusal = _leave_one_out_refusal(model, num_references, bank.generated_references, weights_chosen_by)
         if refusal is not None:
             if calibrate is True:
                 raise ValueError(

@@ -9,12 +9,14 @@ Pillow and onnxruntime or openvino. A method whose scoring is not one fixed grap
 
 A tiled bank (`hf_fsad.tiled_scoring`) exports as preprocessing around the same fixed-size graph: the graph
 holds the bank a tile is scored against (`tile_bank`), the manifest the `Tiling`, and the runner cuts, scores
-and stitches (numpy; `tiling.py` is shipped beside it). Pooled tilings only: a position tiling compares each
-tile with its own position's bank, which one graph with one baked-in bank cannot (docs/export.md).
+and stitches (numpy; `tiling.py` is shipped beside it). A position tiling's graph holds every position's bank
+and takes the tile's position as a second input, `tile_position` (1,) int64: the tensors all positions share
+are constants, those that differ are stacked (P, ...) and the position picks its slice (docs/export.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -22,7 +24,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from . import __version__, tiling
@@ -43,6 +47,8 @@ MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
 # the tile geometry and stitching it shares with hf_fsad.tiled_scoring.
 RUNNER_MODULES = (run_exported, image_files, regions, tiling)
 INPUT_NAME = "pixel_values"
+# A position tiling's second graph input: the index of the tile's position in `Tiling.boxes`.
+POSITION_INPUT_NAME = "tile_position"
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
 __all__ = [
@@ -54,19 +60,40 @@ __all__ = [
     "cached_export",
     "check_exportable",
     "export_model",
+    "position_banks",
 ]
 
 
 class BankScorer(nn.Module):
-    """`model` scoring against a fixed `bank`: pixel values -> (image scores, anomaly maps), the graph exported."""
+    """`model` scoring against a fixed `bank`: pixel values -> (image scores, anomaly maps), the graph exported.
 
-    def __init__(self, model: FsadPreTrainedModel, bank: ReferenceBank):
+    With `position_tensors` (a position tiling's bank tensors that differ between tile positions, stacked
+    (P, ...) by `position_banks`) it also takes `tile_position` (1,) int64 and scores against that position's
+    bank: `bank`'s tensors (those every position shares) with the position's slice of each stacked tensor.
+    """
+
+    def __init__(
+        self,
+        model: FsadPreTrainedModel,
+        bank: ReferenceBank,
+        position_tensors: dict[str, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.model = model
         self.bank = bank
+        self.position_tensors = position_tensors or {}
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        output = self.model.score_features(self.model.encode_images(pixel_values), self.bank)
+    def forward(
+        self, pixel_values: torch.Tensor, tile_position: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        bank = self.bank
+        if self.position_tensors:
+            picked = {
+                name: stacked.index_select(0, tile_position)[0]
+                for name, stacked in self.position_tensors.items()
+            }
+            bank = dataclasses.replace(bank, tensors=bank.tensors | picked)
+        output = self.model.score_features(self.model.encode_images(pixel_values), bank)
         return (
             (output.image_scores,)
             if output.anomaly_maps is None
@@ -83,8 +110,9 @@ def export_model(
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
     manifest JSON and the runner (`run_exported.py`, `image_files.py`, `regions.py` and `tiling.py`). The folder is replaced
-    atomically. Returns `out_dir`. A pooled tiled bank exports its tiles' bank into the graph and its tiling
-    and calibration into the manifest; a position tiled bank is refused (see the module docstring).
+    atomically. Returns `out_dir`. A tiled bank exports its tiles' bank into the graph (a position tiling: every
+    position's, picked by the `tile_position` input, see `position_banks`) and its tiling and calibration into
+    the manifest.
 
     The graph computes what `model(pixel_values, reference_bank=bank)` does in float32 (the parity tests hold
     it to 1e-4); it does not check pixel values for NaN as the PyTorch model does.
@@ -94,27 +122,38 @@ def export_model(
     check_exportable(model)
     model = model.eval()
     # checked against the model here: the traced graph cannot hash weights
+    position_tensors = {}
     if bank is None or bank.tiling is None:
         bank = graph_bank = model.bank_or_default(bank)
+    elif bank.tiling.mode == "pooled":
+        graph_bank = model.checked_bank(tile_bank(bank, 0))
     else:
-        graph_bank = model.checked_bank(_tiles_bank(bank))
-    scorer = BankScorer(model, graph_bank).eval()
+        graph_bank, position_tensors = position_banks(model, bank)
+        graph_bank = model.checked_bank(graph_bank)
+        position_tensors = {name: value.to(model.device) for name, value in position_tensors.items()}
+    scorer = BankScorer(model, graph_bank, position_tensors).eval()
     size = model.config.image_size
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device)
+    examples, input_names = (example,), [INPUT_NAME]
+    dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch")}}
+    if position_tensors:
+        examples += (torch.zeros(1, dtype=torch.int64, device=model.device),)
+        input_names.append(POSITION_INPUT_NAME)
+        dynamic_shapes[POSITION_INPUT_NAME] = None
     with torch.no_grad():
-        output_names = ["image_scores", "anomaly_maps"][: len(scorer(example))]
+        output_names = ["image_scores", "anomaly_maps"][: len(scorer(*examples))]
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as folder:
         onnx_path = folder / MODEL_FILES["onnx"]
         with torch.no_grad():
             torch.onnx.export(
                 scorer,
-                (example,),
+                examples,
                 str(onnx_path),
                 dynamo=True,
-                input_names=[INPUT_NAME],
+                input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                dynamic_shapes=dynamic_shapes,
                 verbose=False,
             )
         _check_dynamic_batch(onnx_path)
@@ -129,22 +168,54 @@ def export_model(
             )
             onnx_path.unlink()
             onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
-        manifest = _manifest(model, bank, MODEL_FILES[format], output_names)
+        manifest = _manifest(model, bank, MODEL_FILES[format], input_names, output_names)
         atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
         for module in RUNNER_MODULES:
             shutil.copyfile(module.__file__, folder / Path(module.__file__).name)
     return out_dir
 
 
-def _tiles_bank(bank: ReferenceBank) -> ReferenceBank:
-    """The untiled bank a tiled `bank`'s tiles are scored against, baked into the graph; a position tiling
-    is refused with why."""
-    if bank.tiling.mode != "pooled":
-        raise ValueError(
-            "A position-tiled bank does not export: each tile is scored against its own position's bank, and the "
-            "exported graph holds one bank; build a pooled tiled bank, or score with hf_fsad (docs/export.md)."
-        )
-    return tile_bank(bank, 0)
+def position_banks(
+    model: FsadPreTrainedModel, bank: ReferenceBank
+) -> tuple[ReferenceBank, dict[str, torch.Tensor]]:
+    """A position-tiled `bank` as one graph holds it: (the untiled bank of the tensors every position shares,
+    the tensors that differ between positions stacked (P, ...) in `Tiling.boxes` order).
+
+    Stacking needs one shape at every position. A nearest-neighbour memory (`model.memory_prefixes`) may hold
+    more items at one position than at another (the anomalous memory's defect-free tiles of its anomalous
+    references join their own position's memory): the smaller ones repeat their first item up to the largest,
+    which changes no score, since a repeated item is no nearer than itself. Any other difference in shape is
+    refused with why.
+    """
+    tiling = bank.tiling
+    banks = [tile_bank(bank, position) for position in range(len(tiling.boxes(*tiling.image_size)))]
+    shared, stacked = {}, {}
+    for name, first in banks[0].tensors.items():
+        values = [position_bank.tensors[name] for position_bank in banks]
+        if all(torch.equal(first, value) for value in values[1:]):
+            shared[name] = first
+        else:
+            stacked[name] = torch.stack(_of_one_shape(model, name, values))
+    return dataclasses.replace(banks[0], tensors=shared), stacked
+
+
+def _of_one_shape(model: FsadPreTrainedModel, name: str, values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensor `name` of every position at one shape (`position_banks`)."""
+    if len({value.shape for value in values}) == 1:
+        return values
+    rows = max(len(value) for value in values)
+    if (
+        name.startswith(model.memory_prefixes)
+        and len({value.shape[1:] for value in values}) == 1
+        and min(len(value) for value in values) > 0
+    ):
+        return [torch.cat([value, value[:1].expand(rows - len(value), *value.shape[1:])]) for value in values]
+    shapes = sorted({tuple(value.shape) for value in values})
+    raise ValueError(
+        f"The position-tiled bank's tensor {name!r} has shapes {shapes} at different tile positions, which one "
+        "fixed-size graph cannot stack (a memory empty at some positions only changes which scores count "
+        "there): build a pooled tiled bank, or score with hf_fsad."
+    )
 
 
 def check_exportable(model: FsadPreTrainedModel) -> None:
@@ -193,7 +264,8 @@ def cached_export(
 
 
 class ExportedScorer:
-    """Scores as `model(pixel_values, reference_bank=bank)` does, on the graph `cached_export` made of them.
+    """Scores as `model(pixel_values, reference_bank=bank)` does, on the graph `cached_export` made of them; a
+    tiled bank scores whole images as `score_tiled` does, with `ExportedScorer.score_tiled`.
 
     runtime: "onnxruntime" or "openvino"; precision: OpenVINO's "f32" (default: PyTorch's numerics within
     1e-4) or "bf16". The output has `image_scores`, `anomaly_maps` and, with a calibrated bank, the calibrated
@@ -209,19 +281,31 @@ class ExportedScorer:
         cache_dir: str | os.PathLike | None = None,
     ):
         check_exportable(model)
-        if bank is not None and bank.tiling is not None:
-            raise ValueError(
-                "ExportedScorer scores preprocessed pixel values; a tiled bank scores whole images: use the "
-                "export's runner (`run_exported.ExportedModel.score_tiled`) or hf_fsad's `score_tiled`."
-            )
-        self.bank = model.bank_or_default(bank)
+        # a tiled bank is checked as `export_model` bakes it in
+        self.bank = bank if bank is not None and bank.tiling is not None else model.bank_or_default(bank)
         self.exported = ExportedModel(cached_export(model, self.bank, runtime, cache_dir), runtime, precision)
 
     def __call__(self, pixel_values: torch.Tensor) -> AnomalyDetectionOutput:
+        if self.bank.tiling is not None:
+            raise ValueError(
+                "ExportedScorer scores preprocessed pixel values with an untiled bank; a tiled bank scores whole "
+                "images: use `ExportedScorer.score_tiled(image)`."
+            )
         outputs = self.exported(pixel_values.detach().float().cpu().numpy())
+        return self._output(outputs["image_scores"], outputs.get("anomaly_maps"))
+
+    def score_tiled(self, image: Image.Image, batch_size: int = 8) -> AnomalyDetectionOutput:
+        """One RGB `image` scored with the tiled bank's export as `hf_fsad.tiled_scoring.score_tiled` scores it
+        (`ExportedModel.score_tiled`, `batch_size` tiles a forward pass): (1,) score, (1, H, W) map."""
+        if self.bank.tiling is None:
+            raise ValueError("score_tiled scores with a tiled bank; this one is not tiled.")
+        outputs = self.exported.score_tiled(image, batch_size)
         maps = outputs.get("anomaly_maps")
+        return self._output(np.reshape(outputs["image_scores"], 1), None if maps is None else maps[None])
+
+    def _output(self, scores: np.ndarray, maps: np.ndarray | None) -> AnomalyDetectionOutput:
         output = AnomalyDetectionOutput(
-            image_scores=torch.from_numpy(outputs["image_scores"]),
+            image_scores=torch.from_numpy(scores),
             anomaly_maps=None if maps is None else torch.from_numpy(maps),
             branch_scores={},
         )
@@ -243,7 +327,11 @@ def _check_dynamic_batch(onnx_path: Path) -> None:
 
 
 def _manifest(
-    model: FsadPreTrainedModel, bank: ReferenceBank, model_file: str, output_names: list[str]
+    model: FsadPreTrainedModel,
+    bank: ReferenceBank,
+    model_file: str,
+    input_names: list[str],
+    output_names: list[str],
 ) -> dict:
     processor = model.image_processor().to_dict()
     processor["resample"] = int(processor["resample"])
@@ -256,6 +344,8 @@ def _manifest(
         "class_name": bank.class_name,
         "k": bank.k,
         "input_name": INPUT_NAME,
+        # a position tiling's graph only: the tile's position in `Tiling.boxes`, (1,) int64
+        "position_input_name": POSITION_INPUT_NAME if POSITION_INPUT_NAME in input_names else None,
         "output_names": output_names,
         "image_size": model.config.image_size,
         "image_processor": json.loads(json.dumps(processor)),

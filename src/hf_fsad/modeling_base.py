@@ -396,11 +396,19 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         anomalous_images: Sequence[Image.Image],
         processor: CLIPImageProcessorPil | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with `validates_weights`),
-        preprocessed by `processor`: the bank's and the queries' preprocessing (None: `image_processor()`)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no weights to validate (validates_weights is False)."
-        )
+        """Preprocessed labelled views (0 normal, 1 anomalous) for `validate_weights` (methods with
+        `validates_weights`): `validation_views` through `processor`, the bank's and the queries' preprocessing
+        (None: `image_processor()`), so the weights are chosen on views of the geometry they will score (e.g.
+        `paper_image_processor()`'s centre crop in benchmarks)."""
+        views, labels = self.validation_views(normal_images, anomalous_images)
+        return (processor or self.image_processor())(views, return_tensors="pt").pixel_values, labels
+
+    def validation_views(
+        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+    ) -> tuple[list[Image.Image], list[int]]:
+        """Labelled views (0 normal, 1 anomalous) of the images, at their size, that choose the weights (methods
+        with `validates_weights`; a tiled bank's are tiled, `hf_fsad.tiled_scoring.validate_tiled_weights`)."""
+        raise NotImplementedError(self._no_weights())
 
     def validate_weights(
         self,
@@ -409,10 +417,27 @@ class FsadPreTrainedModel(PreTrainedModel, CalibrationMixin):
         validation_labels: Sequence[int],
     ) -> ReferenceBank:
         """The bank with the method's weights chosen on labelled validation images (methods with
+        `validates_weights`): `chosen_weights` of their `score_vectors`."""
+        raise NotImplementedError(self._no_weights())
+
+    def score_vectors(self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank) -> torch.Tensor:
+        """(B, S): the scores of `encode_images` features that the validated weights combine (methods with
         `validates_weights`)."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no weights to validate (validates_weights is False)."
-        )
+        raise NotImplementedError(self._no_weights())
+
+    def chosen_weights(
+        self,
+        reference_bank: ReferenceBank,
+        validation_scores: torch.Tensor | Sequence[torch.Tensor],
+        validation_labels: Sequence[int],
+        tile_rule: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The bank tensors (`validated_tensors`) chosen on the validation images' `score_vectors` (V, S), or
+        on each image's tiles' (T_v, S) combined by `tile_rule` (methods with `validates_weights`)."""
+        raise NotImplementedError(self._no_weights())
+
+    def _no_weights(self) -> str:
+        return f"{type(self).__name__} has no weights to validate (validates_weights is False)."
 
     def features_of(
         self, pixel_values: torch.Tensor | None, features: dict[str, torch.Tensor] | None, name: str

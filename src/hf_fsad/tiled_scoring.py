@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,6 +313,66 @@ def fit_tiled(
     return model.fit(tiles, class_name, **arguments)
 
 
+@torch.no_grad()
+def validate_tiled_weights(
+    model: FsadPreTrainedModel,
+    reference_bank: ReferenceBank,
+    normal_images: Sequence[Image.Image],
+    anomalous_images: Sequence[Image.Image],
+    batch_size: int = 8,
+) -> tuple[ReferenceBank, int]:
+    """(`model.validate_weights` on a tiled bank, the number of validation views): one weight vector for every
+    tile and position, the one whose tiled image scores (the tiling's `image_score` rule over each view's
+    tiles' weighted scores, each tile's `score_vectors` against its own bank) rank the augmented views
+    (`model.validation_views`, at the images' size, cut as the bank's tiling says) of `normal_images` and
+    `anomalous_images` best. Every tile bank gets the weights; `validation_auroc` is kept once, unprefixed.
+    A position bank whose positions leave different scores empty (a memory empty at some places only) is
+    refused: its positions weigh different scores."""
+    _check_batch_size(batch_size)
+    tiling = _tiling_of(reference_bank)
+    if not model.validates_weights:
+        raise ValueError(f"{type(model).__name__} has no weights to validate (validates_weights is False).")
+    by_position = tiling.mode == "position"
+    positions = len(tiling.boxes(*tiling.image_size)) if by_position else 1
+    banks = [tile_bank(reference_bank, position) for position in range(positions)]
+    baselines = [{name: bank.tensors.get(name) for name in model.validated_tensors} for bank in banks]
+    if any(not _equal_tensors(baselines[0], baseline) for baseline in baselines[1:]):
+        raise ValueError(
+            "The tile positions of this bank weigh their scores differently (a memory empty at some places "
+            "only), so no one weight vector fits them all."
+        )
+    views, labels = model.validation_views(normal_images, anomalous_images)
+    view_scores = []
+    for view in views:  # one view's tiles at a time: memory holds one view's tile features
+        (features,) = _encoded_tiles(model, [view], tiling, batch_size)
+        if by_position:
+            count = next(iter(features.values())).shape[0]
+            batches = [
+                {name: value[index : index + 1] for name, value in features.items()} for index in range(count)
+            ]
+            scores = [model.score_vectors(batch, bank) for batch, bank in zip(batches, banks)]
+        else:
+            scores = [
+                model.score_vectors(batch, banks[0]) for batch in _feature_batches(features, batch_size)
+            ]
+        view_scores.append(torch.cat(scores))
+    chosen = model.chosen_weights(banks[0], view_scores, labels, tiling.image_score)
+    auroc = chosen.pop("validation_auroc")  # one search for the whole bank: kept once
+    prefixes = [position_prefix(position) for position in range(positions)] if by_position else [""]
+    tensors = reference_bank.tensors | {
+        prefix + name: value for prefix in prefixes for name, value in chosen.items()
+    }
+    return dataclasses.replace(reference_bank, tensors=tensors | {"validation_auroc": auroc}), len(views)
+
+
+def _equal_tensors(first: dict[str, torch.Tensor | None], second: dict[str, torch.Tensor | None]) -> bool:
+    return all(
+        (value is None and second[name] is None)
+        or (value is not None and second[name] is not None and torch.equal(value, second[name]))
+        for name, value in first.items()
+    )
+
+
 def _joined(outputs: list[AnomalyDetectionOutput]) -> AnomalyDetectionOutput:
     """Outputs of consecutive tiles joined along the batch, branch scores included."""
     maps = [output.anomaly_maps for output in outputs]
@@ -452,6 +512,7 @@ def calibrate_tiled_bank(
     confidence: float | None = None,
     rule: str = "false_alarm_rate",
     batch_size: int = 8,
+    scorer: Callable[[Image.Image], AnomalyDetectionOutput] | None = None,
 ) -> ReferenceBank:
     """The tiled bank with a `Calibration`, as `model.calibrate` fits it, every image scored tiled.
 
@@ -461,7 +522,9 @@ def calibrate_tiled_bank(
     stay), keeping the bank's `validated_tensors`. `anomalous_images` (with `anomalous_masks` at their full
     size for rule="best_f1") are scored against the bank with held-out normals, else against every
     leave-one-out bank and averaged. `false_alarm_rate`, `confidence` and `rule` as `model.calibrate` takes
-    them.
+    them. `scorer` (image -> its uncalibrated tiled output against this bank, e.g. the bank's export,
+    `hf_fsad.export.ExportedScorer.score_tiled`) scores the held-out images instead of PyTorch, so the
+    calibration holds for its scores; it scores with the whole bank, so it needs `normal_images`.
     """
     _check_batch_size(batch_size)
     tiling = _tiling_of(reference_bank)
@@ -469,10 +532,15 @@ def calibrate_tiled_bank(
     anomalous_images = list(anomalous_images or [])
     if anomalous_masks is not None and not anomalous_images:
         raise ValueError("anomalous_masks were given without anomalous_images.")
+    if scorer is not None and not normal_images:
+        raise ValueError(
+            "A scorer scores against the whole bank, so it cannot leave references out: give normal_images."
+        )
     masks = None if anomalous_masks is None else _mask_tensor(anomalous_masks, anomalous_images)
     if normal_images:
-        normal = [_scored(model, image, reference_bank, batch_size) for image in normal_images]
-        anomalous = [_scored(model, image, reference_bank, batch_size) for image in anomalous_images]
+        score = scorer or (lambda image: _scored(model, image, reference_bank, batch_size))
+        normal = [score(image) for image in normal_images]
+        anomalous = [score(image) for image in anomalous_images]
         source = "held_out"
     else:
         normal, anomalous = _leave_one_out(

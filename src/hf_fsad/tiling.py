@@ -67,6 +67,15 @@ def _pair(value, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def parse_pixels(text: str) -> tuple[int, int]:
+    """A tile size or stride written as text, N (a square) or HxW (e.g. 480x640), in positive source pixels,
+    as (height, width); a ValueError says the form (the CLI's and the Space's tile options)."""
+    parts = str(text).lower().split("x")
+    if len(parts) > 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"must be N or HEIGHTxWIDTH in positive pixels (e.g. 512 or 480x640), got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
 def _describe(pair: tuple[int, int]) -> str:
     return f"{pair[0]}x{pair[1]}"
 

@@ -5,52 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .deploy.run_exported import outline_region  # noqa: F401  (the exported runner draws the same outline)
-
-
-def _jet_lookup() -> np.ndarray:
-    """(256, 3) uint8: matplotlib's jet colour of each of its 256 entries, as `colormaps["jet"]` gives them."""
-    from matplotlib import colormaps
-
-    return (colormaps["jet"](np.arange(256))[:, :3] * 255).astype(np.uint8)
-
-
-def heatmap_overlay(
-    image: Image.Image,
-    anomaly_map: np.ndarray,
-    value_range: tuple[float, float] | None = None,
-    alpha: float = 0.5,
-    rows_per_strip: int = 256,
-) -> Image.Image:
-    """Blend a jet-coloured `anomaly_map` (resized bilinearly to the image) over `image`.
-
-    value_range: the scores mapped to the ends of the colour scale; None uses the map's own min and max
-    (good for one image; give a shared range to compare images). Non-finite values are drawn at the top of
-    the scale, and the range is taken over the finite ones.
-
-    The map is resized once in float32 and coloured `rows_per_strip` rows at a time through a 256-entry
-    table (the quantisation matplotlib's colormap applies), so a large image costs its own size a few times
-    over, never a float RGBA copy of every pixel.
-    """
-    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    if anomaly_map.ndim != 2:
-        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {anomaly_map.shape}.")
-    finite = np.isfinite(anomaly_map)
-    if value_range is None:
-        values = anomaly_map[finite]
-        value_range = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    low, high = value_range
-    # A non-finite value fails its part (`calibration.score_error`): drawn at the top of the scale.
-    scaled = np.where(finite, np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0), 1.0)
-    scaled = scaled.astype(np.float32)
-    resized = np.asarray(Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR))
-    lookup = _jet_lookup()
-    overlay = np.array(image.convert("RGB"))
-    for top in range(0, overlay.shape[0], rows_per_strip):
-        rows = slice(top, top + rows_per_strip)
-        colours = lookup[np.minimum((resized[rows] * 256).astype(np.int32), 255)]
-        overlay[rows] = np.round(overlay[rows] * (1 - alpha) + colours * alpha).astype(np.uint8)
-    return Image.fromarray(overlay)
+# One drawing for hf_fsad and the exported runner, which ships it without hf_fsad (numpy and Pillow only).
+from .deploy.run_exported import heatmap_overlay, outline_region  # noqa: F401
 
 
 def resize_center_crop(

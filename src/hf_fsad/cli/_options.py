@@ -81,12 +81,12 @@ def add_allow_untrained(parser: argparse.ArgumentParser) -> None:
 
 def tile_pixels(text: str) -> tuple[int, int]:
     """`--tile-size` / `--tile-stride`: N (a square) or HxW, in source pixels, as (height, width)."""
-    parts = text.lower().split("x")
-    if len(parts) > 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(
-            f"must be N or HEIGHTxWIDTH in positive pixels (e.g. 512 or 480x640), got {text!r}"
-        )
-    return int(parts[0]), int(parts[-1])
+    from hf_fsad.tiling import parse_pixels
+
+    try:
+        return parse_pixels(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def add_tiling(

@@ -107,8 +107,6 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tiling = tiling_of(args)
-        if tiling is not None and tiling.mode == "position" and args.runtime != "torch":
-            raise ValueError(f"--runtime {args.runtime}: position-tiled banks do not export (docs/export.md)")
         out = prepare_output_dir(args.out, "--out")
         datasets = [DatasetSpec.parse(text) for text in args.datasets]
         protocol = Protocol(tuple(args.anomalous), args.validation, args.max_test, args.false_alarm_rate)

@@ -480,7 +480,7 @@ def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
         return None
     if tiled:
         return (
-            "hf-fsad score runs tiled banks on --runtime torch; a pooled tiled bank runs exported through "
+            "hf-fsad score runs tiled banks on --runtime torch; a tiled bank runs exported through "
             "hf-fsad export and the runner beside the graph (docs/export.md)"
         )
     if args.device != "cpu":

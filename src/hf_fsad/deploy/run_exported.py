@@ -17,7 +17,8 @@ threshold, and an error when the score is not finite. An export of a tiled bank 
 scores each image tiled, as `hf_fsad.tiled_scoring.score_tiled` does: the image cut into the tiling's tiles,
 `--batch-size` tiles preprocessed and scored at a time by the fixed-size graph, the tiles' maps resized to their
 tiles and stitched at the image's full size (overlaps averaged), the image score the tiling's rule (max or
-mean) over the tiles. The lines are written as each batch is scored into a
+mean) over the tiles; with a position tiling the graph takes each tile's position beside its pixels and scores
+it against that position's bank, one tile per forward pass. The lines are written as each batch is scored into a
 temporary file that replaces `--output` at the end or when the run is interrupted (Ctrl-C, SIGTERM), so the
 file is always the previous one or a complete new one; `--resume` keeps its records and scores only the
 inputs not in it. `--heatmaps` writes a jet-coloured overlay of each anomaly map on its image, with the
@@ -140,6 +141,8 @@ class ExportedModel:
             raise ValueError(f"Unknown precision {precision!r}; choose from {PRECISIONS}.")
         self.runtime, self.precision = runtime, precision
         self.input_name = self.manifest["input_name"]
+        # a position tiling's graph takes the tile's position too (exports made before it have no such key)
+        self.position_input_name = self.manifest.get("position_input_name")
         self.output_names = list(self.manifest["output_names"])
         if runtime == "onnxruntime":
             if model_file.suffix != ".onnx":
@@ -156,7 +159,7 @@ class ExportedModel:
             session = onnxruntime.InferenceSession(
                 str(model_file), options, providers=["CPUExecutionProvider"]
             )
-            self._infer = lambda pixels: session.run(self.output_names, {self.input_name: pixels})
+            self._infer = lambda inputs: session.run(self.output_names, inputs)
         else:
             import openvino
 
@@ -166,24 +169,28 @@ class ExportedModel:
             compiled = openvino.Core().compile_model(str(model_file), "CPU", config)
             request = compiled.create_infer_request()
 
-            def infer(pixels: np.ndarray) -> list[np.ndarray]:
-                results = request.infer({self.input_name: pixels})
+            def infer(inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+                results = request.infer(inputs)
                 return [np.array(results[compiled.output(name)]) for name in self.output_names]
 
             self._infer = infer
         tiling = self.manifest.get("tiling")
         self._tiles = None if tiling is None else _tiling_module()
         self.tiling = None if tiling is None else self._tiles.Tiling.from_json(json.dumps(tiling))
-        if self.tiling is not None and self.tiling.mode != "pooled":
-            raise ValueError(
-                f"{self.directory} holds a {self.tiling.mode} tiling: the runner scores pooled ones."
-            )
 
-    def __call__(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, pixel_values: np.ndarray, tile_position: int | None = None) -> dict[str, np.ndarray]:
         """Outputs (`image_scores` (B,), and `anomaly_maps` (B, S, S) where the method has maps) of a batch
-        (B, 3, S, S) of preprocessed images."""
-        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        return dict(zip(self.output_names, self._infer(pixel_values)))
+        (B, 3, S, S) of preprocessed images; a position tiling's graph scores tiles of one `tile_position`
+        (their index in `Tiling.boxes`) against that position's bank."""
+        inputs = {self.input_name: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+        if self.position_input_name is not None:
+            if tile_position is None:
+                raise ValueError(
+                    "This export scores the tiles of a position tiling: give the tiles' tile_position (their "
+                    "index in Tiling.boxes), or score whole images with score_tiled."
+                )
+            inputs[self.position_input_name] = np.array([tile_position], dtype=np.int64)
+        return dict(zip(self.output_names, self._infer(inputs)))
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(B, 3, S, S) pixel values of RGB `images` for this export (`preprocess`)."""
@@ -201,12 +208,16 @@ class ExportedModel:
 
     def score_tiled(self, image: Image.Image, batch_size: int) -> dict[str, np.ndarray]:
         """One RGB `image` scored with the export's tiling: `image_scores` (the tiling's rule over the tiles'
-        scores) and `anomaly_maps` (the tiles' maps resized to their tiles and stitched, (H, W) float32)."""
+        scores) and `anomaly_maps` (the tiles' maps resized to their tiles and stitched, (H, W) float32).
+        `batch_size` tiles per forward pass; one with a position tiling's graph, which scores each tile against
+        its own position's bank."""
         tiles, boxes = self._tiles, self.tiling.boxes(image.height, image.width)
+        by_position = self.position_input_name is not None
+        step = 1 if by_position else batch_size
         scores, stitcher = [], None
-        for start in range(0, len(boxes), batch_size):
-            batch = boxes[start : start + batch_size]
-            outputs = self(self.preprocess(tiles.crop_tiles(image, batch)))
+        for start in range(0, len(boxes), step):
+            batch = boxes[start : start + step]
+            outputs = self(self.preprocess(tiles.crop_tiles(image, batch)), start if by_position else None)
             scores.append(outputs["image_scores"])
             if "anomaly_maps" in outputs:
                 stitcher = stitcher or tiles.MapStitcher(image.height, image.width, boxes)
@@ -244,16 +255,44 @@ def jet_lookup() -> np.ndarray:
     return (np.stack(channels, axis=1) * 255).astype(np.uint8)
 
 
-def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """A jet-coloured `anomaly_map` (scaled to its own min..max, resized bilinearly to the image) blended
-    over `image`, as hf_fsad's `visualization.heatmap_overlay` draws it."""
+def heatmap_overlay(
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    value_range: tuple[float, float] | None = None,
+    alpha: float = 0.5,
+    rows_per_strip: int = 256,
+) -> Image.Image:
+    """Blend a jet-coloured `anomaly_map` (resized bilinearly to the image) over `image`; hf_fsad's
+    `visualization.heatmap_overlay` is this function.
+
+    value_range: the scores mapped to the ends of the colour scale; None uses the map's own min and max
+    (good for one image; give a shared range to compare images). Non-finite values are drawn at the top of
+    the scale, and the range is taken over the finite ones.
+
+    The map is resized once in float32 and coloured `rows_per_strip` rows at a time through a 256-entry
+    table (the quantisation matplotlib's colormap applies), so a large image costs its own size a few times
+    over, never a float RGBA copy of every pixel.
+    """
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
-    low, high = float(anomaly_map.min()), float(anomaly_map.max())
-    scaled = np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0)
-    resized = np.asarray(Image.fromarray(scaled).resize(image.size, Image.Resampling.BILINEAR))
-    colours = jet_lookup()[np.minimum((resized * 256).astype(np.int32), 255)]
-    overlay = np.asarray(image.convert("RGB"), dtype=np.float64) * (1 - alpha) + colours * alpha
-    return Image.fromarray(np.round(overlay).astype(np.uint8))
+    if anomaly_map.ndim != 2:
+        raise ValueError(f"anomaly_map must be 2-D (H, W), got shape {anomaly_map.shape}.")
+    finite = np.isfinite(anomaly_map)
+    if value_range is None:
+        values = anomaly_map[finite]
+        value_range = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    low, high = value_range
+    # A non-finite value fails its part (`image_files.score_error`): drawn at the top of the scale.
+    scaled = np.where(finite, np.clip((anomaly_map - low) / max(high - low, 1e-12), 0.0, 1.0), 1.0)
+    resized = np.asarray(
+        Image.fromarray(scaled.astype(np.float32)).resize(image.size, Image.Resampling.BILINEAR)
+    )
+    lookup = jet_lookup()
+    overlay = np.array(image.convert("RGB"))
+    for top in range(0, overlay.shape[0], rows_per_strip):
+        rows = slice(top, top + rows_per_strip)
+        colours = lookup[np.minimum((resized[rows] * 256).astype(np.int32), 255)]
+        overlay[rows] = np.round(overlay[rows] * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return Image.fromarray(overlay)
 
 
 def outline_region(
@@ -398,7 +437,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--batch-size",
         type=int,
         default=8,
-        help="images (a tiled export: tiles) per forward pass (default 8)",
+        help="images (a tiled export: tiles; a position tiling scores one tile a pass) per forward pass (default 8)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads (default: the runtime's choice)")
     parser.add_argument(

@@ -424,20 +424,14 @@ def _calibrated_bank(
         tiling=tiling,
         batch_size=batch_size,
         runtime=runtime,
-        runtime_scorer=None
-        if runtime == "torch" or tiling is not None
-        else lambda bank: ExportedScorer(model, bank, runtime),
+        runtime_scorer=None if runtime == "torch" else lambda bank: ExportedScorer(model, bank, runtime),
     )
     note = made.refusal
     calibration = made.bank.calibration
     if note is None and calibration is not None:
         note = calibration_mismatch(calibration, runtime, calibration.precision)
         if note is not None:
-            note += (
-                " (a tiled calibration is fitted in PyTorch)"
-                if tiling is not None
-                else " (leave-one-out on an export would take one export per reference)"
-            )
+            note += " (leave-one-out on an export would take one export per reference)"
     if note is not None and not validation_normals:
         note += ", and no validation normals (Protocol.num_validation, --validation)"
     bank = made.bank if note is None else dataclasses.replace(made.bank, calibration=None)

@@ -8,8 +8,10 @@ does, and is measured at full resolution.
 - Bank and calibration: the one bank policy (`hf_fsad.calibration_policy.calibrated_bank` with the tiling),
   for the protocol's false-alarm rate, on the validation normals when the protocol keeps some, else
   leave-one-out on the k references (all tiles of one reference left out at a time); the score-weight search
-  of methods that validate weights is not run on tiles. On an exported runtime only validation normals could
-  calibrate (a tiled calibration is fitted in PyTorch, so a cell on an export is left without verdicts).
+  of methods that validate weights is not run on tiles. On an exported runtime the validation normals are
+  scored tiled by the export (`ExportedScorer.score_tiled`), so the calibration holds for the scores the cell
+  is judged on; leave-one-out there would take one export per reference, so a cell without validation normals
+  is left without verdicts, as an untiled one.
 - Test images are scored tiled (`score_tiled`, or the export's runner on an exported runtime) and their maps
   stitched at the image's size. Pixel metrics compare maps and masks at the test images' source size; where
   the sizes differ, at the largest height and width among them (maps resized bilinearly, masks by nearest
@@ -18,6 +20,7 @@ does, and is measured at full resolution.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..bank import ReferenceBank
-from ..export import ExportedModel, cached_export
+from ..export import ExportedScorer
 from ..modeling_base import FsadPreTrainedModel
 from ..tiled_scoring import resized_maps, score_tiled
 
@@ -43,13 +46,12 @@ def score_tiled_images(
     model.warn_if_untrained()
     if runtime == "torch":
         outputs = [score_tiled(model, image, bank, batch_size) for image in images]
-        scores = [output.image_scores[0].item() for output in outputs]
-        maps = [None if output.anomaly_maps is None else output.anomaly_maps[0].numpy() for output in outputs]
     else:
-        runner = ExportedModel(cached_export(model, bank, runtime), runtime)
-        outputs = [runner.score_tiled(image, batch_size) for image in images]
-        scores = [float(output["image_scores"]) for output in outputs]
-        maps = [output.get("anomaly_maps") for output in outputs]
+        # raw scores only: the uncalibrated bank's export, which the calibration on this runtime made already
+        scorer = ExportedScorer(model, dataclasses.replace(bank, calibration=None), runtime)
+        outputs = [scorer.score_tiled(image, batch_size) for image in images]
+    scores = [output.image_scores[0].item() for output in outputs]
+    maps = [None if output.anomaly_maps is None else output.anomaly_maps[0].numpy() for output in outputs]
     return np.asarray(scores, dtype=np.float32), None if maps[0] is None else maps
 
 

@@ -4,6 +4,8 @@ functions on small tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -104,10 +106,23 @@ def pairwise_auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def select_score_weights(
-    validation_scores: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor
+    validation_scores: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    candidates: torch.Tensor,
+    tile_rule: str | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The candidate weight vector (n, S) whose combined score has the best validation AUROC (the first on
-    ties), and that AUROC. validation_scores: (V, S) per-image score vectors."""
-    aurocs = pairwise_auroc(candidates @ validation_scores.double().T, labels)
+    ties), and that AUROC. validation_scores: (V, S) per-image score vectors; or with a `tile_rule`, per image
+    its tiles' (T_v, S) score vectors, an image's combined score then the "max" or "mean" of its tiles'."""
+    if tile_rule is None:
+        combined = candidates @ validation_scores.double().T
+    elif tile_rule in ("max", "mean"):
+        reduce = torch.amax if tile_rule == "max" else torch.mean
+        combined = torch.stack(
+            [reduce(candidates @ tiles.double().T, dim=-1) for tiles in validation_scores], 1
+        )
+    else:
+        raise ValueError(f"tile_rule must be 'max' or 'mean', got {tile_rule!r}.")
+    aurocs = pairwise_auroc(combined, labels)
     best = int(torch.argmax(aurocs))
     return candidates[best], float(aurocs[best])

@@ -182,6 +182,46 @@ class AnomalousMemoryModel(WinClipModel):
             branch_scores={name: scores[:, index] for index, name in enumerate(names) if available[index]},
         )
 
+    def score_vectors(self, features: dict[str, torch.Tensor], reference_bank: ReferenceBank) -> torch.Tensor:
+        """Every score (B, 1 + 2L) of `encode_images` features in `score_names()` order, before weighting: the
+        vectors `validate_weights` weighs (a level whose memory is empty scores 0)."""
+        scores, _, _ = self._scores_and_maps(features, self.checked_bank(reference_bank))
+        return scores
+
+    def chosen_weights(
+        self,
+        reference_bank: ReferenceBank,
+        validation_scores: torch.Tensor | Sequence[torch.Tensor],
+        validation_labels: Sequence[int],
+        tile_rule: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`score_weights` and its `validation_auroc`: the Monte-Carlo weight vector that ranks the validation
+        images best. Draws `config.num_weight_samples` vectors from `config.weight_distribution` (seed
+        `config.weight_seed`; signed unless `config.signed_weights` is False), zeroes the weights of scores
+        whose memory in `reference_bank` is empty, rescales each to unit L1 norm, and keeps the first with the
+        best validation AUROC. validation_scores: (V, S) `score_vectors` of the images, or per image its tiles'
+        (T_v, S), an image's weighted score then the `tile_rule` ("max" or "mean") over its tiles'."""
+        labels = torch.as_tensor(list(validation_labels))
+        if labels.numel() != len(validation_scores):
+            raise ValueError(f"{labels.numel()} validation labels for {len(validation_scores)} images.")
+        generator = torch.Generator().manual_seed(self.config.weight_seed)
+        candidates = sample_score_weights(
+            self.config.num_weight_samples,
+            len(self.score_names()),
+            self.config.weight_distribution,
+            generator,
+            signed=self.config.signed_weights,
+        )
+        available = self.available_scores(reference_bank.tensors)
+        if not available.all():
+            candidates = unit_l1_weights(candidates, available)
+        if tile_rule is None:
+            weights, auroc = select_score_weights(validation_scores.cpu(), labels, candidates)
+        else:
+            tiles = [scores.cpu() for scores in validation_scores]
+            weights, auroc = select_score_weights(tiles, labels, candidates, tile_rule)
+        return {"score_weights": weights, "validation_auroc": torch.tensor(auroc, dtype=torch.float64)}
+
     @torch.no_grad()
     def validate_weights(
         self,
@@ -189,48 +229,20 @@ class AnomalousMemoryModel(WinClipModel):
         validation_pixel_values: torch.Tensor,
         validation_labels: Sequence[int],
     ) -> ReferenceBank:
-        """The bank with the Monte-Carlo weight vector that ranks the validation images best.
-
-        Draws `config.num_weight_samples` vectors from `config.weight_distribution` (seed
-        `config.weight_seed`; signed unless `config.signed_weights` is False), zeroes the weights of scores
-        whose memory is empty and rescales each vector to unit L1 norm, and keeps the first with the best
-        validation AUROC; the bank then also holds `validation_auroc`.
-        """
-        labels = torch.as_tensor(list(validation_labels))
-        if labels.numel() != validation_pixel_values.shape[0]:
-            raise ValueError(
-                f"{labels.numel()} validation labels for {validation_pixel_values.shape[0]} images."
-            )
+        """The bank with the Monte-Carlo weight vector that ranks the validation images best (`chosen_weights`
+        of their `score_vectors`); the bank then also holds `validation_auroc`."""
         bank = self.checked_bank(reference_bank)
         features = self.encode_images(validation_pixel_values, "validation_pixel_values")
-        scores, _, available = self._scores_and_maps(features, bank)
-        generator = torch.Generator().manual_seed(self.config.weight_seed)
-        candidates = sample_score_weights(
-            self.config.num_weight_samples,
-            scores.shape[-1],
-            self.config.weight_distribution,
-            generator,
-            signed=self.config.signed_weights,
+        chosen = self.chosen_weights(bank, self.score_vectors(features, bank), validation_labels)
+        return ReferenceBank(
+            bank.model_type, bank.config_hash, bank.class_name, bank.k, bank.tensors | chosen
         )
-        if not available.all():
-            candidates = unit_l1_weights(candidates, available)
-        weights, auroc = select_score_weights(scores.cpu(), labels, candidates)
-        tensors = bank.tensors | {
-            "score_weights": weights,
-            "validation_auroc": torch.tensor(auroc, dtype=torch.float64),
-        }
-        return ReferenceBank(bank.model_type, bank.config_hash, bank.class_name, bank.k, tensors)
 
-    def validation_set(
-        self,
-        normal_images: Sequence[Image.Image],
-        anomalous_images: Sequence[Image.Image],
-        processor: CLIPImageProcessorPil | None = None,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Augmented views (`config.num_validation_views` per image, seeded) of normal and anomalous samples,
-        with their labels: the paper's validation set. `processor` must be the one the bank and the queries
-        are preprocessed with (None: `image_processor()`), so the weights are chosen on views of the geometry
-        they will score (e.g. `paper_image_processor()`'s centre crop in benchmarks)."""
+    def validation_views(
+        self, normal_images: Sequence[Image.Image], anomalous_images: Sequence[Image.Image]
+    ) -> tuple[list[Image.Image], list[int]]:
+        """Augmented views (`config.num_validation_views` per image, seeded, at the image's size) of normal and
+        anomalous samples with their labels: the paper's validation set."""
         views, labels = [], []
         for label, images in ((0, normal_images), (1, anomalous_images)):
             for index, image in enumerate(images):
@@ -240,5 +252,4 @@ class AnomalousMemoryModel(WinClipModel):
                 labels += [label] * len(augmented)
         if not views or len(set(labels)) < 2:
             raise ValueError("Weight validation needs at least one normal and one anomalous image.")
-        processor = processor or self.image_processor()
-        return processor(views, return_tensors="pt").pixel_values, labels
+        return views, labels
