@@ -274,7 +274,6 @@ def test_greedy_coreset_projects_only_items_wider_than_projection_dim_with_a_see
         scoring.greedy_coreset(items, 0)
 
 
-
 def test_greedy_coreset_of_wide_items_is_the_k_center_coreset_of_their_projections():
     """Past `projection_dim` the picks are exact greedy k-center picks on the projected unit vectors (whose
     lengths now differ), against float64 squared distances here."""
