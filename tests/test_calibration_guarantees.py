@@ -120,6 +120,15 @@ def test_the_exported_runner_decides_a_score_at_the_threshold_as_the_library_doe
     assert normalized[0] == 0.5 and normalized[1] > 0.5
 
 
+def test_the_exported_runner_marks_a_pixel_at_the_threshold_normal():
+    """A map at the image's own size is resized exactly (each output pixel is one input pixel, weight 1)."""
+    above = float(next_above(0.5, torch.float32))
+    anomaly_map = np.array([[0.5, above], [0.25, 0.75]], dtype=np.float32)
+    at_size, mask = run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, {"pixel_threshold": 0.5})
+    np.testing.assert_array_equal(at_size, anomaly_map)
+    assert mask.tolist() == [[False, True], [False, True]]
+
+
 def test_json_safe_records_write_null_for_non_finite_floats():
     record = {
         "path": "a.png",
