@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -127,6 +128,20 @@ def test_the_exported_runner_marks_a_pixel_at_the_threshold_normal():
     at_size, mask = run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, {"pixel_threshold": 0.5})
     np.testing.assert_array_equal(at_size, anomaly_map)
     assert mask.tolist() == [[False, True], [False, True]]
+
+
+def test_the_exported_runner_compares_float32_scores_with_the_threshold_in_float64():
+    """float32(0.1) is 1.5e-9 above the float64 threshold 0.1: anomalous, as the library decides (compared
+    in float32 the two would tie). Non-finite scores raise no numpy warning on the way."""
+    rule = conformal([0.0], image_threshold=0.1, image_scale=0.05)
+    manifest_calibration = json.loads(rule.to_json())
+    scores = np.array([0.1, np.inf, -np.inf, np.nan], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = run_exported.labels(scores, manifest_calibration)
+        normalized = run_exported.normalized_scores(scores, manifest_calibration)
+    assert labels.tolist() == rule.labels(torch.from_numpy(scores)).tolist() == [1, 1, 1, 1]
+    np.testing.assert_array_equal(normalized, rule.normalize(torch.from_numpy(scores)).numpy())
 
 
 def test_json_safe_records_write_null_for_non_finite_floats():
