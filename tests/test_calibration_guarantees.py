@@ -128,6 +128,8 @@ def test_the_exported_runner_marks_a_pixel_at_the_threshold_normal():
     at_size, mask = run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, {"pixel_threshold": 0.5})
     np.testing.assert_array_equal(at_size, anomaly_map)
     assert mask.tolist() == [[False, True], [False, True]]
+    for no_pixel_threshold in (None, {"pixel_threshold": None}):
+        assert run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, no_pixel_threshold) is None
 
 
 def test_the_exported_runner_compares_float32_scores_with_the_threshold_in_float64():
