@@ -16,12 +16,20 @@ from hf_fsad.bank import ReferenceBank
 from hf_fsad.calibration import (
     MEDIAN_NORMAL_LEVEL,
     Calibration,
+    apply_calibration,
     best_f1_threshold,
+    check_review_band,
+    conformal_rank,
     conformal_threshold,
     fit_calibration,
     fit_calibration_of_outputs,
+    in_review_band,
     logistic_scale,
+    normalize_around,
+    normals_needed,
+    score_at_level,
 )
+from hf_fsad.modeling_outputs import AnomalyDetectionOutput
 from hf_fsad.models.anomalous_memory.configuration_anomalous_memory import AnomalousMemoryConfig
 from hf_fsad.models.anomalous_memory.modeling_anomalous_memory import AnomalousMemoryModel
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config
@@ -75,6 +83,31 @@ def test_conformal_threshold_refuses_bad_input():
         conformal_threshold([1.0, float("nan")], 0.1)
 
 
+def test_conformal_rank_at_the_edges_of_its_formula():
+    """Rank 1 when (n + 1)(1 - alpha) <= 1; with a confidence, the smallest rank j whose Beta(n + 1 - j, j)
+    cdf at alpha reaches it, a tie included (for j = 1 the cdf is alpha^n: 0.5^2 = 0.25 exactly)."""
+    assert conformal_rank(2, 0.9) == 1  # ceil(3 x 0.1) = 1
+    assert conformal_rank(2, 0.9, confidence=0.5) == 1  # j = 1: 0.9^2 = 0.81 >= 0.5
+    assert conformal_rank(2, 0.5, confidence=0.25) == 1  # j = 1: 0.5^2 = 0.25, reached exactly
+    assert conformal_rank(2, 0.5, confidence=0.3) == 2  # j = 2: 1 - 0.5^2 = 0.75
+
+
+def test_normals_needed_is_the_fewest_whose_maximum_keeps_the_promise():
+    # on average: the smallest n >= 1 / alpha - 1 (1 / 0.3 - 1 = 2.33 -> 3)
+    assert [normals_needed(rate) for rate in (0.05, 0.3, 0.5, 0.9)] == [19, 3, 1, 1]
+    # with a confidence: the smallest n with 1 - (1 - alpha)^n >= confidence; 0.9^21 = 0.109, 0.9^22 = 0.098
+    assert normals_needed(0.1, confidence=0.9) == 22
+    assert normals_needed(0.5, confidence=0.5) == 1  # 1 - 0.5 = 0.5 exactly: reached
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, 1.5])
+def test_rates_outside_zero_to_one_are_refused(rate):
+    with pytest.raises(ValueError, match="false_alarm_rate must lie in"):
+        conformal_rank(10, rate)
+    with pytest.raises(ValueError, match="confidence must lie in"):
+        conformal_rank(10, 0.1, confidence=rate)
+
+
 def test_best_f1_threshold_on_a_hand_worked_example():
     # descending: 0.9(a) 0.7(n) 0.6(a) 0.6(a) 0.2(n). Cuts after 0.9: F1 = 2*1/(1+3) = 0.5; after 0.7:
     # 2*1/(2+3) = 0.4; after the two 0.6: 2*3/(4+3) = 6/7; the cut lies halfway between 0.6 and 0.2.
@@ -96,6 +129,19 @@ def test_best_f1_threshold_needs_both_classes_and_two_distinct_scores():
         best_f1_threshold([0, 0], [0.1, 0.2])
     with pytest.raises(ValueError, match="All calibration scores are equal"):
         best_f1_threshold([0, 1], [0.5, 0.5])
+
+
+def test_best_f1_threshold_cuts_only_between_distinct_scores():
+    """Scores 5, 3, 3, 1 with labels 1, 1, 0, 0: no cut may split the two 3s (it would read F1 1.0); the best
+    of the cuts 5 | 3 (F1 2/3) and 3 | 1 (2 x 2 / (3 + 2) = 0.8) is the second, at 2."""
+    assert best_f1_threshold(np.array([1, 1, 0, 0]), np.array([5.0, 3.0, 3.0, 1.0])) == (2.0, 0.8)
+
+
+def test_best_f1_threshold_lies_strictly_between_two_adjacent_float32_scores():
+    low = np.float32(1.0)
+    high = np.nextafter(low, np.float32(2.0))  # no float32 between them: the midpoint needs float64
+    threshold, _ = best_f1_threshold(np.array([0, 1]), np.array([low, high]))
+    assert float(low) < threshold < float(high)  # compared in float64
 
 
 def test_normalisation_puts_the_threshold_at_half_and_the_median_normal_at_a_tenth():
@@ -127,6 +173,33 @@ def test_logistic_scale_falls_back_to_a_tenth_of_the_threshold_when_the_median_i
     assert logistic_scale(0.0, np.array([0.0])) == 1.0  # a zero threshold has no size to take a tenth of
 
 
+def test_normalize_around_just_above_and_far_above_the_threshold():
+    # half a scale above: 1 - 0.5 / (1 + 0.5) = 2/3; float64, two ops: rel 1e-12
+    assert normalize_around(torch.tensor([0.5], dtype=torch.float64), 0.0, 1.0).item() == pytest.approx(
+        2 / 3, rel=1e-12
+    )
+    # 1e9 scales above: 1 - 5e-10 rounds to 1.0 in float32, so it reads the float just below 1
+    far = normalize_around(torch.tensor([1e9]), 0.0, 1.0)
+    assert far.dtype == torch.float32 and far.item() == np.nextafter(np.float32(1), np.float32(0))
+
+
+@pytest.mark.parametrize("level", [0.0, 1.0, 1.5])
+def test_score_at_level_refuses_levels_outside_zero_to_one(level):
+    with pytest.raises(ValueError, match="lies in"):
+        score_at_level(level, 1.0, 0.5)
+
+
+def test_the_review_band_includes_both_ends_and_is_a_half_width_below_one_half():
+    values = torch.tensor([0.39, 0.4, 0.5, 0.6, 0.61, 1.0], dtype=torch.float64)
+    # 0.5 - 0.1 and 0.5 + 0.1 are 0.4 and 0.6 exactly in float64 (the ends, included)
+    assert in_review_band(values, 0.1).tolist() == [False, True, True, True, False, False]
+    check_review_band(0.25)
+    check_review_band(0.4999)
+    for band in (0.0, 0.5, 1.5, -0.1, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="review_band is a half-width"):
+            check_review_band(band)
+
+
 def test_calibration_json_round_trip_and_validation():
     rule = calibration(pixel_threshold=0.3, pixel_scale=0.1, pixel_rule="best_f1")
     assert Calibration.from_json(rule.to_json()) == rule
@@ -149,6 +222,50 @@ def test_calibration_json_round_trip_and_validation():
     ]:
         with pytest.raises(ValueError, match=message):
             calibration(**change)
+
+
+def test_calibration_validation_at_each_fields_edge():
+    for change, message in [
+        ({"image_scale": 0.0}, "image_scale must be positive"),
+        ({"confidence": 0.0}, "confidence must lie in"),
+        ({"confidence": 1.0}, "confidence must lie in"),
+        ({"normals_needed": 0}, "normals_needed must be a positive integer"),
+        ({"normals_needed": 2.0}, "normals_needed must be a positive integer"),
+        ({"normals_needed": True}, "normals_needed must be a positive integer"),
+        ({"runtime": ""}, "runtime must be a runtime's name"),
+        ({"runtime": 3}, "runtime must be a runtime's name"),
+        ({"pixel_threshold": 0.3, "pixel_scale": 0.1}, "must be given together"),
+        ({"normal_scores": 0.5}, "normal_scores must be a list of numbers"),
+        ({"normal_scores": "0.5"}, "normal_scores must be a list of numbers"),
+        ({"normal_scores": [float("nan")] * 19}, "normal_scores must hold finite numbers only"),
+        ({"normal_scores": [0.5]}, "normal_scores holds 1 scores for 19 calibration images"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            calibration(**change)
+    assert calibration(normals_needed=1, confidence=0.5).normals_needed == 1
+
+
+def test_calibration_json_sorts_its_keys_and_reads_a_file_without_a_version_as_version_1():
+    """Sorted keys: the text is hashed into the export cache key, so it must not follow the field order."""
+    fields = json.loads(calibration().to_json())
+    assert list(fields) == sorted(fields)
+    del fields["format_version"]
+    with pytest.raises(ValueError, match=r"unknown fields \['colour'\] \(format version 1\)"):
+        Calibration.from_json(json.dumps(fields | {"colour": "red"}))
+
+
+def test_masks_and_apply_calibration_without_a_pixel_threshold():
+    rule = calibration()
+    output = AnomalyDetectionOutput(
+        image_scores=torch.tensor([0.5, 2.0]),
+        anomaly_maps=torch.zeros(2, 4, 4),
+        branch_scores={"zero_shot": torch.tensor([0.1, 0.2])},
+    )
+    assert rule.masks(output.anomaly_maps) is None
+    calibrated = apply_calibration(output, rule)
+    assert calibrated.anomaly_masks is None
+    assert calibrated.labels.tolist() == [0, 1]
+    assert calibrated.branch_scores is output.branch_scores
 
 
 def test_the_calibration_travels_in_the_bank_file_and_a_broken_one_is_named(tiny_winclip, tmp_path):
@@ -357,6 +474,18 @@ def test_the_miss_rate_counts_defects_at_or_below_the_threshold():
     assert with_maps.pixel_scale == pytest.approx(0.9 / 4)
 
 
+def test_fit_calibration_keeps_its_scores_and_needs_no_more_normals_at_exactly_enough():
+    normals = torch.arange(1.0, 20.0)  # 19 normals: exactly enough for 5 % on average
+    maps = normals.reshape(19, 1, 1).expand(19, 2, 2) * 0.1
+    defects = torch.tensor([18.5, 30.0])
+    rule = fit_calibration(normals, maps, defects, normal_source="held_out", false_alarm_rate=0.05)
+    assert rule.normals_needed is None
+    assert rule.normal_scores == tuple(normals.tolist())
+    assert rule.anomalous_scores == (18.5, 30.0)
+    # float32 maxima 0.1 x k, read back as float64: the same floats
+    assert rule.normal_map_maxima == tuple((normals * 0.1).double().tolist())
+
+
 def test_calibration_miss_rate_round_trips_and_defaults_for_earlier_files():
     rule = calibration(num_anomalous=4, calibration_miss_rate=0.25)
     assert Calibration.from_json(rule.to_json()) == rule
@@ -416,17 +545,26 @@ def test_calibration_of_outputs_reads_each_outputs_scores_and_maps_in_their_plac
 
     generator = torch.Generator().manual_seed(0)
     normal = AnomalyDetectionOutput(
-        image_scores=torch.rand(12, generator=generator), anomaly_maps=torch.rand(12, 4, 4, generator=generator)
+        image_scores=torch.rand(12, generator=generator),
+        anomaly_maps=torch.rand(12, 4, 4, generator=generator),
     )
     anomalous = AnomalyDetectionOutput(
-        image_scores=1 + torch.rand(5, generator=generator), anomaly_maps=1 + torch.rand(5, 4, 4, generator=generator)
+        image_scores=1 + torch.rand(5, generator=generator),
+        anomaly_maps=1 + torch.rand(5, 4, 4, generator=generator),
     )
     masks = torch.rand(5, 4, 4, generator=generator) > 0.5
     settings = {"normal_source": "held_out", "false_alarm_rate": 0.1, "rule": "best_f1"}
     expected = fit_calibration(
-        normal.image_scores, normal.anomaly_maps, anomalous.image_scores, anomalous.anomaly_maps, masks, **settings
+        normal.image_scores,
+        normal.anomaly_maps,
+        anomalous.image_scores,
+        anomalous.anomaly_maps,
+        masks,
+        **settings,
     )
     assert fit_calibration_of_outputs(normal, anomalous, masks, **settings) == expected
-    assert fit_calibration_of_outputs(normal, normal_source="held_out", false_alarm_rate=0.1) == fit_calibration(
+    assert fit_calibration_of_outputs(
+        normal, normal_source="held_out", false_alarm_rate=0.1
+    ) == fit_calibration(
         normal.image_scores, normal.anomaly_maps, normal_source="held_out", false_alarm_rate=0.1
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -104,7 +105,9 @@ def test_a_score_or_pixel_at_its_threshold_is_normal_and_the_next_float_above_is
     assert rule.labels(scores).tolist() == [0, 1]
     normalized = rule.normalize(scores)
     assert normalized[0] == 0.5 and normalized[1] > 0.5
-    pixel_rule = dataclasses.replace(rule, pixel_threshold=0.5, pixel_scale=0.1, pixel_rule="false_alarm_rate")
+    pixel_rule = dataclasses.replace(
+        rule, pixel_threshold=0.5, pixel_scale=0.1, pixel_rule="false_alarm_rate"
+    )
     maps = torch.stack([torch.tensor(0.5, dtype=dtype), next_above(0.5, dtype)]).reshape(1, 1, 2)
     assert pixel_rule.masks(maps).tolist() == [[[False, True]]]
 
@@ -116,6 +119,31 @@ def test_the_exported_runner_decides_a_score_at_the_threshold_as_the_library_doe
     assert run_exported.labels(scores, manifest_calibration).tolist() == [0, 1]
     normalized = run_exported.normalized_scores(scores, manifest_calibration)
     assert normalized[0] == 0.5 and normalized[1] > 0.5
+
+
+def test_the_exported_runner_marks_a_pixel_at_the_threshold_normal():
+    """A map at the image's own size is resized exactly (each output pixel is one input pixel, weight 1)."""
+    above = float(next_above(0.5, torch.float32))
+    anomaly_map = np.array([[0.5, above], [0.25, 0.75]], dtype=np.float32)
+    at_size, mask = run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, {"pixel_threshold": 0.5})
+    np.testing.assert_array_equal(at_size, anomaly_map)
+    assert mask.tolist() == [[False, True], [False, True]]
+    for no_pixel_threshold in (None, {"pixel_threshold": None}):
+        assert run_exported.pixels_above(Image.new("RGB", (2, 2)), anomaly_map, no_pixel_threshold) is None
+
+
+def test_the_exported_runner_compares_float32_scores_with_the_threshold_in_float64():
+    """float32(0.1) is 1.5e-9 above the float64 threshold 0.1: anomalous, as the library decides (compared
+    in float32 the two would tie). Non-finite scores raise no numpy warning on the way."""
+    rule = conformal([0.0], image_threshold=0.1, image_scale=0.05)
+    manifest_calibration = json.loads(rule.to_json())
+    scores = np.array([0.1, np.inf, -np.inf, np.nan], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        labels = run_exported.labels(scores, manifest_calibration)
+        normalized = run_exported.normalized_scores(scores, manifest_calibration)
+    assert labels.tolist() == rule.labels(torch.from_numpy(scores)).tolist() == [1, 1, 1, 1]
+    np.testing.assert_array_equal(normalized, rule.normalize(torch.from_numpy(scores)).numpy())
 
 
 def test_json_safe_records_write_null_for_non_finite_floats():
@@ -175,6 +203,35 @@ def test_the_label_is_exactly_a_normalised_score_above_one_half(dtype, threshold
     assert torch.equal(labels == 1, values > 0.5)
     assert torch.all(values[:50] == 0.5)  # the threshold is representable in both dtypes: ties are exact
     assert 0 < labels.sum() < labels.numel()
+
+
+# lifts: only where the scale dwarfs float32's spacing at the threshold does a score above it round to 0.5
+@pytest.mark.parametrize(
+    ("threshold", "scale", "lifts"), [(0.25, 3.75e-4, False), (0.0, 1e6, True), (1e3, 1e-9, False)]
+)
+def test_the_exported_runner_normalises_every_score_as_the_library_does(threshold, scale, lifts):
+    """The same float32 scores from the exported graph, around the threshold (where the normalised score
+    rounds to 0.5 and is lifted to the next float above it) and far off (where it rounds to 1.0 and is held
+    just below): the runner's numpy arithmetic gives the library's floats exactly."""
+    rule = conformal([0.0], image_threshold=threshold, image_scale=scale)
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.tensor(threshold, dtype=torch.float32)
+    scores = torch.cat(
+        [
+            torch.stack([exact, torch.nextafter(exact, exact + 1), torch.nextafter(exact, exact - 1)]),
+            threshold + scale * torch.randn(1_000, generator=generator) * 1e-9,
+            threshold + scale * torch.randn(1_000, generator=generator),
+            threshold + scale * torch.randn(1_000, generator=generator) * 1e9,
+        ]
+    ).numpy()
+    manifest_calibration = json.loads(rule.to_json())
+    expected = rule.normalize(torch.from_numpy(scores)).numpy()
+    assert np.any(expected == np.nextafter(np.float32(0.5), np.float32(1))) == lifts  # to just above 0.5
+    assert np.any(expected == np.nextafter(np.float32(1), np.float32(0)))  # held just below 1
+    np.testing.assert_array_equal(run_exported.normalized_scores(scores, manifest_calibration), expected)
+    np.testing.assert_array_equal(
+        run_exported.labels(scores, manifest_calibration), rule.labels(torch.from_numpy(scores)).numpy()
+    )
 
 
 def test_a_failing_part_never_reads_one_half():

@@ -377,6 +377,15 @@ def test_runner_resizes_maps_and_outlines_the_pixel_threshold_as_the_cli_does(to
     assert not np.array_equal(np.asarray(expected), np.asarray(heatmap_overlay(image, anomaly_map)))
 
 
+def test_runner_resizes_a_map_that_is_not_square_to_float32():
+    anomaly_map = np.random.default_rng(1).random((12, 20))  # float64, 12 rows by 20 columns
+    expected_map = resized_map(torch.from_numpy(anomaly_map.astype(np.float32)), (50, 30))
+    resized = run_exported.resized_map(anomaly_map, (50, 30))
+    assert resized.dtype == np.float32 and resized.shape == (30, 50)
+    # as above: torch's float32 weights rounded in another order, up to 8e-7 on values in [0, 1)
+    np.testing.assert_allclose(resized, expected_map, atol=1e-6)
+
+
 def test_runner_writes_the_records_hf_fsad_score_writes(saved_winclip_dir, toy, tmp_path):
     """The same model, calibrated bank and images through `hf-fsad score` and the exported runner: the same
     records (keys in order, paths, labels, threshold; scores within the export's parity) and heatmaps."""
