@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -429,6 +429,29 @@ def _first_of_each(records: list[dict]) -> list[dict]:
             seen.add(record["path"])
             kept.append(record)
     return kept
+
+
+def ray_cell_map(num_cpus: float = 1.0, num_gpus: float = 0.0) -> Callable:
+    """A `cell_map` for `hf_fsad.evaluation.run_benchmark`: each cell of a category runs as a Ray task
+    reserving `num_cpus` CPUs and `num_gpus` GPUs (retried when its worker dies), the models, data and
+    feature cache of the category put in the object store once; the outcomes come back to the driver, in
+    order, which writes results.json. A feature cache on disk must be a folder every node can reach."""
+
+    def cell_map(run_cell: Callable, cells: Sequence) -> Iterator:
+        import ray
+
+        if not cells:
+            return
+        shared = ray.put(run_cell)
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=ACTOR_RESTARTS)(_call)
+        for outcome in [task.remote(shared, cell) for cell in cells]:
+            yield ray.get(outcome)
+
+    return cell_map
+
+
+def _call(function: Callable, argument: Any) -> Any:
+    return function(argument)
 
 
 def print_summary(summary: RaySummary, output: Path) -> None:

@@ -20,7 +20,7 @@ from ._bank_inputs import (
     saved_bank,
     threshold_rule,
 )
-from ._engine import add_engine, check_engine, score_on_ray
+from ._engine import add_engine, check_score_engine, score_on_ray
 from ._errors import CliError
 from ._options import (
     add_allow_untrained,
@@ -204,7 +204,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_max_pixels(parser)
     add_tiling(parser)
-    add_engine(parser)
+    add_engine(
+        parser,
+        "where the images are scored: in this process (or under torchrun / accelerate launch), or on a Ray "
+        "cluster (the ray extra; docs/scale.md): read and preprocessed in CPU tasks, scored by a pool of "
+        "actors, unreadable inputs written as records with their error",
+        "local (default) or ray; ray also reads Parquet inputs (a .parquet file or folder, or "
+        "hf://datasets/...: a path, bytes or image column)",
+        pool=True,
+    )
     parser.set_defaults(handler=run)
 
 
@@ -378,7 +386,7 @@ def _check_options(args: argparse.Namespace) -> None:
             "default the pixel threshold keeps --false-alarm-rate on the normal images' maps)"
         )
     tiling = tiling_of(args)  # a bad tiling is refused before anything is read
-    check_engine(args, tiling is not None)
+    check_score_engine(args, tiling is not None)
     runtime_conflict = _runtime_conflict(args, args.tile_size is not None)
     if runtime_conflict:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
