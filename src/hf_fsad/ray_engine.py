@@ -57,8 +57,8 @@ if TYPE_CHECKING:
 # Columns a Parquet input may hold: an image path, its encoded bytes, or `datasets`' Image struct
 # ({"bytes", "path"}) under "image".
 INPUT_COLUMNS = ("path", "bytes", "image")
-# Retries of an actor that died (process killed, node lost) and of the batches it was scoring.
-ACTOR_RESTARTS = 3
+# Retries of a benchmark cell whose worker died (process killed, node lost).
+CELL_RETRIES = 3
 
 
 @dataclass(frozen=True)
@@ -324,9 +324,7 @@ def score_dataset(
         compute=ActorPoolStrategy(size=resources.num_workers),
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
-        max_restarts=ACTOR_RESTARTS,
-        max_task_retries=ACTOR_RESTARTS,
-    )
+    )  # an actor that dies is restarted and its batches retried: Ray Data's default (max_restarts=-1)
 
 
 def read_records(output: str | os.PathLike) -> list[dict]:
@@ -443,7 +441,7 @@ def ray_cell_map(num_cpus: float = 1.0, num_gpus: float = 0.0) -> Callable:
         if not cells:
             return
         shared = ray.put(run_cell)
-        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=ACTOR_RESTARTS)(_call)
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=CELL_RETRIES)(_call)
         for outcome in [task.remote(shared, cell) for cell in cells]:
             yield ray.get(outcome)
 

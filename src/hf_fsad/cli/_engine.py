@@ -129,6 +129,7 @@ def score_on_ray(
         return 130
     print_summary(summary, output)
     if bank.calibration is not None or args.threshold is not None:
-        print(verdict_summary(read_records(output)), file=sys.stderr)
+        scored_records = [record for record in read_records(output) if record.get("score") is not None]
+        print(verdict_summary(scored_records), file=sys.stderr)
     scored = summary.scored - summary.errors
     return 0 if scored or not summary.scored else 1
