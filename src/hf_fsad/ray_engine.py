@@ -181,7 +181,8 @@ def _preprocess(
     and zero pixels."""
     skipped = _skipped(skip[0])
     sources = _row_sources(batch)
-    names = list(batch["heatmap_name"]) if "heatmap_name" in batch else [_heatmap_name(p) for p, _ in sources]
+    given = list(batch["heatmap_name"]) if "heatmap_name" in batch else [None] * len(sources)
+    names = [name or _heatmap_name(path) for name, (path, _) in zip(given, sources)]  # a table's rows: None
     kept = [row for row, (path, _) in enumerate(sources) if path not in skipped]
     sources, names = [sources[row] for row in kept], [names[row] for row in kept]
     images, errors = [], []
