@@ -315,6 +315,7 @@ CLI_SHARED = {
     "hf_fsad.cli._errors",
     "hf_fsad.cli._options",
     "hf_fsad.cli._bank_inputs",
+    "hf_fsad.cli._engine",
 }
 COMMANDS = {
     f"hf_fsad.cli.{name}"
