@@ -36,13 +36,18 @@ from hf_fsad.ray_engine import RayResources, score_to_file
 from hf_fsad.testing import byte_level_clip_tokenizer, tiny_clip_config, vit_b16_plus_240_config
 
 METHODS = {"winclip": (WinClipModel, WinClipConfig), "metacan": (MetaCanModel, MetaCanConfig)}
+# MetaCAN's layers and heads as its tests size them, for the 2-block tiny backbone (untrained: costs only).
+TINY_OPTIONS = {
+    "metacan": {"feature_layers": [1, 2], "differentiator_hidden_size": 16, "detector_hidden_sizes": [8, 4]}
+}
 
 
 def build(method: str, size: str):
     model_class, config_class = METHODS[method]
     clip = tiny_clip_config() if size == "tiny" else vit_b16_plus_240_config()
     torch.manual_seed(0)
-    model = model_class(config_class(clip_config=clip))
+    options = TINY_OPTIONS.get(method, {}) if size == "tiny" else {}
+    model = model_class(config_class(clip_config=clip, **options))
     model.tokenizer = byte_level_clip_tokenizer()
     return model.eval()
 
@@ -111,6 +116,11 @@ def main() -> None:
                 row[f"ray_{workers}"], row[f"ray_{workers}_start_up_s"] = rate, start_up
             print(json.dumps(row), flush=True)
             rows.append(row)
+            write(Path(args.out), rows)
+
+
+def write(out: Path, rows: list[dict]) -> None:
+    """The rows so far and the machine, into OUT/ray_throughput.json (a run cut short keeps its rows)."""
     machine = {
         "processor": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
@@ -123,7 +133,6 @@ def main() -> None:
     machine["simd"] = sorted(
         {flag for flag in flags.split() if flag.startswith(("avx", "sse4", "amx", "fma"))}
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ray_throughput.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
 
