@@ -64,8 +64,8 @@ def _score(model_dir, root, output, *options):
 
 def _assert_same_records(ray_records: dict, local_records: dict) -> None:
     assert ray_records.keys() == local_records.keys()
-    for path, local in local_records.items():
-        got = dict(ray_records[path])
+    for path, expected in local_records.items():
+        got, local = dict(ray_records[path]), dict(expected)
         assert got.pop("score") == pytest.approx(local.pop("score"), abs=SCORE_TOLERANCE)
         assert got.pop("branch_scores") == pytest.approx(local.pop("branch_scores"), abs=SCORE_TOLERANCE)
         if "normalized_score" in local:
@@ -240,8 +240,10 @@ def test_benchmark_cells_run_as_ray_tasks_and_the_driver_writes_the_results(tiny
     for seed, cell in local.items():
         assert remote[seed]["reference_ids"] == cell["reference_ids"]
         assert remote[seed]["image_scores"] == pytest.approx(cell["image_scores"], abs=SCORE_TOLERANCE)
-    # the cells' feature-cache counts come back to the driver
-    assert runs["ray"]["feature_cache"]["misses"] == runs["local"]["feature_cache"]["misses"] > 0
+    # the cells' feature-cache counts come back to the driver (cells running at once may both miss an image)
+    counts = [run["feature_cache"] for run in (runs["local"], runs["ray"])]
+    assert counts[0]["hits"] + counts[0]["misses"] == counts[1]["hits"] + counts[1]["misses"]
+    assert counts[1]["misses"] >= counts[0]["misses"] > 0
 
 
 def test_neither_import_hf_fsad_nor_the_cli_help_imports_ray():
