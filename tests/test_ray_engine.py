@@ -78,6 +78,7 @@ def _assert_same_records(ray_records: dict, local_records: dict) -> None:
         regions = got.pop("regions", None), local.pop("regions", None)
         assert (regions[0] is None) == (regions[1] is None)
         for got_region, region in zip(*(regions if regions[0] is not None else ([], []))):
+            got_region, region = dict(got_region), dict(region)
             peak = pytest.approx(region.pop("peak_score"), abs=SCORE_TOLERANCE)
             assert got_region.pop("peak_score") == peak and got_region == region
         assert got == local  # path, label, threshold ...
