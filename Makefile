@@ -38,7 +38,7 @@ $(VENV)/.installed-core: pyproject.toml
 
 # Every extra but `convert` (diffusers, onnx and openvino, gradio, playwright, ...): what the tests need.
 $(VENV)/.installed: $(VENV)/.installed-core
-	$(VENV)/bin/$(PIP_INSTALL) -e '.[dev,elpv,diffusers,space,export]'
+	$(VENV)/bin/$(PIP_INSTALL) -e '.[dev,elpv,diffusers,space,export,ray]'
 	touch $@
 
 $(CONVERT_VENV)/.installed: pyproject.toml

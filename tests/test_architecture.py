@@ -70,6 +70,9 @@ LAYERS = {
     "hf_fsad.calibration_policy": 3,
     # the papers' tables reproduced through the runner and the trainers
     "hf_fsad.reproduction": 3,
+    # what the engines of `hf-fsad score` share (records, scorer), and the Ray engine (ray imported in functions)
+    "hf_fsad.batch_scoring": 3,
+    "hf_fsad.ray_engine": 3,
     # 4: the command line, the top.
     "hf_fsad.cli": 4,
 }
@@ -314,6 +317,7 @@ CLI_SHARED = {
     "hf_fsad.cli._errors",
     "hf_fsad.cli._options",
     "hf_fsad.cli._bank_inputs",
+    "hf_fsad.cli._engine",
 }
 COMMANDS = {
     f"hf_fsad.cli.{name}"
@@ -390,3 +394,13 @@ def test_the_cli_and_what_it_imports_at_module_level_are_light():
     assert "hf_fsad.pipeline imports torch at module level" in found
     assert "hf_fsad.pipeline imports transformers at module level" in found
     assert _heavy_module_level_imports({"hf_fsad.calibration_policy"}) == []  # torch inside its functions
+
+
+def test_ray_is_imported_only_inside_functions():
+    # `import hf_fsad` and `hf-fsad --help` must work without the ray extra and not pay for importing it
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(), str(path))
+        top_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        for node in top_level:
+            targets = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            assert not any(target and target.split(".")[0] == "ray" for target in targets), name

@@ -460,7 +460,7 @@ sys.argv = [{str(CONSOLE_SCRIPT)!r}, *sys.argv[1:]]
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as exit:
-    loaded = [name for name in ("torch", "transformers", "datasets") if name in sys.modules]
+    loaded = [name for name in ("torch", "transformers", "datasets", "ray") if name in sys.modules]
     print(f"exit {{exit.code}}, loaded {{loaded}}", file=sys.stderr)
 """
 
@@ -490,7 +490,7 @@ def test_help_as_a_module_loads_neither_torch_nor_transformers_nor_datasets():
     assert completed.returncode == 0 and "usage: hf-fsad" in completed.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in completed.stderr.splitlines() if "|" in line}
     assert "hf_fsad.cli" in imported
-    assert imported & {"torch", "transformers", "datasets"} == set()
+    assert imported & {"torch", "transformers", "datasets", "ray"} == set()
 
 
 def test_version_prints_the_installed_version_without_loading_torch():

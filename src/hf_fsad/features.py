@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
-from .io import IMAGE_READING_RULE, atomic_file, to_upright_rgb
+from .io import IMAGE_READING_RULE, to_upright_rgb
 from .modeling_base import FsadPreTrainedModel
 from .progress import progress_bar
 
@@ -55,8 +56,14 @@ class FeatureCache:
             return
         file = self._file(key, image_id)
         file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(file) as temporary:
+        # A temporary of this process's own: cells running at once on a shared cache may write one file.
+        handle, temporary = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+        os.close(handle)
+        try:
             save_file({name: tensor.contiguous() for name, tensor in features.items()}, temporary)
+            os.replace(temporary, file)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
 
     def features(
         self,

@@ -40,6 +40,22 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    """A whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (e.g. a share of GPUs or CPUs)."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def add_batch_size(parser: argparse.ArgumentParser) -> None:
     """`--batch-size`; `hf_fsad.cli.main` refuses values below 1."""
     parser.add_argument(

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._engine import add_engine, check_engine, init_ray
 from ._errors import CliError
 from ._options import add_allow_untrained, add_batch_size, add_device, add_runtime, add_tiling, tiling_of
 
@@ -95,6 +96,14 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=2,
         help="with --profile: updates of the timed fit of per-category methods (default %(default)s)",
     )
+    add_engine(
+        parser,
+        "where the cells run: one after another in this process, or as Ray tasks (the ray extra; "
+        "docs/scale.md), a category's cells at once; this process collects them and writes results.json",
+        "local (default) or ray; with ray give --feature-cache a folder every node reads and writes (each "
+        "node encodes what it misses into it)",
+        pool=False,
+    )
     parser.set_defaults(handler=run)
 
 
@@ -105,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     from hf_fsad.io import prepare_output_dir
     from hf_fsad.loading import ModelLoadError, load_method, take_untrained_warning
 
+    check_engine(args)
+    if args.profile and args.engine == "ray":
+        raise CliError("--profile times this process; --engine ray runs benchmark cells")
     try:
         tiling = tiling_of(args)
         out = prepare_output_dir(args.out, "--out")
@@ -153,6 +165,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CliError(f"--runtime {args.runtime}: {error}") from None
     cache = FeatureCache(args.feature_cache or out / "feature_cache")
+    cell_map = None
+    if args.engine == "ray":
+        init_ray(args)
+        from hf_fsad.ray_engine import ray_cell_map
+
+        cell_map = ray_cell_map(args.num_cpus_per_worker, args.num_gpus_per_worker)
     results = run_benchmark(
         models,
         datasets,
@@ -165,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         protocol=protocol,
         runtime=args.runtime,
         tiling=tiling,
+        cell_map=cell_map,
     )
     print(
         f"{len(results['cells'])} cells ({results['skipped_cells']} already done), feature-cache hit rate "

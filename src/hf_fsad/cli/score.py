@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ from ._bank_inputs import (
     saved_bank,
     threshold_rule,
 )
+from ._engine import add_engine, check_score_engine, score_on_ray
 from ._errors import CliError
 from ._options import (
     add_allow_untrained,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from hf_fsad.bank import ReferenceBank
+    from hf_fsad.batch_scoring import RecordOptions
     from hf_fsad.calibration_policy import CalibratedBank
 
 
@@ -99,7 +101,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--save-bank", help="save the reference bank (.safetensors) for later runs (--bank)")
     parser.add_argument(
-        "--output", required=True, help="results file (JSON lines), replaced atomically at the end"
+        "--output",
+        required=True,
+        help="results file, replaced atomically at the end: JSON lines; with --engine ray Parquet, or JSON "
+        "lines when the name ends in .jsonl",
     )
     parser.add_argument(
         "--resume",
@@ -199,6 +204,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     )
     add_max_pixels(parser)
     add_tiling(parser)
+    add_engine(
+        parser,
+        "where the images are scored: in this process (or under torchrun / accelerate launch), or on a Ray "
+        "cluster (the ray extra; docs/scale.md): read and preprocessed in CPU tasks, scored by a pool of "
+        "actors, unreadable inputs written as records with their error",
+        "local (default) or ray; ray also reads Parquet inputs (a .parquet file or folder, or "
+        "hf://datasets/...: a path, bytes or image column)",
+        pool=True,
+    )
     parser.set_defaults(handler=run)
 
 
@@ -214,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from accelerate import PartialState
 
+    from hf_fsad.batch_scoring import verdict_summary
     from hf_fsad.deploy.image_files import sigterm_interrupts
     from hf_fsad.distributed import multi_process_cpu
     from hf_fsad.io import (
@@ -235,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
         heatmap_dir = prepare_output_dir(args.heatmaps, "--heatmaps") if args.heatmaps else None
         if args.save_bank:
             prepare_output_file(args.save_bank, "--save-bank")
-        previous = previous_results(output) if args.resume else []
+        previous = previous_results(output) if args.resume and args.engine == "local" else []
         held_out_normals, anomalous, anomalous_masks = read_calibration_images(args)
         defects, defect_masks = read_anomalous_images(
             "--defect", args.defect, "--defect-mask", args.defect_mask, args.max_pixels
@@ -295,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.save_bank and state.is_main_process:
         bank.save(args.save_bank)
+    if args.engine == "ray":
+        return score_on_ray(model, bank, output, heatmap_dir, args, record_options(args))
 
     all_paths = distinct_paths(expand_inputs(args.inputs), report=state.is_main_process)
     used_names: set[str] = set()
@@ -336,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(f"scored {scored} of {len(paths)} images -> {output}", file=sys.stderr)
     if bank.calibration is not None or args.threshold is not None:
-        print(_verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
+        print(verdict_summary([*previous, *map(json.loads, joined.splitlines())]), file=sys.stderr)
     return 0 if scored or not paths else 1
 
 
@@ -368,7 +385,8 @@ def _check_options(args: argparse.Namespace) -> None:
             "--calibration-masks set the pixel threshold by best pixel F1: add --threshold-rule best-f1 (by "
             "default the pixel threshold keeps --false-alarm-rate on the normal images' maps)"
         )
-    tiling_of(args)  # a bad tiling is refused before anything is read
+    tiling = tiling_of(args)  # a bad tiling is refused before anything is read
+    check_score_engine(args, tiling is not None)
     runtime_conflict = _runtime_conflict(args, args.tile_size is not None)
     if runtime_conflict:
         raise CliError(f"--runtime {args.runtime}: {runtime_conflict}")
@@ -440,36 +458,11 @@ def _calibrated_scorer(
     return _scorer(model, made.bank, args, state), made
 
 
-def _manual_decision(score: float, threshold: float, calibration) -> dict:
-    """The verdict at a manual raw `--threshold`, as `decision` gives the calibrated one: anomalous above it
-    (or when the score is not finite); normalized_score 0.5 at it on the calibration's scale, None without a
-    calibration (no scale to normalise with)."""
-    import torch
+def record_options(args: argparse.Namespace) -> RecordOptions:
+    """How the records of this run decide and draw (`--threshold`, `--review-band`, `--heatmap-range`)."""
+    from hf_fsad.batch_scoring import RecordOptions
 
-    from hf_fsad.calibration import exceeds_threshold, normalize_around, score_error
-    from hf_fsad.pipeline import LABEL_NAMES
-
-    value = torch.tensor([score], dtype=torch.float64)
-    normalized = None if calibration is None else normalize_around(value, threshold, calibration.image_scale)
-    verdict = {
-        "label": LABEL_NAMES[int(exceeds_threshold(value, threshold))],
-        "normalized_score": None if normalized is None else float(normalized),
-        "threshold": threshold,
-        "threshold_source": "manual",
-    }
-    error = score_error(score)
-    return verdict if error is None else verdict | {"error": error}
-
-
-def _verdict_summary(records: Sequence[dict]) -> str:
-    """One line counting the calibrated verdicts in `records`, e.g. `5 images: 2 fail (anomalous), 3 pass`
-    (and `, 1 review` with a review band)."""
-    labels = [record["label"] for record in records if "label" in record]
-    failed, review = labels.count("anomalous"), labels.count("review")
-    summary = f"{len(labels)} images: {failed} fail (anomalous), {len(labels) - failed - review} pass"
-    summary += f", {review} review" if review else ""
-    unlabelled = len(records) - len(labels)
-    return summary + (f"; {unlabelled} earlier results without a verdict" if unlabelled else "")
+    return RecordOptions(args.threshold, args.review_band, args.heatmap_range and tuple(args.heatmap_range))
 
 
 def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
@@ -502,31 +495,16 @@ def _scorer(model, bank, args: argparse.Namespace, state):
 
 
 def _runtime_scorer(model, bank, args: argparse.Namespace, state):
-    import torch
+    from hf_fsad.batch_scoring import batch_scorer
 
-    if bank.tiling is not None:  # one image at a time, its tiles in batches
+    if args.runtime != "torch" and bank.tiling is None:
+        from hf_fsad.export import cached_export
 
-        def score_image(image):
-            from hf_fsad.tiled_scoring import score_tiled
-
-            with model.autocast(args.precision):
-                return score_tiled(model, image, bank, args.batch_size)
-
-        return score_image
-    if args.runtime == "torch":
-
-        def score_batch(pixel_values: torch.Tensor):
-            with torch.no_grad(), model.autocast(args.precision):
-                return model(pixel_values, reference_bank=bank)
-
-        return score_batch
-    from hf_fsad.export import ExportedScorer, cached_export
-
-    if state.is_main_process:  # the other processes wait, then find it in the cache
-        folder = cached_export(model, bank, args.runtime)
-        print(f"{args.runtime} export (made on first use): {folder}", file=sys.stderr)
-    state.wait_for_everyone()
-    return ExportedScorer(model, bank, args.runtime, "bf16" if args.precision == "bfloat16" else "f32")
+        if state.is_main_process:  # the other processes wait, then find it in the cache
+            folder = cached_export(model, bank, args.runtime)
+            print(f"{args.runtime} export (made on first use): {folder}", file=sys.stderr)
+        state.wait_for_everyone()
+    return batch_scorer(model, bank, args.runtime, args.precision, args.batch_size)
 
 
 def _score_paths(
@@ -535,8 +513,11 @@ def _score_paths(
     """Score `paths` in batches with `scorer` (`_scorer`: batches of pixel values, or one image at a time with
     a tiled bank) into the JSON-lines file `share` (heatmaps beside, if asked); each line is written whole, so
     an interrupted share holds complete records only."""
+    from hf_fsad.batch_scoring import image_record
     from hf_fsad.io import batched, json_line, readable_images
     from hf_fsad.progress import progress_bar
+
+    options = record_options(args)
 
     with (
         open(share, "w") as sink,
@@ -554,38 +535,7 @@ def _score_paths(
                 results = [(scorer(image), 0) for image in images]
             for (path, image), (result, index) in zip(batch, results):
                 target = heatmap_dir / f"{heatmap_names[path]}.heatmap.png" if heatmap_dir else None
-                sink.write(json_line(_record(path, image, result, index, bank.calibration, args, target)))
+                record = image_record(path, image, result, index, bank.calibration, options, target)
+                sink.write(json_line(record))
                 sink.flush()
             progress.update(len(batch))
-
-
-def _record(path: Path, image, result, index: int, calibration, args, heatmap: Path | None) -> dict:
-    """The JSON-lines record of image `index` of `result`: score, branch scores, heatmap (written to `heatmap`
-    when given and the method makes maps) and, with a `calibration`, the verdict and the defect `regions`
-    (`hf_fsad.pipeline.pixel_decision`)."""
-    from hf_fsad.io import save_image_atomically
-    from hf_fsad.pipeline import decision, pixel_decision, resized_map
-    from hf_fsad.visualization import heatmap_overlay, outline_region
-
-    record = {
-        "path": str(path),
-        "score": float(result.image_scores[index]),
-        "branch_scores": {k: float(v[index]) for k, v in (result.branch_scores or {}).items()},
-        "heatmap": None,
-    }
-    anomaly_map = None if result.anomaly_maps is None else result.anomaly_maps[index]
-    mask = None
-    if args.threshold is not None:
-        record |= _manual_decision(record["score"], args.threshold, calibration)
-    elif calibration is not None:
-        record |= decision(result, index, calibration, args.review_band)
-    if calibration is not None:  # the pixel threshold stays the calibrated one
-        at_image_size = None if anomaly_map is None else resized_map(anomaly_map, image.size)
-        mask, record["regions"] = pixel_decision(at_image_size, calibration)
-    if heatmap is not None and anomaly_map is not None:
-        overlay = heatmap_overlay(image, anomaly_map.float().cpu().numpy(), args.heatmap_range)
-        if mask is not None:
-            overlay = outline_region(overlay, mask)
-        save_image_atomically(overlay, heatmap)
-        record["heatmap"] = str(heatmap)
-    return record

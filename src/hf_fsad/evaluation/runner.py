@@ -39,7 +39,7 @@ import os
 import time
 import typing
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -61,69 +61,11 @@ from ..tiled_scoring import fit_tiled
 from ..tiling import Tiling
 from ..visualization import mask_array
 from .cell_records import calibration_record, decisions, metrics
+from .cells import Cell, DatasetSpec, cell_id
 from .report import plot_category, results_markdown, shots_label
 from .tiled_cells import maps_at, mask_at, metrics_size, score_tiled_images
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DatasetSpec:
-    """A benchmark to run: `load_benchmark(name, root, category, **options)` for each category."""
-
-    name: str
-    root: str | None = None
-    categories: list[str] | None = None  # None: every category the data holds
-    options: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_entry(cls, entry: str | dict) -> DatasetSpec:
-        """A config entry: the CLI's text form, or a dict of the fields (name, root, categories, options)."""
-        return cls(**entry) if isinstance(entry, dict) else cls.parse(entry)
-
-    @classmethod
-    def parse(cls, text: str) -> DatasetSpec:
-        """`name`, `name:root` or `name:root:category` (the CLI's form)."""
-        name, _, rest = text.partition(":")
-        root, _, category = rest.partition(":")
-        return cls(name, root or None, [category] if category else None)
-
-
-def _cell_id(cell: dict) -> str:
-    """The id of a cell in results.json (cells saved before anomalous shots were recorded had 0); a tiled
-    cell's id ends with its tiling."""
-    keys = ("method", "dataset", "category", "k", "seed")
-    parts = [*(str(cell[key]) for key in keys), str(cell.get("anomalous", 0))]
-    if cell.get("tiling"):
-        parts.append(json.dumps(cell["tiling"], sort_keys=True))
-    return "|".join(parts)
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the benchmark: `method` on `category` of `dataset`, with k normal and `anomalous` anomalous
-    references drawn with `seed`; with a `tiling`, scored tiled."""
-
-    method: str
-    dataset: str
-    category: str
-    k: int
-    seed: int
-    anomalous: int
-    tiling: Tiling | None = None
-
-    @property
-    def record(self) -> dict:
-        """The cell's fields as results.json records them; `tiling` only for tiled cells, so an untiled cell's
-        record and id are those of cells saved before tiling."""
-        record = dataclasses.asdict(self)
-        if self.tiling is None:
-            del record["tiling"]
-        return record
-
-    @property
-    def id(self) -> str:
-        return _cell_id(self.record)
 
 
 @dataclass(frozen=True)
@@ -238,6 +180,7 @@ def run_benchmark(
     generated_references: ReferenceGenerator | None = None,
     runtime: str = "torch",
     tiling: Tiling | None = None,
+    cell_map: CellMap | None = None,
 ) -> dict:
     """Run every cell not already in `out_dir/results.json`; write results, table and plots. Returns the
     results dict (cells + feature-cache statistics + wall time).
@@ -252,6 +195,8 @@ def run_benchmark(
     images encoded by the exported graph); references and calibration stay in PyTorch.
     A cell that raises is recorded with its error (results.json and a "Failed cells" table) and the run goes
     on; a rerun tries it again. `tiling`: every cell scored tiled (`hf_fsad.evaluation.tiled_cells`).
+    `cell_map(run_cell, cells)`: runs a category's cells elsewhere (`hf_fsad.ray_engine.ray_cell_map`: as Ray
+    tasks) and yields their outcomes in order; this process stays the one writer of results.json.
     """
     protocol = protocol or Protocol()
     if runtime not in SCORING_RUNTIMES:
@@ -266,7 +211,7 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
     results_file = out_dir / "results.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    results_by_id = {_cell_id(cell): cell for cell in previous.get("cells", [])}
+    results_by_id = {cell_id(cell): cell for cell in previous.get("cells", [])}
     cache = feature_cache or FeatureCache(out_dir / "feature_cache")
     started = time.perf_counter()
     skipped = 0
@@ -274,29 +219,27 @@ def run_benchmark(
     for split in _category_splits(datasets):
         first_seed_scores, shown = {}, None
         cells = list(_cells(models, split, ks, seeds, protocol.anomalous_shots, tiling))
-        for cell in progress_bar(cells, desc=f"{split.dataset}/{split.category}", unit="cell"):
-            # failed cells run again, and so do cells calibrated for another rate
-            if _is_finished(results_by_id.get(cell.id), protocol, runtime, split):
-                skipped += 1
-                continue
-            try:
-                run = _run_cell(
-                    models[cell.method],
-                    cache,
-                    out_dir,
-                    split,
-                    cell,
-                    protocol,
-                    batch_size,
-                    fit_arguments or {},
-                    generated_references,
-                    runtime,
-                )
-            # one failing cell is reported, and the others run
-            except Exception as error:  # noqa: BLE001
-                message = f"{type(error).__name__}: {error}"
-                logger.warning("cell %s failed: %s", cell.id, message)
-                results_by_id[cell.id] = cell.record | {"error": message}
+        # failed cells run again, and so do cells calibrated for another rate
+        todo = [
+            cell for cell in cells if not _is_finished(results_by_id.get(cell.id), protocol, runtime, split)
+        ]
+        skipped += len(cells) - len(todo)
+        run_cell = functools.partial(
+            _cell_outcome, models, cache, out_dir, split, protocol, batch_size, fit_arguments or {},
+            generated_references, runtime,
+        )  # fmt: skip
+        if cell_map is not None:  # drawn here, so that cells running at once do not draw one manifest twice
+            for cell in todo:
+                _cell_manifest(out_dir, split, cell, protocol)
+        outcomes = map(run_cell, todo) if cell_map is None else cell_map(run_cell, todo)
+        progress = progress_bar(total=len(todo), desc=f"{split.dataset}/{split.category}", unit="cell")
+        for cell, (run, hits, misses) in zip(todo, outcomes):
+            progress.update(1)
+            if cell_map is not None:  # counted on the copy of the cache the cell ran with
+                cache.hits, cache.misses = cache.hits + hits, cache.misses + misses
+            if isinstance(run, str):
+                logger.warning("cell %s failed: %s", cell.id, run)
+                results_by_id[cell.id] = cell.record | {"error": run}
             else:
                 results_by_id[cell.id] = cell.record | run.values
                 logger.info("cell %s: %.1f s", cell.id, run.values["seconds"])
@@ -305,6 +248,7 @@ def run_benchmark(
                     if run.maps is not None:
                         shown = (f"{cell.method} k={shots_label(cell.k, cell.anomalous)}", run)
             _write_results(results_file, results_by_id, cache, started, skipped)
+        progress.close()
         if first_seed_scores:
             plot_category(out_dir, split.dataset, split.category, first_seed_scores, shown, num_heatmaps)
 
@@ -312,6 +256,35 @@ def run_benchmark(
     plots = sorted((out_dir / "plots").glob("*.png")) if (out_dir / "plots").is_dir() else []
     atomic_write_text(out_dir / "results.md", results_markdown(results, title, [path.name for path in plots]))
     return results
+
+
+def _cell_outcome(
+    models: dict[str, FsadPreTrainedModel],
+    cache: FeatureCache,
+    out_dir: Path,
+    split: _CategorySplit,
+    protocol: Protocol,
+    batch_size: int,
+    fit_arguments: dict,
+    generated_references: ReferenceGenerator | None,
+    runtime: str,
+    cell: Cell,
+) -> tuple[_CellRun | str, int, int]:
+    """`cell`'s run, or the error message when it raised (one failing cell is reported and the others
+    run); and the feature-cache hits and misses it made."""
+    hits, misses = cache.hits, cache.misses
+    try:
+        run = _run_cell(
+            models[cell.method], cache, out_dir, split, cell, protocol, batch_size, fit_arguments,
+            generated_references, runtime,
+        )  # fmt: skip
+    except Exception as error:  # noqa: BLE001
+        run = f"{type(error).__name__}: {error}"
+    return run, cache.hits - hits, cache.misses - misses
+
+
+# (run_cell, cells) -> each cell's `run_cell(cell)`, in order.
+CellMap = typing.Callable[[typing.Callable, Sequence["Cell"]], typing.Iterable]
 
 
 class ReferenceGenerator(typing.Protocol):
@@ -455,8 +428,7 @@ def _run_cell(
     if tiling is not None and generated_references is not None:
         raise ValueError("Generated references are not tiled: run tiled cells without them.")
     started = time.perf_counter()
-    needs_manifest = k > 0 or anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
-    manifest = _manifest(out_dir, split, k, seed, protocol) if needs_manifest else None
+    manifest = _cell_manifest(out_dir, split, cell, protocol)
     test = split.test
     if manifest is not None and manifest.test_ids is not None:
         test = select_ids(split.test, manifest.test_ids)
@@ -530,6 +502,14 @@ def _run_cell(
         "image_scores": scores.tolist(),
     }
     return _CellRun(scores, maps, labels, masks, test, values, crop)
+
+
+def _cell_manifest(
+    out_dir: Path, split: _CategorySplit, cell: Cell, protocol: Protocol
+) -> ReferenceManifest | None:
+    """The manifest of the images `cell` draws (drawn and saved on first use), None when it draws none."""
+    draws = cell.k > 0 or cell.anomalous > 0 or protocol.draws_from_test or protocol.num_validation > 0
+    return _manifest(out_dir, split, cell.k, cell.seed, protocol) if draws else None
 
 
 def _untiled_scores(
