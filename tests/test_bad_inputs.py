@@ -45,7 +45,9 @@ def _run(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def _stderr_until(process: subprocess.Popen, seen, timeout: float = 240) -> bytes:
     """What `process` wrote to its stderr pipe until `seen(text)` holds, it exits or `timeout` s pass."""
     written, deadline = b"", time.monotonic() + timeout
-    while not seen(written.decode(errors="replace")) and process.poll() is None and time.monotonic() < deadline:
+    while (
+        not seen(written.decode(errors="replace")) and process.poll() is None and time.monotonic() < deadline
+    ):
         if select.select([process.stderr], [], [], 0.05)[0]:
             written += os.read(process.stderr.fileno(), 65536)
     return written

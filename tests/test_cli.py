@@ -538,7 +538,9 @@ def test_device_auto_is_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, runti
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert resolve_device("auto", runtime) == expected
-    assert resolve_device("cuda:1", runtime) == "cuda:1"  # a device named is kept (and checked by the command)
+    assert (
+        resolve_device("cuda:1", runtime) == "cuda:1"
+    )  # a device named is kept (and checked by the command)
     commands = (
         ["score", "x.png", "--model", "m", "--output", "o.jsonl"],
         ["fit", "--normal", "good/", "--out", "fitted/"],

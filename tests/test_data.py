@@ -382,10 +382,14 @@ def test_folder_reads_every_image_suffix_score_reads(folder_root):
     from hf_fsad.io import IMAGE_SUFFIXES
 
     assert set(RUNNER_SUFFIXES) == set(IMAGE_SUFFIXES)  # the exported runner reads the same files
-    Image.fromarray(noise(50).astype(np.uint8)).save(folder_root / "bracket" / "dent" / "d1.webp", lossless=True)
+    Image.fromarray(noise(50).astype(np.uint8)).save(
+        folder_root / "bracket" / "dent" / "d1.webp", lossless=True
+    )
     test = load_benchmark("folder", root=folder_root)["test"]
     assert "bracket/dent/d1.webp" in test["path"]
-    np.testing.assert_array_equal(np.asarray(test[test["path"].index("bracket/dent/d1.webp")]["image"]), noise(50))
+    np.testing.assert_array_equal(
+        np.asarray(test[test["path"].index("bracket/dent/d1.webp")]["image"]), noise(50)
+    )
 
 
 def test_folder_several_categories(tmp_path):

@@ -35,7 +35,11 @@ LIMIT = 100
 
 def build(model_type: str, **config):
     torch.manual_seed(0)
-    model = method_spec(model_type).model(method_spec(model_type).config(clip_config=tiny_clip_config(), **config)).eval()
+    model = (
+        method_spec(model_type)
+        .model(method_spec(model_type).config(clip_config=tiny_clip_config(), **config))
+        .eval()
+    )
     model.tokenizer = byte_level_clip_tokenizer()
     return model
 
@@ -47,7 +51,9 @@ def bank_of(model, references: torch.Tensor, anomalous: torch.Tensor):
 
 
 @pytest.mark.parametrize("model_type", sorted(WHOLE_MEMORIES))
-def test_every_memory_is_whole_by_default_and_thinned_only_on_request_with_a_warning(model_type, coreset_warnings):
+def test_every_memory_is_whole_by_default_and_thinned_only_on_request_with_a_warning(
+    model_type, coreset_warnings
+):
     references, anomalous = torch.randn(2, 3, 240, 240), torch.randn(1, 3, 240, 240)
     exact_model, thinned_model = build(model_type), build(model_type, max_memory_items=LIMIT)
     with warnings.catch_warnings():

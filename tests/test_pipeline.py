@@ -203,7 +203,9 @@ def test_held_out_calibration_images(pipe, toy):
 def test_impossible_calibration_is_refused_when_asked(pipe, toy):
     image = toy["test"][0].image
     for asked in ({"calibrate": True}, {"false_alarm_rate": 0.1}):
-        with pytest.raises(ValueError, match="needs at least 2 reference images, got 1; give held-out normal"):
+        with pytest.raises(
+            ValueError, match="needs at least 2 reference images, got 1; give held-out normal"
+        ):
             pipe(image, reference_images=[toy["train"][0].image], **asked)
     with pytest.raises(ValueError, match="Calibration images were given with calibrate=False"):
         pipe(image, reference_images=[image], calibrate=False, calibration_images=[toy["train"][0].image])

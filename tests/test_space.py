@@ -42,7 +42,15 @@ def _files(paths) -> list | None:
 
 
 def _detect(
-    client, source, references, queries, threshold=0.5, bank=None, defects=None, masks=None, weight_search=True,
+    client,
+    source,
+    references,
+    queries,
+    threshold=0.5,
+    bank=None,
+    defects=None,
+    masks=None,
+    weight_search=True,
     tiling=("0", "0", "pooled"),
 ):
     """The app's /detect outputs: heatmaps, outlined regions, decision Markdown, results, branches, bank;

@@ -147,7 +147,9 @@ def test_zero_shot_scores_and_map_use_the_configured_temperature(make_winclip, s
     image_scores = scores_at_half(features["image_embeddings"])
     # float32 cosines against float64: a few ulp, over T = 0.5 and through the softmax
     torch.testing.assert_close(output.image_scores.double(), image_scores, rtol=0, atol=1e-6)
-    assert {name for name in features if name.startswith("window_")} == {f"window_embeddings.{s}" for s in scales}
+    assert {name for name in features if name.startswith("window_")} == {
+        f"window_embeddings.{s}" for s in scales
+    }
     masks = [scoring.window_masks((15, 15), scale) for scale in scales]
     windows = [scores_at_half(features[f"window_embeddings.{scale}"]) for scale in scales]
     expected_map = functional_winclip.winclip_zero_shot_map(
@@ -334,9 +336,9 @@ def test_few_shot_map_averages_patch_and_window_levels():
     reference_patches = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     windows = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
     reference_windows = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
-    result = functional_winclip.winclip_few_shot_map(patches, reference_patches, [windows], [reference_windows], masks)[
-        0
-    ]
+    result = functional_winclip.winclip_few_shot_map(
+        patches, reference_patches, [windows], [reference_windows], masks
+    )[0]
     window_score = (1 - 1 / math.sqrt(2)) / 2
     assert result.tolist() == pytest.approx(
         [window_score / 2, (0.5 + window_score) / 2, window_score / 2, window_score / 2]

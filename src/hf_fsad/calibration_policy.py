@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+    from transformers import CLIPImageProcessorPil
 
     from .bank import ReferenceBank
     from .modeling_base import FsadPreTrainedModel

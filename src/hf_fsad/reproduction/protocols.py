@@ -335,7 +335,9 @@ _VTFUSION = MethodRun(
         "image_size": Setting(240, OURS, "not stated"),
         "margin": Setting(0.1, OURS, "Eq. 4's (r + alpha); see docs/faithfulness.md on its scale"),
         "distance": Setting(
-            "squared_euclidean", OURS, "D's form is not stated; docs/faithfulness.md measures both on the toy data"
+            "squared_euclidean",
+            OURS,
+            "D's form is not stated; docs/faithfulness.md measures both on the toy data",
         ),
     },
     {"steps": Setting(1000, OURS, "not stated")},

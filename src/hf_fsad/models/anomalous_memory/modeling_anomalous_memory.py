@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil
 
 from ...augmentation import augment_views
 from ...bank import ReferenceBank
