@@ -98,7 +98,7 @@ def export_model(
     format: str = "onnx",
     precision: str = "float32",
     quantization_images: Sequence[Image.Image] | None = None,
-    max_int8_error: float = quantization.DEFAULT_MAX_INT8_ERROR,
+    max_int8_error: float | None = None,
     strict_precision: bool = False,
 ) -> Path:
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
@@ -113,7 +113,7 @@ def export_model(
     `precision="int8"` quantises the encoder's weight products (`hf_fsad.quantization`), calibrated on
     `quantization_images` (the bank's references; topped up with generated views to `QUANTIZATION_IMAGES`),
     and measures the int8 outputs against float32 on them (`quantization.int8_error`, recorded in the
-    manifest's `int8`). Above `max_int8_error` it warns and writes the float32 graph (the manifest's precision
+    manifest's `int8`). Above `max_int8_error` (None: `quantization.DEFAULT_MAX_INT8_ERROR`) it warns and writes the float32 graph (the manifest's precision
     says which), or with `strict_precision` raises a ValueError.
     """
     if format not in EXPORT_FORMATS:
@@ -157,6 +157,7 @@ def export_model(
         int8 = None
         if precision == "int8":
             pixel_values = _quantization_pixels(model, quantization_images)
+            max_int8_error = quantization.DEFAULT_MAX_INT8_ERROR if max_int8_error is None else max_int8_error
             int8 = _quantize(onnx_path, format, pixel_values, output_names, max_int8_error, strict_precision)
         elif format == "openvino":
             import openvino

@@ -19,6 +19,7 @@ numpy, onnx, onnxruntime and nncf (imported where used).
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -113,13 +114,19 @@ def quantize_openvino(onnx_path: str | Path, pixel_values: np.ndarray):
     if not nodes:
         raise ValueError("OpenVINO's conversion kept none of the encoder's matrix products by name.")
     ignored = [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() not in nodes]
-    quantized = nncf.quantize(
-        model,
-        nncf.Dataset([pixel_values[i : i + 1] for i in range(len(pixel_values))]),
-        model_type=nncf.ModelType.TRANSFORMER,
-        subset_size=len(pixel_values),
-        ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
-    )
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # its INFO lines name every operation it leaves float
+    try:
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset([pixel_values[i : i + 1] for i in range(len(pixel_values))]),
+            model_type=nncf.ModelType.TRANSFORMER,
+            subset_size=len(pixel_values),
+            ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+        )
+    finally:
+        nncf_logger.setLevel(level)
     return model, quantized, sorted(nodes)
 
 

@@ -6,11 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from hf_fsad.quantization import DEFAULT_MAX_INT8_ERROR
+
 from ._errors import CliError
 from ._options import add_allow_untrained, add_max_pixels
-
-# The bound `hf_fsad.quantization.DEFAULT_MAX_INT8_ERROR`, here so the parser loads no runtime.
-DEFAULT_MAX_INT8_ERROR = 0.05
 
 
 def register(commands: argparse._SubParsersAction) -> None:

@@ -41,9 +41,7 @@ def plot_category(
         false_positive, true_positive, _ = roc_curve(labels, scores)
         axis.plot(false_positive, true_positive, label=f"{method} k={shots_label(k, anomalous)}")
     axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    axis.set(
-        xlabel="false positive rate", ylabel="true positive rate", title=f"{dataset} / {category}"
-    )
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{dataset} / {category}")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(plot_dir / f"roc_{name}.png", dpi=90)
@@ -213,5 +211,3 @@ def results_markdown(results: dict, title: str | None = None, plots: Sequence[st
     ]
     lines += [f"![{Path(name).stem}](plots/{name})" for name in plots]
     return "\n".join(lines) + "\n"
-
-
