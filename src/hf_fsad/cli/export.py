@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from hf_fsad.quantization import DEFAULT_MAX_INT8_ERROR
-
 from ._errors import CliError
 from ._options import add_allow_untrained, add_max_pixels
 
@@ -41,9 +39,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-int8-error",
         type=float,
-        default=DEFAULT_MAX_INT8_ERROR,
+        metavar="SHARE",
         help="largest int8 score or map error accepted, as a share of the float32 outputs' spread on the "
-        "calibration images (default %(default)s); above it the export is float32, with a warning",
+        "calibration images (default: hf_fsad.quantization.DEFAULT_MAX_INT8_ERROR, 0.05); above it the export is float32, with a warning",
     )
     parser.add_argument(
         "--strict-precision",
