@@ -410,6 +410,10 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["winclip", "metacan", "afclip", "anomalous_memory", "vtfusion"]
     )
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, help="default: all (bf16 where the CPU has it)"
+    )
+    parser.add_argument("--elpv", type=int, default=0, help="ELPV test cells of the int8 agreement (0: none)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
@@ -425,7 +429,7 @@ def main() -> None:
 
     cpu = cpu_description()
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu["flags"]))
-    backends = [backend for backend in BACKENDS if backend != "openvino-bf16" or has_bf16]
+    backends = [backend for backend in args.backends or BACKENDS if backend != "openvino-bf16" or has_bf16]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"cpu": cpu, "layers": args.layers, "repeats": args.repeats, "batch_sizes": args.batch_sizes}
