@@ -1,9 +1,18 @@
 """Per-image latency, peak memory and score error of PyTorch eager, `--compile`, ONNX Runtime and OpenVINO (f32,
-and bf16 where the CPU has it) for each exported method, at batch 1 and 16; and the float32 matrix-product
-rate of each backend (`matmul_rates`).
+bf16 where the CPU has it, and int8) for each exported method, at batch 1 and 16; the float32 matrix-product
+rate of each backend (`matmul_rates`); and with `--elpv`, the agreement of int8 with float32 on real ELPV
+images (`elpv_agreement`: image AUROC of each, and the share of verdicts flipped at thresholds calibrated on
+each runtime's own scores).
 
     .venv/bin/python benchmarks/export_speed.py [--methods winclip metacan afclip anomalous_memory vtfusion]
-        [--layers 12] [--repeats 2] [--out benchmarks/results]
+        [--backends eager onnxruntime onnxruntime-int8 ...] [--layers 12] [--repeats 2] [--elpv 24]
+        [--out benchmarks/results]
+
+int8 backends: the int8 exports (`hf_fsad.export`, `--precision int8`) calibrated on the 2 toy references
+and 6 views generated from them, exported whatever their error (the bound is reported, not applied); the
+`-u8u8` and `-u8s8` ONNX Runtime variants quantise the weights unsigned, or signed at 8 bits (the default is
+signed 7-bit, `reduce_range`: ONNX Runtime's remedies for saturation on AVX2 without VNNI); `-avx2` runs the
+OpenVINO backend with ONEDNN_MAX_CPU_ISA=AVX2 (does OpenVINO's oneDNN take the cap?).
 
 Random weights of ViT-B-16-plus-240 size (12 blocks, 240 px; no pretrained weights can be fetched offline),
 the byte-level test tokenizer, a 2-shot bank of toy images (the anomalous memory: plus one anomalous toy image
@@ -30,7 +39,27 @@ from pathlib import Path
 
 import numpy as np
 
-BACKENDS = ("eager", "compile", "onnxruntime", "openvino-f32", "openvino-bf16")
+BACKENDS = (
+    "eager",
+    "compile",
+    "onnxruntime",
+    "openvino-f32",
+    "openvino-bf16",
+    "onnxruntime-int8",
+    "onnxruntime-int8-u8s8",
+    "onnxruntime-int8-u8u8",
+    "openvino-int8",
+    "openvino-f32-avx2",
+    "openvino-int8-avx2",
+)
+# The int8 export each int8 backend runs: (export format, ONNX Runtime weight mode).
+INT8_EXPORTS = {
+    "onnxruntime-int8": ("onnx", "u8s8-reduce-range"),
+    "onnxruntime-int8-u8s8": ("onnx", "u8s8"),
+    "onnxruntime-int8-u8u8": ("onnx", "u8u8"),
+    "openvino-int8": ("openvino", None),
+    "openvino-int8-avx2": ("openvino", None),
+}
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
@@ -87,12 +116,11 @@ def run_backend(backend: str, folder: Path, batch_sizes: list[int], repeats: int
                 "anomaly_maps": None if maps is None else maps.numpy(),
             }
     else:
-        export = folder / ("onnx" if backend == "onnxruntime" else "openvino")
+        export = folder / export_folder(backend)
         spec = importlib.util.spec_from_file_location("run_exported", export / "run_exported.py")
         runner = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(runner)  # the copy in the export folder: no torch in this process
-        precision = backend.rpartition("-")[2] if backend.startswith("openvino") else "f32"
-        exported = runner.ExportedModel(export, precision=precision)
+        exported = runner.ExportedModel(export, precision="bfloat16" if "bf16" in backend else None)
 
         def score(pixels: np.ndarray) -> dict:
             outputs = exported(pixels)
@@ -109,6 +137,14 @@ def run_backend(backend: str, folder: Path, batch_sizes: list[int], repeats: int
         np.save(folder / f"{backend}.maps.npy", outputs["anomaly_maps"])
     peak_mb = peak_resident_mb()
     return {"seconds_per_image": seconds, "peak_memory_mb": peak_mb}
+
+
+def export_folder(backend: str) -> str:
+    """The export folder (under a method's work folder) that a runtime `backend` scores with."""
+    if backend in INT8_EXPORTS:
+        export_format, weight_mode = INT8_EXPORTS[backend]
+        return f"{export_format}-int8" + (f"-{weight_mode}" if weight_mode else "")
+    return "onnx" if backend == "onnxruntime" else "openvino"
 
 
 def matmul_rates(rows: int = 3616, width: int = 896, repeats: int = 5) -> dict:
@@ -151,13 +187,10 @@ def matmul_rates(rows: int = 3616, width: int = 896, repeats: int = 5) -> dict:
     return {name: flops / timed(product, repeats, True) / 1e9 for name, product in products.items()}
 
 
-def prepare(method: str, layers: int, folder: Path) -> dict:
-    """Save a random model of `method`, its toy bank and 16 toy queries into `folder`; export it to ONNX and
-    OpenVINO there. Returns the export times."""
+def random_model(method: str, layers: int):
+    """`method` on a random CLIP of ViT-B-16-plus-240 size with `layers` blocks (seeded), and the test tokenizer."""
     import torch
 
-    from hf_fsad.data import load_toy
-    from hf_fsad.export import export_model
     from hf_fsad.registry import method_spec
     from hf_fsad.testing import byte_level_clip_tokenizer, vit_b16_plus_240_config
 
@@ -165,6 +198,45 @@ def prepare(method: str, layers: int, folder: Path) -> dict:
     spec = method_spec(method)
     model = spec.model(spec.config(clip_config=vit_b16_plus_240_config(layers))).eval()
     model.tokenizer = byte_level_clip_tokenizer()
+    return model
+
+
+def export_all(model, bank, folder: Path, backends: list[str], references: list) -> dict:
+    """Export `model` and `bank` into `folder` for each runtime `backends` needs (the int8 ones calibrated on
+    `references`, whatever their error). Returns {export folder: (seconds, its manifest's int8 record)}."""
+    from hf_fsad.export import export_model
+    from hf_fsad.quantization import quantize_onnx
+
+    exports = {}
+    for name in dict.fromkeys(
+        export_folder(backend) for backend in backends if "-" in backend or backend == "onnxruntime"
+    ):
+        started = time.perf_counter()
+        export_format = "onnx" if name.startswith("onnx") else "openvino"
+        if "int8" not in name:
+            export_model(model, bank, folder / name, format=export_format)
+        else:
+            weight_mode = name.removeprefix("onnx-int8-") if export_format == "onnx" else None
+            defaults = quantize_onnx.__defaults__
+            if weight_mode:  # the weight mode of ONNX Runtime's quantiser, for this export only
+                quantize_onnx.__defaults__ = (weight_mode,)
+            try:
+                export_model(model, bank, folder / name, export_format, "int8", references, float("inf"))
+            finally:
+                quantize_onnx.__defaults__ = defaults
+        manifest = json.loads((folder / name / "hf_fsad_export.json").read_text())
+        exports[name] = {"seconds": time.perf_counter() - started, "int8": manifest["int8"]}
+    return exports
+
+
+def prepare(method: str, layers: int, folder: Path, backends: list[str]) -> dict:
+    """Save a random model of `method`, its toy bank and 16 toy queries into `folder`; export it there for
+    the runtimes of `backends`. Returns the exports' times and int8 records (`export_all`)."""
+    import torch
+
+    from hf_fsad.data import load_toy
+
+    model = random_model(method, layers)
     toy = load_toy("stripes", num_train=2, num_test_good=8, num_test_anomalous=8)
     processor = model.image_processor()
     references = processor(list(toy["train"]["image"]), return_tensors="pt").pixel_values
@@ -182,19 +254,13 @@ def prepare(method: str, layers: int, folder: Path) -> dict:
     model.save_pretrained(folder / "model")
     bank.save(folder / "bank.safetensors")
     np.save(folder / "queries.npy", queries.numpy())
-    export_seconds = {}
-    for name in ("onnx", "openvino"):
-        started = time.perf_counter()
-        export_model(model, bank, folder / name, format=name)
-        export_seconds[name] = time.perf_counter() - started
-    return export_seconds
+    return export_all(model, bank, folder, backends, list(toy["train"]["image"]))
 
 
 def measure(method: str, args: argparse.Namespace, backends: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
-        export_seconds = prepare(method, args.layers, folder)
-        results = {"export_seconds": export_seconds, "backends": {}}
+        results = {"exports": prepare(method, args.layers, folder, backends), "backends": {}}
         for backend in backends:
             command = [
                 sys.executable,
@@ -207,7 +273,8 @@ def measure(method: str, args: argparse.Namespace, backends: list[str]) -> dict:
                 str(args.repeats),
             ]
             command += ["--batch-sizes", *map(str, args.batch_sizes)]
-            completed = subprocess.run(command, check=False, capture_output=True, text=True)
+            environment = os.environ | ({"ONEDNN_MAX_CPU_ISA": "AVX2"} if backend.endswith("-avx2") else {})
+            completed = subprocess.run(command, check=False, capture_output=True, text=True, env=environment)
             if completed.returncode:  # e.g. killed for memory: recorded, and the other backends still run
                 error = (completed.stderr.strip().splitlines() or [f"exit status {completed.returncode}"])[-1]
                 results["backends"][backend] = {"failed": error, "returncode": completed.returncode}
@@ -227,6 +294,70 @@ def measure(method: str, args: argparse.Namespace, backends: list[str]) -> dict:
                 maps = np.load(folder / f"{backend}.maps.npy")
                 result["map_error"] = float(np.abs(maps - reference_maps).max())
         results["score_range"] = [float(reference_scores.min()), float(reference_scores.max())]
+        if args.elpv:
+            results["elpv"] = elpv_agreement(method, args.layers, folder, args.elpv, backends)
+    return results
+
+
+def elpv_agreement(method: str, layers: int, folder: Path, count: int, backends: list[str]) -> dict:
+    """On ELPV (mono cells): the bank of 2 normal train cells, thresholds calibrated on 8 other normal train
+    cells (5 % false alarms, each runtime on its own scores), `count` test cells (half defective). Per runtime
+    backend of `backends` (float32 and int8): image AUROC, and against its float32 runtime the largest score
+    difference and the share of test verdicts flipped."""
+    import torch
+
+    from hf_fsad.calibration import fit_calibration
+    from hf_fsad.data import load_benchmark
+    from hf_fsad.deploy.run_exported import ExportedModel
+    from hf_fsad.metrics.functional import image_auroc
+
+    data = load_benchmark("elpv", None, "mono")
+    train, test = data["train"], data["test"]
+    labels = np.asarray(test["label"])
+    chosen = [*np.flatnonzero(labels == 0)[: count // 2], *np.flatnonzero(labels == 1)[: count - count // 2]]
+    test = test.select(chosen)
+    model = random_model(method, layers)
+    references = [image.convert("RGB") for image in train.select(range(2))["image"]]
+    held_out = [image.convert("RGB") for image in train.select(range(2, 10))["image"]]
+    processor = model.image_processor()
+    if model.needs_anomalous_references or model.fits_per_category:
+        return {"skipped": "builds its bank from defective cells or fits per category: toy rows only"}
+    with torch.no_grad():
+        bank = model.build_reference_bank(processor(references, return_tensors="pt").pixel_values, "mono")
+    runtimes = [
+        backend
+        for backend in backends
+        if backend in ("onnxruntime", "openvino-f32") or backend in INT8_EXPORTS
+    ]
+    elpv_folder = folder / "elpv"
+    export_all(model, bank, elpv_folder, runtimes, references)
+    test_pixels = processor(
+        [image.convert("RGB") for image in test["image"]], return_tensors="np"
+    ).pixel_values
+    held_out_pixels = processor(held_out, return_tensors="np").pixel_values
+    results = {"test_images": len(chosen), "held_out_normals": len(held_out), "runtimes": {}}
+    verdicts = {}
+    for backend in runtimes:
+        exported = ExportedModel(elpv_folder / export_folder(backend))
+        scores = np.concatenate(
+            [exported(test_pixels[i : i + 4])["image_scores"] for i in range(0, len(test_pixels), 4)]
+        )
+        normal = exported(held_out_pixels)
+        calibration = fit_calibration(
+            torch.from_numpy(normal["image_scores"]), None, normal_source="held_out", false_alarm_rate=0.05
+        )
+        verdicts[backend] = scores > calibration.image_threshold
+        results["runtimes"][backend] = {
+            "image_auroc": float(image_auroc(labels[chosen], scores)),
+            "scores": scores.tolist(),
+        }
+    for backend, row in results["runtimes"].items():
+        float_backend = "onnxruntime" if backend.startswith("onnxruntime") else "openvino-f32"
+        if backend != float_backend and float_backend in verdicts:
+            row["flipped"] = float(np.mean(verdicts[backend] != verdicts[float_backend]))
+            row["max_score_error"] = float(
+                np.abs(np.asarray(row["scores"]) - results["runtimes"][float_backend]["scores"]).max()
+            )
     return results
 
 
@@ -279,6 +410,10 @@ def main() -> None:
     parser.add_argument(
         "--methods", nargs="+", default=["winclip", "metacan", "afclip", "anomalous_memory", "vtfusion"]
     )
+    parser.add_argument(
+        "--backends", nargs="+", choices=BACKENDS, help="default: all (bf16 where the CPU has it)"
+    )
+    parser.add_argument("--elpv", type=int, default=0, help="ELPV test cells of the int8 agreement (0: none)")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--repeats", type=int, default=2)
@@ -294,7 +429,7 @@ def main() -> None:
 
     cpu = cpu_description()
     has_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(cpu["flags"]))
-    backends = [backend for backend in BACKENDS if backend != "openvino-bf16" or has_bf16]
+    backends = [backend for backend in args.backends or BACKENDS if backend != "openvino-bf16" or has_bf16]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"cpu": cpu, "layers": args.layers, "repeats": args.repeats, "batch_sizes": args.batch_sizes}

@@ -40,6 +40,8 @@ LAYERS = {
     "hf_fsad.progress": 0,
     # the torch-free runner of exported graphs: numpy, Pillow and a runtime only
     "hf_fsad.deploy": 0,
+    # int8 quantisation of an exported graph and its error (numpy and the runtimes' quantisers, no model)
+    "hf_fsad.quantization": 0,
     # 1: what every method builds on: the CLIP backbone and its converter, shared scoring functions, the
     # feature cache, the model base class and its calibration mixin, the tiny test builders.
     "hf_fsad.backbones": 1,

@@ -132,7 +132,7 @@ def test_openvino_scores_and_maps_equal_pytorch_at_two_batch_sizes(method, expor
         "tiling.py",
     ]
     runner = ExportedModel(folder)
-    assert (runner.runtime, runner.precision) == ("openvino", "f32")
+    assert (runner.runtime, runner.precision) == ("openvino", "float32")
     queries = pixels(model, toy[1])
     for batch in (1, 6):
         assert_parity(model, bank, runner, queries[:batch])
@@ -235,7 +235,7 @@ def test_the_export_cache_key_covers_the_config_and_every_bank_tensor(
     """A bank that differs from another only in its tensors, and a model that differs only in a scoring config
     field (same weights, so the same bank tensors), each get an export folder of their own."""
 
-    def write_manifest_only(model, bank, folder, export_format):
+    def write_manifest_only(model, bank, folder, *export_options):
         folder.mkdir(parents=True)
         (folder / run_exported.MANIFEST_FILE).write_text("{}")
         return folder

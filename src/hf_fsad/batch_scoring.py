@@ -35,10 +35,11 @@ def batch_scorer(
     runtime: str = "torch",
     precision: str = "float32",
     batch_size: int = 8,
+    quantization_images: Sequence[Image.Image] | None = None,
 ) -> Callable:
     """pixel values -> calibrated `AnomalyDetectionOutput`: the model in PyTorch under `precision`, or its
     export on `runtime` ("onnxruntime", "openvino": `ExportedScorer`, exported on first use into the export
-    cache). With a tiled bank: one image -> its output (`score_tiled`, tiles in batches of `batch_size`), in
+    cache; at "int8" quantised on `quantization_images`). With a tiled bank: one image -> its output (`score_tiled`, tiles in batches of `batch_size`), in
     PyTorch only."""
     if bank.tiling is not None:
 
@@ -58,7 +59,7 @@ def batch_scorer(
         return score_batch
     from .export import ExportedScorer
 
-    return ExportedScorer(model, bank, runtime, "bf16" if precision == "bfloat16" else "f32")
+    return ExportedScorer(model, bank, runtime, precision, None, quantization_images)
 
 
 def manual_decision(score: float, threshold: float, calibration) -> dict:

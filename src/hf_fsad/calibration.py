@@ -71,7 +71,7 @@ from .modeling_outputs import AnomalyDetectionOutput
 
 RULES = ("false_alarm_rate", "best_f1")
 NORMAL_SOURCES = ("leave_one_out", "held_out")
-PRECISIONS = ("float32", "bfloat16", "float16")
+PRECISIONS = ("float32", "bfloat16", "float16", "int8")
 # 2: the normalisation decays like 1 / distance (1: a logistic), `confidence`, `normals_needed`, `runtime` and
 # `precision`. 3: the calibration scores (`normal_scores`, `normal_map_maxima`, `anomalous_scores`).
 CALIBRATION_FORMAT_VERSION = 3

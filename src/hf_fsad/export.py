@@ -22,24 +22,32 @@ import importlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from . import __version__, tiling
+from . import __version__, quantization, tiling
+from .augmentation import augment_views
 from .bank import ReferenceBank
 from .calibration import apply_calibration
+from .calibration_inputs import image_digest
 from .deploy import image_files, regions, run_exported
-from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, RUNTIMES, ExportedModel
+from .deploy.run_exported import MANIFEST_FILE, MANIFEST_FORMAT, PRECISIONS, RUNTIMES, ExportedModel
 from .deprecation import Replaced, moved_names
 from .io import atomic_directory, atomic_write_text
 from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .registry import METHODS
 from .tiled_scoring import tile_bank
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
@@ -51,8 +59,16 @@ INPUT_NAME = "pixel_values"
 POSITION_INPUT_NAME = "tile_position"
 # What scores: PyTorch (the reference) or an exported graph on one of the fused runtimes.
 SCORING_RUNTIMES = ("torch", *RUNTIMES)
+# What an export holds: float32 (OpenVINO may compute it in bfloat16 at run time) or an int8-quantised graph.
+EXPORT_PRECISIONS = ("float32", "int8")
+# The images an int8 export calibrates its quantiser on: the references, topped up with views generated from
+# them (`augment_views`) to this many; the references alone are too few, and their scores against the bank
+# that holds them are all near zero, where views are not.
+QUANTIZATION_IMAGES = 8
 __all__ = [
     "EXPORT_FORMATS",
+    "EXPORT_PRECISIONS",
+    "QUANTIZATION_IMAGES",
     "SCORING_RUNTIMES",
     "BankScorer",
     "ExportedModel",
@@ -106,6 +122,10 @@ def export_model(
     bank: ReferenceBank | None,
     out_dir: str | os.PathLike,
     format: str = "onnx",
+    precision: str = "float32",
+    quantization_images: Sequence[Image.Image] | None = None,
+    max_int8_error: float | None = None,
+    strict_precision: bool = False,
 ) -> Path:
     """Write `model` scoring against `bank` (None: the method's default bank, `bank_or_default`) to `out_dir` as
     one ONNX graph (`format="onnx"`) or OpenVINO IR (`"openvino"`: model.xml + model.bin, float32), with the
@@ -116,9 +136,24 @@ def export_model(
 
     The graph computes what `model(pixel_values, reference_bank=bank)` does in float32 (the parity tests hold
     it to 1e-4); it does not check pixel values for NaN as the PyTorch model does.
+
+    `precision="int8"` quantises the encoder's weight products (`hf_fsad.quantization`), calibrated on
+    `quantization_images` (the bank's references; topped up with generated views to `QUANTIZATION_IMAGES`),
+    and measures the int8 outputs against float32 on them (`quantization.int8_error`, recorded in the
+    manifest's `int8`). Above `max_int8_error` (None: `quantization.DEFAULT_MAX_INT8_ERROR`) it warns and writes the float32 graph (the manifest's precision
+    says which), or with `strict_precision` raises a ValueError.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"Unknown export format {format!r}; choose from {EXPORT_FORMATS}.")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(
+            f"Unknown export precision {precision!r}; choose from {EXPORT_PRECISIONS} (bfloat16 is chosen "
+            "when a float32 export runs, on OpenVINO)."
+        )
+    if precision == "int8" and not quantization_images:
+        raise ValueError(
+            "An int8 export calibrates its quantiser on images: give the bank's reference images."
+        )
     check_exportable(model)
     model = model.eval()
     # checked against the model here: the traced graph cannot hash weights
@@ -137,6 +172,11 @@ def export_model(
     examples, input_names = (example,), [INPUT_NAME]
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch")}}
     if position_tensors:
+        if precision == "int8":
+            raise ValueError(
+                "An int8 export of a position-tiled bank is not supported: its quantiser is calibrated on pixel "
+                "values alone, and this graph also takes the tile's position; export it in float32, or tile pooled."
+            )
         examples += (torch.zeros(1, dtype=torch.int64, device=model.device),)
         input_names.append(POSITION_INPUT_NAME)
         dynamic_shapes[POSITION_INPUT_NAME] = None
@@ -157,18 +197,19 @@ def export_model(
                 verbose=False,
             )
         _check_dynamic_batch(onnx_path)
-        if format == "openvino":
+        int8 = None
+        if precision == "int8":
+            pixel_values = _quantization_pixels(model, quantization_images)
+            max_int8_error = quantization.DEFAULT_MAX_INT8_ERROR if max_int8_error is None else max_int8_error
+            int8 = _quantize(onnx_path, format, pixel_values, output_names, max_int8_error, strict_precision)
+        elif format == "openvino":
             import openvino
 
-            # f32 weights: OpenVINO's default compresses them to f16, which moves the scores
-            openvino.save_model(
-                openvino.convert_model(str(onnx_path)),
-                str(folder / MODEL_FILES["openvino"]),
-                compress_to_fp16=False,
-            )
+            _save_openvino(openvino.convert_model(str(onnx_path)), folder)
+        if format == "openvino":
             onnx_path.unlink()
             onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
-        manifest = _manifest(model, bank, MODEL_FILES[format], input_names, output_names)
+        manifest = _manifest(model, bank, MODEL_FILES[format], input_names, output_names, int8)
         atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
         for module in RUNNER_MODULES:
             shutil.copyfile(module.__file__, folder / Path(module.__file__).name)
@@ -218,6 +259,91 @@ def _of_one_shape(model: FsadPreTrainedModel, name: str, values: list[torch.Tens
     )
 
 
+def _save_openvino(model, folder: Path) -> None:
+    import openvino
+
+    # f32 weights: OpenVINO's default compresses them to f16, which moves the scores
+    openvino.save_model(model, str(folder / MODEL_FILES["openvino"]), compress_to_fp16=False)
+
+
+def _quantization_pixels(model: FsadPreTrainedModel, images: Sequence[Image.Image]) -> np.ndarray:
+    """(N, 3, S, S) float32 pixel values of `images` and, when they are fewer than `QUANTIZATION_IMAGES`, of
+    views generated from them (`augment_views`, seeded) up to that many."""
+    images = [image.convert("RGB") for image in images]
+    missing = max(QUANTIZATION_IMAGES - len(images), 0)
+    for index, image in enumerate(images[:missing]):
+        share = missing // len(images) + (index < missing % len(images))
+        images = images + augment_views(image, share, seed=index)
+    if missing and len(images) < QUANTIZATION_IMAGES:  # fewer references than views per reference
+        images += augment_views(images[0], QUANTIZATION_IMAGES - len(images), seed=len(images))
+    return model.image_processor()(images, return_tensors="np").pixel_values.astype(np.float32)
+
+
+def _quantize(
+    onnx_path: Path,
+    format: str,
+    pixel_values: np.ndarray,
+    output_names: list[str],
+    max_error: float,
+    strict: bool,
+) -> dict:
+    """Quantise the float32 graph at `onnx_path` for `format` in place (ONNX: the file; OpenVINO: model.xml
+    beside it) when its error on `pixel_values` is within `max_error`, else write the float32 graph (a warning;
+    `strict`: a ValueError). Returns the manifest's `int8` record: errors, bound, images, quantised nodes,
+    and whether it fell back to float32."""
+    folder = onnx_path.parent
+    if format == "onnx":
+        import onnxruntime
+
+        int8_path = folder / "model.int8.onnx"
+        nodes = quantization.quantize_onnx(onnx_path, int8_path, pixel_values, INPUT_NAME)
+
+        def runner(path: Path):
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            return lambda pixels: dict(zip(output_names, session.run(output_names, {INPUT_NAME: pixels})))
+
+        float_run, int8_run = runner(onnx_path), runner(int8_path)
+    else:
+        import openvino
+
+        float_model, int8_model, nodes = quantization.quantize_openvino(onnx_path, pixel_values)
+
+        def runner(model):
+            compiled = openvino.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            return lambda pixels: {
+                name: np.array(value) for name, value in zip(output_names, compiled(pixels).to_tuple())
+            }
+
+        float_run, int8_run = runner(float_model), runner(int8_model)
+    errors = quantization.int8_error(
+        quantization.outputs_of(float_run, pixel_values), quantization.outputs_of(int8_run, pixel_values)
+    )
+    fallback = max(errors.values()) > max_error
+    record = {
+        "errors": errors,
+        "max_error": max_error,
+        "calibration_images": len(pixel_values),
+        "quantized_nodes": len(nodes),
+        "fell_back_to_float32": fallback,
+    }
+    if fallback:
+        message = (
+            f"int8 error {max(errors.values()):.3g} (share of the float32 outputs' spread on {len(pixel_values)} "
+            f"calibration images: {errors}) exceeds the bound {max_error}"
+        )
+        if strict:
+            raise ValueError(f"{message}; not exported (without strict precision it falls back to float32).")
+        warnings.warn(f"{message}: exporting float32 instead.", stacklevel=3)
+    if format == "onnx":
+        if not fallback:
+            os.replace(int8_path, onnx_path)
+            onnx_path.with_name(onnx_path.name + ".data").unlink(missing_ok=True)
+        int8_path.unlink(missing_ok=True)
+    else:
+        _save_openvino(float_model if fallback else int8_model, folder)
+    return record
+
+
 def check_exportable(model: FsadPreTrainedModel) -> None:
     """Raise a ValueError saying why when `model`'s method does not export (its `export_refusal`)."""
     if model.export_refusal is not None:
@@ -229,13 +355,19 @@ def cached_export(
     bank: ReferenceBank | None,
     runtime: str = "onnxruntime",
     cache_dir: str | os.PathLike | None = None,
+    precision: str = "float32",
+    quantization_images: Sequence[Image.Image] | None = None,
 ) -> Path:
     """The export folder of `model` scoring against `bank` for `runtime` ("onnxruntime": ONNX, "openvino": IR),
     exported on first use and reused after: it lives under `cache_dir` (default `~/.cache/hf_fsad/exports`)
     in a folder named by the model (`config_hash`, `feature_key`), the bank (its tensors, class and
-    calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew."""
+    calibration) and the versions of hf_fsad, torch and the runtime, so a change to any of them exports anew.
+    `precision="int8"`: the int8 export (`export_model`) calibrated on `quantization_images`, keyed by them too
+    and by the quantiser's version, in a folder of its own."""
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
+    if precision not in EXPORT_PRECISIONS:
+        raise ValueError(f"Unknown export precision {precision!r}; choose from {EXPORT_PRECISIONS}.")
     if bank is None or bank.tiling is None:  # a tiled bank is checked as `export_model` bakes it in
         bank = model.bank_or_default(bank)
     runtime_version = importlib.import_module(runtime).__version__
@@ -255,11 +387,19 @@ def cached_export(
     for name, tensor in sorted(bank.tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    suffix = ""
+    if precision == "int8":
+        quantizer = "nncf" if runtime == "openvino" else "onnxruntime"
+        digest.update(f"int8 {importlib.import_module(quantizer).__version__}".encode())
+        for image in quantization_images or ():
+            digest.update(image_digest(image).encode())
+        suffix = "-int8"
     cache_dir = Path(cache_dir or Path.home() / ".cache" / "hf_fsad" / "exports")
-    folder = cache_dir / f"{model.config.model_type}-{runtime}-{digest.hexdigest()[:16]}"
+    folder = cache_dir / f"{model.config.model_type}-{runtime}{suffix}-{digest.hexdigest()[:16]}"
     if not (folder / MANIFEST_FILE).is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        export_model(model, bank, folder, "openvino" if runtime == "openvino" else "onnx")
+        export_format = "openvino" if runtime == "openvino" else "onnx"
+        export_model(model, bank, folder, export_format, precision, quantization_images)
     return folder
 
 
@@ -267,9 +407,11 @@ class ExportedScorer:
     """Scores as `model(pixel_values, reference_bank=bank)` does, on the graph `cached_export` made of them; a
     tiled bank scores whole images as `score_tiled` does, with `ExportedScorer.score_tiled`.
 
-    runtime: "onnxruntime" or "openvino"; precision: OpenVINO's "f32" (default: PyTorch's numerics within
-    1e-4) or "bf16". The output has `image_scores`, `anomaly_maps` and, with a calibrated bank, the calibrated
-    decisions (`apply_calibration`); `branch_scores` is empty: the graph returns the final scores only.
+    runtime: "onnxruntime" or "openvino"; precision: "float32" (default: PyTorch's numerics within 1e-4),
+    "bfloat16" (OpenVINO computing the float32 graph in bf16) or "int8" (the int8 export, calibrated on
+    `quantization_images`; where its error was above the bound it is the float32 graph, with a warning). The
+    output has `image_scores`, `anomaly_maps` and, with a calibrated bank, the calibrated decisions
+    (`apply_calibration`); `branch_scores` is empty: the graph returns the final scores only.
     """
 
     def __init__(
@@ -277,13 +419,25 @@ class ExportedScorer:
         model: FsadPreTrainedModel,
         bank: ReferenceBank | None,
         runtime: str = "onnxruntime",
-        precision: str = "f32",
+        precision: str = "float32",
         cache_dir: str | os.PathLike | None = None,
+        quantization_images: Sequence[Image.Image] | None = None,
     ):
         check_exportable(model)
         # a tiled bank is checked as `export_model` bakes it in
+        if precision not in PRECISIONS:
+            raise ValueError(f"Unknown precision {precision!r}; choose from {PRECISIONS}.")
         self.bank = bank if bank is not None and bank.tiling is not None else model.bank_or_default(bank)
-        self.exported = ExportedModel(cached_export(model, self.bank, runtime, cache_dir), runtime, precision)
+        export_precision = "int8" if precision == "int8" else "float32"
+        folder = cached_export(model, self.bank, runtime, cache_dir, export_precision, quantization_images)
+        self.exported = ExportedModel(folder, runtime, None if precision == "int8" else precision)
+        int8 = self.exported.manifest.get("int8")
+        if int8 is not None and int8["fell_back_to_float32"]:
+            warnings.warn(
+                f"The int8 export of {model.config.model_type} scores in float32: its int8 error {int8['errors']} "
+                f"was above the bound {int8['max_error']} ({folder}).",
+                stacklevel=2,
+            )
 
     def __call__(self, pixel_values: torch.Tensor) -> AnomalyDetectionOutput:
         if self.bank.tiling is not None:
@@ -332,6 +486,7 @@ def _manifest(
     model_file: str,
     input_names: list[str],
     output_names: list[str],
+    int8: dict | None = None,
 ) -> dict:
     processor = model.image_processor().to_dict()
     processor["resample"] = int(processor["resample"])
@@ -351,6 +506,8 @@ def _manifest(
         "image_processor": json.loads(json.dumps(processor)),
         "calibration": None if bank.calibration is None else json.loads(bank.calibration.to_json()),
         "tiling": None if bank.tiling is None else json.loads(bank.tiling.to_json()),
+        "precision": "int8" if int8 is not None and not int8["fell_back_to_float32"] else "float32",
+        "int8": int8,
         "hf_fsad_version": __version__,
         "torch_version": torch.__version__,
     }

@@ -70,13 +70,18 @@ def add_device(
     parser.add_argument("--device", default="auto", help=help)
 
 
-def add_precision(parser: argparse.ArgumentParser) -> None:
+def add_precision(parser: argparse.ArgumentParser, exported: bool = False) -> None:
+    """`--precision`: PyTorch's autocast precisions and, where the command scores on exported runtimes
+    (`exported`), int8 (an int8 export of the model and bank)."""
+    choices = ["float32", "bfloat16", "float16"] + (["int8"] if exported else [])
+    help = "compute in half precision under torch.autocast (GPU; see docs/performance.md)"
+    if exported:
+        help += (
+            "; with an exported --runtime: float32, bfloat16 (openvino) or int8 (an int8 export calibrated on "
+            "the --reference images, or the --calibration-normal ones; docs/export.md)"
+        )
     parser.add_argument(
-        "--precision",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="compute in half precision under torch.autocast (GPU; see docs/performance.md; default "
-        "%(default)s)",
+        "--precision", choices=choices, default="float32", help=help + "; default %(default)s"
     )
 
 

@@ -191,7 +191,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "then the CPU, and the CPU for an exported --runtime; several processes "
         "take one each)",
     )
-    add_precision(parser)
+    add_precision(parser, exported=True)
     add_allow_untrained(parser)
     parser.add_argument(
         "--compile", action="store_true", help="compile the backbone with torch.compile (slow first batch)"
@@ -415,9 +415,15 @@ def _calibrated_scorer(
     asked = bool(images["held_out_normals"] or images["anomalous"])
     asked = asked or args.false_alarm_rate is not None or args.confidence is not None
     exported = []
+    quantization_images = references or images["held_out_normals"]
+    if args.precision == "int8" and not quantization_images:
+        raise CliError(
+            "--precision int8 calibrates the int8 export's quantiser on images: give --reference images (or "
+            "--calibration-normal ones with a --bank)"
+        )
 
     def runtime_scorer(bank: ReferenceBank):
-        exported.append(_scorer(model, bank, args, state))
+        exported.append(_scorer(model, bank, args, state, quantization_images))
         return exported[-1]
 
     try:
@@ -455,7 +461,7 @@ def _calibrated_scorer(
                 "bank built in: leave-one-out would take one export per reference)"
             )
         raise CliError(f"calibration: {mismatch}; {remedy}, or --no-calibration")
-    return _scorer(model, made.bank, args, state), made
+    return _scorer(model, made.bank, args, state, quantization_images), made
 
 
 def record_options(args: argparse.Namespace) -> RecordOptions:
@@ -467,9 +473,11 @@ def record_options(args: argparse.Namespace) -> RecordOptions:
 
 def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
     """Why the score options cannot run on `--runtime`, or None: the exported runtimes run on the CPU, in
-    float32 (OpenVINO also in bfloat16), with their own graph compiler, and score whole images (`tiled`:
-    tile options or a tiled bank)."""
+    float32 or int8 (OpenVINO also in bfloat16), with their own graph compiler, and score whole images
+    (`tiled`: tile options or a tiled bank); int8 is for them only."""
     if args.runtime == "torch":
+        if args.precision == "int8":
+            return "--precision int8 scores an int8 export: choose --runtime onnxruntime or openvino"
         return None
     if tiled:
         return (
@@ -481,30 +489,32 @@ def _runtime_conflict(args: argparse.Namespace, tiled: bool) -> str | None:
     if args.compile:
         return "--compile compiles the PyTorch model; the exported graph is compiled by its runtime"
     if args.precision == "float16" or (args.precision == "bfloat16" and args.runtime == "onnxruntime"):
-        return f"--precision {args.precision} is not available (float32; bfloat16 with openvino)"
+        return f"--precision {args.precision} is not available (float32 or int8; bfloat16 with openvino)"
     return None
 
 
-def _scorer(model, bank, args: argparse.Namespace, state):
+def _scorer(model, bank, args: argparse.Namespace, state, quantization_images=()):
     """pixel values -> calibrated AnomalyDetectionOutput: the model in PyTorch, or its export on `--runtime`
-    (exported once, by the main process, into the export cache); a CliError when it cannot be exported."""
+    (exported once, by the main process, into the export cache; at int8 calibrated on `quantization_images`);
+    a CliError when it cannot be exported."""
     try:
-        return _runtime_scorer(model, bank, args, state)
+        return _runtime_scorer(model, bank, args, state, quantization_images)
     except (ValueError, ImportError) as error:
         raise CliError(f"--runtime {args.runtime}: {error}") from None
 
 
-def _runtime_scorer(model, bank, args: argparse.Namespace, state):
+def _runtime_scorer(model, bank, args: argparse.Namespace, state, quantization_images):
     from hf_fsad.batch_scoring import batch_scorer
 
     if args.runtime != "torch" and bank.tiling is None:
         from hf_fsad.export import cached_export
 
+        export_precision = "int8" if args.precision == "int8" else "float32"
         if state.is_main_process:  # the other processes wait, then find it in the cache
-            folder = cached_export(model, bank, args.runtime)
-            print(f"{args.runtime} export (made on first use): {folder}", file=sys.stderr)
+            folder = cached_export(model, bank, args.runtime, None, export_precision, quantization_images)
+            print(f"{args.runtime} {export_precision} export (made on first use): {folder}", file=sys.stderr)
         state.wait_for_everyone()
-    return batch_scorer(model, bank, args.runtime, args.precision, args.batch_size)
+    return batch_scorer(model, bank, args.runtime, args.precision, args.batch_size, quantization_images)
 
 
 def _score_paths(

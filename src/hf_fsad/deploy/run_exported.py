@@ -50,8 +50,13 @@ else:  # the copy beside an export, run as a script: image_files.py and regions.
 MANIFEST_FILE = "hf_fsad_export.json"
 MANIFEST_FORMAT = "hf_fsad.export"
 RUNTIMES = ("onnxruntime", "openvino")
-# OpenVINO inference precisions: its CPU plugin computes in bf16 by default where the CPU has it.
-PRECISIONS = ("f32", "bf16")
+# What an export computes in: float32; bfloat16 (OpenVINO computing a float32 export in bf16: its CPU plugin
+# would by default where the CPU has it); int8 (an int8 export, `hf-fsad export --precision int8`).
+PRECISIONS = ("float32", "bfloat16", "int8")
+# The names earlier runners took.
+PRECISION_ALIASES = {"f32": "float32", "bf16": "bfloat16"}
+# OpenVINO's inference precision hint per precision: an int8 graph keeps its float operations in f32.
+OPENVINO_HINTS = {"float32": "f32", "bfloat16": "bf16", "int8": "f32"}
 # matplotlib's "jet" colour map as (position, value) control points per channel; sampled at 256 entries
 # it is the table matplotlib builds (LinearSegmentedColormap, N=256).
 JET_CONTROL_POINTS = {
@@ -120,15 +125,16 @@ class ExportedModel:
     """The graph of an export folder on onnxruntime or OpenVINO (CPU): pixel values in, named outputs out.
 
     runtime: "onnxruntime" (an ONNX export) or "openvino" (an OpenVINO IR or an ONNX export); None picks the
-    one the export was made for. precision: OpenVINO's inference precision, "f32" (default: the PyTorch
-    reference's numerics) or "bf16" (faster where the CPU has bf16, scores move; see docs/performance.md).
+    one the export was made for. precision: None (default) the export's own (its manifest's `precision`);
+    "float32" (the PyTorch reference's numerics), "bfloat16" (OpenVINO computing a float32 export in bf16:
+    faster where the CPU has bf16, scores move; see docs/performance.md) or "int8" (an int8 export only).
     """
 
     def __init__(
         self,
         directory: str | os.PathLike,
         runtime: str | None = None,
-        precision: str = "f32",
+        precision: str | None = None,
         num_threads: int | None = None,
     ):
         self.directory = Path(directory)
@@ -137,8 +143,12 @@ class ExportedModel:
         runtime = runtime or ("openvino" if model_file.suffix == ".xml" else "onnxruntime")
         if runtime not in RUNTIMES:
             raise ValueError(f"Unknown runtime {runtime!r}; choose from {RUNTIMES}.")
+        exported = self.manifest.get("precision", "float32")
+        precision = PRECISION_ALIASES.get(precision, precision) or exported
         if precision not in PRECISIONS:
             raise ValueError(f"Unknown precision {precision!r}; choose from {PRECISIONS}.")
+        if (precision == "int8") != (exported == "int8"):
+            raise ValueError(_precision_mismatch(self.manifest, precision))
         self.runtime, self.precision = runtime, precision
         self.input_name = self.manifest["input_name"]
         # a position tiling's graph takes the tile's position too (exports made before it have no such key)
@@ -147,9 +157,9 @@ class ExportedModel:
         if runtime == "onnxruntime":
             if model_file.suffix != ".onnx":
                 raise ValueError(f"onnxruntime runs ONNX files; {model_file.name} is an OpenVINO model.")
-            if precision != "f32":
+            if precision == "bfloat16":
                 raise ValueError(
-                    "onnxruntime runs the exported graph in float32 only; use openvino for bf16."
+                    "onnxruntime runs a float32 export in float32 only; use openvino for bfloat16."
                 )
             import onnxruntime
 
@@ -163,7 +173,7 @@ class ExportedModel:
         else:
             import openvino
 
-            config = {"INFERENCE_PRECISION_HINT": precision}
+            config = {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS[precision]}
             if num_threads:
                 config["INFERENCE_NUM_THREADS"] = num_threads
             compiled = openvino.Core().compile_model(str(model_file), "CPU", config)
@@ -225,6 +235,20 @@ class ExportedModel:
                     stitcher.add(box, resized_map(tile_map, (box.width, box.height)))
         result = {"image_scores": tiles.combine_tile_scores(np.concatenate(scores), self.tiling.image_score)}
         return result if stitcher is None else result | {"anomaly_maps": stitcher.result()}
+
+
+def _precision_mismatch(manifest: dict, precision: str) -> str:
+    """Why an export cannot run at `precision`: an int8 export runs at int8 only, a float32 one not at int8
+    (with why, where its int8 export fell back to float32)."""
+    if manifest.get("precision") == "int8":
+        return f"This export holds an int8 graph: it runs at precision int8, not {precision}."
+    int8 = manifest.get("int8")
+    why = ""
+    if int8 is not None:
+        why = (
+            f" (its int8 quantisation fell back: error {int8['errors']} above the bound {int8['max_error']})"
+        )
+    return f"This export holds a float32 graph{why}: export with --precision int8 to run at int8."
 
 
 def normalized_scores(image_scores: np.ndarray, calibration: dict) -> np.ndarray:
@@ -432,7 +456,12 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("export_dir", help="the folder `hf-fsad export` wrote")
     parser.add_argument("images", nargs="+", help="image files or directories (searched recursively)")
     parser.add_argument("--runtime", choices=RUNTIMES, help="default: the one the export was made for")
-    parser.add_argument("--precision", choices=PRECISIONS, default="f32", help="OpenVINO's (default f32)")
+    parser.add_argument(
+        "--precision",
+        type=lambda name: PRECISION_ALIASES.get(name, name),
+        choices=PRECISIONS,
+        help="float32 or bfloat16 (OpenVINO) for a float32 export, int8 for an int8 one (default: the export's)",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
