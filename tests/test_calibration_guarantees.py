@@ -412,7 +412,7 @@ def test_the_calibration_records_its_runtime_and_precision_and_a_mismatch_names_
         "float32"
     )
     with pytest.raises(ValueError, match="precision must be one of"):
-        conformal(SATURATING_NORMALS, precision="int8")
+        conformal(SATURATING_NORMALS, precision="int4")
 
 
 def test_separate_calibration_images_keeps_copies_out_by_their_pixels():

@@ -192,7 +192,7 @@ def test_failed_run_leaves_previous_results_untouched(saved_winclip_dir, toy_fil
     def failing_overlay(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("hf_fsad.visualization.heatmap_overlay", failing_overlay)
+    monkeypatch.setattr("hf_fsad.batch_scoring.heatmap_overlay", failing_overlay)
     with pytest.raises(RuntimeError, match="disk full"):
         main(
             [

@@ -4,6 +4,7 @@ a cache folder of its own, the runner runs it, and the CLI's calibration is fitt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from hf_fsad.deploy import run_exported
 from hf_fsad.export import QUANTIZATION_IMAGES, ExportedModel, cached_export, export_model
 from hf_fsad.quantization import int8_error
 from hf_fsad.registry import method_spec
+from hf_fsad.tiling import Tiling
 from test_export import (
     EXPORTED_METHODS,
     PARITY,
@@ -123,6 +125,9 @@ def test_int8_export_needs_images_and_is_cached_in_a_folder_of_its_own(
     model, bank, _, _ = int8_exports("winclip")
     with pytest.raises(ValueError, match="calibrates its quantiser on images"):
         export_model(model, bank, tmp_path / "no_images", "onnx", "int8")
+    position_tiled = dataclasses.replace(bank, tiling=Tiling(32, mode="position", image_size=(64, 64)))
+    with pytest.raises(ValueError, match="int8 export of a position-tiled bank is not supported"):
+        export_model(model, position_tiled, tmp_path / "position", "onnx", "int8", toy[0])
     made = []
 
     def write_manifest_only(model, bank, folder, export_format, precision, images):

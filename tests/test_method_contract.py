@@ -245,5 +245,5 @@ def test_each_flag_matches_what_the_method_implements(model):
     cls = type(model)
     assert model.fits_per_category == (cls.fit is not FsadPreTrainedModel.fit)
     assert model.validates_weights == (cls.validate_weights is not FsadPreTrainedModel.validate_weights)
-    assert model.validates_weights == (cls.validation_set is not FsadPreTrainedModel.validation_set)
+    assert model.validates_weights == (cls.validation_views is not FsadPreTrainedModel.validation_views)
     assert model.validates_weights == bool(model.validated_tensors)

@@ -87,4 +87,4 @@ def test_make_demo_installs_only_the_core_and_make_test_every_extra_its_tests_ne
     assert not any("[" in line for line in demo_installs), (
         demo_installs
     )  # no extras: openvino, diffusers, ...
-    assert any("-e '.[dev,elpv,diffusers,space,export]'" in line for line in make_commands("test-core"))
+    assert any("-e '.[dev,elpv,diffusers,space,export,ray]'" in line for line in make_commands("test-core"))

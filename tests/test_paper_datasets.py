@@ -87,6 +87,8 @@ def test_paths_are_relative_to_the_root(tmp_path):
 def test_prompt_class_words():
     words = {name: class_name_for(name, EXPECTED[name][1]) for name in EXPECTED}
     assert words == {
+        "mvtec_ad": "cable",  # MVTec AD and VisA name the object by its category
+        "visa": "pcb1",
         "btad": "industrial product",
         "dtd_synthetic": "texture",
         "dagm": "textured surface",

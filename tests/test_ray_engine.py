@@ -27,6 +27,10 @@ BATCH = ["--batch-size", "2"]
 RAY = ["--engine", "ray", "--num-cpus-per-worker", "0.5"]
 
 
+# one local cluster at a time on the machine: every Ray test on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("ray")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -156,6 +160,15 @@ def test_the_local_engine_refuses_the_ray_options_and_parquet(saved_winclip_dir,
         )
         assert status == 2
         assert "--engine ray" in capsys.readouterr().err
+
+
+def test_ray_refuses_an_int8_export_before_starting(saved_winclip_dir, files, tmp_path, capsys):
+    arguments = ["score", str(files / "queries"), "--model", saved_winclip_dir, *RAY]
+    status = main(
+        [*arguments, "--runtime", "onnxruntime", "--precision", "int8", "--output", str(tmp_path / "r.jsonl")]
+    )
+    assert status == 2
+    assert "--precision int8 runs on --engine local" in capsys.readouterr().err
 
 
 def _local_bank(model, files):

@@ -161,6 +161,8 @@ def calibrated_bank(
         raise ValueError("Calibration images were given with calibrate=False.")
     if calibrate not in (True, False, "auto"):
         raise ValueError(f'calibrate must be True, False or "auto", got {calibrate!r}.')
+    # an int8 graph exists only exported: what PyTorch computes here runs in float32
+    torch_precision = "float32" if precision == "int8" else precision
     notes: list[str] = []
     defect_images, defect_mask_images = paired_masks(defects, defect_masks, "defect")
     anomalous_images, anomalous_mask_images = paired_masks(anomalous, anomalous_masks, "anomalous")
@@ -236,7 +238,7 @@ def calibrated_bank(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model.validates_weights and defect_images:
-            with torch.no_grad(), model.autocast(precision):
+            with torch.no_grad(), model.autocast(torch_precision):
                 bank, chose_weights, note = _searched_weights(
                     functools.partial(_validated, model, processor=processor),
                     bank,
@@ -270,7 +272,7 @@ def calibrated_bank(
         else:
             masks = anomalous_mask_images
             masks = None if masks is None else mask_tensor(masks, model.config.image_size, crop)
-            with torch.no_grad(), model.autocast(precision):
+            with torch.no_grad(), model.autocast(torch_precision):
                 bank, refusal = calibrate_reference_bank(
                     model,
                     bank,
@@ -287,7 +289,9 @@ def calibrated_bank(
                     weights_chosen_by=chose_weights,
                 )
             if refusal is None:
-                calibration = dataclasses.replace(bank.calibration, runtime="torch", precision=precision)
+                calibration = dataclasses.replace(
+                    bank.calibration, runtime="torch", precision=torch_precision
+                )
                 bank = dataclasses.replace(bank, calibration=calibration)
     if refusal is not None and anomalous_images:
         notes.append(
@@ -352,6 +356,7 @@ def _tiled_calibrated_bank(
     from .calibration_inputs import separate_calibration_images
     from .tiled_scoring import build_tiled_bank, calibrate_tiled_bank, validate_tiled_weights
 
+    torch_precision = "float32" if precision == "int8" else precision  # as in `calibrated_bank`
     given = [name for name, value in refused.items() if value]
     if isinstance(references, EncodedReferences):
         given.append("encoded references")
@@ -384,7 +389,7 @@ def _tiled_calibrated_bank(
     chose_weights = None
     if model.validates_weights and defect_images:
         search = functools.partial(validate_tiled_weights, model, batch_size=settings["batch_size"])
-        with torch.no_grad(), model.autocast(precision):
+        with torch.no_grad(), model.autocast(torch_precision):
             bank, chose_weights, note = _searched_weights(
                 search, bank, held_out, reference_images, defect_images, weight_search
             )
@@ -414,7 +419,7 @@ def _tiled_calibrated_bank(
         scorer = functools.partial(exported.score_tiled, batch_size=settings["batch_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with torch.no_grad(), model.autocast(precision):
+        with torch.no_grad(), model.autocast(torch_precision):
             bank = calibrate_tiled_bank(
                 model,
                 bank,
@@ -428,7 +433,9 @@ def _tiled_calibrated_bank(
                 **settings,
             )
     calibration = dataclasses.replace(
-        bank.calibration, runtime="torch" if scorer is None else runtime, precision=precision
+        bank.calibration,
+        runtime="torch" if scorer is None else runtime,
+        precision=torch_precision if scorer is None else precision,
     )
     return CalibratedBank(
         dataclasses.replace(bank, calibration=calibration),

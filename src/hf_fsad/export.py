@@ -25,7 +25,6 @@ import shutil
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,9 +44,6 @@ from .modeling_base import FsadPreTrainedModel
 from .modeling_outputs import AnomalyDetectionOutput
 from .registry import METHODS
 from .tiled_scoring import tile_bank
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 EXPORT_FORMATS = ("onnx", "openvino")
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
@@ -154,6 +150,11 @@ def export_model(
         raise ValueError(
             "An int8 export calibrates its quantiser on images: give the bank's reference images."
         )
+    if precision == "int8" and bank is not None and bank.tiling is not None and bank.tiling.mode != "pooled":
+        raise ValueError(
+            "An int8 export of a position-tiled bank is not supported: its quantiser is calibrated on pixel "
+            "values alone, and this graph also takes the tile's position; export it in float32, or tile pooled."
+        )
     check_exportable(model)
     model = model.eval()
     # checked against the model here: the traced graph cannot hash weights
@@ -172,11 +173,6 @@ def export_model(
     examples, input_names = (example,), [INPUT_NAME]
     dynamic_shapes = {INPUT_NAME: {0: torch.export.Dim("batch")}}
     if position_tensors:
-        if precision == "int8":
-            raise ValueError(
-                "An int8 export of a position-tiled bank is not supported: its quantiser is calibrated on pixel "
-                "values alone, and this graph also takes the tile's position; export it in float32, or tile pooled."
-            )
         examples += (torch.zeros(1, dtype=torch.int64, device=model.device),)
         input_names.append(POSITION_INPUT_NAME)
         dynamic_shapes[POSITION_INPUT_NAME] = None
@@ -199,7 +195,7 @@ def export_model(
         _check_dynamic_batch(onnx_path)
         int8 = None
         if precision == "int8":
-            pixel_values = _quantization_pixels(model, quantization_images)
+            pixel_values = _quantization_pixels(model, bank, quantization_images)
             max_int8_error = quantization.DEFAULT_MAX_INT8_ERROR if max_int8_error is None else max_int8_error
             int8 = _quantize(onnx_path, format, pixel_values, output_names, max_int8_error, strict_precision)
         elif format == "openvino":
@@ -266,17 +262,26 @@ def _save_openvino(model, folder: Path) -> None:
     openvino.save_model(model, str(folder / MODEL_FILES["openvino"]), compress_to_fp16=False)
 
 
-def _quantization_pixels(model: FsadPreTrainedModel, images: Sequence[Image.Image]) -> np.ndarray:
-    """(N, 3, S, S) float32 pixel values of `images` and, when they are fewer than `QUANTIZATION_IMAGES`, of
-    views generated from them (`augment_views`, seeded) up to that many."""
-    images = [image.convert("RGB") for image in images]
-    missing = max(QUANTIZATION_IMAGES - len(images), 0)
-    for index, image in enumerate(images[:missing]):
-        share = missing // len(images) + (index < missing % len(images))
-        images = images + augment_views(image, share, seed=index)
-    if missing and len(images) < QUANTIZATION_IMAGES:  # fewer references than views per reference
-        images += augment_views(images[0], QUANTIZATION_IMAGES - len(images), seed=len(images))
-    return model.image_processor()(images, return_tensors="np").pixel_values.astype(np.float32)
+def _quantization_pixels(
+    model: FsadPreTrainedModel, bank: ReferenceBank, images: Sequence[Image.Image]
+) -> np.ndarray:
+    """(N, 3, S, S) float32 pixel values of what the graph will see of `images` (a tiled `bank`'s tiles, else
+    the images) and, when those are fewer than `QUANTIZATION_IMAGES`, of views generated from them
+    (`augment_views`, seeded, spread evenly) up to that many."""
+    seen = [image.convert("RGB") for image in images]
+    if bank.tiling is not None:
+        seen = [
+            tile
+            for image in seen
+            for tile in tiling.crop_tiles(image, bank.tiling.boxes(image.height, image.width))
+        ]
+    missing = max(QUANTIZATION_IMAGES - len(seen), 0)
+    views = []
+    for index, image in enumerate(seen):
+        share = missing // len(seen) + (index < missing % len(seen))
+        if share:
+            views += augment_views(image, share, seed=index)
+    return model.image_processor()(seen + views, return_tensors="np").pixel_values.astype(np.float32)
 
 
 def _quantize(

@@ -81,6 +81,11 @@ def check_score_engine(args: argparse.Namespace, tiled: bool) -> None:
         raise CliError("--engine ray scores whole images: tiled scoring runs on --engine local")
     if args.compile:
         raise CliError("--compile compiles the model of this process; --engine ray scores in its actors")
+    if args.precision == "int8":
+        raise CliError(
+            "--precision int8 runs on --engine local: the int8 export is quantised on the reference images, "
+            "which --engine ray does not carry to its actors"
+        )
 
 
 def init_ray(args: argparse.Namespace):
