@@ -27,7 +27,7 @@ PIP_INSTALL := pip install --quiet --no-compile
 # The core suite's pytest-xdist workers (one torch thread each: tests/conftest.py); 0 runs it in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: install install-core install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-convert test-runtime test-floor e2e lint cli-docs clean
+.PHONY: install install-core install-convert install-anomalib install-runtime install-floor compare-anomalib demo test test-core test-slow test-convert test-runtime test-floor e2e lint cli-docs clean
 
 # The core install (torch and hf-fsad's own dependencies): what `make demo` and `make cli-docs` need.
 $(VENV)/.installed-core: pyproject.toml
@@ -81,7 +81,11 @@ demo: install-core
 
 # `--dist loadgroup`: tests marked `xdist_group` run on one worker.
 test-core: install
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m 'not slow and not convert and not runtime'
+
+# The long runs (torchrun, OpenVINO conversions, killed and resumed runs): CI runs them after `make test`.
+test-slow: install
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow
 
 # Only the files with converter tests: this environment lacks the other extras, whose absence fails their
 # tests (at collection, for test modules that import an extra).

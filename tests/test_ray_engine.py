@@ -110,6 +110,7 @@ def test_ray_records_equal_the_local_engines_and_an_unreadable_file_is_an_error_
     assert "1 could not be read" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # ~25 s: two Ray runs of their own
 def test_parquet_inputs_of_datasets_image_structs_and_bytes_to_a_parquet_output(
     saved_winclip_dir, files, local_run, tmp_path
 ):
@@ -192,6 +193,7 @@ class _DiesOnce(WinClipModel):
         return super().forward(*args, **kwargs)
 
 
+@pytest.mark.slow  # ~25 s: a killed actor restarted, then a resumed run
 def test_an_actor_killed_mid_run_is_retried_each_input_written_once_then_resume_skips_the_written(
     saved_winclip_dir, files, local_run, tmp_path
 ):
