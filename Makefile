@@ -18,10 +18,11 @@ ANOMALIB_SPEC ?= anomalib[clip]==2.7.0
 # TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" for the CPU one.
 TORCH_SPEC ?= torch==2.13.0
 # The converter parity tests need open_clip, which needs torchvision: its own environment keeps them
-# out of the core install. The core's torch, with the torchvision built for it: on these machines the CPU
-# build already on disk (a CUDA torch from PyPI took 6 minutes of the install).
-CONVERT_TORCH_SPEC ?= $(TORCH_SPEC) torchvision==0.28.0
-ANOMALIB_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# out of the core install. PyPI's torchvision 0.28 does not load on the core's CPU torch 2.13 ("operator
+# torchvision::nms does not exist", measured), so this environment takes PyPI's torch 2.14.1 with its
+# torchvision (a CUDA build: minutes to install, while the core suite runs).
+CONVERT_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+ANOMALIB_TORCH_SPEC ?= $(CONVERT_TORCH_SPEC)
 # No byte-compiling of every installed module (torch's thousands): the few a run imports compile on import.
 PIP_INSTALL := pip install --quiet --no-compile
 # The core suite's pytest-xdist workers (one torch thread each: tests/conftest.py); 0 runs it in one process.
@@ -81,7 +82,8 @@ demo: install-core
 
 # `--dist loadgroup`: tests marked `xdist_group` run on one worker.
 test-core: install
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m 'not slow and not convert and not runtime'
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m 'not slow and not convert and not runtime' \
+		--durations=25
 
 # The long runs (torchrun, OpenVINO conversions, killed and resumed runs): CI runs them after `make test`.
 test-slow: install
