@@ -14,8 +14,8 @@ import pytest
 
 from extras import import_extra
 from hf_fsad.cli import main
-from hf_fsad.data.toy import toy_records
 from hf_fsad.models.winclip.modeling_winclip import WinClipModel
+from test_cli import toy_files  # noqa: F401 (the CLI tests' files, a fixture here too)
 
 ray = import_extra("ray", "ray")
 
@@ -39,17 +39,9 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """2 normal references, 4 queries (one not square) and an unreadable file."""
-    root = tmp_path_factory.mktemp("ray_files")
-    splits = toy_records("stripes", num_train=2, num_test_good=2, num_test_anomalous=2, seed=3)
-    (root / "refs").mkdir()
-    (root / "queries").mkdir()
-    for index, example in enumerate(splits["train"]):
-        example.image.save(root / "refs" / f"ref{index}.png")
-    for index, example in enumerate(splits["test"]):
-        image = example.image.resize((240, 200)) if index == 0 else example.image
-        image.save(root / "queries" / f"{example.defect_type}{index}.png")
+def files(toy_files):  # noqa: F811 (the imported fixture, requested by name)
+    """`toy_files`' 2 normal references and 4 queries (one not square), and an unreadable file."""
+    root, _ = toy_files
     (root / "broken").mkdir()
     (root / "broken" / "broken.png").write_text("not an image")
     return root
